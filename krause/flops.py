@@ -1,0 +1,51 @@
+"""FLOP counts of Krause attention at its real sparse cost.
+
+Per query and head, with D the head dim, |C_i| the candidates and K_i = min(top_k, |C_i|):
+- forward: 2 D |C_i| (distances) + 2 D K_i (weighted sum of the kept values);
+- backward: 8 D K_i (grad of the kept probabilities, of v, of q and of k: the dropped
+  candidates carry no gradient).
+Softmax, top-k and other elementwise work are not counted, as for every other op in
+``torch.utils.flop_counter``. These formulas are registered for the ops in krause.ops,
+so ``FlopCounterMode`` reports them whichever kernels compute the op.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from .masks import grid_candidate_mask
+
+
+def _sum_min_ramp(num_tokens: int, cap: int) -> int:
+    """sum_{i=0}^{T-1} min(cap, i + 1)."""
+    if num_tokens <= cap:
+        return num_tokens * (num_tokens + 1) // 2
+    return cap * (cap + 1) // 2 + (num_tokens - cap) * cap
+
+
+def causal_forward_flops(num_tokens: int, head_dim: int, window: int, top_k: int) -> int:
+    """FLOPs of one (batch, head) of causal_krause_attention's forward."""
+    candidates = _sum_min_ramp(num_tokens, window)
+    kept = _sum_min_ramp(num_tokens, min(window, top_k))
+    return 2 * head_dim * (candidates + kept)
+
+
+def causal_backward_flops(num_tokens: int, head_dim: int, window: int, top_k: int) -> int:
+    return 8 * head_dim * _sum_min_ramp(num_tokens, min(window, top_k))
+
+
+@functools.lru_cache(maxsize=64)
+def _local2d_counts(grid, radius, metric, top_k, num_prefix) -> tuple[int, int]:
+    per_query = grid_candidate_mask(grid, radius, metric, num_prefix).sum(-1)
+    return int(per_query.sum()), int(per_query.clamp(max=top_k).sum())
+
+
+def local2d_forward_flops(grid, head_dim, radius, metric, top_k, num_prefix) -> int:
+    """FLOPs of one (batch, head) of local_krause_attention_2d's forward."""
+    candidates, kept = _local2d_counts(tuple(grid), radius, metric, top_k, num_prefix)
+    return 2 * head_dim * (candidates + kept)
+
+
+def local2d_backward_flops(grid, head_dim, radius, metric, top_k, num_prefix) -> int:
+    _, kept = _local2d_counts(tuple(grid), radius, metric, top_k, num_prefix)
+    return 8 * head_dim * kept
