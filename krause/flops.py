@@ -49,3 +49,33 @@ def local2d_forward_flops(grid, head_dim, radius, metric, top_k, num_prefix) -> 
 def local2d_backward_flops(grid, head_dim, radius, metric, top_k, num_prefix) -> int:
     _, kept = _local2d_counts(tuple(grid), radius, metric, top_k, num_prefix)
     return 8 * head_dim * kept
+
+
+def _register_cpu_sdpa_flops() -> None:
+    """Count SDPA on CPU too.
+
+    torch's FlopCounterMode has formulas for the CUDA SDPA kernels but not for the CPU
+    flash kernel, so on CPU a softmax baseline's attention would count as 0 FLOPs and
+    every Krause-vs-standard FLOP comparison made there would be skewed. We register
+    torch's own SDPA formulas for the CPU kernel (dense cost, as on CUDA).
+    """
+    import torch
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+    fwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    bwd = getattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    if fwd is not None and fwd not in fc.flop_registry:
+
+        @fc.register_flop_formula(fwd)
+        def _cpu_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+            return fc.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    if bwd is not None and bwd not in fc.flop_registry:
+
+        @fc.register_flop_formula(bwd)
+        def _cpu_sdpa_backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+            return fc.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+_register_cpu_sdpa_flops()
