@@ -1,0 +1,101 @@
+"""Gated mix of standard and Krause attention (SPEC section 1, used by the 100M language
+models and the LoRA LLMs).
+
+Two branches with their own q/k/v/o projections — causal softmax attention over the whole
+prefix and causal-window Krause attention — are mixed per token by a learned gate:
+
+    g = softmax(gate([out_std; out_krause]))      gate: Linear(2d -> 2)
+    out = g0 * out_std + g1 * out_krause
+
+The gate starts near ``gate_init`` on the standard branch (weight N(0, 0.01), bias
+[ln(gate_init / (1 - gate_init)), 0]), so a model begins close to standard attention.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..cache import KrauseWindowCache, StandardKVCache
+from ._common import check_dropout
+from .causal import CausalKrauseAttention, CausalSelfAttention
+
+
+def gated_mix(out_std: torch.Tensor, out_krause: torch.Tensor, gate: nn.Module, return_gate: bool = False):
+    """Mixes two (..., d) branch outputs by ``softmax(gate([out_std; out_krause]))``.
+
+    ``gate`` maps 2d features to 2 logits (a Linear(2d, 2)). The softmax runs in fp32.
+    Returns the mix, and with ``return_gate`` also the (..., 2) gate weights.
+    """
+    if out_std.shape != out_krause.shape:
+        raise ValueError(f"out_krause shape {tuple(out_krause.shape)} does not match out_std {tuple(out_std.shape)}")
+    weights = torch.softmax(gate(torch.cat([out_std, out_krause], dim=-1)).float(), dim=-1).to(out_std.dtype)
+    out = weights[..., :1] * out_std + weights[..., 1:] * out_krause
+    return (out, weights) if return_gate else out
+
+
+def init_gate(gate: nn.Linear, gate_init: float) -> None:
+    """Weight N(0, 0.01), bias [logit(gate_init), 0]: softmax starts at ~gate_init on branch 0."""
+    if isinstance(gate_init, bool) or not isinstance(gate_init, (int, float)) or not 0.0 < gate_init < 1.0:
+        raise ValueError(f"gate_init must be in (0, 1), got {gate_init!r}")
+    with torch.no_grad():
+        nn.init.normal_(gate.weight, mean=0.0, std=0.01)
+        gate.bias.copy_(torch.tensor([math.log(gate_init / (1.0 - gate_init)), 0.0]))
+
+
+@dataclass
+class GatedCache:
+    """Decoding state of a gated layer: one cache per branch."""
+
+    standard: StandardKVCache
+    krause: KrauseWindowCache
+
+    @property
+    def pos(self) -> int:
+        return self.krause.pos
+
+    def reset(self) -> None:
+        self.standard.reset()
+        self.krause.reset()
+
+
+class GatedKrauseAttention(nn.Module):
+    """Standard causal attention and causal-window Krause attention, gated per token.
+
+    Submodules: ``standard`` (CausalSelfAttention), ``krause`` (CausalKrauseAttention,
+    holding ``log_sigma``) and ``gate`` (Linear(2 dim, 2)).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        window: int = 32,
+        top_k: int = 16,
+        sigma: float = 2.5,
+        gate_init: float = 0.8,
+        bias: bool = True,
+        proj_drop: float = 0.0,
+    ):
+        super().__init__()
+        self.standard = CausalSelfAttention(dim, num_heads, num_kv_heads, bias=bias)
+        self.krause = CausalKrauseAttention(dim, num_heads, num_kv_heads, window, top_k, sigma, bias=bias)
+        self.gate = nn.Linear(2 * dim, 2)
+        init_gate(self.gate, gate_init)
+        self.proj_drop = nn.Dropout(check_dropout("proj_drop", proj_drop))
+
+    def forward(self, x: torch.Tensor, cache: GatedCache | None = None, return_gate: bool = False):
+        out_std = self.standard(x, cache.standard if cache is not None else None)
+        out_krause = self.krause(x, cache.krause if cache is not None else None)
+        out, weights = gated_mix(out_std, out_krause, self.gate, return_gate=True)
+        out = self.proj_drop(out)
+        return (out, weights) if return_gate else out
+
+    def new_cache(self, batch_size: int, device=None, dtype=None) -> GatedCache:
+        return GatedCache(
+            self.standard.new_cache(batch_size, device, dtype), self.krause.new_cache(batch_size, device, dtype)
+        )
