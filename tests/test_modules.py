@@ -1,0 +1,398 @@
+"""Attention modules: Krause modules against their standard twins, against the reference
+ops and direct formulas, the Swin helpers, the gated mix and argument checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import krause
+from krause.masks import grid_candidate_mask
+from krause.nn import (
+    CausalKrauseAttention,
+    CausalSelfAttention,
+    GatedKrauseAttention,
+    LocalKrauseAttention2d,
+    StandardAttention,
+    WindowAttention,
+    WindowKrauseAttention,
+    gated_mix,
+    relative_position_index,
+    shifted_window_mask,
+    topk_schedule,
+    window_partition,
+    window_reverse,
+)
+
+
+def _randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------- twins
+VISION_KW = dict(grid=(3, 3), radius=1, top_k=3, sigma=2.0)
+TWINS = {
+    "vision": (LocalKrauseAttention2d, StandardAttention, (32, 4), VISION_KW, lambda: _randn(2, 10, 32)),
+    "vision_per_head": (
+        LocalKrauseAttention2d, StandardAttention, (32, 4), dict(VISION_KW, per_head_sigma=True),
+        lambda: _randn(2, 10, 32),
+    ),
+    "swin": (WindowKrauseAttention, WindowAttention, (32, 4, 4), {}, lambda: _randn(3, 16, 32)),
+    "causal": (
+        CausalKrauseAttention, CausalSelfAttention, (32, 4, 2), dict(window=4, top_k=2), lambda: _randn(2, 9, 32)
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TWINS))
+def test_twins_differ_only_by_log_sigma(name):
+    krause_cls, twin_cls, args, kwargs, make_x = TWINS[name]
+    torch.manual_seed(0)
+    kmod, tmod = krause_cls(*args, **kwargs), twin_cls(*args, **kwargs)
+    k_params, t_params = dict(kmod.named_parameters()), dict(tmod.named_parameters())
+    assert set(k_params) - set(t_params) == {"log_sigma"}
+    assert set(t_params) <= set(k_params)
+    for n, p in t_params.items():
+        assert p.shape == k_params[n].shape, n
+    k_count = sum(p.numel() for p in kmod.parameters())
+    t_count = sum(p.numel() for p in tmod.parameters())
+    assert k_count - t_count == kmod.log_sigma.numel()
+    assert set(kmod.state_dict()) - set(tmod.state_dict()) == {"log_sigma"}
+    assert set(tmod.state_dict()) <= set(kmod.state_dict())
+
+
+@pytest.mark.parametrize("name", sorted(TWINS))
+@pytest.mark.parametrize("which", ["krause", "twin"])
+def test_forward_backward_shapes(name, which):
+    krause_cls, twin_cls, args, kwargs, make_x = TWINS[name]
+    torch.manual_seed(0)
+    mod = (krause_cls if which == "krause" else twin_cls)(*args, **kwargs)
+    x = make_x().requires_grad_(True)
+    out = mod(x)
+    assert out.shape == x.shape
+    out.square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    for n, p in mod.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), n
+        assert p.grad.abs().sum() > 0, n
+
+
+def test_twin_state_dict_loads_into_krause_model():
+    twin = CausalSelfAttention(32, 4, 2, window=4, top_k=2)
+    kmod = CausalKrauseAttention(32, 4, 2, window=4, top_k=2, sigma=3.0)
+    missing, unexpected = kmod.load_state_dict(twin.state_dict(), strict=False)
+    assert missing == ["log_sigma"] and unexpected == []
+    torch.testing.assert_close(kmod.q_proj.weight, twin.q_proj.weight)
+
+
+# ----------------------------------------------------------------------------- vision
+def _vision_qkv(mod, x):
+    b, n, c = x.shape
+    qkv = F.linear(x, mod.qkv.weight, mod.qkv.bias).reshape(b, n, 3, mod.num_heads, c // mod.num_heads)
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _vision_by_hand(mod, x, attention):
+    b, n, c = x.shape
+    q, k, v = _vision_qkv(mod, x)
+    out = attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+    return F.linear(out, mod.proj.weight, mod.proj.bias)
+
+
+@pytest.mark.parametrize(
+    "grid, radius, metric, top_k, per_head",
+    [((3, 3), 1, "manhattan", 3, False), ((4, 5), 2, "chebyshev", 6, True), ((12, 12), 1, "manhattan", 4, True)],
+)
+def test_local_krause_matches_reference_op(grid, radius, metric, top_k, per_head):
+    # 12x12 + CLS = 145 tokens takes the sparse path of the op, the others the dense one.
+    torch.manual_seed(1)
+    mod = LocalKrauseAttention2d(24, 3, grid, radius, metric, top_k, sigma=1.5, per_head_sigma=per_head)
+    with torch.no_grad():
+        mod.log_sigma.add_(torch.linspace(-0.3, 0.3, mod.log_sigma.numel()).reshape(mod.log_sigma.shape))
+    x = _randn(2, 1 + grid[0] * grid[1], 24, seed=2)
+
+    def reference(q, k, v):
+        return krause.local_krause_attention_2d_reference(q, k, v, mod.log_sigma, grid, radius, metric, top_k)
+
+    expected = _vision_by_hand(mod, x, reference)
+    torch.testing.assert_close(mod(x), expected, rtol=1e-5, atol=1e-5)
+    out, probs = mod(x, return_attention=True)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert probs.shape == (2, 3, x.shape[1], x.shape[1])
+
+
+def test_local_krause_attention_weights_are_sparse_rows():
+    grid, top_k = (4, 4), 5
+    mod = LocalKrauseAttention2d(16, 2, grid, radius=1, top_k=top_k, sigma=50.0)  # wide sigma: no weight underflows
+    x = _randn(3, 17, 16, seed=3)
+    _, probs = mod(x, return_attention=True)
+    candidates = grid_candidate_mask(grid, 1, "manhattan", 1)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]))
+    assert (probs[..., ~candidates] == 0).all()
+    # Corner patches have 3 grid candidates + CLS = 4 < top_k, edges 5, inner 6, CLS 17.
+    expected = torch.clamp(candidates.sum(-1), max=top_k)
+    assert set(expected.tolist()) == {4, 5}
+    assert torch.equal((probs > 0).sum(-1), expected.expand(3, 2, 17))
+
+
+def test_local_krause_keeps_the_nearest_keys():
+    mod = LocalKrauseAttention2d(8, 1, (3, 3), radius=1, top_k=2, sigma=10.0)
+    x = _randn(1, 10, 8, seed=4)
+    q, k, _ = _vision_qkv(mod, x)
+    _, probs = mod(x, return_attention=True)
+    dist = torch.cdist(q[0, 0], k[0, 0]).masked_fill(~grid_candidate_mask((3, 3), 1, "manhattan", 1), math.inf)
+    nearest = dist.topk(2, largest=False).indices.sort(-1).values
+    kept = (probs[0, 0] > 0).nonzero()[:, 1].view(10, 2)
+    assert torch.equal(kept, nearest)
+
+
+def test_standard_attention_weights_and_fused_path_agree():
+    mod = StandardAttention(16, 2)
+    x = _randn(2, 7, 16, seed=5)
+    out, probs = mod(x, return_attention=True)
+    q, k, _ = _vision_qkv(mod, x)
+    torch.testing.assert_close(probs, torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), -1))
+    torch.testing.assert_close(mod(x), out, rtol=1e-5, atol=1e-6)
+
+
+def test_krause_attention_dropout_applies_in_training_only():
+    mod = LocalKrauseAttention2d(16, 2, (2, 2), top_k=2, attn_drop=0.5)
+    x = _randn(2, 5, 16, seed=6)
+    mod.eval()
+    torch.testing.assert_close(mod(x), mod(x))
+    mod.train()
+    torch.manual_seed(0)
+    a = mod(x)
+    torch.manual_seed(1)
+    assert not torch.allclose(a, mod(x))
+
+
+def test_topk_schedule():
+    assert topk_schedule(2, 12) == [2, 2, 2, 3, 3, 3, 3, 3, 3, 4, 4, 4]
+    ks = topk_schedule(8, 12)
+    assert ks[0] == 8 and ks[-1] == 16 and ks == sorted(ks)
+    assert topk_schedule(5, 1) == [5]
+    with pytest.raises(ValueError, match="num_layers"):
+        topk_schedule(2, 0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(sigma=0.0), "sigma"),
+        (dict(sigma=-1.0), "sigma"),
+        (dict(top_k=0), "top_k"),
+        (dict(radius=-1), "radius"),
+        (dict(metric="euclid"), "metric"),
+        (dict(grid=(3,)), "grid"),
+        (dict(grid=(0, 3)), "grid"),
+        (dict(num_heads=3), "num_heads"),
+        (dict(attn_drop=1.0), "attn_drop"),
+    ],
+)
+def test_local_krause_rejects_bad_arguments(kwargs, match):
+    base = dict(dim=20, num_heads=4, grid=(3, 3))
+    with pytest.raises(ValueError, match=match):
+        LocalKrauseAttention2d(**{**base, **kwargs})
+
+
+def test_local_krause_rejects_a_grid_that_does_not_match_the_input():
+    mod = LocalKrauseAttention2d(16, 2, (3, 3))
+    with pytest.raises(ValueError, match="grid"):
+        mod(_randn(1, 12, 16))
+
+
+# ----------------------------------------------------------------------------- swin
+@pytest.mark.parametrize("window", [(4, 4), (2, 3)])
+def test_relative_position_index(window):
+    wh, ww = window
+    n, table = wh * ww, (2 * wh - 1) * (2 * ww - 1)
+    idx = relative_position_index(window)
+    assert idx.shape == (n, n) and idx.dtype == torch.long
+    assert idx.min() == 0 and idx.max() == table - 1
+    assert len(idx.unique()) == table  # every offset occurs
+    centre = (wh - 1) * (2 * ww - 1) + (ww - 1)
+    assert (idx.diagonal() == centre).all()
+    assert torch.equal(idx + idx.T, torch.full_like(idx, 2 * centre))  # offset (a, b) mirrors (-a, -b)
+    # Pairs with the same 2-D offset share an entry.
+    r, c = torch.arange(n) // ww, torch.arange(n) % ww
+    offsets = torch.stack([r[:, None] - r[None, :], c[:, None] - c[None, :]], -1).view(-1, 2)
+    for off in offsets.unique(dim=0):
+        same = (offsets == off).all(-1)
+        assert len(idx.view(-1)[same].unique()) == 1
+
+
+def test_window_partition_round_trip():
+    x = _randn(2, 8, 12, 5)
+    windows = window_partition(x, 4)
+    assert windows.shape == (2 * 2 * 3, 4, 4, 5)
+    torch.testing.assert_close(windows[4], x[0, 4:8, 4:8])  # image 0, window row 1, col 1
+    torch.testing.assert_close(window_reverse(windows, 4, 8, 12), x)
+    with pytest.raises(ValueError, match="window_size"):
+        window_partition(x, 5)
+
+
+def test_shifted_window_mask_separates_regions():
+    size, ws, shift = 8, 4, 2
+    mask = shifted_window_mask(size, size, ws, shift)
+    assert mask.shape == ((size // ws) ** 2, ws * ws, ws * ws)
+    assert set(mask.unique().tolist()) == {0.0, -100.0}
+    # Independent criterion: after rolling by -shift, a token at shifted row r came from
+    # row (r + shift) % size; two tokens of a window may attend iff both or neither
+    # wrapped around, on each axis.
+    rows, cols = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    wrapped = torch.stack([(rows + shift >= size), (cols + shift >= size)], -1).float()
+    wrapped = window_partition(wrapped[None], ws).reshape(-1, ws * ws, 2)
+    same_region = (wrapped[:, :, None] == wrapped[:, None, :]).all(-1)
+    assert torch.equal(mask == 0, same_region)
+    assert (mask[0] == 0).all()  # the top-left window holds no wrapped tokens
+    assert torch.equal(shifted_window_mask(size, size, ws, 0), torch.zeros_like(mask))
+    with pytest.raises(ValueError, match="shift_size"):
+        shifted_window_mask(size, size, ws, ws)
+
+
+@pytest.mark.parametrize("cls", [WindowAttention, WindowKrauseAttention])
+def test_shifted_mask_blocks_cross_region_attention(cls):
+    mod = cls(16, (4, 4), 2)
+    mask = shifted_window_mask(8, 8, 4, 2)
+    x = _randn(2 * 4, 16, 16, seed=7)  # two images of 2x2 windows
+    out, probs = mod(x, mask=mask, return_attention=True)
+    blocked = (mask != 0).repeat(2, 1, 1)[:, None].expand_as(probs)
+    assert probs[blocked].max() < 1e-30
+    torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]))
+    torch.testing.assert_close(mod(x, mask=mask), out, rtol=1e-5, atol=1e-6)
+
+
+def test_krause_window_logits_equal_the_formula():
+    torch.manual_seed(0)
+    mod = WindowKrauseAttention(24, 3, 3, sigma=4.0)
+    with torch.no_grad():
+        mod.log_sigma.copy_(torch.tensor([0.5, 1.0, 1.5]))
+        mod.relative_position_bias_table.normal_()
+    assert torch.allclose(WindowKrauseAttention(24, 3, 3).sigma, torch.full((3,), 4.0))
+    mask = shifted_window_mask(6, 6, 3, 1)
+    x = _randn(4, 9, 24, seed=8)
+    _, probs = mod(x, mask=mask, return_attention=True)
+
+    q, k, _ = _vision_qkv(mod, x)
+    scale = 8**-0.5
+    sq_dist = ((q[..., :, None, :] * scale - k[..., None, :, :] * scale) ** 2).sum(-1)
+    sigma = mod.log_sigma.exp().view(1, 3, 1, 1)
+    idx = relative_position_index(3)
+    bias = mod.relative_position_bias_table[idx.view(-1)].view(9, 9, 3).permute(2, 0, 1)
+    logits = -sq_dist / (2 * sigma**2) + bias + mask[:, None]
+    torch.testing.assert_close(probs, torch.softmax(logits, -1), rtol=1e-5, atol=1e-6)
+
+
+def test_window_attention_matches_swin_formula():
+    mod = WindowAttention(16, 2, 2)
+    x = _randn(6, 4, 16, seed=9)
+    mask = shifted_window_mask(4, 6, 2, 1)  # 6 windows of one image
+    _, probs = mod(x, mask=mask, return_attention=True)
+    q, k, _ = _vision_qkv(mod, x)
+    bias = mod.relative_position_bias().detach()
+    expected = torch.softmax(q @ k.transpose(-1, -2) * 8**-0.5 + bias + mask[:, None], -1)
+    torch.testing.assert_close(probs, expected)
+
+
+def test_window_attention_rejects_bad_inputs():
+    with pytest.raises(ValueError, match="sigma"):
+        WindowKrauseAttention(16, 2, 2, sigma=0)
+    with pytest.raises(ValueError, match="num_heads"):
+        WindowAttention(16, 2, 3)
+    mod = WindowKrauseAttention(16, 2, 2)
+    with pytest.raises(ValueError, match="window_size"):
+        mod(_randn(2, 9, 16))
+    with pytest.raises(ValueError, match="mask"):
+        mod(_randn(3, 4, 16), mask=torch.zeros(2, 4, 4))
+
+
+# ----------------------------------------------------------------------------- causal
+def test_causal_krause_matches_reference_op():
+    torch.manual_seed(0)
+    mod = CausalKrauseAttention(24, 6, 3, window=5, top_k=3, sigma=1.5)
+    with torch.no_grad():
+        mod.log_sigma.copy_(torch.linspace(-0.5, 0.8, 6))
+    x = _randn(2, 11, 24, seed=10)
+    b, t, c = x.shape
+    q = mod.q_proj(x).view(b, t, 6, 4).transpose(1, 2)
+    k = mod.k_proj(x).view(b, t, 3, 4).transpose(1, 2)
+    v = mod.v_proj(x).view(b, t, 3, 4).transpose(1, 2)
+    out = krause.causal_krause_attention_reference(q, k, v, mod.log_sigma, 5, 3)
+    expected = mod.o_proj(out.transpose(1, 2).reshape(b, t, c))
+    torch.testing.assert_close(mod(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [CausalKrauseAttention, CausalSelfAttention])
+def test_causal_modules_do_not_look_ahead(cls):
+    mod = cls(16, 2, window=3, top_k=2)
+    x = _randn(1, 8, 16, seed=11)
+    y = x.clone()
+    y[:, 5:] = _randn(1, 3, 16, seed=12)
+    torch.testing.assert_close(mod(x)[:, :5], mod(y)[:, :5])
+    assert not torch.allclose(mod(x)[:, 5:], mod(y)[:, 5:])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(window=0), "window"),
+        (dict(top_k=0), "top_k"),
+        (dict(sigma=0.0), "sigma"),
+        (dict(num_heads=3), "num_heads"),
+        (dict(num_kv_heads=3), "num_kv_heads"),
+        (dict(attn_drop=0.1), "attn_drop"),
+    ],
+)
+def test_causal_krause_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CausalKrauseAttention(**{**dict(dim=16, num_heads=4), **kwargs})
+
+
+# ----------------------------------------------------------------------------- gated
+def test_gate_starts_near_gate_init_on_the_standard_branch():
+    torch.manual_seed(0)
+    mod = GatedKrauseAttention(32, 4, 2, window=4, top_k=2)
+    _, weights = mod(_randn(4, 16, 32, seed=13), return_gate=True)
+    assert weights.shape == (4, 16, 2)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(4, 16))
+    assert abs(weights[..., 0].mean().item() - 0.8) < 0.01
+    assert torch.allclose(mod.gate.bias, torch.tensor([math.log(4.0), 0.0]))
+    assert 0.005 < mod.gate.weight.std().item() < 0.015
+
+
+def test_gated_output_is_the_weighted_mix_of_the_branches():
+    torch.manual_seed(0)
+    mod = GatedKrauseAttention(16, 2, window=3, top_k=2, gate_init=0.8)
+    with torch.no_grad():
+        mod.gate.weight.zero_()  # gate = softmax(bias) = (0.8, 0.2) for every token
+    x = _randn(2, 7, 16, seed=14)
+    expected = 0.8 * mod.standard(x) + 0.2 * mod.krause(x)
+    torch.testing.assert_close(mod(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_gated_mix_functional():
+    a, b = _randn(3, 5, 4, seed=15), _randn(3, 5, 4, seed=16)
+    gate = torch.nn.Linear(8, 2)
+    out, w = gated_mix(a, b, gate, return_gate=True)
+    expected_w = torch.softmax(gate(torch.cat([a, b], -1)), -1)
+    torch.testing.assert_close(w, expected_w)
+    torch.testing.assert_close(out, expected_w[..., :1] * a + expected_w[..., 1:] * b)
+    with pytest.raises(ValueError, match="out_krause"):
+        gated_mix(a, b[..., :3], gate)
+
+
+def test_gated_backward_reaches_every_parameter():
+    mod = GatedKrauseAttention(16, 4, 2, window=3, top_k=2)
+    mod(_randn(2, 6, 16, seed=17)).square().sum().backward()
+    for n, p in mod.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, n
+
+
+@pytest.mark.parametrize("gate_init", [0.0, 1.0, -0.5])
+def test_gated_rejects_bad_gate_init(gate_init):
+    with pytest.raises(ValueError, match="gate_init"):
+        GatedKrauseAttention(16, 2, gate_init=gate_init)
