@@ -5,6 +5,8 @@ i - W < j <= i, so a decoder needs the last W keys/values and nothing older. The
 a ring buffer of fixed shape (B, Hkv, W, D), token p in slot p % W: memory and the cost
 of a decoding step do not grow with the number of tokens generated.
 
+``SlidingWindowCache``: the same ring buffer for sliding-window softmax attention.
+
 ``StandardKVCache``: the growing key/value cache of softmax attention, same interface.
 
 Both are built empty for a batch, fed with ``attend(q, k, v, ...)`` — new queries,
@@ -37,7 +39,13 @@ class _LayerCache:
         """Forgets every token; the buffers are kept and overwritten."""
         self.pos = 0
 
-    def _check_new(self, q, k, v) -> tuple[int, int]:
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the key/value storage."""
+        return self.keys.untyped_storage().nbytes() + self.values.untyped_storage().nbytes()
+
+    def check_inputs(self, q, k, v) -> tuple[int, int]:
+        """Checks the next tokens' q (B, H, T, D), k/v (B, Hkv, T, D) against the cache; returns (H, T)."""
         b, h, _, t, d = V.check_qkv(q, k, v)
         if b != self.batch_size:
             raise ValueError(f"q batch size {b} does not match the cache's {self.batch_size}")
@@ -48,18 +56,16 @@ class _LayerCache:
         return h, t
 
 
-class KrauseWindowCache(_LayerCache):
-    """Ring buffer of the last ``window`` keys/values of one causal Krause layer.
+class RingKVCache(_LayerCache):
+    """Ring buffer of the last ``window`` keys/values of one sliding-window layer.
 
-    ``attend`` with one token scores its query against the buffer directly (O(W D));
-    with several tokens (prefill, or extending a prompt) it runs the linear-time causal
-    op over [up to W-1 kept past keys, new keys] and keeps the last W.
+    Fixed shape (B, Hkv, W, D); token p lives in slot p % W. Subclasses decide how the new
+    queries attend to what ``window_update`` returns.
     """
 
-    def __init__(self, batch_size, num_kv_heads, head_dim, window, top_k, device=None, dtype=None):
+    def __init__(self, batch_size, num_kv_heads, head_dim, window, device=None, dtype=None):
         super().__init__(batch_size, num_kv_heads, head_dim, device, dtype)
         self.window = V.check_positive_int("window", window)
-        self.top_k = V.check_positive_int("top_k", top_k)
         shape = (batch_size, num_kv_heads, window, head_dim)
         self.keys = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.values = torch.zeros(shape, device=self.device, dtype=self.dtype)
@@ -67,10 +73,6 @@ class KrauseWindowCache(_LayerCache):
     @property
     def num_cached(self) -> int:
         return min(self.pos, self.window)
-
-    @property
-    def nbytes(self) -> int:
-        return self.keys.untyped_storage().nbytes() + self.values.untyped_storage().nbytes()
 
     def past(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The kept keys and values, oldest first: (B, Hkv, min(pos, W), D) each."""
@@ -80,42 +82,78 @@ class KrauseWindowCache(_LayerCache):
         oldest = self.pos % self.window
         return self.keys.roll(-oldest, dims=2), self.values.roll(-oldest, dims=2)
 
-    def attend(self, q, k, v, log_sigma) -> torch.Tensor:
-        """q (B, H, T, D), k/v (B, Hkv, T, D) of the next T tokens -> their outputs (B, H, T, D)."""
-        h, t = self._check_new(q, k, v)
-        log_sigma = V.check_log_sigma(log_sigma, h, q)
+    def window_update(self, k, v) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Stores the keys/values (B, Hkv, T, D) of T new tokens and returns
+        (keys, values, context): what the new queries may look at.
+
+        One token: the valid buffer slots, in slot order (a single query does not care
+        about order). Several: the ``context`` = min(cached, W-1) most recent past tokens,
+        oldest first, followed by the new ones — all the oldest new query can see.
+        """
+        t = k.shape[2]
         if t == 1:
-            return self._step(q, k, v, log_sigma)
-        return self._extend(q, k, v, log_sigma)
-
-    def _step(self, q, k, v, log_sigma):
-        slot = self.pos % self.window
-        self.keys[:, :, slot] = k[:, :, 0]
-        self.values[:, :, slot] = v[:, :, 0]
-        self.pos += 1
-        # Until the ring wraps the valid slots are a prefix; after, all W are valid. The
-        # order of keys inside the buffer does not matter to attention.
-        n = self.num_cached
-        return _krause_decode(q, self.keys[:, :, :n], self.values[:, :, :n], log_sigma, self.top_k)
-
-    def _extend(self, q, k, v, log_sigma):
+            slot = self.pos % self.window
+            self.keys[:, :, slot] = k[:, :, 0]
+            self.values[:, :, slot] = v[:, :, 0]
+            self.pos += 1
+            # Until the ring wraps the valid slots are a prefix; after, all W are valid.
+            n = self.num_cached
+            return self.keys[:, :, :n], self.values[:, :, :n], n - 1
         past_k, past_v = self.past()
-        context = min(past_k.shape[2], self.window - 1)  # the oldest new query still sees W-1 past keys
+        context = min(past_k.shape[2], self.window - 1)
         past_k, past_v = past_k[:, :, past_k.shape[2] - context:], past_v[:, :, past_v.shape[2] - context:]
         keys = torch.cat([past_k.to(k.dtype), k], dim=2)
         values = torch.cat([past_v.to(v.dtype), v], dim=2)
-        # The op needs one query per key; the context positions get dummy queries whose
-        # outputs are dropped.
-        queries = torch.cat([q.new_zeros(*q.shape[:2], context, q.shape[3]), q], dim=2)
-        out = causal_krause_attention(queries, keys, values, log_sigma, self.window, self.top_k)[:, :, context:]
-
-        total = self.pos + q.shape[2]
+        total = self.pos + t
         kept = min(self.window, keys.shape[2])
         slots = torch.arange(total - kept, total, device=self.device) % self.window
         self.keys.index_copy_(2, slots, keys[:, :, -kept:].to(self.dtype))
         self.values.index_copy_(2, slots, values[:, :, -kept:].to(self.dtype))
         self.pos = total
-        return out
+        return keys, values, context
+
+
+class KrauseWindowCache(RingKVCache):
+    """Decoding cache of one causal-window Krause layer (constant memory and step cost).
+
+    ``attend`` with one token scores its query against the buffer directly (O(W D));
+    with several tokens (prefill, or extending a prompt) it runs the linear-time causal
+    op over [up to W-1 kept past keys, new keys].
+    """
+
+    def __init__(self, batch_size, num_kv_heads, head_dim, window, top_k, device=None, dtype=None):
+        super().__init__(batch_size, num_kv_heads, head_dim, window, device, dtype)
+        self.top_k = V.check_positive_int("top_k", top_k)
+
+    def attend(self, q, k, v, log_sigma) -> torch.Tensor:
+        """q (B, H, T, D), k/v (B, Hkv, T, D) of the next T tokens -> their outputs (B, H, T, D)."""
+        h, t = self.check_inputs(q, k, v)
+        log_sigma = V.check_log_sigma(log_sigma, h, q)
+        keys, values, context = self.window_update(k, v)
+        if t == 1:
+            return _krause_decode(q, keys, values, log_sigma, self.top_k)
+        # The op needs one query per key: the context positions get dummy queries whose
+        # outputs are dropped.
+        queries = torch.cat([q.new_zeros(*q.shape[:2], context, q.shape[3]), q], dim=2)
+        out = causal_krause_attention(queries, keys, values, log_sigma, self.window, self.top_k)
+        return out[:, :, context:]
+
+
+class SlidingWindowCache(RingKVCache):
+    """Decoding cache of causal sliding-window softmax attention (constant memory)."""
+
+    def attend(self, q, k, v, scale: float | None = None, dropout_p: float = 0.0) -> torch.Tensor:
+        """q (B, H, T, D), k/v (B, Hkv, T, D) of the next T tokens -> their outputs (B, H, T, D)."""
+        _, t = self.check_inputs(q, k, v)
+        keys, values, context = self.window_update(k, v)
+        mask = None
+        if t > 1:  # new query i sits at context + i and sees keys in (context + i - W, context + i]
+            query_pos = torch.arange(context, context + t, device=q.device)[:, None]
+            key_pos = torch.arange(keys.shape[2], device=q.device)[None, :]
+            mask = (key_pos <= query_pos) & (key_pos > query_pos - self.window)
+        return F.scaled_dot_product_attention(
+            q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, dropout_p=dropout_p, scale=scale, enable_gqa=True
+        )
 
 
 def _krause_decode(q, keys, values, log_sigma, top_k: int) -> torch.Tensor:
@@ -160,10 +198,6 @@ class StandardKVCache(_LayerCache):
     def num_cached(self) -> int:
         return self.pos
 
-    @property
-    def nbytes(self) -> int:
-        return self.keys.untyped_storage().nbytes() + self.values.untyped_storage().nbytes()
-
     def past(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.keys[:, :, : self.pos], self.values[:, :, : self.pos]
 
@@ -176,15 +210,21 @@ class StandardKVCache(_LayerCache):
         grow = (0, 0, 0, capacity - self.keys.shape[2])
         self.keys, self.values = F.pad(self.keys, grow), F.pad(self.values, grow)
 
-    def attend(self, q, k, v, scale: float | None = None, dropout_p: float = 0.0) -> torch.Tensor:
-        """q (B, H, T, D), k/v (B, Hkv, T, D) of the next T tokens -> their outputs (B, H, T, D)."""
-        _, t = self._check_new(q, k, v)
-        start, end = self.pos, self.pos + t
+    def update(self, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+        """Appends the keys/values (B, Hkv, T, D) of T new tokens; returns every cached one."""
+        start, end = self.pos, self.pos + k.shape[2]
         self._reserve(end)
         self.keys[:, :, start:end] = k
         self.values[:, :, start:end] = v
         self.pos = end
-        keys, values = self.past()
+        return self.past()
+
+    def attend(self, q, k, v, scale: float | None = None, dropout_p: float = 0.0) -> torch.Tensor:
+        """q (B, H, T, D), k/v (B, Hkv, T, D) of the next T tokens -> their outputs (B, H, T, D)."""
+        _, t = self.check_inputs(q, k, v)
+        start = self.pos
+        keys, values = self.update(k, v)
+        end = self.pos
         mask, causal = None, False
         if t > 1 and start == 0:
             causal = True

@@ -9,7 +9,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import krause
 from krause.cache import KrauseWindowCache, StandardKVCache
-from krause.nn import CausalKrauseAttention, CausalSelfAttention, GatedKrauseAttention
+from krause.nn import (
+    CausalKrauseAttention,
+    CausalSelfAttention,
+    GatedKrauseAttention,
+    SlidingWindowAttention,
+    TopKAttention,
+)
 
 ATOL = 1e-5
 
@@ -110,8 +116,9 @@ class _WorkCounter(TorchDispatchMode):
         return out
 
 
-def test_krause_cache_memory_and_step_work_are_constant():
-    mod = CausalKrauseAttention(16, 4, 2, window=8, top_k=3)
+@pytest.mark.parametrize("cls", [CausalKrauseAttention, SlidingWindowAttention])
+def test_ring_cache_memory_and_step_work_are_constant(cls):
+    mod = cls(16, 4, 2, window=8, top_k=3)
     cache = mod.new_cache(2)
     shapes = (cache.keys.shape, cache.values.shape)
     pointers = (cache.keys.data_ptr(), cache.values.data_ptr())
@@ -203,3 +210,16 @@ def test_gated_cache_decoding_equals_full_forward():
         out, cache = _decode(mod, x, chunks)
         torch.testing.assert_close(out, full, rtol=0, atol=ATOL)
     assert cache.standard.pos == cache.krause.pos == 14
+
+
+@pytest.mark.parametrize("cls", [SlidingWindowAttention, TopKAttention])
+@pytest.mark.parametrize("name", ["window_lt_T", "topk_ge_window_gqa", "gqa_batch"])
+def test_baseline_caches_decoding_equals_full_forward(cls, name):
+    b, h, hkv, w, top_k, t = CONFIGS[name]
+    torch.manual_seed(0)
+    mod = cls(8 * h, h, hkv, window=w, top_k=top_k)
+    x = _randn(b, t, 8 * h, seed=11)
+    full = mod(x)
+    for schedule, chunks in _schedules(t, w).items():
+        out, _ = _decode(mod, x, chunks)
+        torch.testing.assert_close(out, full, rtol=0, atol=ATOL, msg=f"{name}/{schedule}")

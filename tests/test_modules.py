@@ -16,7 +16,9 @@ from krause.nn import (
     CausalSelfAttention,
     GatedKrauseAttention,
     LocalKrauseAttention2d,
+    SlidingWindowAttention,
     StandardAttention,
+    TopKAttention,
     WindowAttention,
     WindowKrauseAttention,
     gated_mix,
@@ -44,6 +46,10 @@ TWINS = {
     "causal": (
         CausalKrauseAttention, CausalSelfAttention, (32, 4, 2), dict(window=4, top_k=2), lambda: _randn(2, 9, 32)
     ),
+    "sliding_window": (
+        CausalKrauseAttention, SlidingWindowAttention, (32, 4, 2), dict(window=4, top_k=2), lambda: _randn(2, 9, 32)
+    ),
+    "topk": (CausalKrauseAttention, TopKAttention, (32, 4, 2), dict(window=4, top_k=2), lambda: _randn(2, 9, 32)),
 }
 
 
@@ -326,7 +332,45 @@ def test_causal_krause_matches_reference_op():
     torch.testing.assert_close(mod(x), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("cls", [CausalKrauseAttention, CausalSelfAttention])
+def _causal_by_hand(mod, x, weights_of):
+    """Projects x like the module and mixes values by weights_of(scores (B, H, T, T)) row by row."""
+    b, t, c = x.shape
+    h, hkv = mod.num_heads, mod.num_kv_heads
+    q = mod.q_proj(x).view(b, t, h, -1).transpose(1, 2)
+    k = mod.k_proj(x).view(b, t, hkv, -1).transpose(1, 2).repeat_interleave(h // hkv, 1)
+    v = mod.v_proj(x).view(b, t, hkv, -1).transpose(1, 2).repeat_interleave(h // hkv, 1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    out = weights_of(scores) @ v
+    return mod.o_proj(out.transpose(1, 2).reshape(b, t, c))
+
+
+def test_sliding_window_attention_matches_formula():
+    mod = SlidingWindowAttention(24, 6, 2, window=3)
+    x = _randn(2, 10, 24, seed=20)
+
+    def weights(scores):
+        i, j = torch.arange(10)[:, None], torch.arange(10)[None, :]
+        return torch.softmax(scores.masked_fill((j > i) | (j <= i - 3), -math.inf), -1)
+
+    torch.testing.assert_close(mod(x), _causal_by_hand(mod, x, weights), rtol=1e-5, atol=1e-6)
+
+
+def test_topk_attention_matches_formula():
+    mod = TopKAttention(24, 6, 3, top_k=4)
+    x = _randn(2, 10, 24, seed=21)
+
+    def weights(scores):
+        out = torch.zeros_like(scores)
+        for i in range(scores.shape[-2]):  # row i: the 4 best of keys 0..i
+            row = scores[..., i, : i + 1]
+            best = row.topk(min(4, i + 1), -1)
+            out[..., i, : i + 1] = torch.zeros_like(row).scatter(-1, best.indices, torch.softmax(best.values, -1))
+        return out
+
+    torch.testing.assert_close(mod(x), _causal_by_hand(mod, x, weights), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [CausalKrauseAttention, CausalSelfAttention, SlidingWindowAttention, TopKAttention])
 def test_causal_modules_do_not_look_ahead(cls):
     mod = cls(16, 2, window=3, top_k=2)
     x = _randn(1, 8, 16, seed=11)

@@ -2,6 +2,7 @@
 constructor arguments and parameter names (the Krause one adds only ``log_sigma``)."""
 
 from ._common import krause_attention_probs
+from .baselines import SlidingWindowAttention, TopKAttention, topk_causal_attention
 from .causal import CausalKrauseAttention, CausalSelfAttention
 from .gated import GatedCache, GatedKrauseAttention, gated_mix, init_gate
 from .swin import (
@@ -20,7 +21,9 @@ __all__ = [
     "GatedCache",
     "GatedKrauseAttention",
     "LocalKrauseAttention2d",
+    "SlidingWindowAttention",
     "StandardAttention",
+    "TopKAttention",
     "WindowAttention",
     "WindowKrauseAttention",
     "gated_mix",
@@ -28,6 +31,7 @@ __all__ = [
     "krause_attention_probs",
     "relative_position_index",
     "shifted_window_mask",
+    "topk_causal_attention",
     "topk_schedule",
     "window_partition",
     "window_reverse",

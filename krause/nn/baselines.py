@@ -1,0 +1,109 @@
+"""Sparse softmax baselines of the language-model family (SPEC section 2.4).
+
+- ``SlidingWindowAttention``: softmax(q . k / sqrt(d)) over the keys i - window < j <= i
+  (Krause's candidate set, without the distance score and the top-k).
+- ``TopKAttention``: softmax over the ``top_k`` highest q . k / sqrt(d) among all keys
+  j <= i (Krause's top-k, without the window and the distance score).
+
+Both share the constructor and parameters of ``CausalSelfAttention`` /
+``CausalKrauseAttention`` (the arguments they do not use are ignored), so the three
+baselines differ from the Krause model in attention alone.
+
+The full forwards form (T, T) score or mask tensors: fine for the 1024-token contexts
+of the family; decoding uses a ring buffer (sliding window) or a growing cache (top-k).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from .. import _validation as V
+from ..cache import SlidingWindowCache, StandardKVCache
+from ..masks import causal_window_mask
+from ..reference import repeat_kv
+from .causal import _CausalProjections
+
+
+@functools.lru_cache(maxsize=16)
+def _window_mask(num_tokens: int, window: int, device: torch.device) -> torch.Tensor:
+    # Cached: training calls this with the same length every step.
+    return causal_window_mask(num_tokens, window, device)
+
+
+def topk_causal_attention(q, k, v, top_k: int, query_offset: int = 0, scale: float | None = None,
+                          dropout_p: float = 0.0) -> torch.Tensor:
+    """Causal top-k softmax attention, dense: O(Tq Tk) memory.
+
+    q (B, H, Tq, D) are the tokens at positions query_offset .. query_offset + Tq - 1 of
+    the sequence whose keys/values k, v (B, Hkv, Tk, D) start at position 0. Query i
+    keeps the min(top_k, #causal keys) highest scores q . k * scale (fp32), softmaxed.
+    """
+    V.check_positive_int("top_k", top_k)
+    h, tq, tk = q.shape[1], q.shape[2], k.shape[2]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q.float() @ repeat_kv(k, h).float().transpose(-1, -2)) * scale
+    query_pos = torch.arange(query_offset, query_offset + tq, device=q.device)[:, None]
+    causal = torch.arange(tk, device=q.device)[None, :] <= query_pos
+    scores = scores.masked_fill(~causal, float("-inf"))
+    best = scores.topk(min(top_k, tk), dim=-1).indices
+    keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, best, True) & causal
+    probs = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
+    probs = F.dropout(probs, dropout_p) if dropout_p else probs
+    return (probs @ repeat_kv(v, h).float()).to(q.dtype)
+
+
+class SlidingWindowAttention(_CausalProjections):
+    """Causal softmax attention over the last ``window`` tokens (the token itself included)."""
+
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int | None = None, window: int = 128,
+                 top_k: int = 96, sigma: float = 2.5, bias: bool = True, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0):
+        super().__init__(dim, num_heads, num_kv_heads, bias, attn_drop, proj_drop)
+        self.window = V.check_positive_int("window", window)
+
+    def forward(self, x: torch.Tensor, cache: SlidingWindowCache | None = None) -> torch.Tensor:
+        q, k, v = self._project(x)
+        drop = self.attn_drop if self.training else 0.0
+        if cache is None:
+            mask = _window_mask(q.shape[2], self.window, q.device)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, enable_gqa=True)
+        else:
+            out = cache.attend(q, k, v, dropout_p=drop)
+        return self._merge(out)
+
+    def new_cache(self, batch_size: int, device=None, dtype=None) -> SlidingWindowCache:
+        device, dtype = self._cache_placement(device, dtype)
+        return SlidingWindowCache(batch_size, self.num_kv_heads, self.head_dim, self.window, device, dtype)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, window={self.window}"
+
+
+class TopKAttention(_CausalProjections):
+    """Causal softmax attention over the ``top_k`` highest-scoring earlier tokens."""
+
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int | None = None, window: int = 128,
+                 top_k: int = 96, sigma: float = 2.5, bias: bool = True, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0):
+        super().__init__(dim, num_heads, num_kv_heads, bias, attn_drop, proj_drop)
+        self.top_k = V.check_positive_int("top_k", top_k)
+
+    def forward(self, x: torch.Tensor, cache: StandardKVCache | None = None) -> torch.Tensor:
+        q, k, v = self._project(x)
+        drop = self.attn_drop if self.training else 0.0
+        offset = 0
+        if cache is not None:
+            cache.check_inputs(q, k, v)
+            offset = cache.pos
+            k, v = cache.update(k, v)
+        return self._merge(topk_causal_attention(q, k, v, self.top_k, offset, dropout_p=drop))
+
+    def new_cache(self, batch_size: int, device=None, dtype=None) -> StandardKVCache:
+        device, dtype = self._cache_placement(device, dtype)
+        return StandardKVCache(batch_size, self.num_kv_heads, self.head_dim, device, dtype)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, top_k={self.top_k}"
