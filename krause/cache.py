@@ -9,7 +9,7 @@ of a decoding step do not grow with the number of tokens generated.
 
 ``StandardKVCache``: the growing key/value cache of softmax attention, same interface.
 
-Both are built empty for a batch, fed with ``attend(q, k, v, ...)`` — new queries,
+All are built empty for a batch, fed with ``attend(q, k, v, ...)`` — new queries,
 keys and values of one or more tokens, returning their attention outputs exactly as
 the full causal forward would — and emptied with ``reset()``. They are inference
 state: run them under ``torch.no_grad()`` / ``torch.inference_mode()``.
@@ -25,7 +25,7 @@ from .ops import causal_krause_attention
 
 
 class _LayerCache:
-    """Fixed (batch, kv heads, head dim) layout and shape checks shared by both caches."""
+    """Fixed (batch, kv heads, head dim) layout and shape checks shared by the caches."""
 
     def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, device, dtype):
         self.batch_size = V.check_positive_int("batch_size", batch_size)
