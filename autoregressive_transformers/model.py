@@ -145,11 +145,13 @@ class PixelTransformer(nn.Module):
 
     @torch.no_grad()
     def sample(self, batch_size: int = 1, temperature: float = 1.0, prefix: torch.Tensor | None = None,
-               generator: torch.Generator | None = None, dtype=None, progress=None) -> torch.Tensor:
+               generator: torch.Generator | None = None, dtype=None, progress=None,
+               stats: dict | None = None) -> torch.Tensor:
         """Samples whole images (B, T) (int64) with the decoding caches.
 
         ``prefix`` (B, P): pixels given (completion); the rest is sampled. ``temperature``
         0 takes the most likely value. ``progress`` is an optional callable(n_tokens_done).
+        ``stats``, a dict, receives the largest decoding-cache size seen as "cache_bytes".
         """
         if not (isinstance(temperature, (int, float)) and temperature >= 0):
             raise ValueError(f"temperature must be >= 0, got {temperature!r}")
@@ -175,6 +177,8 @@ class PixelTransformer(nn.Module):
                 progress(t + 1)
             if t + 1 < t_total:
                 logits = self.decode(nxt[:, None], state)[:, -1]
+        if stats is not None:
+            stats["cache_bytes"] = max(stats.get("cache_bytes", 0), state.nbytes)
         return out
 
 

@@ -1,0 +1,156 @@
+"""Pieces shared by the train / generate / complete entry points: devices, precision,
+bits per dimension over a whole data set, loading a trained model, image grids and
+one-line errors."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from krause.training.checkpoint import CheckpointError, read_checkpoint
+from krause.training.distributed import all_reduce_sum, get_rank, get_world_size
+from krause.training.metrics import progress_bar
+from krause.training.run_dir import RunDirError
+
+from .config import ModelConfig
+from .data import eval_shard
+from .model import PixelTransformer
+
+PRECISIONS = ("fp32", "bf16")
+
+
+class UsageError(ValueError):
+    """Bad input from the command line, reported as one line."""
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda"):
+        raise UsageError(f"device must be auto, cpu or cuda, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("device cuda was asked for but CUDA is not available")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast, or a no-op for fp32. The loss and Krause distances stay fp32 either way."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def nll_sums(logits: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+    """Per-image NLL in nats, summed over dimensions: (B,), float64."""
+    nll = F.cross_entropy(logits.float().transpose(1, 2), pixels.long(), reduction="none")
+    return nll.double().sum(1)
+
+
+@torch.no_grad()
+def evaluate_bpd(model, pixels: torch.Tensor, batch_size: int, device: torch.device, precision: str = "fp32",
+                 progress: bool = True, desc: str = "eval") -> dict:
+    """Bits per dimension of ``model`` on every image of ``pixels`` (N, T).
+
+    Each rank scores its own images (``eval_shard``: every image exactly once over all
+    ranks, no padding), the NLL sums and dimension counts are summed across ranks, then
+    divided: the result is the mean over the whole set, identical to a single process.
+    ``model`` must be the plain module (not DDP), so ranks with fewer batches never wait
+    on a collective inside forward.
+    """
+    was_training = model.training
+    model.eval()
+    idx = eval_shard(len(pixels), get_rank(), get_world_size())
+    total = torch.zeros((), dtype=torch.float64)
+    bar = progress_bar(range(0, len(idx), batch_size), enabled=progress, desc=desc, leave=False)
+    for s in bar:
+        x = pixels[idx[s:s + batch_size]].to(device, non_blocking=True).long()
+        with autocast(device, precision):
+            logits = model(x)
+        total += nll_sums(logits, x).sum().cpu()
+    model.train(was_training)
+    nll_sum = float(all_reduce_sum(total))
+    dims = int(all_reduce_sum(int(idx.numel()) * pixels.shape[1]))
+    return {"nll_nats": nll_sum / dims, "bpd": nll_sum / (dims * math.log(2.0)), "num_images": dims // pixels.shape[1]}
+
+
+# --------------------------------------------------------------------------- trained runs
+def checkpoint_path(run_dir: str | Path, which: str = "best") -> Path:
+    """``which`` is best, last or a path to a .pt file."""
+    if which in ("best", "last"):
+        path = Path(run_dir).expanduser().resolve() / "checkpoints" / f"{which}.pt"
+        if not path.is_file():
+            raise UsageError(f"no {which} checkpoint in {Path(run_dir).expanduser().resolve()} (train a model there first)")
+        return path
+    path = Path(which).expanduser().resolve()
+    if not path.is_file():
+        raise UsageError(f"checkpoint {path} does not exist")
+    return path
+
+
+def load_trained(run_dir: str | Path | None, which: str = "best", device: torch.device | str = "cpu"):
+    """(model in eval mode, run config dict, checkpoint path) from a training run."""
+    if run_dir is None and which in ("best", "last"):
+        raise UsageError("give --run_dir (a training run directory) or --checkpoint PATH")
+    path = checkpoint_path(run_dir, which) if run_dir is not None else checkpoint_path(".", which)
+    payload = read_checkpoint(path)
+    config = payload.get("config") or {}
+    if "model" not in config or not isinstance(config["model"], dict):
+        raise UsageError(f"checkpoint {path} has no pixel-model config (not written by autoregressive_transformers.train)")
+    cfg = ModelConfig.from_dict(config["model"])
+    model = PixelTransformer(cfg)
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as e:
+        raise UsageError(f"checkpoint {path} does not fit its own model config: {str(e).splitlines()[0]}") from None
+    return model.to(device).eval(), config, path
+
+
+# --------------------------------------------------------------------------- images
+def image_grid(images: np.ndarray, ncol: int | None = None, pad: int = 1) -> np.ndarray:
+    """(N, H, W, C) uint8 -> one (rows*(H+pad)+pad, cols*(W+pad)+pad, C) uint8 grid."""
+    n, h, w, c = images.shape
+    ncol = ncol or int(math.ceil(math.sqrt(n)))
+    nrow = int(math.ceil(n / ncol))
+    grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), 128, dtype=np.uint8)
+    for i in range(n):
+        r, q = divmod(i, ncol)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = images[i]
+    return grid
+
+
+def save_png(array: np.ndarray, path: str | Path, scale: int = 4) -> None:
+    """Writes a uint8 (H, W, 1 or 3) array as a PNG, each pixel a scale x scale block."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    img = np.repeat(np.repeat(array, scale, axis=0), scale, axis=1)
+    if img.shape[-1] == 1:
+        img = np.repeat(img, 3, axis=-1)
+    plt.imsave(str(path), img)
+
+
+# --------------------------------------------------------------------------- errors
+ERRORS = (UsageError, ValueError, FileNotFoundError, CheckpointError, RunDirError)
+
+
+def one_line(e: BaseException) -> str:
+    return " | ".join(s.strip() for s in str(e).splitlines() if s.strip())
+
+
+def run_main(main, argv=None) -> int:
+    """Runs ``main(argv)``; a bad-input error prints ``error: <one line>`` and exits 2."""
+    try:
+        return main(argv) or 0
+    except ERRORS as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2

@@ -1,0 +1,64 @@
+"""Bits per dimension of a trained pixel model on a whole split (single process or torchrun).
+
+    python -m autoregressive_transformers.evaluate --run_dir runs/karm_mnist
+    torchrun --nproc_per_node 4 -m autoregressive_transformers.evaluate --run_dir runs/karm_cifar10
+
+Each process scores a disjoint share of the images; NLL sums and dimension counts are
+summed across processes, so the number is the same for any number of processes.
+Writes <run_dir>/eval_<checkpoint>_<split>.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from krause.training.distributed import cleanup, init_distributed, is_main_process
+from krause.training.run_dir import atomic_write_text
+
+from .common import PRECISIONS, UsageError, evaluate_bpd, load_trained, resolve_device, run_main
+from .data import load_pixels
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m autoregressive_transformers.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("--run_dir", default=None, help="training run directory")
+    p.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint path")
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--data_path", default=None, help="default: the training run's")
+    p.add_argument("--limit", type=int, default=None, help="first N images only (default: the training run's limit for test)")
+    p.add_argument("--batch_size", type=int, default=32, help="per process")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    p.add_argument("--out", default=None, help="JSON output path")
+    p.add_argument("--no_progress", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.batch_size < 1:
+        raise UsageError(f"--batch_size must be >= 1, got {args.batch_size}")
+    device = resolve_device(args.device)
+    env = init_distributed(device=device)
+    try:
+        model, config, path = load_trained(args.run_dir, args.checkpoint, env.device)
+        data_path = args.data_path if args.data_path is not None else config.get("data_path")
+        limit = args.limit if args.limit is not None else (config.get("limit_test") if args.split == "test" else None)
+        pixels = load_pixels(config["dataset"], args.split, data_path, False, limit)
+        result = evaluate_bpd(model, pixels, args.batch_size, env.device, args.precision, not args.no_progress)
+        result.update(checkpoint=str(path), split=args.split, model=model.cfg.name, dataset=config["dataset"],
+                      world_size=env.world_size)
+        if is_main_process():
+            out = Path(args.out) if args.out else path.parent.parent / f"eval_{path.stem}_{args.split}.json"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+            print(f"{result['model']} {args.split} bpd {result['bpd']:.5f} on {result['num_images']} images -> {out}")
+    finally:
+        cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main(main))
