@@ -69,10 +69,12 @@ def _causal_fwd(
     return nbr.from_query_layout(out).to(q.dtype).contiguous(), probs, dist
 
 
+# Fake (meta) implementations for torch.compile. The real kernels return contiguous
+# tensors whatever the input layout, so these must too (new_empty, not empty_like).
 @_causal_fwd.register_fake
 def _(q, k, v, log_sigma, window, top_k):
     shape = _causal_shapes(q, window)
-    return torch.empty_like(q), q.new_empty(shape, dtype=torch.float32), q.new_empty(shape, dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty(shape, dtype=torch.float32), q.new_empty(shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("krause::causal_bwd", mutates_args=())
@@ -108,7 +110,7 @@ def _causal_bwd(
 
 @_causal_bwd.register_fake
 def _(grad_out, q, k, v, log_sigma, probs, dist, window, top_k):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(log_sigma)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), log_sigma.new_empty(log_sigma.shape)
 
 
 def _causal_setup(ctx, inputs, output):
@@ -192,15 +194,15 @@ def _(q, k, v, log_sigma, rows, cols, radius, metric, top_k, num_prefix, dense):
     b, h, n, _ = q.shape
     f32 = torch.float32
     if dense:
-        return torch.empty_like(q), q.new_empty((b, h, n, n), dtype=f32), q.new_empty((b, h, n, n), dtype=f32), \
+        return q.new_empty(q.shape), q.new_empty((b, h, n, n), dtype=f32), q.new_empty((b, h, n, n), dtype=f32), \
             q.new_empty(0, dtype=f32), q.new_empty(0, dtype=f32)
     m = num_prefix + len(grid_offsets(radius, metric))
     grid_shape = (b, h, rows * cols, m)
     if num_prefix:
         prefix_shape = (b, h, num_prefix, n)
-        return torch.empty_like(q), q.new_empty(prefix_shape, dtype=f32), q.new_empty(prefix_shape, dtype=f32), \
+        return q.new_empty(q.shape), q.new_empty(prefix_shape, dtype=f32), q.new_empty(prefix_shape, dtype=f32), \
             q.new_empty(grid_shape, dtype=f32), q.new_empty(grid_shape, dtype=f32)
-    return torch.empty_like(q), q.new_empty(grid_shape, dtype=f32), q.new_empty(grid_shape, dtype=f32), \
+    return q.new_empty(q.shape), q.new_empty(grid_shape, dtype=f32), q.new_empty(grid_shape, dtype=f32), \
         q.new_empty(0, dtype=f32), q.new_empty(0, dtype=f32)
 
 
@@ -242,7 +244,7 @@ def _local_bwd(
 
 @_local_bwd.register_fake
 def _(grad_out, q, k, v, log_sigma, *args):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(log_sigma)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), log_sigma.new_empty(log_sigma.shape)
 
 
 def _local_setup(ctx, inputs, output):

@@ -356,3 +356,19 @@ def test_unknown_impl_is_rejected():
     q, k, v = _good()
     with pytest.raises(ValueError, match="^impl"):
         krause.causal_krause_attention(q, k, v, 0.0, 4, 2, impl="cuda")
+
+
+def test_compiled_op_accepts_non_contiguous_inputs():
+    """The fake kernels must describe the real (contiguous) outputs for any input layout."""
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in _inputs(1, 2, 2, 20, 8, seed=4))
+    q = q.requires_grad_(True)
+    assert not q.is_contiguous()
+
+    def f(q, k, v):
+        a = krause.causal_krause_attention(q, k, v, 0.0, 8, 4)
+        b = krause.local_krause_attention_2d(q, k, v, 0.0, (4, 4), 1, "manhattan", 2, 4, impl="fast")
+        return a + b
+
+    out = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v)
+    torch.testing.assert_close(out, f(q, k, v))
+    out.sum().backward()
