@@ -367,7 +367,9 @@ def test_compiled_op_accepts_non_contiguous_inputs():
     def f(q, k, v):
         a = krause.causal_krause_attention(q, k, v, 0.0, 8, 4)
         b = krause.local_krause_attention_2d(q, k, v, 0.0, (4, 4), 1, "manhattan", 2, 4, impl="fast")
-        return a + b
+        # merging the head and token dims is a legal view of the real (contiguous) output
+        # only; it fails if the compile-time kernels claim q's permuted layout
+        return (a + b).view(1, 40, 8)
 
     out = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v)
     torch.testing.assert_close(out, f(q, k, v))
