@@ -1,0 +1,117 @@
+"""Graceful stop on SIGTERM / SIGUSR1: set a flag, let the loop save `last` and exit.
+
+Usage in a train loop::
+
+    with PreemptionHandler() as preempt:
+        for step in ...:
+            ...optimizer step...
+            if preempt.should_stop():          # collective when distributed
+                ckpt.save(model=..., step=step, ...)
+                break
+    # return normally, exit code 0
+
+The handler only records the signal; it never raises inside the step, so a
+checkpoint is always written between two complete optimizer steps.
+`should_stop()` takes the maximum of the flag over all ranks, so every rank stops
+at the same step even when only one of them was signalled (all ranks must call
+it at the same points; `every=n` checks only at every n-th call to save the
+collective). A second signal is ignored as well: the save in progress finishes.
+
+Slurm and torchrun:
+- Slurm sends SIGTERM at preemption or time limit, then SIGKILL after KillWait
+  (often 30 s). Ask for an earlier warning with `#SBATCH --signal=USR1@120`
+  (to the job steps) or `--signal=B:USR1@120` (to the batch shell, which must then
+  forward it, e.g. `trap 'kill -USR1 $child' USR1`).
+- torchrun forwards SIGTERM, SIGINT, SIGHUP, SIGQUIT to its workers by default; add
+  SIGUSR1 with `torchrun --signals-to-handle SIGTERM,SIGINT,SIGUSR1`, and give
+  the workers time to save with `--shutdown-timeout 120` (default 30 s, then SIGKILL).
+- Requeueing is the job script's business: after the workers saved and exited,
+  `scontrol requeue $SLURM_JOB_ID` (or `#SBATCH --requeue` with a preemption
+  policy that requeues) starts the same script again, which passes --resume and
+  continues from checkpoints/last.pt. The Python side just exits cleanly.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import FrameType
+from typing import Any, Iterable
+
+from .distributed import all_reduce_max, is_distributed
+
+__all__ = ["PreemptionHandler", "DEFAULT_SIGNALS"]
+
+DEFAULT_SIGNALS: tuple[signal.Signals, ...] = tuple(
+    s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None
+)
+
+
+class PreemptionHandler:
+    """Flag set by the given signals (default SIGTERM and SIGUSR1); previous handlers restored on exit."""
+
+    def __init__(self, signals: Iterable[int] = DEFAULT_SIGNALS, every: int = 1):
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.signals = tuple(signal.Signals(s) for s in signals)
+        self.every = every
+        self.received: signal.Signals | None = None
+        self._stop_agreed = False
+        self._calls = 0
+        self._previous: dict[signal.Signals, Any] = {}
+
+    # -- installation
+    def install(self) -> "PreemptionHandler":
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("PreemptionHandler must be installed from the main thread (a Python signal rule)")
+        if self._previous:
+            return self
+        for sig in self.signals:
+            self._previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def __enter__(self) -> "PreemptionHandler":
+        return self.install()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.uninstall()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is None:
+            self.received = signal.Signals(signum)
+
+    # -- queries
+    @property
+    def requested(self) -> bool:
+        """True once this process received one of the signals (local, no communication)."""
+        return self.received is not None
+
+    @property
+    def reason(self) -> str:
+        """For log lines: the signal this rank received, or that another rank asked to stop."""
+        if self.received is not None:
+            return self.received.name
+        return "stop requested by another rank" if self._stop_agreed else "none"
+
+    def trigger(self, sig: int = signal.SIGTERM) -> None:
+        """Set the flag by hand (tests, or a wall-clock budget)."""
+        if self.received is None:
+            self.received = signal.Signals(sig)
+
+    def should_stop(self) -> bool:
+        """Whether any rank has been signalled. Collective when distributed: call it on every
+        rank at the same points. With every=n the ranks only communicate on every n-th call."""
+        if self._stop_agreed:
+            return True
+        self._calls += 1
+        if not is_distributed():
+            self._stop_agreed = self.requested
+        elif self._calls % self.every == 0:
+            self._stop_agreed = bool(all_reduce_max(1.0 if self.requested else 0.0) > 0)
+        return self._stop_agreed

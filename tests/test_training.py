@@ -1,0 +1,776 @@
+"""Tests of krause.training: the shared train-loop machinery (CPU only)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+import krause.training as kt
+from krause.training import example
+from krause.training.data import ResumableDistributedSampler, derive_seed
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def test_warmup_cosine_factor_at_known_steps():
+    f = kt.WarmupCosine(total_steps=110, warmup_steps=10, min_lr_ratio=0.1)
+    assert f(0) == pytest.approx(0.1)  # (0 + 1) / 10: never a zero LR
+    assert f(4) == pytest.approx(0.5)
+    assert f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0)  # cosine starts at its top
+    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the decay
+    assert f(35) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.25)))
+    assert f(110) == pytest.approx(0.1)  # the floor...
+    assert f(500) == pytest.approx(0.1)  # ...and it stays there
+    values = [f(s) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:]))  # monotone decay
+    g = kt.WarmupCosine(total_steps=100, warmup_steps=0, min_lr_ratio=0.0)
+    assert g(0) == pytest.approx(1.0) and g(50) == pytest.approx(0.5) and g(100) == pytest.approx(0.0)
+
+
+def test_warmup_cosine_scheduler_drives_the_optimizer_per_step():
+    p = nn.Parameter(torch.zeros(3))
+    opt = torch.optim.AdamW([p], lr=2e-3)
+    sched = kt.warmup_cosine_scheduler(opt, total_steps=20, warmup_steps=4, min_lr_ratio=0.25)
+    seen = []
+    for _ in range(25):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    f = kt.WarmupCosine(20, 4, 0.25)
+    assert seen == pytest.approx([2e-3 * f(s) for s in range(25)])
+    assert seen[0] == pytest.approx(2e-3 / 4) and seen[3] == pytest.approx(2e-3) and seen[-1] == pytest.approx(5e-4)
+
+
+def test_warmup_steps_helper_and_argument_checks():
+    assert kt.warmup_steps(1000, fraction=0.05) == 50
+    assert kt.warmup_steps(300 * 196, epochs=10, steps_per_epoch=196) == 1960
+    assert kt.warmup_steps(100, epochs=10, steps_per_epoch=50) == 100  # capped at the run length
+    with pytest.raises(ValueError, match="exactly one"):
+        kt.warmup_steps(100, fraction=0.1, epochs=1, steps_per_epoch=10)
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        kt.warmup_steps(100, epochs=1)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        kt.WarmupCosine(total_steps=10, warmup_steps=11)
+    with pytest.raises(ValueError, match="min_lr_ratio"):
+        kt.WarmupCosine(total_steps=10, min_lr_ratio=1.5)
+
+
+# ----------------------------------------------------------------------------- param groups
+
+
+class _Block(nn.Module):
+    def __init__(self, dim: int = 8, heads: int = 2):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.log_sigma = nn.Parameter(torch.zeros(heads))
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(9, heads))
+
+
+class _ToyViT(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, 8, 4, 4)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, 8))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 5, 8))
+        self.blocks = nn.ModuleList([_Block(), _Block()])
+        self.sigma_grid = nn.Module()
+        self.sigma_grid.log_sigma = nn.Parameter(torch.zeros(2, 3))  # 2-D log_sigma: still exempt by name
+        self.head = nn.Linear(8, 10)
+        self.frozen = nn.Linear(8, 8)
+        self.frozen.requires_grad_(False)
+
+
+def test_param_groups_exempt_log_sigma_norms_biases_embeddings():
+    model = _ToyViT()
+    decay, no_decay = kt.param_groups(model, weight_decay=0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert set(decay["param_names"]) == {"patch_embed.weight", "blocks.0.qkv.weight", "blocks.1.qkv.weight", "head.weight"}
+    expected_no_decay = {
+        "cls_token",
+        "pos_embed",
+        "patch_embed.bias",
+        "head.bias",
+        "sigma_grid.log_sigma",
+        *(f"blocks.{i}.{n}" for i in range(2) for n in
+          ("norm1.weight", "norm1.bias", "qkv.bias", "log_sigma", "relative_position_bias_table")),
+    }
+    assert set(no_decay["param_names"]) == expected_no_decay
+    assert not any(n.startswith("frozen") for g in (decay, no_decay) for n in g["param_names"])
+    # the names line up with the tensors
+    params = dict(model.named_parameters())
+    for g in (decay, no_decay):
+        assert all(params[n] is p for n, p in zip(g["param_names"], g["params"]))
+
+
+def test_adamw_does_not_decay_log_sigma():
+    model = _ToyViT()
+    for p in model.parameters():
+        nn.init.constant_(p, 1.0)
+    opt = kt.build_adamw(model, lr=1.0, weight_decay=0.5)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)  # no gradient: only weight decay can move a parameter
+    opt.step()
+    assert torch.all(model.blocks[0].log_sigma == 1.0)
+    assert torch.all(model.sigma_grid.log_sigma == 1.0)
+    assert torch.all(model.pos_embed == 1.0) and torch.all(model.blocks[0].norm1.weight == 1.0)
+    assert torch.allclose(model.head.weight, torch.full_like(model.head.weight, 0.5))  # 1 - lr * wd
+
+
+def test_param_groups_honour_timm_no_weight_decay_and_ddp_wrappers():
+    class WithList(_ToyViT):
+        def no_weight_decay(self):
+            return {"head.weight"}
+
+    decay, no_decay = kt.param_groups(WithList(), 0.1)
+    assert "head.weight" in no_decay["param_names"] and "head.weight" not in decay["param_names"]
+    compiled = torch.compile(_ToyViT())  # wrapper only: nothing is compiled until it is called
+    assert kt.unwrap_model(compiled).__class__ is _ToyViT
+    assert "pos_embed" in kt.param_groups(compiled, 0.1)[1]["param_names"]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+class _MLP(nn.Module):
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc1 = nn.Linear(6, 16)
+        self.norm = nn.LayerNorm(16)
+        self.drop = nn.Dropout(0.3)
+        self.fc2 = nn.Linear(16, 3)
+        self.log_sigma = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return self.fc2(self.drop(F.gelu(self.norm(self.fc1(x))))) * self.log_sigma.exp()
+
+
+def _build(seed: int):
+    model = _MLP(seed)
+    opt = kt.build_adamw(model, lr=1e-2, weight_decay=0.1)
+    sched = kt.warmup_cosine_scheduler(opt, total_steps=10, warmup_steps=3, min_lr_ratio=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0, growth_interval=2)
+    return model, opt, sched, scaler
+
+
+def _train_steps(model, opt, sched, scaler, n):
+    """Every random source is used: torch (data, dropout), numpy and python (noise scales)."""
+    for _ in range(n):
+        x = torch.randn(8, 6)
+        y = torch.randint(0, 3, (8,))
+        x = x * float(np.random.uniform(0.5, 1.5)) + random.gauss(0.0, 0.1)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+
+
+def _seed_all(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def test_checkpoint_round_trip_continues_bit_identically(tmp_path):
+    config = {"model": "mlp", "lr": 1e-2, "out_dir": str(tmp_path)}
+    # uninterrupted: 10 steps
+    model_a, opt_a, sched_a, scaler_a = _build(seed=0)
+    _seed_all(123)
+    _train_steps(model_a, opt_a, sched_a, scaler_a, 10)
+    rng_a = kt.capture_rng_state()
+
+    # interrupted after 5 steps, everything rebuilt from scratch, resumed for 5 more
+    model_b, opt_b, sched_b, scaler_b = _build(seed=0)
+    _seed_all(123)
+    _train_steps(model_b, opt_b, sched_b, scaler_b, 5)
+    path = kt.save_checkpoint(
+        tmp_path / "ckpt" / "last.pt", model=model_b, optimizer=opt_b, scheduler=sched_b, scaler=scaler_b,
+        step=5, epoch=0, best_metric=0.25, config=config, extra={"note": "mid-run", "seen": [1, 2]},
+    )
+    assert path.is_file() and not [p for p in path.parent.iterdir() if p.name != "last.pt"]  # no temp files left
+    del model_b, opt_b, sched_b, scaler_b
+    model_c, opt_c, sched_c, scaler_c = _build(seed=99)  # different init, fresh optimizer state
+    _seed_all(999)  # and scrambled RNGs: the checkpoint must restore them
+    state = kt.load_checkpoint(
+        path, model=model_c, optimizer=opt_c, scheduler=sched_c, scaler=scaler_c,
+        config={**config, "out_dir": "/elsewhere"},  # runtime keys do not matter
+    )
+    assert (state.step, state.epoch, state.best_metric) == (5, 0, 0.25)
+    assert state.extra == {"note": "mid-run", "seen": [1, 2]} and state.config["model"] == "mlp"
+    _train_steps(model_c, opt_c, sched_c, scaler_c, 5)
+
+    for (name, pa), (_, pc) in zip(model_a.named_parameters(), model_c.named_parameters()):
+        assert torch.equal(pa, pc), name
+    for sa, sc in zip(opt_a.state.values(), opt_c.state.values()):
+        for key in sa:
+            assert torch.equal(torch.as_tensor(sa[key]), torch.as_tensor(sc[key])), key
+    assert sched_a.get_last_lr() == sched_c.get_last_lr()
+    assert scaler_a.get_scale() == scaler_c.get_scale()
+    # and every RNG ends in the same place
+    rng_c = kt.capture_rng_state()
+    assert torch.equal(rng_a["torch"], rng_c["torch"]) and rng_a["python"] == rng_c["python"]
+    assert torch.equal(rng_a["numpy"]["key"], rng_c["numpy"]["key"]) and rng_a["numpy"]["pos"] == rng_c["numpy"]["pos"]
+
+
+def test_checkpoint_restores_every_rng(tmp_path):
+    model, opt, sched, scaler = _build(0)
+    _seed_all(5)
+    kt.save_checkpoint(tmp_path / "c.pt", model=model, step=0)
+    expected = (random.random(), float(np.random.rand()), torch.rand(3))
+    _seed_all(6)
+    kt.load_checkpoint(tmp_path / "c.pt", model=model)
+    got = (random.random(), float(np.random.rand()), torch.rand(3))
+    assert expected[0] == got[0] and expected[1] == got[1] and torch.equal(expected[2], got[2])
+    _seed_all(6)
+    kt.load_checkpoint(tmp_path / "c.pt", model=model, restore_rng=False)
+    assert random.random() != expected[0]
+
+
+def test_checkpoint_strips_ddp_and_compile_wrappers(tmp_path):
+    model = _MLP(0)
+    kt.save_checkpoint(tmp_path / "c.pt", model=torch.compile(model), step=1)
+    keys = set(kt.read_checkpoint(tmp_path / "c.pt")["model"])
+    assert keys == set(model.state_dict()) and not any("_orig_mod" in k for k in keys)
+    plain = _MLP(1)
+    kt.load_checkpoint(tmp_path / "c.pt", model=plain)
+    assert torch.equal(plain.fc1.weight, model.fc1.weight)
+    # a plain torch.load opens it too
+    assert torch.load(tmp_path / "c.pt", weights_only=True)["step"] == 1
+
+
+def test_corrupted_checkpoint_gives_a_clear_error(tmp_path):
+    model = _MLP(0)
+    with torch.no_grad():
+        model.fc1.weight.fill_(1.2345)
+    path = kt.save_checkpoint(tmp_path / "last.pt", model=model, step=3)
+    data = path.read_bytes()
+
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(kt.CorruptCheckpointError, match="truncated, corrupted or not a torch checkpoint"):
+        kt.load_checkpoint(truncated, model=_MLP(0))
+
+    # a flipped byte inside tensor data: torch.load reads it without complaint, the checksum does not
+    needle = np.full(4, 1.2345, dtype=np.float32).tobytes()
+    pos = data.find(needle)
+    assert pos > 0
+    flipped = bytearray(data)
+    flipped[pos + 1] ^= 0x40
+    bad = tmp_path / "flipped.pt"
+    bad.write_bytes(bytes(flipped))
+    torch.load(bad, weights_only=True)  # unnoticed by torch itself
+    with pytest.raises(kt.CorruptCheckpointError, match="checksum"):
+        kt.load_checkpoint(bad, model=_MLP(0))
+
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(kt.CorruptCheckpointError):
+        kt.load_checkpoint(garbage, model=_MLP(0))
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": model.state_dict()}, foreign)
+    with pytest.raises(kt.CorruptCheckpointError, match="is not a krause.training.checkpoint"):
+        kt.load_checkpoint(foreign, model=_MLP(0))
+    with pytest.raises(kt.CorruptCheckpointError, match="does not exist"):
+        kt.load_checkpoint(tmp_path / "missing.pt", model=_MLP(0))
+    # the original is intact and loads
+    assert kt.load_checkpoint(path, model=_MLP(0)).step == 3
+
+
+def test_checkpoint_of_another_config_or_model_is_refused(tmp_path):
+    config = argparse.Namespace(depth=2, lr=1e-3, out_dir="a", num_workers=4)
+    path = kt.save_checkpoint(tmp_path / "c.pt", model=_MLP(0), step=1, config=config)
+    other = argparse.Namespace(depth=2, lr=2e-3, out_dir="b", num_workers=8)
+    with pytest.raises(kt.CheckpointMismatchError, match=r"lr: 0\.001 -> 0\.002") as info:
+        kt.load_checkpoint(path, model=_MLP(0), config=other)
+    assert "out_dir:" not in str(info.value) and "num_workers:" not in str(info.value)
+    # only runtime keys differ: accepted
+    kt.load_checkpoint(path, model=_MLP(0), config=argparse.Namespace(depth=2, lr=1e-3, out_dir="c", num_workers=0))
+    # an explicit override only warns
+    with pytest.warns(UserWarning, match="different config"):
+        kt.load_checkpoint(path, model=_MLP(0), config=other, strict_config=False)
+
+    class Wider(_MLP):
+        def __init__(self):
+            super().__init__(0)
+            self.fc2 = nn.Linear(16, 5)
+
+    with pytest.raises(kt.CheckpointMismatchError, match="(?s)does not fit this model.*size mismatch for fc2.weight"):
+        kt.load_checkpoint(path, model=Wider())
+    with pytest.raises(kt.CheckpointMismatchError, match="no optimizer state"):
+        m = _MLP(0)
+        kt.load_checkpoint(path, model=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1))
+
+
+def test_trainable_only_checkpoint_for_a_frozen_base_model(tmp_path):
+    model = _MLP(0)
+    model.fc1.requires_grad_(False)  # frozen "base"; fc2, norm and log_sigma train
+    opt = kt.build_adamw(model, lr=1e-2, weight_decay=0.1)
+    path = kt.save_checkpoint(tmp_path / "lora.pt", model=model, optimizer=opt, step=2, trainable_only=True)
+    stored = kt.read_checkpoint(path)
+    assert stored["model_subset"] == "trainable"
+    assert set(stored["model"]) == {"norm.weight", "norm.bias", "fc2.weight", "fc2.bias", "log_sigma"}
+    other = _MLP(1)
+    other.fc1.requires_grad_(False)
+    kt.load_checkpoint(path, model=other, optimizer=kt.build_adamw(other, lr=1e-2, weight_decay=0.1))
+    assert torch.equal(other.fc2.weight, model.fc2.weight)
+    assert not torch.equal(other.fc1.weight, model.fc1.weight)  # the base model is the caller's
+    everything_trains = _MLP(1)
+    with pytest.raises(kt.CheckpointMismatchError, match="trainable but missing.*fc1"):
+        kt.load_checkpoint(path, model=everything_trains)
+
+
+def test_checkpoint_manager_keeps_last_and_best(tmp_path):
+    model, opt, sched, _ = _build(0)
+    mgr = kt.CheckpointManager(tmp_path / "ckpt", config={"x": 1}, mode="max")
+    assert not mgr.has_last() and mgr.load_last(model=model) is None
+    assert mgr.save(model=model, optimizer=opt, scheduler=sched, step=10, metric=0.5) is True
+    assert mgr.save(model=model, optimizer=opt, scheduler=sched, step=20, metric=0.4) is False
+    assert mgr.save(model=model, optimizer=opt, scheduler=sched, step=25) is False  # preemption save: no metric
+    assert kt.read_checkpoint(mgr.best_path)["step"] == 10
+    assert mgr.save(model=model, optimizer=opt, scheduler=sched, step=30, metric=0.6) is True
+    assert mgr.save(model=model, optimizer=opt, scheduler=sched, step=40, metric=float("nan")) is False
+    assert kt.read_checkpoint(mgr.best_path)["step"] == 30
+    assert sorted(p.name for p in mgr.directory.iterdir()) == ["best.pt", "last.pt"]
+
+    fresh = kt.CheckpointManager(tmp_path / "ckpt", config={"x": 1}, mode="max")
+    state = fresh.load_last(model=model, optimizer=opt, scheduler=sched)
+    assert state.step == 40 and fresh.best_metric == 0.6 and not fresh.is_better(0.59) and fresh.is_better(0.61)
+    assert fresh.load_best(model=model).step == 30
+    low = kt.CheckpointManager(tmp_path / "low", mode="min")
+    low.best_metric = 3.0
+    assert low.is_better(2.9) and not low.is_better(3.1)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_metrics_jsonl_round_trip(tmp_path):
+    path = tmp_path / "run" / "metrics.jsonl"
+    with kt.MetricsLogger(path, enabled=True) as log:
+        log.log(step=1, epoch=0.5, train_loss=torch.tensor(2.5), lr=np.float32(0.125))
+        log.log({"test_acc": 0.75}, step=2, epoch=1, sigma=torch.tensor([2.5, 2.0]), nested={"a": np.int64(3)})
+        # nothing is buffered: the file already holds both lines
+        assert len(path.read_text().splitlines()) == 2
+    records = kt.read_metrics(path)
+    assert [r["step"] for r in records] == [1, 2]
+    assert records[0]["train_loss"] == 2.5 and records[0]["lr"] == 0.125 and records[0]["epoch"] == 0.5
+    assert records[1]["sigma"] == [2.5, 2.0] and records[1]["nested"] == {"a": 3} and records[1]["test_acc"] == 0.75
+    assert all(isinstance(r["time"], float) and r["time"] > 1.6e9 for r in records)
+    assert kt.series(records, "test_acc") == ([2], [0.75])
+    assert kt.series(records, "train_loss", x="epoch") == ([0.5], [2.5])
+    with pytest.raises(ValueError, match="reserved"):
+        kt.MetricsLogger(tmp_path / "x.jsonl", enabled=True).log(step=1, time=3)
+    with pytest.raises(TypeError, match="metric 'bad'"):
+        kt.MetricsLogger(tmp_path / "y.jsonl", enabled=True).log(step=1, bad=object())
+
+
+def test_metrics_reader_survives_a_crash_mid_line_and_resume_truncates(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    with kt.MetricsLogger(path, enabled=True) as log:
+        for s in range(1, 6):
+            log.log(step=s, loss=1.0 / s)
+    with open(path, "a") as f:
+        f.write('{"step": 6, "lo')  # killed while writing
+    with pytest.warns(UserWarning, match="incomplete last line"):
+        assert [r["step"] for r in kt.read_metrics(path)] == [1, 2, 3, 4, 5]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2"):
+        kt.read_metrics(bad)
+    # resuming from a checkpoint at step 3 drops what the interrupted launch logged after it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with kt.MetricsLogger(path, enabled=True, resume_step=3) as log:
+            log.log(step=4, loss=0.0)
+    assert [(r["step"], r["loss"]) for r in kt.read_metrics(path)][-2:] == [(3, 1.0 / 3), (4, 0.0)]
+    # a logger on a non-zero rank writes nothing
+    quiet = kt.MetricsLogger(tmp_path / "rank1.jsonl", enabled=False)
+    assert quiet.log(step=1, loss=1.0) is None and not (tmp_path / "rank1.jsonl").exists()
+
+
+# ----------------------------------------------------------------------------- preemption
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_flag_set_by_a_real_signal(sig):
+    before = signal.getsignal(sig)
+    with kt.PreemptionHandler() as handler:
+        assert not handler.requested and not handler.should_stop()
+        os.kill(os.getpid(), sig)
+        deadline = time.monotonic() + 5
+        while not handler.requested and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert handler.requested and handler.received == sig
+        assert handler.should_stop()
+        os.kill(os.getpid(), sig)  # a second signal does not kill the process mid-save
+        time.sleep(0.05)
+        assert handler.should_stop()
+    assert signal.getsignal(sig) == before
+
+
+def test_preemption_handler_in_a_subprocess_saves_and_exits_cleanly(tmp_path):
+    """A child process gets a real SIGTERM from outside while looping; it must save and exit 0."""
+    script = tmp_path / "loop.py"
+    script.write_text(
+        "import sys, time\n"
+        "import krause.training as kt\n"
+        "out = sys.argv[1]\n"
+        "with kt.PreemptionHandler() as h:\n"
+        "    print('ready', flush=True)\n"
+        "    step = 0\n"
+        "    while True:\n"
+        "        step += 1\n"
+        "        time.sleep(0.01)\n"
+        "        if h.should_stop():\n"
+        "            open(out, 'w').write(f'{h.received.name} {step}')\n"
+        "            break\n"
+    )
+    out = tmp_path / "saved.txt"
+    proc = subprocess.Popen([sys.executable, str(script), str(out)], stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    name, step = out.read_text().split()
+    assert name == "SIGTERM" and int(step) >= 1
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def test_single_process_collectives_and_batch_check():
+    assert kt.all_reduce_sum(3) == 3 and isinstance(kt.all_reduce_sum(3), int)
+    assert kt.all_reduce_mean(3) == 3.0
+    t = torch.tensor([1.0, 2.0])
+    out = kt.all_reduce_sum(t)
+    assert torch.equal(out, t) and out is not t
+    assert kt.all_gather_object({"a": 1}) == [{"a": 1}] and kt.broadcast_object(5) == 5
+    assert kt.is_main_process() and kt.get_world_size() == 1
+    assert kt.per_rank_batch_size(256, 4) == 64
+    with pytest.raises(ValueError, match=r"batch_size=10 \(global\) is not divisible by the world size 4"):
+        kt.per_rank_batch_size(10, 4)
+    with pytest.raises(TypeError):
+        kt.all_reduce_sum("3")
+
+
+def test_init_distributed_without_torchrun(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    env = kt.init_distributed(device="cpu")
+    assert (env.rank, env.world_size, env.device.type, env.backend, env.is_main) == (0, 1, "cpu", None, True)
+    assert not torch.distributed.is_initialized()
+    # a world-of-one process group on request (FSDP needs one), without address or port
+    env = kt.init_distributed(device="cpu", process_group_for_one=True)
+    try:
+        assert torch.distributed.is_initialized() and env.backend == "gloo" and env.world_size == 1
+        assert kt.all_reduce_sum(torch.tensor([2.0])).item() == 2.0
+    finally:
+        kt.cleanup()
+    assert not torch.distributed.is_initialized()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(RuntimeError, match="MASTER_ADDR"):
+        kt.init_distributed(device="cpu")
+    kt.cleanup()
+
+
+def _start_method() -> str:
+    # fork is quick (no re-import); spawn once CUDA is initialised in this process
+    return "spawn" if torch.cuda.is_initialized() else "fork"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawned_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+    env = kt.init_distributed(device="cpu")
+    try:
+        result = {
+            "backend": env.backend,
+            "sum": kt.all_reduce_sum(torch.tensor([rank + 1.0, 10.0 * rank])).tolist(),
+            "mean": kt.all_reduce_mean(float(rank)),
+            "int_sum": kt.all_reduce_sum(rank + 1),
+            "max": kt.all_reduce_max(rank),
+            "gather": kt.all_gather_object(f"r{rank}"),
+            "bcast": kt.broadcast_object({"from": rank}),
+            "main": kt.is_main_process(),
+            "local_batch": kt.per_rank_batch_size(64),
+        }
+        # preemption on one rank only: every rank must agree to stop
+        handler = kt.PreemptionHandler()
+        result["stop_before"] = handler.should_stop()
+        if rank == 1:
+            handler.trigger()
+        result["stop_after"] = handler.should_stop()
+        # a collective checkpoint: per-rank RNG states, each rank gets its own back
+        kt.seed_everything(7, rank=rank)
+        model = _MLP(0)
+        path = kt.save_checkpoint(Path(out_dir) / "c.pt", model=kt.wrap_ddp(model), step=4)
+        expected = torch.rand(3)
+        torch.manual_seed(12345)
+        kt.load_checkpoint(path, model=model)
+        result["rng_restored"] = torch.equal(torch.rand(3), expected)
+        result["n_rng"] = len(kt.read_checkpoint(path)["rng"])
+        with open(Path(out_dir) / f"rank{rank}.json", "w") as f:
+            json.dump(result, f)
+    finally:
+        kt.cleanup()
+
+
+def test_two_process_gloo_collectives_and_checkpoint(tmp_path):
+    mp.start_processes(_spawned_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method=_start_method())
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for rank, r in enumerate(results):
+        assert r["backend"] == "gloo"
+        assert r["sum"] == [3.0, 10.0]
+        assert r["mean"] == 0.5 and r["int_sum"] == 3 and r["max"] == 1
+        assert r["gather"] == ["r0", "r1"] and r["bcast"] == {"from": 0}
+        assert r["main"] == (rank == 0) and r["local_batch"] == 32
+        assert r["stop_before"] is False and r["stop_after"] is True
+        assert r["rng_restored"] is True and r["n_rng"] == 2
+
+
+def _fsdp_model(seed: int) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.GELU(), nn.Linear(16, 4))
+    for layer in model:
+        if any(True for _ in layer.parameters()):
+            fully_shard(layer)
+    return fully_shard(model)
+
+
+def _fsdp_step(model, opt, seed):
+    torch.manual_seed(seed)
+    loss = model(torch.randn(4, 8)).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def _fsdp_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    kt.init_distributed(device="cpu")
+    try:
+        model = _fsdp_model(0)
+        opt = kt.build_adamw(model, lr=1e-2, weight_decay=0.1)
+        for i in range(3):
+            _fsdp_step(model, opt, seed=100 * i + rank)
+        path = kt.save_checkpoint(Path(out_dir) / "c.pt", model=model, optimizer=opt, step=3)
+        resumed = _fsdp_model(1)  # other initial weights, empty optimizer state
+        opt2 = kt.build_adamw(resumed, lr=1e-2, weight_decay=0.1)
+        kt.load_checkpoint(path, model=resumed, optimizer=opt2)
+        for i in range(3, 5):
+            _fsdp_step(model, opt, seed=100 * i + rank)
+            _fsdp_step(resumed, opt2, seed=100 * i + rank)
+        same = all(torch.equal(a.to_local(), b.to_local()) for a, b in zip(model.parameters(), resumed.parameters()))
+        (Path(out_dir) / f"rank{rank}.txt").write_text(str(same))
+    finally:
+        kt.cleanup()
+
+
+def test_fsdp2_checkpoint_is_full_and_resumes_bit_identically(tmp_path):
+    """fully_shard models (language_models_100m) save one full state dict that a plain model loads."""
+    mp.start_processes(_fsdp_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True, start_method=_start_method())
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["True", "True"]
+    payload = kt.read_checkpoint(tmp_path / "c.pt")
+    assert payload["optimizer_keys"] == "fqn" and payload["world_size"] == 2
+    plain = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.GELU(), nn.Linear(16, 4))
+    plain.load_state_dict(payload["model"])  # unsharded, no wrapper prefixes
+    assert payload["model"]["0.weight"].shape == (16, 8)
+
+
+# ----------------------------------------------------------------------------- run directory, config
+
+
+def test_run_dir_writes_config_and_refuses_to_clobber(tmp_path):
+    out = tmp_path / "run"
+    cfg = argparse.Namespace(lr=1e-3, depth=12, out_dir=str(out), data_dir=Path("/data"), betas=(0.9, 0.95))
+    run = kt.prepare_run_dir(out, cfg)
+    assert run.root == out.resolve() and run.checkpoint_dir.is_dir() and run.figures_dir.is_dir()
+    written = json.loads(run.config_path.read_text())
+    assert written == {"lr": 1e-3, "depth": 12, "out_dir": str(out), "data_dir": "/data", "betas": [0.9, 0.95]}
+    assert len((out / "launches.jsonl").read_text().splitlines()) == 1
+    # the same config again (e.g. a second launch before any checkpoint) is fine
+    kt.prepare_run_dir(out, cfg)
+    # a different config is refused unless resuming / overwriting
+    other = argparse.Namespace(**{**vars(cfg), "lr": 5e-4})
+    with pytest.raises(kt.RunDirError, match=r"different config:\n  lr: 0\.001 -> 0\.0005"):
+        kt.prepare_run_dir(out, other)
+    assert json.loads(run.config_path.read_text())["lr"] == 1e-3  # untouched
+    kt.prepare_run_dir(out, other, resume=True)
+    assert json.loads(run.config_path.read_text())["lr"] == 5e-4
+    assert json.loads((out / "config.1.json").read_text())["lr"] == 1e-3  # the earlier one is kept
+    # a run directory that holds a checkpoint needs resume (or overwrite)
+    kt.save_checkpoint(run.checkpoint_dir / "last.pt", model=_MLP(0), step=1)
+    with pytest.raises(kt.RunDirError, match="already holds a checkpoint"):
+        kt.prepare_run_dir(out, other)
+    assert kt.prepare_run_dir(out, other, resume=True).last_checkpoint == run.checkpoint_dir / "last.pt"
+    # an unrelated non-empty folder is not taken over
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.jpg").write_bytes(b"x")
+    with pytest.raises(kt.RunDirError, match="does not look like a run directory"):
+        kt.prepare_run_dir(tmp_path / "photos", cfg)
+    # paths stay inside the run directory
+    assert run.path("figures", "a.png") == run.root / "figures" / "a.png"
+    with pytest.raises(ValueError):
+        run.path("..", "elsewhere")
+    with pytest.raises(ValueError):
+        run.path("/etc/passwd")
+
+
+def test_config_fingerprint_ignores_runtime_keys_only():
+    a = {"lr": 1e-3, "model": {"depth": 12, "heads": 6}, "out_dir": "x", "num_workers": 8}
+    b = {"lr": 1e-3, "model": {"depth": 12, "heads": 6}, "out_dir": "y", "num_workers": 2}
+    c = {"lr": 1e-3, "model": {"depth": 12, "heads": 8}, "out_dir": "x", "num_workers": 8}
+    assert kt.config_fingerprint(a) == kt.config_fingerprint(b) != kt.config_fingerprint(c)
+    assert kt.config_diff(a, c) == [("model.heads", 6, 8)]
+    assert kt.config_fingerprint(a, ignore=()) != kt.config_fingerprint(b, ignore=())
+    with pytest.raises(TypeError, match="opt"):
+        kt.config_to_dict({"opt": object()})
+
+
+# ----------------------------------------------------------------------------- data order
+
+
+def test_resumable_sampler_skips_without_reordering():
+    data = list(range(40))
+    full = ResumableDistributedSampler(data, num_replicas=2, rank=1, seed=3)
+    full.set_epoch(2)
+    order = list(full)
+    assert len(order) == 20 and len(full) == 20
+    part = ResumableDistributedSampler(data, num_replicas=2, rank=1, seed=3)
+    part.set_epoch(2, skip=6)
+    assert list(part) == order[6:] and len(part) == 14
+    full.set_epoch(3)
+    assert list(full) != order  # each epoch has its own order (the release reused one)
+    with pytest.raises(ValueError, match="skip"):
+        part.set_epoch(0, skip=21)
+    assert derive_seed(1, 2, 3) == derive_seed(1, 2, 3) != derive_seed(1, 2, 4)
+
+
+# ----------------------------------------------------------------------------- plotting
+
+
+def _fake_metrics():
+    records = []
+    for s in range(1, 31):
+        records.append({"step": s, "epoch": s / 10, "time": 0.0, "train_loss": 2.0 / s, "lr": 1e-3})
+        if s % 10 == 0:
+            records.append({"step": s, "epoch": s // 10, "time": 0.0, "test_loss": 2.5 / s, "test_acc": s / 40,
+                            "train_acc": s / 35, "sigma": [2.5 - 0.01 * s, 2.5 + 0.01 * s, 2.5]})
+    return records
+
+
+def _assert_png(path: Path):
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 5000
+
+
+def test_plotting_writes_pngs(tmp_path):
+    records = _fake_metrics()
+    assert kt.plotting.default_curve_keys(records) == {
+        "loss": ["train_loss", "test_loss"], "accuracy": ["test_acc", "train_acc"], "lr": ["lr"]}
+    _assert_png(kt.plot_curves(records, tmp_path / "curves.png", x="epoch"))
+    _assert_png(kt.plot_series(records, tmp_path / "sigma.png", keys=["sigma"], title="sigma per layer"))
+    with kt.MetricsLogger(tmp_path / "run_b" / "metrics.jsonl", enabled=True) as log:
+        for r in records:
+            log.log(step=r["step"], **{k: v for k, v in r.items() if k not in ("step", "epoch", "time")})
+    _assert_png(kt.plot_comparison({"ViT": records, "KViT": tmp_path / "run_b"}, ["test_acc", "train_loss"],
+                                   tmp_path / "cmp" / "comparison.png"))
+    paths = kt.plot_run(tmp_path / "run_b")
+    assert [p.name for p in paths] == ["curves.png", "sigma.png"]
+    for p in paths:
+        _assert_png(p)
+    with pytest.raises(ValueError):
+        kt.plot_series(records, tmp_path / "none.png", keys=["missing"])
+
+
+# ----------------------------------------------------------------------------- the reference loop end to end
+
+
+def _example_args(out_dir, *extra):
+    return ["--out_dir", str(out_dir), "--epochs", "2", "--n_train", "96", "--n_test", "32", "--batch_size", "16",
+            "--hidden", "16", "--log_every", "1", "--no_progress", *extra]
+
+
+def _final_state(run_dir: Path):
+    return kt.read_checkpoint(run_dir / "checkpoints" / "last.pt")
+
+
+def _records_without_time(run_dir: Path):
+    return [{k: v for k, v in r.items() if k != "time"} for r in kt.read_metrics(run_dir / "metrics.jsonl")]
+
+
+def test_example_loop_preempted_and_resumed_matches_uninterrupted(tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert example.main(_example_args(full)) == 0
+    # SIGTERM after step 4 of 6 in epoch 0: saves last at step 4 and returns
+    assert example.main(_example_args(cut, "--preempt_at_step", "4")) == 0
+    assert _final_state(cut)["step"] == 4 and not (cut / "checkpoints" / "best.pt").exists()
+    assert example.main(_example_args(cut, "--resume")) == 0
+    a, b = _final_state(full), _final_state(cut)
+    assert a["step"] == b["step"] == 12
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert _records_without_time(full) == _records_without_time(cut)
+    assert (cut / "figures" / "curves.png").stat().st_size > 0 and (cut / "checkpoints" / "best.pt").exists()
+
+
+@pytest.mark.slow
+def test_example_under_torchrun_two_processes_resumes_bit_identically(tmp_path):
+    """torchrun, 2 CPU processes (gloo, DDP): SIGTERM reaches rank 1 only; both ranks stop at the same
+    step, save, exit 0; the resumed run ends bit-identical to an uninterrupted one."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+    def torchrun(out_dir, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "krause.training.example", *_example_args(out_dir, "--device", "cpu", *extra)]
+        proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc
+
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    torchrun(full)
+    torchrun(cut, "--preempt_at_step", "2", "--preempt_rank", "1")
+    assert _final_state(cut)["step"] == 2 and len(_final_state(cut)["rng"]) == 2
+    torchrun(cut, "--resume")
+    a, b = _final_state(full), _final_state(cut)
+    assert a["step"] == b["step"] == 12 and a["world_size"] == 2
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert _records_without_time(full) == _records_without_time(cut)
