@@ -1,0 +1,229 @@
+"""autoregressive_transformers entry points: training (resume after SIGTERM reproduces
+the uninterrupted run; 2-process gloo DDP gives the single-process test BPD), a tiny KARM
+learning the embedded MNIST digits, generation, completion and bad-input errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from autoregressive_transformers import complete, evaluate, generate, train
+from autoregressive_transformers.common import run_main
+from autoregressive_transformers.data import load_pixels
+from autoregressive_transformers.model import PixelTransformer
+from autoregressive_transformers.config import ModelConfig
+from krause.training.checkpoint import read_checkpoint
+from krause.training.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--dim", "16", "--num_layers", "2", "--num_heads", "2", "--window", "32", "--top_k", "16",
+        "--batch_size", "4", "--limit_train", "32", "--limit_test", "13", "--device", "cpu", "--no_progress"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _state(run_dir):
+    return read_checkpoint(Path(run_dir) / "checkpoints" / "last.pt")
+
+
+def _test_bpds(run_dir):
+    return [(r["step"], r["test_bpd"]) for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "test_bpd" in r]
+
+
+# --------------------------------------------------------------------------- resume
+@pytest.mark.slow
+def test_sigterm_then_resume_reproduces_uninterrupted_run(tmp_path):
+    args = TINY + ["--epochs", "3", "--log_every", "1"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert train.main(args + ["--out_dir", str(whole)]) == 0
+
+    proc = subprocess.Popen([sys.executable, "-m", "autoregressive_transformers.train", *args, "--out_dir", str(parts)],
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = parts / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and any(r.get("step", 0) >= 5 for r in read_metrics(metrics)):
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    stopped = _state(parts)
+    assert 5 <= stopped["step"] < 24, "the signal should land mid-run"
+    assert any("stopped by SIGTERM" == r.get("event") for r in read_metrics(metrics))
+    assert not (parts / "results.json").exists()
+
+    assert train.main(args + ["--out_dir", str(parts), "--resume"]) == 0
+    a, b = _state(whole), _state(parts)
+    assert a["step"] == b["step"] == 24
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert _test_bpds(whole) == _test_bpds(parts)
+    assert json.loads((parts / "results.json").read_text())["test_bpd"] == json.loads(
+        (whole / "results.json").read_text())["test_bpd"]
+
+
+# --------------------------------------------------------------------------- DDP
+@pytest.mark.slow
+def test_two_process_gloo_bpd_equals_single_process(tmp_path):
+    """Same global batches, no dropout: 2-process DDP training and its whole-test-set BPD
+    (13 images: uneven shards) equal the single-process run's."""
+    args = TINY + ["--dropout", "0", "--max_steps", "3", "--log_every", "1"]
+    single, double = tmp_path / "single", tmp_path / "double"
+    assert train.main(args + ["--out_dir", str(single)]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "autoregressive_transformers.train", *args, "--out_dir", str(double)]
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert json.loads((double / "results.json").read_text())["world_size"] == 2
+
+    (s_step, s_bpd), = _test_bpds(single)
+    (d_step, d_bpd), = _test_bpds(double)
+    assert s_step == d_step == 3
+    assert d_bpd == pytest.approx(s_bpd, rel=1e-5)
+    for name, tensor in _state(single)["model"].items():
+        torch.testing.assert_close(_state(double)["model"][name], tensor, rtol=1e-4, atol=1e-6)
+    # The 2-process number is the whole set: re-scoring its checkpoint in one process agrees.
+    assert evaluate.main(["--run_dir", str(double), "--checkpoint", "last", "--device", "cpu", "--no_progress",
+                          "--batch_size", "5"]) == 0
+    one = json.loads((double / "eval_last_test.json").read_text())
+    assert one["num_images"] == 13 and one["bpd"] == pytest.approx(d_bpd, rel=1e-9)
+
+
+# --------------------------------------------------------------------------- learning
+@pytest.fixture(scope="module")
+def trained_karm(tmp_path_factory):
+    """A tiny KARM trained on the embedded MNIST digits for 150 steps (about 30 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    run = tmp_path_factory.mktemp("karm") / "run"
+    args = ["--attn", "krause", "--dim", "32", "--num_layers", "2", "--num_heads", "2", "--window", "32",
+            "--top_k", "16", "--batch_size", "8", "--max_steps", "150", "--lr", "3e-3", "--dropout", "0",
+            "--limit_test", "100", "--log_every", "50", "--device", "cpu", "--no_progress", "--out_dir", str(run)]
+    assert train.main(args) == 0
+    torch.set_num_threads(threads)
+    return run
+
+
+def _stroke_stats(images):
+    x = images[..., 0].astype(np.float64)
+    horizontal = np.corrcoef(x[:, :, :-1].ravel(), x[:, :, 1:].ravel())[0, 1]
+    vertical = np.corrcoef(x[:, :-1, :].ravel(), x[:, 1:, :].ravel())[0, 1]
+    return dict(mean=x.mean(), ink_or_paper=((x < 32) | (x > 192)).mean(), horizontal=horizontal, vertical=vertical)
+
+
+@pytest.mark.slow
+def test_tiny_karm_learns_digits_and_samples_strokes(trained_karm):
+    results = json.loads((trained_karm / "results.json").read_text())
+    assert results["model"] == "KARM" and results["steps"] == 150
+    assert results["test_bpd"] < 2.5, results  # uniform over 256 values is 8 bits
+
+    assert generate.main(["--run_dir", str(trained_karm), "--num_samples", "12", "--batch_size", "12",
+                          "--device", "cpu", "--no_progress", "--seed", "1"]) == 0
+    out = trained_karm / "samples"
+    data = np.load(out / "samples_t1_s1.npz")
+    assert data["images"].shape == (12, 28, 28, 1) and data["images"].dtype == np.uint8
+    assert np.array_equal(data["images"].reshape(12, -1), data["tokens"])
+    stats = json.loads((out / "samples_t1_s1.json").read_text())
+    assert stats["images_per_s"] > 0 and stats["tokens_per_s"] == pytest.approx(784 * stats["images_per_s"])
+    assert stats["cache_bytes"] == 2 * 2 * 12 * 2 * 32 * 16 * 4  # ring buffers only: layers, K+V, B, H, W, D, fp32
+    assert (out / "samples_t1_s1.png").stat().st_size > 1000
+
+    learned = _stroke_stats(data["images"])
+    # digits: mostly black paper and bright ink, in horizontally and vertically coherent strokes
+    assert 5 < learned["mean"] < 100, learned
+    assert learned["ink_or_paper"] > 0.85, learned
+    assert learned["horizontal"] > 0.5 and learned["vertical"] > 0.15, learned
+    # an untrained model's samples are noise: no such structure
+    torch.manual_seed(0)
+    untrained = PixelTransformer(ModelConfig(attn="krause", dim=32, num_layers=2, num_heads=2, window=32, top_k=16))
+    noise = untrained.eval().sample(4, generator=torch.Generator().manual_seed(0)).numpy().astype(np.uint8)
+    noisy = _stroke_stats(noise.reshape(4, 28, 28, 1))
+    assert abs(noisy["horizontal"]) < 0.2 and noisy["ink_or_paper"] < 0.5, noisy
+
+
+@pytest.mark.slow
+def test_completion_keeps_given_rows_and_scores_the_true_rest(trained_karm):
+    assert complete.main(["--run_dir", str(trained_karm), "--num_images", "3", "--num_samples", "2",
+                          "--fraction", "0.25", "--device", "cpu", "--no_progress"]) == 0
+    out = trained_karm / "completions"
+    data = np.load(out / "completion_f0.25_t1_s0.npz")
+    rows = int(data["rows_given"])
+    assert rows == 7
+    truth = load_pixels("mnist", "test", limit=3).numpy().reshape(3, 28, 28, 1)
+    assert np.array_equal(data["truth"], truth)
+    assert data["samples"].shape == (3, 2, 28, 28, 1)
+    assert np.array_equal(data["samples"][:, :, :rows], np.repeat(truth[:, None, :rows], 2, axis=1))
+    assert (data["given"][:, rows:] == 128).all()
+    # NLL of the true rest = full-image NLL minus the NLL of the given rows
+    model = PixelTransformer(ModelConfig.from_dict(json.loads((trained_karm / "config.json").read_text())["model"]))
+    model.load_state_dict(read_checkpoint(trained_karm / "checkpoints" / "best.pt")["model"])
+    model.eval()
+    with torch.no_grad():
+        nll = model.nll(torch.from_numpy(truth.reshape(3, 784)), reduction="none").double()
+    expected = nll[:, rows * 28:].sum(1)
+    np.testing.assert_allclose(data["nll_rest_nats"], expected.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(data["bpd_rest"], expected.numpy() / ((784 - rows * 28) * np.log(2)), rtol=1e-5)
+    summary = json.loads((out / "completion_f0.25_t1_s0.json").read_text())
+    assert summary["bpd_rest_mean"] == pytest.approx(float(data["bpd_rest"].mean()))
+    assert (out / "completion_f0.25_t1_s0.png").stat().st_size > 1000
+
+
+# --------------------------------------------------------------------------- bad input
+def _fails(main, argv, capsys, match):
+    assert run_main(main, argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and match in err, err
+    return err
+
+
+def test_bad_input_one_line_errors_and_nothing_written(tmp_path, capsys):
+    out = tmp_path / "run"
+    base = TINY + ["--out_dir", str(out)]
+    _fails(train.main, base + ["--attn", "softmax"], capsys, "attn must be one of")
+    _fails(train.main, base + ["--window", "0"], capsys, "window")
+    _fails(train.main, base + ["--top_k", "64"], capsys, "top_k")
+    _fails(train.main, base + ["--dataset", "cifar10"], capsys, "needs a data path")
+    _fails(train.main, base + ["--data_path", str(tmp_path / "nowhere")], capsys, "no mnist data")
+    _fails(train.main, base + ["--batch_size", "64"], capsys, "larger than")
+    assert not out.exists()
+    _fails(generate.main, ["--run_dir", str(out)], capsys, "no best checkpoint")
+    _fails(complete.main, ["--checkpoint", str(tmp_path / "x.pt")], capsys, "does not exist")
+
+
+@pytest.mark.slow
+def test_resume_with_another_config_is_refused_untouched(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = TINY + ["--max_steps", "2", "--out_dir", str(out)]
+    assert train.main(args) == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    _fails(train.main, [a if a != "16" else "8" for a in args[:2]] + args[2:] + ["--resume"], capsys,
+           "another config")
+    _fails(train.main, args, capsys, "already holds a checkpoint")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    for fraction in ("0", "1", "1.5"):
+        _fails(complete.main, ["--run_dir", str(out), "--checkpoint", "last", "--fraction", fraction,
+                               "--device", "cpu"], capsys, "--fraction must be in (0, 1)")
