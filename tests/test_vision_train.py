@@ -1,0 +1,201 @@
+"""The vision training entry point: exact kill-and-resume, 2-process torchrun (gloo) equal to
+one process, run directory contents, and one-line errors that leave nothing overwritten."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from krause.training import read_metrics
+from test_vision_data import write_cifar10, write_image_folder  # tests/ is on sys.path (rootdir-less test modules)
+from vision_transformers import train
+
+REPO = Path(__file__).resolve().parents[1]
+# A tiny KViT on 192 embedded MNIST digits: 6 steps per epoch.
+TINY = ["--model", "kvit-s", "--dataset", "mnist", "--embed_dim", "16", "--depth", "2", "--num_heads", "2",
+        "--train_subset", "192", "--val_subset", "64", "--batch_size", "32", "--epochs", "2", "--log_every", "2",
+        "--no_progress", "--no_flops", "--num_workers", "0", "--figures", "none", "--device", "cpu"]
+VOLATILE = {"time", "img_per_s", "epoch_time", "eval_time"}
+
+
+def _stable(records):
+    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in records]
+
+
+def _assert_same_records(a, b, rel=1e-6):
+    assert [sorted(r) for r in a] == [sorted(r) for r in b]
+    for ra, rb in zip(a, b):
+        for key in ra:
+            va, vb = ra[key], rb[key]
+            if isinstance(va, float):
+                assert vb == pytest.approx(va, rel=rel, abs=1e-9), (key, ra["step"], va, vb)
+            else:
+                assert va == vb, (key, ra["step"])
+
+
+@pytest.mark.slow
+def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
+    # MixUp/CutMix (numpy RNG), drop-path (torch RNG) and per-sample augmentation all on.
+    args = TINY + ["--mixup", "0.8", "--cutmix", "1.0", "--drop_path", "0.1"]
+    assert train.main(args + ["--out_dir", str(tmp_path / "full")]) == 0
+    # SIGTERM arrives after step 4 (mid-epoch 1): the run saves last.pt and exits cleanly
+    assert train.main(args + ["--out_dir", str(tmp_path / "cut"), "--preempt_at_step", "4"]) == 0
+    state = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)
+    assert state["step"] == 4 and "epoch_sums" in state["extra"]
+    # resumed with a different number of loader workers: augmentation does not depend on it
+    resumed = args + ["--out_dir", str(tmp_path / "cut"), "--resume"]
+    resumed[resumed.index("--num_workers") + 1] = "2"
+    assert train.main(resumed) == 0
+
+    full = read_metrics(tmp_path / "full" / "metrics.jsonl")
+    cut = read_metrics(tmp_path / "cut" / "metrics.jsonl")
+    assert [r["step"] for r in cut] == [r["step"] for r in full] == [2, 4, 6, 6, 8, 10, 12, 12]
+    _assert_same_records(_stable(full), _stable(cut))
+    for name in ("full", "cut"):
+        run = tmp_path / name
+        assert (run / "checkpoints" / "best.pt").is_file()
+        config = json.loads((run / "config.json").read_text())
+        assert config["model"] == "kvit_small_patch4_32" and config["lr"] == 1e-3  # resolved recipe
+    a = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
+    # sigma is logged per layer every epoch and is trained (not decayed, not frozen)
+    sig = [r["sigma"] for r in full if "sigma" in r]
+    assert len(sig) == 2 and len(sig[0]) == 2 and sig[-1] != [2.5, 2.5]
+
+
+def test_run_directory_summary_and_figures(tmp_path):
+    out = tmp_path / "run"
+    args = TINY + ["--out_dir", str(out), "--epochs", "1", "--figures", "all"]
+    args.remove("--no_flops")
+    assert train.main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["params"] == sum(p.numel() for p in train.create(
+        "kvit-s", embed_dim=16, depth=2, num_heads=2, img_size=28, in_chans=1).parameters())
+    assert summary["flops_per_image"]["flops"] > 0 and summary["train_img_per_s"] > 0
+    assert 0 <= summary["best_acc1"] <= 1 and len(summary["sigma"]) == 2
+    for fig in ("curves.png", "sigma.png", "attention.png"):
+        assert (out / "figures" / fig).stat().st_size > 1000
+    epoch = [r for r in read_metrics(out / "metrics.jsonl") if "test_acc1" in r][-1]
+    assert epoch["test_samples"] == 64 and 0 <= epoch["test_acc1"] <= epoch["test_acc5"] <= 1
+    # a finished run is not clobbered by a second launch without --resume / --overwrite
+    assert train.main(args) == 2
+
+
+def _hashes(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _one_line_error(capsys, argv, match):
+    rc = train.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert match in lines[0], lines[0]
+    return lines[0]
+
+
+def test_bad_input_gives_one_line_errors_and_overwrites_nothing(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert train.main(TINY + ["--out_dir", str(out), "--epochs", "1"]) == 0
+    capsys.readouterr()
+    before = _hashes(out)
+
+    # a checkpoint from another model (the run directory of a KViT resumed as a ViT)
+    _one_line_error(capsys, [a if a != "kvit-s" else "vit-s" for a in TINY] + ["--out_dir", str(out), "--resume"],
+                    "different config")
+    # hyper-parameters out of range
+    _one_line_error(capsys, TINY + ["--out_dir", str(out), "--resume", "--top_k", "0"], "--top_k must be >= 1")
+    _one_line_error(capsys, TINY + ["--out_dir", str(out), "--resume", "--sigma", "-1"], "--sigma must be")
+    _one_line_error(capsys, TINY + ["--out_dir", str(out), "--resume", "--warmup_epochs", "9"], "--warmup_epochs")
+    # Krause flags on a baseline
+    _one_line_error(capsys, ["--model", "vit-s", "--sigma", "2", "--out_dir", str(tmp_path / "x")], "--sigma applies")
+    # batch size that does not split over the ranks, checked before any process group exists
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    _one_line_error(capsys, TINY[:-2] + ["--batch_size", "33", "--out_dir", str(tmp_path / "y")],
+                    "not divisible by the world size 2")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert _hashes(out) == before
+
+    # a corrupted checkpoint
+    last = out / "checkpoints" / "last.pt"
+    data = bytearray(last.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    last.write_bytes(bytes(data))
+    before = _hashes(out)
+    _one_line_error(capsys, TINY + ["--out_dir", str(out), "--resume"], "corrupted")
+    assert _hashes(out) == before
+
+    # image size not divisible by the patch size, missing and malformed dataset folders
+    write_image_folder(tmp_path / "imnet", classes=("a", "b"), per_class=(2, 1), size=(20, 20))
+    common = ["--no_progress", "--no_flops", "--epochs", "1", "--batch_size", "2", "--num_workers", "0"]
+    _one_line_error(capsys, ["--model", "kvit-s-16", "--dataset", "imagenet", "--data_path", str(tmp_path / "imnet"),
+                             "--img_size", "40", "--out_dir", str(tmp_path / "a")] + common, "not divisible by patch_size")
+    _one_line_error(capsys, ["--dataset", "cifar10", "--data_path", str(tmp_path / "none"), "--no_download",
+                             "--out_dir", str(tmp_path / "b")] + common, "does not exist")
+    write_cifar10(tmp_path / "cifar")
+    os.remove(tmp_path / "cifar" / "cifar-10-batches-py" / "test_batch")
+    _one_line_error(capsys, ["--dataset", "cifar10", "--data_path", str(tmp_path / "cifar"), "--no_checksum",
+                             "--out_dir", str(tmp_path / "c")] + common, "missing test_batch")
+    for name in ("a", "b", "c", "x", "y"):
+        assert not (tmp_path / name).exists()  # failed launches leave no run directory behind
+
+
+def test_cifar10_and_imagenet_runs_through_the_entry_point(tmp_path):
+    """One step of each real pipeline: CIFAR-10 batches (mixing, recipe of the paper) and an ImageFolder tree."""
+    write_cifar10(tmp_path / "cifar", per_batch=4)
+    small = ["--embed_dim", "16", "--epochs", "1", "--no_progress", "--num_workers", "0", "--figures", "none"]
+    assert train.main(["--model", "kvit-s", "--dataset", "cifar10", "--data_path", str(tmp_path / "cifar"),
+                       "--no_checksum", "--depth", "2", "--num_heads", "2", "--batch_size", "10",
+                       "--out_dir", str(tmp_path / "c10")] + small) == 0
+    cfg = json.loads((tmp_path / "c10" / "config.json").read_text())
+    assert (cfg["lr"], cfg["weight_decay"], cfg["mixup"], cfg["cutmix"], cfg["cutmix_prob"]) == (3e-4, 0.05, 0.8, 1.0, 0.8)
+    rec = [r for r in read_metrics(tmp_path / "c10" / "metrics.jsonl") if "test_acc1" in r]
+    assert rec and rec[-1]["test_samples"] == 8
+
+    assert train.main(["--model", "kswin-t", "--dataset", "cifar10", "--data_path", str(tmp_path / "cifar"),
+                       "--no_checksum", "--depths", "1,1,1,1", "--num_heads", "2,2,2,2", "--batch_size", "10",
+                       "--out_dir", str(tmp_path / "swin")] + small) == 0
+    cfg = json.loads((tmp_path / "swin" / "config.json").read_text())
+    assert (cfg["lr"], cfg["weight_decay"], cfg["re_prob"]) == (2e-3, 0.01, 0.25)
+    assert cfg["warmup_epochs"] == pytest.approx(20 / 300)  # the recipe's warmup fraction of a 1-epoch run
+
+    write_image_folder(tmp_path / "imnet", classes=("a", "b", "c"), per_class=(4, 2), size=(40, 40))
+    assert train.main(["--model", "kvit-s-16", "--dataset", "imagenet", "--data_path", str(tmp_path / "imnet"),
+                       "--img_size", "64", "--depth", "2", "--num_heads", "2", "--amp", "bf16", "--channels_last",
+                       "--batch_size", "4", "--out_dir", str(tmp_path / "in1k")] + small) == 0
+    cfg = json.loads((tmp_path / "in1k" / "config.json").read_text())
+    assert (cfg["lr"], cfg["randaugment"], cfg["re_prob"]) == (5e-4, "rand-m9-n2", 0.25)
+    summary = json.loads((tmp_path / "in1k" / "summary.json").read_text())
+    assert summary["flops_per_image"]["flops"] > 0
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_gloo_equals_one_process(tmp_path):
+    """2 ranks x 16 images == 1 rank x 32 images: same sample order (set_epoch(epoch)), averaged
+    gradients and test metrics summed over both shards (mixing and drop-path off, so no per-rank RNG)."""
+    args = TINY + ["--mixup", "0", "--cutmix", "0", "--drop_path", "0", "--val_subset", "63"]
+    assert train.main(args + ["--out_dir", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "vision_transformers.train", *args, "--out_dir", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = _stable(read_metrics(tmp_path / "one" / "metrics.jsonl"))
+    two = _stable(read_metrics(tmp_path / "two" / "metrics.jsonl"))
+    assert [r["step"] for r in two] == [r["step"] for r in one]
+    last = [r for r in two if "test_acc1" in r][-1]
+    assert last["test_samples"] == 63  # odd size: no sample dropped or counted twice
+    _assert_same_records(one, two, rel=2e-4)
+    launches = [json.loads(line) for line in (tmp_path / "two" / "launches.jsonl").read_text().splitlines()]
+    assert launches[-1]["world_size"] == 2
