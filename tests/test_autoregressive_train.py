@@ -227,3 +227,52 @@ def test_resume_with_another_config_is_refused_untouched(tmp_path, capsys):
     for fraction in ("0", "1", "1.5"):
         _fails(complete.main, ["--run_dir", str(out), "--checkpoint", "last", "--fraction", fraction,
                                "--device", "cpu"], capsys, "--fraction must be in (0, 1)")
+
+
+# --------------------------------------------------------------------------- launch templates
+LAUNCH = REPO / "autoregressive_transformers" / "launch"
+
+
+def test_launch_templates_are_valid_bash_with_sbatch_headers():
+    for name in ("train.sh", "evaluate.sh", "generate.sh", "complete.sh"):
+        text = (LAUNCH / name).read_text()
+        assert text.startswith("#!/usr/bin/env bash") and "#SBATCH --job-name" in text
+        subprocess.run(["bash", "-n", str(LAUNCH / name)], check=True)
+        for forbidden in ("CUDA_VISIBLE_DEVICES=", "MASTER_PORT=29", "/home/", "/work/"):
+            assert forbidden not in text, (name, forbidden)
+
+
+@pytest.mark.slow
+def test_launch_train_survives_sigterm_and_resumes_then_generates(tmp_path):
+    out = tmp_path / "run"
+    env = dict(_env(), OUT_DIR=str(out), NPROC="1", PRECISION="fp32",
+               EXTRA_ARGS="--dim 16 --num_layers 2 --num_heads 2 --window 32 --top_k 16 --batch_size 4 "
+                          "--limit_train 240 --limit_test 8 --max_steps 60 --log_every 1 --no_progress --device cpu")
+    proc = subprocess.Popen(["bash", str(LAUNCH / "train.sh")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and any(r.get("step", 0) >= 3 for r in read_metrics(metrics)):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # as Slurm would, to the batch shell: forwarded as SIGUSR1
+    log, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, log[-3000:]
+    assert "run this script again to resume" in log
+    stopped = _state(out)["step"]
+    assert 3 <= stopped < 60 and not (out / "results.json").exists()
+
+    done = subprocess.run(["bash", str(LAUNCH / "train.sh")], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "resumed from" in done.stdout + done.stderr
+    assert json.loads((out / "results.json").read_text())["steps"] == 60
+    steps = [r["step"] for r in read_metrics(metrics) if "train_loss" in r]
+    assert steps == list(range(1, 61))  # one history, no step twice
+
+    env.update(RUN_DIR=str(out), NUM_SAMPLES="2", BATCH_SIZE="2", NUM_IMAGES="2", EXTRA_ARGS="--no_progress")
+    for name in ("generate.sh", "complete.sh"):
+        run = subprocess.run(["bash", str(LAUNCH / name)], env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert (out / "samples" / "samples_t1_s0.npz").is_file()
+    assert (out / "completions" / "completion_f0.5_t1_s0.png").is_file()

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Test-set bits per dimension of a trained run under torchrun (each process scores a
+# share of the images; the sums are combined), directly or with sbatch:
+#
+#   RUN_DIR=runs/krause_cifar10 bash autoregressive_transformers/launch/evaluate.sh
+#SBATCH --job-name=krause-ar-eval
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=1
+#SBATCH --cpus-per-task=8
+#SBATCH --time=02:00:00
+#SBATCH --output=krause-ar-eval-%j.out
+set -euo pipefail
+
+DATASET="${DATASET:-mnist}"
+ATTN="${ATTN:-krause}"
+CHECKPOINT="${CHECKPOINT:-best}"   # best | last | a .pt path
+SPLIT="${SPLIT:-test}"
+BATCH_SIZE="${BATCH_SIZE:-32}"     # per process
+PRECISION="${PRECISION:-fp32}"
+NPROC="${NPROC:-auto}"
+EXTRA_ARGS="${EXTRA_ARGS:-}"
+
+if [ -z "${REPO_ROOT:-}" ]; then
+    here="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+    if [ -d "$here/autoregressive_transformers" ]; then REPO_ROOT="$here"
+    elif [ -d "${SLURM_SUBMIT_DIR:-}/autoregressive_transformers" ]; then REPO_ROOT="$SLURM_SUBMIT_DIR"
+    else echo "error: cannot find the repository; set REPO_ROOT" >&2; exit 2; fi
+fi
+source "$REPO_ROOT/autoregressive_transformers/launch/_common.sh"
+RUN_DIR="${RUN_DIR:-$REPO_ROOT/runs/${ATTN}_${DATASET}}"
+
+# shellcheck disable=SC2206
+extra=($EXTRA_ARGS)
+build_torchrun
+exec "${TORCHRUN[@]}" -m autoregressive_transformers.evaluate --run_dir "$RUN_DIR" --checkpoint "$CHECKPOINT" \
+    --split "$SPLIT" --batch_size "$BATCH_SIZE" --precision "$PRECISION" "${extra[@]}"
