@@ -366,7 +366,8 @@ def build_datasets(
 ):
     """(train, val, info): train yields augmented tensors under per-sample seeds
     (``SeededDataset``), val yields eval-transformed tensors. ``augment`` holds the keyword
-    arguments of ``build_transforms`` for training (randaugment, color_jitter, re_prob, hflip)."""
+    arguments of ``build_transforms`` for training (randaugment, color_jitter, re_prob, hflip),
+    or ``enabled=False`` for none."""
     info = dataset_info(name, img_size)
     if name in ("cifar10", "cifar100"):
         train_base, source = _cifar(name, data_path, True, download, verify_checksums)
@@ -383,7 +384,12 @@ def build_datasets(
     info.source = source
     train_base = _subset(train_base, train_subset, seed=1000 + seed)
     val_base = _subset(val_base, val_subset, seed=2000)
-    train = SeededDataset(train_base, build_transforms(info, True, **(augment or {})), seed=seed)
+    augment = dict(augment or {})
+    if augment.pop("enabled", True):
+        train_transform = build_transforms(info, True, **augment)
+    else:
+        train_transform = build_transforms(info, False)  # no augmentation: the eval transform
+    train = SeededDataset(train_base, train_transform, seed=seed)
     val = SeededDataset(val_base, build_transforms(info, False), seed=None)
     info.train_size, info.val_size = len(train), len(val)
     return train, val, info

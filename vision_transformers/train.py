@@ -179,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--re_prob", type=float, default=None, help="RandomErasing probability")
     g.add_argument("--randaugment", default=None, help="timm RandAugment spec, e.g. rand-m9-n2 ('' off)")
     g.add_argument("--color_jitter", type=float, default=None)
+    g.add_argument("--no_augment", action="store_true", help="train on un-augmented images (crops, flips, ... off)")
     g = p.add_argument_group("run")
     g.add_argument("--out_dir", required=True, help="run directory (config, metrics, checkpoints, figures)")
     g.add_argument("--resume", action="store_true", help="continue from <out_dir>/checkpoints/last.pt")
@@ -367,7 +368,8 @@ def _train(args: argparse.Namespace, env) -> int:
         raise UsageError("--amp fp16 needs a CUDA device; use bf16 or none on CPU")
 
     # Data and model first: bad input fails before the run directory is touched.
-    augment = dict(randaugment=args.randaugment or None, color_jitter=args.color_jitter, re_prob=args.re_prob)
+    augment = dict(randaugment=args.randaugment or None, color_jitter=args.color_jitter, re_prob=args.re_prob,
+                   enabled=not args.no_augment)
     train_set, val_set, info = build_datasets(
         args.dataset, args.data_path, img_size=args.img_size, download=not args.no_download,
         verify_checksums=not args.no_checksum, train_subset=args.train_subset, val_subset=args.val_subset,

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+#SBATCH --job-name=swin-t-cifar10
+#SBATCH --nodes=1
+#SBATCH --gpus-per-node=1
+#SBATCH --cpus-per-task=8
+#SBATCH --time=24:00:00
+#SBATCH --signal=B:USR1@180
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=%x-%j.out
+#
+# Swin-T (window 4, maps 8-4-2-1) on CIFAR-10: the softmax twin of KSwin-T (lr 2e-3, wd 0.01, warmup 20, RandomErasing 0.25).
+# Direct:  bash vision_transformers/cifar10/run_swin.sh [extra train flags]
+# Slurm:   sbatch vision_transformers/cifar10/run_swin.sh [extra train flags]
+# Settings (environment): DATA_PATH, OUT_DIR, EPOCHS, BATCH_SIZE (global), LR, NUM_WORKERS, SEED, NPROC,
+# NNODES, PYTHON, REQUEUE; see vision_transformers/launch_common.sh. Recipe defaults: SPEC section 2.1.
+TEMPLATE_PATH=cifar10/run_swin.sh
+set -euo pipefail
+# Repository root: from this file's location, or (under sbatch, which runs a copy of the
+# script) from the submitted script's path; REPO_ROOT overrides both.
+if [ -z "${REPO_ROOT:-}" ]; then
+    SCRIPT="${BASH_SOURCE[0]}"
+    if [ -n "${SLURM_JOB_ID:-}" ] && command -v scontrol >/dev/null; then
+        SCRIPT="$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')"
+        SCRIPT="${SCRIPT:-${SLURM_SUBMIT_DIR:-.}/vision_transformers/${TEMPLATE_PATH}}"
+    fi
+    REPO_ROOT="$(cd "$(dirname "$SCRIPT")/../.." && pwd)"
+fi
+MODEL="${MODEL:-swin-t}"
+DATASET=cifar10
+TEMPLATE_ARGS=()
+source "$REPO_ROOT/vision_transformers/launch_common.sh"
