@@ -276,3 +276,29 @@ def test_launch_train_survives_sigterm_and_resumes_then_generates(tmp_path):
         assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert (out / "samples" / "samples_t1_s0.npz").is_file()
     assert (out / "completions" / "completion_f0.5_t1_s0.png").is_file()
+
+
+@pytest.mark.slow
+def test_cifar10_files_train_generate_complete_rgb(tmp_path, monkeypatch):
+    """The CIFAR-10 preset end to end on torchvision-format files: 3,072 tokens, RGB outputs."""
+    import torchvision.datasets.cifar as tv_cifar
+    from test_autoregressive import _write_cifar
+
+    data = tmp_path / "data"
+    hwc = _write_cifar(str(data), per_batch=2)
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))
+    run = tmp_path / "run"
+    assert train.main(["--dataset", "cifar10", "--data_path", str(data), "--attn", "krause", "--dim", "16",
+                       "--num_layers", "1", "--num_heads", "2", "--window", "64", "--top_k", "32", "--batch_size", "2",
+                       "--max_steps", "1", "--device", "cpu", "--no_progress", "--out_dir", str(run)]) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["seq_len"] == 3072 and config["data_path"] == str(data)
+    assert generate.main(["--run_dir", str(run), "--num_samples", "1", "--device", "cpu", "--no_progress"]) == 0
+    samples = np.load(run / "samples" / "samples_t1_s0.npz")["images"]
+    assert samples.shape == (1, 32, 32, 3)
+    assert complete.main(["--run_dir", str(run), "--num_images", "2", "--num_samples", "1", "--device", "cpu",
+                          "--no_progress"]) == 0
+    done = np.load(run / "completions" / "completion_f0.5_t1_s0.npz")
+    assert done["samples"].shape == (2, 1, 32, 32, 3)
+    assert np.array_equal(done["truth"], hwc["test_batch"])
+    assert np.array_equal(done["samples"][:, 0, :16], hwc["test_batch"][:, :16])
