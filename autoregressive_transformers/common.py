@@ -95,6 +95,11 @@ def checkpoint_path(run_dir: str | Path, which: str = "best") -> Path:
     return path
 
 
+def run_root(run_dir, checkpoint: Path) -> Path:
+    """Where outputs go by default: the run directory, else the folder of the checkpoint."""
+    return Path(run_dir).expanduser().resolve() if run_dir is not None else checkpoint.parent
+
+
 def load_trained(run_dir: str | Path | None, which: str = "best", device: torch.device | str = "cpu"):
     """(model in eval mode, run config dict, checkpoint path) from a training run."""
     if run_dir is None and which in ("best", "last"):

@@ -25,7 +25,8 @@ import torch
 
 from krause.training.run_dir import atomic_write_text
 
-from .common import PRECISIONS, UsageError, autocast, load_trained, nll_sums, resolve_device, run_main
+from .common import (PRECISIONS, UsageError, autocast, load_trained, nll_sums, resolve_device, run_main,
+                     run_root)
 from .data import image_shape, load_pixels, tokens_to_images
 from .generate import sample_batches
 
@@ -125,7 +126,8 @@ def main(argv=None) -> int:
     samples = tokens_to_images(tokens, shape).reshape(n_img, args.num_samples, *shape)
     given = truth_img.copy()
     given[:, rows:] = 128
-    out_dir = Path(args.out_dir).expanduser().resolve() if args.out_dir else path.parent.parent / "completions"
+    default_dir = run_root(args.run_dir, path) / "completions"
+    out_dir = Path(args.out_dir).expanduser().resolve() if args.out_dir else default_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = args.tag or f"f{args.fraction:g}_t{args.temperature:g}_s{args.seed}"
     np.savez_compressed(out_dir / f"completion_{tag}.npz", given=given, samples=samples, truth=truth_img,

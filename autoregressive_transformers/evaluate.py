@@ -17,7 +17,7 @@ from pathlib import Path
 from krause.training.distributed import cleanup, init_distributed, is_main_process
 from krause.training.run_dir import atomic_write_text
 
-from .common import PRECISIONS, UsageError, evaluate_bpd, load_trained, resolve_device, run_main
+from .common import PRECISIONS, UsageError, evaluate_bpd, load_trained, run_root, resolve_device, run_main
 from .data import load_pixels
 
 
@@ -51,7 +51,8 @@ def main(argv=None) -> int:
         result.update(checkpoint=str(path), split=args.split, model=model.cfg.name, dataset=config["dataset"],
                       world_size=env.world_size)
         if is_main_process():
-            out = Path(args.out) if args.out else path.parent.parent / f"eval_{path.stem}_{args.split}.json"
+            default = run_root(args.run_dir, path) / f"eval_{path.stem}_{args.split}.json"
+            out = Path(args.out) if args.out else default
             out.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(out, json.dumps(result, indent=2) + "\n")
             print(f"{result['model']} {args.split} bpd {result['bpd']:.5f} on {result['num_images']} images -> {out}")

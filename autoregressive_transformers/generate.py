@@ -24,7 +24,8 @@ import torch
 from krause.training.metrics import progress_bar
 from krause.training.run_dir import atomic_write_text
 
-from .common import PRECISIONS, UsageError, autocast, image_grid, load_trained, resolve_device, run_main, save_png
+from .common import (PRECISIONS, UsageError, autocast, image_grid, load_trained, resolve_device, run_main, run_root,
+                     save_png)
 from .data import image_shape, tokens_to_images
 
 
@@ -98,7 +99,7 @@ def main(argv=None) -> int:
     device = resolve_device(args.device)
     model, config, path = load_trained(args.run_dir, args.checkpoint, device)
     shape = image_shape(config["dataset"])
-    out_dir = Path(args.out_dir).expanduser().resolve() if args.out_dir else path.parent.parent / "samples"
+    out_dir = Path(args.out_dir).expanduser().resolve() if args.out_dir else run_root(args.run_dir, path) / "samples"
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = args.tag or f"t{args.temperature:g}_s{args.seed}"
 
