@@ -42,7 +42,7 @@ def _assert_close(fast, ref, rtol=1e-5, atol=1e-5):
         # log_sigma's gradient sums over every query and head, so its absolute error
         # scales with that sum: compare it relative to its size.
         scale = b.abs().max().item() if name == "dlog_sigma" else 1.0
-        torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=atol * max(1.0, scale), msg=name)
+        torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=atol * max(1.0, scale), msg=lambda m: f"{name}: {m}")
 
 
 def _log_sigma(per_head, h, seed):
