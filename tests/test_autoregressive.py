@@ -273,3 +273,24 @@ def test_missing_data_errors(tmp_path):
         load_pixels("imagenet", "train")
     with pytest.raises(ValueError, match="split"):
         load_pixels("mnist", "val")
+
+
+def test_decoding_step_work_is_flat_in_position_for_krause_only():
+    """FLOPs of one cached decoding step at token 300 and at token 3,000 (CIFAR-10 length,
+    W = 256): the same for KARM (ring buffer) and LARM (recurrent state), growing for ARM."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    flops = {}
+    for attn in ATTNS:
+        model = tiny(attn, seq_len=3072, window=256, top_k=192)
+        for pos in (300, 3000):
+            state = model.new_state(1)
+            ids = torch.randint(0, 256, (1, pos), generator=torch.Generator().manual_seed(6))
+            ids[:, 0] = model.start_token
+            model.decode(ids, state)
+            with FlopCounterMode(display=False) as counter:
+                model.decode(ids[:, -1:], state)
+            flops[attn, pos] = counter.get_total_flops()
+    assert flops["krause", 300] == flops["krause", 3000] > 0
+    assert flops["linear", 300] == flops["linear", 3000] > 0
+    assert flops["vanilla", 3000] > flops["vanilla", 300] * 4
