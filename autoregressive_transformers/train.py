@@ -41,6 +41,7 @@ from krause.training.distributed import (
 )
 from krause.training.metrics import MetricsLogger, progress_bar, read_metrics, setup_logging
 from krause.training.optim import build_adamw
+from krause.training.plotting import plot_curves, plot_series
 from krause.training.preemption import PreemptionHandler
 from krause.training.run_dir import atomic_write_text, prepare_run_dir
 from krause.training.schedule import warmup_cosine_scheduler, warmup_steps
@@ -147,27 +148,13 @@ def sigma_per_layer(model) -> list[float] | None:
     return values or None
 
 
-def plot_curves(metrics_path, figure_path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    records = read_metrics(metrics_path)
-    train = [(r["step"], r["train_bpd"]) for r in records if "train_bpd" in r]
-    test = [(r["step"], r["test_bpd"]) for r in records if "test_bpd" in r]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if train:
-        ax.plot(*zip(*train), label="train (batch)", alpha=0.6)
-    if test:
-        ax.plot(*zip(*test), "o-", label="test")
-    ax.set_xlabel("step")
-    ax.set_ylabel("bits per dimension")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(figure_path, dpi=120)
-    plt.close(fig)
+def plot_figures(run, cfg) -> None:
+    """figures/bpd.png (train and test BPD, LR) and, for KARM, figures/sigma.png (sigma per layer)."""
+    plot_curves(run.metrics_path, run.figures_dir / "bpd.png", x="step", title=f"{cfg.name} ({cfg.seq_len} tokens)",
+                panels={"bits per dimension": ["train_bpd", "test_bpd"], "lr": ["lr"]})
+    if cfg.attn == "krause":
+        plot_series(run.metrics_path, run.figures_dir / "sigma.png", keys=["sigma"], ylabel="mean sigma of layer",
+                    title=f"{cfg.name}: sigma per layer")
 
 
 def main(argv=None) -> int:
@@ -240,7 +227,7 @@ def _train(args, cfg, device, rank, world) -> int:
         metrics.log(step=step, epoch=epoch_now + batch_now / steps_per_epoch, test_bpd=result["bpd"],
                     test_nll_nats=result["nll_nats"], test_images=result["num_images"], best=is_best)
         if is_main_process():
-            plot_curves(run.metrics_path, run.figures_dir / "bpd.png")
+            plot_figures(run, cfg)
         log.info(f"step {step}: test bpd {result['bpd']:.4f} ({result['num_images']} images)"
                  f"{' (best)' if is_best else ''}")
         return result

@@ -140,6 +140,10 @@ def test_tiny_karm_learns_digits_and_samples_strokes(trained_karm):
     results = json.loads((trained_karm / "results.json").read_text())
     assert results["model"] == "KARM" and results["steps"] == 150
     assert results["test_bpd"] < 2.5, results  # uniform over 256 values is 8 bits
+    for figure in ("bpd.png", "sigma.png"):
+        assert (trained_karm / "figures" / figure).stat().st_size > 1000
+    sigmas = [r["sigma"] for r in read_metrics(trained_karm / "metrics.jsonl") if "sigma" in r]
+    assert len(sigmas) == 3 and all(len(s) == 2 for s in sigmas) and sigmas[-1] != [2.5, 2.5]  # sigma is learned
 
     assert generate.main(["--run_dir", str(trained_karm), "--num_samples", "12", "--batch_size", "12",
                           "--device", "cpu", "--no_progress", "--seed", "1"]) == 0
