@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_batch_size", type=int, default=None, help="per process (default: 2x the per-process batch)")
     g.add_argument("--eval_every", type=int, default=0, help="also evaluate every N steps (0: once per epoch)")
     g.add_argument("--log_every", type=int, default=50, help="log training loss every N steps")
+    g.add_argument("--save_every", type=int, default=1000,
+                   help="also save checkpoints/last.pt every N steps (0: only at evaluations and on signals)")
     g.add_argument("--no_progress", action="store_true", help="no progress bars")
     return p
 
@@ -105,8 +107,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name} must be >= 1, got {value}")
-    if args.eval_every < 0:
-        raise UsageError(f"--eval_every must be >= 0, got {args.eval_every}")
+    for name in ("eval_every", "save_every"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name} must be >= 0, got {getattr(args, name)}")
     if not (args.lr > 0 and math.isfinite(args.lr)):
         raise UsageError(f"--lr must be > 0, got {args.lr}")
     if args.weight_decay < 0 or args.grad_clip < 0:
@@ -223,7 +226,8 @@ def _train(args, cfg, device, rank, world) -> int:
                               desc=f"test ({tag})")
         is_best = ckpt.save(model=model, optimizer=optimizer, scheduler=scheduler, step=step,
                             epoch=epoch_now + batch_now / steps_per_epoch, metric=result["bpd"],
-                            extra={"epoch": epoch_now, "batch_in_epoch": batch_now, "test_bpd": result["bpd"]})
+                            extra={"epoch": epoch_now, "batch_in_epoch": batch_now, "test_bpd": result["bpd"],
+                                   "evaluated": True})
         metrics.log(step=step, epoch=epoch_now + batch_now / steps_per_epoch, test_bpd=result["bpd"],
                     test_nll_nats=result["nll_nats"], test_images=result["num_images"], best=is_best)
         if is_main_process():
@@ -233,7 +237,7 @@ def _train(args, cfg, device, rank, world) -> int:
         return result
 
     preempt = PreemptionHandler().install()
-    last_eval_step = step if state is not None else -1
+    last_eval_step = step if state is not None and state.extra.get("evaluated") else -1
     t_last, loss_acc, n_acc = time.perf_counter(), 0.0, 0
     try:
         model.train()
@@ -274,6 +278,10 @@ def _train(args, cfg, device, rank, world) -> int:
                 if args.eval_every and step % args.eval_every == 0 and step < total_steps:
                     evaluate_and_save(epoch, batch_in_epoch, f"step {step}")
                     last_eval_step = step
+                if args.save_every and step % args.save_every == 0 and last_eval_step != step:
+                    ckpt.save(model=model, optimizer=optimizer, scheduler=scheduler, step=step,
+                              epoch=epoch + batch_in_epoch / steps_per_epoch,
+                              extra={"epoch": epoch, "batch_in_epoch": batch_in_epoch})
                 if preempt.should_stop():
                     bar.close()
                     ckpt.save(model=model, optimizer=optimizer, scheduler=scheduler, step=step,
@@ -285,8 +293,9 @@ def _train(args, cfg, device, rank, world) -> int:
             bar.close()
             if batch_in_epoch >= len(batches):
                 epoch, batch_in_epoch = epoch + 1, 0
-                evaluate_and_save(epoch, 0, f"epoch {epoch}")
-                last_eval_step = step
+                if last_eval_step != step:  # (--eval_every may just have evaluated this step)
+                    evaluate_and_save(epoch, 0, f"epoch {epoch}")
+                    last_eval_step = step
         if last_eval_step != step:
             evaluate_and_save(epoch, batch_in_epoch, "final")
     finally:

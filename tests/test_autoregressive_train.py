@@ -56,7 +56,7 @@ def _test_bpds(run_dir):
 # --------------------------------------------------------------------------- resume
 @pytest.mark.slow
 def test_sigterm_then_resume_reproduces_uninterrupted_run(tmp_path):
-    args = TINY + ["--epochs", "3", "--log_every", "1"]
+    args = TINY + ["--epochs", "3", "--log_every", "1", "--save_every", "5"]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert train.main(args + ["--out_dir", str(whole)]) == 0
 
