@@ -1,0 +1,218 @@
+"""Shared helpers for the benchmarks: interleaved timing, peak memory, machine info,
+JSON output and plain-text tables.
+
+Timing. ``time_interleaved`` runs every case once per round, rotating the order each
+round, so a slow phase of a shared machine (other processes, thermal or frequency
+changes) hits all cases alike instead of whichever happened to run then; it reports
+the median over rounds. Ratios between cases measured in one call are what to trust.
+
+Peak memory. ``peak_memory`` reports the peak of *additional* tensor memory while a
+function runs, above what was live when it started (so inputs are excluded, outputs
+and gradients are included):
+
+- CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus
+  ``memory_allocated`` before — bytes held by tensors, not the caching allocator's
+  reserve.
+- CPU: the same quantity, reconstructed from the PyTorch profiler's allocator events
+  (``profile_memory=True`` records every CPU tensor allocation and free with its size
+  and time; the peak is the largest running sum). This counts exactly what PyTorch's
+  CPU allocator hands out, on every thread and inside custom ops, and is comparable
+  with the CUDA figure. It does not count memory that is not a tensor (the Python
+  heap, library workspaces such as oneDNN scratch pads) or allocator slack, and the
+  profiler slows the run, so memory is measured in a separate, untimed run.
+  (tracemalloc cannot see tensor storage, and process RSS deltas are blurred by
+  glibc keeping freed memory and by mmap thresholds, so neither is used.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+
+# --------------------------------------------------------------------------- timing
+def synchronize(device: torch.device | str) -> None:
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(
+    cases: dict[str, Callable[[], Any]],
+    device: torch.device | str = "cpu",
+    repeats: int = 5,
+    warmup: int = 1,
+    max_seconds_per_case: float | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Median wall time (seconds) of each zero-argument callable, measured in interleaved
+    rounds.
+
+    Every case runs ``warmup`` untimed times first, then ``repeats`` rounds run each case
+    once, in an order rotated by one each round. A case whose runs have used up
+    ``max_seconds_per_case`` stops early (keeping at least one timed run), so one slow
+    baseline cannot take over a benchmark. Returns ``{name: {"median_s", "times_s"}}``.
+    """
+    names = list(cases)
+    for name in names:
+        for _ in range(warmup):
+            cases[name]()
+        synchronize(device)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        order = names[r % len(names):] + names[: r % len(names)] if names else []
+        for name in order:
+            if max_seconds_per_case is not None and times[name] and sum(times[name]) >= max_seconds_per_case:
+                continue
+            synchronize(device)
+            t0 = time.perf_counter()
+            cases[name]()
+            synchronize(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: {"median_s": statistics.median(ts), "times_s": ts} for name, ts in times.items()}
+
+
+def time_once(fn: Callable[[], Any], device: torch.device | str = "cpu") -> float:
+    synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------- memory
+def _cpu_peak_from_profiler(fn: Callable[[], Any]) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    ]
+    events.sort()
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device | str = "cpu") -> int:
+    """Peak bytes of tensor memory allocated by ``fn`` above what was live when it started."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    if device.type == "cpu":
+        return _cpu_peak_from_profiler(fn)
+    raise ValueError(f"peak_memory: unsupported device {device}")
+
+
+MEMORY_METHOD = {
+    "cpu": "torch.profiler allocator events (profile_memory=True): peak running sum of CPU tensor bytes "
+    "allocated above those live at the start; separate untimed run",
+    "cuda": "torch.cuda.max_memory_allocated minus memory_allocated at the start; separate untimed run",
+}
+
+
+# --------------------------------------------------------------------------- machine
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
+    device = torch.device(device)
+    info: dict[str, Any] = {
+        "device": str(device),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    try:
+        with open("/proc/meminfo") as f:
+            info["ram_gib"] = round(int(f.readline().split()[1]) / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["gpu"] = props.name
+        info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def describe_machine(info: dict[str, Any]) -> str:
+    text = f"{info['cpu_model']}, {info['cpu_count']} cores ({info['torch_threads']} torch threads)"
+    if "ram_gib" in info:
+        text += f", {info['ram_gib']} GiB RAM"
+    if "gpu" in info:
+        text += f"; {info['gpu']} ({info['gpu_memory_gib']} GiB), CUDA {info['cuda']}"
+    return text + f"; torch {info['torch']}; device {info['device']}"
+
+
+# --------------------------------------------------------------------------- output
+def write_json(path: str, payload: Any) -> None:
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=False)
+        f.write("\n")
+
+
+def fmt_time(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.0f} µs"
+    if seconds < 1.0:
+        return f"{seconds * 1e3:.1f} ms"
+    return f"{seconds:.2f} s"
+
+
+def fmt_bytes(nbytes: float | None) -> str:
+    if nbytes is None:
+        return "—"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes:.0f} B"
+
+
+def fmt_ratio(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2f}×"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], markdown: bool = False) -> str:
+    """A fixed-width text table, or a GitHub markdown table when ``markdown``."""
+    cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
+    if markdown:
+        lines = ["| " + " | ".join(cells[0]) + " |", "|" + "|".join("---:" if i else "---" for i in range(len(headers))) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in cells[1:]]
+        return "\n".join(lines)
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,465 @@
+"""Forward+backward time and peak memory of Krause attention against its dense
+reference and standard attention, side by side in one run.
+
+    python benchmarks/attention_scaling.py                 # full run (CPU: ~10 min)
+    python benchmarks/attention_scaling.py --quick         # smoke test, < 1 min
+    python benchmarks/attention_scaling.py --device cuda    # GPU run (adds FlexAttention)
+    python benchmarks/attention_scaling.py --tune          # the sweeps behind band_block_size
+                                                           # and DENSE_2D_MAX_TOKENS
+
+Causal (language models): B=1, H=8, D=64, window W=32, top_k=16, T = 1k ... 32k:
+  krause        causal_krause_attention (linear-time custom op, hand-written backward)
+  reference     the dense O(T^2) reference (autograd), while it fits in memory
+  sdpa          F.scaled_dot_product_attention(is_causal=True): full causal attention
+  flex          FlexAttention with a sliding-window block mask, compiled (CUDA only:
+                torch's FlexAttention has no CPU backward, and its CPU forward
+                alone is not what we compare)
+
+2-D (vision transformers): ViT-S heads (H=6, D=64), one CLS token, grids
+  8x8 (CIFAR: Manhattan r=1, top_k 2, B=32), 14x14 (ImageNet 224/16: Chebyshev r=2,
+  top_k 8, B=8), 28x28 (B=2) and 64x64 (B=1), both Chebyshev r=2, top_k 8:
+  krause auto   the op's default: dense masked path for N <= DENSE_2D_MAX_TOKENS
+  krause sparse impl="fast": always the shifted-view grid path
+  reference     the dense reference
+  sdpa          full (unmasked) F.scaled_dot_product_attention: what ViT-S runs
+
+Every timed call is forward + backward of sum(out * g) for a fixed random g, in fp32
+(--dtype to change), timed in interleaved rounds (median); peak memory comes from a
+separate untimed call (see benchmarks/_timing.py for how it is measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _timing as T  # noqa: E402
+
+import krause  # noqa: E402
+from krause import neighbourhoods, ops  # noqa: E402
+
+CAUSAL = dict(heads=8, head_dim=64, window=32, top_k=16, batch=1)
+CAUSAL_T_FULL = [1024, 2048, 4096, 8192, 16384, 32768]
+CAUSAL_T_QUICK = [512, 1024, 2048]
+
+VIT = dict(heads=6, head_dim=64, prefix=1)
+# (rows, cols, metric, radius, top_k, batch)
+GRIDS_FULL = [
+    (8, 8, "manhattan", 1, 2, 32),
+    (14, 14, "chebyshev", 2, 8, 8),
+    (28, 28, "chebyshev", 2, 8, 2),
+    (64, 64, "chebyshev", 2, 8, 1),
+]
+GRIDS_QUICK = [(8, 8, "manhattan", 1, 2, 8), (14, 14, "chebyshev", 2, 8, 2)]
+
+# The dense reference keeps about this many (B, H, N, N) fp32 tensors alive at its peak
+# (distances, masked distances, the keep mask, logits, probabilities and autograd's
+# saved copies; measured 7.1 at T=4096).
+REFERENCE_NN_TENSORS = 8
+
+
+# --------------------------------------------------------------------------- helpers
+def _available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 2**30
+
+
+def _reference_fits(batch, heads, n, device, budget_fraction) -> tuple[bool, str]:
+    need = REFERENCE_NN_TENSORS * batch * heads * n * n * 4
+    budget = budget_fraction * _available_bytes(device)
+    if need <= budget:
+        return True, ""
+    return False, f"skipped: needs ~{T.fmt_bytes(need)} (> {budget_fraction:.0%} of free memory)"
+
+
+def _fwd_bwd(fn: Callable, leaves: list[torch.Tensor], grad: torch.Tensor) -> Callable[[], None]:
+    def step():
+        for t in leaves:
+            t.grad = None
+        out = fn(*leaves)
+        out.backward(grad)
+
+    return step
+
+
+def _inputs(batch, heads, n, dim, device, dtype, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    q, k, v = (torch.randn(batch, heads, n, dim, generator=g).to(device, dtype).requires_grad_(True) for _ in range(3))
+    log_sigma = torch.tensor(1.5, device=device).requires_grad_(True)
+    grad = torch.randn(batch, heads, n, dim, generator=g).to(device, dtype)
+    return [q, k, v, log_sigma], grad
+
+
+def _measure(cases: dict[str, Callable[[], None]], skipped: dict[str, str], args, device) -> dict[str, dict]:
+    """Times the runnable cases together, then measures each one's peak memory."""
+    results = {name: {"skipped": reason} for name, reason in skipped.items()}
+    if cases:
+        timed = T.time_interleaved(
+            cases, device, repeats=args.repeats, warmup=1, max_seconds_per_case=args.max_seconds_per_case
+        )
+        for name, res in timed.items():
+            results[name] = dict(res)
+            if not args.skip_memory:
+                results[name]["peak_bytes"] = T.peak_memory(cases[name], device)
+    return results
+
+
+def _get(res, name, key):
+    r = res.get(name, {})
+    return r.get(key)
+
+
+def _ratio(a, b):
+    return None if a is None or b is None else a / b
+
+
+# --------------------------------------------------------------------------- causal
+def _flex_causal(window, n, device):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def sliding(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
+
+    block_mask = create_block_mask(sliding, None, None, n, n, device=device)
+    compiled = torch.compile(flex_attention, dynamic=False)
+    return lambda q, k, v, ls: compiled(q, k, v, block_mask=block_mask)
+
+
+def bench_causal(args, device) -> list[dict]:
+    c = CAUSAL
+    rows = []
+    for n in args.causal_tokens:
+        leaves, grad = _inputs(c["batch"], c["heads"], n, c["head_dim"], device, args.dtype)
+        fns = {
+            "krause": lambda q, k, v, ls: krause.causal_krause_attention(q, k, v, ls, c["window"], c["top_k"]),
+            "reference": lambda q, k, v, ls: krause.causal_krause_attention(
+                q, k, v, ls, c["window"], c["top_k"], impl="reference"
+            ),
+            "sdpa": lambda q, k, v, ls: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        }
+        skipped = {}
+        fits, why = _reference_fits(c["batch"], c["heads"], n, device, args.reference_memory_fraction)
+        if not fits:
+            skipped["reference"] = why
+        if n > args.sdpa_max_tokens:
+            skipped["sdpa"] = f"skipped: T > --sdpa-max-tokens {args.sdpa_max_tokens}"
+        if device.type == "cuda":
+            fns["flex"] = _flex_causal(c["window"], n, device)
+        else:
+            skipped["flex"] = "skipped: FlexAttention has no CPU backward"
+        cases = {name: _fwd_bwd(fn, leaves, grad) for name, fn in fns.items() if name not in skipped}
+        res = _measure(cases, skipped, args, device)
+        row = {"T": n, **{k: v for k, v in c.items()}, "results": res}
+        rows.append(row)
+        print(
+            f"  causal T={n:>6}: "
+            + ", ".join(f"{name} {T.fmt_time(_get(res, name, 'median_s'))}" for name in ("krause", "reference", "sdpa", "flex")),
+            flush=True,
+        )
+        del leaves, grad, cases
+    return rows
+
+
+def causal_tables(rows, markdown=False) -> str:
+    names = ("krause", "reference", "sdpa", "flex")
+    time_rows, mem_rows = [], []
+    for row in rows:
+        res = row["results"]
+        t = {n: _get(res, n, "median_s") for n in names}
+        m = {n: _get(res, n, "peak_bytes") for n in names}
+        time_rows.append(
+            [f"{row['T']:,}"] + [T.fmt_time(t[n]) for n in names]
+            + [T.fmt_ratio(_ratio(t["krause"], t["sdpa"])), T.fmt_ratio(_ratio(t["reference"], t["krause"]))]
+        )
+        mem_rows.append([f"{row['T']:,}"] + [T.fmt_bytes(m[n]) for n in names])
+    out = [
+        T.table(["T", "Krause", "dense reference", "SDPA causal", "Flex (window)", "Krause / SDPA",
+                 "reference / Krause"], time_rows, markdown),
+        "",
+        "peak memory (forward + backward):",
+        "",
+        T.table(["T", "Krause", "dense reference", "SDPA causal", "Flex (window)"], mem_rows, markdown),
+    ]
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- 2-D
+def bench_2d(args, device) -> list[dict]:
+    v = VIT
+    rows = []
+    for r, cc, metric, radius, top_k, batch in args.grids:
+        n = v["prefix"] + r * cc
+        leaves, grad = _inputs(batch, v["heads"], n, v["head_dim"], device, args.dtype, seed=1)
+
+        def krause_fn(impl):
+            return lambda q, k, vv, ls: krause.local_krause_attention_2d(
+                q, k, vv, ls, (r, cc), radius, metric, top_k, v["prefix"], impl=impl
+            )
+
+        fns = {
+            "krause auto": krause_fn("auto"),
+            "krause sparse": krause_fn("fast"),
+            "reference": krause_fn("reference"),
+            "sdpa": lambda q, k, vv, ls: F.scaled_dot_product_attention(q, k, vv),
+        }
+        skipped = {}
+        fits, why = _reference_fits(batch, v["heads"], n, device, args.reference_memory_fraction)
+        if not fits:
+            skipped["reference"] = why
+        cases = {name: _fwd_bwd(fn, leaves, grad) for name, fn in fns.items() if name not in skipped}
+        res = _measure(cases, skipped, args, device)
+        auto_path = "dense" if n <= ops.DENSE_2D_MAX_TOKENS else "sparse"
+        rows.append({
+            "grid": [r, cc], "N": n, "batch": batch, "metric": metric, "radius": radius, "top_k": top_k,
+            "heads": v["heads"], "head_dim": v["head_dim"], "auto_path": auto_path, "results": res,
+        })
+        print(
+            f"  2-D {r}x{cc} B={batch}: "
+            + ", ".join(f"{name} {T.fmt_time(_get(res, name, 'median_s'))}" for name in fns),
+            flush=True,
+        )
+        del leaves, grad, cases
+    return rows
+
+
+def grid_tables(rows, markdown=False) -> str:
+    names = ("krause auto", "krause sparse", "reference", "sdpa")
+    time_rows, mem_rows = [], []
+    for row in rows:
+        res = row["results"]
+        t = {n: _get(res, n, "median_s") for n in names}
+        m = {n: _get(res, n, "peak_bytes") for n in names}
+        label = f"{row['grid'][0]}×{row['grid'][1]} ({row['metric'][:4]} r={row['radius']}, k={row['top_k']})"
+        head = [label, str(row["batch"]), str(row["N"])]
+        time_rows.append(
+            head + [T.fmt_time(t[n]) + (f" ({row['auto_path']})" if n == "krause auto" else "") for n in names]
+            + [T.fmt_ratio(_ratio(t["krause auto"], t["sdpa"])), T.fmt_ratio(_ratio(t["reference"], t["krause auto"]))]
+        )
+        mem_rows.append(head + [T.fmt_bytes(m[n]) for n in names])
+    heads = ["grid", "B", "N", "Krause auto", "Krause sparse", "dense reference", "SDPA (full)"]
+    out = [
+        T.table(heads + ["auto / SDPA", "reference / auto"], time_rows, markdown),
+        "",
+        "peak memory (forward + backward):",
+        "",
+        T.table(heads, mem_rows, markdown),
+    ]
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- tuning
+def tune(args, device) -> dict:
+    """Sweeps behind neighbourhoods.band_block_size and ops.DENSE_2D_MAX_TOKENS."""
+    out: dict = {"band_block": [], "dense_2d": []}
+    c = CAUSAL
+    original = neighbourhoods.band_block_size
+    n = args.tune_tokens
+    print(f"\nband block size sweep (causal fwd+bwd, T={n}, H={c['heads']}, D={c['head_dim']}, top_k=W/2):")
+    table_rows = []
+    for window in args.tune_windows:
+        blocks = sorted({b for b in (8, 16, 24, 32, 48, 64, 96, 128, window // 2, window) if 4 <= b <= max(2 * window, 16)})
+        leaves, grad = _inputs(1, c["heads"], n, c["head_dim"], device, args.dtype)
+        cases = {}
+        for block in blocks:
+            step = _fwd_bwd(
+                lambda q, k, v, ls, window=window: krause.causal_krause_attention(q, k, v, ls, window, max(1, window // 2)),
+                leaves,
+                grad,
+            )
+
+            def with_block(step=step, block=block):
+                # Forward and backward must both see the same block size.
+                neighbourhoods.band_block_size = lambda w: block
+                try:
+                    step()
+                finally:
+                    neighbourhoods.band_block_size = original
+
+            cases[f"C={block}"] = with_block
+        timed = T.time_interleaved(cases, device, repeats=args.repeats, warmup=1)
+        best = min(timed, key=lambda k: timed[k]["median_s"])
+        for name, res in timed.items():
+            out["band_block"].append({"window": window, "block": int(name[2:]), "T": n, **res})
+        table_rows.append([str(window)] + [f"{name}: {T.fmt_time(res['median_s'])}" for name, res in timed.items()]
+                          + [f"best {best}, rule gives C={original(window)}"])
+        print("  W=" + table_rows[-1][0] + "  " + "  ".join(table_rows[-1][1:]), flush=True)
+
+    print("\n2-D dense vs sparse crossover (fwd+bwd, ViT-S heads, tokens per run ~ 2k):")
+    v = VIT
+    for side, metric, radius, top_k in args.tune_grids:
+        nn = v["prefix"] + side * side
+        batch = max(1, 2048 // nn)
+        leaves, grad = _inputs(batch, v["heads"], nn, v["head_dim"], device, args.dtype, seed=2)
+        cases = {
+            impl: _fwd_bwd(
+                lambda q, k, vv, ls, impl=impl: ops._local_fwd(
+                    q, k, vv, ls, side, side, radius, metric, top_k, v["prefix"], impl == "dense"
+                )[0],
+                leaves,
+                grad,
+            )
+            for impl in ("dense", "sparse")
+        }
+        timed = T.time_interleaved(cases, device, repeats=args.repeats, warmup=1)
+        ratio = timed["sparse"]["median_s"] / timed["dense"]["median_s"]
+        out["dense_2d"].append({"side": side, "N": nn, "batch": batch, "metric": metric, "radius": radius,
+                                "top_k": top_k, "dense": timed["dense"], "sparse": timed["sparse"],
+                                "sparse_over_dense": ratio})
+        print(f"  {side}x{side} {metric} r={radius} N={nn} B={batch}: dense {T.fmt_time(timed['dense']['median_s'])}, "
+              f"sparse {T.fmt_time(timed['sparse']['median_s'])}, sparse/dense {ratio:.2f}", flush=True)
+    return out
+
+
+# --------------------------------------------------------------------------- main
+def _targets(causal_rows, grid_rows) -> list[tuple[str, float | None, str, bool | None]]:
+    """(description, measured, goal, met) for the targets this benchmark tracks."""
+    def causal(n, name, key="median_s"):
+        for row in causal_rows:
+            if row["T"] == n:
+                return _get(row["results"], name, key)
+        return None
+
+    def grid(side, name):
+        for row in grid_rows:
+            if row["grid"][0] == side:
+                return _get(row["results"], name, "median_s")
+        return None
+
+    checks = []
+
+    def add(desc, value, goal, ok_fn):
+        checks.append((desc, value, goal, None if value is None else bool(ok_fn(value))))
+
+    add("causal T=16k: Krause / SDPA time", _ratio(causal(16384, "krause"), causal(16384, "sdpa")), "≤ 0.2", lambda x: x <= 0.2)
+    add("causal 8k→32k: Krause time growth", _ratio(causal(32768, "krause"), causal(8192, "krause")), "≤ 4.4", lambda x: x <= 4.4)
+    add("causal 8k→32k: Krause peak-memory growth",
+        _ratio(causal(32768, "krause", "peak_bytes"), causal(8192, "krause", "peak_bytes")), "≤ 4.4", lambda x: x <= 4.4)
+    add("causal T=4k: reference / Krause time", _ratio(causal(4096, "reference"), causal(4096, "krause")), "≥ 20", lambda x: x >= 20)
+    add("2-D 64×64: reference / Krause auto time", _ratio(grid(64, "reference"), grid(64, "krause auto")), "≥ 5", lambda x: x >= 5)
+    add("2-D 8×8: Krause auto / SDPA time", _ratio(grid(8, "krause auto"), grid(8, "sdpa")), "≤ 1.2", lambda x: x <= 1.2)
+    return checks
+
+
+def targets_table(checks, markdown=False) -> str:
+    rows = [[d, "—" if v is None else f"{v:.3g}", g, "—" if ok is None else ("met" if ok else "MISSED")]
+            for d, v, g, ok in checks]
+    return T.table(["target", "measured", "goal", ""], rows, markdown)
+
+
+def _grid_arg(text: str):
+    side, metric, radius, top_k = text.split(":")
+    return int(side), metric, int(radius), int(top_k)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small sizes and few repeats (smoke test, < 1 minute)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--out", default=None, help="write results as JSON here (default results/attention_scaling.json)")
+    p.add_argument("--markdown", default=None, help="also write the tables as markdown to this file")
+    p.add_argument("--repeats", type=int, default=None, help="interleaved timing rounds (default 5, quick 2)")
+    p.add_argument("--max-seconds-per-case", type=float, default=None,
+                   help="stop repeating a case once its timed runs add up to this (default 30, quick 5)")
+    p.add_argument("--causal-tokens", type=int, nargs="*", default=None)
+    p.add_argument("--sdpa-max-tokens", type=int, default=1 << 30)
+    p.add_argument("--reference-memory-fraction", type=float, default=0.4,
+                   help="run the dense reference only where it needs less than this fraction of free memory")
+    p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--only", choices=["causal", "2d"], default=None)
+    p.add_argument("--tune", action="store_true", help="run the tuning sweeps instead of the comparison")
+    p.add_argument("--tune-tokens", type=int, default=8192)
+    p.add_argument("--tune-windows", type=int, nargs="*", default=[32, 128, 256])
+    p.add_argument("--tune-grids", type=_grid_arg, nargs="*",
+                   default=[_grid_arg(s) for s in ("6:manhattan:1:2", "8:manhattan:1:2", "8:chebyshev:2:8",
+                                                   "10:chebyshev:2:8", "12:chebyshev:2:8", "14:chebyshev:2:8",
+                                                   "16:chebyshev:2:8", "20:chebyshev:2:8")],
+                   help="SIDE:METRIC:RADIUS:TOP_K grids for the dense/sparse sweep")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    args.dtype = getattr(torch, args.dtype)
+    if args.repeats is None:
+        args.repeats = 2 if args.quick else 5
+    if args.max_seconds_per_case is None:
+        args.max_seconds_per_case = 5.0 if args.quick else 30.0
+    if args.causal_tokens is None:
+        args.causal_tokens = CAUSAL_T_QUICK if args.quick else CAUSAL_T_FULL
+    args.grids = GRIDS_QUICK if args.quick else GRIDS_FULL
+    if args.out is None:
+        args.out = "results/attention_scaling_quick.json" if args.quick else "results/attention_scaling.json"
+
+    info = T.machine_info(device)
+    print("machine:", T.describe_machine(info), flush=True)
+    payload = {
+        "benchmark": "attention_scaling",
+        "machine": info,
+        "memory_method": T.MEMORY_METHOD.get(device.type),
+        "dtype": str(args.dtype),
+        "quick": args.quick,
+        "repeats": args.repeats,
+        "settings": {"DENSE_2D_MAX_TOKENS": ops.DENSE_2D_MAX_TOKENS,
+                     "band_block_size(W=32)": neighbourhoods.band_block_size(CAUSAL["window"])},
+    }
+    if args.tune:
+        payload["tune"] = tune(args, device)
+        T.write_json(args.out, payload)
+        print(f"\nwrote {args.out}")
+        return 0
+
+    causal_rows = grid_rows = []
+    if args.only in (None, "causal"):
+        print(f"\ncausal: B={CAUSAL['batch']}, H={CAUSAL['heads']}, D={CAUSAL['head_dim']}, "
+              f"W={CAUSAL['window']}, top_k={CAUSAL['top_k']}, {args.dtype}", flush=True)
+        causal_rows = bench_causal(args, device)
+        payload["causal"] = causal_rows
+    if args.only in (None, "2d"):
+        print(f"\n2-D: H={VIT['heads']}, D={VIT['head_dim']}, 1 CLS token, {args.dtype}", flush=True)
+        grid_rows = bench_2d(args, device)
+        payload["grid_2d"] = grid_rows
+    checks = _targets(causal_rows, grid_rows)
+    payload["targets"] = [{"target": d, "measured": v, "goal": g, "met": ok} for d, v, g, ok in checks]
+    T.write_json(args.out, payload)
+
+    blocks = [f"machine: {T.describe_machine(info)}", ""]
+    md = [f"Machine: {T.describe_machine(info)}. Forward + backward, {args.dtype}, median of "
+          f"{args.repeats} interleaved rounds.", ""]
+    if causal_rows:
+        head = (f"causal (B={CAUSAL['batch']}, H={CAUSAL['heads']}, D={CAUSAL['head_dim']}, W={CAUSAL['window']}, "
+                f"top_k={CAUSAL['top_k']}), forward + backward time:")
+        blocks += [head, "", causal_tables(causal_rows), ""]
+        md += [head, "", causal_tables(causal_rows, True), ""]
+    if grid_rows:
+        head = f"2-D local (ViT-S heads: H={VIT['heads']}, D={VIT['head_dim']}, 1 CLS token), forward + backward time:"
+        blocks += [head, "", grid_tables(grid_rows), ""]
+        md += [head, "", grid_tables(grid_rows, True), ""]
+    blocks += ["targets:", "", targets_table(checks)]
+    md += ["Targets:", "", targets_table(checks, True), ""]
+    print("\n" + "\n".join(blocks))
+    print(f"\nwrote {args.out}")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write("\n".join(md))
+        print(f"wrote {args.markdown}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
