@@ -50,7 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train_subset", type=int, default=None, help="fewer training digits (default: all 4,000)")
     p.add_argument("--val_subset", type=int, default=None, help="fewer test digits (default: all 1,000)")
     p.add_argument("--num_workers", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (1: small models gain little from more, and it stays fast on a busy CPU)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no_augment", action="store_true", help="no random crops (learns faster in very short runs)")
     p.add_argument("--resume", action="store_true", help="continue interrupted demo runs instead of starting over")
     p.add_argument("--no_progress", action="store_true")
     p.add_argument("--no_figures", action="store_true")
@@ -63,13 +66,15 @@ def run_args(args: argparse.Namespace, model: str, out: Path) -> list[str]:
         "--epochs", str(args.epochs), "--embed_dim", str(args.embed_dim), "--depth", str(args.depth),
         "--num_heads", str(args.num_heads), "--batch_size", str(args.batch_size), "--lr", str(args.lr),
         "--drop_path", "0.0", "--num_workers", str(args.num_workers), "--seed", str(args.seed),
-        "--log_every", "20", "--figures", "curves",
+        "--log_every", "20", "--figures", "curves", "--threads", str(args.threads),
     ]
     for flag in ("train_subset", "val_subset"):
         if getattr(args, flag) is not None:
             argv += [f"--{flag}", str(getattr(args, flag))]
     if args.no_progress:
         argv.append("--no_progress")
+    if args.no_augment:
+        argv.append("--no_augment")
     argv.append("--resume" if args.resume else "--overwrite")
     return argv
 

@@ -13,7 +13,7 @@
 #
 # Preemption: the job always passes --resume (a first launch simply starts), so a
 # requeued job continues from <OUT_DIR>/checkpoints/last.pt. Slurm's warning signal
-# (#SBATCH --signal=B:USR1@180) reaches this shell, which forwards SIGTERM to torchrun
+# (#SBATCH --signal=B:USR1@180) reaches this shell, which forwards it (as SIGUSR1) to torchrun
 # (and torchrun to the workers); the workers save last.pt and exit, then the job
 # requeues itself when REQUEUE=1.
 
@@ -57,13 +57,16 @@ if [ "$NNODES" -gt 1 ]; then
 else
     LAUNCH=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC")
 fi
+# torchrun forwards these to the workers and gives them SHUTDOWN_TIMEOUT seconds to save and exit
+LAUNCH+=(--signals-to-handle "SIGTERM,SIGINT,SIGUSR1" --shutdown-timeout "${SHUTDOWN_TIMEOUT:-120}")
 
 echo "launch: $MODEL on $DATASET, $NNODES node(s) x $NPROC process(es), data $DATA_PATH, run dir $OUT_DIR"
 cd "$REPO_ROOT"
 PREEMPTED=0
-"${LAUNCH[@]}" --signals-to-handle "SIGTERM,SIGINT,SIGUSR1" -m vision_transformers.train "${TRAIN_ARGS[@]}" &
+STARTED="$(date +%s)"
+"${LAUNCH[@]}" -m vision_transformers.train "${TRAIN_ARGS[@]}" &
 CHILD=$!
-trap 'PREEMPTED=1; kill -TERM "$CHILD" 2>/dev/null || true' USR1 TERM
+trap 'PREEMPTED=1; echo "launch: stop signal: asking the workers to save and exit" >&2; kill -USR1 "$CHILD" 2>/dev/null || true' USR1 TERM
 set +e
 while true; do
     wait "$CHILD"
@@ -72,8 +75,15 @@ while true; do
     kill -0 "$CHILD" 2>/dev/null || break
 done
 set -e
-if [ "$PREEMPTED" = 1 ] && [ -n "${SLURM_JOB_ID:-}" ] && [ "$REQUEUE" = 1 ]; then
-    echo "launch: preempted; saved, requeueing job $SLURM_JOB_ID (it resumes from $OUT_DIR/checkpoints/last.pt)"
-    scontrol requeue "$SLURM_JOB_ID"
+LAST="$OUT_DIR/checkpoints/last.pt"
+if [ "$PREEMPTED" = 1 ] && [ -f "$LAST" ] && [ "$(stat -c %Y "$LAST")" -ge "$STARTED" ]; then
+    # torchrun exits non-zero after forwarding a signal even though the workers saved and stopped cleanly
+    STATUS=0
+    if [ -n "${SLURM_JOB_ID:-}" ] && [ "$REQUEUE" = 1 ]; then
+        echo "launch: saved $LAST; requeueing job $SLURM_JOB_ID (it resumes from there)"
+        scontrol requeue "$SLURM_JOB_ID"
+    else
+        echo "launch: saved $LAST; run the same command again to resume"
+    fi
 fi
 exit "$STATUS"

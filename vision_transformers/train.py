@@ -68,7 +68,7 @@ from .data import DATASETS, DataError, build_datasets, dataset_info
 from .models import MODEL_DEFAULTS, create, resolve_model_name, sigma_per_layer
 
 #: keys that do not change what a run computes: a run may be resumed with other values
-IGNORED_KEYS = RUNTIME_KEYS | {"preempt_at_step", "save_every_steps", "no_flops", "figures"}
+IGNORED_KEYS = RUNTIME_KEYS | {"preempt_at_step", "save_every_steps", "no_flops", "figures", "threads"}
 
 # --------------------------------------------------------------------------- recipes
 #: SPEC section 2.1 defaults: (model family, dataset) -> values of the flags left unset
@@ -188,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp", choices=["none", "bf16", "fp16"], default=None, help="autocast dtype")
     g.add_argument("--channels_last", action="store_true", default=None)
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads per process (default: torch's; 1 is fastest on a busy shared CPU)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--eval_every", type=int, default=1, help="evaluate every N epochs (and at the end)")
     g.add_argument("--log_every", type=int, default=50, help="log train metrics every N steps")
@@ -325,6 +327,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             resolve_recipe(args)
             validate(args)
+            if args.threads is not None:
+                _require(args.threads >= 1, f"--threads must be >= 1, got {args.threads}")
+                torch.set_num_threads(args.threads)
             # Model arguments checked on the meta device (no memory, no init), before any data is read.
             with torch.device("meta"):
                 create(args.model, **model_kwargs(args, dataset_info(args.dataset, args.img_size)))
