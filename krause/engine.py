@@ -19,11 +19,121 @@ the gradients are
     dc_h      = -sum dlogit_im dist_im
 
 Everything is computed in fp32 whatever the input dtype.
+
+How it is made fast (on CPU, where these ops are memory-bound):
+
+- Augmented vectors. With qa = [-2q, |q|^2, 1] and ka = [k, 1, |k|^2] the distance is
+  the single dot product qa . ka, so one matmul (or one pass per grid offset) yields it;
+  the same two tensors give the backward's row and column sums for free:
+  sum_m ddist_im ka_n = [sum ddist k, sum ddist, .] and sum ddist_im qa_i = [-2 sum ddist q, ., sum ddist].
+- Top-k first. Softmax runs on the k kept distances only; the dense (*Q, M) probabilities
+  and distances that are saved for the backward are written once, by a scatter.
+- Chunks. Work proceeds a few heads, or one head and a range of queries, at a time (see
+  neighbourhoods.CHUNK_SCORES), so the score tensors and the keys they read stay in cache
+  and no large temporary is ever allocated (large allocations cost page faults on every
+  call); results are written straight into the output tensors.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
+
+from .neighbourhoods import DenseNeighbourhood, chunk_budget
+
+_INF = float("inf")
+
+
+# --------------------------------------------------------------------------- CPU workers
+# On CPU the chunks are shared out among a few threads, each running its ops single-
+# threaded (torch.set_num_threads(1) per thread), instead of letting every small op open
+# an OpenMP parallel region: with many small ops those regions cost more than they save,
+# and on a shared (oversubscribed) machine each one can stall for a scheduler time slice.
+# The calling thread takes the first share. Chunks of one head always go to the same
+# thread, in order, so the result does not depend on the number of workers.
+# None: as many threads as torch's intra-op threads (torch.get_num_threads()).
+CPU_WORKERS: int | None = None
+
+_pool: ThreadPoolExecutor | None = None
+_pool_key: tuple[int, int] | None = None  # (process id, size): a forked child needs its own threads
+_pool_lock = threading.Lock()
+
+
+def _single_threaded_worker() -> None:
+    torch.set_num_threads(1)
+
+
+def _get_pool(size: int) -> ThreadPoolExecutor:
+    global _pool, _pool_key
+    key = (os.getpid(), size)
+    with _pool_lock:
+        if _pool_key != key:
+            if _pool is not None and _pool_key[0] == key[0]:
+                _pool.shutdown(wait=True)
+            threads = torch.get_num_threads()
+            pool = ThreadPoolExecutor(size, thread_name_prefix="krause", initializer=_single_threaded_worker)
+            # Start every worker now (each waits at the barrier until all exist), then undo
+            # the process-wide part of their torch.set_num_threads(1) (the default for new
+            # threads); their own per-thread OpenMP/MKL settings stay at 1.
+            barrier = threading.Barrier(size)
+            for f in [pool.submit(barrier.wait) for _ in range(size)]:
+                f.result()
+            torch.set_num_threads(threads)
+            _pool, _pool_key = pool, key
+        return _pool
+
+
+class _OneThread:
+    """Runs the calling thread single-threaded for a while (CPU only)."""
+
+    def __init__(self, device: torch.device):
+        self.threads = torch.get_num_threads() if device.type == "cpu" else 1
+
+    def __enter__(self):
+        if self.threads > 1:
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        if self.threads > 1:
+            torch.set_num_threads(self.threads)
+
+
+# Each worker must get at least this many scores (query x candidate pairs), so handing
+# work to another thread (which on a busy machine may wait for a time slice) pays off.
+MIN_SCORES_PER_WORKER = 1 << 20
+
+
+def _num_workers(device: torch.device, bh: int, scores: int) -> int:
+    # Under the profiler, stay on the calling thread so every op and allocation is seen.
+    if device.type != "cpu" or torch.autograd.profiler._is_profiler_enabled:
+        return 1
+    n = CPU_WORKERS if CPU_WORKERS is not None else torch.get_num_threads()
+    return max(1, min(n, bh, scores // MIN_SCORES_PER_WORKER))
+
+
+def _run_chunks(nbr, device: torch.device, bh: int, num_queries: int, body) -> None:
+    """Calls body(chunk) for every chunk of heads [0, bh); on CPU split by heads among
+    the calling thread and the workers."""
+    budget = chunk_budget(device)
+    workers = _num_workers(device, bh, bh * num_queries * nbr.num_slots)
+    bounds = [bh * w // workers for w in range(workers + 1)]
+
+    def run(w):
+        with torch.no_grad():  # grad mode is per thread; the engine never needs autograd
+            for ch in nbr.chunks(range(bounds[w], bounds[w + 1]), num_queries, budget):
+                body(ch)
+
+    futures = [_get_pool(workers - 1).submit(run, w) for w in range(1, workers)] if workers > 1 else []
+    try:
+        with _OneThread(device):
+            run(0)
+    finally:
+        for f in futures:
+            f.result()
 
 
 def sigma_coef(log_sigma: torch.Tensor, num_heads: int, extra_dims: int) -> torch.Tensor:
@@ -33,42 +143,237 @@ def sigma_coef(log_sigma: torch.Tensor, num_heads: int, extra_dims: int) -> torc
     return c
 
 
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def _augmented_queries(q: torch.Tensor) -> torch.Tensor:
+    """(..., D) -> (..., D + 2) = [-2 q, |q|^2, 1]."""
+    d = q.shape[-1]
+    qa = q.new_empty(*q.shape[:-1], d + 2)
+    torch.mul(q, -2.0, out=qa[..., :d])
+    torch.linalg.vecdot(q, q, out=qa[..., d])
+    qa[..., d + 1] = 1.0
+    return qa
+
+
+def _key_buffers(nbr, k: torch.Tensor, v: torch.Tensor):
+    """Key buffers of ka = [k, 1, |k|^2], of |k|^2 alone (contiguous) and of v. Zero
+    padding stays zero: padded slots have distance 0 and are masked as invalid."""
+    bh, _, d = k.shape
+    kbuf = nbr.key_buffer(bh, d + 2, k)
+    nbr.write_keys(kbuf[..., :d], k)
+    nbr.write_keys(kbuf[..., d : d + 1], torch.ones_like(k[..., :1]))
+    nbr.write_keys(kbuf[..., d + 1 :], k.pow(2).sum(-1, keepdim=True))
+    vbuf = nbr.key_buffer(bh, v.shape[-1], v)
+    nbr.write_keys(vbuf, v)
+    return kbuf, kbuf[..., d + 1].contiguous(), vbuf
+
+
+def _chunk_coef(c: torch.Tensor, heads, ndim: int) -> torch.Tensor:
+    """Per-(B*H) coefficients -> a scalar (one head) or (bhc, 1, ...) to broadcast over
+    the chunk's ndim-dimensional scores."""
+    c = c[heads]
+    return c if c.dim() == 0 else c.view(-1, *([1] * (ndim - 1)))
+
+
+def _query_count(q: torch.Tensor) -> int:
+    n = 1
+    for s in q.shape[2:-1]:
+        n *= s
+    return n
+
+
+def _select(d, top_k: int, coef, p_out, d_out) -> None:
+    """From distances d (..., M) (+inf on invalid slots) to the saved probabilities and
+    distances: zero outside the kept top-k, distances clamped at 0."""
+    if top_k >= d.shape[-1]:
+        d.clamp_min_(0.0)
+        p_out.copy_(torch.softmax(d * -coef, dim=-1))
+        d_out.copy_(d.masked_fill_(d == _INF, 0.0))
+        return
+    vals, idx = d.topk(top_k, dim=-1, largest=False, sorted=False)
+    vals.clamp_min_(0.0)
+    p = torch.softmax(vals * -coef, dim=-1)
+    # Fewer valid candidates than top_k: the extra (infinite) ones get weight 0; zeroing
+    # their distance keeps 0 * inf out of the backward.
+    vals.masked_fill_(vals == _INF, 0.0)
+    p_out.zero_().scatter_(-1, idx, p)
+    d_out.zero_().scatter_(-1, idx, vals)
+
+
+@functools.lru_cache(maxsize=32)
+def _strictly_lower(m: int, device) -> torch.Tensor:
+    return torch.ones(m, m, dtype=torch.bool).tril_(-1).to(device)
+
+
+def _rank_keep(d: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Boolean mask of the top_k smallest entries of each row of d (..., M), ties to the
+    lower index: slot m is kept when fewer than top_k slots beat it. O(M^2) per row, but
+    vectorised, so much faster than torch.topk's per-row selection for small M."""
+    other, this = d[..., None, :], d[..., :, None]
+    before = _strictly_lower(d.shape[-1], d.device)
+    rank = (other < this).sum(-1) + ((other == this) & before).sum(-1)
+    return rank < top_k
+
+
+def _dl_inplace(dp, p):
+    """dlogit = p (dp - sum_m p dp), in dp's buffer."""
+    return dp.sub_((dp * p).sum(-1, keepdim=True)).mul_(p)
+
+
+def _dcoef(dl, dst) -> torch.Tensor:
+    """-sum dlogit * dist per leading index (torch.sum's pairwise summation: the terms cancel)."""
+    return -(dl * dst).reshape(dl.shape[0], -1).sum(1)
+
+
+# --------------------------------------------------------------------------- dense
+def _dense_forward(nbr, q, k, v, coef, top_k):
+    b, h, nq, d = q.shape
+    bh, nk = b * h, k.shape[2]
+    qf, kf, vf = _flat(q), _flat(k), _flat(v)
+    c = coef.expand(b, h, *coef.shape[2:]).reshape(bh)
+    out = q.new_empty(bh, nq, d)
+    probs = q.new_empty(bh, nq, nk)
+    dist = q.new_empty(bh, nq, nk)
+    f = nq if nbr.cand_idx is None else nbr.full_rows
+
+    def body(ch):
+        hs = ch[0]
+        q_c, k_c, cc = qf[hs], kf[hs], c[hs].view(-1, 1, 1)
+        dd = torch.add(q_c.pow(2).sum(-1, keepdim=True), k_c.pow(2).sum(-1)[:, None, :])
+        dd.baddbmm_(q_c, k_c.transpose(1, 2), alpha=-2.0)
+        p_out, d_out = probs[hs], dist[hs]
+        if f:
+            head = dd[:, :f]
+            if nbr.full_invalid is not None:
+                head.masked_fill_(nbr.full_invalid, _INF)
+            _select(head, top_k, cc, p_out[:, :f], d_out[:, :f])
+        if f < nq:
+            idx = nbr.cand_idx.expand(dd.shape[0], -1, -1)
+            dc = dd[:, f:].gather(-1, idx)
+            if top_k < dc.shape[-1]:
+                keep = _rank_keep(dc.masked_fill_(~nbr.cand_valid, _INF), top_k) & nbr.cand_valid
+            else:
+                keep = nbr.cand_valid.expand_as(dc)
+            dc.clamp_min_(0.0)
+            p = torch.softmax((dc * -cc).masked_fill_(~keep, -_INF), dim=-1)
+            p_out[:, f:].zero_().scatter_(-1, idx, p)
+            d_out[:, f:].zero_().scatter_(-1, idx, dc.masked_fill_(~keep, 0.0))
+        torch.bmm(p_out, vf[hs], out=out[hs])
+
+    _run_chunks(nbr, q.device, bh, nq, body)
+    return out.view(b, h, nq, d), probs.view(b, h, nq, nk), dist.view(b, h, nq, nk)
+
+
+def _dense_backward(nbr, grad_out, q, k, v, coef, probs, dist):
+    b, h, nq, d = q.shape
+    bh = b * h
+    qf, kf, vf, g = _flat(q), _flat(k), _flat(v), _flat(grad_out)
+    probs, dist = _flat(probs), _flat(dist)
+    c = coef.expand(b, h, *coef.shape[2:]).reshape(bh)
+    dq, dk, dv = torch.empty_like(qf), torch.empty_like(kf), torch.empty_like(vf)
+    dcoef = q.new_zeros(bh)
+    f = nq if nbr.cand_idx is None else nbr.full_rows
+
+    def body(ch):
+        hs = ch[0]
+        q_c, k_c, g_c, cc = qf[hs], kf[hs], g[hs], c[hs].view(-1, 1, 1)
+        p, dst = probs[hs], dist[hs]
+        torch.bmm(p.transpose(1, 2), g_c, out=dv[hs])
+        dd = torch.bmm(g_c, vf[hs].transpose(1, 2))  # dp, turned into ddist in place
+        rowsum = dd.new_empty(dd.shape[0], nq, 1)
+        if f:
+            dl = _dl_inplace(dd[:, :f], p[:, :f])
+            dcoef[hs] += _dcoef(dl, dst[:, :f])
+            dl.mul_(-cc).masked_fill_(dst[:, :f] <= 0.0, 0.0)
+            torch.sum(dl, -1, keepdim=True, out=rowsum[:, :f])
+        if f < nq:
+            idx = nbr.cand_idx.expand(dd.shape[0], -1, -1)
+            dst_c = dst[:, f:].gather(-1, idx)
+            dl = _dl_inplace(dd[:, f:].gather(-1, idx), p[:, f:].gather(-1, idx))
+            dcoef[hs] += _dcoef(dl, dst_c)
+            dl.mul_(-cc).masked_fill_(dst_c <= 0.0, 0.0)
+            torch.sum(dl, -1, keepdim=True, out=rowsum[:, f:])
+            dd[:, f:].zero_().scatter_(-1, idx, dl)
+        # dq = 2 q sum_m dd - 2 dd k;  dk = 2 k sum_i dd - 2 dd^T q
+        torch.bmm(dd, k_c, out=dq[hs]).mul_(-2.0).addcmul_(q_c, rowsum, value=2.0)
+        colsum = dd.sum(-2)[..., None]
+        torch.bmm(dd.transpose(1, 2), q_c, out=dk[hs]).mul_(-2.0).addcmul_(k_c, colsum, value=2.0)
+
+    _run_chunks(nbr, q.device, bh, nq, body)
+    dcoef = dcoef.view(b, h).sum(0)
+    return dq.view(*q.shape), dk.view(*k.shape), dv.view(*v.shape), dcoef
+
+
+# --------------------------------------------------------------------------- band / grid
 def forward(nbr, q, k, v, coef, top_k: int):
     """q in the neighbourhood's query layout (B, H, *Q, D) fp32; k, v (B, H, Nk, D) fp32.
 
-    Returns (out (B, H, *Q, D), probs, dist) with probs/dist (B, H, *Q, M) saved for backward.
+    Returns (out (B, H, *Q, D), probs, dist) with probs/dist (B, H, *Q, M) saved for
+    backward: zero outside the kept top-k; dist clamped at 0.
     """
-    dots = nbr.dots(q, k)
-    q_sq = q.pow(2).sum(-1, keepdim=True)
-    k_sq = nbr.gather_scalar(k.pow(2).sum(-1))
-    dist = (q_sq + k_sq - 2.0 * dots).clamp_min_(0.0)
-    valid = nbr.valid
-    if valid is not None:
-        dist = dist.masked_fill(~valid, float("inf"))
-    if top_k < nbr.num_candidates:
-        nearest = dist.topk(top_k, dim=-1, largest=False, sorted=False).indices
-        keep = torch.zeros_like(dist, dtype=torch.bool).scatter_(-1, nearest, True)
-        if valid is not None:
-            keep &= valid
-    else:
-        keep = valid if valid is not None else torch.ones_like(dist, dtype=torch.bool)
-    # Clearing dropped slots to 0 keeps 0 * inf out of the backward.
-    dist = dist.masked_fill(~keep, 0.0)
-    logits = (dist * -coef).masked_fill_(~keep, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    out = nbr.gather(probs, v)
-    return out, probs, dist
+    if isinstance(nbr, DenseNeighbourhood):
+        return _dense_forward(nbr, q, k, v, coef, top_k)
+    b, h = q.shape[:2]
+    bh, m = b * h, nbr.num_slots
+    qf = _flat(q)
+    kbuf, ksq, vbuf = _key_buffers(nbr, _flat(k), _flat(v))
+    c = coef.expand(b, h, *coef.shape[2:]).reshape(bh)
+    out = q.new_empty(bh, *q.shape[2:])
+    probs = q.new_empty(bh, *q.shape[2:-1], m)
+    dist = q.new_empty(bh, *q.shape[2:-1], m)
+    k_eff = top_k if top_k < nbr.num_candidates else m  # all valid candidates kept
+
+    def body(ch):
+        q_c = qf[ch]
+        d = nbr.distances(ch, q_c, q_c.pow(2).sum(-1, keepdim=True), kbuf, ksq)  # +inf on invalid slots
+        _select(d, k_eff, _chunk_coef(c, ch[0], d.dim()), probs[ch], dist[ch])
+        nbr.gather(ch, probs[ch], vbuf, out[ch])
+
+    _run_chunks(nbr, q.device, bh, _query_count(q), body)
+    shape = (b, h, *q.shape[2:-1])
+    return out.view(*shape, q.shape[-1]), probs.view(*shape, m), dist.view(*shape, m)
 
 
 def backward(nbr, grad_out, q, k, v, coef, probs, dist):
-    """Returns dq (query layout), dk, dv (B, H, Nk, D) and dcoef (H or 1,) — all fp32."""
-    dp = nbr.dots(grad_out, v)
-    dv = nbr.scatter(probs, grad_out)
-    dlogit = probs * (dp - (probs * dp).sum(-1, keepdim=True))
-    reduce_dims = [d for d in range(dlogit.dim()) if d != 1]
-    dcoef = -(dlogit * dist).sum(dim=reduce_dims)
-    ddist = dlogit * -coef
-    ddist = ddist.masked_fill_(dist <= 0.0, 0.0)
-    dq = 2.0 * q * ddist.sum(-1, keepdim=True) - 2.0 * nbr.gather(ddist, k)
-    dk = 2.0 * k * nbr.scatter_scalar(ddist)[..., None] - 2.0 * nbr.scatter(ddist, q)
-    return dq, dk, dv, dcoef
+    """Returns dq (query layout), dk, dv (B, H, Nk, D) and dcoef (H,) — all fp32."""
+    if isinstance(nbr, DenseNeighbourhood):
+        return _dense_backward(nbr, grad_out, q, k, v, coef, probs, dist)
+    b, h = q.shape[:2]
+    bh, d = b * h, q.shape[-1]
+    qa = _augmented_queries(_flat(q))
+    kf = _flat(k)
+    kbuf, _, vbuf = _key_buffers(nbr, kf, _flat(v))
+    g = _flat(grad_out)
+    probs, dist = _flat(probs), _flat(dist)
+    c = coef.expand(b, h, *coef.shape[2:]).reshape(bh)
+    dq = q.new_empty(bh, *q.shape[2:])
+    dk_acc = torch.zeros_like(kbuf)
+    dv_acc = torch.zeros_like(vbuf)
+    dcoef = q.new_zeros(bh)
+
+    def body(ch):
+        heads = ch[0]
+        p, dst, g_c, qa_c = probs[ch], dist[ch], g[ch], qa[ch]
+        nbr.scatter_add_(ch, p, g_c, dv_acc)
+        dl = _dl_inplace(nbr.dots_chunk(ch, g_c, vbuf), p)
+        if isinstance(heads, int):
+            dcoef[heads] -= (dl * dst).sum()
+        else:
+            dcoef[heads] += _dcoef(dl, dst)
+        dd = dl.mul_(-_chunk_coef(c, heads, dl.dim())).masked_fill_(dst <= 0.0, 0.0)  # no gradient through the clamp
+        # [sum dd k, sum dd, .] -> dq = 2 q sum dd - 2 sum dd k = -(qa_q * sum dd) - 2 sum dd k
+        ga = nbr.gather(ch, dd, kbuf, qa_c.new_empty(qa_c.shape))
+        dq_c = dq[ch]
+        torch.mul(qa_c[..., :d], ga[..., d : d + 1], out=dq_c)
+        dq_c.add_(ga[..., :d], alpha=2.0).neg_()
+        # [-2 sum dd q, ., sum dd] onto the keys
+        nbr.scatter_add_(ch, dd, qa_c, dk_acc)
+
+    _run_chunks(nbr, q.device, bh, _query_count(q), body)
+    acc = nbr.read_keys(dk_acc)
+    dk = torch.addcmul(acc[..., :d], kf, acc[..., d + 1 :], value=2.0).contiguous()
+    dv = nbr.read_keys(dv_acc).contiguous()
+    dcoef = dcoef.view(b, h).sum(0)
+    return dq.view(*q.shape), dk.view(b, h, *dk.shape[1:]), dv.view(b, h, *dv.shape[1:]), dcoef

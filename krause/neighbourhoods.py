@@ -1,18 +1,27 @@
-"""Sparse access patterns of the fast Krause paths.
+"""Candidate patterns of the fast Krause paths.
 
 A neighbourhood says, for each query, which M candidate keys it may look at, and
-provides the four sparse products the forward and backward passes need, without ever
-building an N x N tensor (except ``DenseNeighbourhood``, which exists for small N):
+provides the sparse products the forward and backward passes need (see engine.py),
+without ever building an N x N tensor (except ``DenseNeighbourhood``, which exists for
+small N and for the few prefix queries that see every key).
 
-- ``dots(a, b)``        SDDMM:  out[i, m] = a_i . b_{nbr(i, m)}           -> (B, H, *Q, M)
-- ``gather(w, b)``      SpMM:   out[i]    = sum_m w[i, m] b_{nbr(i, m)}  -> (B, H, *Q, D)
-- ``scatter(w, a)``     SpMM^T: out[j]    = sum_{(i,m): nbr(i,m)=j} w[i, m] a_i  -> (B, H, Nk, D)
-- ``gather_scalar(s)``  per-key scalars at the candidates             -> broadcastable to (B, H, *Q, M)
-- ``scatter_scalar(w)`` adjoint of gather_scalar                      -> (B, H, Nk)
+Work is done in *chunks*: a few heads, or one head and a range of its queries, sized so
+a chunk's score tensor and the keys it reads stay in the CPU's cache (see
+``CHUNK_SCORES``). Every tensor is flattened to (B*H, ...) first. Per chunk ``ch``
+(a tuple that indexes query-layout tensors):
 
-Queries live in a neighbourhood-specific layout ``*Q`` (``to_query_layout`` /
-``from_query_layout`` convert from and to (B, H, Nq, ...)). ``valid`` (broadcastable to
-(*Q, M)) marks real candidates; invalid slots point at zero padding and are masked.
+- ``distances(ch, qa, kbuf)``   squared distances (*Q, M), +inf on invalid slots
+- ``dots(ch, a, buf)``          SDDMM:  out[i, m] = a_i . b_{nbr(i, m)}
+- ``gather(ch, w, buf, out)``   SpMM:   out[i]    = sum_m w[i, m] b_{nbr(i, m)}
+- ``scatter_add_(ch, w, a, acc)`` SpMM^T: acc[j] += sum_{(i,m): nbr(i,m)=j} w[i, m] a_i
+
+Keys live in a neighbourhood-specific *key buffer* (``key_buffer`` / ``write_keys`` /
+``read_keys``): zero-padded so that every candidate slot, valid or not, reads real
+memory, and each chunk's candidates are plain strided views of it (no gathered copies).
+Queries live in a query layout ``*Q`` (``to_query_layout`` / ``from_query_layout``).
+
+``dots``, ``gather_scalar`` and ``valid`` on whole (B, H, ...) tensors are kept for
+callers that want the candidate distances without the engine (krause.flex).
 """
 
 from __future__ import annotations
@@ -23,6 +32,19 @@ import torch
 import torch.nn.functional as F
 
 from .masks import grid_offsets
+
+# Scores (query x candidate pairs) per chunk. A chunk's score tensors plus the query and
+# key rows it touches should fit in a core's L2 cache (2 MiB on the benchmark machine):
+# 2^15 fp32 scores = 128 KiB. Measured with benchmarks/attention_scaling.py --tune.
+CHUNK_SCORES = 1 << 15
+
+_INF = float("inf")
+
+
+def chunk_budget(device) -> int | None:
+    """Scores per chunk on this device; None (no chunking) off CPU, where one large
+    kernel beats many small launches."""
+    return CHUNK_SCORES if torch.device(device).type == "cpu" else None
 
 
 def band_block_size(window: int) -> int:
@@ -35,6 +57,7 @@ def band_block_size(window: int) -> int:
     return max(16, (window + 1) // 2)
 
 
+# --------------------------------------------------------------------------- causal band
 @functools.lru_cache(maxsize=128)
 def _band_valid_cpu(num_blocks: int, block: int, window: int) -> torch.Tensor:
     span = block + window - 1
@@ -45,12 +68,17 @@ def _band_valid_cpu(num_blocks: int, block: int, window: int) -> torch.Tensor:
     return (m >= c) & (m <= c + window - 1) & (key_pos >= 0)
 
 
+@functools.lru_cache(maxsize=128)
+def _band_invalid(num_blocks: int, block: int, window: int, device) -> torch.Tensor:
+    return (~_band_valid_cpu(num_blocks, block, window)).to(device)
+
+
 class BandNeighbourhood:
     """Causal sliding window: query i sees keys i - W < j <= i.
 
-    Queries are cut into blocks of C; block b scores the C + W - 1 keys that end at its
-    last query, as one batched matmul against an overlapping (strided, copy-free) view
-    of the left-padded keys. Time and memory are O(N (C + W) D).
+    Queries are cut into blocks of C; block b scores the span of C + W - 1 keys that
+    ends at its last query, as one batched matmul against an overlapping (strided,
+    copy-free) view of the zero-padded keys. Time and memory are O(N (C + W) D).
     """
 
     def __init__(self, num_tokens: int, window: int, device, block: int | None = None):
@@ -59,9 +87,16 @@ class BandNeighbourhood:
         self.c = block or band_block_size(window)
         self.nb = -(-num_tokens // self.c)
         self.span = self.c + window - 1
+        self.parts = -(-self.span // self.c)  # key blocks one query block's span touches
         self.pad_right = self.nb * self.c - num_tokens
-        self.valid = _band_valid_cpu(self.nb, self.c, window).to(device)  # (nb, C, span)
+        self.device = device
         self.num_candidates = window
+        self.num_slots = self.span  # M: candidate slots per query (valid or not)
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """(nb, C, span) bool: slot m of query c in block b is a real candidate."""
+        return ~_band_invalid(self.nb, self.c, self.w, self.device)
 
     # layout ------------------------------------------------------------------
     def to_query_layout(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,53 +110,133 @@ class BandNeighbourhood:
         x = x.reshape(*x.shape[:2], self.nb * self.c, *x.shape[4:])
         return x[:, :, : self.n]
 
+    # chunks and key buffers ----------------------------------------------------
+    def chunks(self, heads: range, num_queries: int, budget: int | None):
+        """On CPU one head per chunk, so every product is a plain 3-D bmm on overlapping
+        strided views (no copies); without a budget, all the heads at once (4-D matmuls)."""
+        if budget is None:
+            yield (slice(heads.start, heads.stop), slice(0, self.nb))
+            return
+        per = max(1, budget // (self.c * self.span))
+        for h in heads:
+            for b0 in range(0, self.nb, per):
+                yield (h, slice(b0, min(b0 + per, self.nb)))
+
+    def key_buffer(self, bh: int, width: int, like: torch.Tensor) -> torch.Tensor:
+        """Zeros (BH, L, width): W - 1 rows of left padding, the keys, right padding up to
+        (nb + parts - 1) * C rows so every block's span (and its scatter) stays inside."""
+        return like.new_zeros(bh, (self.nb + self.parts - 1) * self.c, width)
+
+    def write_keys(self, buf: torch.Tensor, x: torch.Tensor) -> None:
+        buf[:, self.w - 1 : self.w - 1 + self.n] = x
+
+    def read_keys(self, buf: torch.Tensor) -> torch.Tensor:
+        return buf[:, self.w - 1 : self.w - 1 + self.n]
+
+    def _windows(self, buf: torch.Tensor, ch) -> torch.Tensor:
+        """The chunk's key spans: (nbc, span, E) for one head, (bhc, nbc, span, E) for a
+        head slice; overlapping views of the buffer."""
+        h, blocks = ch
+        region = buf[h, blocks.start * self.c : (blocks.stop - 1) * self.c + self.span]
+        return region.unfold(-2, self.span, self.c).transpose(-1, -2)
+
+    # sparse products on a chunk ---------------------------------------------
+    def distances(self, ch, q, q_sq, kbuf, ksq):
+        """(|q|^2 + |k|^2) - 2 q.k, in the reference's order of rounding."""
+        h, blocks = ch
+        win = self._windows(kbuf, ch)[..., : q.shape[-1]]
+        ksq_win = ksq[h, blocks.start * self.c : (blocks.stop - 1) * self.c + self.span].unfold(-1, self.span, self.c)
+        dist = torch.add(q_sq, ksq_win.unsqueeze(-2))
+        if dist.dim() == 3:
+            dist.baddbmm_(q, win.transpose(-1, -2), alpha=-2.0)
+        else:
+            dist.sub_(torch.matmul(q, win.transpose(-1, -2)), alpha=2.0)
+        return dist.masked_fill_(_band_invalid(self.nb, self.c, self.w, self.device)[blocks], _INF)
+
+    def dots_chunk(self, ch, a, buf):
+        return torch.matmul(a, self._windows(buf, ch).transpose(-1, -2))
+
+    def gather(self, ch, w, buf, out):
+        if out.dim() == 3:
+            return torch.bmm(w, self._windows(buf, ch), out=out)
+        return out.copy_(torch.matmul(w, self._windows(buf, ch)))
+
+    def scatter_add_(self, ch, w, a, acc):
+        """Adds w^T a onto the key rows of the chunk's spans, one slice of C span slots at
+        a time (an in-place baddbmm per part on CPU; the parts overlap across blocks)."""
+        h, blocks = ch
+        nbc, c, e = blocks.stop - blocks.start, self.c, a.shape[-1]
+        for t in range(self.parts):
+            width = min(c, self.span - t * c)
+            start = (blocks.start + t) * c
+            target = acc[h, start : start + nbc * c].unflatten(-2, (nbc, c))[..., :width, :]
+            w_t = w[..., t * c : t * c + width].transpose(-1, -2)
+            if target.dim() == 3:
+                target.baddbmm_(w_t, a)
+            else:
+                target.add_(torch.matmul(w_t, a))
+
+    # whole-tensor products (krause.flex) -------------------------------------
     def _key_windows(self, b: torch.Tensor) -> torch.Tensor:
         """(B, H, N, D) -> (B, H, nb, span, D): overlapping key spans, one per query block."""
         b = F.pad(b, (0, 0, self.w - 1, self.pad_right))
         return b.unfold(2, self.span, self.c).transpose(-1, -2)
 
-    def _overlap_add(self, contrib: torch.Tensor) -> torch.Tensor:
-        """Adjoint of _key_windows: (B, H, nb, span, ...) -> (B, H, N, ...)."""
-        parts = -(-self.span // self.c)
-        extra = parts * self.c - self.span
-        if extra:
-            pad = [0, 0] * (contrib.dim() - 4) + [0, extra]
-            contrib = F.pad(contrib, pad)
-        contrib = contrib.reshape(*contrib.shape[:3], parts, self.c, *contrib.shape[4:])
-        out = contrib.new_zeros(*contrib.shape[:2], self.nb + parts - 1, self.c, *contrib.shape[5:])
-        for t in range(parts):
-            out[:, :, t : t + self.nb] += contrib[:, :, :, t]
-        out = out.reshape(*out.shape[:2], (self.nb + parts - 1) * self.c, *out.shape[4:])
-        return out[:, :, self.w - 1 : self.w - 1 + self.n]
-
-    # sparse products ---------------------------------------------------------
     def dots(self, a, b):
         return a @ self._key_windows(b).transpose(-1, -2)
-
-    def gather(self, w, b):
-        return w @ self._key_windows(b)
-
-    def scatter(self, w, a):
-        return self._overlap_add(w.transpose(-1, -2) @ a)
 
     def gather_scalar(self, s):
         return self._key_windows(s[..., None])[..., 0][:, :, :, None, :]
 
-    def scatter_scalar(self, w):
-        return self._overlap_add(w.sum(-2))
 
-
+# --------------------------------------------------------------------------- dense
 class DenseNeighbourhood:
     """Every query scores every key; ``valid`` is an optional (Nq, Nk) mask.
 
     Used on purpose where N is small enough that one dense matmul beats many small
     sparse ones (the CIFAR 8x8 grid), and for the handful of prefix (CLS) queries that
-    see all tokens.
+    see all tokens. engine.py runs it with its own dense code (see ``compact``).
+
+    Compact rows. When the mask gives a trailing range of queries only a few candidates
+    each (the patch queries of a small grid: at most P + |offsets|), the scores of those
+    rows are computed densely (one matmul) but everything after that (top-k, softmax,
+    the backward's elementwise work) runs on their Mc candidates only, gathered through
+    ``cand_idx`` (Nq - F, Mc); the first F rows (the prefix queries) stay dense. Padding
+    slots of short rows point at distinct non-candidate keys and are marked invalid in
+    ``cand_valid``, so scattering zeros through them never overwrites a real candidate.
     """
+
+    # A row is compact when it has at most this fraction of the keys as candidates.
+    COMPACT_FRACTION = 0.5
 
     def __init__(self, num_keys: int, valid: torch.Tensor | None = None):
         self.valid = valid
+        self.num_keys = num_keys
         self.num_candidates = num_keys
+        self.num_slots = num_keys
+        self.full_rows = None if valid is None else valid.shape[0]
+        self.full_invalid = None
+        self.cand_idx = self.cand_valid = None
+        if valid is not None:
+            self._find_compact_rows(valid)
+
+    def _find_compact_rows(self, valid: torch.Tensor) -> None:
+        counts = valid.sum(-1)
+        compact = counts <= self.COMPACT_FRACTION * self.num_keys
+        f = int((~compact).sum())
+        if f == valid.shape[0] or bool(compact[:f].any()):  # no compact tail: all rows dense
+            self.full_invalid = None if bool(valid.all()) else ~valid
+            return
+        self.full_rows = f
+        head = valid[:f]
+        self.full_invalid = None if bool(head.all()) else ~head
+        tail = valid[f:]
+        mc = int(counts[f:].max())
+        # Candidates first (in key order), then non-candidates: the first mc columns of a
+        # stable sort of ~tail are each row's candidates padded with distinct non-candidates.
+        order = torch.sort((~tail).to(torch.uint8), dim=-1, stable=True).indices[:, :mc]
+        self.cand_idx = order
+        self.cand_valid = tail.gather(-1, order)
 
     def to_query_layout(self, x):
         return x
@@ -129,22 +244,19 @@ class DenseNeighbourhood:
     def from_query_layout(self, x):
         return x
 
+    def chunks(self, heads: range, num_queries: int, budget: int | None):
+        per = len(heads) if budget is None else max(1, budget // max(1, num_queries * self.num_keys))
+        for h0 in range(heads.start, heads.stop, per):
+            yield (slice(h0, min(h0 + per, heads.stop)),)
+
     def dots(self, a, b):
         return a @ b.transpose(-1, -2)
-
-    def gather(self, w, b):
-        return w @ b
-
-    def scatter(self, w, a):
-        return w.transpose(-1, -2) @ a
 
     def gather_scalar(self, s):
         return s[:, :, None, :]
 
-    def scatter_scalar(self, w):
-        return w.sum(-2)
 
-
+# --------------------------------------------------------------------------- 2-D grid
 @functools.lru_cache(maxsize=64)
 def _grid_valid_cpu(rows: int, cols: int, offsets: tuple, num_prefix: int) -> torch.Tensor:
     r = torch.arange(rows).repeat_interleave(cols)[:, None]
@@ -155,13 +267,19 @@ def _grid_valid_cpu(rows: int, cols: int, offsets: tuple, num_prefix: int) -> to
     return torch.cat([torch.ones(rows * cols, num_prefix, dtype=torch.bool), inside], dim=1)
 
 
+@functools.lru_cache(maxsize=64)
+def _grid_invalid(rows: int, cols: int, offsets: tuple, num_prefix: int, device) -> torch.Tensor:
+    return (~_grid_valid_cpu(rows, cols, offsets, num_prefix)).to(device)
+
+
 class GridNeighbourhood:
     """Patch queries of 2-D local attention: the prefix keys plus the patches at fixed
     grid offsets (the radius neighbourhood).
 
-    Candidates are read as shifted views of the zero-padded key grid, one per offset, so
-    nothing larger than (B, H, G, D) is ever materialised per offset: O(G M D) time,
-    O(G M) extra memory, with G = rows * cols and M = P + |offsets|.
+    Keys sit in a buffer of the prefix rows followed by the zero-bordered patch grid;
+    the candidates at one offset are a shifted strided view of it, so each offset costs
+    one pass over the chunk's queries and nothing larger than the chunk is materialised:
+    O(G M D) time, O(G M) memory, with G = rows * cols and M = P + |offsets|.
     """
 
     def __init__(self, grid, radius: int, metric: str, num_prefix: int, device):
@@ -169,8 +287,17 @@ class GridNeighbourhood:
         self.r = radius
         self.p = num_prefix
         self.offsets = tuple(grid_offsets(radius, metric))
-        self.valid = _grid_valid_cpu(self.rows, self.cols, self.offsets, num_prefix).to(device)
+        self.device = device
         self.num_candidates = num_prefix + len(self.offsets)
+        self.num_slots = self.num_candidates
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """(G, M) bool."""
+        return ~self._invalid()
+
+    def _invalid(self) -> torch.Tensor:
+        return _grid_invalid(self.rows, self.cols, self.offsets, self.p, self.device)
 
     def to_query_layout(self, x):
         return x[:, :, self.p :]
@@ -178,15 +305,98 @@ class GridNeighbourhood:
     def from_query_layout(self, x):
         return x
 
+    # chunks and key buffers ----------------------------------------------------
+    def chunks(self, heads: range, num_queries: int, budget: int | None):
+        """Whole grids of several heads, or bands of grid rows of one head."""
+        g = self.rows * self.cols
+        per_row = self.cols * self.num_candidates
+        if budget is None or self.rows * per_row <= budget:
+            per = len(heads) if budget is None else max(1, budget // (self.rows * per_row))
+            for h0 in range(heads.start, heads.stop, per):
+                yield (slice(h0, min(h0 + per, heads.stop)), slice(0, g))
+            return
+        rows = max(1, budget // per_row)
+        for h in heads:
+            for r0 in range(0, self.rows, rows):
+                r1 = min(r0 + rows, self.rows)
+                yield (slice(h, h + 1), slice(r0 * self.cols, r1 * self.cols))
+
+    def key_buffer(self, bh: int, width: int, like: torch.Tensor) -> torch.Tensor:
+        padded = (self.rows + 2 * self.r) * (self.cols + 2 * self.r)
+        return like.new_zeros(bh, self.p + padded, width)
+
+    def _grid(self, buf):
+        return buf[:, self.p :].unflatten(1, (self.rows + 2 * self.r, self.cols + 2 * self.r))
+
+    def write_keys(self, buf, x):
+        buf[:, : self.p] = x[:, : self.p]
+        r = self.r
+        self._grid(buf)[:, r : r + self.rows, r : r + self.cols] = x[:, self.p :].unflatten(1, (self.rows, self.cols))
+
+    def read_keys(self, buf):
+        r = self.r
+        inner = self._grid(buf)[:, r : r + self.rows, r : r + self.cols].flatten(1, 2)
+        return torch.cat([buf[:, : self.p], inner], dim=1)
+
+    def _shifted(self, buf, ch, dr, dc):
+        """Keys at offset (dr, dc) from the chunk's patches: (bhc, rows_c, cols, E) view."""
+        heads, tokens = ch
+        r0, r1 = tokens.start // self.cols, tokens.stop // self.cols
+        top, left = self.r + dr + r0, self.r + dc
+        return self._grid(buf)[heads, top : top + r1 - r0, left : left + self.cols]
+
+    def _as_grid(self, x):
+        return x.unflatten(1, (-1, self.cols))
+
+    # sparse products on a chunk ---------------------------------------------
+    def dots_chunk(self, ch, a, buf):
+        heads = ch[0]
+        out = a.new_empty(*a.shape[:-1], self.num_candidates)
+        if self.p:
+            torch.bmm(a, buf[heads, : self.p].transpose(1, 2), out=out[..., : self.p])
+        a_g, out_g = self._as_grid(a), self._as_grid(out)
+        for m, (dr, dc) in enumerate(self.offsets):
+            torch.linalg.vecdot(a_g, self._shifted(buf, ch, dr, dc), out=out_g[..., self.p + m])
+        return out
+
+    def distances(self, ch, q, q_sq, kbuf, k_sq):
+        """(|q|^2 + |k|^2) - 2 q.k, in the reference's order of rounding."""
+        dots = self.dots_chunk(ch, q, kbuf[..., : q.shape[-1]])
+        heads, tokens = ch
+        local = [self._shifted(k_sq, ch, dr, dc) for dr, dc in self.offsets]
+        if self.p:
+            prefix = k_sq[heads, None, None, : self.p].expand(*local[0].shape, self.p)
+            local = list(prefix.unbind(-1)) + local
+        dist = torch.stack(local, dim=-1).flatten(1, 2).add_(q_sq).sub_(dots, alpha=2.0)
+        return dist.masked_fill_(self._invalid()[tokens], _INF)
+
+    def gather(self, ch, w, buf, out):
+        heads = ch[0]
+        if self.p:
+            torch.bmm(w[..., : self.p], buf[heads, : self.p], out=out)
+        else:
+            out.zero_()
+        out_g, w_g = self._as_grid(out), self._as_grid(w)
+        for m, (dr, dc) in enumerate(self.offsets):
+            out_g.addcmul_(w_g[..., self.p + m, None], self._shifted(buf, ch, dr, dc))
+        return out
+
+    def scatter_add_(self, ch, w, a, acc):
+        heads = ch[0]
+        if self.p:
+            acc[heads, : self.p].baddbmm_(w[..., : self.p].transpose(1, 2), a)
+        a_g, w_g = self._as_grid(a), self._as_grid(w)
+        for m, (dr, dc) in enumerate(self.offsets):
+            self._shifted(acc, ch, dr, dc).addcmul_(w_g[..., self.p + m, None], a_g)
+
+    # whole-tensor products (krause.flex) -------------------------------------
     def _padded_grid(self, b):
-        """(B, H, N, ...) -> (B, H, rows + 2r, cols + 2r, ...) patch keys with a zero border."""
         g = b[:, :, self.p :]
         g = g.reshape(*g.shape[:2], self.rows, self.cols, *g.shape[3:])
         trailing = [0, 0] * (g.dim() - 4)
         return F.pad(g, trailing + [self.r, self.r, self.r, self.r])
 
-    def _shifted(self, padded, dr, dc):
-        """Keys at offset (dr, dc) from every patch, as a (B, H, G, ...) view."""
+    def _shifted_whole(self, padded, dr, dc):
         r0, c0 = self.r + dr, self.r + dc
         view = padded[:, :, r0 : r0 + self.rows, c0 : c0 + self.cols]
         return view.reshape(*view.shape[:2], self.rows * self.cols, *view.shape[4:])
@@ -194,43 +404,11 @@ class GridNeighbourhood:
     def dots(self, a, b):
         prefix = a @ b[:, :, : self.p].transpose(-1, -2)
         padded = self._padded_grid(b)
-        local = [torch.linalg.vecdot(a, self._shifted(padded, dr, dc)) for dr, dc in self.offsets]
+        local = [torch.linalg.vecdot(a, self._shifted_whole(padded, dr, dc)) for dr, dc in self.offsets]
         return torch.cat([prefix, torch.stack(local, dim=-1)], dim=-1)
-
-    def gather(self, w, b):
-        out = w[..., : self.p] @ b[:, :, : self.p]
-        padded = self._padded_grid(b)
-        for m, (dr, dc) in enumerate(self.offsets):
-            out = out + w[..., self.p + m, None] * self._shifted(padded, dr, dc)
-        return out
-
-    def _scatter_grid(self, per_offset, trailing_shape, like):
-        """Adds per-offset query-side contributions back onto the keys they came from."""
-        padded = like.new_zeros(
-            *like.shape[:2], self.rows + 2 * self.r, self.cols + 2 * self.r, *trailing_shape
-        )
-        for (dr, dc), contrib in zip(self.offsets, per_offset):
-            r0, c0 = self.r + dr, self.r + dc
-            padded[:, :, r0 : r0 + self.rows, c0 : c0 + self.cols] += contrib.reshape(
-                *contrib.shape[:2], self.rows, self.cols, *trailing_shape
-            )
-        inner = padded[:, :, self.r : self.r + self.rows, self.r : self.r + self.cols]
-        return inner.reshape(*inner.shape[:2], self.rows * self.cols, *trailing_shape)
-
-    def scatter(self, w, a):
-        prefix = w[..., : self.p].transpose(-1, -2) @ a
-        per_offset = (w[..., self.p + m, None] * a for m in range(len(self.offsets)))
-        local = self._scatter_grid(per_offset, (a.shape[-1],), a)
-        return torch.cat([prefix, local], dim=2)
 
     def gather_scalar(self, s):
         prefix = s[:, :, None, : self.p].expand(*s.shape[:2], self.rows * self.cols, self.p)
         padded = self._padded_grid(s)
-        local = torch.stack([self._shifted(padded, dr, dc) for dr, dc in self.offsets], dim=-1)
+        local = torch.stack([self._shifted_whole(padded, dr, dc) for dr, dc in self.offsets], dim=-1)
         return torch.cat([prefix, local], dim=-1)
-
-    def scatter_scalar(self, w):
-        prefix = w[..., : self.p].sum(-2)
-        per_offset = (w[..., self.p + m] for m in range(len(self.offsets)))
-        local = self._scatter_grid(per_offset, (), w)
-        return torch.cat([prefix, local], dim=2)
