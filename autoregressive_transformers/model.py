@@ -15,6 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from krause.cache import StandardKVCache
+from krause.nn import CausalSelfAttention
+
 from .attention import build_attention
 from .config import ModelConfig
 
@@ -123,7 +126,17 @@ class PixelTransformer(nn.Module):
         """Empty decoding caches: Krause ring buffers (W keys/values per layer), softmax KV
         caches, or linear-attention recurrent states."""
         device = device if device is not None else self.pos_emb.device
-        caches = [blk.attn.new_cache(batch_size, device=device, dtype=dtype) for blk in self.blocks]
+        caches = []
+        for blk in self.blocks:
+            attn = blk.attn
+            if isinstance(attn, CausalSelfAttention):
+                # The sequence length is known: size the KV cache once instead of letting it
+                # double (256 -> 4096 slots for CIFAR-10's 3,072 tokens).
+                caches.append(StandardKVCache(batch_size, attn.num_kv_heads, attn.head_dim, device,
+                                              dtype if dtype is not None else attn.q_proj.weight.dtype,
+                                              capacity=self.cfg.seq_len))
+            else:
+                caches.append(attn.new_cache(batch_size, device=device, dtype=dtype))
         return DecodeState(caches, batch_size)
 
     @torch.no_grad()
