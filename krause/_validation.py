@@ -7,8 +7,17 @@ so a researcher sees at once which knob is wrong.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
+
+# log_sigma tensors already found finite, with the version counter they had then. The
+# check costs a host sync on GPU, so a tensor is re-checked only after it changed
+# (e.g. an optimizer step), not on every call: decoding calls the op once per layer
+# per token with the same parameter.
+# Keyed by id() with a weak reference to confirm identity (tensors cannot be dict keys
+# by value: their == is elementwise).
+_FINITE_CHECKED: dict[int, tuple[weakref.ref, int]] = {}
 
 METRICS = ("manhattan", "chebyshev")
 
@@ -75,10 +84,23 @@ def check_log_sigma(log_sigma, num_heads: int, like: torch.Tensor) -> torch.Tens
         raise ValueError(f"log_sigma must be floating point, got {log_sigma.dtype}")
     if log_sigma.device != like.device:
         raise ValueError(f"log_sigma is on {log_sigma.device} but q is on {like.device}")
-    # The check costs a host sync on GPU; skipped while tracing so torch.compile stays graph-break free.
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(log_sigma.detach()).all()):
-        raise ValueError(f"log_sigma must be finite, got {log_sigma.detach().cpu().tolist()}")
+    # Skipped while tracing so torch.compile stays graph-break free.
+    if not torch.compiler.is_compiling():
+        _check_finite_once(log_sigma)
     return log_sigma
+
+
+def _check_finite_once(log_sigma: torch.Tensor) -> None:
+    key = id(log_sigma)
+    seen = _FINITE_CHECKED.get(key)
+    if seen is not None and seen[0]() is log_sigma and seen[1] == log_sigma._version:
+        return
+    if not bool(torch.isfinite(log_sigma.detach()).all()):
+        raise ValueError(f"log_sigma must be finite, got {log_sigma.detach().cpu().tolist()}")
+    if len(_FINITE_CHECKED) > 4096:  # drop entries of tensors that have been freed
+        for stale in [k for k, (ref, _) in _FINITE_CHECKED.items() if ref() is None]:
+            del _FINITE_CHECKED[stale]
+    _FINITE_CHECKED[key] = (weakref.ref(log_sigma), log_sigma._version)
 
 
 def check_grid(grid, num_tokens: int, num_prefix_tokens: int) -> tuple[int, int]:

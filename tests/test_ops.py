@@ -374,3 +374,19 @@ def test_compiled_op_accepts_non_contiguous_inputs():
     out = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v)
     torch.testing.assert_close(out, f(q, k, v))
     out.sum().backward()
+
+
+def test_log_sigma_modified_in_place_is_checked_again():
+    """The finiteness check is cached per tensor version, never skipped for a changed tensor."""
+    q, k, v = _good()
+    ls = torch.zeros(4)
+    krause.causal_krause_attention(q, k, v, ls, 4, 2)
+    ls[1] = float("nan")  # bumps the version counter
+    with pytest.raises(ValueError, match="^log_sigma"):
+        krause.causal_krause_attention(q, k, v, ls, 4, 2)
+    param = torch.nn.Parameter(torch.zeros(4))
+    krause.causal_krause_attention(q, k, v, param, 4, 2)
+    with torch.no_grad():
+        param.fill_(float("inf"))
+    with pytest.raises(ValueError, match="^log_sigma"):
+        krause.causal_krause_attention(q, k, v, param, 4, 2)
