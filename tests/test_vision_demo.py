@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from krause.training import read_metrics
-from test_vision_data import write_cifar10  # tests/ is on sys.path (rootdir-less test modules)
+from vision_transformers.fake_data import write_cifar10
 from vision_transformers import demo
 
 REPO = Path(__file__).resolve().parents[1]

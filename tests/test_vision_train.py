@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from krause.training import read_metrics
-from test_vision_data import write_cifar10, write_image_folder  # tests/ is on sys.path (rootdir-less test modules)
+from vision_transformers.fake_data import write_cifar10, write_image_folder
 from vision_transformers import train
 
 REPO = Path(__file__).resolve().parents[1]

@@ -55,7 +55,6 @@ from krause.training import (
     read_metrics,
     seed_everything,
     setup_logging,
-    unwrap_model,
     warmup_cosine_scheduler,
     warmup_steps,
     wrap_ddp,
