@@ -33,7 +33,14 @@ from . import analysis, train
 from .data import build_datasets
 from .models import create
 
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "runs" / "vision_demo"
+def _default_out() -> Path:
+    """<checkout>/runs/vision_demo when running from a source checkout, else ./runs/vision_demo."""
+    checkout = Path(__file__).resolve().parents[1]
+    base = checkout if (checkout / "pyproject.toml").is_file() and (checkout / "krause").is_dir() else Path.cwd()
+    return base / "runs" / "vision_demo"
+
+
+DEFAULT_OUT = _default_out()
 PAIR = (("KViT", "kvit", "kvit_small_patch4_32"), ("ViT", "vit", "vit_small_patch4_32"))
 
 
