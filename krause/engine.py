@@ -194,27 +194,40 @@ def _select(d, top_k: int, coef, p_out, d_out) -> None:
         return
     vals, idx = d.topk(top_k, dim=-1, largest=False, sorted=False)
     vals.clamp_min_(0.0)
-    p = torch.softmax(vals * -coef, dim=-1)
     # Fewer valid candidates than top_k: the extra (infinite) ones get weight 0; zeroing
     # their distance keeps 0 * inf out of the backward.
-    vals.masked_fill_(vals == _INF, 0.0)
+    extra = vals == _INF
+    p = _softmax_(vals * -coef, -1, extra)
+    vals.masked_fill_(extra, 0.0)
     p_out.zero_().scatter_(-1, idx, p)
     d_out.zero_().scatter_(-1, idx, vals)
 
 
-@functools.lru_cache(maxsize=32)
-def _strictly_lower(m: int, device) -> torch.Tensor:
-    return torch.ones(m, m, dtype=torch.bool).tril_(-1).to(device)
+def _softmax_(x: torch.Tensor, dim: int, drop: torch.Tensor | None = None) -> torch.Tensor:
+    """In-place softmax along a short dimension, over the entries not in ``drop`` (which
+    must be -inf in x); every row must keep a finite entry (each query is always one of
+    its own candidates). torch.softmax vectorises along the softmax dimension, slow when it
+    has a handful of entries. Shifted logits are clamped at -80 before exp (exp of -inf or
+    of numbers that underflow takes a slow path): a kept entry more than 80 below the
+    row's maximum gets weight e^-80 / sum ~ 1e-35 instead of a smaller number or 0."""
+    x.sub_(x.amax(dim, keepdim=True)).clamp_min_(-80.0).exp_()
+    if drop is not None:
+        x.masked_fill_(drop, 0.0)
+    return x.div_(x.sum(dim, keepdim=True))
 
 
 def _rank_keep(d: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Boolean mask of the top_k smallest entries of each row of d (..., M), ties to the
-    lower index: slot m is kept when fewer than top_k slots beat it. O(M^2) per row, but
-    vectorised, so much faster than torch.topk's per-row selection for small M."""
-    other, this = d[..., None, :], d[..., :, None]
-    before = _strictly_lower(d.shape[-1], d.device)
-    rank = (other < this).sum(-1) + ((other == this) & before).sum(-1)
-    return rank < top_k
+    """d (B, M, R), slot-major: True for the top_k smallest of the M slots of each (B, r),
+    ties to the lower slot. Slot m is kept when fewer than top_k slots beat it; O(M^2)
+    comparisons of contiguous vectors, much faster than torch.topk's per-row selection
+    when M is small."""
+    m = d.shape[1]
+    beaten = torch.zeros(d.shape, dtype=torch.int8, device=d.device)
+    for j in range(m):
+        dj = d[:, j : j + 1]
+        beaten[:, j + 1 :] += dj <= d[:, j + 1 :]
+        beaten[:, :j] += dj < d[:, :j]
+    return beaten < top_k
 
 
 def _dl_inplace(dp, p):
@@ -241,25 +254,31 @@ def _dense_forward(nbr, q, k, v, coef, top_k):
     def body(ch):
         hs = ch[0]
         q_c, k_c, cc = qf[hs], kf[hs], c[hs].view(-1, 1, 1)
-        dd = torch.add(q_c.pow(2).sum(-1, keepdim=True), k_c.pow(2).sum(-1)[:, None, :])
-        dd.baddbmm_(q_c, k_c.transpose(1, 2), alpha=-2.0)
+        q_sq, k_sq = q_c.pow(2).sum(-1, keepdim=True), k_c.pow(2).sum(-1)[:, None, :]
+        dots = torch.bmm(q_c, k_c.transpose(1, 2))
+        # distances (|q|^2 + |k|^2) - 2 q.k (the reference's rounding), dense for the
+        # first f rows, for the candidate slots only in the compact rows
         p_out, d_out = probs[hs], dist[hs]
         if f:
-            head = dd[:, :f]
+            head = torch.add(q_sq[:, :f], k_sq).sub_(dots[:, :f], alpha=2.0)
             if nbr.full_invalid is not None:
                 head.masked_fill_(nbr.full_invalid, _INF)
             _select(head, top_k, cc, p_out[:, :f], d_out[:, :f])
-        if f < nq:
-            idx = nbr.cand_idx.expand(dd.shape[0], -1, -1)
-            dc = dd[:, f:].gather(-1, idx)
-            if top_k < dc.shape[-1]:
-                keep = _rank_keep(dc.masked_fill_(~nbr.cand_valid, _INF), top_k) & nbr.cand_valid
-            else:
-                keep = nbr.cand_valid.expand_as(dc)
+        if f < nq:  # compact rows, slot-major (bhc, Mc, Nq - F)
+            n_h, mc = dots.shape[0], nbr.cand_valid.shape[0]
+            pick = nbr.flat_idx
+            k_sq_c = k_sq[:, 0].index_select(1, nbr.key_idx).view(n_h, mc, nq - f)
+            dc = k_sq_c.add_(q_sq[:, f:, 0].unsqueeze(1))
+            dc.sub_(dots.view(n_h, -1).index_select(1, pick).view(n_h, mc, nq - f), alpha=2.0)
+            dc.masked_fill_(nbr.cand_invalid, _INF)
+            drop = ~_rank_keep(dc, top_k) if top_k < mc else nbr.cand_invalid
+            drop = drop | nbr.cand_invalid
             dc.clamp_min_(0.0)
-            p = torch.softmax((dc * -cc).masked_fill_(~keep, -_INF), dim=-1)
-            p_out[:, f:].zero_().scatter_(-1, idx, p)
-            d_out[:, f:].zero_().scatter_(-1, idx, dc.masked_fill_(~keep, 0.0))
+            p = _softmax_((dc * -cc).masked_fill_(drop, -_INF), 1, drop)
+            p_out[:, f:].zero_()
+            p_out.view(n_h, -1).index_copy_(1, nbr.flat_idx, p.view(n_h, -1))
+            d_out[:, f:].zero_()
+            d_out.view(n_h, -1).index_copy_(1, nbr.flat_idx, dc.masked_fill_(drop, 0.0).view(n_h, -1))
         torch.bmm(p_out, vf[hs], out=out[hs])
 
     _run_chunks(nbr, q.device, bh, nq, body)
@@ -288,14 +307,19 @@ def _dense_backward(nbr, grad_out, q, k, v, coef, probs, dist):
             dcoef[hs] += _dcoef(dl, dst[:, :f])
             dl.mul_(-cc).masked_fill_(dst[:, :f] <= 0.0, 0.0)
             torch.sum(dl, -1, keepdim=True, out=rowsum[:, :f])
-        if f < nq:
-            idx = nbr.cand_idx.expand(dd.shape[0], -1, -1)
-            dst_c = dst[:, f:].gather(-1, idx)
-            dl = _dl_inplace(dd[:, f:].gather(-1, idx), p[:, f:].gather(-1, idx))
+        if f < nq:  # compact rows, slot-major (bhc, Mc, Nq - F)
+            n_h, mc = dd.shape[0], nbr.cand_valid.shape[0]
+
+            def compact(x):
+                return x.reshape(n_h, -1).index_select(1, nbr.flat_idx).view(n_h, mc, nq - f)
+
+            dst_c, p_c, dl = compact(dst), compact(p), compact(dd)
+            dl.sub_((dl * p_c).sum(1, keepdim=True)).mul_(p_c)
             dcoef[hs] += _dcoef(dl, dst_c)
             dl.mul_(-cc).masked_fill_(dst_c <= 0.0, 0.0)
-            torch.sum(dl, -1, keepdim=True, out=rowsum[:, f:])
-            dd[:, f:].zero_().scatter_(-1, idx, dl)
+            torch.sum(dl, 1, out=rowsum[:, f:, 0])
+            dd[:, f:].zero_()
+            dd.view(n_h, -1).index_copy_(1, nbr.flat_idx, dl.view(n_h, -1))
         # dq = 2 q sum_m dd - 2 dd k;  dk = 2 k sum_i dd - 2 dd^T q
         torch.bmm(dd, k_c, out=dq[hs]).mul_(-2.0).addcmul_(q_c, rowsum, value=2.0)
         colsum = dd.sum(-2)[..., None]

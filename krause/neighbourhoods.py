@@ -33,10 +33,17 @@ import torch.nn.functional as F
 
 from .masks import grid_offsets
 
-# Scores (query x candidate pairs) per chunk. A chunk's score tensors plus the query and
-# key rows it touches should fit in a core's L2 cache (2 MiB on the benchmark machine):
-# 2^15 fp32 scores = 128 KiB. Measured with benchmarks/attention_scaling.py --tune.
-CHUNK_SCORES = 1 << 15
+# Scores (query x candidate pairs) per chunk of the band and grid paths, whose chunks
+# re-read their queries and keys once per matmul or grid offset: the chunk's scores and
+# the rows they touch should stay in a core's L2 cache (2 MiB on the benchmark machine).
+# 2^16 (256 KiB of fp32 scores) measured best for the causal band (2^16..2^18 within
+# noise; 2^14 12% slower at T=16k) and the ViT-S grids (14x14 .. 64x64: 2^15 5% and
+# 2^17 15-20% slower) in single-threaded CPU time (benchmarks/attention_scaling.py --tune).
+CHUNK_SCORES = 1 << 16
+# The dense path reads each key once per matmul whatever the chunk, so its chunks only
+# bound the temporaries; small chunks just add per-op overhead (8x8 grid, B=32: 26 ms at
+# 2^15, 18-20 ms from 2^19 on).
+DENSE_CHUNK_SCORES = 1 << 20
 
 _INF = float("inf")
 
@@ -171,9 +178,9 @@ class BandNeighbourhood:
             start = (blocks.start + t) * c
             target = acc[h, start : start + nbc * c].unflatten(-2, (nbc, c))[..., :width, :]
             w_t = w[..., t * c : t * c + width].transpose(-1, -2)
-            if target.dim() == 3:
-                target.baddbmm_(w_t, a)
-            else:
+            if target.dim() == 3 and width == c:
+                target.baddbmm_(w_t, a)  # in place: the target is a plain (nbc, C, E) block
+            else:  # (a partial last part would make baddbmm_ fall back to one addmm per block)
                 target.add_(torch.matmul(w_t, a))
 
     # whole-tensor products (krause.flex) -------------------------------------
@@ -201,9 +208,10 @@ class DenseNeighbourhood:
     each (the patch queries of a small grid: at most P + |offsets|), the scores of those
     rows are computed densely (one matmul) but everything after that (top-k, softmax,
     the backward's elementwise work) runs on their Mc candidates only, gathered through
-    ``cand_idx`` (Nq - F, Mc); the first F rows (the prefix queries) stay dense. Padding
-    slots of short rows point at distinct non-candidate keys and are marked invalid in
-    ``cand_valid``, so scattering zeros through them never overwrites a real candidate.
+    ``cand_idx`` (Nq - F, Mc) (``flat_idx``: the same, slot-major, into the flattened
+    (Nq, Nk) scores); the first F rows (the prefix queries) stay dense. Padding slots of
+    short rows point at distinct non-candidate keys and are marked invalid in
+    ``cand_valid``, so writing zeros through them never overwrites a real candidate.
     """
 
     # A row is compact when it has at most this fraction of the keys as candidates.
@@ -216,7 +224,7 @@ class DenseNeighbourhood:
         self.num_slots = num_keys
         self.full_rows = None if valid is None else valid.shape[0]
         self.full_invalid = None
-        self.cand_idx = self.cand_valid = None
+        self.cand_idx = self.cand_valid = self.cand_invalid = self.flat_idx = None
         if valid is not None:
             self._find_compact_rows(valid)
 
@@ -236,7 +244,13 @@ class DenseNeighbourhood:
         # stable sort of ~tail are each row's candidates padded with distinct non-candidates.
         order = torch.sort((~tail).to(torch.uint8), dim=-1, stable=True).indices[:, :mc]
         self.cand_idx = order
-        self.cand_valid = tail.gather(-1, order)
+        # Slot-major (Mc, Nq - F) views of the compact rows: slot j of every row is one
+        # contiguous vector, so per-slot work and reductions over slots vectorise well.
+        rows = torch.arange(f, valid.shape[0], device=valid.device)
+        self.key_idx = order.t().reshape(-1)  # the candidate keys, slot-major
+        self.flat_idx = (rows[None, :] * self.num_keys + order.t()).reshape(-1)  # into (Nq * Nk)
+        self.cand_valid = tail.gather(-1, order).t().contiguous()  # (Mc, Nq - F)
+        self.cand_invalid = ~self.cand_valid
 
     def to_query_layout(self, x):
         return x
@@ -245,7 +259,8 @@ class DenseNeighbourhood:
         return x
 
     def chunks(self, heads: range, num_queries: int, budget: int | None):
-        per = len(heads) if budget is None else max(1, budget // max(1, num_queries * self.num_keys))
+        """Groups of heads; on CPU (a budget is given) of up to DENSE_CHUNK_SCORES scores."""
+        per = len(heads) if budget is None else max(1, DENSE_CHUNK_SCORES // max(1, num_queries * self.num_keys))
         for h0 in range(heads.start, heads.stop, per):
             yield (slice(h0, min(h0 + per, heads.stop)),)
 
