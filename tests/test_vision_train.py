@@ -199,3 +199,25 @@ def test_torchrun_two_processes_gloo_equals_one_process(tmp_path):
     _assert_same_records(one, two, rel=2e-4)
     launches = [json.loads(line) for line in (tmp_path / "two" / "launches.jsonl").read_text().splitlines()]
     assert launches[-1]["world_size"] == 2
+
+
+def test_compare_runs_side_by_side(tmp_path, capsys):
+    from vision_transformers import compare
+
+    base = TINY + ["--epochs", "1"]
+    for model in ("vit-s", "kvit-s"):
+        argv = [a if a != "kvit-s" else model for a in base] + ["--out_dir", str(tmp_path / model)]
+        assert train.main(argv) == 0
+    capsys.readouterr()
+    out = tmp_path / "cmp"
+    assert compare.main([str(tmp_path / "vit-s"), str(tmp_path / "kvit-s"), "--labels", "ViT,KViT",
+                         "--out_dir", str(out)]) == 0
+    rows = json.loads((out / "comparison.json").read_text())
+    assert [r["label"] for r in rows] == ["ViT", "KViT"]
+    assert rows[1]["params"] - rows[0]["params"] == 2 and rows[0]["sigma"] is None and len(rows[1]["sigma"]) == 2
+    for fig in ("curves.png", "attention.png", "sigma_KViT.png"):
+        assert (out / fig).stat().st_size > 1000
+    printed = capsys.readouterr().out
+    assert "ViT" in printed and "KViT" in printed and "best acc1" in printed
+    assert compare.main([str(tmp_path / "nothing"), "--out_dir", str(out)]) == 2
+    assert "not a run directory" in capsys.readouterr().err
