@@ -305,7 +305,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device, amp: str, channels_la
             F.cross_entropy(logits, y, reduction="sum").double(),
             (top[:, 0] == y).sum().double(),
             (top == y[:, None]).any(1).sum().double(),
-            torch.tensor(float(y.numel()), dtype=torch.float64, device=device),
+            y.new_full((), y.numel(), dtype=torch.float64),
         ])
     sums = all_reduce_sum(sums)
     model.train(was)
@@ -499,7 +499,7 @@ def _train(args: argparse.Namespace, env) -> int:
                 with torch.no_grad():
                     hard = target.argmax(1) if target.dim() == 2 else target
                     local = torch.stack([loss.detach().double() * y.numel(), (logits.argmax(1) == hard).sum().double(),
-                                         torch.tensor(float(y.numel()), dtype=torch.float64, device=y.device)])
+                                         y.new_full((), y.numel(), dtype=torch.float64)])
                     sums += local
                     log_sums += local
                 if step % args.log_every == 0:
