@@ -57,7 +57,12 @@ def time_interleaved(
     Every case runs ``warmup`` untimed times first, then ``repeats`` rounds run each case
     once, in an order rotated by one each round. A case whose runs have used up
     ``max_seconds_per_case`` stops early (keeping at least one timed run), so one slow
-    baseline cannot take over a benchmark. Returns ``{name: {"median_s", "times_s"}}``.
+    baseline cannot take over a benchmark.
+
+    Returns ``{name: {"median_s", "times_s", "cpu_median_s"}}``: wall times, and the
+    process CPU time (user + system, all threads) of the same runs. On a shared machine
+    the CPU time is the steadier measure of work (it leaves out time spent waiting for a
+    core); for a single-threaded run it is close to the wall time on an idle machine.
     """
     names = list(cases)
     for name in names:
@@ -65,17 +70,22 @@ def time_interleaved(
             cases[name]()
         synchronize(device)
     times: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
         order = names[r % len(names):] + names[: r % len(names)] if names else []
         for name in order:
             if max_seconds_per_case is not None and times[name] and sum(times[name]) >= max_seconds_per_case:
                 continue
             synchronize(device)
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             cases[name]()
             synchronize(device)
             times[name].append(time.perf_counter() - t0)
-    return {name: {"median_s": statistics.median(ts), "times_s": ts} for name, ts in times.items()}
+            cpu[name].append(time.process_time() - c0)
+    return {
+        name: {"median_s": statistics.median(ts), "times_s": ts, "cpu_median_s": statistics.median(cpu[name])}
+        for name, ts in times.items()
+    }
 
 
 def time_once(fn: Callable[[], Any], device: torch.device | str = "cpu") -> float:
@@ -137,6 +147,14 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def load_average() -> list[float] | None:
+    """1, 5 and 15 minute load averages (how busy a shared machine was), where available."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:

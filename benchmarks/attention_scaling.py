@@ -110,6 +110,7 @@ def _inputs(batch, heads, n, dim, device, dtype, seed=0):
 def _measure(cases: dict[str, Callable[[], None]], skipped: dict[str, str], args, device) -> dict[str, dict]:
     """Times the runnable cases together, then measures each one's peak memory."""
     results = {name: {"skipped": reason} for name, reason in skipped.items()}
+    results["load_average_before"] = T.load_average()
     if cases:
         timed = T.time_interleaved(
             cases, device, repeats=args.repeats, warmup=1, max_seconds_per_case=args.max_seconds_per_case
@@ -118,6 +119,7 @@ def _measure(cases: dict[str, Callable[[], None]], skipped: dict[str, str], args
             results[name] = dict(res)
             if not args.skip_memory:
                 results[name]["peak_bytes"] = T.peak_memory(cases[name], device)
+    results["load_average_after"] = T.load_average()
     return results
 
 
@@ -170,7 +172,8 @@ def bench_causal(args, device) -> list[dict]:
         rows.append(row)
         print(
             f"  causal T={n:>6}: "
-            + ", ".join(f"{name} {T.fmt_time(_get(res, name, 'median_s'))}" for name in ("krause", "reference", "sdpa", "flex")),
+            + ", ".join(f"{name} {T.fmt_time(_get(res, name, 'median_s'))}" for name in ("krause", "reference", "sdpa", "flex"))
+            + f"  (load {res['load_average_before'][0] if res['load_average_before'] else '?'})",
             flush=True,
         )
         del leaves, grad, cases
@@ -232,7 +235,8 @@ def bench_2d(args, device) -> list[dict]:
         })
         print(
             f"  2-D {r}x{cc} B={batch}: "
-            + ", ".join(f"{name} {T.fmt_time(_get(res, name, 'median_s'))}" for name in fns),
+            + ", ".join(f"{name} {T.fmt_time(_get(res, name, 'median_s'))}" for name in fns)
+            + f"  (load {res['load_average_before'][0] if res['load_average_before'] else '?'})",
             flush=True,
         )
         del leaves, grad, cases
@@ -265,65 +269,98 @@ def grid_tables(rows, markdown=False) -> str:
 
 
 # --------------------------------------------------------------------------- tuning
+class _Patched:
+    """Temporarily replaces module attributes (forward and backward must see the same)."""
+
+    def __init__(self, module, **values):
+        self.module, self.values, self.saved = module, values, {}
+
+    def __enter__(self):
+        for name, value in self.values.items():
+            self.saved[name] = getattr(self.module, name)
+            setattr(self.module, name, value)
+
+    def __exit__(self, *exc):
+        for name, value in self.saved.items():
+            setattr(self.module, name, value)
+
+
+def _patched_case(step, module, **values):
+    def run():
+        with _Patched(module, **values):
+            step()
+
+    return run
+
+
+def _sweep(title, cases, args, device, key_name, key_values, extra=None) -> list[dict]:
+    """Times cases {label: fn} interleaved; prints and returns rows ranked by CPU time."""
+    timed = T.time_interleaved(cases, device, repeats=args.repeats, warmup=1)
+    best = min(timed, key=lambda k: timed[k]["cpu_median_s"])
+    rows = []
+    for (label, res), value in zip(timed.items(), key_values):
+        rows.append({key_name: value, **(extra or {}), **res})
+    print(f"  {title}: " + ", ".join(
+        f"{label} {T.fmt_time(res['cpu_median_s'])}" + ("*" if label == best else "") for label, res in timed.items()
+    ), flush=True)
+    return rows
+
+
 def tune(args, device) -> dict:
-    """Sweeps behind neighbourhoods.band_block_size and ops.DENSE_2D_MAX_TOKENS."""
-    out: dict = {"band_block": [], "dense_2d": []}
-    c = CAUSAL
-    original = neighbourhoods.band_block_size
+    """Sweeps behind band_block_size, CHUNK_SCORES, DENSE_CHUNK_SCORES and
+    DENSE_2D_MAX_TOKENS. Ranked by process CPU time (steadier than wall time on a shared
+    machine); run with --threads 1 so that CPU time is the time of one core."""
+    out: dict = {"band_block": [], "chunk_scores": [], "dense_chunk_scores": [], "dense_2d": []}
+    c, v = CAUSAL, VIT
     n = args.tune_tokens
-    print(f"\nband block size sweep (causal fwd+bwd, T={n}, H={c['heads']}, D={c['head_dim']}, top_k=W/2):")
-    table_rows = []
-    for window in args.tune_windows:
-        blocks = sorted({b for b in (8, 16, 24, 32, 48, 64, 96, 128, window // 2, window) if 4 <= b <= max(2 * window, 16)})
+    print(f"\nCPU time per forward + backward (* = least); causal T={n}, H={c['heads']}, D={c['head_dim']}:")
+    # Windows and top-k of the experiment families: LMs / LLMs (32, 16), pixel models
+    # MNIST (128, 96) and CIFAR (256, 192).
+    for window, top_k in args.tune_windows:
         leaves, grad = _inputs(1, c["heads"], n, c["head_dim"], device, args.dtype)
-        cases = {}
-        for block in blocks:
-            step = _fwd_bwd(
-                lambda q, k, v, ls, window=window: krause.causal_krause_attention(q, k, v, ls, window, max(1, window // 2)),
-                leaves,
-                grad,
-            )
-
-            def with_block(step=step, block=block):
-                # Forward and backward must both see the same block size.
-                neighbourhoods.band_block_size = lambda w: block
-                try:
-                    step()
-                finally:
-                    neighbourhoods.band_block_size = original
-
-            cases[f"C={block}"] = with_block
-        timed = T.time_interleaved(cases, device, repeats=args.repeats, warmup=1)
-        best = min(timed, key=lambda k: timed[k]["median_s"])
-        for name, res in timed.items():
-            out["band_block"].append({"window": window, "block": int(name[2:]), "T": n, **res})
-        table_rows.append([str(window)] + [f"{name}: {T.fmt_time(res['median_s'])}" for name, res in timed.items()]
-                          + [f"best {best}, rule gives C={original(window)}"])
-        print("  W=" + table_rows[-1][0] + "  " + "  ".join(table_rows[-1][1:]), flush=True)
-
-    print("\n2-D dense vs sparse crossover (fwd+bwd, ViT-S heads, tokens per run ~ 2k):")
-    v = VIT
+        step = _fwd_bwd(lambda q, k, vv, ls, w=window, kk=top_k: krause.causal_krause_attention(q, k, vv, ls, w, kk),
+                        leaves, grad)
+        blocks = sorted({b for b in (8, 16, 24, 32, 48, 64, 96, 128, 192, 256) if b <= max(window, 16)}
+                        | {neighbourhoods.band_block_size(window)})
+        cases = {f"C={b}": _patched_case(step, neighbourhoods, band_block_size=lambda w, b=b: b) for b in blocks}
+        out["band_block"] += _sweep(f"band block, W={window}, top_k={top_k} (rule: C={neighbourhoods.band_block_size(window)})",
+                                    cases, args, device, "block", blocks, {"window": window, "top_k": top_k, "T": n})
+        budgets = [1 << e for e in (14, 15, 16, 17, 18)]
+        cases = {f"2^{b.bit_length() - 1}": _patched_case(step, neighbourhoods, CHUNK_SCORES=b) for b in budgets}
+        out["chunk_scores"] += _sweep(f"CHUNK_SCORES, W={window}", cases, args, device, "chunk_scores", budgets,
+                                      {"case": f"causal W={window}"})
+        del leaves, grad
+    print("2-D (ViT-S heads, 1 CLS token):")
     for side, metric, radius, top_k in args.tune_grids:
         nn = v["prefix"] + side * side
-        batch = max(1, 2048 // nn)
+        batch = max(1, args.tune_2d_tokens // nn)
         leaves, grad = _inputs(batch, v["heads"], nn, v["head_dim"], device, args.dtype, seed=2)
-        cases = {
-            impl: _fwd_bwd(
-                lambda q, k, vv, ls, impl=impl: ops._local_fwd(
-                    q, k, vv, ls, side, side, radius, metric, top_k, v["prefix"], impl == "dense"
-                )[0],
-                leaves,
-                grad,
-            )
-            for impl in ("dense", "sparse")
-        }
-        timed = T.time_interleaved(cases, device, repeats=args.repeats, warmup=1)
-        ratio = timed["sparse"]["median_s"] / timed["dense"]["median_s"]
+
+        def local(dense, side=side, metric=metric, radius=radius, top_k=top_k):
+            return _fwd_bwd(
+                lambda q, k, vv, ls: ops._local_fwd(q, k, vv, ls, side, side, radius, metric, top_k, v["prefix"], dense)[0],
+                leaves, grad)
+
+        label = f"{side}x{side} {metric[:4]} r={radius} k={top_k} N={nn} B={batch}"
+        timed = T.time_interleaved({"dense": local(True), "sparse": local(False)}, device, repeats=args.repeats, warmup=1)
+        ratio = timed["sparse"]["cpu_median_s"] / timed["dense"]["cpu_median_s"]
         out["dense_2d"].append({"side": side, "N": nn, "batch": batch, "metric": metric, "radius": radius,
                                 "top_k": top_k, "dense": timed["dense"], "sparse": timed["sparse"],
-                                "sparse_over_dense": ratio})
-        print(f"  {side}x{side} {metric} r={radius} N={nn} B={batch}: dense {T.fmt_time(timed['dense']['median_s'])}, "
-              f"sparse {T.fmt_time(timed['sparse']['median_s'])}, sparse/dense {ratio:.2f}", flush=True)
+                                "sparse_over_dense_cpu": ratio})
+        print(f"  dense vs sparse, {label}: dense {T.fmt_time(timed['dense']['cpu_median_s'])}, "
+              f"sparse {T.fmt_time(timed['sparse']['cpu_median_s'])}, sparse/dense {ratio:.2f}", flush=True)
+        if side in args.tune_chunk_sides:
+            budgets = [1 << e for e in (14, 15, 16, 17, 18)]
+            cases = {f"2^{b.bit_length() - 1}": _patched_case(local(False), neighbourhoods, CHUNK_SCORES=b) for b in budgets}
+            out["chunk_scores"] += _sweep(f"CHUNK_SCORES, sparse {label}", cases, args, device, "chunk_scores", budgets,
+                                          {"case": f"grid {side}x{side}"})
+        if nn <= 256:
+            budgets = [1 << e for e in (15, 17, 19, 21)]
+            cases = {f"2^{b.bit_length() - 1}": _patched_case(local(True), neighbourhoods, DENSE_CHUNK_SCORES=b)
+                     for b in budgets}
+            out["dense_chunk_scores"] += _sweep(f"DENSE_CHUNK_SCORES, dense {label}", cases, args, device,
+                                                "dense_chunk_scores", budgets, {"case": f"grid {side}x{side}"})
+        del leaves, grad
     return out
 
 
@@ -363,6 +400,11 @@ def targets_table(checks, markdown=False) -> str:
     return T.table(["target", "measured", "goal", ""], rows, markdown)
 
 
+def _pair_arg(text: str):
+    a, b = text.split(":")
+    return int(a), int(b)
+
+
 def _grid_arg(text: str):
     side, metric, radius, top_k = text.split(":")
     return int(side), metric, int(radius), int(top_k)
@@ -385,17 +427,24 @@ def main(argv=None) -> int:
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--only", choices=["causal", "2d"], default=None)
     p.add_argument("--tune", action="store_true", help="run the tuning sweeps instead of the comparison")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     p.add_argument("--tune-tokens", type=int, default=8192)
-    p.add_argument("--tune-windows", type=int, nargs="*", default=[32, 128, 256])
+    p.add_argument("--tune-windows", type=_pair_arg, nargs="*", default=[(32, 16), (128, 96), (256, 192)],
+                   help="WINDOW:TOP_K pairs for the band sweeps")
     p.add_argument("--tune-grids", type=_grid_arg, nargs="*",
                    default=[_grid_arg(s) for s in ("6:manhattan:1:2", "8:manhattan:1:2", "8:chebyshev:2:8",
                                                    "10:chebyshev:2:8", "12:chebyshev:2:8", "14:chebyshev:2:8",
-                                                   "16:chebyshev:2:8", "20:chebyshev:2:8")],
+                                                   "16:chebyshev:2:8", "20:chebyshev:2:8", "28:chebyshev:2:8",
+                                                   "64:chebyshev:2:8")],
                    help="SIDE:METRIC:RADIUS:TOP_K grids for the dense/sparse sweep")
+    p.add_argument("--tune-2d-tokens", type=int, default=4096, help="tokens per 2-D tuning run (sets the batch)")
+    p.add_argument("--tune-chunk-sides", type=int, nargs="*", default=[14, 28, 64])
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
     args.dtype = getattr(torch, args.dtype)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.repeats is None:
         args.repeats = 2 if args.quick else 5
     if args.max_seconds_per_case is None:
@@ -407,6 +456,7 @@ def main(argv=None) -> int:
         args.out = "results/attention_scaling_quick.json" if args.quick else "results/attention_scaling.json"
 
     info = T.machine_info(device)
+    info["load_average_at_start"] = T.load_average()
     print("machine:", T.describe_machine(info), flush=True)
     payload = {
         "benchmark": "attention_scaling",

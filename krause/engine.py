@@ -22,16 +22,21 @@ Everything is computed in fp32 whatever the input dtype.
 
 How it is made fast (on CPU, where these ops are memory-bound):
 
-- Augmented vectors. With qa = [-2q, |q|^2, 1] and ka = [k, 1, |k|^2] the distance is
-  the single dot product qa . ka, so one matmul (or one pass per grid offset) yields it;
-  the same two tensors give the backward's row and column sums for free:
-  sum_m ddist_im ka_n = [sum ddist k, sum ddist, .] and sum ddist_im qa_i = [-2 sum ddist q, ., sum ddist].
 - Top-k first. Softmax runs on the k kept distances only; the dense (*Q, M) probabilities
-  and distances that are saved for the backward are written once, by a scatter.
+  and distances that are saved for the backward are written once, by a scatter. On the
+  dense 2-D path (small grids), everything after the score matmul works on the few
+  candidate slots of each patch query (see DenseNeighbourhood), with a vectorised
+  rank count instead of torch.topk (whose cost is per row, not per element).
 - Chunks. Work proceeds a few heads, or one head and a range of queries, at a time (see
   neighbourhoods.CHUNK_SCORES), so the score tensors and the keys they read stay in cache
   and no large temporary is ever allocated (large allocations cost page faults on every
-  call); results are written straight into the output tensors.
+  call); results are written straight into the output tensors, products run on strided
+  views of the keys (no gathered copies).
+- Threads. On CPU the engine's ops run single-threaded: per-op OpenMP regions cost more
+  than they bring for ops this small, and on a busy machine they stall. Large calls are
+  split by heads among worker threads instead (see _run_chunks).
+- Sums for free. The backward's per-key sum_i dd_in comes out of the same scatter as
+  sum_i dd_in q_i, by scattering [q, 1].
 """
 
 from __future__ import annotations
@@ -129,11 +134,22 @@ def _run_chunks(nbr, device: torch.device, bh: int, num_queries: int, body) -> N
 
     futures = [_get_pool(workers - 1).submit(run, w) for w in range(1, workers)] if workers > 1 else []
     try:
-        with _OneThread(device):
-            run(0)
+        run(0)
     finally:
         for f in futures:
             f.result()
+
+
+def _one_thread_on_cpu(fn):
+    """The engine's entry points run single-threaded in the calling thread on CPU
+    (parallelism comes from the workers of _run_chunks)."""
+
+    @functools.wraps(fn)
+    def wrapper(nbr, *args):
+        with _OneThread(args[0].device):
+            return fn(nbr, *args)
+
+    return wrapper
 
 
 def sigma_coef(log_sigma: torch.Tensor, num_heads: int, extra_dims: int) -> torch.Tensor:
@@ -147,27 +163,14 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
-def _augmented_queries(q: torch.Tensor) -> torch.Tensor:
-    """(..., D) -> (..., D + 2) = [-2 q, |q|^2, 1]."""
-    d = q.shape[-1]
-    qa = q.new_empty(*q.shape[:-1], d + 2)
-    torch.mul(q, -2.0, out=qa[..., :d])
-    torch.linalg.vecdot(q, q, out=qa[..., d])
-    qa[..., d + 1] = 1.0
-    return qa
-
-
-def _key_buffers(nbr, k: torch.Tensor, v: torch.Tensor):
-    """Key buffers of ka = [k, 1, |k|^2], of |k|^2 alone (contiguous) and of v. Zero
-    padding stays zero: padded slots have distance 0 and are masked as invalid."""
-    bh, _, d = k.shape
-    kbuf = nbr.key_buffer(bh, d + 2, k)
-    nbr.write_keys(kbuf[..., :d], k)
-    nbr.write_keys(kbuf[..., d : d + 1], torch.ones_like(k[..., :1]))
-    nbr.write_keys(kbuf[..., d + 1 :], k.pow(2).sum(-1, keepdim=True))
-    vbuf = nbr.key_buffer(bh, v.shape[-1], v)
-    nbr.write_keys(vbuf, v)
-    return kbuf, kbuf[..., d + 1].contiguous(), vbuf
+def _sq_norms(x: torch.Tensor) -> torch.Tensor:
+    """|x|^2 over the last dim, as the reference computes it (x.pow(2).sum(-1)), a few
+    heads at a time so the squares never need a large temporary."""
+    out = x.new_empty(x.shape[:-1])
+    per = max(1, (1 << 20) // max(1, x[0].numel()))
+    for h0 in range(0, x.shape[0], per):
+        torch.sum(x[h0 : h0 + per].pow(2), -1, out=out[h0 : h0 + per])
+    return out
 
 
 def _chunk_coef(c: torch.Tensor, heads, ndim: int) -> torch.Tensor:
@@ -331,6 +334,7 @@ def _dense_backward(nbr, grad_out, q, k, v, coef, probs, dist):
 
 
 # --------------------------------------------------------------------------- band / grid
+@_one_thread_on_cpu
 def forward(nbr, q, k, v, coef, top_k: int):
     """q in the neighbourhood's query layout (B, H, *Q, D) fp32; k, v (B, H, Nk, D) fp32.
 
@@ -341,8 +345,8 @@ def forward(nbr, q, k, v, coef, top_k: int):
         return _dense_forward(nbr, q, k, v, coef, top_k)
     b, h = q.shape[:2]
     bh, m = b * h, nbr.num_slots
-    qf = _flat(q)
-    kbuf, ksq, vbuf = _key_buffers(nbr, _flat(k), _flat(v))
+    qf, kf = _flat(q), _flat(k)
+    kbuf, ksq, vbuf = nbr.keys(kf), nbr.key_scalars(_sq_norms(kf)), nbr.keys(_flat(v))
     c = coef.expand(b, h, *coef.shape[2:]).reshape(bh)
     out = q.new_empty(bh, *q.shape[2:])
     probs = q.new_empty(bh, *q.shape[2:-1], m)
@@ -360,26 +364,25 @@ def forward(nbr, q, k, v, coef, top_k: int):
     return out.view(*shape, q.shape[-1]), probs.view(*shape, m), dist.view(*shape, m)
 
 
+@_one_thread_on_cpu
 def backward(nbr, grad_out, q, k, v, coef, probs, dist):
     """Returns dq (query layout), dk, dv (B, H, Nk, D) and dcoef (H,) — all fp32."""
     if isinstance(nbr, DenseNeighbourhood):
         return _dense_backward(nbr, grad_out, q, k, v, coef, probs, dist)
     b, h = q.shape[:2]
     bh, d = b * h, q.shape[-1]
-    qa = _augmented_queries(_flat(q))
-    kf = _flat(k)
-    kbuf, _, vbuf = _key_buffers(nbr, kf, _flat(v))
-    g = _flat(grad_out)
+    qf, kf, g = _flat(q), _flat(k), _flat(grad_out)
+    kbuf, vbuf = nbr.keys(kf), nbr.keys(_flat(v))
     probs, dist = _flat(probs), _flat(dist)
     c = coef.expand(b, h, *coef.shape[2:]).reshape(bh)
     dq = q.new_empty(bh, *q.shape[2:])
-    dk_acc = torch.zeros_like(kbuf)
-    dv_acc = torch.zeros_like(vbuf)
+    dk_acc = nbr.new_acc(bh, d + 1, q)  # [sum dd q, sum dd] per key
+    dv_acc = nbr.new_acc(bh, d, q)
     dcoef = q.new_zeros(bh)
 
     def body(ch):
         heads = ch[0]
-        p, dst, g_c, qa_c = probs[ch], dist[ch], g[ch], qa[ch]
+        p, dst, g_c, q_c = probs[ch], dist[ch], g[ch], qf[ch]
         nbr.scatter_add_(ch, p, g_c, dv_acc)
         dl = _dl_inplace(nbr.dots_chunk(ch, g_c, vbuf), p)
         if isinstance(heads, int):
@@ -387,17 +390,16 @@ def backward(nbr, grad_out, q, k, v, coef, probs, dist):
         else:
             dcoef[heads] += _dcoef(dl, dst)
         dd = dl.mul_(-_chunk_coef(c, heads, dl.dim())).masked_fill_(dst <= 0.0, 0.0)  # no gradient through the clamp
-        # [sum dd k, sum dd, .] -> dq = 2 q sum dd - 2 sum dd k = -(qa_q * sum dd) - 2 sum dd k
-        ga = nbr.gather(ch, dd, kbuf, qa_c.new_empty(qa_c.shape))
+        # dq = 2 q sum_m dd - 2 sum_m dd k
         dq_c = dq[ch]
-        torch.mul(qa_c[..., :d], ga[..., d : d + 1], out=dq_c)
-        dq_c.add_(ga[..., :d], alpha=2.0).neg_()
-        # [-2 sum dd q, ., sum dd] onto the keys
-        nbr.scatter_add_(ch, dd, qa_c, dk_acc)
+        nbr.gather(ch, dd, kbuf, dq_c)
+        dq_c.mul_(-2.0).addcmul_(q_c, dd.sum(-1, keepdim=True), value=2.0)
+        # dk = 2 k sum_i dd - 2 sum_i dd q: both sums in one scatter of [q, 1]
+        nbr.scatter_add_(ch, dd, torch.cat([q_c, torch.ones_like(q_c[..., :1])], dim=-1), dk_acc)
 
     _run_chunks(nbr, q.device, bh, _query_count(q), body)
-    acc = nbr.read_keys(dk_acc)
-    dk = torch.addcmul(acc[..., :d], kf, acc[..., d + 1 :], value=2.0).contiguous()
-    dv = nbr.read_keys(dv_acc).contiguous()
+    acc = nbr.read_acc(dk_acc)
+    dk = acc[..., :d].mul(-2.0).addcmul_(kf, acc[..., d:], value=2.0)
+    dv = nbr.read_acc(dv_acc)
     dcoef = dcoef.view(b, h).sum(0)
     return dq.view(*q.shape), dk.view(b, h, *dk.shape[1:]), dv.view(b, h, *dv.shape[1:]), dcoef

@@ -5,19 +5,24 @@ provides the sparse products the forward and backward passes need (see engine.py
 without ever building an N x N tensor (except ``DenseNeighbourhood``, which exists for
 small N and for the few prefix queries that see every key).
 
-Work is done in *chunks*: a few heads, or one head and a range of its queries, sized so
-a chunk's score tensor and the keys it reads stay in the CPU's cache (see
-``CHUNK_SCORES``). Every tensor is flattened to (B*H, ...) first. Per chunk ``ch``
-(a tuple that indexes query-layout tensors):
+Work is done in *chunks* (``chunks``): a few heads, or one head and a range of its
+queries, sized so a chunk's score tensor and the keys it reads stay in the CPU's cache
+(see ``CHUNK_SCORES``); off CPU there is one chunk. Every tensor is flattened to
+(B*H, ...) first. Per chunk ``ch`` (a tuple that indexes query-layout tensors), the band
+and the grid provide:
 
-- ``distances(ch, qa, kbuf)``   squared distances (*Q, M), +inf on invalid slots
-- ``dots(ch, a, buf)``          SDDMM:  out[i, m] = a_i . b_{nbr(i, m)}
-- ``gather(ch, w, buf, out)``   SpMM:   out[i]    = sum_m w[i, m] b_{nbr(i, m)}
-- ``scatter_add_(ch, w, a, acc)`` SpMM^T: acc[j] += sum_{(i,m): nbr(i,m)=j} w[i, m] a_i
+- ``distances(ch, q, q_sq, kbuf, ksq)``  squared distances (*Q, M), +inf on invalid slots
+- ``dots_chunk(ch, a, buf)``     SDDMM:  out[i, m] = a_i . b_{nbr(i, m)}
+- ``gather(ch, w, buf, out)``    SpMM:   out[i]    = sum_m w[i, m] b_{nbr(i, m)}
+- ``scatter_add_(ch, w, a, acc)``  SpMM^T: acc[j] += sum_{(i,m): nbr(i,m)=j} w[i, m] a_i
 
-Keys live in a neighbourhood-specific *key buffer* (``key_buffer`` / ``write_keys`` /
-``read_keys``): zero-padded so that every candidate slot, valid or not, reads real
-memory, and each chunk's candidates are plain strided views of it (no gathered copies).
+(the dense neighbourhood is run by its own code in engine.py).
+
+Keys are handed over as (B*H, Nk, E) and turned into the neighbourhood's key layout by
+``keys`` / ``key_scalars`` (the band keeps them as they are; the grid copies them into a
+zero-bordered grid so that every candidate slot, valid or not, reads real memory);
+``new_acc`` / ``read_acc`` do the same for the backward's accumulators. Each chunk's
+candidates are strided views of that layout (no gathered copies).
 Queries live in a query layout ``*Q`` (``to_query_layout`` / ``from_query_layout``).
 
 ``dots``, ``gather_scalar`` and ``valid`` on whole (B, H, ...) tensors are kept for
@@ -40,6 +45,10 @@ from .masks import grid_offsets
 # noise; 2^14 12% slower at T=16k) and the ViT-S grids (14x14 .. 64x64: 2^15 5% and
 # 2^17 15-20% slower) in single-threaded CPU time (benchmarks/attention_scaling.py --tune).
 CHUNK_SCORES = 1 << 16
+# The band's chunks are one head's query blocks, matmuls against overlapping views: the
+# bigger the better (fewer ops) up to ~2^18 (T = 8192: W = 32, 128, 256 all 4-10% faster
+# at 2^18 than at 2^16, 20-40% faster than at 2^14).
+BAND_CHUNK_SCORES = 1 << 18
 # The dense path reads each key once per matmul whatever the chunk, so its chunks only
 # bound the temporaries; small chunks just add per-op overhead (8x8 grid, B=32: 26 ms at
 # 2^15, 18-20 ms from 2^19 on).
@@ -58,10 +67,15 @@ def band_block_size(window: int) -> int:
     """Query block size of the causal band.
 
     Each block of C queries scores a span of C + W - 1 keys, so the work is (1 + (C-1)/W)
-    times the exact W per query; smaller blocks waste less but launch more, smaller
-    matmuls. W/2 (at least 16) measured best on CPU in benchmarks/attention_scaling.py.
+    times the exact W per query; smaller blocks waste less but make smaller, more
+    numerous matmuls (and more rows of the fixed per-row top-k cost spread over fewer
+    useful scores, the larger C). Measured on CPU (benchmarks/attention_scaling.py --tune,
+    T = 8192, H = 8, D = 64, top_k = W/2 or the pixel models' k; CPU time, fwd + bwd):
+    W = 32: C = 8/16 best (C = 32 +3%); W = 64: C = 8..32 within 7%; W = 128 (k 96):
+    C = 16 best (C = 64 +10%, C = 128 +29%); W = 256 (k 192): C = 32 best (C = 16/64 +5%,
+    C = 128 +21%); W = 512: C = 24..192 within 8% (C = 8 +37%). Hence W / 8, at least 16.
     """
-    return max(16, (window + 1) // 2)
+    return max(16, window // 8)
 
 
 # --------------------------------------------------------------------------- causal band
@@ -117,48 +131,72 @@ class BandNeighbourhood:
         x = x.reshape(*x.shape[:2], self.nb * self.c, *x.shape[4:])
         return x[:, :, : self.n]
 
-    # chunks and key buffers ----------------------------------------------------
+    # chunks and keys -----------------------------------------------------------
     def chunks(self, heads: range, num_queries: int, budget: int | None):
         """On CPU one head per chunk, so every product is a plain 3-D bmm on overlapping
         strided views (no copies); without a budget, all the heads at once (4-D matmuls)."""
         if budget is None:
             yield (slice(heads.start, heads.stop), slice(0, self.nb))
             return
-        per = max(1, budget // (self.c * self.span))
+        per = max(1, BAND_CHUNK_SCORES // (self.c * self.span))
         for h in heads:
             for b0 in range(0, self.nb, per):
                 yield (h, slice(b0, min(b0 + per, self.nb)))
 
-    def key_buffer(self, bh: int, width: int, like: torch.Tensor) -> torch.Tensor:
-        """Zeros (BH, L, width): W - 1 rows of left padding, the keys, right padding up to
-        (nb + parts - 1) * C rows so every block's span (and its scatter) stays inside."""
-        return like.new_zeros(bh, (self.nb + self.parts - 1) * self.c, width)
+    # Keys stay where they are, (BH, N, E) (or (BH, N) scalars): a chunk's spans are an
+    # overlapping view of its rows; only chunks at the ends, whose spans reach before the
+    # first or past the last key, read (and scatter into) a small zero-padded copy.
+    def keys(self, x):
+        return x
 
-    def write_keys(self, buf: torch.Tensor, x: torch.Tensor) -> None:
-        buf[:, self.w - 1 : self.w - 1 + self.n] = x
+    def key_scalars(self, s):
+        return s
 
-    def read_keys(self, buf: torch.Tensor) -> torch.Tensor:
-        return buf[:, self.w - 1 : self.w - 1 + self.n]
+    def new_acc(self, bh: int, width: int, like: torch.Tensor) -> torch.Tensor:
+        return like.new_zeros(bh, self.n, width)
 
-    def _windows(self, buf: torch.Tensor, ch) -> torch.Tensor:
+    def read_acc(self, acc):
+        return acc
+
+    def _rows(self, ch):
+        """Key rows [lo, hi) the chunk's spans cover (may reach outside [0, N))."""
+        blocks = ch[1]
+        return blocks.start * self.c - (self.w - 1), blocks.stop * self.c
+
+    def _region(self, x, ch, extra: int = 0):
+        """Rows [lo, hi + extra) of x[h] (token dim first after the head), zero-padded
+        where they fall outside the keys: a view when they do not."""
+        h, _ = ch
+        lo, hi = self._rows(ch)
+        hi += extra
+        xs = x[h]
+        dim = 0 if isinstance(h, int) else 1
+        if lo >= 0 and hi <= self.n:
+            return xs.narrow(dim, lo, hi - lo)
+        region = xs.new_zeros(*xs.shape[:dim], hi - lo, *xs.shape[dim + 1 :])
+        a, b = max(lo, 0), min(hi, self.n)
+        if b > a:
+            region.narrow(dim, a - lo, b - a).copy_(xs.narrow(dim, a, b - a))
+        return region
+
+    def _windows(self, x, ch):
         """The chunk's key spans: (nbc, span, E) for one head, (bhc, nbc, span, E) for a
-        head slice; overlapping views of the buffer."""
-        h, blocks = ch
-        region = buf[h, blocks.start * self.c : (blocks.stop - 1) * self.c + self.span]
-        return region.unfold(-2, self.span, self.c).transpose(-1, -2)
+        head slice (for scalars x: without E); overlapping views."""
+        region = self._region(x, ch)
+        dim = 0 if isinstance(ch[0], int) else 1
+        win = region.unfold(dim, self.span, self.c)
+        return win if x.dim() == 2 else win.transpose(-1, -2)
 
     # sparse products on a chunk ---------------------------------------------
     def distances(self, ch, q, q_sq, kbuf, ksq):
         """(|q|^2 + |k|^2) - 2 q.k, in the reference's order of rounding."""
-        h, blocks = ch
-        win = self._windows(kbuf, ch)[..., : q.shape[-1]]
-        ksq_win = ksq[h, blocks.start * self.c : (blocks.stop - 1) * self.c + self.span].unfold(-1, self.span, self.c)
-        dist = torch.add(q_sq, ksq_win.unsqueeze(-2))
+        dist = torch.add(q_sq, self._windows(ksq, ch).unsqueeze(-2))
+        win = self._windows(kbuf, ch)
         if dist.dim() == 3:
             dist.baddbmm_(q, win.transpose(-1, -2), alpha=-2.0)
         else:
             dist.sub_(torch.matmul(q, win.transpose(-1, -2)), alpha=2.0)
-        return dist.masked_fill_(_band_invalid(self.nb, self.c, self.w, self.device)[blocks], _INF)
+        return dist.masked_fill_(_band_invalid(self.nb, self.c, self.w, self.device)[ch[1]], _INF)
 
     def dots_chunk(self, ch, a, buf):
         return torch.matmul(a, self._windows(buf, ch).transpose(-1, -2))
@@ -172,16 +210,24 @@ class BandNeighbourhood:
         """Adds w^T a onto the key rows of the chunk's spans, one slice of C span slots at
         a time (an in-place baddbmm per part on CPU; the parts overlap across blocks)."""
         h, blocks = ch
-        nbc, c, e = blocks.stop - blocks.start, self.c, a.shape[-1]
+        nbc, c = blocks.stop - blocks.start, self.c
+        lo, hi = self._rows(ch)
+        extra = self.parts * c - self.span  # the last part's (nbc, C) view reaches this far past hi
+        dim = 0 if isinstance(h, int) else 1
+        direct = dim == 0 and lo >= 0 and hi + extra <= self.n
+        target = acc[h].narrow(0, lo, hi + extra - lo) if direct else \
+            acc.new_zeros(*acc[h].shape[:dim], hi + extra - lo, acc.shape[-1])
         for t in range(self.parts):
             width = min(c, self.span - t * c)
-            start = (blocks.start + t) * c
-            target = acc[h, start : start + nbc * c].unflatten(-2, (nbc, c))[..., :width, :]
+            part = target.narrow(dim, t * c, nbc * c).unflatten(dim, (nbc, c))[..., :width, :]
             w_t = w[..., t * c : t * c + width].transpose(-1, -2)
-            if target.dim() == 3 and width == c:
-                target.baddbmm_(w_t, a)  # in place: the target is a plain (nbc, C, E) block
-            else:  # (a partial last part would make baddbmm_ fall back to one addmm per block)
-                target.add_(torch.matmul(w_t, a))
+            if part.dim() == 3 and width == c:
+                part.baddbmm_(w_t, a)  # in place: a plain (nbc, C, E) block
+            else:  # (on a partial block, baddbmm_ would fall back to one addmm per block)
+                part.add_(torch.matmul(w_t, a))
+        if not direct:
+            a_, b_ = max(lo, 0), min(hi, self.n)
+            acc[h].narrow(dim, a_, b_ - a_).add_(target.narrow(dim, a_ - lo, b_ - a_))
 
     # whole-tensor products (krause.flex) -------------------------------------
     def _key_windows(self, b: torch.Tensor) -> torch.Tensor:
@@ -336,22 +382,33 @@ class GridNeighbourhood:
                 r1 = min(r0 + rows, self.rows)
                 yield (slice(h, h + 1), slice(r0 * self.cols, r1 * self.cols))
 
-    def key_buffer(self, bh: int, width: int, like: torch.Tensor) -> torch.Tensor:
+    # Keys live in a buffer of the prefix rows followed by the zero-bordered patch grid
+    # (BH, P + (rows + 2r) (cols + 2r), E), or (BH, ...) for per-key scalars.
+    def _new_buffer(self, bh: int, trailing: tuple, like: torch.Tensor) -> torch.Tensor:
         padded = (self.rows + 2 * self.r) * (self.cols + 2 * self.r)
-        return like.new_zeros(bh, self.p + padded, width)
+        return like.new_zeros(bh, self.p + padded, *trailing)
 
     def _grid(self, buf):
         return buf[:, self.p :].unflatten(1, (self.rows + 2 * self.r, self.cols + 2 * self.r))
 
-    def write_keys(self, buf, x):
-        buf[:, : self.p] = x[:, : self.p]
+    def _interior(self, buf):
         r = self.r
-        self._grid(buf)[:, r : r + self.rows, r : r + self.cols] = x[:, self.p :].unflatten(1, (self.rows, self.cols))
+        return self._grid(buf)[:, r : r + self.rows, r : r + self.cols]
 
-    def read_keys(self, buf):
-        r = self.r
-        inner = self._grid(buf)[:, r : r + self.rows, r : r + self.cols].flatten(1, 2)
-        return torch.cat([buf[:, : self.p], inner], dim=1)
+    def keys(self, x):
+        buf = self._new_buffer(x.shape[0], x.shape[2:], x)
+        buf[:, : self.p] = x[:, : self.p]
+        self._interior(buf)[...] = x[:, self.p :].unflatten(1, (self.rows, self.cols))
+        return buf
+
+    def key_scalars(self, s):
+        return self.keys(s)
+
+    def new_acc(self, bh: int, width: int, like: torch.Tensor) -> torch.Tensor:
+        return self._new_buffer(bh, (width,), like)
+
+    def read_acc(self, acc):
+        return torch.cat([acc[:, : self.p], self._interior(acc).flatten(1, 2)], dim=1)
 
     def _shifted(self, buf, ch, dr, dc):
         """Keys at offset (dr, dc) from the chunk's patches: (bhc, rows_c, cols, E) view."""
@@ -376,7 +433,7 @@ class GridNeighbourhood:
 
     def distances(self, ch, q, q_sq, kbuf, k_sq):
         """(|q|^2 + |k|^2) - 2 q.k, in the reference's order of rounding."""
-        dots = self.dots_chunk(ch, q, kbuf[..., : q.shape[-1]])
+        dots = self.dots_chunk(ch, q, kbuf)
         heads, tokens = ch
         local = [self._shifted(k_sq, ch, dr, dc) for dr, dc in self.offsets]
         if self.p:

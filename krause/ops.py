@@ -26,10 +26,15 @@ from .reference import (
 
 IMPLS = ("auto", "fast", "reference", "flex")
 
-# Up to this many tokens the 2-D op runs one dense masked matmul instead of per-offset
-# sparse products: fewer, larger kernels win while N^2 is small. Chosen from
-# benchmarks/attention_scaling.py (dense wins at 8x8 = 65 tokens, loses from 14x14 on).
-DENSE_2D_MAX_TOKENS = 128
+# Up to this many tokens the 2-D op runs one dense score matmul (then works on each
+# patch query's few candidate slots) instead of per-offset sparse products: fewer,
+# larger kernels win while N^2 is small. Measured with benchmarks/attention_scaling.py
+# --tune (ViT-S heads, Chebyshev r=2, top_k 8, ~4k tokens per call, CPU time fwd+bwd):
+# sparse/dense = 1.37 at 14x14 (197 tokens), 1.36 at 16x16, 1.17 at 17x17 (290), 1.00 at
+# 18x18 (325), 0.90 at 19x19, 0.82 at 20x20, 0.40 at 28x28; 1.66 at 8x8 Manhattan r=1.
+# The dense path also saves (N, N) probabilities per head (the sparse one N x 26), so at
+# the crossover the sparse path is preferred.
+DENSE_2D_MAX_TOKENS = 300
 
 
 def _sum_kv_groups(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
