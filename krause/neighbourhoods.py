@@ -152,8 +152,8 @@ class BandNeighbourhood:
     def key_scalars(self, s):
         return s
 
-    def new_acc(self, bh: int, width: int, like: torch.Tensor) -> torch.Tensor:
-        return like.new_zeros(bh, self.n, width)
+    def new_acc(self, bh: int, trailing: tuple, like: torch.Tensor) -> torch.Tensor:
+        return like.new_zeros(bh, self.n, *trailing)
 
     def read_acc(self, acc):
         return acc
@@ -206,9 +206,10 @@ class BandNeighbourhood:
             return torch.bmm(w, self._windows(buf, ch), out=out)
         return out.copy_(torch.matmul(w, self._windows(buf, ch)))
 
-    def scatter_add_(self, ch, w, a, acc):
-        """Adds w^T a onto the key rows of the chunk's spans, one slice of C span slots at
-        a time (an in-place baddbmm per part on CPU; the parts overlap across blocks)."""
+    def _scatter_parts(self, ch, acc, add_part):
+        """Runs add_part(t, width, view) for each slice t of C span slots, with view the
+        (nbc, width, ...) key rows it lands on (the parts overlap across blocks): straight
+        into acc, or into a zero-padded temporary for chunks at the ends."""
         h, blocks = ch
         nbc, c = blocks.stop - blocks.start, self.c
         lo, hi = self._rows(ch)
@@ -216,18 +217,31 @@ class BandNeighbourhood:
         dim = 0 if isinstance(h, int) else 1
         direct = dim == 0 and lo >= 0 and hi + extra <= self.n
         target = acc[h].narrow(0, lo, hi + extra - lo) if direct else \
-            acc.new_zeros(*acc[h].shape[:dim], hi + extra - lo, acc.shape[-1])
+            acc.new_zeros(*acc[h].shape[:dim], hi + extra - lo, *acc.shape[2:])
         for t in range(self.parts):
             width = min(c, self.span - t * c)
-            part = target.narrow(dim, t * c, nbc * c).unflatten(dim, (nbc, c))[..., :width, :]
+            add_part(t, width, target.narrow(dim, t * c, nbc * c).unflatten(dim, (nbc, c)).narrow(dim + 1, 0, width))
+        if not direct:
+            a_, b_ = max(lo, 0), min(hi, self.n)
+            acc[h].narrow(dim, a_, b_ - a_).add_(target.narrow(dim, a_ - lo, b_ - a_))
+
+    def scatter_add_(self, ch, w, a, acc):
+        """Adds w^T a onto the key rows of the chunk's spans (acc (BH, N, E))."""
+        c = self.c
+
+        def add_part(t, width, part):
             w_t = w[..., t * c : t * c + width].transpose(-1, -2)
             if part.dim() == 3 and width == c:
                 part.baddbmm_(w_t, a)  # in place: a plain (nbc, C, E) block
             else:  # (on a partial block, baddbmm_ would fall back to one addmm per block)
                 part.add_(torch.matmul(w_t, a))
-        if not direct:
-            a_, b_ = max(lo, 0), min(hi, self.n)
-            acc[h].narrow(dim, a_, b_ - a_).add_(target.narrow(dim, a_ - lo, b_ - a_))
+
+        self._scatter_parts(ch, acc, add_part)
+
+    def scatter_colsum_(self, ch, w, acc):
+        """Adds sum_i w[i, m] onto the key of slot m (acc (BH, N) scalars)."""
+        c = self.c
+        self._scatter_parts(ch, acc, lambda t, width, part: part.add_(w[..., t * c : t * c + width].sum(-2)))
 
     # whole-tensor products (krause.flex) -------------------------------------
     def _key_windows(self, b: torch.Tensor) -> torch.Tensor:
@@ -404,8 +418,8 @@ class GridNeighbourhood:
     def key_scalars(self, s):
         return self.keys(s)
 
-    def new_acc(self, bh: int, width: int, like: torch.Tensor) -> torch.Tensor:
-        return self._new_buffer(bh, (width,), like)
+    def new_acc(self, bh: int, trailing: tuple, like: torch.Tensor) -> torch.Tensor:
+        return self._new_buffer(bh, trailing, like)
 
     def read_acc(self, acc):
         return torch.cat([acc[:, : self.p], self._interior(acc).flatten(1, 2)], dim=1)
@@ -460,6 +474,14 @@ class GridNeighbourhood:
         a_g, w_g = self._as_grid(a), self._as_grid(w)
         for m, (dr, dc) in enumerate(self.offsets):
             self._shifted(acc, ch, dr, dc).addcmul_(w_g[..., self.p + m, None], a_g)
+
+    def scatter_colsum_(self, ch, w, acc):
+        heads = ch[0]
+        if self.p:
+            acc[heads, : self.p] += w[..., : self.p].sum(-2)
+        w_g = self._as_grid(w)
+        for m, (dr, dc) in enumerate(self.offsets):
+            self._shifted(acc, ch, dr, dc).add_(w_g[..., self.p + m])
 
     # whole-tensor products (krause.flex) -------------------------------------
     def _padded_grid(self, b):
