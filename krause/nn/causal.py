@@ -83,9 +83,6 @@ class CausalKrauseAttention(_CausalProjections):
     def forward(self, x: torch.Tensor, cache: KrauseWindowCache | None = None) -> torch.Tensor:
         q, k, v = self._project(x)
         if cache is None:
-            # Contiguous inputs: the op's fake (compile-time) outputs copy the input strides
-            # while its kernels return contiguous tensors; torch.compile needs them to agree.
-            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
             out = causal_krause_attention(q, k, v, self.log_sigma, self.window, self.top_k)
         else:
             out = cache.attend(q, k, v, self.log_sigma)

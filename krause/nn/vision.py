@@ -118,9 +118,6 @@ class LocalKrauseAttention2d(_QKVAttention):
             out = self._weighted_values(probs, v)
         else:
             probs = None
-            # Contiguous inputs: the op's fake (compile-time) outputs copy the input strides
-            # while its kernels return contiguous tensors; torch.compile needs them to agree.
-            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
             out = local_krause_attention_2d(
                 q, k, v, self.log_sigma, self.grid, self.radius, self.metric, self.top_k, self.num_prefix_tokens
             )
