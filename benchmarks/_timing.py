@@ -167,6 +167,8 @@ def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
+        # PyTorch's CPU allocator uses 2 MiB pages when this is 1 (fewer page faults)
+        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
     }
     try:
         with open("/proc/meminfo") as f:
@@ -227,7 +229,8 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], markdown: bool 
     """A fixed-width text table, or a GitHub markdown table when ``markdown``."""
     cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
     if markdown:
-        lines = ["| " + " | ".join(cells[0]) + " |", "|" + "|".join("---:" if i else "---" for i in range(len(headers))) + "|"]
+        rule = "|" + "|".join("---:" if i else "---" for i in range(len(headers))) + "|"
+        lines = ["| " + " | ".join(cells[0]) + " |", rule]
         lines += ["| " + " | ".join(row) + " |" for row in cells[1:]]
         return "\n".join(lines)
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]

@@ -1,37 +1,41 @@
 """Forward+backward time and peak memory of Krause attention against its dense
 reference and standard attention, side by side in one run.
 
-    python benchmarks/attention_scaling.py                 # full run (CPU: ~10 min)
+    python benchmarks/attention_scaling.py                 # full run (2-core CPU: ~10 min)
     python benchmarks/attention_scaling.py --quick         # smoke test, < 1 min
-    python benchmarks/attention_scaling.py --device cuda    # GPU run (adds FlexAttention)
-    python benchmarks/attention_scaling.py --tune          # the sweeps behind band_block_size
-                                                           # and DENSE_2D_MAX_TOKENS
+    python benchmarks/attention_scaling.py --threads 1     # every implementation on one core
+    python benchmarks/attention_scaling.py --device cuda   # GPU run (adds FlexAttention)
+    python benchmarks/attention_scaling.py --tune --threads 1
+        # the sweeps behind neighbourhoods.band_block_size, CHUNK_SCORES,
+        # BAND_CHUNK_SCORES, DENSE_CHUNK_SCORES and ops.DENSE_2D_MAX_TOKENS
 
 Causal (language models): B=1, H=8, D=64, window W=32, top_k=16, T = 1k ... 32k:
   krause        causal_krause_attention (linear-time custom op, hand-written backward)
   reference     the dense O(T^2) reference (autograd), while it fits in memory
   sdpa          F.scaled_dot_product_attention(is_causal=True): full causal attention
   flex          FlexAttention with a sliding-window block mask, compiled (CUDA only:
-                torch's FlexAttention has no CPU backward, and its CPU forward
-                alone is not what we compare)
+                torch 2.14's FlexAttention refuses to differentiate on CPU, and its CPU
+                forward alone is not what we compare)
 
 2-D (vision transformers): ViT-S heads (H=6, D=64), one CLS token, grids
   8x8 (CIFAR: Manhattan r=1, top_k 2, B=32), 14x14 (ImageNet 224/16: Chebyshev r=2,
-  top_k 8, B=8), 28x28 (B=2) and 64x64 (B=1), both Chebyshev r=2, top_k 8:
-  krause auto   the op's default: dense masked path for N <= DENSE_2D_MAX_TOKENS
+  top_k 8, B=8), 28x28 (B=2) and 64x64 (B=1), both Chebyshev r=2, top_k 8; batch sizes
+  keep each call at 1.5k-4k tokens (B=32 is CIFAR's batch of 256 over 8 devices):
+  krause auto   the op's default: dense score matmul for N <= DENSE_2D_MAX_TOKENS
   krause sparse impl="fast": always the shifted-view grid path
   reference     the dense reference
   sdpa          full (unmasked) F.scaled_dot_product_attention: what ViT-S runs
 
 Every timed call is forward + backward of sum(out * g) for a fixed random g, in fp32
-(--dtype to change), timed in interleaved rounds (median); peak memory comes from a
-separate untimed call (see benchmarks/_timing.py for how it is measured).
+(--dtype to change), timed in interleaved rounds (median wall time; the JSON also has
+the process CPU time); peak memory comes from a separate untimed call (see
+benchmarks/_timing.py for how it is measured). The load average before and after each
+row goes into the JSON: on a shared machine, compare rows measured at similar load.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from collections.abc import Callable
@@ -44,7 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _timing as T  # noqa: E402
 
 import krause  # noqa: E402
-from krause import neighbourhoods, ops  # noqa: E402
+from krause import engine, neighbourhoods, ops  # noqa: E402
 
 CAUSAL = dict(heads=8, head_dim=64, window=32, top_k=16, batch=1)
 CAUSAL_T_FULL = [1024, 2048, 4096, 8192, 16384, 32768]
@@ -172,7 +176,8 @@ def bench_causal(args, device) -> list[dict]:
         rows.append(row)
         print(
             f"  causal T={n:>6}: "
-            + ", ".join(f"{name} {T.fmt_time(_get(res, name, 'median_s'))}" for name in ("krause", "reference", "sdpa", "flex"))
+            + ", ".join(f"{name} {T.fmt_time(_get(res, name, 'median_s'))}"
+                        for name in ("krause", "reference", "sdpa", "flex"))
             + f"  (load {res['load_average_before'][0] if res['load_average_before'] else '?'})",
             flush=True,
         )
@@ -323,8 +328,9 @@ def tune(args, device) -> dict:
         blocks = sorted({b for b in (8, 16, 24, 32, 48, 64, 96, 128, 192, 256) if b <= max(window, 16)}
                         | {neighbourhoods.band_block_size(window)})
         cases = {f"C={b}": _patched_case(step, neighbourhoods, band_block_size=lambda w, b=b: b) for b in blocks}
-        out["band_block"] += _sweep(f"band block, W={window}, top_k={top_k} (rule: C={neighbourhoods.band_block_size(window)})",
-                                    cases, args, device, "block", blocks, {"window": window, "top_k": top_k, "T": n})
+        title = f"band block, W={window}, top_k={top_k} (rule: C={neighbourhoods.band_block_size(window)})"
+        out["band_block"] += _sweep(title, cases, args, device, "block", blocks,
+                                    {"window": window, "top_k": top_k, "T": n})
         budgets = [1 << e for e in (14, 15, 16, 17, 18)]
         cases = {f"2^{b.bit_length() - 1}": _patched_case(step, neighbourhoods, CHUNK_SCORES=b) for b in budgets}
         out["chunk_scores"] += _sweep(f"CHUNK_SCORES, W={window}", cases, args, device, "chunk_scores", budgets,
@@ -338,11 +344,14 @@ def tune(args, device) -> dict:
 
         def local(dense, side=side, metric=metric, radius=radius, top_k=top_k):
             return _fwd_bwd(
-                lambda q, k, vv, ls: ops._local_fwd(q, k, vv, ls, side, side, radius, metric, top_k, v["prefix"], dense)[0],
+                lambda q, k, vv, ls: ops._local_fwd(
+                    q, k, vv, ls, side, side, radius, metric, top_k, v["prefix"], dense
+                )[0],
                 leaves, grad)
 
         label = f"{side}x{side} {metric[:4]} r={radius} k={top_k} N={nn} B={batch}"
-        timed = T.time_interleaved({"dense": local(True), "sparse": local(False)}, device, repeats=args.repeats, warmup=1)
+        timed = T.time_interleaved({"dense": local(True), "sparse": local(False)}, device,
+                                   repeats=args.repeats, warmup=1)
         ratio = timed["sparse"]["cpu_median_s"] / timed["dense"]["cpu_median_s"]
         out["dense_2d"].append({"side": side, "N": nn, "batch": batch, "metric": metric, "radius": radius,
                                 "top_k": top_k, "dense": timed["dense"], "sparse": timed["sparse"],
@@ -351,7 +360,8 @@ def tune(args, device) -> dict:
               f"sparse {T.fmt_time(timed['sparse']['cpu_median_s'])}, sparse/dense {ratio:.2f}", flush=True)
         if side in args.tune_chunk_sides:
             budgets = [1 << e for e in (14, 15, 16, 17, 18)]
-            cases = {f"2^{b.bit_length() - 1}": _patched_case(local(False), neighbourhoods, CHUNK_SCORES=b) for b in budgets}
+            cases = {f"2^{b.bit_length() - 1}": _patched_case(local(False), neighbourhoods, CHUNK_SCORES=b)
+                     for b in budgets}
             out["chunk_scores"] += _sweep(f"CHUNK_SCORES, sparse {label}", cases, args, device, "chunk_scores", budgets,
                                           {"case": f"grid {side}x{side}"})
         if nn <= 256:
@@ -384,13 +394,19 @@ def _targets(causal_rows, grid_rows) -> list[tuple[str, float | None, str, bool 
     def add(desc, value, goal, ok_fn):
         checks.append((desc, value, goal, None if value is None else bool(ok_fn(value))))
 
-    add("causal T=16k: Krause / SDPA time", _ratio(causal(16384, "krause"), causal(16384, "sdpa")), "≤ 0.2", lambda x: x <= 0.2)
-    add("causal 8k→32k: Krause time growth", _ratio(causal(32768, "krause"), causal(8192, "krause")), "≤ 4.4", lambda x: x <= 4.4)
+    add("causal T=16k: Krause / SDPA time", _ratio(causal(16384, "krause"), causal(16384, "sdpa")),
+        "≤ 0.2", lambda x: x <= 0.2)
+    add("causal 8k→32k: Krause time growth", _ratio(causal(32768, "krause"), causal(8192, "krause")),
+        "≤ 4.4", lambda x: x <= 4.4)
     add("causal 8k→32k: Krause peak-memory growth",
-        _ratio(causal(32768, "krause", "peak_bytes"), causal(8192, "krause", "peak_bytes")), "≤ 4.4", lambda x: x <= 4.4)
-    add("causal T=4k: reference / Krause time", _ratio(causal(4096, "reference"), causal(4096, "krause")), "≥ 20", lambda x: x >= 20)
-    add("2-D 64×64: reference / Krause auto time", _ratio(grid(64, "reference"), grid(64, "krause auto")), "≥ 5", lambda x: x >= 5)
-    add("2-D 8×8: Krause auto / SDPA time", _ratio(grid(8, "krause auto"), grid(8, "sdpa")), "≤ 1.2", lambda x: x <= 1.2)
+        _ratio(causal(32768, "krause", "peak_bytes"), causal(8192, "krause", "peak_bytes")),
+        "≤ 4.4", lambda x: x <= 4.4)
+    add("causal T=4k: reference / Krause time", _ratio(causal(4096, "reference"), causal(4096, "krause")),
+        "≥ 20", lambda x: x >= 20)
+    add("2-D 64×64: reference / Krause auto time", _ratio(grid(64, "reference"), grid(64, "krause auto")),
+        "≥ 5", lambda x: x >= 5)
+    add("2-D 8×8: Krause auto / SDPA time", _ratio(grid(8, "krause auto"), grid(8, "sdpa")),
+        "≤ 1.2", lambda x: x <= 1.2)
     return checks
 
 
@@ -411,7 +427,8 @@ def _grid_arg(text: str):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats (smoke test, < 1 minute)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -428,6 +445,8 @@ def main(argv=None) -> int:
     p.add_argument("--only", choices=["causal", "2d"], default=None)
     p.add_argument("--tune", action="store_true", help="run the tuning sweeps instead of the comparison")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    p.add_argument("--engine-workers", type=int, default=None,
+                   help="krause.engine.CPU_WORKERS: worker threads on CPU (0: torch's OpenMP threads inside each op)")
     p.add_argument("--tune-tokens", type=int, default=8192)
     p.add_argument("--tune-windows", type=_pair_arg, nargs="*", default=[(32, 16), (128, 96), (256, 192)],
                    help="WINDOW:TOP_K pairs for the band sweeps")
@@ -445,6 +464,8 @@ def main(argv=None) -> int:
     args.dtype = getattr(torch, args.dtype)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.engine_workers is not None:
+        engine.CPU_WORKERS = args.engine_workers
     if args.repeats is None:
         args.repeats = 2 if args.quick else 5
     if args.max_seconds_per_case is None:
@@ -465,8 +486,15 @@ def main(argv=None) -> int:
         "dtype": str(args.dtype),
         "quick": args.quick,
         "repeats": args.repeats,
-        "settings": {"DENSE_2D_MAX_TOKENS": ops.DENSE_2D_MAX_TOKENS,
-                     "band_block_size(W=32)": neighbourhoods.band_block_size(CAUSAL["window"])},
+        "settings": {
+            "DENSE_2D_MAX_TOKENS": ops.DENSE_2D_MAX_TOKENS,
+            "band_block_size(W=32)": neighbourhoods.band_block_size(CAUSAL["window"]),
+            "CHUNK_SCORES": neighbourhoods.CHUNK_SCORES,
+            "BAND_CHUNK_SCORES": neighbourhoods.BAND_CHUNK_SCORES,
+            "DENSE_CHUNK_SCORES": neighbourhoods.DENSE_CHUNK_SCORES,
+            "engine.CPU_WORKERS": engine.CPU_WORKERS,
+            "engine.MIN_SCORES_PER_WORKER": engine.MIN_SCORES_PER_WORKER,
+        },
     }
     if args.tune:
         payload["tune"] = tune(args, device)

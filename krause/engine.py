@@ -55,12 +55,21 @@ _INF = float("inf")
 
 # --------------------------------------------------------------------------- CPU workers
 # On CPU the chunks are shared out among a few threads, each running its ops single-
-# threaded (torch.set_num_threads(1) per thread), instead of letting every small op open
-# an OpenMP parallel region: with many small ops those regions cost more than they save,
-# and on a shared (oversubscribed) machine each one can stall for a scheduler time slice.
-# The calling thread takes the first share. Chunks of one head always go to the same
-# thread, in order, so the result does not depend on the number of workers.
-# None: as many threads as torch's intra-op threads (torch.get_num_threads()).
+# threaded (torch.set_num_threads(1) per thread), instead of letting every op open an
+# OpenMP parallel region of its own. The calling thread takes the first share. Chunks of
+# one head always go to the same thread, in order, so the result does not depend on the
+# number of workers.
+#
+# Why: on a shared, oversubscribed machine (like the 2-core one the benchmarks ran on,
+# next to other jobs) every OpenMP region waits for all its threads to be scheduled, and
+# the engine runs hundreds of ops per call: 2-thread OpenMP runs came out 5-60x slower
+# than single-threaded ones there, while the workers only lose their share of the CPU.
+# The price: on an idle machine OpenMP inside each op was 5-35% faster (2 cores, fwd+bwd:
+# causal T=16k 188 vs 205 ms, 8x8 grid B=32 19 vs 21 ms, 64x64 grid 99 vs 133 ms).
+#
+# CPU_WORKERS: None (default) = as many workers as torch's intra-op threads of the
+# caller; n >= 1 = n workers; 0 = no workers, each op uses torch's own intra-op
+# threads (the better choice on a dedicated multi-core machine).
 CPU_WORKERS: int | None = None
 
 _pool: ThreadPoolExecutor | None = None
@@ -126,7 +135,7 @@ MIN_SCORES_PER_WORKER = 1 << 18
 
 def _num_workers(device: torch.device, bh: int, scores: int) -> int:
     # Under the profiler, stay on the calling thread so every op and allocation is seen.
-    if device.type != "cpu" or torch.autograd.profiler._is_profiler_enabled:
+    if device.type != "cpu" or CPU_WORKERS == 0 or torch.autograd.profiler._is_profiler_enabled:
         return 1
     n = CPU_WORKERS if CPU_WORKERS is not None else (getattr(_caller, "threads", None) or torch.get_num_threads())
     return max(1, min(n, bh, scores // MIN_SCORES_PER_WORKER))
@@ -158,6 +167,8 @@ def _one_thread_on_cpu(fn):
 
     @functools.wraps(fn)
     def wrapper(nbr, *args):
+        if CPU_WORKERS == 0:
+            return fn(nbr, *args)
         with _OneThread(args[0].device):
             return fn(nbr, *args)
 
