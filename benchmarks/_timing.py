@@ -16,10 +16,13 @@ and gradients are included):
 - CPU: the same quantity, reconstructed from the PyTorch profiler's allocator events
   (``profile_memory=True`` records every CPU tensor allocation and free with its size
   and time; the peak is the largest running sum). This counts exactly what PyTorch's
-  CPU allocator hands out, on every thread and inside custom ops, and is comparable
-  with the CUDA figure. It does not count memory that is not a tensor (the Python
-  heap, library workspaces such as oneDNN scratch pads) or allocator slack, and the
-  profiler slows the run, so memory is measured in a separate, untimed run.
+  CPU allocator hands out, inside custom ops too, and is comparable with the CUDA
+  figure. The profiler only records the thread it runs on, so the measured call runs
+  with one intra-op thread (Krause's engine also stays on the calling thread under the
+  profiler); per-thread scratch buffers of multi-threaded kernels are thus counted
+  once. It does not count memory that is not a tensor (the Python heap, library
+  workspaces such as oneDNN scratch pads) or allocator slack, and the profiler slows
+  the run, so memory is measured in a separate, untimed run.
   (tracemalloc cannot see tensor storage, and process RSS deltas are blurred by
   glibc keeping freed memory and by mmap thresholds, so neither is used.)
 """
@@ -100,8 +103,16 @@ def time_once(fn: Callable[[], Any], device: torch.device | str = "cpu") -> floa
 def _cpu_peak_from_profiler(fn: Callable[[], Any]) -> int:
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
+    # The profiler only sees allocations made on the thread that runs it, so ops whose
+    # OpenMP worker threads allocate (e.g. SDPA's CPU flash kernels) would be partly
+    # missed: run single-threaded. (Per-thread scratch buffers are then counted once.)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+    finally:
+        torch.set_num_threads(threads)
     events = [
         (e.start_ns(), e.nbytes())
         for e in prof.profiler.kineto_results.events()
