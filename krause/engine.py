@@ -32,9 +32,10 @@ How it is made fast (on CPU, where these ops are memory-bound):
   and no large temporary is ever allocated (large allocations cost page faults on every
   call); results are written straight into the output tensors, products run on strided
   views of the keys (no gathered copies).
-- Threads. On CPU the engine's ops run single-threaded: per-op OpenMP regions cost more
-  than they bring for ops this small, and on a busy machine they stall. Large calls are
-  split by heads among worker threads instead (see _run_chunks).
+- Threads. On CPU the band and grid paths run their many small ops single-threaded:
+  per-op OpenMP regions cost more than they bring for ops this small, and on a busy
+  machine they stall. Large calls are split by heads among worker threads instead (see
+  CPU_WORKERS and _run_chunks). The dense path, a few large ops, keeps torch's threads.
 - In place. The band reads its keys where they are (no padded copies), and the backward
   accumulates dk and dv straight into their output tensors.
 """
@@ -67,10 +68,20 @@ _INF = float("inf")
 # The price: on an idle machine OpenMP inside each op was 5-35% faster (2 cores, fwd+bwd:
 # causal T=16k 188 vs 205 ms, 8x8 grid B=32 19 vs 21 ms, 64x64 grid 99 vs 133 ms).
 #
-# CPU_WORKERS: None (default) = as many workers as torch's intra-op threads of the
-# caller; n >= 1 = n workers; 0 = no workers, each op uses torch's own intra-op
-# threads (the better choice on a dedicated multi-core machine).
+# The dense path is the exception: it runs a few dozen large ops per call (one chunk of
+# many heads), where OpenMP pays and the workers' serial share hurts (8x8 grid, B=32, 2
+# cores: 11.5 ms with OpenMP, 15.3 ms with 2 workers), so by default it keeps torch's
+# intra-op threads.
+#
+# CPU_WORKERS: None (default) = band and grid paths on as many workers as the caller's
+# torch intra-op threads, dense path on torch's intra-op threads; n >= 1 = n workers
+# for every path; 0 = no workers anywhere, each op uses torch's own intra-op threads
+# (the better choice on a dedicated, idle multi-core machine).
 CPU_WORKERS: int | None = None
+
+
+def _use_workers(nbr) -> bool:
+    return CPU_WORKERS != 0 and (CPU_WORKERS is not None or not isinstance(nbr, DenseNeighbourhood))
 
 _pool: ThreadPoolExecutor | None = None
 _pool_key: tuple[int, int] | None = None  # (process id, size): a forked child needs its own threads
@@ -133,9 +144,9 @@ class _OneThread:
 MIN_SCORES_PER_WORKER = 1 << 18
 
 
-def _num_workers(device: torch.device, bh: int, scores: int) -> int:
+def _num_workers(nbr, device: torch.device, bh: int, scores: int) -> int:
     # Under the profiler, stay on the calling thread so every op and allocation is seen.
-    if device.type != "cpu" or CPU_WORKERS == 0 or torch.autograd.profiler._is_profiler_enabled:
+    if device.type != "cpu" or not _use_workers(nbr) or torch.autograd.profiler._is_profiler_enabled:
         return 1
     n = CPU_WORKERS if CPU_WORKERS is not None else (getattr(_caller, "threads", None) or torch.get_num_threads())
     return max(1, min(n, bh, scores // MIN_SCORES_PER_WORKER))
@@ -145,7 +156,7 @@ def _run_chunks(nbr, device: torch.device, bh: int, num_queries: int, body) -> N
     """Calls body(chunk) for every chunk of heads [0, bh); on CPU split by heads among
     the calling thread and the workers."""
     budget = chunk_budget(device)
-    workers = _num_workers(device, bh, bh * num_queries * nbr.num_slots)
+    workers = _num_workers(nbr, device, bh, bh * num_queries * nbr.num_slots)
     bounds = [bh * w // workers for w in range(workers + 1)]
 
     def run(w):
@@ -167,7 +178,7 @@ def _one_thread_on_cpu(fn):
 
     @functools.wraps(fn)
     def wrapper(nbr, *args):
-        if CPU_WORKERS == 0:
+        if not _use_workers(nbr):
             return fn(nbr, *args)
         with _OneThread(args[0].device):
             return fn(nbr, *args)
