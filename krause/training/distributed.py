@@ -261,10 +261,18 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def cleanup() -> None:
-    """Destroy the process group if there is one."""
+def cleanup(synchronize: bool = False) -> None:
+    """Destroy the process group if there is one.
+
+    ``synchronize=True`` (for a normal exit) first waits for every rank: a rank that tears
+    down gloo and exits while a peer is still finishing can abort the peer at exit
+    ("terminate called without an active exception"). Leave it False on error paths,
+    where a dead peer would never reach the barrier.
+    """
     global _ENV
     if dist.is_available() and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
     _ENV = None
 

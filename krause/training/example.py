@@ -122,11 +122,14 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> dict
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     env = init_distributed(args.device)
+    finished = False
     try:
-        return _train(args, env)
+        code = _train(args, env)
+        finished = True
+        return code
     finally:
         close_logging()
-        cleanup()
+        cleanup(synchronize=finished)
 
 
 def _train(args: argparse.Namespace, env) -> int:
