@@ -100,6 +100,7 @@ def _fwd_bwd(fn: Callable, leaves: list[torch.Tensor], grad: torch.Tensor) -> Ca
         out = fn(*leaves)
         out.backward(grad)
 
+    step.leaves = leaves
     return step
 
 
@@ -122,6 +123,8 @@ def _measure(cases: dict[str, Callable[[], None]], skipped: dict[str, str], args
         for name, res in timed.items():
             results[name] = dict(res)
             if not args.skip_memory:
+                for t in getattr(cases[name], "leaves", ()):
+                    t.grad = None  # measure from a state without the previous call's gradients
                 results[name]["peak_bytes"] = T.peak_memory(cases[name], device)
     results["load_average_after"] = T.load_average()
     return results

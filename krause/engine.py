@@ -32,10 +32,9 @@ How it is made fast (on CPU, where these ops are memory-bound):
   and no large temporary is ever allocated (large allocations cost page faults on every
   call); results are written straight into the output tensors, products run on strided
   views of the keys (no gathered copies).
-- Threads. On CPU the band and grid paths run their many small ops single-threaded:
-  per-op OpenMP regions cost more than they bring for ops this small, and on a busy
-  machine they stall. Large calls are split by heads among worker threads instead (see
-  CPU_WORKERS and _run_chunks). The dense path, a few large ops, keeps torch's threads.
+- Threads. On CPU the engine's ops run single-threaded: per-op OpenMP regions cost more
+  than they bring for ops this small, and on a busy machine they stall. Large calls are
+  split by heads among worker threads instead (see CPU_WORKERS and _run_chunks).
 - In place. The band reads its keys where they are (no padded copies), and the backward
   accumulates dk and dv straight into their output tensors.
 """
@@ -68,20 +67,18 @@ _INF = float("inf")
 # The price: on an idle machine OpenMP inside each op was 5-35% faster (2 cores, fwd+bwd:
 # causal T=16k 188 vs 205 ms, 8x8 grid B=32 19 vs 21 ms, 64x64 grid 99 vs 133 ms).
 #
-# The dense path is the exception: it runs a few dozen large ops per call (one chunk of
-# many heads), where OpenMP pays and the workers' serial share hurts (8x8 grid, B=32, 2
-# cores: 11.5 ms with OpenMP, 15.3 ms with 2 workers), so by default it keeps torch's
-# intra-op threads.
+# Even the dense path (a few dozen large ops per call), where OpenMP was faster on the
+# idle machine (8x8 grid, B=32, 2 cores: 11.5 ms vs 15.3 ms with 2 workers), took 100 ms
+# with OpenMP next to other jobs (load ~3; SDPA 30 ms), so it uses the workers too.
 #
-# CPU_WORKERS: None (default) = band and grid paths on as many workers as the caller's
-# torch intra-op threads, dense path on torch's intra-op threads; n >= 1 = n workers
-# for every path; 0 = no workers anywhere, each op uses torch's own intra-op threads
-# (the better choice on a dedicated, idle multi-core machine).
+# CPU_WORKERS: None (default) = as many workers as the caller's torch intra-op threads;
+# n >= 1 = n workers; 0 = no workers, each op uses torch's own intra-op threads (the
+# better choice on a dedicated, idle multi-core machine).
 CPU_WORKERS: int | None = None
 
 
 def _use_workers(nbr) -> bool:
-    return CPU_WORKERS != 0 and (CPU_WORKERS is not None or not isinstance(nbr, DenseNeighbourhood))
+    return CPU_WORKERS != 0
 
 _pool: ThreadPoolExecutor | None = None
 _pool_key: tuple[int, int] | None = None  # (process id, size): a forked child needs its own threads

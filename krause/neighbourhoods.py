@@ -69,11 +69,13 @@ def band_block_size(window: int) -> int:
     Each block of C queries scores a span of C + W - 1 keys, so the work is (1 + (C-1)/W)
     times the exact W per query; smaller blocks waste less but make smaller, more
     numerous matmuls (and more rows of the fixed per-row top-k cost spread over fewer
-    useful scores, the larger C). Measured on CPU (benchmarks/attention_scaling.py --tune,
-    T = 8192, H = 8, D = 64, top_k = W/2 or the pixel models' k; CPU time, fwd + bwd):
-    W = 32: C = 8/16 best (C = 32 +3%); W = 64: C = 8..32 within 7%; W = 128 (k 96):
-    C = 16 best (C = 64 +10%, C = 128 +29%); W = 256 (k 192): C = 32 best (C = 16/64 +5%,
-    C = 128 +21%); W = 512: C = 24..192 within 8% (C = 8 +37%). Hence W / 8, at least 16.
+    useful scores, the larger C). Measured on CPU (benchmarks/attention_scaling.py --tune
+    --threads 1, T = 8192, H = 8, D = 64, top_k = W/2 or the pixel models' k; CPU time,
+    fwd + bwd): W = 32: C = 8 and 16 best (C = 32 +3%); W = 64: C = 8 best (C = 16 +5%,
+    C = 32 +7%); W = 128 (k 96): C = 16 best (C = 64 +10%, C = 128 +29%); W = 256
+    (k 192): C = 32 best (C = 16 and 64 +5%, C = 128 +21%); W = 512: C = 24..192 within
+    9% (C = 8 +37%). Hence W / 8, at least 16 (the previous rule, W / 2, was 10-29%
+    slower from W = 128 on).
     """
     return max(16, window // 8)
 

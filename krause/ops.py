@@ -30,7 +30,7 @@ IMPLS = ("auto", "fast", "reference", "flex")
 # patch query's few candidate slots) instead of per-offset sparse products: fewer,
 # larger kernels win while N^2 is small. Measured with benchmarks/attention_scaling.py
 # --tune (ViT-S heads, Chebyshev r=2, top_k 8, ~4k tokens per call, CPU time fwd+bwd):
-# sparse/dense = 1.37 at 14x14 (197 tokens), 1.36 at 16x16, 1.17 at 17x17 (290), 1.00 at
+# sparse/dense = 1.38 at 14x14 (197 tokens), 1.36 at 16x16, 1.17 at 17x17 (290), 1.00 at
 # 18x18 (325), 0.90 at 19x19, 0.82 at 20x20, 0.40 at 28x28; 1.66 at 8x8 Manhattan r=1.
 # The dense path also saves (N, N) probabilities per head (the sparse one N x 26), so at
 # the crossover the sparse path is preferred.
