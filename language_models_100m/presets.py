@@ -1,0 +1,42 @@
+"""Model presets and ``build_model``.
+
+"100m": the paper's model (dim 768, 8 layers, 12 heads, FFN 2048, 1024 positions).
+"200m": not in the first release; chosen here as dim 1024, 10 layers, 16 heads (head
+dim 64 as in 100m), FFN 3072 (3x dim; 100m has 2.67x), 1024 positions: about
+200M parameters with the gated mix (exact counts: ``python -m language_models_100m.params``).
+"tiny": a few-thousand-parameter model for tests and smoke runs.
+"""
+
+from __future__ import annotations
+
+from .model import ATTENTIONS, KrauseLMConfig, KrauseLMForCausalLM
+
+PRESETS: dict[str, dict] = {
+    "100m": dict(n_embd=768, n_layer=8, n_head=12, n_inner=2048, n_positions=1024),
+    "200m": dict(n_embd=1024, n_layer=10, n_head=16, n_inner=3072, n_positions=1024),
+    "tiny": dict(n_embd=32, n_layer=2, n_head=2, n_inner=64, n_positions=64, attn_window=8, attn_top_k=4),
+}
+
+
+def model_config(config="100m", attention: str = "gated", **overrides) -> KrauseLMConfig:
+    """A ``KrauseLMConfig`` from a preset name (or a config / dict) with ``attention`` and overrides."""
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {list(ATTENTIONS)}, got {attention!r}")
+    if isinstance(config, KrauseLMConfig):
+        fields = config.to_dict()
+    elif isinstance(config, dict):
+        fields = dict(config)
+    elif isinstance(config, str) and config in PRESETS:
+        fields = dict(PRESETS[config])
+    else:
+        raise ValueError(f"config must be one of {sorted(PRESETS)}, a KrauseLMConfig or a dict, got {config!r}")
+    for key in ("model_type", "transformers_version", "architectures"):
+        fields.pop(key, None)
+    fields.update(overrides, attention=attention)
+    return KrauseLMConfig(**fields)
+
+
+def build_model(config="100m", attention: str = "gated", **overrides) -> KrauseLMForCausalLM:
+    """A freshly initialised causal LM: ``config`` in {"100m", "200m", "tiny"}, a
+    ``KrauseLMConfig`` or a dict of its fields; ``attention`` in ``ATTENTIONS``."""
+    return KrauseLMForCausalLM(model_config(config, attention, **overrides))
