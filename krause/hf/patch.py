@@ -1,0 +1,260 @@
+"""Turn every attention layer of a transformers Llama / Qwen2 causal LM into Krause attention.
+
+``patch_model(model, mix="gated")`` keeps each pretrained attention module, unchanged, as
+the standard branch: the module object stays where it was, with its parameter names, its
+sdpa/flash/eager dispatch, its mask, its cache entry and its attention-weight capture. Its
+class becomes a subclass (``KrauseLlamaAttention`` / ``KrauseQwen2Attention``) whose
+forward runs the original forward and then the Krause branch:
+
+- ``krause_q_proj`` .. ``krause_o_proj``: Linear layers sharing the pretrained q/k/v/o
+  weight (and Qwen2's bias) Parameters, so they start as exact copies at no memory cost;
+  LoRA then adapts each branch separately (``krause.hf.lora`` unties them before a merge);
+- the same RoPE (cos, sin) the model hands every layer, the same grouped-query heads;
+- ``krause.causal_krause_attention`` over the last ``window`` keys (queries end-aligned to
+  the keys the :class:`~krause.hf.cache.KrauseCacheLayer` keeps), padding from the layer's mask;
+- ``krause_sigma`` (per-head log sigma) and ``krause_gate`` (Linear(2d -> 2), starting at
+  ``gate_init`` on the standard branch), both fp32, in their own submodules so peft can
+  train and save them (``modules_to_save``).
+
+``mix="krause"`` (ablation) drops the standard branch and the gate: the module's own
+q/k/v/o projections feed Krause attention only.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from ..nn.gated import gated_mix, init_gate
+from ..ops import causal_krause_attention
+from .cache import krause_cache_layer
+from .masks import new_token_validity
+
+MIXES = ("gated", "krause")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+KRAUSE_PROJECTIONS = tuple(f"krause_{name}" for name in PROJECTIONS)
+CONFIG_KEY = "krause_patch"  # the patch settings, recorded on model.config
+
+
+@dataclass(frozen=True)
+class KrausePatchConfig:
+    """The settings ``patch_model`` applied (saved as ``krause_config.json`` next to adapters)."""
+
+    mix: str = "gated"
+    window: int = 32
+    top_k: int = 16
+    sigma: float = 5.5
+    gate_init: float = 0.8
+    impl: str = "auto"
+
+    def __post_init__(self):
+        if self.mix not in MIXES:
+            raise ValueError(f"mix must be one of {MIXES}, got {self.mix!r}")
+        for name in ("window", "top_k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if isinstance(self.sigma, bool) or not isinstance(self.sigma, (int, float)) or not (
+            math.isfinite(self.sigma) and self.sigma > 0
+        ):
+            raise ValueError(f"sigma must be a finite number > 0, got {self.sigma!r}")
+        if not isinstance(self.gate_init, (int, float)) or not 0.0 < self.gate_init < 1.0:
+            raise ValueError(f"gate_init must be in (0, 1), got {self.gate_init!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "KrausePatchConfig":
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        return cls(**known)
+
+
+class KrauseSigma(nn.Module):
+    """Per-head log sigma of the Krause branch (fp32 whatever the model dtype: lr-sized steps
+    on ln 5.5 ~ 1.7 vanish in bf16)."""
+
+    def __init__(self, num_heads: int, sigma: float, device=None):
+        super().__init__()
+        self.log_sigma = nn.Parameter(torch.full((num_heads,), math.log(sigma), dtype=torch.float32, device=device))
+
+    def forward(self) -> torch.Tensor:
+        return self.log_sigma
+
+
+class KrauseGate(nn.Module):
+    """Linear(2d -> 2) gate logits, kept in fp32 (inputs are cast to it)."""
+
+    def __init__(self, hidden_size: int, gate_init: float, device=None):
+        super().__init__()
+        self.proj = nn.Linear(2 * hidden_size, 2, dtype=torch.float32, device=device)
+        init_gate(self.proj, gate_init)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.proj(features.to(self.proj.weight.dtype))
+
+
+class KrauseAttentionMixin:
+    """Forward of a patched attention module (mixed into the model's own attention class)."""
+
+    krause_config: KrausePatchConfig
+
+    def krause_projections(self) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
+        names = KRAUSE_PROJECTIONS if self.krause_config.mix == "gated" else PROJECTIONS
+        return tuple(getattr(self, name) for name in names)
+
+    def krause_branch(self, hidden_states, position_embeddings, cache_layer, valid_new, return_probs=False):
+        """(B, T, d) Krause-branch output (and with ``return_probs`` the queries/keys for analysis)."""
+        cfg = self.krause_config
+        q_proj, k_proj, v_proj, o_proj = self.krause_projections()
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        q = q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        k = k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        v = v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = self._krause_rope(q, k, cos, sin)
+        if cache_layer is not None:
+            k, v, key_padding_mask = cache_layer.update_krause(k, v, valid_new)
+        else:
+            key_padding_mask = valid_new
+        log_sigma = self.krause_sigma()
+        out = causal_krause_attention(
+            q, k, v, log_sigma, cfg.window, cfg.top_k, key_padding_mask=key_padding_mask, impl=cfg.impl
+        )
+        out = o_proj(out.transpose(1, 2).reshape(*input_shape, -1).contiguous())
+        if return_probs:
+            return out, (q, k, log_sigma, key_padding_mask)
+        return out
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        cfg = self.krause_config
+        batch, length = hidden_states.shape[:2]
+        cache_layer = krause_cache_layer(past_key_values, self.layer_idx, cfg.window, standalone=cfg.mix == "krause")
+        past, kv_offset = 0, 0
+        if cache_layer is not None:
+            past = cache_layer.krause_seen
+            kv_offset = cache_layer.get_mask_sizes(length)[1]
+        valid_new = new_token_validity(attention_mask, batch, length, past, kv_offset)
+        out_krause = self.krause_branch(hidden_states, position_embeddings, cache_layer, valid_new)
+        if cfg.mix == "krause":
+            return out_krause, None
+        out_std, attn_weights = super().forward(
+            hidden_states=hidden_states,
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            **kwargs,
+        )
+        return gated_mix(out_std, out_krause, self.krause_gate), attn_weights
+
+
+_PATCHED_CLASSES: dict[type, type] = {}
+
+
+def _patched_class(cls: type) -> type:
+    if cls not in _PATCHED_CLASSES:
+        rope = getattr(sys.modules[cls.__module__], "apply_rotary_pos_emb")
+        _PATCHED_CLASSES[cls] = type(
+            f"Krause{cls.__name__}",
+            (KrauseAttentionMixin, cls),
+            {"_krause_rope": staticmethod(rope), "__module__": __name__},
+        )
+    return _PATCHED_CLASSES[cls]
+
+
+def _supported_classes():
+    from transformers import LlamaForCausalLM, Qwen2ForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaAttention
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
+
+    return (LlamaForCausalLM, Qwen2ForCausalLM), (LlamaAttention, Qwen2Attention)
+
+
+def _shared_linear(source: nn.Linear) -> nn.Linear:
+    """A Linear holding ``source``'s own weight/bias Parameters (no copy, no new bias)."""
+    linear = nn.Linear(source.in_features, source.out_features, bias=source.bias is not None, device="meta")
+    linear.weight = source.weight
+    if source.bias is not None:
+        linear.bias = source.bias
+    return linear
+
+
+def is_patched(model: nn.Module) -> bool:
+    return any(isinstance(m, KrauseAttentionMixin) for m in model.modules())
+
+
+def patched_attention_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, KrauseAttentionMixin)]
+
+
+def patch_model(
+    model, *, mix: str = "gated", window: int = 32, top_k: int = 16, sigma: float = 5.5,
+    gate_init: float = 0.8, impl: str = "auto",
+):
+    """Patches, in place, every attention layer of a ``LlamaForCausalLM`` / ``Qwen2ForCausalLM``; returns it.
+
+    Args:
+        mix: "gated" (the pretrained attention gated with a new Krause branch) or
+            "krause" (Krause attention only, on the pretrained projections).
+        window, top_k, sigma: the Krause branch's causal window W, kept neighbours and
+            initial sigma (per head).
+        gate_init: the gate's initial weight on the standard branch.
+        impl: the core op's implementation ("auto", "fast", "reference", "flex", "triton").
+    """
+    cfg = KrausePatchConfig(mix=mix, window=window, top_k=top_k, sigma=sigma, gate_init=gate_init, impl=impl)
+    model_classes, attention_classes = _supported_classes()
+    if not isinstance(model, model_classes) or getattr(model.config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"model: patch_model supports LlamaForCausalLM and Qwen2ForCausalLM, got {type(model).__name__} "
+            f"(model_type {getattr(getattr(model, 'config', None), 'model_type', None)!r})"
+        )
+    if is_patched(model) or getattr(model.config, CONFIG_KEY, None):
+        raise ValueError("model: it is already patched with Krause attention; patch a fresh model")
+    if getattr(model.config, "_attn_implementation", None) == "flex_attention":
+        raise ValueError(
+            "model: attn_implementation 'flex_attention' hands layers a BlockMask the Krause branch cannot read; "
+            "load the model with 'sdpa', 'eager' or 'flash_attention_2'"
+        )
+    text_config = model.config
+    attentions = [m for m in model.modules() if isinstance(m, attention_classes)]
+    if len(attentions) != text_config.num_hidden_layers:
+        raise ValueError(
+            f"model: found {len(attentions)} attention modules for {text_config.num_hidden_layers} layers"
+        )
+    for attn in attentions:
+        device = attn.q_proj.weight.device
+        attn.__class__ = _patched_class(type(attn))
+        attn.krause_config = cfg
+        if mix == "gated":
+            for name in PROJECTIONS:
+                setattr(attn, f"krause_{name}", _shared_linear(getattr(attn, name)))
+            attn.krause_gate = KrauseGate(text_config.hidden_size, gate_init, device=device)
+        attn.krause_sigma = KrauseSigma(text_config.num_attention_heads, sigma, device=device)
+    setattr(model.config, CONFIG_KEY, cfg.to_dict())
+    return model
+
+
+def untie_krause_projections(model: nn.Module) -> int:
+    """Gives every Krause projection its own copy of the weights it shares with the standard
+    branch (before a LoRA merge writes into them); returns how many tensors were copied."""
+    copied = 0
+    for attn in patched_attention_modules(model):
+        if attn.krause_config.mix != "gated":
+            continue
+        for name in PROJECTIONS:
+            std = getattr(attn, name)
+            kr = getattr(attn, f"krause_{name}")
+            std_base = std.get_base_layer() if hasattr(std, "get_base_layer") else std
+            kr_base = kr.get_base_layer() if hasattr(kr, "get_base_layer") else kr
+            for pname in ("weight", "bias"):
+                p = getattr(kr_base, pname, None)
+                if p is not None and p.data_ptr() == getattr(std_base, pname).data_ptr():
+                    setattr(kr_base, pname, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+                    copied += 1
+    return copied
