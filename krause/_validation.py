@@ -7,17 +7,9 @@ so a researcher sees at once which knob is wrong.
 from __future__ import annotations
 
 import math
-import weakref
+import os
 
 import torch
-
-# log_sigma tensors already found finite, with the version counter they had then. The
-# check costs a host sync on GPU, so a tensor is re-checked only after it changed
-# (e.g. an optimizer step), not on every call: decoding calls the op once per layer
-# per token with the same parameter.
-# Keyed by id() with a weak reference to confirm identity (tensors cannot be dict keys
-# by value: their == is elementwise).
-_FINITE_CHECKED: dict[int, tuple[weakref.ref, int]] = {}
 
 METRICS = ("manhattan", "chebyshev")
 
@@ -38,8 +30,13 @@ def check_nonnegative_int(name: str, value) -> int:
     return value
 
 
-def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int, int]:
-    """Checks (B, H, N, D) queries against (B, Hkv, N, D) keys/values; returns B, H, Hkv, N, D."""
+def check_qkv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, end_aligned: bool = False
+) -> tuple[int, int, int, int, int]:
+    """Checks (B, H, Nq, D) queries against (B, Hkv, Nk, D) keys/values; returns B, H, Hkv, Nk, D.
+
+    Nq must equal Nk, or with ``end_aligned`` be at most Nk (the queries are the last Nq
+    positions of the keys)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -52,7 +49,9 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, i
     b, h, n, d = q.shape
     if k.shape[0] != b:
         raise ValueError(f"k batch size {k.shape[0]} does not match q batch size {b}")
-    if k.shape[2] != n:
+    if end_aligned and n > k.shape[2]:
+        raise ValueError(f"q has {n} tokens but k only {k.shape[2]}: queries must be the last Tq <= Tk positions")
+    if not end_aligned and k.shape[2] != n:
         raise ValueError(f"k has {k.shape[2]} tokens but q has {n}")
     if k.shape[3] != d:
         raise ValueError(f"k head_dim {k.shape[3]} does not match q head_dim {d}")
@@ -63,7 +62,21 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, i
         raise ValueError("q must hold at least one token")
     if q.device != k.device or q.device != v.device:
         raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
-    return b, h, hkv, n, d
+    return b, h, hkv, k.shape[2], d
+
+
+def check_key_padding_mask(mask, batch_size: int, num_keys: int, like: torch.Tensor):
+    """A (B, Tk) bool mask (True = real token) on ``like``'s device, or None."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"key_padding_mask must be a bool tensor (True = real token), got {got}")
+    if tuple(mask.shape) != (batch_size, num_keys):
+        raise ValueError(f"key_padding_mask must have shape ({batch_size}, {num_keys}), got {tuple(mask.shape)}")
+    if mask.device != like.device:
+        raise ValueError(f"key_padding_mask is on {mask.device} but q is on {like.device}")
+    return mask
 
 
 def check_log_sigma(log_sigma, num_heads: int, like: torch.Tensor) -> torch.Tensor:
@@ -84,23 +97,18 @@ def check_log_sigma(log_sigma, num_heads: int, like: torch.Tensor) -> torch.Tens
         raise ValueError(f"log_sigma must be floating point, got {log_sigma.dtype}")
     if log_sigma.device != like.device:
         raise ValueError(f"log_sigma is on {log_sigma.device} but q is on {like.device}")
-    # Skipped while tracing so torch.compile stays graph-break free.
-    if not torch.compiler.is_compiling():
-        _check_finite_once(log_sigma)
+    if DEBUG_CHECKS and not torch.compiler.is_compiling():
+        check_finite("log_sigma", log_sigma)
     return log_sigma
 
 
-def _check_finite_once(log_sigma: torch.Tensor) -> None:
-    key = id(log_sigma)
-    seen = _FINITE_CHECKED.get(key)
-    if seen is not None and seen[0]() is log_sigma and seen[1] == log_sigma._version:
-        return
-    if not bool(torch.isfinite(log_sigma.detach()).all()):
-        raise ValueError(f"log_sigma must be finite, got {log_sigma.detach().cpu().tolist()}")
-    if len(_FINITE_CHECKED) > 4096:  # drop entries of tensors that have been freed
-        for stale in [k for k, (ref, _) in _FINITE_CHECKED.items() if ref() is None]:
-            del _FINITE_CHECKED[stale]
-    _FINITE_CHECKED[key] = (weakref.ref(log_sigma), log_sigma._version)
+# Opt-in checks that cost a host-device sync (set KRAUSE_DEBUG=1 or krause._validation.DEBUG_CHECKS = True).
+DEBUG_CHECKS = os.environ.get("KRAUSE_DEBUG", "") not in ("", "0")
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    if not bool(torch.isfinite(t.detach()).all()):
+        raise ValueError(f"{name} must be finite, got {t.detach().cpu().flatten()[:8].tolist()}")
 
 
 def check_grid(grid, num_tokens: int, num_prefix_tokens: int) -> tuple[int, int]:

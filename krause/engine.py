@@ -32,162 +32,33 @@ How it is made fast (on CPU, where these ops are memory-bound):
   and no large temporary is ever allocated (large allocations cost page faults on every
   call); results are written straight into the output tensors, products run on strided
   views of the keys (no gathered copies).
-- Threads. On CPU the engine's ops run single-threaded: per-op OpenMP regions cost more
-  than they bring for ops this small, and on a busy machine they stall. Large calls are
-  split by heads among worker threads instead (see CPU_WORKERS and _run_chunks).
+- Threads. The engine never changes thread settings: each op uses torch's intra-op
+  threads (a benchmark that wants single-threaded timing calls torch.set_num_threads).
 - In place. The band reads its keys where they are (no padded copies), and the backward
   accumulates dk and dv straight into their output tensors.
 """
 
 from __future__ import annotations
 
-import functools
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
-
 import torch
 
+from .dense import sigma_coefficient
 from .neighbourhoods import DenseNeighbourhood, chunk_budget
 
 _INF = float("inf")
 
 
-# --------------------------------------------------------------------------- CPU workers
-# On CPU the chunks are shared out among a few threads, each running its ops single-
-# threaded (torch.set_num_threads(1) per thread), instead of letting every op open an
-# OpenMP parallel region of its own. The calling thread takes the first share. Chunks of
-# one head always go to the same thread, in order, so the result does not depend on the
-# number of workers.
-#
-# Why: on a shared, oversubscribed machine (like the 2-core one the benchmarks ran on,
-# next to other jobs) every OpenMP region waits for all its threads to be scheduled, and
-# the engine runs hundreds of ops per call: 2-thread OpenMP runs came out 5-60x slower
-# than single-threaded ones there, while the workers only lose their share of the CPU.
-# The price: on an idle machine OpenMP inside each op was 5-35% faster (2 cores, fwd+bwd:
-# causal T=16k 188 vs 205 ms, 8x8 grid B=32 19 vs 21 ms, 64x64 grid 99 vs 133 ms).
-#
-# Even the dense path (a few dozen large ops per call), where OpenMP was faster on the
-# idle machine (8x8 grid, B=32, 2 cores: 11.5 ms vs 15.3 ms with 2 workers), took 100 ms
-# with OpenMP next to other jobs (load ~3; SDPA 30 ms), so it uses the workers too.
-#
-# CPU_WORKERS: None (default) = as many workers as the caller's torch intra-op threads;
-# n >= 1 = n workers; 0 = no workers, each op uses torch's own intra-op threads (the
-# better choice on a dedicated, idle multi-core machine).
-CPU_WORKERS: int | None = None
-
-
-def _use_workers(nbr) -> bool:
-    return CPU_WORKERS != 0
-
-_pool: ThreadPoolExecutor | None = None
-_pool_key: tuple[int, int] | None = None  # (process id, size): a forked child needs its own threads
-_pool_lock = threading.Lock()
-
-
-def _single_threaded_worker() -> None:
-    torch.set_num_threads(1)
-
-
-def _get_pool(size: int) -> ThreadPoolExecutor:
-    global _pool, _pool_key
-    key = (os.getpid(), size)
-    with _pool_lock:
-        if _pool_key != key:
-            if _pool is not None and _pool_key[0] == key[0]:
-                _pool.shutdown(wait=True)
-            threads = torch.get_num_threads()
-            pool = ThreadPoolExecutor(size, thread_name_prefix="krause", initializer=_single_threaded_worker)
-            # Start every worker now (each waits at the barrier until all exist), then undo
-            # the process-wide part of their torch.set_num_threads(1) (the default for new
-            # threads); their own per-thread OpenMP/MKL settings stay at 1.
-            barrier = threading.Barrier(size)
-            for f in [pool.submit(barrier.wait) for _ in range(size)]:
-                f.result()
-            torch.set_num_threads(threads)
-            _pool, _pool_key = pool, key
-        return _pool
-
-
-_caller = threading.local()  # .threads: the caller's intra-op thread count, while inside
-
-
-class _OneThread:
-    """Runs the calling thread single-threaded for a while (CPU only), remembering how
-    many threads it had (the default number of workers)."""
-
-    def __init__(self, device: torch.device):
-        self.threads = torch.get_num_threads() if device.type == "cpu" else 1
-
-    def __enter__(self):
-        self.outer = getattr(_caller, "threads", None)
-        if self.outer is None:
-            _caller.threads = self.threads
-        if self.threads > 1:
-            torch.set_num_threads(1)
-
-    def __exit__(self, *exc):
-        if self.threads > 1:
-            torch.set_num_threads(self.threads)
-        if self.outer is None:
-            _caller.threads = None
-
-
-# Each worker must get at least this many scores (query x candidate pairs), so handing
-# work to another thread (which on a busy machine may wait for a time slice) pays off.
-# Measured on 2 cores, fwd+bwd wall time, 1 vs 2 workers: causal T=1024 (385k scores)
-# 21 -> 18 ms, T=2048 41 -> 30 ms, T=16384 342 -> 210 ms; 8x8 grid B=32 (811k) 24 -> 22
-# ms; 14x14 B=8 (1.9M) 42 -> 35 ms; but 8x8 B=8 (203k) 6.5 -> 9.1 ms.
-MIN_SCORES_PER_WORKER = 1 << 18
-
-
-def _num_workers(nbr, device: torch.device, bh: int, scores: int) -> int:
-    # Under the profiler, stay on the calling thread so every op and allocation is seen.
-    if device.type != "cpu" or not _use_workers(nbr) or torch.autograd.profiler._is_profiler_enabled:
-        return 1
-    n = CPU_WORKERS if CPU_WORKERS is not None else (getattr(_caller, "threads", None) or torch.get_num_threads())
-    return max(1, min(n, bh, scores // MIN_SCORES_PER_WORKER))
-
-
 def _run_chunks(nbr, device: torch.device, bh: int, num_queries: int, body) -> None:
-    """Calls body(chunk) for every chunk of heads [0, bh); on CPU split by heads among
-    the calling thread and the workers."""
-    budget = chunk_budget(device)
-    workers = _num_workers(nbr, device, bh, bh * num_queries * nbr.num_slots)
-    bounds = [bh * w // workers for w in range(workers + 1)]
-
-    def run(w):
-        with torch.no_grad():  # grad mode is per thread; the engine never needs autograd
-            for ch in nbr.chunks(range(bounds[w], bounds[w + 1]), num_queries, budget):
-                body(ch)
-
-    futures = [_get_pool(workers - 1).submit(run, w) for w in range(1, workers)] if workers > 1 else []
-    try:
-        run(0)
-    finally:
-        for f in futures:
-            f.result()
-
-
-def _one_thread_on_cpu(fn):
-    """The engine's entry points run single-threaded in the calling thread on CPU
-    (parallelism comes from the workers of _run_chunks)."""
-
-    @functools.wraps(fn)
-    def wrapper(nbr, *args):
-        if not _use_workers(nbr):
-            return fn(nbr, *args)
-        with _OneThread(args[0].device):
-            return fn(nbr, *args)
-
-    return wrapper
+    """Calls body(chunk) for every chunk of heads [0, bh), in order, on the calling thread
+    (each op uses torch's own intra-op threads)."""
+    with torch.no_grad():  # the engine computes its own gradients
+        for ch in nbr.chunks(range(bh), num_queries, chunk_budget(device)):
+            body(ch)
 
 
 def sigma_coef(log_sigma: torch.Tensor, num_heads: int, extra_dims: int) -> torch.Tensor:
     """c = 1 / (2 sigma^2) as a (1, H or 1, 1, ...) tensor for broadcasting over (B, H, *Q, M)."""
-    c = 0.5 * torch.exp(-2.0 * log_sigma.float())
-    c = c.reshape(1, -1, *([1] * extra_dims))
-    return c
+    return sigma_coefficient(log_sigma).reshape(1, -1, *([1] * extra_dims))
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -223,7 +94,7 @@ def _select(d, top_k: int, coef, p_out, d_out) -> None:
     distances: zero outside the kept top-k, distances clamped at 0."""
     if top_k >= d.shape[-1]:
         d.clamp_min_(0.0)
-        p_out.copy_(torch.softmax(d * -coef, dim=-1))
+        p_out.copy_(torch.softmax(d * -coef, dim=-1).nan_to_num_(0.0))  # NaN rows: no valid candidate
         d_out.copy_(d.masked_fill_(d == _INF, 0.0))
         return
     vals, idx = d.topk(top_k, dim=-1, largest=False, sorted=False)
@@ -240,14 +111,14 @@ def _select(d, top_k: int, coef, p_out, d_out) -> None:
 def _softmax_(x: torch.Tensor, dim: int, drop: torch.Tensor | None = None) -> torch.Tensor:
     """In-place softmax along a short dimension, over the entries not in ``drop`` (which
     must be -inf in x); every row must keep a finite entry (each query is always one of
-    its own candidates). torch.softmax vectorises along the softmax dimension, slow when it
+    its own candidates, or be all dropped, and then comes out all zero). torch.softmax vectorises along the softmax dimension, slow when it
     has a handful of entries. Shifted logits are clamped at -80 before exp (exp of -inf or
     of numbers that underflow takes a slow path): a kept entry more than 80 below the
     row's maximum gets weight e^-80 / sum ~ 1e-35 instead of a smaller number or 0."""
     x.sub_(x.amax(dim, keepdim=True)).clamp_min_(-80.0).exp_()
     if drop is not None:
         x.masked_fill_(drop, 0.0)
-    return x.div_(x.sum(dim, keepdim=True))
+    return x.div_(x.sum(dim, keepdim=True).clamp_min_(torch.finfo(x.dtype).tiny))
 
 
 def _rank_keep(d: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -365,19 +236,24 @@ def _dense_backward(nbr, grad_out, q, k, v, coef, probs, dist):
 
 
 # --------------------------------------------------------------------------- band / grid
-@_one_thread_on_cpu
-def forward(nbr, q, k, v, coef, top_k: int):
-    """q in the neighbourhood's query layout (B, H, *Q, D) fp32; k, v (B, H, Nk, D) fp32.
+def forward(nbr, q, k, v, coef, top_k: int, key_valid: torch.Tensor | None = None):
+    """q in the neighbourhood's query layout (B, H, *Q, D) fp32; k, v (B, H, Nk, D) fp32;
+    key_valid: optional (B, Nk) bool, False = padding (never a candidate).
 
     Returns (out (B, H, *Q, D), probs, dist) with probs/dist (B, H, *Q, M) saved for
     backward: zero outside the kept top-k; dist clamped at 0.
     """
     if isinstance(nbr, DenseNeighbourhood):
+        if key_valid is not None:
+            raise ValueError("key_valid: the dense neighbourhood takes its padding in its candidate mask")
         return _dense_forward(nbr, q, k, v, coef, top_k)
     b, h = q.shape[:2]
     bh, m = b * h, nbr.num_slots
     qf, kf = _flat(q), _flat(k)
-    kbuf, ksq, vbuf = nbr.keys(kf), nbr.key_scalars(_sq_norms(kf)), nbr.keys(_flat(v))
+    ksq = _sq_norms(kf)
+    if key_valid is not None:  # a padded key's distance is +inf: an invalid slot, like one outside the band
+        ksq.view(b, h, -1).masked_fill_(~key_valid[:, None, :], _INF)
+    kbuf, ksq, vbuf = nbr.keys(kf), nbr.key_scalars(ksq), nbr.keys(_flat(v))
     c = coef.expand(b, h, *coef.shape[2:]).reshape(bh)
     out = q.new_empty(bh, *q.shape[2:])
     probs = q.new_empty(bh, *q.shape[2:-1], m)
@@ -395,7 +271,6 @@ def forward(nbr, q, k, v, coef, top_k: int):
     return out.view(*shape, q.shape[-1]), probs.view(*shape, m), dist.view(*shape, m)
 
 
-@_one_thread_on_cpu
 def backward(nbr, grad_out, q, k, v, coef, probs, dist):
     """Returns dq (query layout), dk, dv (B, H, Nk, D) and dcoef (H,) — all fp32."""
     if isinstance(nbr, DenseNeighbourhood):

@@ -87,7 +87,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 
 from .masks import grid_candidate_mask
 from .neighbourhoods import BandNeighbourhood, DenseNeighbourhood, GridNeighbourhood
-from .reference import repeat_kv
+from .dense import repeat_kv, sigma_coefficient
 
 # Up to this many tokens the 2-D threshold uses one dense masked (N, N) distance matrix
 # instead of per-offset products (same cut-over as ops.DENSE_2D_MAX_TOKENS).
@@ -236,11 +236,15 @@ def _halfway_threshold(dist: torch.Tensor, top_k: int) -> torch.Tensor:
     return torch.where(torch.isinf(nxt), torch.full_like(nxt, float("inf")), 0.5 * (kth + nxt))
 
 
-def _candidate_distances(nbr, q, k):
-    """fp32 candidate distances (B, H, *Q, M), clamped at 0, +inf at invalid slots."""
+def _candidate_distances(nbr, q, k, key_valid=None):
+    """fp32 candidate distances (B, H, *Q, M), clamped at 0, +inf at invalid slots and
+    at padded keys (key_valid (B, Nk) False)."""
     dots = nbr.dots(q, k)
     q_sq = q.pow(2).sum(-1, keepdim=True)
-    k_sq = nbr.gather_scalar(k.pow(2).sum(-1))
+    k_sq = k.pow(2).sum(-1)
+    if key_valid is not None:
+        k_sq = k_sq.masked_fill(~key_valid[:, None, :], float("inf"))
+    k_sq = nbr.gather_scalar(k_sq)
     dist = (q_sq + k_sq - 2.0 * dots).clamp_min_(0.0)
     if nbr.valid is not None:
         dist = dist.masked_fill(~nbr.valid, float("inf"))
@@ -253,14 +257,14 @@ def _score_threshold(q32, tau):
 
 
 @torch.no_grad()
-def _causal_threshold(q, k, window: int, top_k: int):
+def _causal_threshold(q, k, window: int, top_k: int, key_valid=None):
     b, h, t, _ = q.shape
     if top_k >= window:
         return q.new_full((b, h, t), float("-inf"), dtype=torch.float32)
     q32 = q.detach().float()
     k32 = repeat_kv(k.detach(), h).float()
     nbr = BandNeighbourhood(t, window, q.device)
-    dist = _candidate_distances(nbr, nbr.to_query_layout(q32), k32)
+    dist = _candidate_distances(nbr, nbr.to_query_layout(q32), k32, key_valid)
     tau = nbr.from_query_layout(_halfway_threshold(dist, top_k))
     return _score_threshold(q32, tau)
 
@@ -287,12 +291,18 @@ def _local_threshold(q, k, grid, radius: int, metric: str, top_k: int, num_prefi
     return _score_threshold(q32, tau)
 
 
-def _krause_score_mod(threshold: torch.Tensor, scale: torch.Tensor):
+def _krause_score_mod(threshold: torch.Tensor, scale: torch.Tensor, key_valid: torch.Tensor | None = None):
     """score = u0 = q.k - |k|^2/2. Keys with u0 below their query's threshold (farther than
-    tau_i) -> -inf; the others get the logit s_h * u0. Both buffers are gradient-free."""
+    tau_i), or padded (key_valid False), -> -inf; the others get the logit s_h * u0. All
+    buffers are gradient-free."""
 
-    def score_mod(score, b, h, q_idx, kv_idx):
-        return torch.where(score >= threshold[b, h, q_idx], score * scale[h], -float("inf"))
+    if key_valid is None:
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return torch.where(score >= threshold[b, h, q_idx], score * scale[h], -float("inf"))
+    else:
+        def score_mod(score, b, h, q_idx, kv_idx):
+            keep = (score >= threshold[b, h, q_idx]) & key_valid[b, kv_idx]
+            return torch.where(keep, score * scale[h], -float("inf"))
 
     return score_mod
 
@@ -399,21 +409,28 @@ def _device_key(device: torch.device) -> str:
 def _prepare(q, k, v, log_sigma):
     dtype = _kernel_dtype(q)
     q_aug, k_aug, v_aug = _augment(q, k, v, dtype)
-    s = torch.exp(-2.0 * log_sigma.float())  # () or (H,)
+    s = 2.0 * sigma_coefficient(log_sigma)  # 1 / sigma^2: () or (H,)
     q_aug = _AttachScaleGrad.apply(q_aug, s)
     scale = s.detach().expand(q.shape[1]).contiguous()  # (H,) for the score_mod
     return q_aug, k_aug, v_aug, scale
 
 
-def causal_krause_attention_flex(q, k, v, log_sigma, window: int, top_k: int) -> torch.Tensor:
+def causal_krause_attention_flex(q, k, v, log_sigma, window: int, top_k: int, key_padding_mask=None) -> torch.Tensor:
     """Causal sliding-window Krause attention on FlexAttention (arguments as
-    ``krause.causal_krause_attention``; log_sigma already a () or (H,) tensor)."""
+    ``krause.causal_krause_attention`` with Tq == Tk; log_sigma already a () or (H,) tensor).
+    Queries with no valid key (all padding) return zeros."""
     t = q.shape[2]
     q_aug, k_aug, v_aug, scale = _prepare(q, k, v, log_sigma)
-    threshold = _causal_threshold(q, k, window, top_k)
+    threshold = _causal_threshold(q, k, window, top_k, key_padding_mask)
     block_mask = causal_block_mask(t, window, causal_block_size(window), _device_key(q.device))
-    out = _run_flex(q_aug, k_aug, v_aug, _krause_score_mod(threshold, scale), block_mask)
-    return out[..., : v.shape[-1]].to(q.dtype)
+    out = _run_flex(q_aug, k_aug, v_aug, _krause_score_mod(threshold, scale, key_padding_mask), block_mask)
+    out = out[..., : v.shape[-1]].to(q.dtype)
+    if key_padding_mask is not None:  # rows with no candidate: zeros whatever the kernel did
+        nk = key_padding_mask.cumsum(-1, dtype=torch.int32)
+        starts = torch.arange(t, device=q.device) - window
+        first = torch.where(starts >= 0, nk.gather(-1, starts.clamp_min(0).expand_as(nk)), torch.zeros_like(nk))
+        out = out * ((nk - first) > 0)[:, None, :, None].to(out.dtype)
+    return out
 
 
 def local_krause_attention_2d_flex(

@@ -13,27 +13,20 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
+import torch.nn.functional as tnf
+
 from . import _validation as V
 from . import engine
 from . import flops as F
+from .dense import repeat_kv, sigma_coefficient
+from .dispatch import IMPLS, choose_impl  # noqa: F401  (IMPLS re-exported)
 from .masks import grid_candidate_mask, grid_offsets
 from .neighbourhoods import BandNeighbourhood, DenseNeighbourhood, GridNeighbourhood, band_block_size
-from .reference import (
-    causal_krause_attention_reference,
-    local_krause_attention_2d_reference,
-    repeat_kv,
-)
+from .reference import causal_krause_attention_reference, local_krause_attention_2d_reference
 
-IMPLS = ("auto", "fast", "reference", "flex")
-
-# Up to this many tokens the 2-D op runs one dense score matmul (then works on each
-# patch query's few candidate slots) instead of per-offset sparse products: fewer,
-# larger kernels win while N^2 is small. Measured with benchmarks/attention_scaling.py
-# --tune (ViT-S heads, Chebyshev r=2, top_k 8, ~4k tokens per call, CPU time fwd+bwd):
-# sparse/dense = 1.38 at 14x14 (197 tokens), 1.36 at 16x16, 1.17 at 17x17 (290), 1.00 at
-# 18x18 (325), 0.90 at 19x19, 0.82 at 20x20, 0.40 at 28x28; 1.66 at 8x8 Manhattan r=1.
-# The dense path also saves (N, N) probabilities per head (the sparse one N x 26), so at
-# the crossover the sparse path is preferred.
+# Up to this many tokens the 2-D fast op runs one dense score matmul instead of per-offset
+# sparse products: fewer, larger kernels win while N^2 is small (the crossover measured by
+# benchmarks/attention_scaling.py --tune is in the README).
 DENSE_2D_MAX_TOKENS = 300
 
 
@@ -46,8 +39,7 @@ def _sum_kv_groups(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
 
 def _dlog_sigma(dcoef: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
     # coef = exp(-2 log_sigma) / 2, so dcoef/dlog_sigma = -2 coef.
-    coef = 0.5 * torch.exp(-2.0 * log_sigma.float())
-    grad = dcoef * (-2.0 * coef)
+    grad = dcoef * (-2.0 * sigma_coefficient(log_sigma))
     if log_sigma.dim() == 0:
         grad = grad.sum()
     return grad.to(log_sigma.dtype)
@@ -63,21 +55,27 @@ def _causal_shapes(q, window):
 
 @torch.library.custom_op("krause::causal_fwd", mutates_args=())
 def _causal_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_sigma: torch.Tensor, window: int, top_k: int
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_sigma: torch.Tensor,
+    key_valid: torch.Tensor | None,
+    window: int,
+    top_k: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     h, t = q.shape[1], q.shape[2]
     nbr = BandNeighbourhood(t, window, q.device)
     coef = engine.sigma_coef(log_sigma, h, 3)
     kf = repeat_kv(k, h).float()
     vf = repeat_kv(v, h).float()
-    out, probs, dist = engine.forward(nbr, nbr.to_query_layout(q.float()), kf, vf, coef, top_k)
+    out, probs, dist = engine.forward(nbr, nbr.to_query_layout(q.float()), kf, vf, coef, top_k, key_valid)
     return nbr.from_query_layout(out).to(q.dtype).contiguous(), probs, dist
 
 
 # Fake (meta) implementations for torch.compile. The real kernels return contiguous
 # tensors whatever the input layout, so these must too (new_empty, not empty_like).
 @_causal_fwd.register_fake
-def _(q, k, v, log_sigma, window, top_k):
+def _(q, k, v, log_sigma, key_valid, window, top_k):
     shape = _causal_shapes(q, window)
     return q.new_empty(q.shape), q.new_empty(shape, dtype=torch.float32), q.new_empty(shape, dtype=torch.float32)
 
@@ -119,7 +117,7 @@ def _(grad_out, q, k, v, log_sigma, probs, dist, window, top_k):
 
 
 def _causal_setup(ctx, inputs, output):
-    q, k, v, log_sigma, window, top_k = inputs
+    q, k, v, log_sigma, _key_valid, window, top_k = inputs  # padding lives on in the saved probs
     _, probs, dist = output
     ctx.mark_non_differentiable(probs, dist)
     ctx.save_for_backward(q, k, v, log_sigma, probs, dist)
@@ -131,14 +129,14 @@ def _causal_backward(ctx, grad_out, _grad_probs, _grad_dist):
     if grad_out is None:
         grad_out = torch.zeros_like(q)
     dq, dk, dv, dls = _causal_bwd(grad_out, q, k, v, log_sigma, probs, dist, ctx.window, ctx.top_k)
-    return dq, dk, dv, dls, None, None
+    return dq, dk, dv, dls, None, None, None
 
 
 _causal_fwd.register_autograd(_causal_backward, setup_context=_causal_setup)
 
 
 @register_flop_formula(torch.ops.krause.causal_fwd)
-def _causal_fwd_flops(q_shape, k_shape, v_shape, ls_shape, window, top_k, *args, **kwargs) -> int:
+def _causal_fwd_flops(q_shape, k_shape, v_shape, ls_shape, kv_shape, window, top_k, *args, **kwargs) -> int:
     b, h, t, d = q_shape
     return b * h * F.causal_forward_flops(t, d, window, top_k)
 
@@ -286,43 +284,66 @@ def _local_bwd_flops(g_shape, q_shape, k_shape, v_shape, ls_shape, pa, da, pb, d
 
 
 # --------------------------------------------------------------------------- public API
-def _check_impl(impl: str) -> str:
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    return impl
+def _end_align(q, k, v, key_padding_mask, window: int):
+    """Reduces end-aligned queries (Tq <= Tk) to the band's square case: keys older than
+    the first query's window are dropped and the queries are front-padded to the remaining
+    keys (at most W - 1 throwaway rows). Returns (q, k, v, mask, offset)."""
+    tq, tk = q.shape[2], k.shape[2]
+    keep = min(tk, tq + window - 1)
+    if keep < tk:
+        k, v = k[:, :, tk - keep :], v[:, :, tk - keep :]
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask[:, tk - keep :]
+    offset = keep - tq
+    if offset:
+        q = tnf.pad(q, (0, 0, offset, 0))
+    return q, k, v, key_padding_mask, offset
 
 
-def causal_krause_attention(q, k, v, log_sigma, window: int, top_k: int, *, impl: str = "auto") -> torch.Tensor:
-    """Causal sliding-window Krause attention.
+def causal_krause_attention(
+    q, k, v, log_sigma, window: int, top_k: int, *, key_padding_mask=None, impl: str = "auto"
+) -> torch.Tensor:
+    """Causal sliding-window Krause attention (docs/api.md).
 
-    Query i scores the keys i - window < j <= i by ``-||q_i - k_j||^2 / (2 sigma_h^2)``
-    (sigma_h = exp(log_sigma[h])), keeps the ``min(top_k, #candidates)`` nearest and
-    takes the softmax over them.
+    Query i sits at position p = Tk - Tq + i (queries are the last Tq of the Tk keys, as a
+    decoding step, a chunked prefill or an HF cache hands them over) and scores the keys
+    p - window < j <= p that are not padding by ``-||q_i - k_j||^2 / (2 sigma_h^2)``
+    (sigma_h = exp(log_sigma[h])); it keeps the ``min(top_k, #valid candidates)`` nearest
+    and takes the softmax over them. A query with no valid candidate returns zeros.
 
     Args:
-        q: (B, H, T, D) queries.
-        k, v: (B, Hkv, T, D) keys and values, H % Hkv == 0 (grouped-query attention).
+        q: (B, H, Tq, D) queries.
+        k, v: (B, Hkv, Tk, D) keys and values, Tq <= Tk, H % Hkv == 0 (grouped-query attention).
         log_sigma: a float, a scalar tensor or an (H,) tensor (one sigma per head).
         window: candidate window W >= 1 (the query itself included).
         top_k: number of nearest candidates kept, >= 1.
-        impl: "auto"/"fast" (linear-time, custom op, any device), "reference" (dense
-            O(T^2), for tests) or "flex" (FlexAttention, fused on CUDA; see krause.flex).
+        key_padding_mask: optional (B, Tk) bool, True = real token (left or right padding).
+        impl: "auto", "fast" (linear-time engine), "reference" (dense O(T^2), for tests),
+            "flex" (FlexAttention) or "triton" (fused kernels); see ``krause.dispatch``.
 
     Returns:
-        (B, H, T, D) in q's dtype.
+        (B, H, Tq, D) in q's dtype.
     """
-    impl = _check_impl(impl)
-    if impl == "reference":
-        return causal_krause_attention_reference(q, k, v, log_sigma, window, top_k)
     V.check_positive_int("window", window)
     V.check_positive_int("top_k", top_k)
-    _, h, _, _, _ = V.check_qkv(q, k, v)
+    b, h, _, tk, _ = V.check_qkv(q, k, v, end_aligned=True)
+    key_padding_mask = V.check_key_padding_mask(key_padding_mask, b, tk, q)
+    impl = choose_impl("causal", q.device, impl, key_padding_mask=key_padding_mask)
+    if impl == "reference":
+        return causal_krause_attention_reference(q, k, v, log_sigma, window, top_k, key_padding_mask=key_padding_mask)
     log_sigma = V.check_log_sigma(log_sigma, h, q)
+    if impl == "triton":
+        from .kernels import causal_krause_attention_triton
+
+        return causal_krause_attention_triton(q, k, v, log_sigma, window, top_k, key_padding_mask)
+    q, k, v, key_padding_mask, offset = _end_align(q, k, v, key_padding_mask, window)
     if impl == "flex":
         from .flex import causal_krause_attention_flex
 
-        return causal_krause_attention_flex(q, k, v, log_sigma, window, top_k)
-    return _causal_fwd(q, k, v, log_sigma, window, top_k)[0]
+        out = causal_krause_attention_flex(q, k, v, log_sigma, window, top_k, key_padding_mask)
+    else:
+        out = _causal_fwd(q, k, v, log_sigma, key_padding_mask, window, top_k)[0]
+    return out[:, :, offset:] if offset else out
 
 
 def local_krause_attention_2d(
@@ -338,7 +359,7 @@ def local_krause_attention_2d(
     *,
     impl: str = "auto",
 ) -> torch.Tensor:
-    """2-D local Krause attention for vision transformers.
+    """2-D local Krause attention for vision transformers (docs/api.md).
 
     Tokens are ``num_prefix_tokens`` prefix (CLS) tokens followed by a row-major
     ``grid = (rows, cols)`` of patches. A patch query's candidates are the patches within
@@ -350,24 +371,30 @@ def local_krause_attention_2d(
     Args:
         q: (B, H, N, D); k, v: (B, Hkv, N, D) with N = num_prefix_tokens + rows * cols.
         log_sigma: a float, a scalar tensor or an (H,) tensor.
-        impl: "auto" (dense masked path for N <= DENSE_2D_MAX_TOKENS, sparse otherwise),
-            "fast" (always the sparse path), "reference" or "flex".
+        impl: "auto", "fast", "reference", "flex" or "triton" (see ``krause.dispatch``).
+            The fast engine runs one dense masked matmul for N <= DENSE_2D_MAX_TOKENS
+            and the sparse per-offset path above.
 
     Returns:
         (B, H, N, D) in q's dtype.
     """
-    impl = _check_impl(impl)
-    if impl == "reference":
-        return local_krause_attention_2d_reference(q, k, v, log_sigma, grid, radius, metric, top_k, num_prefix_tokens)
     V.check_nonnegative_int("radius", radius)
     V.check_metric(metric)
     V.check_positive_int("top_k", top_k)
     _, h, _, n, _ = V.check_qkv(q, k, v)
     rows, cols = V.check_grid(grid, n, num_prefix_tokens)
+    impl = choose_impl("local2d", q.device, impl)
+    if impl == "reference":
+        return local_krause_attention_2d_reference(q, k, v, log_sigma, grid, radius, metric, top_k, num_prefix_tokens)
     log_sigma = V.check_log_sigma(log_sigma, h, q)
+    if impl == "triton":
+        from .kernels import local_krause_attention_2d_triton
+
+        return local_krause_attention_2d_triton(q, k, v, log_sigma, (rows, cols), radius, metric, top_k,
+                                                num_prefix_tokens)
     if impl == "flex":
         from .flex import local_krause_attention_2d_flex
 
         return local_krause_attention_2d_flex(q, k, v, log_sigma, (rows, cols), radius, metric, top_k, num_prefix_tokens)
-    dense = impl == "auto" and n <= DENSE_2D_MAX_TOKENS
+    dense = n <= DENSE_2D_MAX_TOKENS
     return _local_fwd(q, k, v, log_sigma, rows, cols, radius, metric, top_k, num_prefix_tokens, dense)[0]

@@ -1,60 +1,32 @@
 """Dense reference implementations of Krause attention.
 
 Obviously correct and O(N^2) in time and memory: every query scores every key, the
-candidate set and the top-k are applied as masks, and autograd does the backward.
-Tests hold the fast implementations equal to these.
+candidate set and the top-k are applied as masks (``krause.dense``, the one formula), and
+autograd does the backward. Tests hold the fast implementations equal to these.
 """
 
 from __future__ import annotations
 
-import torch
-
 from . import _validation as V
-from .masks import causal_window_mask, grid_candidate_mask
+from .dense import causal_candidates, krause_attention_dense, repeat_kv  # noqa: F401  (re-exported)
+from .masks import grid_candidate_mask
 
 
-def repeat_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """(B, Hkv, N, D) -> (B, H, N, D); query head h reads key/value head h // (H // Hkv)."""
-    b, hkv, n, d = x.shape
-    if hkv == num_heads:
-        return x
-    return x[:, :, None].expand(b, hkv, num_heads // hkv, n, d).reshape(b, num_heads, n, d)
-
-
-def krause_attention_dense(q, k, v, log_sigma, candidates: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Krause attention over an explicit (N, N) boolean candidate mask.
-
-    s_ij = -||q_i - k_j||^2 / (2 sigma^2); the top_k nearest candidates survive; softmax over them.
-    """
-    num_heads = q.shape[1]
-    k = repeat_kv(k, num_heads)
-    v = repeat_kv(v, num_heads)
-    qf, kf = q.float(), k.float()
-    dist = qf.pow(2).sum(-1)[..., :, None] + kf.pow(2).sum(-1)[..., None, :] - 2.0 * qf @ kf.transpose(-1, -2)
-    dist = dist.clamp_min(0.0)
-    far = dist.masked_fill(~candidates, float("inf"))
-    kk = min(top_k, candidates.shape[-1])
-    nearest = far.topk(kk, dim=-1, largest=False).indices
-    keep = torch.zeros_like(far, dtype=torch.bool).scatter_(-1, nearest, True) & candidates
-    sigma_sq = torch.exp(2.0 * log_sigma.float())
-    if sigma_sq.dim() == 1:
-        sigma_sq = sigma_sq[:, None, None]
-    logits = (-dist / (2.0 * sigma_sq)).masked_fill(~keep, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return (probs @ v.float()).to(v.dtype)
-
-
-def causal_krause_attention_reference(q, k, v, log_sigma, window: int, top_k: int) -> torch.Tensor:
+def causal_krause_attention_reference(q, k, v, log_sigma, window: int, top_k: int, *, key_padding_mask=None):
+    """Dense causal-window Krause attention; same contract as ``krause.causal_krause_attention``."""
     V.check_positive_int("window", window)
     V.check_positive_int("top_k", top_k)
-    _, h, _, n, _ = V.check_qkv(q, k, v)
+    b, h, _, nk, _ = V.check_qkv(q, k, v, end_aligned=True)
+    key_padding_mask = V.check_key_padding_mask(key_padding_mask, b, nk, q)
     log_sigma = V.check_log_sigma(log_sigma, h, q)
-    return krause_attention_dense(q, k, v, log_sigma, causal_window_mask(n, window, q.device), top_k)
+    mask = causal_candidates(q.shape[2], nk, window, key_padding_mask, q.device)
+    return krause_attention_dense(q, k, v, log_sigma, mask, top_k)
 
 
 def local_krause_attention_2d_reference(
     q, k, v, log_sigma, grid, radius: int, metric: str, top_k: int, num_prefix_tokens: int = 1
-) -> torch.Tensor:
+):
+    """Dense 2-D local Krause attention; same contract as ``krause.local_krause_attention_2d``."""
     V.check_nonnegative_int("radius", radius)
     V.check_metric(metric)
     V.check_positive_int("top_k", top_k)

@@ -205,7 +205,10 @@ def test_torch_compile_runs_custom_ops():
 def test_custom_ops_pass_opcheck():
     q, k, v = _inputs(1, 2, 1, 20, 8, seed=1)
     ls = torch.zeros(2)
-    torch.library.opcheck(torch.ops.krause.causal_fwd.default, (q, k, v, ls, 8, 4))
+    torch.library.opcheck(torch.ops.krause.causal_fwd.default, (q, k, v, ls, None, 8, 4))
+    padding = torch.ones(1, 20, dtype=torch.bool)
+    padding[:, :5] = False
+    torch.library.opcheck(torch.ops.krause.causal_fwd.default, (q, k, v, ls, padding, 8, 4))
     q2, k2, v2 = _inputs(1, 2, 2, 17, 8, seed=1)
     for dense in (True, False):
         torch.library.opcheck(
@@ -319,7 +322,6 @@ def _good():
         (lambda a: {**a, "q": a["q"][0]}, "q"),
         (lambda a: {**a, "k": torch.randn(2, 2, 10, 8), "v": torch.randn(2, 2, 10, 8)}, "k batch"),
         (lambda a: {**a, "log_sigma": float("nan")}, "log_sigma"),
-        (lambda a: {**a, "log_sigma": torch.tensor([0.0, float("inf"), 0.0, 0.0])}, "log_sigma"),
         (lambda a: {**a, "log_sigma": torch.zeros(3)}, "log_sigma"),
     ],
 )
@@ -376,17 +378,12 @@ def test_compiled_op_accepts_non_contiguous_inputs():
     out.sum().backward()
 
 
-def test_log_sigma_modified_in_place_is_checked_again():
-    """The finiteness check is cached per tensor version, never skipped for a changed tensor."""
+def test_non_finite_log_sigma_tensor_is_an_opt_in_debug_check(monkeypatch):
+    """The check costs a host sync, so it only runs with KRAUSE_DEBUG (no sync on the hot path)."""
     q, k, v = _good()
-    ls = torch.zeros(4)
-    krause.causal_krause_attention(q, k, v, ls, 4, 2)
-    ls[1] = float("nan")  # bumps the version counter
-    with pytest.raises(ValueError, match="^log_sigma"):
-        krause.causal_krause_attention(q, k, v, ls, 4, 2)
-    param = torch.nn.Parameter(torch.zeros(4))
-    krause.causal_krause_attention(q, k, v, param, 4, 2)
-    with torch.no_grad():
-        param.fill_(float("inf"))
-    with pytest.raises(ValueError, match="^log_sigma"):
-        krause.causal_krause_attention(q, k, v, param, 4, 2)
+    ls = torch.tensor([0.0, float("inf"), 0.0, 0.0])
+    krause.causal_krause_attention(q, k, v, ls, 4, 2)  # no check, no sync
+    monkeypatch.setattr(krause._validation, "DEBUG_CHECKS", True)
+    for impl in ("auto", "reference"):
+        with pytest.raises(ValueError, match="^log_sigma"):
+            krause.causal_krause_attention(q, k, v, ls, 4, 2, impl=impl)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .. import _validation as V
-from ..reference import repeat_kv
+from ..dense import krause_weights
 
 
 def check_sigma(sigma) -> float:
@@ -45,22 +45,6 @@ def log_sigma_parameter(sigma: float, num_heads: int | None) -> nn.Parameter:
 
 
 def krause_attention_probs(q, k, log_sigma, candidates: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Dense Krause attention weights (B, H, Nq, Nk), fp32, for analysis and small inputs.
-
-    ``candidates`` is a boolean mask broadcastable to (B, H, Nq, Nk). Each row keeps its
-    ``min(top_k, #candidates)`` nearest keys and softmaxes ``-||q - k||^2 / (2 sigma^2)``
-    over them; every other weight is exactly 0. O(Nq Nk) memory: not a training path for
-    long sequences.
-    """
-    h = q.shape[1]
-    log_sigma = V.check_log_sigma(log_sigma, h, q)
-    qf, kf = q.float(), repeat_kv(k, h).float()
-    dist = qf.pow(2).sum(-1)[..., :, None] + kf.pow(2).sum(-1)[..., None, :] - 2.0 * qf @ kf.transpose(-1, -2)
-    dist = dist.clamp_min(0.0).masked_fill(~candidates, float("inf"))
-    kk = min(top_k, dist.shape[-1])
-    nearest = dist.topk(kk, dim=-1, largest=False).indices
-    keep = torch.zeros_like(dist, dtype=torch.bool).scatter_(-1, nearest, True) & candidates
-    coef = (0.5 * torch.exp(-2.0 * log_sigma.float())).reshape(-1, 1, 1)
-    # Dropped slots hold inf; zero them before scaling so no inf * 0 or -inf * ... leaks into autograd.
-    logits = (dist.masked_fill(~keep, 0.0) * -coef).masked_fill(~keep, float("-inf"))
-    return torch.softmax(logits, dim=-1)
+    """Dense Krause attention weights (B, H, Nq, Nk), fp32, for analysis and small inputs
+    (``krause.dense.krause_weights`` with log_sigma checked)."""
+    return krause_weights(q, k, V.check_log_sigma(log_sigma, q.shape[1], q), candidates, top_k)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _validation as V
+from ..dense import head_coefficient, squared_distances
 from ._common import check_dropout, check_heads, log_sigma_parameter
 
 SHIFT_MASK_VALUE = -100.0  # Swin's additive mask: exp(-100) underflows to 0 against any real logit
@@ -195,10 +196,8 @@ class WindowKrauseAttention(WindowAttention):
         return self.log_sigma.detach().exp()
 
     def logits(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        qf, kf = q.float() * self.scale, k.float() * self.scale
-        dist = qf.pow(2).sum(-1)[..., :, None] + kf.pow(2).sum(-1)[..., None, :] - 2.0 * qf @ kf.transpose(-1, -2)
-        coef = 0.5 * torch.exp(-2.0 * self.log_sigma.float())
-        return dist.clamp_min(0.0) * -coef.view(1, -1, 1, 1)
+        dist = squared_distances(q.float() * self.scale, k.float() * self.scale)
+        return dist * -head_coefficient(self.log_sigma)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, return_attention: bool = False):
         q, k, v = self._split_qkv(x)
