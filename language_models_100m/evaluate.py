@@ -1,0 +1,208 @@
+"""Zero-shot evaluation of trained language models with lm-evaluation-harness, and a comparison.
+
+    python -m language_models_100m.evaluate --model runs/100m_gated runs/100m_standard \\
+        --data_dir /data/fwe10bt --out_dir results/100m [--tasks hellaswag piqa ...] [--limit 100]
+
+For every ``--model`` (a training run directory, whose ``hf/`` export is used, or a
+``save_pretrained`` directory of any attention type): validation loss / perplexity on
+the ``--data_dir`` val shards (``--val_tokens``), then the lm-eval tasks, zero-shot:
+HellaSwag, PIQA, ARC-Easy, BLiMP (all 67 subsets), LAMBADA (OpenAI) — stock tasks — and
+CBT (all four subsets; the task YAML ships in ``tasks/cbt``). lm-eval reports ``acc``
+(summed log-likelihood of each choice: the un-normalised scoring the first release
+used) and, where the task has it, ``acc_norm`` (log-likelihood per byte of the choice).
+
+Writes ``<out_dir>/<name>/results.json`` per model and, across models,
+``comparison.md``, ``comparison.csv`` and ``val_loss.png`` (validation-loss curves from
+the runs' metrics.jsonl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+TASK_DIR = Path(__file__).resolve().parent / "tasks"
+DEFAULT_TASKS = ("hellaswag", "piqa", "arc_easy", "blimp", "lambada_openai", "cbt")
+
+
+def resolve_model_dir(path) -> tuple[Path, Path | None]:
+    """(save_pretrained directory, run directory or None) of a --model argument."""
+    path = Path(path).expanduser().resolve()
+    if (path / "config.json").is_file() and not (path / "metrics.jsonl").exists():
+        return path, None
+    if (path / "hf" / "config.json").is_file():
+        return path / "hf", path
+    raise ValueError(f"--model {path}: neither a save_pretrained directory nor a run directory with hf/")
+
+
+def load_model(model_dir: Path, device: torch.device):
+    import language_models_100m  # noqa: F401  (registers krause_lm with the Auto classes)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
+
+
+def load_hf_tokenizer(model_dir: Path, fallback: str | None):
+    """The tokenizer saved next to the model, else ``--tokenizer`` (tokenizer.json file, directory or hub name)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if (model_dir / "tokenizer.json").is_file() or (model_dir / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(model_dir)
+    if fallback is None:
+        raise ValueError(f"--tokenizer is needed: {model_dir} holds no tokenizer")
+    if Path(fallback).is_file():
+        return PreTrainedTokenizerFast(tokenizer_file=str(fallback), eos_token="<|endoftext|>")
+    return AutoTokenizer.from_pretrained(fallback)
+
+
+@torch.no_grad()
+def validation_loss(model, data_dir, block_size: int, max_tokens: int, batch_size: int, device) -> dict:
+    """Mean next-token loss over non-overlapping block_size windows of the val split."""
+    from .shards import TokenStream, split_shards
+
+    stream = TokenStream(split_shards(data_dir, "val"))
+    usable = min(len(stream) - 1, max_tokens)
+    n_windows = usable // block_size
+    if n_windows < 1:
+        raise ValueError(f"--data_dir: the val split has {len(stream)} tokens, fewer than one block of {block_size}")
+    total, count = 0.0, 0
+    for first in range(0, n_windows, batch_size):
+        rows = [stream.read(w * block_size, block_size + 1) for w in range(first, min(n_windows, first + batch_size))]
+        batch = torch.as_tensor(__import__("numpy").stack(rows), device=device)
+        logits = model(batch[:, :-1], use_cache=False).logits
+        total += F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
+        count += batch[:, 1:].numel()
+    loss = total / count
+    return {"val_loss": loss, "val_ppl": math.exp(loss), "val_tokens": count}
+
+
+def run_lm_eval(model, tokenizer, tasks, include_paths, batch_size: int, limit, device, bootstrap_iters: int) -> dict:
+    """lm-eval zero-shot on ``tasks``; {task: {"acc": .., "acc_norm": .., ...}} for tasks and groups."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device),
+              max_length=model.config.n_positions)
+    manager = TaskManager(include_path=[str(TASK_DIR), *map(str, include_paths)])
+    out = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=0, task_manager=manager, limit=limit,
+                          log_samples=False, bootstrap_iters=bootstrap_iters)
+    scores = {}
+    for name, metrics in {**out.get("results", {}), **out.get("groups", {})}.items():
+        row = {}
+        for key, value in metrics.items():
+            metric, _, filt = key.partition(",")
+            if filt in ("none", "") and isinstance(value, (int, float)) and not metric.endswith("_stderr"):
+                row[metric] = float(value)
+        scores[name] = row
+    return scores
+
+
+
+def comparison_rows(results: list[dict], tasks) -> tuple[list[str], list[list]]:
+    header = ["model", "attention", "val_loss", "val_ppl"]
+    for task in tasks:
+        header += [f"{task} acc", f"{task} acc_norm"]
+    rows = []
+    for r in results:
+        row = [r["name"], r["attention"], r.get("val_loss"), r.get("val_ppl")]
+        for task in tasks:
+            scores = r["tasks"].get(task, {})
+            row += [scores.get("acc"), scores.get("acc_norm")]
+        rows.append(row)
+    return header, rows
+
+
+def write_comparison(results: list[dict], tasks, out_dir: Path) -> tuple[Path, Path]:
+    header, rows = comparison_rows(results, tasks)
+    csv_path, md_path = out_dir / "comparison.csv", out_dir / "comparison.md"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows([["" if v is None else v for v in row] for row in rows])
+    keep = [i for i in range(len(header)) if any(row[i] is not None for row in rows)]  # drop empty acc_norm columns
+    fmt = lambda v: "" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
+    lines = ["| " + " | ".join(header[i] for i in keep) + " |", "|" + "---|" * len(keep)]
+    lines += ["| " + " | ".join(fmt(row[i]) for i in keep) + " |" for row in rows]
+    md_path.write_text("\n".join(lines) + "\n\nacc: summed log-likelihood per choice (the first release's "
+                       "scoring); acc_norm: per byte of the choice.\n")
+    return md_path, csv_path
+
+
+def plot_val_curves(results: list[dict], path: Path) -> Path | None:
+    from krause.training.plotting import plot_comparison
+
+    runs = {r["name"]: r["run_dir"] for r in results if r.get("run_dir")}
+    if not runs:
+        return None
+    return plot_comparison(runs, ["val_loss"], path, x="step", title="validation loss")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m language_models_100m.evaluate", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", nargs="+", required=True, help="run directories or save_pretrained directories")
+    p.add_argument("--out_dir", required=True)
+    p.add_argument("--tasks", nargs="*", default=list(DEFAULT_TASKS), help="lm-eval task / group names ('' for none)")
+    p.add_argument("--include_path", nargs="*", default=[], help="extra lm-eval task directories")
+    p.add_argument("--data_dir", default=None, help="build directory with *_val_*.bin shards (for val loss)")
+    p.add_argument("--val_tokens", type=int, default=10_000_000, help="at most this many val tokens")
+    p.add_argument("--tokenizer", default=None, help="when a model directory has no tokenizer")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--limit", type=float, default=None, help="lm-eval: at most N documents per task (testing)")
+    p.add_argument("--bootstrap_iters", type=int, default=1000, help="lm-eval stderr bootstrap (0: none)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.batch_size < 1 or args.val_tokens < 1:
+        parser.error("--batch_size and --val_tokens must be >= 1")
+    args.tasks = [t for t in args.tasks if t]
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    out_dir = Path(args.out_dir).expanduser().resolve()
+    try:
+        models = [resolve_model_dir(m) for m in args.model]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        results = []
+        for model_dir, run_dir in models:
+            name = (run_dir or model_dir).name
+            model = load_model(model_dir, device)
+            record = {"name": name, "model_dir": str(model_dir), "run_dir": str(run_dir) if run_dir else None,
+                      "attention": model.config.attention, "parameters": sum(p.numel() for p in model.parameters())}
+            if args.data_dir:
+                record.update(validation_loss(model, args.data_dir, model.config.n_positions, args.val_tokens,
+                                              args.batch_size, device))
+            record["tasks"] = {}
+            if args.tasks:
+                tokenizer = load_hf_tokenizer(model_dir, args.tokenizer)
+                limit = int(args.limit) if args.limit and args.limit >= 1 else args.limit
+                record["tasks"] = run_lm_eval(model, tokenizer, args.tasks, args.include_path, args.batch_size,
+                                              limit, device, args.bootstrap_iters)
+            (out_dir / name).mkdir(exist_ok=True)
+            (out_dir / name / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+            results.append(record)
+            print(f"{name} ({record['attention']}): " + json.dumps({k: v for k, v in record.items() if k != "tasks"}
+                                                                    | {"tasks": record["tasks"]}), flush=True)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    md, csv_path = write_comparison(results, args.tasks, out_dir)
+    plot = plot_val_curves(results, out_dir / "val_loss.png")
+    print(md.read_text())
+    print(f"wrote {md}, {csv_path}" + (f", {plot}" if plot else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
