@@ -1,0 +1,352 @@
+"""Triton kernels of Krause attention (forward, backward, decode).
+
+One query block per program. The keys a block can see are gathered into a single tile
+(the causal band: block + W - 1 keys; the 2-D band: the prefix tokens and the patches
+within `radius` rows; a prefix query row: every token), so selection happens in
+registers:
+
+- distances ``|q|^2 + |k|^2 - 2 q.k`` in fp32 (the squared norms come in precomputed,
+  so every pass computes bit-identical distances from the same dot products), clamped
+  at 0;
+- selection: each candidate gets the int64 key ``(float bits of dist) << 32 | key
+  index`` (non-negative floats order like their bits), so the order is "nearer first,
+  then lower key index"; ``n_iter`` (= top_k, or 0 when top_k covers every candidate)
+  min-reductions raise a per-row threshold to the top_k-th smallest key, and exactly the
+  keys <= threshold are kept: min(top_k, #candidates) of them, ties broken by index;
+- softmax over the kept, times V. The forward saves the log-sum-exp and the threshold
+  key per row; the backward recomputes the scores from them.
+
+The backward is FlashAttention-2 shaped: a query-block pass for dq and the per-head
+dlog_sigma partial sums, and a key-block pass for dk/dv that loops over the query heads
+sharing a key/value head (GQA without expansion) — no atomics anywhere. The backward
+compares recomputed distances with the saved threshold within a few fp32 ulps of the
+norms (a tile of another shape may round the dot products differently) and breaks
+in-band ties by index, so exact duplicates follow the forward's choice.
+"""
+
+import triton
+import triton.language as tl
+
+# Sentinel selection key for "not a candidate" / "keep every candidate".
+BIG = 0x7FFFFFFFFFFFFFFF
+
+# Index modes of the "other side" of a tile (see _other_index).
+CAUSAL_KEYS = 0  # keys of a causal query block: the band block + W - 1 wide
+GRID_BAND = 1  # prefix tokens then the patch band of a 2-D block (queries or keys: symmetric)
+ALL = 2  # every token (2-D prefix queries; queries of the 2-D prefix keys)
+CAUSAL_QUERIES = 3  # query rows that see a causal key block
+
+
+@triton.jit
+def _mm(a, b, PREC: tl.constexpr):
+    """tl.dot with fp32 accumulation. PREC "upcast": operands cast to fp32 first (exact for
+    bf16: Triton's CPU interpreter multiplies bf16 storage as integers in tl.dot)."""
+    if PREC == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _other_index(start, chunk, Tq, Tk, W, P, P_PAD, cols, radius, MODE: tl.constexpr, BLOCK: tl.constexpr):
+    """Indices of the tokens on the other side of a tile whose own block starts at `start`."""
+    a = tl.arange(0, BLOCK)
+    if MODE == 0:
+        idx = start + (Tk - Tq) - W + 1 + a
+    elif MODE == 1:
+        lo = tl.maximum(start - P - radius * cols - radius, 0)
+        idx = tl.where(a < P_PAD, tl.where(a < P, a, -1), P + lo + a - P_PAD)
+    elif MODE == 2:
+        idx = chunk * BLOCK + a
+    else:
+        idx = start - (Tk - Tq) + a
+    return idx
+
+
+@triton.jit
+def _candidates(qi, kj, Tq, Tk, W, P, cols, radius, GRID: tl.constexpr, CHEB: tl.constexpr):
+    """Bool tile: key kj (1, N) is a candidate of query row qi (M, 1)."""
+    ok = (qi >= 0) & (qi < Tq) & (kj >= 0) & (kj < Tk)
+    if GRID:
+        pq = tl.maximum(qi - P, 0)
+        pk = tl.maximum(kj - P, 0)
+        dr = tl.abs(pq // cols - pk // cols)
+        dc = tl.abs(pq % cols - pk % cols)
+        if CHEB:
+            gd = tl.maximum(dr, dc)
+        else:
+            gd = dr + dc
+        ok = ok & ((qi < P) | (kj < P) | (gd <= radius))
+    else:
+        pos = qi + (Tk - Tq)
+        ok = ok & (kj <= pos) & (kj > pos - W)
+    return ok
+
+
+@triton.jit
+def _load_rows(base, idx, D, BLOCK_D: tl.constexpr, ROWS_OK):
+    d = tl.arange(0, BLOCK_D)
+    ptrs = base + idx[:, None] * D + d[None, :]
+    return tl.load(ptrs, mask=ROWS_OK[:, None] & (d[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _distances(qt, kt, qn, kn, PREC: tl.constexpr):
+    """fp32 squared distances (raw, before clamping) of a (M, D) x (N, D) tile pair."""
+    dot = _mm(qt, tl.trans(kt), PREC)
+    return qn[:, None] + kn[None, :] - 2.0 * dot
+
+
+@triton.jit
+def _select_key(dist, cand, kj):
+    """int64 selection key of each candidate (BIG for non-candidates)."""
+    bits = dist.to(tl.int32, bitcast=True).to(tl.int64)
+    return tl.where(cand, (bits << 32) | kj.to(tl.int64), BIG)
+
+
+@triton.jit
+def _threshold(key, n_iter, BLOCK_M: tl.constexpr):
+    """Per row, the n_iter-th smallest key (BIG when fewer candidates or n_iter == 0)."""
+    thr = tl.full([BLOCK_M], -1, tl.int64)
+    for _ in range(n_iter):
+        thr = tl.min(tl.where(key > thr[:, None], key, BIG), axis=1)
+    return tl.where(n_iter > 0, thr, BIG)
+
+
+@triton.jit
+def _kept_backward(dist, cand, kj, qn, kn, thr):
+    """The forward's kept set, recomputed with a tolerance of a few ulps of the norms."""
+    full = thr == BIG
+    thr_d = (thr >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    thr_i = thr - ((thr >> 32) << 32)  # the tie index (low 32 bits)
+    tol = 1e-6 * (qn[:, None] + kn[None, :])
+    near = tl.abs(dist - thr_d[:, None]) <= tol
+    below = (dist < thr_d[:, None] - tol) | (near & (kj.to(tl.int64) <= thr_i[:, None]))
+    return cand & (full[:, None] | below)
+
+
+@triton.jit
+def _coef(LS, h, LS_PER_HEAD: tl.constexpr):
+    """1 / (2 sigma_h^2) for head h (scalar)."""
+    if LS_PER_HEAD:
+        ls = tl.load(LS + h).to(tl.float32)
+    else:
+        ls = tl.load(LS).to(tl.float32)
+    return 0.5 * tl.exp(-2.0 * ls)
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, QN, KN, LS, KVALID, O, LSE, THR,
+    H, G, Tq, Tk, D, W, P, P_PAD, cols, radius, n_iter, row_start,
+    LS_PER_HEAD: tl.constexpr, HAS_VALID: tl.constexpr, GRID: tl.constexpr, CHEB: tl.constexpr,
+    KMODE: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    bk = b * (H // G) + h // G
+    m0 = row_start + pid * BLOCK_M
+    rows = m0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < Tq
+    if KMODE == 2:  # the prefix-row launch of the 2-D op
+        row_ok = row_ok & (rows < P)
+    kj = _other_index(m0, 0, Tq, Tk, W, P, P_PAD, cols, radius, KMODE, BLOCK_N)
+    k_ok = (kj >= 0) & (kj < Tk)
+
+    qt = _load_rows(Q + bh * Tq * D, rows, D, BLOCK_D, row_ok)
+    kt = _load_rows(K + bk * Tk * D, kj, D, BLOCK_D, k_ok)
+    qn = tl.load(QN + bh * Tq + rows, mask=row_ok, other=0.0)
+    kn = tl.load(KN + bk * Tk + kj, mask=k_ok, other=0.0)
+    raw = _distances(qt, kt, qn, kn, PREC)
+    dist = tl.where(raw > 0.0, raw, 0.0)
+    cand = _candidates(rows[:, None], kj[None, :], Tq, Tk, W, P, cols, radius, GRID, CHEB) & row_ok[:, None]
+    if HAS_VALID:
+        real = tl.load(KVALID + b * Tk + kj, mask=k_ok, other=0)
+        cand = cand & (real != 0)[None, :]
+
+    key = _select_key(dist, cand, kj[None, :])
+    thr = _threshold(key, n_iter, BLOCK_M)
+    keep = cand & (key <= thr[:, None])
+
+    coef = _coef(LS, h, LS_PER_HEAD)
+    s = tl.where(keep, -coef * dist, float("-inf"))
+    m = tl.max(s, axis=1)
+    has = m > float("-inf")
+    m = tl.where(has, m, 0.0)
+    p = tl.where(keep, tl.exp(s - m[:, None]), 0.0)
+    l = tl.sum(p, axis=1)
+    vt = _load_rows(V + bk * Tk * D, kj, D, BLOCK_D, k_ok)
+    acc = _mm(p.to(vt.dtype), vt, PREC)
+    inv = tl.where(has, 1.0 / tl.where(has, l, 1.0), 0.0)
+    out = acc * inv[:, None]
+    lse = tl.where(has, m + tl.log(tl.where(has, l, 1.0)), 0.0)
+
+    d = tl.arange(0, BLOCK_D)
+    tl.store(O + bh * Tq * D + rows[:, None] * D + d[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & (d[None, :] < D))
+    tl.store(LSE + bh * Tq + rows, lse, mask=row_ok)
+    tl.store(THR + bh * Tq + rows, thr, mask=row_ok)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, QN, KN, LS, KVALID, DO, LSE, THR, DELTA, DQ, DCOEF,
+    H, G, Tq, Tk, D, W, P, P_PAD, cols, radius, row_start, num_partials, partial_start,
+    LS_PER_HEAD: tl.constexpr, HAS_VALID: tl.constexpr, GRID: tl.constexpr, CHEB: tl.constexpr,
+    KMODE: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    bk = b * (H // G) + h // G
+    m0 = row_start + pid * BLOCK_M
+    rows = m0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < Tq
+    if KMODE == 2:  # the prefix-row launch of the 2-D op
+        row_ok = row_ok & (rows < P)
+    kj = _other_index(m0, 0, Tq, Tk, W, P, P_PAD, cols, radius, KMODE, BLOCK_N)
+    k_ok = (kj >= 0) & (kj < Tk)
+
+    qt = _load_rows(Q + bh * Tq * D, rows, D, BLOCK_D, row_ok)
+    kt = _load_rows(K + bk * Tk * D, kj, D, BLOCK_D, k_ok)
+    vt = _load_rows(V + bk * Tk * D, kj, D, BLOCK_D, k_ok)
+    dot_ = _load_rows(DO + bh * Tq * D, rows, D, BLOCK_D, row_ok)
+    qn = tl.load(QN + bh * Tq + rows, mask=row_ok, other=0.0)
+    kn = tl.load(KN + bk * Tk + kj, mask=k_ok, other=0.0)
+    lse = tl.load(LSE + bh * Tq + rows, mask=row_ok, other=0.0)
+    thr = tl.load(THR + bh * Tq + rows, mask=row_ok, other=0)
+    raw = _distances(qt, kt, qn, kn, PREC)
+    dist = tl.where(raw > 0.0, raw, 0.0)
+    cand = _candidates(rows[:, None], kj[None, :], Tq, Tk, W, P, cols, radius, GRID, CHEB) & row_ok[:, None]
+    if HAS_VALID:
+        real = tl.load(KVALID + b * Tk + kj, mask=k_ok, other=0)
+        cand = cand & (real != 0)[None, :]
+    keep = _kept_backward(dist, cand, kj[None, :], qn, kn, thr)
+
+    coef = _coef(LS, h, LS_PER_HEAD)
+    p = tl.where(keep, tl.exp(-coef * dist - lse[:, None]), 0.0)
+    dp = _mm(dot_, tl.trans(vt), PREC)
+    # delta = do . out, from the kept scores in fp32 (the whole row is in the tile); stored
+    # for the key pass. do . out with a bf16 `out` would bias dlog_sigma by its rounding.
+    delta = tl.sum(p * dp, axis=1)
+    tl.store(DELTA + bh * Tq + rows, delta, mask=row_ok)
+    ds = p * (dp - delta[:, None])
+    dcoef = tl.sum(tl.sum(-ds * dist, axis=1), axis=0)
+    dd = tl.where(raw >= 0.0, -coef * ds, 0.0)  # d loss / d distance (clamp passes raw >= 0)
+    dq = 2.0 * tl.sum(dd, axis=1)[:, None] * qt.to(tl.float32) - 2.0 * _mm(dd.to(kt.dtype), kt, PREC)
+
+    d = tl.arange(0, BLOCK_D)
+    tl.store(DQ + bh * Tq * D + rows[:, None] * D + d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & (d[None, :] < D))
+    tl.store(DCOEF + bh * num_partials + partial_start + pid, dcoef)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, QN, KN, LS, KVALID, DO, LSE, THR, DELTA, DK, DV,
+    H, G, Tq, Tk, D, W, P, P_PAD, cols, radius, key_start, key_end, num_chunks,
+    LS_PER_HEAD: tl.constexpr, HAS_VALID: tl.constexpr, GRID: tl.constexpr, CHEB: tl.constexpr,
+    QMODE: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    bk = tl.program_id(1)
+    hkv = H // G
+    b = bk // hkv
+    n0 = key_start + pid * BLOCK_N
+    keys = n0 + tl.arange(0, BLOCK_N)
+    k_ok = keys < key_end
+    kt = _load_rows(K + bk * Tk * D, keys, D, BLOCK_D, k_ok)
+    vt = _load_rows(V + bk * Tk * D, keys, D, BLOCK_D, k_ok)
+    kn = tl.load(KN + bk * Tk + keys, mask=k_ok, other=0.0)
+    real = k_ok
+    if HAS_VALID:
+        real = real & (tl.load(KVALID + b * Tk + keys, mask=k_ok, other=0) != 0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for g in range(G):
+        h = (bk % hkv) * G + g
+        bh = b * H + h
+        coef = _coef(LS, h, LS_PER_HEAD)
+        for c in range(num_chunks):
+            qi = _other_index(n0, c, Tq, Tk, W, P, P_PAD, cols, radius, QMODE, BLOCK_Q)
+            q_ok = (qi >= 0) & (qi < Tq)
+            qt = _load_rows(Q + bh * Tq * D, qi, D, BLOCK_D, q_ok)
+            dot_ = _load_rows(DO + bh * Tq * D, qi, D, BLOCK_D, q_ok)
+            qn = tl.load(QN + bh * Tq + qi, mask=q_ok, other=0.0)
+            lse = tl.load(LSE + bh * Tq + qi, mask=q_ok, other=0.0)
+            thr = tl.load(THR + bh * Tq + qi, mask=q_ok, other=0)
+            delta = tl.load(DELTA + bh * Tq + qi, mask=q_ok, other=0.0)
+            raw = _distances(qt, kt, qn, kn, PREC)  # (queries, keys), as in the forward
+            dist = tl.where(raw > 0.0, raw, 0.0)
+            cand = _candidates(qi[:, None], keys[None, :], Tq, Tk, W, P, cols, radius, GRID, CHEB)
+            cand = cand & real[None, :]
+            keep = _kept_backward(dist, cand, keys[None, :], qn, kn, thr)
+            p = tl.where(keep, tl.exp(-coef * dist - lse[:, None]), 0.0)
+            dv += _mm(tl.trans(p.to(dot_.dtype)), dot_, PREC)
+            dp = _mm(dot_, tl.trans(vt), PREC)
+            ds = p * (dp - delta[:, None])
+            dd = tl.where(raw >= 0.0, -coef * ds, 0.0)
+            dk += 2.0 * tl.sum(dd, axis=0)[:, None] * kt.to(tl.float32) \
+                - 2.0 * _mm(tl.trans(dd.to(qt.dtype)), qt, PREC)
+
+    d = tl.arange(0, BLOCK_D)
+    off = bk * Tk * D + keys[:, None] * D + d[None, :]
+    smask = k_ok[:, None] & (d[None, :] < D)
+    tl.store(DK + off, dk.to(DK.dtype.element_ty), mask=smask)
+    tl.store(DV + off, dv.to(DV.dtype.element_ty), mask=smask)
+
+
+@triton.jit
+def _decode_kernel(
+    Q, K, V, QN, KN, LS, LENGTHS, O,
+    H, G, W, D, pos, n_iter,
+    LS_PER_HEAD: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program per (batch, kv head): its G query heads against the W ring slots."""
+    bk = tl.program_id(0)
+    hkv = H // G
+    b = bk // hkv
+    g = tl.arange(0, BLOCK_M)
+    g_ok = g < G
+    heads = (bk % hkv) * G + g
+    slots = tl.arange(0, BLOCK_N)
+    length = tl.load(LENGTHS + b).to(tl.int32)
+    # slot s holds the token written (pos - 1 - s) mod W steps ago (ring layout of krause.cache)
+    age = ((pos - 1 - slots) % W + W) % W
+    s_ok = (slots < W) & (age < tl.minimum(tl.minimum(length, pos), W))
+    kpos = pos - 1 - age  # absolute position: ties go to the older token
+
+    qt = _load_rows(Q + b * H * D, heads, D, BLOCK_D, g_ok)
+    kt = _load_rows(K + bk * W * D, slots, D, BLOCK_D, slots < W)
+    vt = _load_rows(V + bk * W * D, slots, D, BLOCK_D, slots < W)
+    qn = tl.load(QN + b * H + heads, mask=g_ok, other=0.0)
+    kn = tl.load(KN + bk * W + slots, mask=slots < W, other=0.0)
+    raw = _distances(qt, kt, qn, kn, PREC)
+    dist = tl.where(raw > 0.0, raw, 0.0)
+    cand = g_ok[:, None] & s_ok[None, :]
+    key = _select_key(dist, cand, kpos[None, :])
+    thr = _threshold(key, n_iter, BLOCK_M)
+    keep = cand & (key <= thr[:, None])
+    if LS_PER_HEAD:
+        ls = tl.load(LS + heads, mask=g_ok, other=0.0).to(tl.float32)
+    else:
+        ls = tl.load(LS).to(tl.float32) + tl.zeros([BLOCK_M], dtype=tl.float32)
+    coef = 0.5 * tl.exp(-2.0 * ls)
+    s = tl.where(keep, -coef[:, None] * dist, float("-inf"))
+    m = tl.max(s, axis=1)
+    has = m > float("-inf")
+    m = tl.where(has, m, 0.0)
+    p = tl.where(keep, tl.exp(s - m[:, None]), 0.0)
+    l = tl.sum(p, axis=1)
+    acc = _mm(p.to(vt.dtype), vt, PREC)
+    out = acc * tl.where(has, 1.0 / tl.where(has, l, 1.0), 0.0)[:, None]
+    d = tl.arange(0, BLOCK_D)
+    tl.store(O + b * H * D + heads[:, None] * D + d[None, :], out.to(O.dtype.element_ty),
+             mask=g_ok[:, None] & (d[None, :] < D))

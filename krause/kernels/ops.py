@@ -1,0 +1,363 @@
+"""Custom ops (``krause::triton_*``) around the Triton kernels: launch geometry, fake
+kernels for torch.compile, FLOP formulas (from ``krause.flops``) and autograd.
+
+No ``from __future__ import annotations`` here: torch.library infers the op schemas
+from the real annotation objects.
+"""
+
+import os
+from typing import Optional
+
+import torch
+import triton
+from torch.utils.flop_counter import register_flop_formula
+
+from .. import flops as F
+from ..masks import grid_offsets
+from . import _triton as K
+
+# Widest key (or query) tile a program gathers. The kernels keep a whole row's
+# candidates in one tile; wider neighbourhoods go to the other implementations.
+MAX_TILE = 2048
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _pow2(n: int, floor: int = 16) -> int:
+    return max(floor, triton.next_power_of_2(int(n)))
+
+
+def _prec(dtype) -> str:
+    # fp32 dots in full precision (TF32 would move distances by ~1e-3 and change the top-k);
+    # bf16 under the interpreter: see _triton._mm.
+    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "") not in ("", "0"):
+        return "upcast"
+    return "ieee"
+
+
+def _common(q, k, log_sigma):
+    b, h, tq, d = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
+    ls = log_sigma.detach().float().reshape(-1).contiguous()
+    qn = torch.linalg.vector_norm(q, 2, dim=-1, dtype=torch.float32).square().contiguous()
+    kn = torch.linalg.vector_norm(k, 2, dim=-1, dtype=torch.float32).square().contiguous()
+    return b, h, hkv, tq, tk, d, ls, log_sigma.dim() == 1, qn, kn
+
+
+def _valid_arg(key_valid, like):
+    if key_valid is None:
+        return like.new_empty(1, dtype=torch.int8), False
+    return key_valid.to(torch.int8).contiguous(), True
+
+
+def _dlog_sigma(dcoef_partials, log_sigma, b, h):
+    # coef = exp(-2 log_sigma) / 2, so dcoef / dlog_sigma = -2 coef.
+    dcoef = dcoef_partials.view(b, h, -1).sum((0, 2))
+    coef = 0.5 * torch.exp(-2.0 * log_sigma.detach().float().reshape(-1))
+    grad = dcoef * (-2.0 * coef)
+    if log_sigma.dim() == 0:
+        grad = grad.sum()
+    return grad.reshape(log_sigma.shape).to(log_sigma.dtype)
+
+
+# --------------------------------------------------------------------------- geometry
+def causal_blocks(window: int) -> tuple[int, int]:
+    """(query block, key tile) of the causal forward: the tile holds block + W - 1 keys."""
+    block = min(64, _pow2(window))
+    return block, _pow2(block + window - 1)
+
+
+def _grid_band(cols, radius, num_prefix, block):
+    p_pad = triton.next_power_of_2(num_prefix) if num_prefix else 0
+    return p_pad, _pow2(p_pad + block + 2 * radius * cols + 2 * radius)
+
+
+def local2d_blocks(grid, radius: int, num_prefix: int) -> tuple[int, int, int]:
+    """(patch query block, its key tile, prefix-row key tile) of the 2-D forward."""
+    rows, cols = grid
+    block = 32
+    while block > 16 and _grid_band(cols, radius, num_prefix, block)[1] > MAX_TILE:
+        block //= 2
+    return block, _grid_band(cols, radius, num_prefix, block)[1], _pow2(num_prefix + rows * cols)
+
+
+def local2d_supported(grid, radius: int, num_prefix: int) -> tuple[bool, str]:
+    """Whether the 2-D kernels' tiles fit (the band and, with prefix tokens, a whole row)."""
+    _, band, full = local2d_blocks(grid, radius, num_prefix)
+    if band > MAX_TILE:
+        return False, f"2-D band tile of {band} keys exceeds {MAX_TILE} (grid {tuple(grid)}, radius {radius})"
+    if num_prefix and full > MAX_TILE:
+        return False, f"prefix rows need a {full}-key tile, more than {MAX_TILE}"
+    return True, ""
+
+
+# --------------------------------------------------------------------------- causal
+def _causal_forward(q, k, v, log_sigma, key_valid, window, top_k):
+    b, h, hkv, tq, tk, d, ls, per_head, qn, kn = _common(q, k, log_sigma)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    valid, has_valid = _valid_arg(key_valid, q)
+    out = torch.empty_like(q)
+    lse = q.new_empty((b, h, tq), dtype=torch.float32)
+    thr = q.new_empty((b, h, tq), dtype=torch.int64)
+    block_m, block_n = causal_blocks(window)
+    n_iter = top_k if top_k < window else 0
+    grid = (triton.cdiv(tq, block_m), b * h)
+    K._fwd_kernel[grid](
+        q, k, v, qn, kn, ls, valid, out, lse, thr,
+        h, h // hkv, tq, tk, d, window, 0, 0, 1, 0, n_iter, 0,
+        LS_PER_HEAD=per_head, HAS_VALID=has_valid, GRID=False, CHEB=False, KMODE=K.CAUSAL_KEYS,
+        PREC=_prec(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_pow2(d),
+    )
+    return out, lse, thr
+
+
+def _causal_backward_impl(grad, q, k, v, log_sigma, key_valid, lse, thr, window, top_k):
+    b, h, hkv, tq, tk, d, ls, per_head, qn, kn = _common(q, k, log_sigma)
+    q, k, v, grad = q.contiguous(), k.contiguous(), v.contiguous(), grad.contiguous()
+    valid, has_valid = _valid_arg(key_valid, q)
+    delta = q.new_empty((b, h, tq), dtype=torch.float32)  # written by the dq pass
+    block_m, block_n = causal_blocks(window)
+    nq = triton.cdiv(tq, block_m)
+    dq = torch.empty_like(q)
+    dcoef = q.new_empty((b * h, nq), dtype=torch.float32)
+    common = dict(LS_PER_HEAD=per_head, HAS_VALID=has_valid, GRID=False, CHEB=False, PREC=_prec(q.dtype))
+    bd = _pow2(d)
+    K._bwd_dq_kernel[(nq, b * h)](
+        q, k, v, qn, kn, ls, valid, grad, lse, thr, delta, dq, dcoef,
+        h, h // hkv, tq, tk, d, window, 0, 0, 1, 0, 0, nq, 0,
+        KMODE=K.CAUSAL_KEYS, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=bd, **common,
+    )
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    block_k = block_m
+    K._bwd_dkdv_kernel[(triton.cdiv(tk, block_k), b * hkv)](
+        q, k, v, qn, kn, ls, valid, grad, lse, thr, delta, dk, dv,
+        h, h // hkv, tq, tk, d, window, 0, 0, 1, 0, 0, tk, 1,
+        QMODE=K.CAUSAL_QUERIES, BLOCK_N=block_k, BLOCK_Q=_pow2(block_k + window - 1), BLOCK_D=bd, **common,
+    )
+    return dq, dk, dv, _dlog_sigma(dcoef, log_sigma, b, h)
+
+
+@torch.library.custom_op("krause::triton_causal_fwd", mutates_args=())
+def _causal_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_sigma: torch.Tensor,
+    key_valid: Optional[torch.Tensor], window: int, top_k: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _causal_forward(q, k, v, log_sigma, key_valid, window, top_k)
+
+
+@_causal_fwd_op.register_fake
+def _(q, k, v, log_sigma, key_valid, window, top_k):
+    b, h, tq, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((b, h, tq), dtype=torch.float32), q.new_empty((b, h, tq), dtype=torch.int64)
+
+
+@torch.library.custom_op("krause::triton_causal_bwd", mutates_args=())
+def _causal_bwd_op(
+    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_sigma: torch.Tensor,
+    key_valid: Optional[torch.Tensor], lse: torch.Tensor, thr: torch.Tensor, window: int, top_k: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _causal_backward_impl(grad, q, k, v, log_sigma, key_valid, lse, thr, window, top_k)
+
+
+@_causal_bwd_op.register_fake
+def _(grad, q, k, v, log_sigma, *args):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), log_sigma.new_empty(log_sigma.shape)
+
+
+def _causal_setup(ctx, inputs, output):
+    q, k, v, log_sigma, key_valid, window, top_k = inputs
+    out, lse, thr = output
+    ctx.mark_non_differentiable(lse, thr)
+    ctx.save_for_backward(q, k, v, log_sigma, lse, thr)
+    ctx.key_valid, ctx.window, ctx.top_k = key_valid, window, top_k
+
+
+def _causal_grad(ctx, grad, _glse, _gthr):
+    q, k, v, log_sigma, lse, thr = ctx.saved_tensors
+    dq, dk, dv, dls = _causal_bwd_op(grad, q, k, v, log_sigma, ctx.key_valid, lse, thr, ctx.window, ctx.top_k)
+    return dq, dk, dv, dls, None, None, None
+
+
+_causal_fwd_op.register_autograd(_causal_grad, setup_context=_causal_setup)
+
+
+def _end_aligned(fn, tq, tk, *rest):
+    # queries sit at positions tk - tq .. tk - 1: the per-position costs summed over them
+    return fn(tk, *rest) - fn(tk - tq, *rest)
+
+
+@register_flop_formula(torch.ops.krause.triton_causal_fwd)
+def _causal_fwd_flops(q_shape, k_shape, v_shape, ls_shape, valid_shape, window, top_k, *args, **kwargs) -> int:
+    b, h, tq, d = q_shape
+    return b * h * _end_aligned(F.causal_forward_flops, tq, k_shape[2], d, window, top_k)
+
+
+@register_flop_formula(torch.ops.krause.triton_causal_bwd)
+def _causal_bwd_flops(g_shape, q_shape, k_shape, *args, **kwargs) -> int:
+    window, top_k = args[-2], args[-1]
+    b, h, tq, d = q_shape
+    return b * h * _end_aligned(F.causal_backward_flops, tq, k_shape[2], d, window, top_k)
+
+
+# --------------------------------------------------------------------------- 2-D local
+def _local_launch_args(q, k, log_sigma, rows, cols, radius, metric, num_prefix):
+    b, h, hkv, n, _, d, ls, per_head, qn, kn = _common(q, k, log_sigma)
+    block, band, full = local2d_blocks((rows, cols), radius, num_prefix)
+    p_pad = _grid_band(cols, radius, num_prefix, block)[0]
+    common = dict(LS_PER_HEAD=per_head, HAS_VALID=False, GRID=True, CHEB=metric == "chebyshev", PREC=_prec(q.dtype))
+    return b, h, hkv, n, d, ls, qn, kn, block, band, full, p_pad, common
+
+
+def _local_forward(q, k, v, log_sigma, rows, cols, radius, metric, top_k, num_prefix):
+    b, h, hkv, n, d, ls, qn, kn, block, band, full, p_pad, common = _local_launch_args(
+        q, k, log_sigma, rows, cols, radius, metric, num_prefix)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    dummy = q.new_empty(1, dtype=torch.int8)
+    out = torch.empty_like(q)
+    lse = q.new_empty((b, h, n), dtype=torch.float32)
+    thr = q.new_empty((b, h, n), dtype=torch.int64)
+    bd = _pow2(d)
+    max_cand = num_prefix + len(grid_offsets(radius, metric))
+    scalars = (h, h // hkv, n, n, d, 1, num_prefix, p_pad, cols, radius)
+    K._fwd_kernel[(triton.cdiv(n - num_prefix, block), b * h)](
+        q, k, v, qn, kn, ls, dummy, out, lse, thr, *scalars, top_k if top_k < max_cand else 0, num_prefix,
+        KMODE=K.GRID_BAND, BLOCK_M=block, BLOCK_N=band, BLOCK_D=bd, **common,
+    )
+    if num_prefix:
+        K._fwd_kernel[(triton.cdiv(num_prefix, 16), b * h)](
+            q, k, v, qn, kn, ls, dummy, out, lse, thr, *scalars, top_k if top_k < n else 0, 0,
+            KMODE=K.ALL, BLOCK_M=16, BLOCK_N=full, BLOCK_D=bd, **common,
+        )
+    return out, lse, thr
+
+
+def _local_backward_impl(grad, q, k, v, log_sigma, lse, thr, rows, cols, radius, metric, top_k, num_prefix):
+    b, h, hkv, n, d, ls, qn, kn, block, band, full, p_pad, common = _local_launch_args(
+        q, k, log_sigma, rows, cols, radius, metric, num_prefix)
+    q, k, v, grad = q.contiguous(), k.contiguous(), v.contiguous(), grad.contiguous()
+    dummy = q.new_empty(1, dtype=torch.int8)
+    delta = q.new_empty((b, h, n), dtype=torch.float32)  # written by the dq passes
+    bd = _pow2(d)
+    scalars = (h, h // hkv, n, n, d, 1, num_prefix, p_pad, cols, radius)
+    n_patch_blocks = triton.cdiv(n - num_prefix, block)
+    n_prefix_blocks = triton.cdiv(num_prefix, 16)
+    partials = n_patch_blocks + n_prefix_blocks
+    dq = torch.empty_like(q)
+    dcoef = q.new_empty((b * h, partials), dtype=torch.float32)
+    tensors = (q, k, v, qn, kn, ls, dummy, grad, lse, thr, delta)
+    K._bwd_dq_kernel[(n_patch_blocks, b * h)](
+        *tensors, dq, dcoef, *scalars, num_prefix, partials, 0,
+        KMODE=K.GRID_BAND, BLOCK_M=block, BLOCK_N=band, BLOCK_D=bd, **common,
+    )
+    if num_prefix:
+        K._bwd_dq_kernel[(n_prefix_blocks, b * h)](
+            *tensors, dq, dcoef, *scalars, 0, partials, n_patch_blocks,
+            KMODE=K.ALL, BLOCK_M=16, BLOCK_N=full, BLOCK_D=bd, **common,
+        )
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    # patch keys: their queries are the prefix rows and the symmetric patch band
+    K._bwd_dkdv_kernel[(triton.cdiv(n - num_prefix, block), b * hkv)](
+        *tensors, dk, dv, *scalars, num_prefix, n, 1,
+        QMODE=K.GRID_BAND, BLOCK_N=block, BLOCK_Q=band, BLOCK_D=bd, **common,
+    )
+    if num_prefix:  # prefix keys: every query, in chunks
+        K._bwd_dkdv_kernel[(triton.cdiv(num_prefix, 16), b * hkv)](
+            *tensors, dk, dv, *scalars, 0, num_prefix, triton.cdiv(n, 64),
+            QMODE=K.ALL, BLOCK_N=16, BLOCK_Q=64, BLOCK_D=bd, **common,
+        )
+    return dq, dk, dv, _dlog_sigma(dcoef, log_sigma, b, h)
+
+
+@torch.library.custom_op("krause::triton_local2d_fwd", mutates_args=())
+def _local_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_sigma: torch.Tensor,
+    rows: int, cols: int, radius: int, metric: str, top_k: int, num_prefix: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _local_forward(q, k, v, log_sigma, rows, cols, radius, metric, top_k, num_prefix)
+
+
+@_local_fwd_op.register_fake
+def _(q, k, v, log_sigma, rows, cols, radius, metric, top_k, num_prefix):
+    b, h, n, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((b, h, n), dtype=torch.float32), q.new_empty((b, h, n), dtype=torch.int64)
+
+
+@torch.library.custom_op("krause::triton_local2d_bwd", mutates_args=())
+def _local_bwd_op(
+    grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_sigma: torch.Tensor,
+    lse: torch.Tensor, thr: torch.Tensor,
+    rows: int, cols: int, radius: int, metric: str, top_k: int, num_prefix: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _local_backward_impl(grad, q, k, v, log_sigma, lse, thr, rows, cols, radius, metric, top_k, num_prefix)
+
+
+@_local_bwd_op.register_fake
+def _(grad, q, k, v, log_sigma, *args):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), log_sigma.new_empty(log_sigma.shape)
+
+
+def _local_setup(ctx, inputs, output):
+    q, k, v, log_sigma, *static = inputs
+    out, lse, thr = output
+    ctx.mark_non_differentiable(lse, thr)
+    ctx.save_for_backward(q, k, v, log_sigma, lse, thr)
+    ctx.static = static
+
+
+def _local_grad(ctx, grad, _glse, _gthr):
+    q, k, v, log_sigma, lse, thr = ctx.saved_tensors
+    dq, dk, dv, dls = _local_bwd_op(grad, q, k, v, log_sigma, lse, thr, *ctx.static)
+    return dq, dk, dv, dls, *([None] * len(ctx.static))
+
+
+_local_fwd_op.register_autograd(_local_grad, setup_context=_local_setup)
+
+
+@register_flop_formula(torch.ops.krause.triton_local2d_fwd)
+def _local_fwd_flops(q_shape, k_shape, v_shape, ls_shape, rows, cols, radius, metric, top_k, num_prefix,
+                     *args, **kwargs) -> int:
+    b, h, _, d = q_shape
+    return b * h * F.local2d_forward_flops((rows, cols), d, radius, metric, top_k, num_prefix)
+
+
+@register_flop_formula(torch.ops.krause.triton_local2d_bwd)
+def _local_bwd_flops(g_shape, q_shape, k_shape, v_shape, ls_shape, lse_shape, thr_shape,
+                     rows, cols, radius, metric, top_k, num_prefix, *args, **kwargs) -> int:
+    b, h, _, d = q_shape
+    return b * h * F.local2d_backward_flops((rows, cols), d, radius, metric, top_k, num_prefix)
+
+
+# --------------------------------------------------------------------------- decode
+@torch.library.custom_op("krause::triton_decode", mutates_args=())
+def _decode_op(
+    q: torch.Tensor, k_ring: torch.Tensor, v_ring: torch.Tensor, log_sigma: torch.Tensor,
+    lengths: torch.Tensor, pos: int, top_k: int,
+) -> torch.Tensor:
+    b, h, d = q.shape
+    hkv, w = k_ring.shape[1], k_ring.shape[2]
+    g = h // hkv
+    ls = log_sigma.detach().float().reshape(-1).contiguous()
+    q, k_ring, v_ring = q.contiguous(), k_ring.contiguous(), v_ring.contiguous()
+    qn = torch.linalg.vector_norm(q, 2, dim=-1, dtype=torch.float32).square().contiguous()
+    kn = torch.linalg.vector_norm(k_ring, 2, dim=-1, dtype=torch.float32).square().contiguous()
+    out = torch.empty_like(q)
+    K._decode_kernel[(b * hkv,)](
+        q, k_ring, v_ring, qn, kn, ls, lengths.to(torch.int32).contiguous(), out,
+        h, g, w, d, pos, top_k if top_k < w else 0,
+        LS_PER_HEAD=log_sigma.dim() == 1, PREC=_prec(q.dtype),
+        BLOCK_M=_pow2(g), BLOCK_N=_pow2(w), BLOCK_D=_pow2(d),
+    )
+    return out
+
+
+@_decode_op.register_fake
+def _(q, k_ring, v_ring, log_sigma, lengths, pos, top_k):
+    return q.new_empty(q.shape)
+
+
+@register_flop_formula(torch.ops.krause.triton_decode)
+def _decode_flops(q_shape, k_shape, *args, **kwargs) -> int:
+    top_k = args[-1]
+    b, h, d = q_shape
+    w = k_shape[2]
+    # one query at a full ring: the cost of the last position of a W-token sequence
+    return b * h * (F.causal_forward_flops(w, d, w, top_k) - F.causal_forward_flops(w - 1, d, w, top_k))

@@ -1,0 +1,276 @@
+"""The Triton kernels against a dense reference with the documented tie rule.
+
+Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set before
+triton is first imported: the flag is read when a kernel is decorated). The reference
+here is ``krause.reference.krause_attention_dense`` with the selection made explicit:
+candidates sorted stably by distance, so at equal distance the lower key index is kept
+first (torch.topk's choice among ties is unspecified). It runs in float64.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+from krause import kernels  # noqa: E402
+from krause.masks import grid_candidate_mask  # noqa: E402
+from krause.reference import repeat_kv  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET", "") in ("", "0"):
+    pytest.skip("TRITON_INTERPRET is off and there is no GPU", allow_module_level=True)
+
+
+# --------------------------------------------------------------------------- reference
+def dense_rule(q, k, v, log_sigma, cand, top_k, ties="low"):
+    """Krause attention over cand (B|1, Tq, Tk) in float64, ties to the lower key index
+    (``ties="high"``: the opposite rule, to show a test can tell them apart)."""
+    h = q.shape[1]
+    qd, kd, vd = q.double(), repeat_kv(k, h).double(), repeat_kv(v, h).double()
+    dist = (qd.pow(2).sum(-1)[..., :, None] + kd.pow(2).sum(-1)[..., None, :] - 2 * qd @ kd.transpose(-1, -2))
+    dist = dist.clamp_min(0.0)
+    cand = cand[:, None].expand_as(dist)
+    with torch.no_grad():
+        far = dist.masked_fill(~cand, float("inf"))
+        if ties == "low":
+            order = far.sort(dim=-1, stable=True).indices
+        else:
+            order = far.shape[-1] - 1 - far.flip(-1).sort(dim=-1, stable=True).indices
+        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(dist.shape[-1]).expand_as(order).contiguous())
+        keep = cand & (rank < top_k)
+    sigma_sq = torch.exp(2.0 * log_sigma.double())
+    if sigma_sq.dim() == 1:
+        sigma_sq = sigma_sq[:, None, None]
+    logits = (-dist / (2.0 * sigma_sq)).masked_fill(~keep, float("-inf"))
+    probs = torch.where(keep.any(-1, keepdim=True), torch.softmax(logits, -1), 0.0).nan_to_num(0.0)
+    return probs @ vd, keep
+
+
+def causal_candidates(b, tq, tk, window, key_padding_mask=None):
+    pos = torch.arange(tk - tq, tk)[:, None]
+    j = torch.arange(tk)[None, :]
+    cand = ((j <= pos) & (j > pos - window))[None].expand(b, tq, tk)
+    if key_padding_mask is not None:
+        cand = cand & key_padding_mask.cpu()[:, None, :]
+    return cand
+
+
+def make_inputs(b, h, hkv, tq, tk, d, dtype=torch.float32, per_head=False, seed=0, dup_keys=None):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, tq, d, generator=g)
+    k = torch.randn(b, hkv, tk, d, generator=g)
+    v = torch.randn(b, hkv, tk, d, generator=g)
+    if dup_keys:  # only dup_keys distinct keys, repeated along the sequence: exact distance ties
+        k = k[:, :, torch.arange(tk) % dup_keys]
+    ls = (0.3 * torch.randn(h, generator=g) + 0.8) if per_head else torch.tensor(0.8)
+    go = torch.randn(b, h, tq, d, generator=g)
+    leaves = [t.to(DEVICE, dtype).requires_grad_(True) for t in (q, k, v)]
+    ls = ls.to(DEVICE).requires_grad_(True)
+    return leaves, ls, go.to(DEVICE, dtype)
+
+
+def check_against_rule(out, leaves, ls, go, ref_fn, atol, grad_atol):
+    """Output and every gradient of the kernel against the float64 rule-following reference."""
+    grads = torch.autograd.grad(out, [*leaves, ls], go)
+    ref_leaves = [t.detach().cpu().double().requires_grad_(True) for t in (*leaves, ls)]
+    ref, keep = ref_fn(*ref_leaves)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, go.cpu().double())
+    torch.testing.assert_close(out.detach().cpu().double(), ref.detach(), atol=atol, rtol=0)
+    for name, got, want in zip(("q", "k", "v", "log_sigma"), grads, ref_grads):
+        assert got.shape == want.shape, name
+        scale = max(1.0, want.abs().max().item())
+        torch.testing.assert_close(got.cpu().double(), want, atol=grad_atol * scale, rtol=0, msg=lambda m: f"d{name}: {m}")
+    return keep
+
+
+# --------------------------------------------------------------------------- causal
+CAUSAL_CASES = [
+    # b, h, hkv, tq, tk, d, window, top_k, per_head
+    pytest.param(1, 2, 2, 37, 37, 16, 8, 3, False, id="T-not-multiple-of-block"),
+    pytest.param(2, 4, 2, 5, 5, 16, 8, 4, True, id="T-below-W-gqa"),
+    pytest.param(1, 2, 1, 21, 21, 8, 6, 9, False, id="topk-above-W-mqa"),
+    pytest.param(1, 4, 2, 9, 30, 16, 7, 3, True, id="end-aligned"),
+    pytest.param(1, 2, 2, 50, 50, 32, 20, 5, False, id="two-blocks-W20"),
+]
+
+
+@pytest.mark.parametrize("b,h,hkv,tq,tk,d,window,top_k,per_head", CAUSAL_CASES)
+def test_causal_matches_rule(b, h, hkv, tq, tk, d, window, top_k, per_head):
+    leaves, ls, go = make_inputs(b, h, hkv, tq, tk, d, per_head=per_head)
+    out = kernels.causal_krause_attention_triton(*leaves, ls, window, top_k)
+    assert out.shape == (b, h, tq, d) and out.dtype == leaves[0].dtype
+    cand = causal_candidates(b, tq, tk, window)
+    check_against_rule(out, leaves, ls, go, lambda q, k, v, s: dense_rule(q, k, v, s, cand, top_k), 1e-4, 1e-4)
+
+
+def test_causal_padding_left_and_right():
+    b, h, hkv, t, d, window, top_k = 3, 2, 1, 24, 16, 6, 3
+    leaves, ls, go = make_inputs(b, h, hkv, t, t, d, per_head=True, seed=1)
+    mask = torch.ones(b, t, dtype=torch.bool)
+    mask[0, :7] = False  # left padding: the first queries have no candidate at all
+    mask[1, -5:] = False  # right padding
+    mask[2, 10:13] = False  # a hole (padded keys inside the window)
+    mask = mask.to(DEVICE)
+    out = kernels.causal_krause_attention_triton(*leaves, ls, window, top_k, key_padding_mask=mask)
+    assert out[0, :, :7].abs().max().item() == 0.0  # queries without candidates return zeros
+    cand = causal_candidates(b, t, t, window, mask)
+    check_against_rule(out, leaves, ls, go, lambda q, k, v, s: dense_rule(q, k, v, s, cand, top_k), 1e-4, 1e-4)
+
+
+def test_causal_exact_ties_follow_lower_index_rule():
+    # 3 distinct keys repeated over the sequence: every row has exact distance ties at its threshold.
+    b, h, hkv, t, d, window, top_k = 1, 2, 1, 33, 16, 8, 4
+    leaves, ls, go = make_inputs(b, h, hkv, t, t, d, seed=2, dup_keys=3)
+    out = kernels.causal_krause_attention_triton(*leaves, ls, window, top_k)
+    again = kernels.causal_krause_attention_triton(*leaves, ls, window, top_k)
+    assert torch.equal(out, again)  # deterministic
+    cand = causal_candidates(b, t, t, window)
+    keep = check_against_rule(out, leaves, ls, go, lambda q, k, v, s: dense_rule(q, k, v, s, cand, top_k), 1e-4, 1e-4)
+    # the rule matters here: the opposite tie rule gives another output
+    other, _ = dense_rule(*(x.detach().cpu() for x in leaves), ls.detach().cpu(), cand, top_k, ties="high")
+    assert (other - out.detach().cpu().double()).abs().max().item() > 1e-2
+    assert keep.sum(-1).eq(min(top_k, window)).any()
+
+
+def test_causal_bf16_and_fp16():
+    for dtype in (torch.bfloat16, torch.float16):
+        b, h, hkv, t, d, window, top_k = 1, 4, 2, 29, 32, 8, 4
+        leaves, ls, go = make_inputs(b, h, hkv, t, t, d, dtype=dtype, per_head=True, seed=3)
+        out = kernels.causal_krause_attention_triton(*leaves, ls, window, top_k)
+        assert out.dtype == dtype
+        cand = causal_candidates(b, t, t, window)
+        check_against_rule(out, leaves, ls, go, lambda q, k, v, s: dense_rule(q, k, v, s, cand, top_k), 3e-2, 3e-2)
+
+
+# --------------------------------------------------------------------------- 2-D
+GRID_CASES = [
+    # b, h, hkv, grid, radius, metric, top_k, num_prefix, per_head
+    pytest.param(1, 2, 2, (5, 6), 1, "manhattan", 3, 1, False, id="manhattan-cls"),
+    pytest.param(2, 4, 2, (4, 5), 2, "chebyshev", 7, 2, True, id="chebyshev-two-prefix-gqa"),
+    pytest.param(1, 2, 1, (3, 4), 1, "chebyshev", 64, 0, False, id="no-prefix-topk-covers-all"),
+    pytest.param(1, 2, 2, (7, 7), 1, "chebyshev", 4, 1, True, id="several-blocks"),
+]
+
+
+@pytest.mark.parametrize("b,h,hkv,grid,radius,metric,top_k,num_prefix,per_head", GRID_CASES)
+def test_local2d_matches_rule(b, h, hkv, grid, radius, metric, top_k, num_prefix, per_head):
+    n = num_prefix + grid[0] * grid[1]
+    leaves, ls, go = make_inputs(b, h, hkv, n, n, 16, per_head=per_head, seed=4)
+    out = kernels.local_krause_attention_2d_triton(*leaves, ls, grid, radius, metric, top_k, num_prefix)
+    cand = grid_candidate_mask(grid, radius, metric, num_prefix)[None]
+    check_against_rule(out, leaves, ls, go, lambda q, k, v, s: dense_rule(q, k, v, s, cand, top_k), 1e-4, 1e-4)
+
+
+def test_local2d_duplicate_patches_and_bf16():
+    grid, num_prefix, top_k = (5, 5), 1, 4
+    n = num_prefix + 25
+    leaves, ls, go = make_inputs(1, 2, 2, n, n, 16, dtype=torch.bfloat16, seed=5, dup_keys=4)
+    out = kernels.local_krause_attention_2d_triton(*leaves, ls, grid, 1, "chebyshev", top_k, num_prefix)
+    assert torch.equal(out, kernels.local_krause_attention_2d_triton(*leaves, ls, grid, 1, "chebyshev", top_k, num_prefix))
+    cand = grid_candidate_mask(grid, 1, "chebyshev", num_prefix)[None]
+    check_against_rule(out, leaves, ls, go, lambda q, k, v, s: dense_rule(q, k, v, s, cand, top_k), 3e-2, 3e-2)
+
+
+# --------------------------------------------------------------------------- decode
+def test_decode_matches_rule_with_ring_and_left_padding():
+    b, h, hkv, w, d, top_k = 3, 4, 2, 8, 16, 3
+    g = torch.Generator().manual_seed(6)
+    pos = 11  # the ring has wrapped: slot s holds token p with p % 8 == s
+    k_ring = torch.randn(b, hkv, w, d, generator=g)
+    k_ring[:, :, 5] = k_ring[:, :, 1]  # an exact tie between two slots
+    v_ring = torch.randn(b, hkv, w, d, generator=g)
+    q = torch.randn(b, h, d, generator=g)
+    ls = 0.3 * torch.randn(h, generator=g) + 0.8
+    lengths = torch.tensor([11, 5, 2])  # row 1: 6 tokens of left padding; row 2: only 2 real tokens
+    out = kernels.decode_krause_attention_triton(q.to(DEVICE), k_ring.to(DEVICE), v_ring.to(DEVICE), ls.to(DEVICE),
+                                                lengths.to(DEVICE), top_k, pos=pos)
+    # reference: slots in token order, then the causal rule on the last query
+    tokens = torch.arange(pos - w, pos)
+    slots = tokens % w
+    keys, values = k_ring[:, :, slots], v_ring[:, :, slots]
+    real = tokens[None, :] >= (pos - lengths)[:, None]
+    ref, _ = dense_rule(q[:, :, None], keys, values, ls, real[:, None, :], top_k)
+    torch.testing.assert_close(out.cpu().double(), ref[:, :, 0], atol=1e-4, rtol=0)
+    # (B, H, 1, D) in, same shape out
+    out4 = kernels.decode_krause_attention_triton(q[:, :, None].to(DEVICE), k_ring.to(DEVICE), v_ring.to(DEVICE),
+                                                 ls.to(DEVICE), lengths.to(DEVICE), top_k, pos=pos)
+    assert out4.shape == (b, h, 1, d) and torch.equal(out4[:, :, 0], out)
+
+
+# --------------------------------------------------------------------------- op plumbing
+def test_flop_counter_and_fake_kernels_see_the_ops():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from krause import flops as F
+
+    b, h, t, d, window, top_k = 1, 2, 20, 16, 6, 3
+    leaves, ls, go = make_inputs(b, h, h, t, t, d)
+    with FlopCounterMode(display=False) as counter:
+        out = kernels.causal_krause_attention_triton(*leaves, ls, window, top_k)
+        out.backward(go)
+    expected = b * h * (F.causal_forward_flops(t, d, window, top_k) + F.causal_backward_flops(t, d, window, top_k))
+    assert counter.get_total_flops() == expected
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        fq = torch.empty(b, h, t, d, device=DEVICE)
+        fo, lse, thr = torch.ops.krause.triton_causal_fwd(fq, fq, fq, torch.empty((), device=DEVICE), None, window, top_k)
+        assert fo.shape == fq.shape and thr.dtype == torch.int64
+
+
+def test_bad_arguments_name_themselves():
+    leaves, ls, _ = make_inputs(1, 2, 2, 8, 8, 16)
+    with pytest.raises(ValueError, match="window"):
+        kernels.causal_krause_attention_triton(*leaves, ls, 0, 3)
+    with pytest.raises(ValueError, match="k has 8 tokens|q has 9"):
+        q9 = torch.randn(1, 2, 9, 16, device=DEVICE)
+        kernels.causal_krause_attention_triton(q9, leaves[1], leaves[2], ls, 4, 3)
+    with pytest.raises(ValueError, match="dtype"):
+        kernels.causal_krause_attention_triton(leaves[0].double(), leaves[1].double(), leaves[2].double(), ls, 4, 3)
+    assert kernels.triton_available()[0]
+
+
+# --------------------------------------------------------------------------- CUDA only
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_real_sizes_match_rule(dtype):
+    b, h, hkv, t, d, window, top_k = 1, 8, 2, 1000, 128, 32, 16
+    leaves, ls, go = make_inputs(b, h, hkv, t, t, d, dtype=dtype, per_head=True, seed=7)
+    out = kernels.causal_krause_attention_triton(*leaves, ls, window, top_k)
+    cand = causal_candidates(b, t, t, window)
+    tol = 3e-2 if dtype == torch.bfloat16 else 2e-4
+    check_against_rule(out, leaves, ls, go, lambda q, k, v, s: dense_rule(q, k, v, s, cand, top_k), tol, tol)
+    grid, n = (14, 14), 197
+    leaves, ls, go = make_inputs(4, 6, 6, n, n, 64, dtype=dtype, seed=8)
+    out = kernels.local_krause_attention_2d_triton(*leaves, ls, grid, 2, "chebyshev", 8, 1)
+    cand = grid_candidate_mask(grid, 2, "chebyshev", 1)[None]
+    check_against_rule(out, leaves, ls, go, lambda q, k, v, s: dense_rule(q, k, v, s, cand, 8), tol, tol)
+
+
+@cuda_only
+def test_cuda_equals_engine_and_flex_paths():
+    import krause
+
+    b, h, hkv, t, d, window, top_k = 2, 8, 2, 700, 64, 32, 16
+    leaves, ls, go = make_inputs(b, h, hkv, t, t, d, per_head=True, seed=9)
+    out = kernels.causal_krause_attention_triton(*leaves, ls, window, top_k)
+    grads = torch.autograd.grad(out, [*leaves, ls], go)
+    for impl in ("fast", "flex"):
+        other = krause.causal_krause_attention(*leaves, ls, window, top_k, impl=impl)
+        other_grads = torch.autograd.grad(other, [*leaves, ls], go)
+        torch.testing.assert_close(out, other, atol=2e-4, rtol=0, msg=lambda m: f"{impl}: {m}")
+        for got, want in zip(grads, other_grads):
+            torch.testing.assert_close(got, want, atol=2e-3, rtol=1e-3, msg=lambda m: f"{impl} grad: {m}")
+    grid, n = (14, 14), 197
+    leaves, ls, go = make_inputs(2, 6, 6, n, n, 64, seed=10)
+    out = kernels.local_krause_attention_2d_triton(*leaves, ls, grid, 2, "chebyshev", 8, 1)
+    for impl in ("fast", "flex"):
+        other = krause.local_krause_attention_2d(*leaves, ls, grid, 2, "chebyshev", 8, 1, impl=impl)
+        torch.testing.assert_close(out, other, atol=2e-4, rtol=0, msg=lambda m: f"2-D {impl}: {m}")
