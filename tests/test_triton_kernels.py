@@ -110,17 +110,18 @@ def test_causal_matches_rule(b, h, hkv, tq, tk, d, window, top_k, per_head):
     check_against_rule(out, leaves, ls, go, lambda q, k, v, s: dense_rule(q, k, v, s, cand, top_k), 1e-4, 1e-4)
 
 
-def test_causal_padding_left_and_right():
+@pytest.mark.parametrize("tq", [24, 15])
+def test_causal_padding_left_and_right(tq):
     b, h, hkv, t, d, window, top_k = 3, 2, 1, 24, 16, 6, 3
-    leaves, ls, go = make_inputs(b, h, hkv, t, t, d, per_head=True, seed=1)
+    leaves, ls, go = make_inputs(b, h, hkv, tq, t, d, per_head=True, seed=1)
     mask = torch.ones(b, t, dtype=torch.bool)
-    mask[0, :7] = False  # left padding: the first queries have no candidate at all
+    mask[0, :16] = False  # left padding: the first queries have no candidate at all
     mask[1, -5:] = False  # right padding
     mask[2, 10:13] = False  # a hole (padded keys inside the window)
     mask = mask.to(DEVICE)
     out = kernels.causal_krause_attention_triton(*leaves, ls, window, top_k, key_padding_mask=mask)
-    assert out[0, :, :7].abs().max().item() == 0.0  # queries without candidates return zeros
-    cand = causal_candidates(b, t, t, window, mask)
+    assert out[0, :, : 16 - (t - tq)].abs().max().item() == 0.0  # queries without candidates return zeros
+    cand = causal_candidates(b, tq, t, window, mask)
     check_against_rule(out, leaves, ls, go, lambda q, k, v, s: dense_rule(q, k, v, s, cand, top_k), 1e-4, 1e-4)
 
 
@@ -147,6 +148,20 @@ def test_causal_bf16_and_fp16():
         assert out.dtype == dtype
         cand = causal_candidates(b, t, t, window)
         check_against_rule(out, leaves, ls, go, lambda q, k, v, s: dense_rule(q, k, v, s, cand, top_k), 3e-2, 3e-2)
+
+
+def test_benchmark_tile_sizes():
+    """The tiles of the GPU benchmark's settings (W=32, top_k=16: 32-query blocks, 64-key tiles)."""
+    b, h, hkv, t, d, window, top_k = 1, 4, 1, 100, 64, 32, 16
+    leaves, ls, go = make_inputs(b, h, hkv, t, t, d, dtype=torch.bfloat16, per_head=True, seed=11)
+    out = kernels.causal_krause_attention_triton(*leaves, ls, window, top_k)
+    cand = causal_candidates(b, t, t, window)
+    check_against_rule(out, leaves, ls, go, lambda q, k, v, s: dense_rule(q, k, v, s, cand, top_k), 3e-2, 3e-2)
+    grid, n = (14, 14), 197  # ViT/16 at 224 px: 128-key band tiles, a 256-key prefix-row tile
+    leaves, ls, go = make_inputs(1, 2, 2, n, n, 32, seed=12)
+    out = kernels.local_krause_attention_2d_triton(*leaves, ls, grid, 2, "chebyshev", 8, 1)
+    cand = grid_candidate_mask(grid, 2, "chebyshev", 1)[None]
+    check_against_rule(out, leaves, ls, go, lambda q, k, v, s: dense_rule(q, k, v, s, cand, 8), 1e-4, 1e-4)
 
 
 # --------------------------------------------------------------------------- 2-D
@@ -223,6 +238,34 @@ def test_flop_counter_and_fake_kernels_see_the_ops():
         fq = torch.empty(b, h, t, d, device=DEVICE)
         fo, lse, thr = torch.ops.krause.triton_causal_fwd(fq, fq, fq, torch.empty((), device=DEVICE), None, window, top_k)
         assert fo.shape == fq.shape and thr.dtype == torch.int64
+
+
+def test_custom_op_registrations_pass_opcheck():
+    # schema, fake kernel, autograd registration and AOT dispatch of each op
+    ls = torch.tensor(0.5, device=DEVICE, requires_grad=True)
+    q, k, v = (torch.randn(1, h, 12, 16, device=DEVICE, requires_grad=True) for h in (2, 1, 1))
+    mask = torch.ones(1, 12, dtype=torch.bool, device=DEVICE)
+    mask[0, :3] = False
+    for valid in (None, mask):
+        torch.library.opcheck(torch.ops.krause.triton_causal_fwd, (q, k, v, ls, valid, 4, 2))
+    q, k, v = (torch.randn(1, 2, 13, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    torch.library.opcheck(torch.ops.krause.triton_local2d_fwd, (q, k, v, ls, 3, 4, 1, "manhattan", 3, 1))
+    torch.library.opcheck(torch.ops.krause.triton_decode, (
+        q[:, :, 0].detach(), k[:, :, :8].detach(), v[:, :, :8].detach(), ls.detach(),
+        torch.tensor([5], device=DEVICE), 5, 3))
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_forward_and_backward():
+    leaves, ls, go = make_inputs(1, 2, 1, 12, 12, 16, seed=13)
+    fn = torch.compile(lambda q, k, v, s: kernels.causal_krause_attention_triton(q, k, v, s, 4, 2), fullgraph=True)
+    out = fn(*leaves, ls)
+    eager = kernels.causal_krause_attention_triton(*leaves, ls, 4, 2)
+    torch.testing.assert_close(out, eager)
+    got = torch.autograd.grad(out, leaves, go)
+    want = torch.autograd.grad(eager, leaves, go)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
 
 
 def test_bad_arguments_name_themselves():
