@@ -448,8 +448,6 @@ def main(argv=None) -> int:
     p.add_argument("--only", choices=["causal", "2d"], default=None)
     p.add_argument("--tune", action="store_true", help="run the tuning sweeps instead of the comparison")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
-    p.add_argument("--engine-workers", type=int, default=None,
-                   help="krause.engine.CPU_WORKERS: worker threads on CPU (0: torch's OpenMP threads inside each op)")
     p.add_argument("--tune-tokens", type=int, default=8192)
     p.add_argument("--tune-windows", type=_pair_arg, nargs="*", default=[(32, 16), (128, 96), (256, 192)],
                    help="WINDOW:TOP_K pairs for the band sweeps")
@@ -467,8 +465,6 @@ def main(argv=None) -> int:
     args.dtype = getattr(torch, args.dtype)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.engine_workers is not None:
-        engine.CPU_WORKERS = args.engine_workers
     if args.repeats is None:
         args.repeats = 2 if args.quick else 5
     if args.max_seconds_per_case is None:
@@ -495,8 +491,7 @@ def main(argv=None) -> int:
             "CHUNK_SCORES": neighbourhoods.CHUNK_SCORES,
             "BAND_CHUNK_SCORES": neighbourhoods.BAND_CHUNK_SCORES,
             "DENSE_CHUNK_SCORES": neighbourhoods.DENSE_CHUNK_SCORES,
-            "engine.CPU_WORKERS": engine.CPU_WORKERS,
-            "engine.MIN_SCORES_PER_WORKER": engine.MIN_SCORES_PER_WORKER,
+            "torch_threads": torch.get_num_threads(),
         },
     }
     if args.tune:

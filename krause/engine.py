@@ -76,10 +76,36 @@ def _sq_norms(x: torch.Tensor) -> torch.Tensor:
 
 
 def _chunk_coef(c: torch.Tensor, heads, ndim: int) -> torch.Tensor:
-    """Per-(B*H) coefficients -> a scalar (one head) or (bhc, 1, ...) to broadcast over
-    the chunk's ndim-dimensional scores."""
+    """Coefficients of the chunk's heads, shaped to broadcast over its ndim-dimensional
+    scores: per (B*H) head -> a scalar (one head) or (bhc, 1, ...); per query row
+    (B*Hkv, G*C), the grouped band -> (1, G*C, 1) or (bhc, 1, G*C, 1)."""
+    per_row = c.dim() == 2
     c = c[heads]
-    return c if c.dim() == 0 else c.view(-1, *([1] * (ndim - 1)))
+    if not per_row:
+        return c if c.dim() == 0 else c.view(-1, *([1] * (ndim - 1)))
+    lead = c.shape[:-1]
+    return c.view(*lead, *([1] * (ndim - 2 - len(lead))), c.shape[-1], 1)
+
+
+def _coef_per_chunk_head(nbr, coef: torch.Tensor, b: int, heads_in_layout: int) -> torch.Tensor:
+    """The (1, H or 1, ...) coefficients as (B*H,) per head, or per query row (B*Hkv, G*C)
+    when the neighbourhood folds a GQA group into its rows."""
+    group = getattr(nbr, "group", 1)
+    c = coef.reshape(-1).expand(b, heads_in_layout * group).reshape(-1)
+    return c if group == 1 else nbr.row_heads(c)
+
+
+def _add_dcoef(nbr, dcoef: torch.Tensor, heads, dl: torch.Tensor, dst: torch.Tensor) -> None:
+    """dcoef[heads] += -sum dlogit * dist (per head; per row then per head when grouped)."""
+    if dcoef.dim() == 1:
+        if isinstance(heads, int):
+            dcoef[heads] -= (dl * dst).sum()
+        else:
+            dcoef[heads] += _dcoef(dl, dst)
+        return
+    rows = -(dl * dst).sum(-1)  # (nbc, G*C) or (bhc, nbc, G*C)
+    rows = rows.sum(-2)
+    dcoef[heads] += nbr.head_sums(rows)
 
 
 def _query_count(q: torch.Tensor) -> int:
@@ -247,14 +273,14 @@ def forward(nbr, q, k, v, coef, top_k: int, key_valid: torch.Tensor | None = Non
         if key_valid is not None:
             raise ValueError("key_valid: the dense neighbourhood takes its padding in its candidate mask")
         return _dense_forward(nbr, q, k, v, coef, top_k)
-    b, h = q.shape[:2]
+    b, h = q.shape[:2]  # h: the key/value heads when the layout folds a GQA group into rows
     bh, m = b * h, nbr.num_slots
     qf, kf = _flat(q), _flat(k)
     ksq = _sq_norms(kf)
     if key_valid is not None:  # a padded key's distance is +inf: an invalid slot, like one outside the band
         ksq.view(b, h, -1).masked_fill_(~key_valid[:, None, :], _INF)
     kbuf, ksq, vbuf = nbr.keys(kf), nbr.key_scalars(ksq), nbr.keys(_flat(v))
-    c = coef.expand(b, h, *coef.shape[2:]).reshape(bh)
+    c = _coef_per_chunk_head(nbr, coef, b, h)
     out = q.new_empty(bh, *q.shape[2:])
     probs = q.new_empty(bh, *q.shape[2:-1], m)
     dist = q.new_empty(bh, *q.shape[2:-1], m)
@@ -280,22 +306,20 @@ def backward(nbr, grad_out, q, k, v, coef, probs, dist):
     qf, kf, g = _flat(q), _flat(k), _flat(grad_out)
     kbuf, vbuf = nbr.keys(kf), nbr.keys(_flat(v))
     probs, dist = _flat(probs), _flat(dist)
-    c = coef.expand(b, h, *coef.shape[2:]).reshape(bh)
+    c = _coef_per_chunk_head(nbr, coef, b, h)
     dq = q.new_empty(bh, *q.shape[2:])
     dk_acc = nbr.new_acc(bh, (d,), q)  # sum_i dd q_i per key
     colsum = nbr.new_acc(bh, (), q)  # sum_i dd per key
     dv_acc = nbr.new_acc(bh, (d,), q)
-    dcoef = q.new_zeros(bh)
+    group = getattr(nbr, "group", 1)
+    dcoef = q.new_zeros(bh) if group == 1 else q.new_zeros(bh, group)
 
     def body(ch):
         heads = ch[0]
         p, dst, g_c, q_c = probs[ch], dist[ch], g[ch], qf[ch]
         nbr.scatter_add_(ch, p, g_c, dv_acc)
         dl = _dl_inplace(nbr.dots_chunk(ch, g_c, vbuf), p)
-        if isinstance(heads, int):
-            dcoef[heads] -= (dl * dst).sum()
-        else:
-            dcoef[heads] += _dcoef(dl, dst)
+        _add_dcoef(nbr, dcoef, heads, dl, dst)
         dd = dl.mul_(-_chunk_coef(c, heads, dl.dim())).masked_fill_(dst <= 0.0, 0.0)  # no gradient through the clamp
         # dq = 2 q sum_m dd - 2 sum_m dd k
         dq_c = dq[ch]
@@ -308,5 +332,5 @@ def backward(nbr, grad_out, q, k, v, coef, probs, dist):
     _run_chunks(nbr, q.device, bh, _query_count(q), body)
     dk = nbr.read_acc(dk_acc).mul_(-2.0).addcmul_(kf, nbr.read_acc(colsum)[..., None], value=2.0)
     dv = nbr.read_acc(dv_acc)
-    dcoef = dcoef.view(b, h).sum(0)
+    dcoef = dcoef.view(b, h * group).sum(0)
     return dq.view(*q.shape), dk.view(b, h, *dk.shape[1:]), dv.view(b, h, *dv.shape[1:]), dcoef

@@ -92,8 +92,9 @@ def _band_valid_cpu(num_blocks: int, block: int, window: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=128)
-def _band_invalid(num_blocks: int, block: int, window: int, device) -> torch.Tensor:
-    return (~_band_valid_cpu(num_blocks, block, window)).to(device)
+def _band_invalid(num_blocks: int, block: int, window: int, device, group: int = 1) -> torch.Tensor:
+    """(nb, group * C, span): row r of a block is query r % C of one of ``group`` heads."""
+    return (~_band_valid_cpu(num_blocks, block, window)).repeat(1, group, 1).to(device)
 
 
 class BandNeighbourhood:
@@ -102,12 +103,19 @@ class BandNeighbourhood:
     Queries are cut into blocks of C; block b scores the span of C + W - 1 keys that
     ends at its last query, as one batched matmul against an overlapping (strided,
     copy-free) view of the zero-padded keys. Time and memory are O(N (C + W) D).
+
+    Grouped-query attention (``group`` = H / Hkv query heads per key/value head): the
+    query layout folds the group's heads into the rows of each block, (B, Hkv, nb, G*C, D),
+    so the G heads share one key span and keys are never repeated per head; per-row
+    tensors (sigma coefficients, their gradient) come in (B*Hkv, G*C) via ``row_heads``.
     """
 
-    def __init__(self, num_tokens: int, window: int, device, block: int | None = None):
+    def __init__(self, num_tokens: int, window: int, device, block: int | None = None, group: int = 1):
         self.n = num_tokens
         self.w = window
+        self.group = group
         self.c = block or band_block_size(window)
+        self.rows = self.group * self.c  # query rows per block
         self.nb = -(-num_tokens // self.c)
         self.span = self.c + window - 1
         self.parts = -(-self.span // self.c)  # key blocks one query block's span touches
@@ -118,20 +126,41 @@ class BandNeighbourhood:
 
     @property
     def valid(self) -> torch.Tensor:
-        """(nb, C, span) bool: slot m of query c in block b is a real candidate."""
-        return ~_band_invalid(self.nb, self.c, self.w, self.device)
+        """(nb, G*C, span) bool: slot m of query row r in block b is a real candidate."""
+        return ~_band_invalid(self.nb, self.c, self.w, self.device, self.group)
 
     # layout ------------------------------------------------------------------
     def to_query_layout(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, N, ...) -> (B, H, nb, C, ...), zero-padded at the end."""
+        """(B, H, N, ...) -> (B, H / G, nb, G*C, ...), zero-padded at the end."""
         if self.pad_right:
             pad = [0, 0] * (x.dim() - 3) + [0, self.pad_right]
             x = F.pad(x, pad)
-        return x.reshape(*x.shape[:2], self.nb, self.c, *x.shape[3:])
+        b, h = x.shape[:2]
+        x = x.reshape(b, h, self.nb, self.c, *x.shape[3:])
+        if self.group == 1:
+            return x
+        g = self.group
+        x = x.view(b, h // g, g, self.nb, self.c, *x.shape[4:]).transpose(2, 3)
+        return x.reshape(b, h // g, self.nb, self.rows, *x.shape[5:])
 
     def from_query_layout(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.reshape(*x.shape[:2], self.nb * self.c, *x.shape[4:])
+        """(B, H / G, nb, G*C, ...) -> (B, H, N, ...)."""
+        b, hkv = x.shape[:2]
+        if self.group > 1:
+            g = self.group
+            x = x.reshape(b, hkv, self.nb, g, self.c, *x.shape[4:]).transpose(2, 3)
+        x = x.reshape(b, hkv * self.group, self.nb * self.c, *x.shape[5 if self.group > 1 else 4 :])
         return x[:, :, : self.n]
+
+    def row_heads(self, per_head: torch.Tensor) -> torch.Tensor:
+        """(B*H,) per-head values -> (B*Hkv, G*C) per query row of the folded layout."""
+        if self.group == 1:
+            return per_head
+        return per_head.view(-1, self.group, 1).expand(-1, self.group, self.c).reshape(-1, self.rows)
+
+    def head_sums(self, per_row: torch.Tensor) -> torch.Tensor:
+        """(..., G*C) per-row sums -> (..., G) per head."""
+        return per_row.unflatten(-1, (self.group, self.c)).sum(-1)
 
     # chunks and keys -----------------------------------------------------------
     def chunks(self, heads: range, num_queries: int, budget: int | None):
@@ -140,7 +169,7 @@ class BandNeighbourhood:
         if budget is None:
             yield (slice(heads.start, heads.stop), slice(0, self.nb))
             return
-        per = max(1, BAND_CHUNK_SCORES // (self.c * self.span))
+        per = max(1, BAND_CHUNK_SCORES // (self.rows * self.span))
         for h in heads:
             for b0 in range(0, self.nb, per):
                 yield (h, slice(b0, min(b0 + per, self.nb)))
@@ -198,7 +227,7 @@ class BandNeighbourhood:
             dist.baddbmm_(q, win.transpose(-1, -2), alpha=-2.0)
         else:
             dist.sub_(torch.matmul(q, win.transpose(-1, -2)), alpha=2.0)
-        return dist.masked_fill_(_band_invalid(self.nb, self.c, self.w, self.device)[ch[1]], _INF)
+        return dist.masked_fill_(_band_invalid(self.nb, self.c, self.w, self.device, self.group)[ch[1]], _INF)
 
     def dots_chunk(self, ch, a, buf):
         return torch.matmul(a, self._windows(buf, ch).transpose(-1, -2))

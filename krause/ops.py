@@ -46,11 +46,17 @@ def _dlog_sigma(dcoef: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- causal
-def _causal_shapes(q, window):
+def _causal_shapes(q, k, window):
+    """Saved probs/dist: (B, Hkv, nb, G*C, span), the band's GQA-folded query layout."""
     b, h, t, _ = q.shape
+    hkv = k.shape[1]
     c = band_block_size(window)
     nb = -(-t // c)
-    return (b, h, nb, c, c + window - 1)
+    return (b, hkv, nb, (h // hkv) * c, c + window - 1)
+
+
+def _band(q, k, window):
+    return BandNeighbourhood(q.shape[2], window, q.device, group=q.shape[1] // k.shape[1])
 
 
 @torch.library.custom_op("krause::causal_fwd", mutates_args=())
@@ -63,12 +69,10 @@ def _causal_fwd(
     window: int,
     top_k: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    h, t = q.shape[1], q.shape[2]
-    nbr = BandNeighbourhood(t, window, q.device)
-    coef = engine.sigma_coef(log_sigma, h, 3)
-    kf = repeat_kv(k, h).float()
-    vf = repeat_kv(v, h).float()
-    out, probs, dist = engine.forward(nbr, nbr.to_query_layout(q.float()), kf, vf, coef, top_k, key_valid)
+    nbr = _band(q, k, window)
+    coef = engine.sigma_coef(log_sigma, q.shape[1], 3)
+    # GQA: the group's query heads share their key/value head's spans (no repeat_kv).
+    out, probs, dist = engine.forward(nbr, nbr.to_query_layout(q.float()), k.float(), v.float(), coef, top_k, key_valid)
     return nbr.from_query_layout(out).to(q.dtype).contiguous(), probs, dist
 
 
@@ -76,7 +80,7 @@ def _causal_fwd(
 # tensors whatever the input layout, so these must too (new_empty, not empty_like).
 @_causal_fwd.register_fake
 def _(q, k, v, log_sigma, key_valid, window, top_k):
-    shape = _causal_shapes(q, window)
+    shape = _causal_shapes(q, k, window)
     return q.new_empty(q.shape), q.new_empty(shape, dtype=torch.float32), q.new_empty(shape, dtype=torch.float32)
 
 
@@ -92,22 +96,20 @@ def _causal_bwd(
     window: int,
     top_k: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    h, t, hkv = q.shape[1], q.shape[2], k.shape[1]
-    nbr = BandNeighbourhood(t, window, q.device)
-    coef = engine.sigma_coef(log_sigma, h, 3)
+    nbr = _band(q, k, window)
+    coef = engine.sigma_coef(log_sigma, q.shape[1], 3)
     dq, dk, dv, dcoef = engine.backward(
         nbr,
         nbr.to_query_layout(grad_out.float()),
         nbr.to_query_layout(q.float()),
-        repeat_kv(k, h).float(),
-        repeat_kv(v, h).float(),
+        k.float(),
+        v.float(),
         coef,
         probs,
         dist,
     )
     dq = nbr.from_query_layout(dq).to(q.dtype).contiguous()
-    dk = _sum_kv_groups(dk, hkv).to(k.dtype)
-    dv = _sum_kv_groups(dv, hkv).to(v.dtype)
+    dk, dv = dk.to(k.dtype), dv.to(v.dtype)
     return dq, dk, dv, _dlog_sigma(dcoef, log_sigma)
 
 
@@ -372,8 +374,8 @@ def local_krause_attention_2d(
         q: (B, H, N, D); k, v: (B, Hkv, N, D) with N = num_prefix_tokens + rows * cols.
         log_sigma: a float, a scalar tensor or an (H,) tensor.
         impl: "auto", "fast", "reference", "flex" or "triton" (see ``krause.dispatch``).
-            The fast engine runs one dense masked matmul for N <= DENSE_2D_MAX_TOKENS
-            and the sparse per-offset path above.
+            When "auto" runs the engine it uses one dense masked matmul for
+            N <= DENSE_2D_MAX_TOKENS; "fast" always takes the sparse per-offset path.
 
     Returns:
         (B, H, N, D) in q's dtype.
@@ -383,6 +385,7 @@ def local_krause_attention_2d(
     V.check_positive_int("top_k", top_k)
     _, h, _, n, _ = V.check_qkv(q, k, v)
     rows, cols = V.check_grid(grid, n, num_prefix_tokens)
+    dense = impl == "auto" and n <= DENSE_2D_MAX_TOKENS  # "fast" asks for the linear-time path itself
     impl = choose_impl("local2d", q.device, impl)
     if impl == "reference":
         return local_krause_attention_2d_reference(q, k, v, log_sigma, grid, radius, metric, top_k, num_prefix_tokens)
@@ -396,5 +399,4 @@ def local_krause_attention_2d(
         from .flex import local_krause_attention_2d_flex
 
         return local_krause_attention_2d_flex(q, k, v, log_sigma, (rows, cols), radius, metric, top_k, num_prefix_tokens)
-    dense = n <= DENSE_2D_MAX_TOKENS
     return _local_fwd(q, k, v, log_sigma, rows, cols, radius, metric, top_k, num_prefix_tokens, dense)[0]

@@ -173,3 +173,56 @@ def test_auto_explains_its_choice_on_cpu():
     why = dispatch.explain("causal", "cpu")
     assert why["fast"] == "chosen"
     assert why["reference"] == "available"
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_the_path_cuda_takes_without_a_chunk_budget(monkeypatch, group):
+    """Off CPU the engine runs one chunk of all heads (4-D matmuls, no CPU chunk budget):
+    forced here on CPU against the reference, with GQA, padding and end alignment."""
+    monkeypatch.setattr(krause.engine, "chunk_budget", lambda device: None)
+    q, k, v = _inputs(2, 2 * group, 2, 21, 45, 8, seed=11)
+    ls = torch.rand(2 * group) * 0.5
+    mask = _padding(2, 45, 11, "left")
+    g = torch.randn(2, 2 * group, 21, 8)
+    ref = _grads("reference", q, k, v, ls, 9, 4, mask, g)
+    fast = _grads("fast", q, k, v, ls, 9, 4, mask, g)
+    for name, a, r in zip(("out", "dq", "dk", "dv", "dlog_sigma"), fast, ref):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4 * max(1.0, r.abs().max().item()), msg=name)
+    q2, k2, v2 = _inputs(2, 2, 2, 1 + 36, 1 + 36, 8, seed=12)
+    g2 = torch.randn_like(q2)
+    outs = []
+    for impl in ("reference", "fast", "auto"):
+        q_, k_, v_, ls_ = (t.clone().requires_grad_(True) for t in (q2, k2, v2, torch.tensor(0.2)))
+        out = krause.local_krause_attention_2d(q_, k_, v_, ls_, (6, 6), 2, "chebyshev", 5, impl=impl)
+        out.backward(g2)
+        outs.append((out.detach(), q_.grad, k_.grad, v_.grad, ls_.grad))
+    for other in outs[1:]:
+        for name, a, r in zip(("out", "dq", "dk", "dv", "dlog_sigma"), other, outs[0]):
+            torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4 * max(1.0, r.abs().max().item()), msg=name)
+
+
+def test_gqa_keys_are_never_expanded_to_query_heads():
+    """The band reads each key/value head once for its whole group: no op sees a tensor
+    with H x Tk x D elements (the size of repeat_kv's output)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    self.shapes.append(tuple(t.shape))
+            return out
+
+    b, h, hkv, t, d = 1, 8, 1, 256, 4
+    q, k, v = (x.requires_grad_(True) for x in _inputs(b, h, hkv, t, t, d, seed=2))
+    with Shapes() as probe:
+        krause.causal_krause_attention(q, k, v, 0.0, 8, 4, impl="fast").sum().backward()
+    expanded = [s for s in probe.shapes if s == (b, h, t, d) or s == (b * h, t, d)]
+    # q-shaped tensors (q, dq, out, grad_out) are fine; keys expanded to H heads are not.
+    assert all(s == (b, h, t, d) for s in expanded)
+    assert (b * h, t, d) not in probe.shapes
