@@ -38,20 +38,14 @@ import torch.nn.functional as F
 
 from .masks import grid_offsets
 
-# Scores (query x candidate pairs) per chunk of the band and grid paths, whose chunks
-# re-read their queries and keys once per matmul or grid offset: the chunk's scores and
-# the rows they touch should stay in a core's L2 cache (2 MiB on the benchmark machine).
-# 2^16 (256 KiB of fp32 scores) measured best for the causal band (2^16..2^18 within
-# noise; 2^14 12% slower at T=16k) and the ViT-S grids (14x14 .. 64x64: 2^15 5% and
-# 2^17 15-20% slower) in single-threaded CPU time (benchmarks/attention_scaling.py --tune).
+# CPU chunk sizes, in scores (query x candidate pairs) per chunk; the --tune sweeps of
+# benchmarks/attention_scaling.py measure them (results in the README).
+# Band/grid chunks re-read their rows once per matmul or offset: 256 KiB of fp32 scores
+# keeps a chunk and its rows within a typical per-core L2 cache.
 CHUNK_SCORES = 1 << 16
-# The band's chunks are one head's query blocks, matmuls against overlapping views: the
-# bigger the better (fewer ops) up to ~2^18 (T = 8192: W = 32, 128, 256 all 4-10% faster
-# at 2^18 than at 2^16, 20-40% faster than at 2^14).
+# The band's chunks are matmuls on overlapping views (nothing re-read): bigger means fewer ops.
 BAND_CHUNK_SCORES = 1 << 18
-# The dense path reads each key once per matmul whatever the chunk, so its chunks only
-# bound the temporaries; small chunks just add per-op overhead (8x8 grid, B=32: 26 ms at
-# 2^15, 18-20 ms from 2^19 on).
+# The dense path reads each key once per matmul: its chunks only bound the temporaries.
 DENSE_CHUNK_SCORES = 1 << 20
 
 _INF = float("inf")
@@ -64,18 +58,11 @@ def chunk_budget(device) -> int | None:
 
 
 def band_block_size(window: int) -> int:
-    """Query block size of the causal band.
+    """Query block size C of the causal band.
 
-    Each block of C queries scores a span of C + W - 1 keys, so the work is (1 + (C-1)/W)
-    times the exact W per query; smaller blocks waste less but make smaller, more
-    numerous matmuls (and more rows of the fixed per-row top-k cost spread over fewer
-    useful scores, the larger C). Measured on CPU (benchmarks/attention_scaling.py --tune
-    --threads 1, T = 8192, H = 8, D = 64, top_k = W/2 or the pixel models' k; CPU time,
-    fwd + bwd): W = 32: C = 8 and 16 best (C = 32 +3%); W = 64: C = 8 best (C = 16 +5%,
-    C = 32 +7%); W = 128 (k 96): C = 16 best (C = 64 +10%, C = 128 +29%); W = 256
-    (k 192): C = 32 best (C = 16 and 64 +5%, C = 128 +21%); W = 512: C = 24..192 within
-    9% (C = 8 +37%). Hence W / 8, at least 16 (the previous rule, W / 2, was 10-29%
-    slower from W = 128 on).
+    A block of C queries scores a span of C + W - 1 keys: (1 + (C-1)/W) times the exact
+    work, so small blocks waste less but make more, smaller matmuls; W / 8 (at least 16)
+    balances the two (the sweep is ``benchmarks/attention_scaling.py --tune``).
     """
     return max(16, window // 8)
 
