@@ -1,0 +1,157 @@
+"""Zero-shot evaluation with lm-evaluation-harness of a base model, a LoRA baseline or a Krause model.
+
+    python -m lora_llms.evaluate --model /models/Meta-Llama-3-8B --label base --out_dir results/
+    python -m lora_llms.evaluate --model /models/Meta-Llama-3-8B --adapter runs/lora/adapter --label lora ...
+    python -m lora_llms.evaluate --model /models/Meta-Llama-3-8B --adapter runs/krause/adapter --label krause ...
+
+Each model is loaded as what it is: an adapter saved by ``lora_llms.train`` is rebuilt with
+``krause.hf.load`` (a Krause adapter patches the base first; a Krause adapter can never be
+scored by the plain model), merged, and handed to lm-eval as ``HFLM(pretrained=<model>)``.
+Default tasks: the paper's BoolQ, CB, ANLI R1-R3, PIQA, MNLI, MMLU-Pro (``mmlu_pro_paper``:
+the paper's zero-shot answer-letter scoring, see lora_llms/tasks/README.md) and IFEval.
+``--include_path`` adds task folders (e.g. local copies of the datasets). Writes
+``<out_dir>/<label>.json``; ``python -m lora_llms.report`` builds the comparison table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+log = logging.getLogger("lora_llms.evaluate")
+
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+PAPER_TASKS = ("boolq", "cb", "anli_r1", "anli_r2", "anli_r3", "piqa", "mnli", "mmlu_pro_paper", "ifeval")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="lm-eval zero-shot evaluation of base / LoRA / Krause models")
+    p.add_argument("--model", required=True, help="base model path or hub id")
+    p.add_argument("--adapter", default=None, help="adapter dir saved by lora_llms.train (none: the base model)")
+    p.add_argument("--label", default=None, help="name of this model in the results (default: its kind)")
+    p.add_argument("--tasks", default=",".join(PAPER_TASKS), help="comma-separated lm-eval task names")
+    p.add_argument("--include_path", action="append", default=[], help="extra lm-eval task folder (repeatable)")
+    p.add_argument("--num_fewshot", type=int, default=None, help="default: each task's own (0 for the paper's)")
+    p.add_argument("--batch_size", default="1")
+    p.add_argument("--max_length", type=int, default=None)
+    p.add_argument("--limit", type=float, default=None, help="examples per task (for smoke runs)")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    p.add_argument("--attn_implementation", default="sdpa")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--out_dir", required=True)
+    p.add_argument("--log_samples", action="store_true")
+    return p.parse_args(argv)
+
+
+def load_for_eval(model_path, adapter=None, dtype="bfloat16", attn_implementation="sdpa", device=None):
+    """(model, tokenizer, kind) with kind "base", "lora" or "krause"; adapters merged."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import krause.hf
+    from krause.hf.lora import read_krause_config
+
+    kind = "base"
+    if adapter is not None:
+        kind = "krause" if read_krause_config(adapter).get("patch") else "lora"
+    tokenizer = AutoTokenizer.from_pretrained(adapter if adapter and _has_tokenizer(adapter) else model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype),
+                                                 attn_implementation=attn_implementation)
+    if adapter is not None:
+        model = krause.hf.merge_and_unload(krause.hf.load(model, adapter))
+    if (kind == "krause") != krause.hf.is_patched(model):
+        state = "plain" if kind == "krause" else "Krause-patched"
+        raise RuntimeError(f"adapter: loading the {kind} model produced a {state} model")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device).eval(), tokenizer, kind
+
+
+def _has_tokenizer(path) -> bool:
+    return (Path(path) / "tokenizer_config.json").is_file()
+
+
+def task_manager(include_paths=()):
+    from lm_eval.tasks import TaskManager
+
+    paths = [str(TASKS_DIR)] + [str(Path(p).resolve()) for p in include_paths]
+    for p in paths:
+        if not Path(p).is_dir():
+            raise ValueError(f"include_path: {p} is not a directory")
+    return TaskManager(include_path=paths)
+
+
+def check_tasks(manager, tasks: list[str]) -> None:
+    """Unknown names and missing offline resources as one clear error before any model runs."""
+    if not tasks:
+        raise ValueError("tasks: give at least one task name")
+    known = set(manager.all_tasks)
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        raise ValueError(f"tasks: unknown lm-eval task(s) {unknown} (not in lm-eval or {TASKS_DIR})")
+    if any(t.startswith("ifeval") for t in tasks):
+        import nltk
+
+        try:
+            nltk.data.find("tokenizers/punkt_tab")
+        except LookupError:
+            raise ValueError(
+                "tasks: ifeval needs NLTK's punkt_tab data; download it once with "
+                "python -c \"import nltk; nltk.download('punkt_tab')\""
+            ) from None
+
+
+def evaluate(model, tokenizer, tasks, *, manager, batch_size="1", max_length=None, limit=None,
+             num_fewshot=None, log_samples=False):
+    """lm-eval ``simple_evaluate`` on an in-memory model; returns lm-eval's results dict."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    bs = int(batch_size) if str(batch_size).isdigit() else batch_size
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=bs, max_length=max_length)
+    limit = int(limit) if limit is not None and float(limit).is_integer() and limit >= 1 else limit
+    return simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, num_fewshot=num_fewshot,
+                           limit=limit, log_samples=log_samples, bootstrap_iters=0)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    try:
+        manager = task_manager(args.include_path)
+        check_tasks(manager, tasks)
+    except ValueError as err:
+        print(err, file=sys.stderr)
+        return 2
+    model, tokenizer, kind = load_for_eval(args.model, args.adapter, args.dtype, args.attn_implementation,
+                                           args.device)
+    label = args.label or kind
+    results = evaluate(model, tokenizer, tasks, manager=manager, batch_size=args.batch_size,
+                       max_length=args.max_length, limit=args.limit, num_fewshot=args.num_fewshot,
+                       log_samples=args.log_samples)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = {
+        "label": label, "kind": kind, "model": args.model, "adapter": args.adapter, "tasks": tasks,
+        "results": results["results"], "n-shot": results.get("n-shot"), "versions": results.get("versions"),
+        "n-samples": results.get("n-samples"), "lm_eval_config": results.get("config"),
+    }
+    if args.log_samples:
+        record["samples"] = results.get("samples")
+    path = out_dir / f"{label}.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+    from lora_llms.report import write_tables
+
+    write_tables([path], out_dir / f"{label}_table")
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
