@@ -34,12 +34,17 @@ def head_coefficient(log_sigma: torch.Tensor) -> torch.Tensor:
     return sigma_coefficient(log_sigma).reshape(-1, 1, 1)
 
 
+def distances_from_parts(q_sq: torch.Tensor, k_sq: torch.Tensor, dots: torch.Tensor) -> torch.Tensor:
+    """|q|^2 + |k|^2 - 2 q.k clamped at 0 (the expanded form can round slightly below 0),
+    from fp32 parts that broadcast against each other (dense or gathered candidates)."""
+    return (q_sq + k_sq - 2.0 * dots).clamp_min(0.0)
+
+
 def squared_distances(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """fp32 |q_i - k_j|^2 (..., Nq, Nk) by the expanded form, clamped at 0 (the form can
-    round slightly below 0). k must already have q's heads (see ``repeat_kv``)."""
+    """fp32 |q_i - k_j|^2 (..., Nq, Nk). k must already have q's heads (see ``repeat_kv``)."""
     qf, kf = q.float(), k.float()
-    dots = qf @ kf.transpose(-1, -2)
-    return (qf.pow(2).sum(-1)[..., :, None] + kf.pow(2).sum(-1)[..., None, :] - 2.0 * dots).clamp_min(0.0)
+    return distances_from_parts(qf.pow(2).sum(-1)[..., :, None], kf.pow(2).sum(-1)[..., None, :],
+                                qf @ kf.transpose(-1, -2))
 
 
 def top_k_keep(dist: torch.Tensor, candidates: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -59,6 +64,14 @@ def masked_softmax(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)
 
 
+def weights_from_distances(dist: torch.Tensor, candidates: torch.Tensor, coef: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Krause weights from fp32 squared distances: the min(top_k, #candidates) nearest
+    candidates of each row, softmaxed by -coef * dist (coef broadcastable to dist)."""
+    candidates = candidates.expand_as(dist)
+    keep = top_k_keep(dist, candidates, top_k)
+    return masked_softmax(dist.masked_fill(~keep, 0.0) * -coef, keep)
+
+
 def krause_weights(q, k, log_sigma: torch.Tensor, candidates: torch.Tensor, top_k: int) -> torch.Tensor:
     """Dense Krause attention weights (B, H, Nq, Nk) in fp32.
 
@@ -67,9 +80,25 @@ def krause_weights(q, k, log_sigma: torch.Tensor, candidates: torch.Tensor, top_
     decoding against a short window and small inputs.
     """
     dist = squared_distances(q, repeat_kv(k, q.shape[1]))
-    candidates = candidates.expand_as(dist)
-    keep = top_k_keep(dist, candidates, top_k)
-    return masked_softmax(dist.masked_fill(~keep, 0.0) * -head_coefficient(log_sigma), keep)
+    return weights_from_distances(dist, candidates, head_coefficient(log_sigma), top_k)
+
+
+def krause_attention_grouped(q, k, v, log_sigma: torch.Tensor, candidates: torch.Tensor, top_k: int) -> torch.Tensor:
+    """``krause_attention_dense`` for grouped-query attention without repeating k and v:
+    the G = H / Hkv query heads of a key/value head are scored against it together.
+
+    q: (B, H, Nq, D); k, v: (B, Hkv, Nk, D); ``candidates`` bool broadcastable to
+    (B, 1, Nq, Nk) (the same for every head). Returns (B, H, Nq, D) in q's dtype.
+    """
+    b, h, nq, d = q.shape
+    hkv, nk = k.shape[1], k.shape[2]
+    group = h // hkv
+    dist = squared_distances(q.reshape(b, hkv, group * nq, d), k).view(b, hkv, group, nq, nk)
+    coef = sigma_coefficient(log_sigma)
+    coef = coef.reshape(1, hkv, group, 1, 1) if coef.dim() == 1 else coef
+    candidates = candidates.expand(b, 1, nq, nk)[:, :, None]  # (B, 1, 1, Nq, Nk): shared by every head
+    probs = weights_from_distances(dist, candidates, coef, top_k)
+    return (probs @ v.float()[:, :, None]).reshape(b, h, nq, d).to(q.dtype)
 
 
 def krause_attention_dense(q, k, v, log_sigma: torch.Tensor, candidates: torch.Tensor, top_k: int) -> torch.Tensor:

@@ -87,7 +87,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 
 from .masks import grid_candidate_mask
 from .neighbourhoods import BandNeighbourhood, DenseNeighbourhood, GridNeighbourhood
-from .dense import repeat_kv, sigma_coefficient
+from .dense import distances_from_parts, repeat_kv, sigma_coefficient
 
 # Up to this many tokens the 2-D threshold uses one dense masked (N, N) distance matrix
 # instead of per-offset products (same cut-over as ops.DENSE_2D_MAX_TOKENS).
@@ -244,8 +244,7 @@ def _candidate_distances(nbr, q, k, key_valid=None):
     k_sq = k.pow(2).sum(-1)
     if key_valid is not None:
         k_sq = k_sq.masked_fill(~key_valid[:, None, :], float("inf"))
-    k_sq = nbr.gather_scalar(k_sq)
-    dist = (q_sq + k_sq - 2.0 * dots).clamp_min_(0.0)
+    dist = distances_from_parts(q_sq, nbr.gather_scalar(k_sq), dots)
     if nbr.valid is not None:
         dist = dist.masked_fill(~nbr.valid, float("inf"))
     return dist
