@@ -66,11 +66,12 @@ def load_raw(data_dir, columns=("inputs", "targets")):
 def split_examples(ds, num_train: int = 50_000, num_eval: int = 5_000, seed: int = 3407):
     """Shuffle with ``seed``, keep ``num_train + num_eval``, split train / eval (in that order)."""
     total = num_train + num_eval
-    if len(ds) < total:
-        log.warning("only %d examples for %d train + %d eval; the eval split gets the last %d",
-                    len(ds), num_train, num_eval, min(num_eval, len(ds)))
+    n_eval = num_eval
+    if len(ds) < total:  # keep the split's proportions
+        n_eval = round(len(ds) * num_eval / total)
+        log.warning("only %d examples for %d train + %d eval: splitting them %d / %d",
+                    len(ds), num_train, num_eval, len(ds) - n_eval, n_eval)
     ds = ds.shuffle(seed=seed).select(range(min(total, len(ds))))
-    n_eval = min(num_eval, len(ds))
     n_train = len(ds) - n_eval
     return ds.select(range(n_train)), ds.select(range(n_train, len(ds)))
 
