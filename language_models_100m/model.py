@@ -257,8 +257,7 @@ class KrauseLMCache(Cache):
         """Keeps (and reorders) the batch rows ``indices`` of every layer (beam search)."""
         for layer in self.layers:
             for c in _cache_tensors(layer):
-                c.keys, c.values = c.keys[indices], c.values[indices]
-                c.batch_size = c.keys.shape[0]
+                c.reorder(indices)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)

@@ -223,3 +223,160 @@ def test_baseline_caches_decoding_equals_full_forward(cls, name):
     for schedule, chunks in _schedules(t, w).items():
         out, _ = _decode(mod, x, chunks)
         torch.testing.assert_close(out, full, rtol=0, atol=ATOL, msg=f"{name}/{schedule}")
+
+
+# ----------------------------------------------------------------------------- padding, beams
+PADDED_MODULES = {
+    "krause_gqa": lambda: CausalKrauseAttention(32, 4, 2, window=4, top_k=2, sigma=1.0),
+    "krause_topk_ge_window": lambda: CausalKrauseAttention(32, 4, 1, window=3, top_k=8, sigma=1.0),
+    "sliding_window": lambda: SlidingWindowAttention(32, 4, 2, window=4),
+    "standard": lambda: CausalSelfAttention(32, 4, 2),
+    "topk": lambda: TopKAttention(32, 4, 2, top_k=3),
+    "gated": lambda: GatedKrauseAttention(32, 4, 2, window=4, top_k=2),
+}
+
+
+def _decode_masked(mod, x, mask, chunks):
+    """Feeds x (B, T, C) with its (B, T) padding mask through a fresh cache in chunks."""
+    cache = mod.new_cache(x.shape[0])
+    outs, start = [], 0
+    with torch.no_grad():
+        for size in chunks:
+            outs.append(mod(x[:, start:start + size], cache, key_padding_mask=mask[:, start:start + size]))
+            start += size
+    return torch.cat(outs, dim=1), cache
+
+
+def _left_padded(lengths, t, seed):
+    """Rows of the given real lengths, left-padded with junk to t tokens; returns (x, mask)."""
+    x = _randn(len(lengths), t, 32, seed=seed)
+    mask = torch.arange(t)[None, :] >= (t - torch.tensor(lengths))[:, None]
+    return x, mask
+
+
+@pytest.mark.parametrize("name", sorted(PADDED_MODULES))
+def test_left_padded_batch_decodes_like_each_row_alone(name):
+    torch.manual_seed(0)
+    mod = PADDED_MODULES[name]()
+    lengths, t = [11, 7, 3], 11
+    x, mask = _left_padded(lengths, t, seed=20)
+    with torch.no_grad():
+        full_masked = mod(x, key_padding_mask=mask)
+    for schedule, chunks in _schedules(t, 4).items():
+        out, cache = _decode_masked(mod, x, mask, chunks)
+        assert cache.lengths.tolist() == lengths and cache.pos == t
+        for row, n in enumerate(lengths):
+            alone, _ = _decode(mod, x[row:row + 1, t - n:], [1] * n)
+            torch.testing.assert_close(out[row:row + 1, t - n:], alone, rtol=0, atol=ATOL, msg=f"{schedule}/{row}")
+            torch.testing.assert_close(full_masked[row:row + 1, t - n:], alone, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("name", sorted(PADDED_MODULES))
+def test_any_padding_pattern_decodes_like_the_masked_full_forward(name):
+    # Finished rows fed padding mid-sequence, a row that starts with padding, a fully real row.
+    torch.manual_seed(0)
+    mod = PADDED_MODULES[name]()
+    t = 13
+    x = _randn(3, t, 32, seed=21)
+    mask = torch.rand(3, t, generator=torch.Generator().manual_seed(22)) > 0.35
+    mask[2] = True
+    mask[1, :3] = False
+    with torch.no_grad():
+        full = mod(x, key_padding_mask=mask)
+    assert torch.isfinite(full).all()
+    for schedule, chunks in _schedules(t, 4).items():
+        out, _ = _decode_masked(mod, x, mask, chunks)
+        torch.testing.assert_close(out, full, rtol=0, atol=ATOL, msg=schedule)
+
+
+@pytest.mark.parametrize("name", sorted(PADDED_MODULES))
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left_padded"])
+def test_beam_reorder_and_select_equal_recomputation(name, padded):
+    torch.manual_seed(0)
+    mod = PADDED_MODULES[name]()
+    prefix, more = 7, 5
+    x, mask = _left_padded([7, 4, 2], prefix, seed=23) if padded else (_randn(3, prefix, 32, seed=23), None)
+    mask = torch.ones(3, prefix, dtype=torch.bool) if mask is None else mask
+    for op, index in (("reorder", torch.tensor([2, 0, 0, 1])), ("reorder", torch.tensor([1])),
+                      ("select", torch.tensor([True, False, True])), ("select", torch.tensor([2, 1]))):
+        rows = index.nonzero().flatten() if index.dtype == torch.bool else index
+        y = _randn(len(rows), more, 32, seed=24)
+        _, cache = _decode_masked(mod, x, mask, [3, 1, 1, 2])
+        getattr(cache, op)(index)
+        with torch.no_grad():
+            got = torch.cat([mod(y[:, i:i + 1], cache) for i in range(more)], dim=1)
+            whole_mask = torch.cat([mask[rows], torch.ones(len(rows), more, dtype=torch.bool)], dim=1)
+            expected = mod(torch.cat([x[rows], y], dim=1), key_padding_mask=whole_mask)[:, prefix:]
+        torch.testing.assert_close(got, expected, rtol=0, atol=ATOL, msg=f"{op} {index.tolist()}")
+        assert cache.pos == prefix + more and cache.lengths.tolist() == mask[rows].sum(-1).add(more).tolist()
+
+
+def test_reorder_and_select_reject_bad_indices():
+    cache = KrauseWindowCache(3, 2, 4, window=4, top_k=2)
+    with pytest.raises(ValueError, match="^index holds rows 0..3"):
+        cache.reorder(torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="^index holds rows -1"):
+        cache.reorder(torch.tensor([-1]))
+    with pytest.raises(ValueError, match="^index must be a 1-D integer"):
+        cache.reorder(torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="^index must not repeat"):
+        cache.select(torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match=r"^index as a bool mask must have shape \(3,\)"):
+        cache.select(torch.tensor([True, False]))
+    with pytest.raises(ValueError, match="^index must select at least one row"):
+        StandardKVCache(2, 2, 4).select(torch.tensor([False, False]))
+    assert cache.batch_size == 3 and cache.keys.shape[0] == 3
+
+
+def test_caches_reject_bad_padding_masks_and_capacities():
+    cache = KrauseWindowCache(2, 2, 4, window=4, top_k=2)
+    q, kv = _randn(2, 4, 3, 4), _randn(2, 2, 3, 4)
+    with pytest.raises(ValueError, match=r"^key_padding_mask must have shape \(2, 3\)"):
+        cache.attend(q, kv, kv, 0.0, key_padding_mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="^key_padding_mask must be a bool tensor"):
+        cache.attend(q, kv, kv, 0.0, key_padding_mask=torch.ones(2, 3))
+    with pytest.raises(ValueError, match="^capacity must be >= window"):
+        KrauseWindowCache(1, 1, 4, window=4, top_k=2, capacity=3)
+    with pytest.raises(ValueError, match="^capacity"):
+        StandardKVCache(1, 1, 4, capacity=0)
+
+
+@pytest.mark.parametrize("capacity", [5, 9, 16])
+def test_ring_with_spare_capacity_matches_reference(capacity):
+    b, h, hkv, w, top_k, t = 2, 4, 2, 5, 3, 24
+    q, k, v = _randn(b, h, t, 4, seed=30), _randn(b, hkv, t, 4, seed=31), _randn(b, hkv, t, 4, seed=32)
+    mask = torch.rand(b, t, generator=torch.Generator().manual_seed(33)) > 0.3
+    log_sigma = torch.linspace(-0.2, 0.6, h)
+    expected = krause.causal_krause_attention_reference(q, k, v, log_sigma, w, top_k, key_padding_mask=mask)
+    cache = KrauseWindowCache(b, hkv, 4, w, top_k, capacity=capacity)
+    got, start = [], 0
+    for size in [4, 1, 1, 6, 1, 1, 1, 7, 1, 1]:
+        sl = slice(start, start + size)
+        got.append(cache.attend(q[:, :, sl], k[:, :, sl], v[:, :, sl], log_sigma, key_padding_mask=mask[:, sl]))
+        start += size
+    torch.testing.assert_close(torch.cat(got, 2), expected, rtol=0, atol=ATOL)
+    assert cache.keys.shape[2] == capacity and cache.lengths.tolist() == mask.sum(-1).tolist()
+
+
+@pytest.mark.parametrize("cls", [CausalKrauseAttention, SlidingWindowAttention])
+def test_padded_steps_keep_memory_and_work_constant(cls):
+    mod = cls(16, 4, 2, window=8, top_k=3)
+    cache = mod.new_cache(2)
+    pointers = (cache.keys.data_ptr(), cache.values.data_ptr(), cache.valid.data_ptr())
+    step_mask = torch.tensor([[True], [False]])
+
+    def step_work():
+        counter = _WorkCounter()
+        with torch.no_grad(), counter:
+            mod(_randn(2, 1, 16, seed=cache.pos), cache, key_padding_mask=step_mask)
+        return counter.elements, counter.largest
+
+    with torch.no_grad():
+        mod(_randn(2, 12, 16, seed=98), cache, key_padding_mask=torch.arange(12)[None].expand(2, 12) >= 3)
+    early = step_work()
+    with torch.no_grad():
+        for i in range(100):
+            mod(_randn(2, 1, 16, seed=i), cache, key_padding_mask=step_mask)
+    assert step_work() == early
+    assert (cache.keys.data_ptr(), cache.values.data_ptr(), cache.valid.data_ptr()) == pointers
+    assert cache.lengths.tolist() == [12 - 3 + 102, 12 - 3]

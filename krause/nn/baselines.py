@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _validation as V
-from ..cache import SlidingWindowCache, StandardKVCache
+from ..cache import DEFAULT_CAPACITY, SlidingWindowCache, StandardKVCache, end_aligned_mask, masked_sdpa
 from ..masks import causal_window_mask
 from ..reference import repeat_kv
 from .causal import _CausalProjections
@@ -33,24 +33,29 @@ def _window_mask(num_tokens: int, window: int, device: torch.device) -> torch.Te
     return causal_window_mask(num_tokens, window, device)
 
 
-def topk_causal_attention(q, k, v, top_k: int, query_offset: int = 0, scale: float | None = None,
-                          dropout_p: float = 0.0) -> torch.Tensor:
+def topk_causal_attention(q, k, v, top_k: int, query_offset: int | None = None, scale: float | None = None,
+                          dropout_p: float = 0.0, *, key_padding_mask=None) -> torch.Tensor:
     """Causal top-k softmax attention, dense: O(Tq Tk) memory.
 
     q (B, H, Tq, D) are the tokens at positions query_offset .. query_offset + Tq - 1 of
-    the sequence whose keys/values k, v (B, Hkv, Tk, D) start at position 0. Query i
-    keeps the min(top_k, #causal keys) highest scores q . k * scale (fp32), softmaxed.
+    the sequence whose keys/values k, v (B, Hkv, Tk, D) start at position 0 (None: the
+    last Tq positions). Query i keeps the min(top_k, #causal keys that are not padding)
+    highest scores q . k * scale (fp32), softmaxed; a query with no such key returns zeros.
+    ``key_padding_mask``: optional (B, Tk) bool, True = real token.
     """
     V.check_positive_int("top_k", top_k)
     h, tq, tk = q.shape[1], q.shape[2], k.shape[2]
+    query_offset = tk - tq if query_offset is None else query_offset
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = (q.float() @ repeat_kv(k, h).float().transpose(-1, -2)) * scale
     query_pos = torch.arange(query_offset, query_offset + tq, device=q.device)[:, None]
     causal = torch.arange(tk, device=q.device)[None, :] <= query_pos
+    if key_padding_mask is not None:
+        causal = causal & key_padding_mask[:, None, None, :]
     scores = scores.masked_fill(~causal, float("-inf"))
     best = scores.topk(min(top_k, tk), dim=-1).indices
     keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, best, True) & causal
-    probs = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1)
+    probs = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1).nan_to_num(0.0)
     probs = F.dropout(probs, dropout_p) if dropout_p else probs
     return (probs @ repeat_kv(v, h).float()).to(q.dtype)
 
@@ -64,17 +69,21 @@ class SlidingWindowAttention(_CausalProjections):
         super().__init__(dim, num_heads, num_kv_heads, bias, attn_drop, proj_drop)
         self.window = V.check_positive_int("window", window)
 
-    def forward(self, x: torch.Tensor, cache: SlidingWindowCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: SlidingWindowCache | None = None, key_padding_mask=None) -> torch.Tensor:
         q, k, v = self._project(x)
         drop = self.attn_drop if self.training else 0.0
-        if cache is None:
+        if cache is not None:
+            out = cache.attend(q, k, v, dropout_p=drop, key_padding_mask=key_padding_mask)
+        elif key_padding_mask is None:
             mask = _window_mask(q.shape[2], self.window, q.device)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, enable_gqa=True)
         else:
-            out = cache.attend(q, k, v, dropout_p=drop)
+            allowed = end_aligned_mask(q.shape[2], k.shape[2], self.window, key_padding_mask, q.device)
+            out = masked_sdpa(q, k, v, allowed, None, drop)
         return self._merge(out)
 
-    def new_cache(self, batch_size: int, device=None, dtype=None) -> SlidingWindowCache:
+    def new_cache(self, batch_size: int, device=None, dtype=None, capacity: int | None = None) -> SlidingWindowCache:
+        """A ring of ``window`` slots, whatever the expected sequence length ``capacity``."""
         device, dtype = self._cache_placement(device, dtype)
         return SlidingWindowCache(batch_size, self.num_kv_heads, self.head_dim, self.window, device, dtype)
 
@@ -91,19 +100,21 @@ class TopKAttention(_CausalProjections):
         super().__init__(dim, num_heads, num_kv_heads, bias, attn_drop, proj_drop)
         self.top_k = V.check_positive_int("top_k", top_k)
 
-    def forward(self, x: torch.Tensor, cache: StandardKVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: StandardKVCache | None = None, key_padding_mask=None) -> torch.Tensor:
         q, k, v = self._project(x)
         drop = self.attn_drop if self.training else 0.0
-        offset = 0
         if cache is not None:
-            cache.check_inputs(q, k, v)
-            offset = cache.pos
-            k, v = cache.update(k, v)
-        return self._merge(topk_causal_attention(q, k, v, self.top_k, offset, dropout_p=drop))
+            _, _, mask = cache.check_inputs(q, k, v, key_padding_mask)
+            k, v = cache.update(k, v, mask)
+            key_padding_mask = cache.past_mask() if cache.padded else None
+        out = topk_causal_attention(q, k, v, self.top_k, dropout_p=drop, key_padding_mask=key_padding_mask)
+        return self._merge(out)
 
-    def new_cache(self, batch_size: int, device=None, dtype=None) -> StandardKVCache:
+    def new_cache(self, batch_size: int, device=None, dtype=None, capacity: int | None = None) -> StandardKVCache:
+        """A growing cache, ``capacity`` (the expected sequence length) slots up front."""
         device, dtype = self._cache_placement(device, dtype)
-        return StandardKVCache(batch_size, self.num_kv_heads, self.head_dim, device, dtype)
+        return StandardKVCache(batch_size, self.num_kv_heads, self.head_dim, device, dtype,
+                               capacity=DEFAULT_CAPACITY if capacity is None else capacity)
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, top_k={self.top_k}"

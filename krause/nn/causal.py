@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _validation as V
-from ..cache import KrauseWindowCache, StandardKVCache
+from ..cache import DEFAULT_CAPACITY, KrauseWindowCache, StandardKVCache, end_aligned_mask, masked_sdpa
 from ..ops import causal_krause_attention
 from ._common import check_dropout, check_heads, log_sigma_parameter
 
@@ -72,25 +72,31 @@ class CausalKrauseAttention(_CausalProjections):
         bias: bool = True,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
+        impl: str = "auto",
     ):
         super().__init__(dim, num_heads, num_kv_heads, bias, attn_drop, proj_drop)
         if self.attn_drop:
             raise ValueError(f"attn_drop must be 0 for Krause attention (weights are never formed), got {attn_drop}")
         self.window = V.check_positive_int("window", window)
         self.top_k = V.check_positive_int("top_k", top_k)
+        self.impl = impl
         self.log_sigma = log_sigma_parameter(sigma, num_heads)
 
-    def forward(self, x: torch.Tensor, cache: KrauseWindowCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KrauseWindowCache | None = None, key_padding_mask=None) -> torch.Tensor:
         q, k, v = self._project(x)
         if cache is None:
-            out = causal_krause_attention(q, k, v, self.log_sigma, self.window, self.top_k)
+            out = causal_krause_attention(q, k, v, self.log_sigma, self.window, self.top_k,
+                                          key_padding_mask=key_padding_mask, impl=self.impl)
         else:
-            out = cache.attend(q, k, v, self.log_sigma)
+            out = cache.attend(q, k, v, self.log_sigma, key_padding_mask=key_padding_mask)
         return self._merge(out)
 
-    def new_cache(self, batch_size: int, device=None, dtype=None) -> KrauseWindowCache:
+    def new_cache(self, batch_size: int, device=None, dtype=None, capacity: int | None = None) -> KrauseWindowCache:
+        """A ring of ``window`` slots: enough whatever the sequence length (``capacity``,
+        the expected length, only matters to growing caches)."""
         device, dtype = self._cache_placement(device, dtype)
-        return KrauseWindowCache(batch_size, self.num_kv_heads, self.head_dim, self.window, self.top_k, device, dtype)
+        return KrauseWindowCache(batch_size, self.num_kv_heads, self.head_dim, self.window, self.top_k, device, dtype,
+                                 impl=self.impl)
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, window={self.window}, top_k={self.top_k}"
@@ -116,18 +122,22 @@ class CausalSelfAttention(_CausalProjections):
     ):
         super().__init__(dim, num_heads, num_kv_heads, bias, attn_drop, proj_drop)
 
-    def forward(self, x: torch.Tensor, cache: StandardKVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: StandardKVCache | None = None, key_padding_mask=None) -> torch.Tensor:
         q, k, v = self._project(x)
         drop = self.attn_drop if self.training else 0.0
-        if cache is None:
+        if cache is not None:
+            out = cache.attend(q, k, v, dropout_p=drop, key_padding_mask=key_padding_mask)
+        elif key_padding_mask is None:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True, enable_gqa=True)
         else:
-            out = cache.attend(q, k, v, dropout_p=drop)
+            out = masked_sdpa(q, k, v, end_aligned_mask(q.shape[2], k.shape[2], None, key_padding_mask, q.device), None, drop)
         return self._merge(out)
 
-    def new_cache(self, batch_size: int, device=None, dtype=None) -> StandardKVCache:
+    def new_cache(self, batch_size: int, device=None, dtype=None, capacity: int | None = None) -> StandardKVCache:
+        """A growing cache, ``capacity`` (the expected sequence length) slots up front."""
         device, dtype = self._cache_placement(device, dtype)
-        return StandardKVCache(batch_size, self.num_kv_heads, self.head_dim, device, dtype)
+        return StandardKVCache(batch_size, self.num_kv_heads, self.head_dim, device, dtype,
+                               capacity=DEFAULT_CAPACITY if capacity is None else capacity)
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}"

@@ -57,9 +57,27 @@ class GatedCache:
     def pos(self) -> int:
         return self.krause.pos
 
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.krause.lengths
+
+    @property
+    def nbytes(self) -> int:
+        return self.standard.nbytes + self.krause.nbytes
+
     def reset(self) -> None:
         self.standard.reset()
         self.krause.reset()
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Beam search: keeps the rows ``index`` of both branches, in that order."""
+        self.standard.reorder(index)
+        self.krause.reorder(index)
+
+    def select(self, index: torch.Tensor) -> None:
+        """Batch pruning: keeps the rows ``index`` (bool mask or distinct rows) of both branches."""
+        self.standard.select(index)
+        self.krause.select(index)
 
 
 class GatedKrauseAttention(nn.Module):
@@ -88,14 +106,16 @@ class GatedKrauseAttention(nn.Module):
         init_gate(self.gate, gate_init)
         self.proj_drop = nn.Dropout(check_dropout("proj_drop", proj_drop))
 
-    def forward(self, x: torch.Tensor, cache: GatedCache | None = None, return_gate: bool = False):
-        out_std = self.standard(x, cache.standard if cache is not None else None)
-        out_krause = self.krause(x, cache.krause if cache is not None else None)
+    def forward(self, x: torch.Tensor, cache: GatedCache | None = None, return_gate: bool = False,
+                key_padding_mask=None):
+        out_std = self.standard(x, cache.standard if cache is not None else None, key_padding_mask)
+        out_krause = self.krause(x, cache.krause if cache is not None else None, key_padding_mask)
         out, weights = gated_mix(out_std, out_krause, self.gate, return_gate=True)
         out = self.proj_drop(out)
         return (out, weights) if return_gate else out
 
-    def new_cache(self, batch_size: int, device=None, dtype=None) -> GatedCache:
+    def new_cache(self, batch_size: int, device=None, dtype=None, capacity: int | None = None) -> GatedCache:
         return GatedCache(
-            self.standard.new_cache(batch_size, device, dtype), self.krause.new_cache(batch_size, device, dtype)
+            self.standard.new_cache(batch_size, device, dtype, capacity),
+            self.krause.new_cache(batch_size, device, dtype, capacity),
         )
