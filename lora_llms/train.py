@@ -207,6 +207,10 @@ def main(argv=None) -> int:
         max_length=args.max_length, num_proc=args.num_proc,
     )
     model = load_model(args)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and args.max_length > limit:
+        print(f"max_length: {args.max_length} is longer than the model allows ({limit} positions)", file=sys.stderr)
+        return 2
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     peft_model = krause.hf.lora_model(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+#SBATCH --job-name=krause-qwen1.5-7b
+#SBATCH --nodes=1
+#SBATCH --gpus-per-node=4
+#SBATCH --cpus-per-task=32
+#SBATCH --time=48:00:00
+#SBATCH --signal=B:USR1@300
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=%x-%j.out
+#
+# LoRA fine-tuning of Qwen1.5-7B on FLAN v2: MODE=krause (default; the gated Krause mix) or
+# MODE=lora (the baseline). Recipe defaults are lora_llms.train's (the paper's).
+# Direct:  MODEL_PATH=... DATA_DIR=... bash lora_llms/scripts/train_qwen.sh [train flags]
+# Slurm:   MODEL_PATH=... DATA_DIR=... sbatch lora_llms/scripts/train_qwen.sh [train flags]
+NAME="${NAME:-${MODE:-krause}_qwen15_7b}"
+if [ -z "${REPO_ROOT:-}" ]; then
+    SCRIPT="${BASH_SOURCE[0]}"
+    if [ -n "${SLURM_JOB_ID:-}" ] && command -v scontrol >/dev/null; then
+        # sbatch runs a copy of the script: find the repository from the submitted path
+        SCRIPT="$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')"
+    fi
+    REPO_ROOT="$(cd "$(dirname "$SCRIPT")/../.." && pwd)"
+fi
+source "$REPO_ROOT/lora_llms/scripts/train_common.sh"
