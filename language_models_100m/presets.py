@@ -9,6 +9,8 @@ dim 64 as in 100m), FFN 3072 (3x dim; 100m has 2.67x), 1024 positions: about
 
 from __future__ import annotations
 
+from huggingface_hub.errors import StrictDataclassClassValidationError
+
 from .model import ATTENTIONS, KrauseLMConfig, KrauseLMForCausalLM
 
 PRESETS: dict[str, dict] = {
@@ -33,7 +35,10 @@ def model_config(config="100m", attention: str = "gated", **overrides) -> Krause
     for key in ("model_type", "transformers_version", "architectures"):
         fields.pop(key, None)
     fields.update(overrides, attention=attention)
-    return KrauseLMConfig(**fields)
+    try:
+        return KrauseLMConfig(**fields)
+    except StrictDataclassClassValidationError as e:  # huggingface_hub's multi-line wrapper -> its one line
+        raise ValueError(str(e.__cause__ or e).strip().splitlines()[-1].strip()) from None
 
 
 def build_model(config="100m", attention: str = "gated", **overrides) -> KrauseLMForCausalLM:

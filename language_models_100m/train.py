@@ -17,8 +17,8 @@ memory maps as consecutive windows (``shards.WindowSampler``); the next window i
 saved in the checkpoint, so a resumed run continues the exact stream.
 
 The run directory gets config.json, metrics.jsonl (train loss, lr, tokens/s, MFU, val
-loss / perplexity), checkpoints/last.pt (and best.pt by val loss), figures/ and, at the
-end, hf/ (save_pretrained + tokenizer) for ``language_models_100m.evaluate``. SIGTERM /
+loss / perplexity), checkpoints/ (krause.training's DCP step directories, the best by val
+loss in best/), figures/ and, at the end, hf/ (save_pretrained + tokenizer) for ``language_models_100m.evaluate``. SIGTERM /
 SIGUSR1 save last.pt and exit 0; rerun with --resume. Resuming a checkpoint of another
 config or attention type is refused with one line.
 """
@@ -37,25 +37,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from krause.training.checkpoint import CheckpointManager, read_checkpoint
-from krause.training.config import RUNTIME_KEYS, config_diff, config_fingerprint
-from krause.training.distributed import (
-    all_reduce_mean,
-    all_reduce_sum,
-    cleanup,
-    init_distributed,
-    is_main_process,
-    per_rank_batch_size,
-    unwrap_model,
-    wrap_ddp,
-)
+from krause.training.checkpoint import CheckpointError
+from krause.training.checkpointer import AppState, Checkpointer
+from krause.training.config import RUNTIME_KEYS
+from krause.training.distributed import all_reduce_sum, cleanup, init_distributed, is_main_process, wrap_ddp
+from krause.training.errors import UsageError, one_line
+from krause.training.fsdp import apply_fsdp, build_mesh, mixed_precision
+from krause.training.loop import LoopSettings, TrainHooks, TrainLoop
+from krause.training.accumulation import BatchPlan
 from krause.training.metrics import MetricsLogger, close_logging, setup_logging
 from krause.training.optim import build_adamw
 from krause.training.plotting import plot_curves
 from krause.training.preemption import PreemptionHandler
-from krause.training.run_dir import prepare_run_dir
+from krause.training.run_dir import RunDirError, prepare_run_dir
 from krause.training.schedule import warmup_cosine_scheduler, warmup_steps
 from krause.training.seed import seed_everything
+from krause.training.state import TrainState
+from krause.training.throughput import Throughput, known_peak_flops
 
 from .model import ATTENTIONS
 from .presets import PRESETS, build_model, model_config
@@ -63,11 +61,7 @@ from .shards import TokenStream, WindowSampler, split_shards
 
 # Settings that do not change what is computed per optimizer step: a run may resume with others.
 IGNORED_KEYS = set(RUNTIME_KEYS) | {"micro_batch", "compile", "log_every", "save_every", "no_progress",
-                                    "peak_tflops", "kill_at_step", "eval_batch"}
-
-
-class UsageError(ValueError):
-    """A bad argument: one line, exit status 2."""
+                                    "peak_tflops", "kill_at_step", "eval_batch", "dist"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 on GPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--dist", default="ddp", choices=["ddp", "fsdp"], help="data parallelism: DDP or FSDP2")
     g.add_argument("--eval_every", type=int, default=500, help="validation every N steps (and at the end)")
     g.add_argument("--eval_batch", type=int, default=None, help="validation sequences per forward (default micro)")
     g.add_argument("--save_every", type=int, default=500, help="checkpoint every N steps (0: at evaluations)")
@@ -138,38 +133,13 @@ def read_manifest(data_dir) -> dict:
     return json.loads(path.read_text())
 
 
-def check_resumable(out_dir, config: dict) -> None:
-    """Refuses, before anything is touched, a checkpoint of another model, attention or recipe."""
-    last = Path(out_dir).expanduser().resolve() / "checkpoints" / "last.pt"
-    if not last.is_file():
-        return
-    saved = read_checkpoint(last).get("config") or {}
-    if config_fingerprint(saved, ignore=IGNORED_KEYS) != config_fingerprint(config, ignore=IGNORED_KEYS):
-        diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in config_diff(saved, config, ignore=IGNORED_KEYS)[:6])
-        raise UsageError(f"--resume: {last} was written with another config ({diff}); use a new --out_dir")
-
-
-def train_flops_per_token(model, block: int, device) -> float | None:
+def train_flops_per_token(model, block: int, device) -> float:
     """FLOPs of one forward + backward per token, counted by FlopCounterMode (Krause ops count
     their sparse cost: krause/flops.py)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from krause.training.throughput import train_flops_per_sample
 
-    x = torch.zeros(1, block, dtype=torch.long, device=device)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        model(x, use_cache=False).logits.float().sum().backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / block
-
-
-def peak_flops(args, device) -> float | None:
-    if args.peak_tflops:
-        return args.peak_tflops * 1e12
-    if device.type != "cuda":
-        return None
-    peaks = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}  # dense bf16
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in peaks.items() if k in name), None)
+    example = torch.zeros(1, block, dtype=torch.long, device=device)
+    return train_flops_per_sample(model, example, loss_fn=lambda out: out.logits.float().sum()) / block
 
 
 @torch.no_grad()
@@ -195,9 +165,17 @@ def validation(model, stream: TokenStream, block: int, max_tokens: int, batch: i
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": int(count.item())}
 
 
-def export_hf(model, manifest: dict, out: Path, log) -> None:
-    """save_pretrained of the model and, when it can be loaded here, the build's tokenizer."""
-    model.save_pretrained(out)
+def export_hf(model, cfg, manifest: dict, out: Path, log) -> None:
+    """save_pretrained of the trained weights (gathered from any DDP / FSDP2 wrapping, collective)
+    and, when it can be loaded here, the build's tokenizer."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not is_main_process():
+        return
+    plain = build_model(cfg)
+    plain.load_state_dict(state, strict=False)  # lm_head.weight is tied to wte
+    plain.save_pretrained(out)
     try:
         from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -208,25 +186,84 @@ def export_hf(model, manifest: dict, out: Path, log) -> None:
             tok = AutoTokenizer.from_pretrained(spec)
         tok.save_pretrained(out)
     except Exception as e:  # noqa: BLE001 - the model is exported either way
-        log.warning(f"tokenizer {manifest.get('tokenizer')!r} not saved with the model ({e}); "
+        log.warning(f"tokenizer {manifest.get('tokenizer')!r} not saved with the model ({one_line(e)}); "
                     "pass --tokenizer to evaluate")
+
+
+class LMHooks(TrainHooks):
+    """The family's part of krause.training's loop: batches from the token stream, the
+    next-token loss, validation, and the records."""
+
+    def __init__(self, *, model, sampler: WindowSampler, val_stream: TokenStream, plan: BatchPlan, block: int,
+                 args, env, autocast, metrics: MetricsLogger, log):
+        self.model, self.sampler, self.val_stream, self.plan, self.block = model, sampler, val_stream, plan, block
+        self.args, self.env, self.autocast, self.metrics, self.log = args, env, autocast, metrics, log
+
+    def batches(self, epoch, start):
+        """Step s reads windows s * global_batch .. + global_batch - 1; this rank takes its slice."""
+        per_rank, rank = self.plan.per_rank, self.env.rank
+        step = start
+        while True:
+            first = step * self.plan.global_batch + rank * per_rank
+            xy = torch.as_tensor(self.sampler.windows(first, per_rank), device=self.env.device)
+            yield list(xy.split(self.plan.micro_batch))
+            step += 1
+
+    def train_step(self, micro):
+        with self.autocast():
+            logits = self.model(micro[:, :-1], use_cache=False).logits
+        targets = micro[:, 1:]
+        loss_sum = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+        return loss_sum, targets.numel()
+
+    def after_step(self, state, result):
+        state.extra["next_window"] = state.batch_in_epoch * self.plan.global_batch  # the stream position
+        if self.args.kill_at_step == state.step:  # tests: die without any cleanup
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def evaluate(self, state):
+        return validation(self.model, self.val_stream, self.block, self.args.val_tokens,
+                          self.args.eval_batch or self.plan.micro_batch, self.env.rank, self.env.world_size,
+                          self.env.device, self.autocast)
+
+    def selection_metric(self, result):
+        return result.get("val_loss")
+
+    def step_record(self, state, window):
+        record = dict(window, tokens_per_step=self.plan.global_batch * self.block, tokens_seen=state.tokens_seen,
+                      next_window=state.extra["next_window"])
+        self.log.info(f"step {state.step}: loss {window['train_loss']:.4f}, {window.get('tokens_per_s', 0):,.0f} "
+                      f"tokens/s" + (f", MFU {window['mfu']:.1%}" if "mfu" in window else ""))
+        return record
+
+    def on_eval(self, state, record, is_best, where):
+        if "val_loss" in record:
+            self.metrics.log(record, step=state.step, tokens_seen=state.tokens_seen, best=is_best)
+            self.log.info(f"{where}: val loss {record['val_loss']:.4f}, ppl {record['val_ppl']:.2f}"
+                          + (" (best)" if is_best else ""))
+
+    def on_stop(self, state, reason):
+        self.metrics.log(step=state.step, event=f"stopped: {reason}")
+        self.log.info(f"stopped ({reason}) at step {state.step}, checkpoint saved; rerun with --resume")
 
 
 def main(argv=None) -> int:
     try:
         args = parse_args(argv)
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
-    device = None if args.device == "auto" else args.device
-    env = init_distributed(device)
+    env = init_distributed(None if args.device == "auto" else args.device)
     finished = False
     try:
         code = _train(args, env)
         finished = True
         return code
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UsageError, RunDirError, CheckpointError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
         finished = True
         return 2
     finally:
@@ -243,139 +280,81 @@ def _train(args, env) -> int:
     try:
         cfg = model_config(args.config, args.attention, dropout=args.dropout, vocab_size=vocab,
                            eos_token_id=manifest.get("eos_id"), bos_token_id=manifest.get("eos_id"))
+        plan = BatchPlan.from_global(args.global_batch, args.micro_batch, world, name="--global_batch",
+                                     micro_name="--micro_batch")
     except ValueError as e:
         raise UsageError(str(e)) from None
     block = args.block_size or cfg.n_positions
     if block > cfg.n_positions:
         raise UsageError(f"--block_size {block} is larger than the model's {cfg.n_positions} positions")
-    try:
-        per_rank = per_rank_batch_size(args.global_batch, world, name="--global_batch")
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    if per_rank % args.micro_batch:
-        raise UsageError(f"--global_batch {args.global_batch} is not divisible by --micro_batch {args.micro_batch} "
-                         f"x {world} process(es)")
-    accum = per_rank // args.micro_batch
     tokens_per_step = args.global_batch * block
     total_steps = args.max_steps or max(1, int(args.max_tokens // tokens_per_step))
 
     config = {k: v for k, v in vars(args).items() if k not in ("config", "attention", "dropout", "vocab_size")}
     config.update(model=cfg.to_diff_dict() | {"attention": cfg.attention}, preset=args.config, block=block,
                   total_steps=total_steps, tokens_per_step=tokens_per_step)
-    if args.resume:
-        check_resumable(args.out_dir, config)
-    train_sampler = WindowSampler(TokenStream(split_shards(args.data_dir, "train")), block)
+    sampler = WindowSampler(TokenStream(split_shards(args.data_dir, "train")), block)
     val_stream = TokenStream(split_shards(args.data_dir, "val"))
     run = prepare_run_dir(args.out_dir, config, resume=args.resume, overwrite=args.overwrite, ignore=IGNORED_KEYS)
     log = setup_logging(run.log_path, name="language_models_100m")
 
     seed_everything(args.seed)  # identical initial weights on every rank
     model = build_model(cfg).to(device)
+    use_bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    n_params = sum(p.numel() for p in model.parameters())
+    flops_per_token = train_flops_per_token(model, block, device)
+    if args.dist == "fsdp":
+        apply_fsdp(model, build_mesh(device.type), blocks="transformer.h",
+                   mp_policy=mixed_precision("bf16") if use_bf16 else None)
+        train_model = model
+        autocast = contextlib.nullcontext  # FSDP2 casts parameters itself
+    else:
+        train_model = wrap_ddp(model, env)
+        autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+    if args.compile:
+        train_model = torch.compile(train_model)
     optimizer = build_adamw(model, lr=args.lr, weight_decay=args.weight_decay, betas=(args.beta1, args.beta2))
     scheduler = warmup_cosine_scheduler(optimizer, total_steps, warmup_steps(total_steps, fraction=args.warmup),
                                         args.min_lr_ratio)
-    ckpt = CheckpointManager(run.checkpoint_dir, config=config, mode="min", config_ignore=IGNORED_KEYS)
-    step, next_window = 0, 0
-    state = ckpt.load_last(model=model, optimizer=optimizer, scheduler=scheduler) if args.resume else None
-    if state is not None:
-        step, next_window = state.step, int(state.extra["next_window"])
-        log.info(f"resumed from {state.path} at step {step}, train window {next_window}")
-    else:
+    state = TrainState()
+    app = AppState(model=train_model, optimizer=optimizer, scheduler=scheduler, train_state=state)
+    ckpt = Checkpointer(run.checkpoint_dir, config=config, config_ignore=IGNORED_KEYS, mode="min")
+    resumed = ckpt.load(app) if args.resume else None
+    if resumed is None:
         seed_everything(args.seed, rank)  # per-rank dropout streams
-    use_bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
-
-    n_params = sum(p.numel() for p in model.parameters())
-    flops_per_token = train_flops_per_token(model, block, device)
-    peak = peak_flops(args, device)
-    log.info(f"{args.config}/{cfg.attention}: {n_params:,} parameters; {world} process(es) x {accum} micro-batch(es) "
-             f"x {args.micro_batch} sequences x {block} tokens = {tokens_per_step:,} tokens per step "
-             f"(global batch {args.global_batch}); {total_steps} steps = {total_steps * tokens_per_step:,} tokens; "
-             f"{flops_per_token / 1e6:.1f} MFLOPs/token; {'bf16' if use_bf16 else 'fp32'} on {device}")
-    metrics = MetricsLogger(run.metrics_path, resume_step=step if state is not None else None)
-    if state is None:
-        metrics.log(step=0, params=n_params, world_size=world, accum_steps=accum, micro_batch=args.micro_batch,
-                    global_batch=args.global_batch, block_size=block, tokens_per_step=tokens_per_step,
-                    total_steps=total_steps, flops_per_token=flops_per_token)
-
-    train_model = wrap_ddp(model, env)
-    if args.compile:
-        train_model = torch.compile(train_model)
+    else:
+        log.info(f"resumed at step {state.step}, train window {state.extra.get('next_window')}")
+    log.info(f"{args.config}/{cfg.attention}: {n_params:,} parameters; {world} process(es) x {plan.accum_steps} "
+             f"micro-batch(es) x {plan.micro_batch} sequences x {block} tokens = {tokens_per_step:,} tokens per "
+             f"step (global batch {args.global_batch}); {total_steps} steps = {total_steps * tokens_per_step:,} "
+             f"tokens; {flops_per_token / 1e6:.2f} MFLOPs/token; {args.dist}, {'bf16' if use_bf16 else 'fp32'} "
+             f"on {device}")
+    metrics = MetricsLogger(run.metrics_path, resume_step=state.step if resumed is not None else None)
+    if resumed is None:
+        metrics.log(step=0, params=n_params, world_size=world, accum_steps=plan.accum_steps,
+                    micro_batch=plan.micro_batch, global_batch=args.global_batch, block_size=block,
+                    tokens_per_step=tokens_per_step, total_steps=total_steps, flops_per_token=flops_per_token)
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else known_peak_flops(device)
+    settings = LoopSettings(total_steps=total_steps, steps_per_epoch=total_steps, log_every=args.log_every,
+                            eval_every=args.eval_every, save_every=args.save_every, grad_clip=args.grad_clip,
+                            samples_per_step=args.global_batch, tokens_per_sample=block)
+    hooks = LMHooks(model=train_model, sampler=sampler, val_stream=val_stream, plan=plan, block=block, args=args,
+                    env=env, autocast=autocast, metrics=metrics, log=log)
     model.train()
-
-    def save(metric=None):
-        return ckpt.save(model=model, optimizer=optimizer, scheduler=scheduler, step=step, metric=metric,
-                         extra={"next_window": next_window, "tokens_seen": next_window * block})
-
-    def evaluate_and_save():
-        result = validation(model, val_stream, block, args.val_tokens, args.eval_batch or args.micro_batch, rank,
-                            world, device, autocast)
-        best = save(metric=result["val_loss"])
-        metrics.log(step=step, tokens_seen=next_window * block, best=best, **result)
-        log.info(f"step {step}: val loss {result['val_loss']:.4f} ppl {result['val_ppl']:.2f}{' (best)' * best}")
-
-    preempt = PreemptionHandler().install()
-    t0, window_loss, window_steps, last_eval = time.perf_counter(), 0.0, 0, -1
-    try:
-        while step < total_steps:
-            # This rank's slice of the step's global batch, then its micro-batches.
-            rows = train_sampler.windows(next_window + rank * per_rank, per_rank)
-            xy = torch.as_tensor(rows, device=device)
-            step_loss = torch.zeros((), device=device)
-            for i in range(accum):
-                micro = xy[i * args.micro_batch:(i + 1) * args.micro_batch]
-                sync = i == accum - 1 or not hasattr(train_model, "no_sync")
-                with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast():
-                    logits = train_model(micro[:, :-1], use_cache=False).logits
-                    loss = F.cross_entropy(logits.float().flatten(0, 1), micro[:, 1:].flatten()) / accum
-                loss.backward()
-                step_loss += loss.detach()
-            if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            next_window += args.global_batch
-            window_loss += float(all_reduce_mean(step_loss))
-            window_steps += 1
-            if step % args.log_every == 0 or step == total_steps:
-                elapsed = time.perf_counter() - t0
-                tok_s = window_steps * tokens_per_step / elapsed
-                record = dict(train_loss=window_loss / window_steps, lr=scheduler.get_last_lr()[0],
-                              tokens_per_step=tokens_per_step, tokens_seen=next_window * block,
-                              tokens_per_s=tok_s, step_time_s=elapsed / window_steps)
-                if peak:
-                    record["mfu"] = flops_per_token * tok_s / world / peak
-                metrics.log(record, step=step)
-                log.info(f"step {step}/{total_steps}: loss {record['train_loss']:.4f}, {tok_s:,.0f} tokens/s"
-                         + (f", MFU {record['mfu']:.1%}" if peak else ""))
-                t0, window_loss, window_steps = time.perf_counter(), 0.0, 0
-            if args.kill_at_step == step:
-                import os
-                import signal
-
-                os.kill(os.getpid(), signal.SIGKILL)
-            if step % args.eval_every == 0 or step == total_steps:
-                evaluate_and_save()
-                last_eval = step
-            elif args.save_every and step % args.save_every == 0:
-                save()
-            if preempt.should_stop() and step < total_steps:
-                if last_eval != step and not (args.save_every and step % args.save_every == 0):
-                    save()
-                metrics.log(step=step, event=f"stopped by {preempt.reason}")
-                log.info(f"stop requested ({preempt.reason}): saved step {step}; rerun with --resume")
-                return 0
-    finally:
-        preempt.uninstall()
-        metrics.close()
-    if is_main_process():
-        export_hf(unwrap_model(model), manifest, run.root / "hf", log)
-        plot_curves(run.metrics_path, run.figures_dir / "loss.png", x="step",
-                    panels={"loss": ["train_loss", "val_loss"], "lr": ["lr"]})
-        log.info(f"done: {step} steps, {next_window * block:,} tokens; model in {run.root / 'hf'}")
-    return 0
+    with PreemptionHandler() as preempt, metrics:
+        outcome = TrainLoop(settings, model=train_model, optimizer=optimizer, scheduler=scheduler, checkpointer=ckpt,
+                            app_state=app, train_state=state, metrics=metrics, hooks=hooks, preempt=preempt,
+                            throughput=Throughput(flops_per_sample=flops_per_token * block, peak_flops=peak,
+                                                  world_size=world),
+                            world_size=world).run()
+    ckpt.close()
+    if outcome == "finished":
+        export_hf(model, cfg, manifest, run.root / "hf", log)
+        if is_main_process():
+            plot_curves(run.metrics_path, run.figures_dir / "loss.png", x="step",
+                        panels={"loss": ["train_loss", "val_loss"], "lr": ["lr"]})
+            log.info(f"done: {state.step} steps, {state.tokens_seen:,} tokens; model in {run.root / 'hf'}")
+    return 1 if outcome == "diverged" else 0
 
 
 if __name__ == "__main__":

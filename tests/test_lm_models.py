@@ -1,0 +1,113 @@
+"""language_models_100m models: five attention kinds as transformers PreTrainedModels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from language_models_100m import ATTENTIONS, build_model, model_config
+from language_models_100m.params import count_parameters
+
+VOCAB = 97
+
+
+def tiny(attention, **kw):
+    torch.manual_seed(0)
+    return build_model("tiny", attention, vocab_size=VOCAB, dropout=0.0, **kw)
+
+
+def expected_parameters(d, layers, ffn, positions, vocab, attention, heads):
+    proj = 4 * (d * d + d)
+    attn = {"gated": 2 * proj + (2 * d * 2 + 2) + heads, "krause": proj + heads}.get(attention, proj)
+    block = attn + (d * ffn + ffn + ffn * d + d) + 4 * d
+    return vocab * d + positions * d + layers * block + 2 * d
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_parameter_counts_follow_the_architecture(attention):
+    assert count_parameters("100m", attention)["total"] == expected_parameters(768, 8, 2048, 1024, 50257, attention, 12)
+    assert count_parameters("200m", attention)["total"] == expected_parameters(1024, 10, 3072, 1024, 50257,
+                                                                                 attention, 16)
+
+
+def test_presets_are_near_their_names():
+    assert 95e6 < count_parameters("100m", "gated")["total"] < 110e6
+    assert 190e6 < count_parameters("200m", "gated")["total"] < 210e6
+
+
+def test_models_differ_in_attention_only():
+    names = {a: {n for n, _ in tiny(a).named_parameters() if ".attn." not in n} for a in ATTENTIONS}
+    assert all(v == names["standard"] for v in names.values())
+    gated = tiny("gated").transformer.h[0].attn
+    assert torch.allclose(torch.softmax(gated.gate.bias, 0), torch.tensor([0.8, 0.2]))
+    assert torch.allclose(gated.krause.log_sigma.exp(), torch.full((2,), 2.5))
+
+
+def test_weight_decay_skips_norms_biases_embeddings_and_sigma():
+    from krause.training.optim import param_groups
+
+    decay, no_decay = param_groups(tiny("gated"), 0.1)
+    assert "transformer.wte.weight" in no_decay["param_names"] and "transformer.wpe.weight" in no_decay["param_names"]
+    assert any(n.endswith("log_sigma") for n in no_decay["param_names"])
+    assert all(n.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "fc.weight",
+                           "proj.weight", "gate.weight")) for n in decay["param_names"])
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_every_attention_trains_saves_loads_and_generates(attention, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny(attention)
+    x = torch.randint(0, VOCAB, (4, 40), generator=torch.Generator().manual_seed(1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(5):
+        loss = model(x, labels=x, use_cache=False).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1
+    model.eval()
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded).__name__ == "KrauseLMForCausalLM" and loaded.config.attention == attention
+    with torch.no_grad():
+        full = model(x, use_cache=False).logits
+        assert torch.equal(loaded(x, use_cache=False).logits, full)
+        # Cached decoding (prompt past the window, so the rings wrap) equals the full forward.
+        out = loaded(x[:, :13], use_cache=True)
+        steps, cache = [out.logits], out.past_key_values
+        for i in range(13, x.shape[1]):
+            out = loaded(x[:, i:i + 1], past_key_values=cache, use_cache=True)
+            steps.append(out.logits)
+        torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    greedy = loaded.generate(x[:1, :6], max_new_tokens=30, do_sample=False)
+    uncached = loaded.generate(x[:1, :6], max_new_tokens=30, do_sample=False, use_cache=False)
+    assert greedy.shape == (1, 36) and torch.equal(greedy, uncached)
+
+
+def test_krause_decoding_keeps_only_the_window():
+    model = tiny("krause").eval()
+    x = torch.randint(0, VOCAB, (1, 50))
+    with torch.no_grad():
+        out = model(x, use_cache=True)
+    ring = out.past_key_values.layers[0]
+    assert ring.keys.shape[2] == model.config.attn_window and ring.pos == 50
+
+
+def test_bad_arguments_are_one_line_value_errors():
+    with pytest.raises(ValueError, match="attention must be one of"):
+        build_model("tiny", "linear")
+    with pytest.raises(ValueError, match="config must be one of"):
+        build_model("1b")
+    with pytest.raises(ValueError, match="^n_head: n_embd 30 is not divisible by n_head 4$"):
+        model_config("tiny", "gated", n_embd=30, n_head=4)
+    with pytest.raises(ValueError, match="^sigma must be"):
+        model_config("tiny", "krause", sigma=-1.0)
+    model = tiny("standard")
+    with pytest.raises(ValueError, match="n_positions"):
+        model(torch.zeros(1, 65, dtype=torch.long), use_cache=False)
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(torch.zeros(2, 5, dtype=torch.long), attention_mask=torch.tensor([[0, 1, 1, 1, 1]] * 2),
+              use_cache=False)

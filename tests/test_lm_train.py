@@ -1,0 +1,120 @@
+"""language_models_100m.train: real steps on built shards, tokens per step, exact resume, DDP, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from language_models_100m import build_fwe10bt, train
+from language_models_100m.fake_data import make_documents, train_tokenizer, write_fineweb_parquet
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lmdata")
+    docs = make_documents(1500, seed=2)
+    write_fineweb_parquet(root / "in" / "a.parquet", docs)
+    tok = train_tokenizer(docs, root / "tok.json", vocab_size=256)
+    assert build_fwe10bt.main(["--input", str(root / "in"), "--out_dir", str(root / "out"), "--tokenizer", str(tok),
+                               "--max_tokens", "0", "--workers", "1", "--no_progress"]) == 0
+    return root / "out"
+
+
+def args(data_dir, out_dir, *extra):
+    return ["--config", "tiny", "--attention", "gated", "--data_dir", str(data_dir), "--out_dir", str(out_dir),
+            "--global_batch", "8", "--micro_batch", "2", "--block_size", "32", "--max_steps", str(STEPS),
+            "--lr", "3e-3", "--log_every", "1", "--eval_every", "3", "--save_every", "2", "--val_tokens", "256",
+            "--no_progress", *extra]
+
+
+def records(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir):
+    return {r["step"]: r["train_loss"] for r in records(run_dir) if "train_loss" in r}
+
+
+@pytest.fixture(scope="module")
+def baseline(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "baseline"
+    assert train.main(args(data_dir, out)) == 0
+    return out
+
+
+def test_loss_falls_and_tokens_per_step_is_the_global_batch(baseline):
+    recs = records(baseline)
+    assert recs[0]["tokens_per_step"] == 8 * 32 and recs[0]["accum_steps"] == 4
+    trained = losses(baseline)
+    assert sorted(trained) == list(range(1, STEPS + 1))
+    assert trained[STEPS] < trained[1] - 0.3
+    steps = [r for r in recs if "train_loss" in r]
+    assert [r["tokens_seen"] for r in steps] == [8 * 32 * s for s in range(1, STEPS + 1)]
+    vals = [r for r in recs if "val_loss" in r]
+    assert [r["step"] for r in vals] == [3, 6] and vals[1]["val_loss"] < vals[0]["val_loss"] + 0.5
+    assert [r["next_window"] for r in steps] == [8 * s for s in range(1, STEPS + 1)]  # the stream position
+    marker = json.loads((baseline / "checkpoints" / "step-000006" / "checkpoint.json").read_text())
+    assert marker["step"] == STEPS
+    assert (baseline / "hf" / "config.json").is_file() and (baseline / "hf" / "tokenizer.json").is_file()
+
+
+def test_kill_9_and_resume_continue_the_same_stream_and_losses(data_dir, baseline, tmp_path):
+    out = tmp_path / "killed"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "language_models_100m.train", *args(data_dir, out),
+                           "--kill_at_step", "3"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert train.main(args(data_dir, out, "--resume")) == 0  # from the step-2 checkpoint
+    want, got = losses(baseline), losses(out)
+    assert sorted(got) == sorted(want)
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), step
+
+
+def test_resume_with_another_attention_or_config_is_refused(data_dir, baseline, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(baseline, out)
+    before = sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in (out / "checkpoints").rglob("*"))
+    argv = args(data_dir, out, "--resume")
+    argv[argv.index("gated")] = "krause"
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "attention" in err and len(err.splitlines()) == 1
+    assert sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in (out / "checkpoints").rglob("*")) == before
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--global_batch", "6", "--micro_batch", "4"], "not divisible by --micro_batch"),
+    (["--block_size", "65"], "larger than the model's 64 positions"),
+])
+def test_bad_arguments_are_one_line(data_dir, tmp_path, capsys, extra, message):
+    assert train.main(args(data_dir, tmp_path / "bad", *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process(data_dir, baseline, tmp_path):
+    out = tmp_path / "ddp"
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    argv = args(data_dir, out, "--device", "cpu")
+    argv[argv.index("--micro_batch") + 1] = "4"  # 2 ranks x 1 micro-batch of 4: the same global batch of 8
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "0", "-m", "language_models_100m.train", *argv],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert records(out)[0]["world_size"] == 2 and records(out)[0]["accum_steps"] == 1
+    want, got = losses(baseline), losses(out)
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-5), step
