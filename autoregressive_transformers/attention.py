@@ -1,7 +1,8 @@
 """The three attentions of the pixel models, behind one interface.
 
-``forward(x, cache=None)`` and ``new_cache(batch_size, device, dtype)``, with the same
-q/k/v/o projections (same names, shapes and init) in all three:
+``forward(x, cache=None)`` and ``new_cache(batch_size, device, dtype, capacity)``, with
+the same q/k/v/o projections (``krause.nn.CausalProjections``: same names, shapes and
+init) in all three:
 
 - krause  -> ``krause.nn.CausalKrauseAttention`` (decodes with the ring-buffer
   ``krause.cache.KrauseWindowCache``: constant memory and time per step);
@@ -18,9 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from krause.nn import CausalKrauseAttention, CausalSelfAttention
-from krause.nn.causal import _CausalProjections
-from krause.reference import repeat_kv
+from krause.dense import repeat_kv
+from krause.nn import CausalProjections, KrauseConfig, build_attention as build_twin
 
 LINEAR_EPS = 1e-6
 LINEAR_CHUNK = 64
@@ -106,41 +106,42 @@ class LinearAttentionState:
         return out
 
 
-class CausalLinearAttention(_CausalProjections):
-    """Causal linear attention with elu+1 features; same constructor and parameters as
-    the Krause and softmax modules (the Krause-only arguments are ignored)."""
+class CausalLinearAttention(CausalProjections):
+    """Causal linear attention with elu+1 features; the projections of the Krause and
+    softmax modules, no Krause settings."""
 
-    def __init__(self, dim, num_heads, num_kv_heads=None, window=128, top_k=96, sigma=2.5, bias=True,
-                 attn_drop=0.0, proj_drop=0.0):
-        super().__init__(dim, num_heads, num_kv_heads, bias, attn_drop, proj_drop)
+    def __init__(self, dim, num_heads, num_kv_heads=None, *, bias=True, attn_drop=0.0, proj_drop=0.0):
+        super().__init__(dim, num_heads, num_kv_heads, bias=bias, attn_drop=attn_drop, proj_drop=proj_drop)
         if self.attn_drop:
             raise ValueError(f"attn_drop must be 0 for linear attention (weights are never formed), got {attn_drop}")
 
     def forward(self, x: torch.Tensor, cache: LinearAttentionState | None = None) -> torch.Tensor:
-        q, k, v = self._project(x)
+        q, k, v = self.project(x)
         if cache is None:
             out, _ = causal_linear_attention(q, k, v)
         else:
             out = cache.attend(q, k, v)
-        return self._merge(out)
+        return self.merge(out)
 
-    def new_cache(self, batch_size: int, device=None, dtype=None) -> LinearAttentionState:
-        device, _ = self._cache_placement(device, dtype)
+    def new_cache(self, batch_size: int, device=None, dtype=None, capacity: int | None = None) -> LinearAttentionState:
+        """The recurrent state (fp32, constant size: ``capacity`` does not matter)."""
+        device, _ = self.cache_placement(device, dtype)
         return LinearAttentionState(batch_size, self.num_heads, self.head_dim, device)
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, feature_map=elu+1"
 
 
-ATTENTION_CLASSES = {
-    "krause": CausalKrauseAttention,
-    "vanilla": CausalSelfAttention,
-    "linear": CausalLinearAttention,
-}
+ATTENTIONS = ("krause", "vanilla", "linear")
 
 
-def build_attention(attn: str, dim: int, num_heads: int, window: int, top_k: int, sigma: float,
-                    proj_drop: float):
-    if attn not in ATTENTION_CLASSES:
-        raise ValueError(f"attn must be one of {sorted(ATTENTION_CLASSES)}, got {attn!r}")
-    return ATTENTION_CLASSES[attn](dim, num_heads, window=window, top_k=top_k, sigma=sigma, proj_drop=proj_drop)
+def build_attention(attn: str, dim: int, num_heads: int, proj_drop: float = 0.0, krause: KrauseConfig | None = None):
+    """The ``attn`` attention of a block; ``krause`` (the Krause settings) is required for
+    "krause" and refused by the others."""
+    if attn not in ATTENTIONS:
+        raise ValueError(f"attn must be one of {sorted(ATTENTIONS)}, got {attn!r}")
+    if (attn == "krause") != (krause is not None):
+        raise ValueError(f"krause: a KrauseConfig is {'required' if attn == 'krause' else 'refused'} for attn={attn!r}")
+    if attn == "linear":
+        return CausalLinearAttention(dim, num_heads, proj_drop=proj_drop)
+    return build_twin("causal", dim, num_heads, krause=krause, proj_drop=proj_drop)

@@ -1,7 +1,7 @@
 """Model configurations of the pixel transformers and the paper's per-dataset presets.
 
 The three models of a dataset share every field except ``attn``: KARM, ARM and LARM
-differ only in their attention (SPEC section 2.2).
+differ only in their attention (docs/method.md).
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+
+from krause.dispatch import IMPLS
 
 #: attention name -> model name used in the paper
 ATTENTIONS = {"krause": "KARM", "vanilla": "ARM", "linear": "LARM"}
@@ -55,6 +57,7 @@ class ModelConfig:
     window: int = 128  # Krause: candidate window W (keys i-W < j <= i)
     top_k: int = 96  # Krause: nearest candidates kept
     sigma: float = 2.5  # Krause: initial sigma, one per head
+    attn_impl: str = "auto"  # Krause: implementation of the op (krause.dispatch.IMPLS)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -77,6 +80,8 @@ class ModelConfig:
         _check_int("top_k", self.top_k, 1, self.window)
         if not (isinstance(self.sigma, (int, float)) and math.isfinite(self.sigma) and self.sigma > 0):
             raise ValueError(f"sigma must be a finite number > 0, got {self.sigma!r}")
+        if self.attn_impl not in IMPLS:
+            raise ValueError(f"attn_impl must be one of {IMPLS}, got {self.attn_impl!r}")
         return self
 
     @property

@@ -1,4 +1,4 @@
-"""The pixel transformer (SPEC section 2.2): KARM, ARM and LARM are this model with the
+"""The pixel transformer (docs/method.md): KARM, ARM and LARM are this model with the
 attention set to krause, vanilla or linear; nothing else differs.
 
 Sequence layout. The model reads ``[START, x_0, ..., x_{T-2}]`` and predicts
@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from krause.cache import StandardKVCache
-from krause.nn import CausalSelfAttention
+from krause.nn import KrauseConfig
 
 from .attention import build_attention
 from .config import ModelConfig
@@ -39,7 +38,10 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.dim)
-        self.attn = build_attention(cfg.attn, cfg.dim, cfg.num_heads, cfg.window, cfg.top_k, cfg.sigma, cfg.dropout)
+        krause = None
+        if cfg.attn == "krause":
+            krause = KrauseConfig(window=cfg.window, top_k=cfg.top_k, sigma=cfg.sigma, impl=cfg.attn_impl)
+        self.attn = build_attention(cfg.attn, cfg.dim, cfg.num_heads, cfg.dropout, krause)
         self.ln2 = nn.LayerNorm(cfg.dim)
         self.mlp = MLP(cfg.dim, cfg.hidden_dim, cfg.dropout)
 
@@ -126,17 +128,10 @@ class PixelTransformer(nn.Module):
         """Empty decoding caches: Krause ring buffers (W keys/values per layer), softmax KV
         caches, or linear-attention recurrent states."""
         device = device if device is not None else self.pos_emb.device
-        caches = []
-        for blk in self.blocks:
-            attn = blk.attn
-            if isinstance(attn, CausalSelfAttention):
-                # The sequence length is known: size the KV cache once instead of letting it
-                # double (256 -> 4096 slots for CIFAR-10's 3,072 tokens).
-                caches.append(StandardKVCache(batch_size, attn.num_kv_heads, attn.head_dim, device,
-                                              dtype if dtype is not None else attn.q_proj.weight.dtype,
-                                              capacity=self.cfg.seq_len))
-            else:
-                caches.append(attn.new_cache(batch_size, device=device, dtype=dtype))
+        # The sequence length is known: growing caches are sized once (CIFAR-10's 3,072
+        # tokens would otherwise double 256 -> 4096 slots); rings and states ignore it.
+        caches = [blk.attn.new_cache(batch_size, device=device, dtype=dtype, capacity=self.cfg.seq_len)
+                  for blk in self.blocks]
         return DecodeState(caches, batch_size)
 
     @torch.no_grad()

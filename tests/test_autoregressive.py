@@ -294,3 +294,15 @@ def test_decoding_step_work_is_flat_in_position_for_krause_only():
     assert flops["krause", 300] == flops["krause", 3000] > 0
     assert flops["linear", 300] == flops["linear", 3000] > 0
     assert flops["vanilla", 3000] > flops["vanilla", 300] * 4
+
+
+def test_attn_impl_reaches_every_krause_layer():
+    model = tiny("krause", attn_impl="reference")
+    assert [blk.attn.impl for blk in model.blocks] == ["reference"] * 2
+    assert all(blk.attn.new_cache(1).impl == "reference" for blk in model.blocks)
+    assert ModelConfig.from_dict({k: v for k, v in model.cfg.to_dict().items() if k != "attn_impl"}).attn_impl == "auto"
+    x = torch.randint(0, 256, (2, 100), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), tiny("krause")(x), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="^attn_impl must be one of"):
+        ModelConfig(attn_impl="cuda")

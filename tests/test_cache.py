@@ -36,6 +36,12 @@ def _decode(mod, x, chunks):
     return torch.cat(outs, dim=1), cache
 
 
+def _knobs(cls, window, top_k):
+    """The constructor knobs of a causal module: Krause takes both, the baselines their own."""
+    return {CausalKrauseAttention: dict(window=window, top_k=top_k), SlidingWindowAttention: dict(window=window),
+            TopKAttention: dict(top_k=top_k)}[cls]
+
+
 # (batch, heads, kv heads, window, top_k, tokens)
 CONFIGS = {
     "window_lt_T": (2, 4, 4, 4, 2, 13),
@@ -118,7 +124,7 @@ class _WorkCounter(TorchDispatchMode):
 
 @pytest.mark.parametrize("cls", [CausalKrauseAttention, SlidingWindowAttention])
 def test_ring_cache_memory_and_step_work_are_constant(cls):
-    mod = cls(16, 4, 2, window=8, top_k=3)
+    mod = cls(16, 4, 2, **_knobs(cls, window=8, top_k=3))
     cache = mod.new_cache(2)
     shapes = (cache.keys.shape, cache.values.shape)
     pointers = (cache.keys.data_ptr(), cache.values.data_ptr())
@@ -217,7 +223,7 @@ def test_gated_cache_decoding_equals_full_forward():
 def test_baseline_caches_decoding_equals_full_forward(cls, name):
     b, h, hkv, w, top_k, t = CONFIGS[name]
     torch.manual_seed(0)
-    mod = cls(8 * h, h, hkv, window=w, top_k=top_k)
+    mod = cls(8 * h, h, hkv, **_knobs(cls, window=w, top_k=top_k))
     x = _randn(b, t, 8 * h, seed=11)
     full = mod(x)
     for schedule, chunks in _schedules(t, w).items():
@@ -360,7 +366,7 @@ def test_ring_with_spare_capacity_matches_reference(capacity):
 
 @pytest.mark.parametrize("cls", [CausalKrauseAttention, SlidingWindowAttention])
 def test_padded_steps_keep_memory_and_work_constant(cls):
-    mod = cls(16, 4, 2, window=8, top_k=3)
+    mod = cls(16, 4, 2, **_knobs(cls, window=8, top_k=3))
     cache = mod.new_cache(2)
     pointers = (cache.keys.data_ptr(), cache.values.data_ptr(), cache.valid.data_ptr())
     step_mask = torch.tensor([[True], [False]])

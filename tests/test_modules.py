@@ -36,28 +36,28 @@ def _randn(*shape, seed=0):
 
 # ----------------------------------------------------------------------------- twins
 VISION_KW = dict(grid=(3, 3), radius=1, top_k=3, sigma=2.0)
+CAUSAL_KW = dict(window=4, top_k=2)
+# name -> (Krause class, twin class, shared positional args, Krause kwargs, twin kwargs, input)
 TWINS = {
-    "vision": (LocalKrauseAttention2d, StandardAttention, (32, 4), VISION_KW, lambda: _randn(2, 10, 32)),
+    "vision": (LocalKrauseAttention2d, StandardAttention, (32, 4), VISION_KW, {}, lambda: _randn(2, 10, 32)),
     "vision_per_head": (
-        LocalKrauseAttention2d, StandardAttention, (32, 4), dict(VISION_KW, per_head_sigma=True),
+        LocalKrauseAttention2d, StandardAttention, (32, 4), dict(VISION_KW, per_head_sigma=True), {},
         lambda: _randn(2, 10, 32),
     ),
-    "swin": (WindowKrauseAttention, WindowAttention, (32, 4, 4), {}, lambda: _randn(3, 16, 32)),
-    "causal": (
-        CausalKrauseAttention, CausalSelfAttention, (32, 4, 2), dict(window=4, top_k=2), lambda: _randn(2, 9, 32)
-    ),
+    "swin": (WindowKrauseAttention, WindowAttention, (32, 4, 4), {}, {}, lambda: _randn(3, 16, 32)),
+    "causal": (CausalKrauseAttention, CausalSelfAttention, (32, 4, 2), CAUSAL_KW, {}, lambda: _randn(2, 9, 32)),
     "sliding_window": (
-        CausalKrauseAttention, SlidingWindowAttention, (32, 4, 2), dict(window=4, top_k=2), lambda: _randn(2, 9, 32)
+        CausalKrauseAttention, SlidingWindowAttention, (32, 4, 2), CAUSAL_KW, dict(window=4), lambda: _randn(2, 9, 32)
     ),
-    "topk": (CausalKrauseAttention, TopKAttention, (32, 4, 2), dict(window=4, top_k=2), lambda: _randn(2, 9, 32)),
+    "topk": (CausalKrauseAttention, TopKAttention, (32, 4, 2), CAUSAL_KW, dict(top_k=2), lambda: _randn(2, 9, 32)),
 }
 
 
 @pytest.mark.parametrize("name", sorted(TWINS))
 def test_twins_differ_only_by_log_sigma(name):
-    krause_cls, twin_cls, args, kwargs, make_x = TWINS[name]
+    krause_cls, twin_cls, args, kwargs, twin_kwargs, make_x = TWINS[name]
     torch.manual_seed(0)
-    kmod, tmod = krause_cls(*args, **kwargs), twin_cls(*args, **kwargs)
+    kmod, tmod = krause_cls(*args, **kwargs), twin_cls(*args, **twin_kwargs)
     k_params, t_params = dict(kmod.named_parameters()), dict(tmod.named_parameters())
     assert set(k_params) - set(t_params) == {"log_sigma"}
     assert set(t_params) <= set(k_params)
@@ -73,9 +73,9 @@ def test_twins_differ_only_by_log_sigma(name):
 @pytest.mark.parametrize("name", sorted(TWINS))
 @pytest.mark.parametrize("which", ["krause", "twin"])
 def test_forward_backward_shapes(name, which):
-    krause_cls, twin_cls, args, kwargs, make_x = TWINS[name]
+    krause_cls, twin_cls, args, kwargs, twin_kwargs, make_x = TWINS[name]
     torch.manual_seed(0)
-    mod = (krause_cls if which == "krause" else twin_cls)(*args, **kwargs)
+    mod = krause_cls(*args, **kwargs) if which == "krause" else twin_cls(*args, **twin_kwargs)
     x = make_x().requires_grad_(True)
     out = mod(x)
     assert out.shape == x.shape
@@ -87,7 +87,7 @@ def test_forward_backward_shapes(name, which):
 
 
 def test_twin_state_dict_loads_into_krause_model():
-    twin = CausalSelfAttention(32, 4, 2, window=4, top_k=2)
+    twin = CausalSelfAttention(32, 4, 2)
     kmod = CausalKrauseAttention(32, 4, 2, window=4, top_k=2, sigma=3.0)
     missing, unexpected = kmod.load_state_dict(twin.state_dict(), strict=False)
     assert missing == ["log_sigma"] and unexpected == []
@@ -115,7 +115,8 @@ def _vision_by_hand(mod, x, attention):
 def test_local_krause_matches_reference_op(grid, radius, metric, top_k, per_head):
     # 12x12 + CLS = 145 tokens takes the sparse path of the op, the others the dense one.
     torch.manual_seed(1)
-    mod = LocalKrauseAttention2d(24, 3, grid, radius, metric, top_k, sigma=1.5, per_head_sigma=per_head)
+    mod = LocalKrauseAttention2d(24, 3, grid, radius=radius, metric=metric, top_k=top_k, sigma=1.5,
+                                 per_head_sigma=per_head)
     with torch.no_grad():
         mod.log_sigma.add_(torch.linspace(-0.3, 0.3, mod.log_sigma.numel()).reshape(mod.log_sigma.shape))
     x = _randn(2, 1 + grid[0] * grid[1], 24, seed=2)
@@ -125,8 +126,10 @@ def test_local_krause_matches_reference_op(grid, radius, metric, top_k, per_head
 
     expected = _vision_by_hand(mod, x, reference)
     torch.testing.assert_close(mod(x), expected, rtol=1e-5, atol=1e-5)
-    out, probs = mod(x, return_attention=True)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    probs = mod.attention_weights(x)
+    _, _, v = _vision_qkv(mod, x)
+    by_weights = F.linear((probs @ v).transpose(1, 2).reshape(x.shape), mod.proj.weight, mod.proj.bias)
+    torch.testing.assert_close(by_weights, expected, rtol=1e-5, atol=1e-5)
     assert probs.shape == (2, 3, x.shape[1], x.shape[1])
 
 
@@ -134,7 +137,7 @@ def test_local_krause_attention_weights_are_sparse_rows():
     grid, top_k = (4, 4), 5
     mod = LocalKrauseAttention2d(16, 2, grid, radius=1, top_k=top_k, sigma=50.0)  # wide sigma: no weight underflows
     x = _randn(3, 17, 16, seed=3)
-    _, probs = mod(x, return_attention=True)
+    probs = mod.attention_weights(x)
     candidates = grid_candidate_mask(grid, 1, "manhattan", 1)
     torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]))
     assert (probs[..., ~candidates] == 0).all()
@@ -148,7 +151,7 @@ def test_local_krause_keeps_the_nearest_keys():
     mod = LocalKrauseAttention2d(8, 1, (3, 3), radius=1, top_k=2, sigma=10.0)
     x = _randn(1, 10, 8, seed=4)
     q, k, _ = _vision_qkv(mod, x)
-    _, probs = mod(x, return_attention=True)
+    probs = mod.attention_weights(x)
     dist = torch.cdist(q[0, 0], k[0, 0]).masked_fill(~grid_candidate_mask((3, 3), 1, "manhattan", 1), math.inf)
     nearest = dist.topk(2, largest=False).indices.sort(-1).values
     kept = (probs[0, 0] > 0).nonzero()[:, 1].view(10, 2)
@@ -158,9 +161,10 @@ def test_local_krause_keeps_the_nearest_keys():
 def test_standard_attention_weights_and_fused_path_agree():
     mod = StandardAttention(16, 2)
     x = _randn(2, 7, 16, seed=5)
-    out, probs = mod(x, return_attention=True)
-    q, k, _ = _vision_qkv(mod, x)
+    probs = mod.attention_weights(x)
+    q, k, v = _vision_qkv(mod, x)
     torch.testing.assert_close(probs, torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), -1))
+    out = F.linear((probs @ v).transpose(1, 2).reshape(x.shape), mod.proj.weight, mod.proj.bias)
     torch.testing.assert_close(mod(x), out, rtol=1e-5, atol=1e-6)
 
 
@@ -265,10 +269,12 @@ def test_shifted_mask_blocks_cross_region_attention(cls):
     mod = cls(16, (4, 4), 2)
     mask = shifted_window_mask(8, 8, 4, 2)
     x = _randn(2 * 4, 16, 16, seed=7)  # two images of 2x2 windows
-    out, probs = mod(x, mask=mask, return_attention=True)
+    probs = mod.attention_weights(x, mask=mask)
     blocked = (mask != 0).repeat(2, 1, 1)[:, None].expand_as(probs)
     assert probs[blocked].max() < 1e-30
     torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]))
+    _, _, v = _vision_qkv(mod, x)
+    out = F.linear((probs @ v).transpose(1, 2).reshape(x.shape), mod.proj.weight, mod.proj.bias)
     torch.testing.assert_close(mod(x, mask=mask), out, rtol=1e-5, atol=1e-6)
 
 
@@ -281,7 +287,7 @@ def test_krause_window_logits_equal_the_formula():
     assert torch.allclose(WindowKrauseAttention(24, 3, 3).sigma, torch.full((3,), 4.0))
     mask = shifted_window_mask(6, 6, 3, 1)
     x = _randn(4, 9, 24, seed=8)
-    _, probs = mod(x, mask=mask, return_attention=True)
+    probs = mod.attention_weights(x, mask=mask)
 
     q, k, _ = _vision_qkv(mod, x)
     scale = 8**-0.5
@@ -297,7 +303,7 @@ def test_window_attention_matches_swin_formula():
     mod = WindowAttention(16, 2, 2)
     x = _randn(6, 4, 16, seed=9)
     mask = shifted_window_mask(4, 6, 2, 1)  # 6 windows of one image
-    _, probs = mod(x, mask=mask, return_attention=True)
+    probs = mod.attention_weights(x, mask=mask)
     q, k, _ = _vision_qkv(mod, x)
     bias = mod.relative_position_bias().detach()
     expected = torch.softmax(q @ k.transpose(-1, -2) * 8**-0.5 + bias + mask[:, None], -1)
@@ -370,9 +376,12 @@ def test_topk_attention_matches_formula():
     torch.testing.assert_close(mod(x), _causal_by_hand(mod, x, weights), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("cls", [CausalKrauseAttention, CausalSelfAttention, SlidingWindowAttention, TopKAttention])
-def test_causal_modules_do_not_look_ahead(cls):
-    mod = cls(16, 2, window=3, top_k=2)
+@pytest.mark.parametrize("make", [
+    lambda: CausalKrauseAttention(16, 2, window=3, top_k=2), lambda: CausalSelfAttention(16, 2),
+    lambda: SlidingWindowAttention(16, 2, window=3), lambda: TopKAttention(16, 2, top_k=2),
+], ids=["krause", "standard", "sliding_window", "topk"])
+def test_causal_modules_do_not_look_ahead(make):
+    mod = make()
     x = _randn(1, 8, 16, seed=11)
     y = x.clone()
     y[:, 5:] = _randn(1, 3, 16, seed=12)
@@ -461,3 +470,137 @@ def test_krause_modules_compile_without_graph_breaks(make):
     torch.testing.assert_close(out, mod(x))
     out.sum().backward()
     assert mod.log_sigma.grad is not None
+
+
+# ----------------------------------------------------------------------------- config, factory, impl
+from krause.nn import KrauseConfig, build_attention  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(window=0), "^window"),
+        (dict(top_k=1.5), "^top_k"),
+        (dict(sigma=float("nan")), "^sigma"),
+        (dict(radius=-1), "^radius"),
+        (dict(metric="euclid"), "^metric"),
+        (dict(per_head_sigma=1), "^per_head_sigma"),
+        (dict(impl="cuda"), "^impl"),
+    ],
+)
+def test_krause_config_validates_once_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        KrauseConfig(**kwargs)
+    with pytest.raises(ValueError, match=match):
+        KrauseConfig().replace(**kwargs)
+
+
+def test_krause_config_is_frozen_and_modules_read_it():
+    cfg = KrauseConfig(window=4, top_k=2, sigma=3.0, impl="reference")
+    with pytest.raises(AttributeError):
+        cfg.window = 8
+    with pytest.raises(ValueError, match="^widnow is not a Krause setting"):
+        cfg.replace(widnow=8)
+    mod = CausalKrauseAttention(16, 2, config=cfg)
+    assert (mod.window, mod.top_k, mod.impl, mod.config) == (4, 2, "reference", cfg)
+    assert torch.allclose(mod.log_sigma.exp(), torch.full((2,), 3.0))
+    # keyword overrides apply on top of the config (or of the module's preset)
+    assert CausalKrauseAttention(16, 2, config=cfg, top_k=3).config == cfg.replace(top_k=3)
+    assert CausalKrauseAttention(16, 2, top_k=3).config == CausalKrauseAttention.preset.replace(top_k=3)
+    assert LocalKrauseAttention2d(16, 2, (2, 2), per_head_sigma=True).log_sigma.shape == (2,)
+    assert LocalKrauseAttention2d(16, 2, (2, 2)).log_sigma.shape == ()
+    with pytest.raises(ValueError, match="^widnow is not a Krause setting"):
+        CausalKrauseAttention(16, 2, widnow=4)
+
+
+@pytest.mark.parametrize(
+    "kind, args, shared, x",
+    [
+        ("causal", (16, 2), {}, _randn(2, 6, 16)),
+        ("vision", (16, 2), dict(grid=(2, 2), num_prefix_tokens=1), _randn(2, 5, 16)),
+        ("window", (16, 2, 2), {}, _randn(2, 4, 16)),
+    ],
+)
+def test_factory_builds_both_twins_from_the_same_arguments(kind, args, shared, x):
+    torch.manual_seed(0)
+    kmod = build_attention(kind, *args, krause=KrauseConfig(window=3, top_k=2, sigma=2.0), **shared)
+    torch.manual_seed(0)
+    smod = build_attention(kind, *args, **shared)
+    assert isinstance(kmod, krause.nn.TWINS[kind].krause) and isinstance(smod, krause.nn.TWINS[kind].standard)
+    assert kmod.config.sigma == 2.0 and not hasattr(smod, "config")
+    assert set(kmod.state_dict()) - set(smod.state_dict()) == {"log_sigma"}
+    assert kmod(x).shape == smod(x).shape == x.shape
+    with pytest.raises(ValueError, match="^sigma is a Krause setting"):
+        build_attention(kind, *args, sigma=2.0, **shared)
+
+
+def test_standard_twins_refuse_krause_arguments():
+    for make in (lambda: CausalSelfAttention(16, 2, window=4), lambda: StandardAttention(16, 2, top_k=3),
+                 lambda: WindowAttention(16, 2, 2, sigma=4.0), lambda: SlidingWindowAttention(16, 2, sigma=1.0),
+                 lambda: StandardAttention(16, 2, config=KrauseConfig())):
+        with pytest.raises(TypeError):
+            make()
+    with pytest.raises(ValueError, match="^kind"):
+        build_attention("global", 16, 2)
+
+
+@pytest.mark.parametrize("impl", ["reference", "fast", "flex"])
+def test_module_impl_reaches_the_op(impl, monkeypatch):
+    import krause.cache
+    import krause.nn.causal as causal_module
+    import krause.nn.vision as vision_module
+
+    seen = []
+
+    def spy(real):
+        def wrapped(*args, **kwargs):
+            seen.append(kwargs["impl"])
+            return real(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(causal_module, "causal_krause_attention", spy(causal_module.causal_krause_attention))
+    monkeypatch.setattr(krause.cache, "causal_krause_attention", spy(krause.cache.causal_krause_attention))
+    monkeypatch.setattr(vision_module, "local_krause_attention_2d", spy(vision_module.local_krause_attention_2d))
+    torch.manual_seed(0)
+    causal = CausalKrauseAttention(16, 2, window=3, top_k=2, impl=impl)
+    local = LocalKrauseAttention2d(16, 2, (3, 3), top_k=3, impl=impl)
+    x, y = _randn(2, 7, 16, seed=40), _randn(2, 10, 16, seed=41)
+    with torch.no_grad():
+        out_causal, out_local = causal(x), local(y)
+        cache = causal.new_cache(2)
+        causal(x, cache)  # a multi-token cached step goes through the op too
+    assert seen == [impl, impl, impl] and cache.impl == impl
+    ref_causal = CausalKrauseAttention(16, 2, config=causal.config.replace(impl="reference"))
+    ref_causal.load_state_dict(causal.state_dict())
+    torch.testing.assert_close(out_causal, ref_causal(x), rtol=1e-5, atol=1e-5)
+    assert out_local.shape == y.shape
+
+
+@pytest.mark.parametrize("make", [
+    lambda: CausalKrauseAttention(24, 6, 3, window=4, top_k=2, sigma=1.5),
+    lambda: CausalSelfAttention(24, 6, 3),
+], ids=["krause", "standard"])
+def test_causal_attention_weights_reproduce_the_forward(make):
+    torch.manual_seed(0)
+    mod = make()
+    x = _randn(2, 9, 24, seed=42)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, :3] = False
+    for kpm in (None, mask):
+        probs = mod.attention_weights(x, key_padding_mask=kpm)
+        assert probs.shape == (2, 6, 9, 9)
+        assert (probs.triu(1) == 0).all()  # causal
+        b, t, c = x.shape
+        v = mod.v_proj(x).view(b, t, 3, 4).transpose(1, 2).repeat_interleave(2, 1)
+        by_weights = mod.o_proj((probs @ v).transpose(1, 2).reshape(b, t, c))
+        torch.testing.assert_close(by_weights, mod(x, key_padding_mask=kpm), rtol=1e-5, atol=1e-5)
+    assert (probs[1, :, :3] == 0).all() and (probs[1, :, :, :3] == 0).all()  # padding never attended
+
+
+def test_new_cache_capacity():
+    assert CausalSelfAttention(16, 2).new_cache(2, capacity=50).keys.shape[2] == 50
+    assert TopKAttention(16, 2, top_k=2).new_cache(2, capacity=30).keys.shape[2] == 30
+    assert CausalKrauseAttention(16, 2, window=4, top_k=2).new_cache(2, capacity=50).keys.shape[2] == 4
+    assert SlidingWindowAttention(16, 2, window=5).new_cache(2, capacity=50).keys.shape[2] == 5
+    gated = GatedKrauseAttention(16, 2, window=4, top_k=2).new_cache(1, capacity=40)
+    assert (gated.standard.keys.shape[2], gated.krause.keys.shape[2]) == (40, 4)

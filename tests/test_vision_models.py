@@ -245,3 +245,13 @@ def test_no_pretrained_weights_and_unknown_names():
     model = vt.create("kvit-s", **SMALL["kvit_small_patch4_32"])
     with pytest.raises(ValueError, match="input must be"):
         model(torch.randn(1, 3, 28, 28))
+
+
+@pytest.mark.parametrize("name", ["kvit_small_patch4_32", "kswin_tiny_patch4_window4_32"])
+def test_attn_impl_reaches_every_krause_layer(name):
+    model = vt.create(name, attn_impl="reference", **SMALL[name])
+    impls = [m.impl for m in model.modules() if isinstance(m, (LocalKrauseAttention2d, WindowKrauseAttention))]
+    assert impls and set(impls) == {"reference"}
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    with pytest.raises(ValueError, match="^attn_impl must be one of"):
+        vt.create(name, attn_impl="cuda", **SMALL[name])

@@ -44,11 +44,12 @@ from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 from timm.models import register_model
 from torch import nn
 
+from krause.dispatch import IMPLS
 from krause.nn import (
+    KrauseConfig,
     LocalKrauseAttention2d,
-    StandardAttention,
-    WindowAttention,
     WindowKrauseAttention,
+    build_attention,
     shifted_window_mask,
     topk_schedule,
     window_partition,
@@ -149,21 +150,16 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False):
-        probs = None
+    def attention_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the attention module reads from the block input x."""
+        return self.norm1(x) if self.norm_placement == "pre" else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.norm_placement == "pre":
-            a = self.attn(self.norm1(x), return_attention=return_attention)
-            if return_attention:
-                a, probs = a
-            x = x + self.drop_path1(a)
-            x = x + self.drop_path2(self.mlp(self.norm2(x)))
-        else:
-            a = self.attn(x, return_attention=return_attention)
-            if return_attention:
-                a, probs = a
-            x = self.norm1(x + self.drop_path1(a))
-            x = self.norm2(x + self.drop_path2(self.mlp(x)))
-        return (x, probs) if return_attention else x
+            x = x + self.drop_path1(self.attn(self.norm1(x)))
+            return x + self.drop_path2(self.mlp(self.norm2(x)))
+        x = self.norm1(x + self.drop_path1(self.attn(x)))
+        return self.norm2(x + self.drop_path2(self.mlp(x)))
 
 
 class VisionTransformer(nn.Module):
@@ -176,6 +172,7 @@ class VisionTransformer(nn.Module):
         radius, metric: the 2-D neighbourhood (manhattan r=1: 4-neighbours; chebyshev
             r=2: 5x5 block), plus the token itself and the CLS token.
         per_head_sigma: one sigma per head instead of one per layer.
+        attn_impl: implementation of the Krause op (``krause.dispatch.IMPLS``).
     """
 
     num_prefix_tokens = 1
@@ -203,6 +200,7 @@ class VisionTransformer(nn.Module):
         metric: str = "manhattan",
         per_head_sigma: bool = False,
         global_pool: str = "token",
+        attn_impl: str = "auto",
     ):
         super().__init__()
         img_size, patch_size = _pair("img_size", img_size), _pair("patch_size", patch_size)
@@ -226,15 +224,17 @@ class VisionTransformer(nn.Module):
         self.img_size, self.patch_size = img_size, patch_size
         self.grid = (img_size[0] // patch_size[0], img_size[1] // patch_size[1])
 
+        _check_choice("attn_impl", attn_impl, IMPLS)
+        krause = None
         if self.attention == "krause":
-            sigma = _check_sigma(sigma)
-            _check_int("top_k", top_k)
+            krause = KrauseConfig(top_k=top_k, sigma=sigma, radius=radius, metric=metric,
+                                  per_head_sigma=per_head_sigma, impl=attn_impl)
             _check_choice("top_k_schedule", top_k_schedule, TOPK_SCHEDULES)
             self.top_ks = topk_schedule(top_k, depth) if top_k_schedule == "linear" else [top_k] * depth
         else:
             self.top_ks = None
         self.krause_config = dict(sigma=sigma, top_k=top_k, top_k_schedule=top_k_schedule, radius=radius,
-                                  metric=metric, per_head_sigma=per_head_sigma)
+                                  metric=metric, per_head_sigma=per_head_sigma, attn_impl=attn_impl)
 
         self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -244,14 +244,11 @@ class VisionTransformer(nn.Module):
         dpr = _linear_rates(drop_path_rate, depth)
         blocks = []
         for i in range(depth):
-            common = dict(dim=embed_dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop_rate, proj_drop=drop_rate)
-            if self.attention == "krause":
-                attn = LocalKrauseAttention2d(
-                    grid=self.grid, radius=radius, metric=metric, top_k=self.top_ks[i], sigma=sigma,
-                    num_prefix_tokens=self.num_prefix_tokens, per_head_sigma=per_head_sigma, **common,
-                )
-            else:
-                attn = StandardAttention(**common)
+            attn = build_attention(
+                "vision", embed_dim, num_heads, krause=krause.replace(top_k=self.top_ks[i]) if krause else None,
+                grid=self.grid, num_prefix_tokens=self.num_prefix_tokens, qkv_bias=qkv_bias, attn_drop=attn_drop_rate,
+                proj_drop=drop_rate,
+            )
             blocks.append(Block(embed_dim, attn, mlp_ratio, drop_rate, dpr[i], norm_placement, _vit_norm))
         self.blocks = nn.ModuleList(blocks)
         self.norm = _vit_norm(embed_dim) if norm_placement == "pre" else nn.Identity()
@@ -291,8 +288,8 @@ class VisionTransformer(nn.Module):
         x = self._embed(x)
         maps = []
         for blk in self.blocks:
-            x, probs = blk(x, return_attention=True)
-            maps.append(probs.float())
+            maps.append(blk.attn.attention_weights(blk.attention_input(x)).float())
+            x = blk(x)
         return maps
 
     def reset_classifier(self, num_classes: int) -> None:
@@ -319,6 +316,7 @@ class SwinBlock(nn.Module):
         drop_path: float = 0.0,
         attention: str = "standard",
         sigma: float = 4.0,
+        attn_impl: str = "auto",
     ):
         super().__init__()
         self.input_resolution = tuple(input_resolution)
@@ -329,34 +327,30 @@ class SwinBlock(nn.Module):
         if h % window_size or w % window_size:
             raise ValueError(f"window_size {window_size} does not tile the {h}x{w} feature map")
         self.norm1 = nn.LayerNorm(dim)
-        attn_cls = WindowKrauseAttention if attention == "krause" else WindowAttention
-        self.attn = attn_cls(dim, window_size, num_heads, sigma=sigma, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
+        krause = KrauseConfig(sigma=sigma, impl=attn_impl) if attention == "krause" else None
+        self.attn = build_attention("window", dim, window_size, num_heads, krause=krause, qkv_bias=qkv_bias,
+                                    attn_drop=attn_drop, proj_drop=drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
         mask = shifted_window_mask(h, w, window_size, shift_size) if shift_size > 0 else None
         self.register_buffer("attn_mask", mask, persistent=False)
 
-    def _attend(self, x: torch.Tensor, return_attention: bool):
+    def _attend(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x.shape
         ws, s = self.window_size, self.shift_size
         if s:
             x = torch.roll(x, shifts=(-s, -s), dims=(1, 2))
         windows = window_partition(x, ws).reshape(-1, ws * ws, c)
-        out = self.attn(windows, self.attn_mask, return_attention=return_attention)
-        probs = None
-        if return_attention:
-            out, probs = out
+        out = self.attn(windows, self.attn_mask)
         x = window_reverse(out.reshape(-1, ws, ws, c), ws, h, w)
         if s:
             x = torch.roll(x, shifts=(s, s), dims=(1, 2))
-        return x, probs
+        return x
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False):
-        a, probs = self._attend(self.norm1(x), return_attention)
-        x = x + self.drop_path(a)
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
-        return (x, probs) if return_attention else x
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self._attend(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class PatchMerging(nn.Module):
@@ -392,12 +386,14 @@ class SwinTransformer(nn.Module):
         drop_path_rate: float = 0.1,
         attention: str = "standard",
         sigma: float = 4.0,
+        attn_impl: str = "auto",
     ):
         super().__init__()
         img_size, patch_size = _pair("img_size", img_size), _pair("patch_size", patch_size)
         for side, (i, p) in zip(("height", "width"), zip(img_size, patch_size)):
             if i % p:
                 raise ValueError(f"img_size: image {side} {i} is not divisible by patch_size {p}")
+        _check_choice("attn_impl", attn_impl, IMPLS)
         depths, num_heads = tuple(depths), tuple(num_heads)
         if len(depths) != len(num_heads) or not depths:
             raise ValueError(f"depths and num_heads must have one entry per stage, got {depths} and {num_heads}")
@@ -434,7 +430,7 @@ class SwinTransformer(nn.Module):
             for j in range(depth):
                 layers.append(SwinBlock(
                     dim, tuple(res), heads, window_size, 0 if j % 2 == 0 else window_size // 2, mlp_ratio, qkv_bias,
-                    drop_rate, attn_drop_rate, dpr[at + j], attention, sigma,
+                    drop_rate, attn_drop_rate, dpr[at + j], attention, sigma, attn_impl,
                 ))
             at += depth
             self.feature_maps.append(tuple(res))

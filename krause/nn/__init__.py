@@ -1,9 +1,13 @@
 """Attention modules: each Krause module has a standard-attention twin with the same
-constructor arguments and parameter names (the Krause one adds only ``log_sigma``)."""
+parameter names (the Krause one adds only ``log_sigma``) and the same shared constructor
+arguments; Krause settings live in a ``KrauseConfig`` that only Krause modules take, and
+``build_attention`` builds either twin of a kind from one set of arguments."""
 
 from ._common import krause_attention_probs
 from .baselines import SlidingWindowAttention, TopKAttention, topk_causal_attention
-from .causal import CausalKrauseAttention, CausalSelfAttention
+from .causal import CausalKrauseAttention, CausalProjections, CausalSelfAttention
+from .config import KrauseConfig
+from .factory import TWINS, build_attention
 from .gated import GatedCache, GatedKrauseAttention, gated_mix, init_gate
 from .swin import (
     WindowAttention,
@@ -17,15 +21,19 @@ from .vision import LocalKrauseAttention2d, StandardAttention, topk_schedule
 
 __all__ = [
     "CausalKrauseAttention",
+    "CausalProjections",
     "CausalSelfAttention",
     "GatedCache",
     "GatedKrauseAttention",
+    "KrauseConfig",
     "LocalKrauseAttention2d",
     "SlidingWindowAttention",
     "StandardAttention",
     "TopKAttention",
+    "TWINS",
     "WindowAttention",
     "WindowKrauseAttention",
+    "build_attention",
     "gated_mix",
     "init_gate",
     "krause_attention_probs",

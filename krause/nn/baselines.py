@@ -1,13 +1,13 @@
-"""Sparse softmax baselines of the language-model family (SPEC section 2.4).
+"""Sparse softmax baselines of the language-model family (docs/method.md).
 
 - ``SlidingWindowAttention``: softmax(q . k / sqrt(d)) over the keys i - window < j <= i
   (Krause's candidate set, without the distance score and the top-k).
 - ``TopKAttention``: softmax over the ``top_k`` highest q . k / sqrt(d) among all keys
   j <= i (Krause's top-k, without the window and the distance score).
 
-Both share the constructor and parameters of ``CausalSelfAttention`` /
-``CausalKrauseAttention`` (the arguments they do not use are ignored), so the three
-baselines differ from the Krause model in attention alone.
+Both share the projections of ``CausalSelfAttention`` / ``CausalKrauseAttention``
+(``CausalProjections``) and take only their own knob (window, top_k; defaults those of
+``KrauseConfig``), so the three baselines differ from the Krause model in attention alone.
 
 The full forwards form (T, T) score or mask tensors: fine for the 1024-token contexts
 of the family; decoding uses a ring buffer (sliding window) or a growing cache (top-k).
@@ -24,7 +24,8 @@ from .. import _validation as V
 from ..cache import DEFAULT_CAPACITY, SlidingWindowCache, StandardKVCache, end_aligned_mask, masked_sdpa
 from ..masks import causal_window_mask
 from ..reference import repeat_kv
-from .causal import _CausalProjections
+from .causal import CausalProjections
+from .config import KrauseConfig
 
 
 @functools.lru_cache(maxsize=16)
@@ -60,17 +61,16 @@ def topk_causal_attention(q, k, v, top_k: int, query_offset: int | None = None, 
     return (probs @ repeat_kv(v, h).float()).to(q.dtype)
 
 
-class SlidingWindowAttention(_CausalProjections):
+class SlidingWindowAttention(CausalProjections):
     """Causal softmax attention over the last ``window`` tokens (the token itself included)."""
 
-    def __init__(self, dim: int, num_heads: int, num_kv_heads: int | None = None, window: int = 128,
-                 top_k: int = 96, sigma: float = 2.5, bias: bool = True, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0):
-        super().__init__(dim, num_heads, num_kv_heads, bias, attn_drop, proj_drop)
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int | None = None, window: int = KrauseConfig.window,
+                 *, bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__(dim, num_heads, num_kv_heads, bias=bias, attn_drop=attn_drop, proj_drop=proj_drop)
         self.window = V.check_positive_int("window", window)
 
     def forward(self, x: torch.Tensor, cache: SlidingWindowCache | None = None, key_padding_mask=None) -> torch.Tensor:
-        q, k, v = self._project(x)
+        q, k, v = self.project(x)
         drop = self.attn_drop if self.training else 0.0
         if cache is not None:
             out = cache.attend(q, k, v, dropout_p=drop, key_padding_mask=key_padding_mask)
@@ -80,39 +80,38 @@ class SlidingWindowAttention(_CausalProjections):
         else:
             allowed = end_aligned_mask(q.shape[2], k.shape[2], self.window, key_padding_mask, q.device)
             out = masked_sdpa(q, k, v, allowed, None, drop)
-        return self._merge(out)
+        return self.merge(out)
 
     def new_cache(self, batch_size: int, device=None, dtype=None, capacity: int | None = None) -> SlidingWindowCache:
         """A ring of ``window`` slots, whatever the expected sequence length ``capacity``."""
-        device, dtype = self._cache_placement(device, dtype)
+        device, dtype = self.cache_placement(device, dtype)
         return SlidingWindowCache(batch_size, self.num_kv_heads, self.head_dim, self.window, device, dtype)
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, window={self.window}"
 
 
-class TopKAttention(_CausalProjections):
+class TopKAttention(CausalProjections):
     """Causal softmax attention over the ``top_k`` highest-scoring earlier tokens."""
 
-    def __init__(self, dim: int, num_heads: int, num_kv_heads: int | None = None, window: int = 128,
-                 top_k: int = 96, sigma: float = 2.5, bias: bool = True, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0):
-        super().__init__(dim, num_heads, num_kv_heads, bias, attn_drop, proj_drop)
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int | None = None, top_k: int = KrauseConfig.top_k,
+                 *, bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__(dim, num_heads, num_kv_heads, bias=bias, attn_drop=attn_drop, proj_drop=proj_drop)
         self.top_k = V.check_positive_int("top_k", top_k)
 
     def forward(self, x: torch.Tensor, cache: StandardKVCache | None = None, key_padding_mask=None) -> torch.Tensor:
-        q, k, v = self._project(x)
+        q, k, v = self.project(x)
         drop = self.attn_drop if self.training else 0.0
         if cache is not None:
             _, _, mask = cache.check_inputs(q, k, v, key_padding_mask)
             k, v = cache.update(k, v, mask)
             key_padding_mask = cache.past_mask() if cache.padded else None
         out = topk_causal_attention(q, k, v, self.top_k, dropout_p=drop, key_padding_mask=key_padding_mask)
-        return self._merge(out)
+        return self.merge(out)
 
     def new_cache(self, batch_size: int, device=None, dtype=None, capacity: int | None = None) -> StandardKVCache:
         """A growing cache, ``capacity`` (the expected sequence length) slots up front."""
-        device, dtype = self._cache_placement(device, dtype)
+        device, dtype = self.cache_placement(device, dtype)
         return StandardKVCache(batch_size, self.num_kv_heads, self.head_dim, device, dtype,
                                capacity=DEFAULT_CAPACITY if capacity is None else capacity)
 

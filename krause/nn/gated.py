@@ -1,4 +1,4 @@
-"""Gated mix of standard and Krause attention (SPEC section 1, used by the 100M language
+"""Gated mix of standard and Krause attention (docs/method.md; used by the 100M language
 models and the LoRA LLMs).
 
 Two branches with their own q/k/v/o projections — causal softmax attention over the whole
@@ -22,6 +22,7 @@ from torch import nn
 from ..cache import KrauseWindowCache, StandardKVCache
 from ._common import check_dropout
 from .causal import CausalKrauseAttention, CausalSelfAttention
+from .config import KrauseConfig, resolve_config
 
 
 def gated_mix(out_std: torch.Tensor, out_krause: torch.Tensor, gate: nn.Module, return_gate: bool = False):
@@ -84,27 +85,25 @@ class GatedKrauseAttention(nn.Module):
     """Standard causal attention and causal-window Krause attention, gated per token.
 
     Submodules: ``standard`` (CausalSelfAttention), ``krause`` (CausalKrauseAttention,
-    holding ``log_sigma``) and ``gate`` (Linear(2 dim, 2)).
+    holding ``log_sigma``, configured by ``config`` / keyword overrides of ``preset``) and
+    ``gate`` (Linear(2 dim, 2)).
     """
 
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        num_kv_heads: int | None = None,
-        window: int = 32,
-        top_k: int = 16,
-        sigma: float = 2.5,
-        gate_init: float = 0.8,
-        bias: bool = True,
-        proj_drop: float = 0.0,
-    ):
+    preset = KrauseConfig(window=32, top_k=16)
+
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int | None = None, config: KrauseConfig | None = None,
+                 *, gate_init: float = 0.8, bias: bool = True, proj_drop: float = 0.0, **overrides):
         super().__init__()
+        config = resolve_config(self.preset, config, overrides)
         self.standard = CausalSelfAttention(dim, num_heads, num_kv_heads, bias=bias)
-        self.krause = CausalKrauseAttention(dim, num_heads, num_kv_heads, window, top_k, sigma, bias=bias)
+        self.krause = CausalKrauseAttention(dim, num_heads, num_kv_heads, config, bias=bias)
         self.gate = nn.Linear(2 * dim, 2)
         init_gate(self.gate, gate_init)
         self.proj_drop = nn.Dropout(check_dropout("proj_drop", proj_drop))
+
+    @property
+    def config(self) -> KrauseConfig:
+        return self.krause.config
 
     def forward(self, x: torch.Tensor, cache: GatedCache | None = None, return_gate: bool = False,
                 key_padding_mask=None):

@@ -7,8 +7,8 @@ different image regions apart. They differ only in the logits:
     Swin:  (q / sqrt(d)) . k
     KSwin: -||q / sqrt(d) - k / sqrt(d)||^2 / (2 sigma_h^2)   fp32, distance clamped at 0
 
-Same constructor arguments and parameters; KSwin adds only ``log_sigma`` (one per head,
-init log 4.0). There is no top-k: a window is already a small neighbourhood.
+Same parameters; KSwin adds its ``KrauseConfig`` and ``log_sigma`` (one per head, init
+log 4.0). There is no top-k: a window is already a small neighbourhood.
 
 Small feature maps (smaller than the window) are the block's business, as in Swin: it
 shrinks the window to the map and disables the shift, for both variants alike.
@@ -23,6 +23,7 @@ from torch import nn
 from .. import _validation as V
 from ..dense import head_coefficient, squared_distances
 from ._common import check_dropout, check_heads, log_sigma_parameter
+from .config import KrauseConfig, resolve_config
 
 SHIFT_MASK_VALUE = -100.0  # Swin's additive mask: exp(-100) underflows to 0 against any real logit
 
@@ -93,20 +94,12 @@ def relative_position_index(window_size) -> torch.Tensor:
 class WindowAttention(nn.Module):
     """Swin's window attention with relative position bias.
 
-    forward(x (B * nW, N, C), mask (nW, N, N) additive or None) -> (B * nW, N, C).
-    ``sigma`` is accepted for interface parity with ``WindowKrauseAttention`` and ignored.
+    forward(x (B * nW, N, C), mask (nW, N, N) additive or None) -> (B * nW, N, C);
+    ``attention_weights(x, mask)`` gives the (B * nW, H, N, N) weights.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        window_size,
-        num_heads: int,
-        sigma: float = 4.0,
-        qkv_bias: bool = True,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
-    ):
+    def __init__(self, dim: int, window_size, num_heads: int, *, qkv_bias: bool = True, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0):
         super().__init__()
         self.window_size = _window_pair(window_size)
         self.head_dim, _ = check_heads(dim, num_heads)
@@ -155,41 +148,41 @@ class WindowAttention(nn.Module):
         b_, _, n, _ = out.shape
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b_, n, -1)))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, return_attention: bool = False):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = self._split_qkv(x)
-        if not return_attention:
-            # Fused path: SDPA adds the float mask to (q . k) * scale, exactly the logits above.
-            bias = self._bias_and_mask(x.shape[0], mask, q.dtype)
-            drop = self.attn_drop.p if self.training else 0.0
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop, scale=self.scale)
-            return self._merge(out)
-        return self._attend_explicitly(x, q, k, v, mask)
+        # Fused path: SDPA adds the float mask to (q . k) * scale, exactly the logits above.
+        bias = self._bias_and_mask(x.shape[0], mask, q.dtype)
+        drop = self.attn_drop.p if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop, scale=self.scale)
+        return self._merge(out)
 
-    def _attend_explicitly(self, x, q, k, v, mask):
+    def _probs(self, q, k, mask) -> torch.Tensor:
         logits = self.logits(q, k)
-        probs = torch.softmax(logits + self._bias_and_mask(x.shape[0], mask, logits.dtype), dim=-1)
-        out = (self.attn_drop(probs) @ v.to(probs.dtype)).to(v.dtype)
-        return self._merge(out), probs
+        return torch.softmax(logits + self._bias_and_mask(q.shape[0], mask, logits.dtype), dim=-1)
+
+    def attention_weights(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B * nW, H, N, N) attention weights of the windows x (rows sum to 1)."""
+        q, k, _ = self._split_qkv(x)
+        return self._probs(q, k, mask)
 
 
 class WindowKrauseAttention(WindowAttention):
-    """KSwin window attention (SPEC section 1): Swin's window attention with the dot-product
+    """KSwin window attention (docs/method.md): Swin's window attention with the dot-product
     logits replaced by the RBF score -||q - k||^2 / (2 sigma_h^2) of the 1/sqrt(d)-scaled
-    q and k, in fp32. Dense softmax within the window, no top-k.
+    q and k, in fp32. Dense softmax within the window, no top-k: of ``config`` (default
+    ``WindowKrauseAttention.preset``, keyword overrides accepted) it reads sigma and
+    per_head_sigma.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        window_size,
-        num_heads: int,
-        sigma: float = 4.0,
-        qkv_bias: bool = True,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
-    ):
-        super().__init__(dim, window_size, num_heads, sigma, qkv_bias, attn_drop, proj_drop)
-        self.log_sigma = log_sigma_parameter(sigma, num_heads)
+    preset = KrauseConfig(sigma=4.0)
+
+    def __init__(self, dim: int, window_size, num_heads: int, config: KrauseConfig | None = None, *,
+                 qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0, **overrides):
+        super().__init__(dim, window_size, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
+        self.config = resolve_config(self.preset, config, overrides)
+        self.log_sigma = log_sigma_parameter(self.config.sigma, num_heads if self.config.per_head_sigma else None)
+
+    impl = property(lambda self: self.config.impl)
 
     @property
     def sigma(self) -> torch.Tensor:
@@ -199,7 +192,7 @@ class WindowKrauseAttention(WindowAttention):
         dist = squared_distances(q.float() * self.scale, k.float() * self.scale)
         return dist * -head_coefficient(self.log_sigma)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, return_attention: bool = False):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = self._split_qkv(x)
-        out, probs = self._attend_explicitly(x, q, k, v, mask)
-        return (out, probs) if return_attention else out
+        probs = self._probs(q, k, mask)
+        return self._merge((self.attn_drop(probs) @ v.to(probs.dtype)).to(v.dtype))

@@ -1,9 +1,10 @@
 """Self-attention for vision transformers: 2-D local Krause attention (KViT) and its
 standard twin (ViT).
 
-Both modules take the same constructor arguments and hold the same parameters (fused
-``qkv`` and ``proj`` Linears, as timm's ``Attention``); the Krause one adds only
-``log_sigma``. A ViT and a KViT built from them therefore differ in attention alone.
+Both hold the same parameters (fused ``qkv`` and ``proj`` Linears, as timm's
+``Attention``); the Krause one adds its ``KrauseConfig`` (and the grid it reads) and the
+parameter ``log_sigma``. A ViT and a KViT built from them differ in attention alone.
+Attention maps come from ``attention_weights(x)``; ``forward`` always returns outputs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .. import _validation as V
 from ..masks import grid_candidate_mask
 from ..ops import local_krause_attention_2d
 from ._common import check_dropout, check_heads, krause_attention_probs, log_sigma_parameter
+from .config import KrauseConfig, resolve_config
 
 
 def topk_schedule(k: int, num_layers: int) -> list[int]:
@@ -58,7 +60,7 @@ class _QKVAttention(nn.Module):
 
 
 class LocalKrauseAttention2d(_QKVAttention):
-    """2-D local Krause attention (SPEC section 1, KViT).
+    """2-D local Krause attention (docs/method.md, KViT).
 
     A patch attends to the patches within ``radius`` of it on the ``grid`` (``metric``
     "manhattan" or "chebyshev", itself included) plus the prefix tokens; a prefix (CLS)
@@ -70,104 +72,76 @@ class LocalKrauseAttention2d(_QKVAttention):
         dim: token width; num_heads must divide it.
         grid: (rows, cols) of the patch grid; tokens are ``num_prefix_tokens`` prefix
             tokens followed by the row-major patches.
-        sigma: initial sigma (> 0); stored as the parameter ``log_sigma``, a scalar or,
-            with ``per_head_sigma``, one per head.
+        config: the Krause settings (radius, metric, top_k, sigma, per_head_sigma, impl);
+            default ``LocalKrauseAttention2d.preset``; keyword overrides of its fields
+            are accepted too, e.g. ``LocalKrauseAttention2d(384, 6, (8, 8), top_k=3)``.
         attn_drop: dropout on the attention weights. The linear-time op never forms the
             weights, so with attn_drop > 0 training takes the dense O(N^2) path.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        grid,
-        radius: int = 1,
-        metric: str = "manhattan",
-        top_k: int = 2,
-        sigma: float = 2.5,
-        num_prefix_tokens: int = 1,
-        per_head_sigma: bool = False,
-        qkv_bias: bool = True,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
-    ):
+    preset = KrauseConfig(top_k=2, per_head_sigma=False)
+
+    def __init__(self, dim: int, num_heads: int, grid, config: KrauseConfig | None = None, *,
+                 num_prefix_tokens: int = 1, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 **overrides):
         super().__init__(dim, num_heads, qkv_bias, attn_drop, proj_drop)
         V.check_nonnegative_int("num_prefix_tokens", num_prefix_tokens)
         if not (isinstance(grid, (tuple, list)) and len(grid) == 2 and all(type(g) is int for g in grid)):
             raise ValueError(f"grid must be a (rows, cols) pair of ints, got {grid!r}")
         self.grid = V.check_grid(tuple(grid), grid[0] * grid[1] + num_prefix_tokens, num_prefix_tokens)
-        self.radius = V.check_nonnegative_int("radius", radius)
-        self.metric = V.check_metric(metric)
-        self.top_k = V.check_positive_int("top_k", top_k)
         self.num_prefix_tokens = num_prefix_tokens
-        self.log_sigma = log_sigma_parameter(sigma, num_heads if per_head_sigma else None)
+        self.config = resolve_config(self.preset, config, overrides)
+        self.log_sigma = log_sigma_parameter(self.config.sigma, num_heads if self.config.per_head_sigma else None)
+
+    radius = property(lambda self: self.config.radius)
+    metric = property(lambda self: self.config.metric)
+    top_k = property(lambda self: self.config.top_k)
+    impl = property(lambda self: self.config.impl)
 
     @property
     def sigma(self) -> torch.Tensor:
         return self.log_sigma.detach().exp()
 
-    def attention_weights(self, q, k) -> torch.Tensor:
-        """Dense (B, H, N, N) weights of this layer for given q, k (rows sum to 1)."""
+    def _weights(self, q, k) -> torch.Tensor:
         mask = grid_candidate_mask(self.grid, self.radius, self.metric, self.num_prefix_tokens, q.device)
         return krause_attention_probs(q, k, self.log_sigma, mask, self.top_k)
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False):
+    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense (B, H, N, N) fp32 weights of this layer for the input x (rows sum to 1)."""
+        q, k, _ = self._split_qkv(x)
+        return self._weights(q, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self._split_qkv(x)
-        if return_attention or (self.training and self.attn_drop.p > 0):
-            probs = self.attention_weights(q, k)
-            out = self._weighted_values(probs, v)
+        if self.training and self.attn_drop.p > 0:
+            out = self._weighted_values(self._weights(q, k), v)
         else:
-            probs = None
-            out = local_krause_attention_2d(
-                q, k, v, self.log_sigma, self.grid, self.radius, self.metric, self.top_k, self.num_prefix_tokens
-            )
-        out = self._merge(out)
-        return (out, probs) if return_attention else out
+            out = local_krause_attention_2d(q, k, v, self.log_sigma, self.grid, self.radius, self.metric, self.top_k,
+                                            self.num_prefix_tokens, impl=self.impl)
+        return self._merge(out)
 
     def extra_repr(self) -> str:
         return (
             f"grid={self.grid}, radius={self.radius}, metric={self.metric!r}, top_k={self.top_k}, "
-            f"num_prefix_tokens={self.num_prefix_tokens}"
+            f"num_prefix_tokens={self.num_prefix_tokens}, impl={self.impl!r}"
         )
 
 
 class StandardAttention(_QKVAttention):
-    """Global softmax self-attention, the twin of ``LocalKrauseAttention2d``.
+    """Global softmax self-attention, the twin of ``LocalKrauseAttention2d`` (same
+    projections, no Krause settings)."""
 
-    Takes the same arguments so a model builder can swap the class; the Krause-only ones
-    (grid, radius, metric, top_k, sigma, num_prefix_tokens, per_head_sigma) are ignored.
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        grid=None,
-        radius: int = 1,
-        metric: str = "manhattan",
-        top_k: int = 2,
-        sigma: float = 2.5,
-        num_prefix_tokens: int = 1,
-        per_head_sigma: bool = False,
-        qkv_bias: bool = True,
-        attn_drop: float = 0.0,
-        proj_drop: float = 0.0,
-    ):
+    def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool = True, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0):
         super().__init__(dim, num_heads, qkv_bias, attn_drop, proj_drop)
         self.scale = self.head_dim**-0.5
 
-    def attention_weights(self, q, k) -> torch.Tensor:
-        """Dense (B, H, N, N) softmax weights, fp32."""
+    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense (B, H, N, N) fp32 softmax weights for the input x."""
+        q, k, _ = self._split_qkv(x)
         return torch.softmax((q.float() * self.scale) @ k.float().transpose(-1, -2), dim=-1)
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self._split_qkv(x)
-        if return_attention:
-            probs = self.attention_weights(q, k)
-            out = self._weighted_values(probs, v)
-        else:
-            probs = None
-            drop = self.attn_drop.p if self.training else 0.0
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
-        out = self._merge(out)
-        return (out, probs) if return_attention else out
+        drop = self.attn_drop.p if self.training else 0.0
+        return self._merge(F.scaled_dot_product_attention(q, k, v, dropout_p=drop))

@@ -1,0 +1,72 @@
+"""``KrauseConfig``: the Krause knobs of one attention module, validated once, here.
+
+Krause modules take a config (or keyword overrides of their preset); their standard
+twins take none, so a softmax module cannot silently accept a Krause argument. A new
+knob is a new field of this class and nothing else in the constructors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from .. import _validation as V
+from ..dispatch import IMPLS
+
+
+@dataclass(frozen=True)
+class KrauseConfig:
+    """Krause attention settings (the method and its knobs: docs/method.md).
+
+    window: causal candidate window W (keys i - W < j <= i), causal modules.
+    top_k: nearest candidates kept per query.
+    sigma: initial sigma (> 0), stored by the module as ``log_sigma``.
+    radius, metric: the 2-D neighbourhood of the vision module ("manhattan" or "chebyshev").
+    per_head_sigma: one sigma per head (True) or one per layer.
+    impl: which implementation runs the op ("auto", "fast", "reference", "flex", "triton";
+        see ``krause.dispatch``).
+    """
+
+    window: int = 128
+    top_k: int = 96
+    sigma: float = 2.5
+    radius: int = 1
+    metric: str = "manhattan"
+    per_head_sigma: bool = True
+    impl: str = "auto"
+
+    def __post_init__(self) -> None:
+        V.check_positive_int("window", self.window)
+        V.check_positive_int("top_k", self.top_k)
+        sigma = self.sigma
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma <= 0:
+            raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
+        object.__setattr__(self, "sigma", float(sigma))
+        V.check_nonnegative_int("radius", self.radius)
+        V.check_metric(self.metric)
+        if not isinstance(self.per_head_sigma, bool):
+            raise ValueError(f"per_head_sigma must be a bool, got {self.per_head_sigma!r}")
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
+
+    def replace(self, **changes) -> "KrauseConfig":
+        """A copy with some fields changed (checked like the constructor's)."""
+        unknown = sorted(set(changes) - FIELDS)
+        if unknown:
+            raise ValueError(f"{unknown[0]} is not a Krause setting; KrauseConfig fields are {sorted(FIELDS)}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+FIELDS = frozenset(f.name for f in dataclasses.fields(KrauseConfig))
+
+
+def resolve_config(preset: KrauseConfig, config: KrauseConfig | None, overrides: dict) -> KrauseConfig:
+    """The config a Krause module runs with: ``config`` (or the module's ``preset``) with
+    keyword ``overrides`` applied."""
+    if config is not None and not isinstance(config, KrauseConfig):
+        raise ValueError(f"config must be a KrauseConfig, got {type(config).__name__}")
+    return (config if config is not None else preset).replace(**overrides)
