@@ -219,6 +219,27 @@ def test_decode_matches_rule_with_ring_and_left_padding():
     assert out4.shape == (b, h, 1, d) and torch.equal(out4[:, :, 0], out)
 
 
+def test_decode_equals_krause_window_cache_steps():
+    """Against the decoding cache: capacity > window, per-slot padding, a wrapped ring."""
+    from krause.cache import KrauseWindowCache
+
+    b, h, hkv, d, window, capacity, top_k = 2, 4, 2, 16, 6, 8, 3
+    g = torch.Generator().manual_seed(14)
+    ls = (0.3 * torch.randn(h, generator=g) + 0.8).to(DEVICE)
+    cache = KrauseWindowCache(b, hkv, d, window, top_k, device=DEVICE, capacity=capacity)
+    prompt = 5
+    mask = torch.ones(b, prompt, dtype=torch.bool)
+    mask[1, :3] = False  # row 1 is left-padded
+    q, k, v = (torch.randn(b, n, prompt, d, generator=g).to(DEVICE) for n in (h, hkv, hkv))
+    cache.attend(q, k, v, ls, key_padding_mask=mask.to(DEVICE))
+    for _ in range(7):  # single-token steps until the ring has wrapped
+        q, k, v = (torch.randn(b, n, 1, d, generator=g).to(DEVICE) for n in (h, hkv, hkv))
+        want = cache.attend(q, k, v, ls)
+        got = kernels.decode_krause_attention_triton(q, cache.keys, cache.values, ls, None, top_k, pos=cache.pos,
+                                                    window=window, valid=cache.valid)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 # --------------------------------------------------------------------------- op plumbing
 def test_flop_counter_and_fake_kernels_see_the_ops():
     from torch.utils.flop_counter import FlopCounterMode
@@ -252,7 +273,7 @@ def test_custom_op_registrations_pass_opcheck():
     torch.library.opcheck(torch.ops.krause.triton_local2d_fwd, (q, k, v, ls, 3, 4, 1, "manhattan", 3, 1))
     torch.library.opcheck(torch.ops.krause.triton_decode, (
         q[:, :, 0].detach(), k[:, :, :8].detach(), v[:, :, :8].detach(), ls.detach(),
-        torch.tensor([5], device=DEVICE), 5, 3))
+        torch.tensor([5], device=DEVICE), None, 5, 8, 3))
 
 
 @pytest.mark.slow

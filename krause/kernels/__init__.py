@@ -4,7 +4,7 @@ Entry points (triton is imported on first use, so importing this package is free
 
     causal_krause_attention_triton(q, k, v, log_sigma, window, top_k, key_padding_mask=None)
     local_krause_attention_2d_triton(q, k, v, log_sigma, grid, radius, metric, top_k, num_prefix_tokens)
-    decode_krause_attention_triton(q, k_ring, v_ring, log_sigma, lengths, top_k, pos=None)
+    decode_krause_attention_triton(q, k_ring, v_ring, log_sigma, lengths, top_k, pos=None, *, window=None, valid=None)
     triton_available() -> (ok, reason)
     local2d_triton_supported(grid, radius, num_prefix_tokens) -> (ok, reason)
 
@@ -21,6 +21,10 @@ import os
 import torch
 
 from .. import _validation as V
+
+# Set to True once scripts/gpu_check.sh has passed on a GPU (the CUDA tests of
+# tests/test_triton_kernels.py); until then impl="auto" does not choose these kernels.
+VERIFIED_ON_GPU = False
 
 
 def triton_available() -> tuple[bool, str]:
@@ -101,14 +105,17 @@ def local_krause_attention_2d_triton(q, k, v, log_sigma, grid, radius: int, metr
     return out
 
 
-def decode_krause_attention_triton(q, k_ring, v_ring, log_sigma, lengths, top_k: int, pos: int | None = None):
+def decode_krause_attention_triton(q, k_ring, v_ring, log_sigma, lengths, top_k: int, pos: int | None = None, *,
+                                   window: int | None = None, valid=None):
     """One decoding step: q (B, H, D) or (B, H, 1, D) against a ring buffer k_ring, v_ring
-    (B, Hkv, W, D) laid out as ``krause.cache.RingKVCache`` (token p in slot p % W).
+    (B, Hkv, C, D) laid out as ``krause.cache.RingKVCache`` (token p in slot p % C).
 
     ``pos``: tokens written to the ring so far, the new one included (default
-    ``lengths.max()``). ``lengths`` (B,): real tokens of each row; a row's real tokens are
-    its last ``lengths[b]`` ones (earlier slots are left padding), so a slot is valid when
-    its token is among the last min(lengths[b], pos, W). Inference only (no autograd)."""
+    ``lengths.max()``). ``lengths`` (B,) or None: real tokens of each row; a row's real
+    tokens are its last ``lengths[b]`` ones (earlier slots are left padding), so a slot is
+    a candidate when its token is among the last min(lengths[b], pos, window) written.
+    ``window`` defaults to C; ``valid`` (B, C) bool optionally marks further slots invalid
+    (per-slot padding, as the cache stores it). Inference only (no autograd)."""
     V.check_positive_int("top_k", top_k)
     squeeze = q.dim() == 4
     if squeeze:
@@ -116,20 +123,29 @@ def decode_krause_attention_triton(q, k_ring, v_ring, log_sigma, lengths, top_k:
             raise ValueError(f"q must hold one token per row for decoding, got shape {tuple(q.shape)}")
         q = q[:, :, 0]
     if q.dim() != 3 or k_ring.dim() != 4 or k_ring.shape != v_ring.shape:
-        raise ValueError(f"q must be (B, H, D) and k_ring, v_ring (B, Hkv, W, D); got {tuple(q.shape)}, "
+        raise ValueError(f"q must be (B, H, D) and k_ring, v_ring (B, Hkv, C, D); got {tuple(q.shape)}, "
                          f"{tuple(k_ring.shape)}, {tuple(v_ring.shape)}")
     b, h, d = q.shape
+    capacity = k_ring.shape[2]
     if k_ring.shape[0] != b or k_ring.shape[3] != d or h % k_ring.shape[1] != 0:
         raise ValueError(f"k_ring shape {tuple(k_ring.shape)} does not fit q {tuple(q.shape)}")
+    if lengths is None:
+        if pos is None:
+            raise ValueError("pos is needed when lengths is None")
+        lengths = torch.full((b,), pos, dtype=torch.int32, device=q.device)
     if not isinstance(lengths, torch.Tensor) or lengths.shape != (b,) or lengths.is_floating_point():
         raise ValueError(f"lengths must be an integer tensor of shape ({b},)")
+    if valid is not None and (not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool
+                              or tuple(valid.shape) != (b, capacity)):
+        raise ValueError(f"valid must be a bool tensor of shape ({b}, {capacity})")
+    window = capacity if window is None else V.check_positive_int("window", window)
     log_sigma = V.check_log_sigma(log_sigma, h, q)
     _check_dtypes(q, k_ring, v_ring)
     _check_device(q)
     if pos is None:
         pos = int(lengths.max())
     V.check_nonnegative_int("pos", pos)
-    out = _ops()._decode_op(q, k_ring, v_ring, log_sigma, lengths.to(q.device), pos, top_k)
+    out = _ops()._decode_op(q, k_ring, v_ring, log_sigma, lengths.to(q.device), valid, pos, window, top_k)
     return out[:, :, None] if squeeze else out
 
 

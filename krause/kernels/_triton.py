@@ -304,12 +304,12 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _decode_kernel(
-    Q, K, V, QN, KN, LS, LENGTHS, O,
-    H, G, W, D, pos, n_iter,
-    LS_PER_HEAD: tl.constexpr, PREC: tl.constexpr,
+    Q, K, V, QN, KN, LS, LENGTHS, VALID, O,
+    H, G, C, D, window, pos, n_iter,
+    LS_PER_HEAD: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One program per (batch, kv head): its G query heads against the W ring slots."""
+    """One program per (batch, kv head): its G query heads against the C ring slots."""
     bk = tl.program_id(0)
     hkv = H // G
     b = bk // hkv
@@ -317,10 +317,13 @@ def _decode_kernel(
     g_ok = g < G
     heads = (bk % hkv) * G + g
     slots = tl.arange(0, BLOCK_N)
+    W = C  # the ring's slot count (token p lives in slot p % C)
     length = tl.load(LENGTHS + b).to(tl.int32)
-    # slot s holds the token written (pos - 1 - s) mod W steps ago (ring layout of krause.cache)
+    # slot s holds the token written (pos - 1 - s) mod C steps ago (ring layout of krause.cache)
     age = ((pos - 1 - slots) % W + W) % W
-    s_ok = (slots < W) & (age < tl.minimum(tl.minimum(length, pos), W))
+    s_ok = (slots < W) & (age < tl.minimum(tl.minimum(length, pos), window))
+    if HAS_VALID:
+        s_ok = s_ok & (tl.load(VALID + b * W + slots, mask=slots < W, other=0) != 0)
     kpos = pos - 1 - age  # absolute position: ties go to the older token
 
     qt = _load_rows(Q + b * H * D, heads, D, BLOCK_D, g_ok)

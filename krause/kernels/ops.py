@@ -330,34 +330,35 @@ def _local_bwd_flops(g_shape, q_shape, k_shape, v_shape, ls_shape, lse_shape, th
 @torch.library.custom_op("krause::triton_decode", mutates_args=())
 def _decode_op(
     q: torch.Tensor, k_ring: torch.Tensor, v_ring: torch.Tensor, log_sigma: torch.Tensor,
-    lengths: torch.Tensor, pos: int, top_k: int,
+    lengths: torch.Tensor, valid: Optional[torch.Tensor], pos: int, window: int, top_k: int,
 ) -> torch.Tensor:
     b, h, d = q.shape
-    hkv, w = k_ring.shape[1], k_ring.shape[2]
+    hkv, capacity = k_ring.shape[1], k_ring.shape[2]
     g = h // hkv
     ls = log_sigma.detach().float().reshape(-1).contiguous()
     q, k_ring, v_ring = q.contiguous(), k_ring.contiguous(), v_ring.contiguous()
     qn = torch.linalg.vector_norm(q, 2, dim=-1, dtype=torch.float32).square().contiguous()
     kn = torch.linalg.vector_norm(k_ring, 2, dim=-1, dtype=torch.float32).square().contiguous()
+    valid_arg, has_valid = _valid_arg(valid, q)
     out = torch.empty_like(q)
     K._decode_kernel[(b * hkv,)](
-        q, k_ring, v_ring, qn, kn, ls, lengths.to(torch.int32).contiguous(), out,
-        h, g, w, d, pos, top_k if top_k < w else 0,
-        LS_PER_HEAD=log_sigma.dim() == 1, PREC=_prec(q.dtype),
-        BLOCK_M=_pow2(g), BLOCK_N=_pow2(w), BLOCK_D=_pow2(d),
+        q, k_ring, v_ring, qn, kn, ls, lengths.to(torch.int32).contiguous(), valid_arg, out,
+        h, g, capacity, d, window, pos, top_k if top_k < min(window, capacity) else 0,
+        LS_PER_HEAD=log_sigma.dim() == 1, HAS_VALID=has_valid, PREC=_prec(q.dtype),
+        BLOCK_M=_pow2(g), BLOCK_N=_pow2(capacity), BLOCK_D=_pow2(d),
     )
     return out
 
 
 @_decode_op.register_fake
-def _(q, k_ring, v_ring, log_sigma, lengths, pos, top_k):
+def _(q, k_ring, v_ring, log_sigma, lengths, valid, pos, window, top_k):
     return q.new_empty(q.shape)
 
 
 @register_flop_formula(torch.ops.krause.triton_decode)
 def _decode_flops(q_shape, k_shape, *args, **kwargs) -> int:
-    top_k = args[-1]
+    window, top_k = args[-2], args[-1]
     b, h, d = q_shape
-    w = k_shape[2]
+    w = min(window, k_shape[2])
     # one query at a full ring: the cost of the last position of a W-token sequence
     return b * h * (F.causal_forward_flops(w, d, w, top_k) - F.causal_forward_flops(w - 1, d, w, top_k))

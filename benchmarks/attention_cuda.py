@@ -1,0 +1,354 @@
+"""GPU benchmark of the fused Triton Krause kernels against the other implementations
+and the softmax baselines, side by side in one run (bf16).
+
+    python benchmarks/attention_cuda.py --out results/attention_cuda.json
+    python benchmarks/attention_cuda.py --quick          # smoke run, ~1-2 min
+    python benchmarks/attention_scaling.py --device cuda # hands over to this module
+
+Causal (LLM shapes): B=1, H=32, Hkv=8, D=128, W=32, top_k=16, T = 4k ... 64k:
+  krause_triton   krause.kernels.causal_krause_attention_triton (fused, GQA read in place)
+  krause_flex     causal_krause_attention(impl="flex"): FlexAttention + top-k threshold
+  krause_engine   causal_krause_attention(impl="fast"): the chunked linear-time engine
+  flex_sliding    FlexAttention sliding-window softmax, same W, no top-k (compiled)
+  sdpa_causal     F.scaled_dot_product_attention(is_causal=True): full causal softmax
+each forward+backward (of sum(out * g)) and forward only.
+
+2-D (ViT-S/16: H=6, ViT-B/16: H=12; D=64, 14x14 patches + CLS, Chebyshev r=2, top_k 8,
+batch 256): krause_triton, krause_flex, krause_engine and unmasked SDPA (what a ViT runs).
+
+Decode (B=64, H=32, Hkv=8, D=128, W=32, top_k=16), one step at several positions:
+  krause_triton   decode_krause_attention_triton on the W-slot ring buffer
+  krause_torch    the torch decode step of krause.cache.KrauseWindowCache
+                  (krause.dense.krause_attention_grouped over the same ring)
+  sdpa_cache      SDPA of one query over a standard KV cache of `position` tokens
+
+Timing: benchmarks/_timing.time_interleaved (median of interleaved rounds, after an
+untimed warm-up call that also compiles); peak memory from a separate call. A case that
+fails (out of memory, an older torch without an API) is recorded with its error and the
+run goes on. ``--budget-s`` stops starting new rows once spent (the JSON says which).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _timing as T  # noqa: E402
+
+import krause  # noqa: E402
+from krause import kernels  # noqa: E402
+
+CAUSAL = dict(batch=1, heads=32, kv_heads=8, head_dim=128, window=32, top_k=16)
+CAUSAL_T = [4096, 8192, 16384, 32768, 65536]
+CAUSAL_T_QUICK = [4096, 16384]
+GRID = dict(grid=(14, 14), radius=2, metric="chebyshev", top_k=8, prefix=1, head_dim=64)
+VITS = [("ViT-S/16", 6), ("ViT-B/16", 12)]
+DECODE = dict(batch=64, heads=32, kv_heads=8, head_dim=128, window=32, top_k=16)
+DECODE_POSITIONS = [32, 1024, 8192, 32768]
+DECODE_POSITIONS_QUICK = [32, 4096]
+
+
+def _randn(shape, device, dtype, gen, grad=False):
+    t = torch.randn(shape, generator=gen, device="cpu").to(device, dtype)
+    return t.requires_grad_(grad)
+
+
+def _step(fn, leaves, grad_out, backward):
+    """A zero-argument case: forward, and with `backward` the gradients of sum(out * g)."""
+    if backward:
+        def run():
+            out = fn()
+            torch.autograd.grad(out, leaves, grad_out)
+    else:
+        def run():
+            with torch.no_grad():
+                fn()
+    return run
+
+
+def _flex_sliding(window, n, device):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def sliding(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
+
+    block_mask = create_block_mask(sliding, None, None, n, n, device=device)
+    compiled = torch.compile(flex_attention, dynamic=False)
+    return lambda q, k, v: compiled(q, k, v, block_mask=block_mask, enable_gqa=True)
+
+
+def _measure(cases, device, args, memory=True):
+    """{name: result}: failing cases keep their error; the rest are timed together."""
+    results, ok = {}, {}
+    for name, fn in cases.items():
+        try:
+            fn()  # warm-up: compiles FlexAttention / the Triton kernels
+            T.synchronize(device)
+            ok[name] = fn
+        except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
+            results[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
+            _empty_cache(device)
+    if ok:
+        timed = T.time_interleaved(ok, device, repeats=args.repeats, warmup=1,
+                                   max_seconds_per_case=args.max_seconds_per_case)
+        for name in ok:
+            results[name] = {"median_s": timed[name]["median_s"], "times_s": timed[name]["times_s"]}
+            if memory:
+                try:
+                    results[name]["peak_bytes"] = T.peak_memory(ok[name], device)
+                except Exception as exc:  # noqa: BLE001
+                    results[name]["peak_error"] = str(exc)[:200]
+    return results
+
+
+def _empty_cache(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _raiser(exc):
+    """A case that fails the way building it did (so the row records the error)."""
+    def run():
+        raise exc
+    return run
+
+
+def _max_diff(a, b) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
+# --------------------------------------------------------------------------- causal
+def bench_causal(args, device, deadline) -> list[dict]:
+    c = CAUSAL
+    rows = []
+    for n in args.causal_tokens:
+        if time.monotonic() > deadline:
+            rows.append({"tokens": n, "skipped": "time budget spent"})
+            continue
+        gen = torch.Generator().manual_seed(n)
+        q = _randn((c["batch"], c["heads"], n, c["head_dim"]), device, args.dtype, gen, True)
+        k = _randn((c["batch"], c["kv_heads"], n, c["head_dim"]), device, args.dtype, gen, True)
+        v = _randn((c["batch"], c["kv_heads"], n, c["head_dim"]), device, args.dtype, gen, True)
+        ls = torch.full((c["heads"],), 1.5, device=device, requires_grad=True)
+        g = _randn(q.shape, device, args.dtype, gen)
+        w, top_k = c["window"], c["top_k"]
+        krause_fns = {
+            "krause_triton": lambda: kernels.causal_krause_attention_triton(q, k, v, ls, w, top_k),
+            "krause_flex": lambda: krause.causal_krause_attention(q, k, v, ls, w, top_k, impl="flex"),
+            "krause_engine": lambda: krause.causal_krause_attention(q, k, v, ls, w, top_k, impl="fast"),
+        }
+        base_fns = {"sdpa_causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)}
+        try:
+            flex = _flex_sliding(w, n, device)
+            base_fns["flex_sliding"] = lambda: flex(q, k, v)
+        except Exception as exc:  # noqa: BLE001
+            base_fns["flex_sliding"] = _raiser(exc)
+        row = {"tokens": n}
+        try:  # the kernels agree with the engine here (same top-k rule up to exact ties)
+            with torch.no_grad():
+                row["max_abs_diff_triton_vs_engine"] = _max_diff(krause_fns["krause_triton"](), krause_fns["krause_engine"]())
+        except Exception as exc:  # noqa: BLE001
+            row["check_error"] = str(exc)[:200]
+        for backward, label in ((True, "fwd_bwd"), (False, "fwd")):
+            cases = {name: _step(fn, [q, k, v, ls], g, backward) for name, fn in krause_fns.items()}
+            cases.update({name: _step(fn, [q, k, v], g, backward) for name, fn in base_fns.items()})
+            row[label] = _measure(cases, device, args, memory=backward and not args.skip_memory)
+        rows.append(row)
+        _print_row(f"causal T={n}", row)
+        del q, k, v, g
+        _empty_cache(device)
+    return rows
+
+
+# --------------------------------------------------------------------------- 2-D
+def bench_2d(args, device, deadline) -> list[dict]:
+    gcfg = GRID
+    n = gcfg["prefix"] + gcfg["grid"][0] * gcfg["grid"][1]
+    rows = []
+    for name, heads in VITS:
+        if time.monotonic() > deadline:
+            rows.append({"model": name, "skipped": "time budget spent"})
+            continue
+        gen = torch.Generator().manual_seed(heads)
+        shape = (args.vit_batch, heads, n, gcfg["head_dim"])
+        q, k, v = (_randn(shape, device, args.dtype, gen, True) for _ in range(3))
+        ls = torch.full((heads,), 1.5, device=device, requires_grad=True)
+        g = _randn(shape, device, args.dtype, gen)
+        spec = (gcfg["grid"], gcfg["radius"], gcfg["metric"], gcfg["top_k"], gcfg["prefix"])
+        krause_fns = {
+            "krause_triton": lambda: kernels.local_krause_attention_2d_triton(q, k, v, ls, *spec),
+            "krause_flex": lambda: krause.local_krause_attention_2d(q, k, v, ls, *spec, impl="flex"),
+            "krause_engine": lambda: krause.local_krause_attention_2d(q, k, v, ls, *spec, impl="fast"),
+        }
+        sdpa = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
+        row = {"model": name, "batch": args.vit_batch, "heads": heads, "tokens": n}
+        try:
+            with torch.no_grad():
+                row["max_abs_diff_triton_vs_engine"] = _max_diff(krause_fns["krause_triton"](), krause_fns["krause_engine"]())
+        except Exception as exc:  # noqa: BLE001
+            row["check_error"] = str(exc)[:200]
+        for backward, label in ((True, "fwd_bwd"), (False, "fwd")):
+            cases = {nm: _step(fn, [q, k, v, ls], g, backward) for nm, fn in krause_fns.items()}
+            cases["sdpa"] = _step(sdpa, [q, k, v], g, backward)
+            row[label] = _measure(cases, device, args, memory=backward and not args.skip_memory)
+        rows.append(row)
+        _print_row(f"2-D {name}", row)
+        del q, k, v, g
+        _empty_cache(device)
+    return rows
+
+
+# --------------------------------------------------------------------------- decode
+def bench_decode(args, device, deadline) -> list[dict]:
+    from krause.dense import krause_attention_grouped
+
+    c = DECODE
+    b, h, hkv, d, w = c["batch"], c["heads"], c["kv_heads"], c["head_dim"], c["window"]
+    gen = torch.Generator().manual_seed(0)
+    k_ring = _randn((b, hkv, w, d), device, args.dtype, gen)
+    v_ring = _randn((b, hkv, w, d), device, args.dtype, gen)
+    q = _randn((b, h, d), device, args.dtype, gen)
+    ls = torch.full((h,), 1.5, device=device)
+    rows = []
+    for pos in args.decode_positions:
+        if time.monotonic() > deadline:
+            rows.append({"position": pos, "skipped": "time budget spent"})
+            continue
+        lengths = torch.full((b,), pos, device=device, dtype=torch.int32)
+        slot_ok = (torch.arange(w, device=device) < pos)[None, None, None, :]  # (B, 1, 1, W) candidates
+        cases = {
+            "krause_triton": lambda: kernels.decode_krause_attention_triton(q, k_ring, v_ring, ls, lengths, c["top_k"], pos=pos),
+            "krause_torch": lambda: krause_attention_grouped(q[:, :, None], k_ring, v_ring, ls, slot_ok, c["top_k"]),
+        }
+        try:
+            k_cache = _randn((b, hkv, pos, d), device, args.dtype, gen)
+            v_cache = _randn((b, hkv, pos, d), device, args.dtype, gen)
+            cases["sdpa_cache"] = lambda: F.scaled_dot_product_attention(q[:, :, None], k_cache, v_cache, enable_gqa=True)
+        except torch.OutOfMemoryError as exc:
+            cases["sdpa_cache"] = _raiser(exc)
+        row = {"position": pos}
+        with torch.no_grad():
+            try:
+                row["max_abs_diff_triton_vs_torch"] = _max_diff(cases["krause_triton"](), cases["krause_torch"]()[:, :, 0])
+            except Exception as exc:  # noqa: BLE001
+                row["check_error"] = str(exc)[:200]
+            row["step"] = _measure(cases, device, args, memory=False)
+        rows.append(row)
+        _print_row(f"decode position {pos}", row)
+        k_cache = v_cache = None
+        _empty_cache(device)
+    return rows
+
+
+# --------------------------------------------------------------------------- report
+def _time(res, name):
+    r = res.get(name, {})
+    return r.get("median_s")
+
+
+def _print_row(title, row):
+    for label in ("fwd_bwd", "fwd", "step"):
+        if label not in row:
+            continue
+        res = row[label]
+        lines = [[name, T.fmt_time(r.get("median_s")), T.fmt_bytes(r.get("peak_bytes")), r.get("error", "")]
+                 for name, r in res.items()]
+        print(f"\n{title} [{label}]")
+        print(T.table(["case", "median", "peak memory", "error"], lines), flush=True)
+
+
+def _ratio(a, b):
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def targets(causal, grid, decode) -> list[dict]:
+    out = []
+    row16 = next((r for r in causal if r.get("tokens") == 16384 and "fwd_bwd" in r), None)
+    if row16:
+        res = row16["fwd_bwd"]
+        tri = _time(res, "krause_triton")
+        out.append({"target": "causal T=16k fwd+bwd: triton / flex sliding-window softmax", "goal": "<= 1.0",
+                    "measured": _ratio(tri, _time(res, "flex_sliding"))})
+        out.append({"target": "causal T=16k fwd+bwd: triton / SDPA causal", "goal": "<= 0.1",
+                    "measured": _ratio(tri, _time(res, "sdpa_causal"))})
+    vitb = next((r for r in grid if r.get("model") == "ViT-B/16" and "fwd_bwd" in r), None)
+    if vitb:
+        out.append({"target": "2-D ViT-B/16 fwd+bwd: triton / SDPA", "goal": "<= 1.0",
+                    "measured": _ratio(_time(vitb["fwd_bwd"], "krause_triton"), _time(vitb["fwd_bwd"], "sdpa"))})
+    steps = [_time(r["step"], "krause_triton") for r in decode if "step" in r]
+    steps = [s for s in steps if s is not None]
+    if len(steps) >= 2:
+        out.append({"target": "decode step: slowest / fastest position (flat in position)", "goal": "<= 1.2",
+                    "measured": max(steps) / min(steps)})
+    for t in out:
+        t["met"] = None if t["measured"] is None else t["measured"] <= float(t["goal"].split()[-1])
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer sizes, smaller ViT batch, 2 rounds")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--out", default=None, help="JSON output (default results/attention_cuda[_quick].json)")
+    p.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 5, quick 2)")
+    p.add_argument("--max-seconds-per-case", type=float, default=3.0)
+    p.add_argument("--budget-s", type=float, default=None, help="stop starting new rows after this many seconds")
+    p.add_argument("--only", choices=["causal", "2d", "decode"], default=None)
+    p.add_argument("--causal-tokens", type=int, nargs="*", default=None)
+    p.add_argument("--decode-positions", type=int, nargs="*", default=None)
+    p.add_argument("--vit-batch", type=int, default=None, help="2-D batch (default 256, quick 32)")
+    p.add_argument("--skip-memory", action="store_true")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    interpreted = os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
+    # CPU only under the Triton interpreter, with tiny sizes: a check of this script's plumbing
+    if not (device.type == "cuda" and torch.cuda.is_available()) and not (device.type == "cpu" and interpreted):
+        print(f"--device: this benchmark needs a CUDA device, got {args.device!r} "
+              f"(cuda available: {torch.cuda.is_available()})", file=sys.stderr)
+        return 2
+    ok, why = kernels.triton_available()
+    if not ok:
+        print(f"triton kernels unavailable: {why}", file=sys.stderr)
+        return 2
+    args.dtype = getattr(torch, args.dtype)
+    args.repeats = args.repeats or (2 if args.quick else 5)
+    args.causal_tokens = args.causal_tokens or (CAUSAL_T_QUICK if args.quick else CAUSAL_T)
+    args.decode_positions = args.decode_positions or (DECODE_POSITIONS_QUICK if args.quick else DECODE_POSITIONS)
+    args.vit_batch = args.vit_batch or (32 if args.quick else 256)
+    args.out = args.out or ("results/attention_cuda_quick.json" if args.quick else "results/attention_cuda.json")
+    deadline = time.monotonic() + (args.budget_s if args.budget_s else float("inf"))
+
+    info = T.machine_info(device)
+    print("machine:", T.describe_machine(info), flush=True)
+    import triton
+
+    payload = {"benchmark": "attention_cuda", "machine": info, "triton": triton.__version__,
+               "dtype": str(args.dtype), "quick": args.quick, "repeats": args.repeats,
+               "memory_method": T.MEMORY_METHOD.get("cuda"), "causal_config": CAUSAL, "grid_config": GRID,
+               "decode_config": DECODE, "causal": [], "grid_2d": [], "decode": [], "targets": []}
+    sections = [("causal", bench_causal), ("grid_2d", bench_2d), ("decode", bench_decode)]
+    for key, fn in sections:
+        if args.only and {"causal": "causal", "grid_2d": "2d", "decode": "decode"}[key] != args.only:
+            continue
+        payload[key] = fn(args, device, deadline)
+        payload["targets"] = targets(payload["causal"], payload["grid_2d"], payload["decode"])
+        T.write_json(args.out, payload)  # after every section: a cut-off run keeps what it measured
+    print("\ntargets:")
+    print(T.table(["target", "goal", "measured", "met"],
+                  [[t["target"], t["goal"], T.fmt_ratio(t["measured"]), t["met"]] for t in payload["targets"]]))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
