@@ -1,0 +1,1 @@
+"""The README figures and the one command that regenerates them: ``python -m images.make_all``."""
