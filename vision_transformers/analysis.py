@@ -89,7 +89,8 @@ def _figure(*args, **kwargs):
 def _save(fig, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:  # figures built with layout="constrained" keep it
+        fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path
 
@@ -106,11 +107,14 @@ def plot_run_curves(runs: dict[str, Sequence[dict]], out_path, title: str | None
         line = ax_acc.plot(x, [100 * r["test_acc1"] for r in ep], marker="o", ms=3, label=f"{label} test")[0]
         if all("train_acc" in r for r in ep):
             ax_acc.plot(x, [100 * r["train_acc"] for r in ep], ls="--", color=line.get_color(), label=f"{label} train")
-        ax_loss.plot(x, [r["test_loss"] for r in ep], marker="o", ms=3, color=line.get_color(), label=f"{label} test")
+        ax_loss.plot(x, [r["test_loss"] for r in ep], marker="o", ms=3, color=line.get_color(),
+                     label=f"{label} test (plain cross-entropy)")
         if all("train_loss" in r for r in ep):
-            ax_loss.plot(x, [r["train_loss"] for r in ep], ls="--", color=line.get_color(), label=f"{label} train")
+            ax_loss.plot(x, [r["train_loss"] for r in ep], ls="--", color=line.get_color(),
+                         label=f"{label} train (training objective)")
     ax_acc.set(xlabel="epoch", ylabel="top-1 accuracy (%)", title="accuracy")
-    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    # the train loss is the objective (label smoothing, mixup/cutmix when on), so it can sit above the test CE
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss (train: label-smoothed / mixed targets; test: plain CE)")
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -190,7 +194,7 @@ def plot_attention_maps(
         maps[name] = attention_rows(model, images, [q for _, q in queries])
         model.train(was)
     n_rows = images.shape[0] * len(queries) * len(names)
-    fig = _figure(figsize=(1.6 * (len(layers) + 1), 1.6 * n_rows))
+    fig = _figure(figsize=(1.6 * (len(layers) + 1) + 0.9, 1.6 * n_rows + 0.6), layout="constrained")
     axes = fig.subplots(n_rows, len(layers) + 1, squeeze=False)
     row = 0
     for b in range(images.shape[0]):
@@ -206,12 +210,21 @@ def plot_attention_maps(
                 ax.set_ylabel(f"{name}\n{qname}", fontsize=7)
                 for j, layer in enumerate(layers):
                     a = maps[name][layer, b, qi]
-                    axes[row][j + 1].imshow(a.numpy(), cmap="magma", vmin=0, vmax=float(a.max()) or 1.0)
+                    peak = float(a.max()) or 1.0
+                    shown = axes[row][j + 1].imshow((a / peak).numpy(), cmap="magma", vmin=0, vmax=1)
+                    axes[row][j + 1].text(0.03, 0.97, f"max {peak:.2f}", transform=axes[row][j + 1].transAxes,
+                                          ha="left", va="top", fontsize=6, color="white",
+                                          bbox=dict(facecolor="black", alpha=0.6, pad=1, linewidth=0))
                     axes[row][j + 1].set_xticks([])
                     axes[row][j + 1].set_yticks([])
                     if row == 0:
                         axes[row][j + 1].set_title(f"layer {layer}", fontsize=8)
                 row += 1
+    fig.colorbar(shown, ax=axes[:, 1:].ravel().tolist(), shrink=min(1.0, 4.0 / n_rows), pad=0.02,
+                 label="attention weight / panel max")
+    fig.suptitle("Head-averaged attention weights of one query (CLS, or the patch boxed in red) to the patch grid,\n"
+                 "per layer (CLS key left out); each panel scaled to its own maximum, printed in its corner",
+                 fontsize=8)
     return _save(fig, out_path)
 
 
