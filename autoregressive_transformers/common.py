@@ -131,8 +131,9 @@ def image_grid(images: np.ndarray, ncol: int | None = None, pad: int = 1) -> np.
     return grid
 
 
-def save_png(array: np.ndarray, path: str | Path, scale: int = 4) -> None:
-    """Writes a uint8 (H, W, 1 or 3) array as a PNG, each pixel a scale x scale block."""
+def save_png(array: np.ndarray, path: str | Path, scale: int = 4, title: str | None = None) -> None:
+    """Writes a uint8 (H, W, 1 or 3) array as a PNG, each pixel a scale x scale block; with
+    ``title``, as a figure with that title above the image."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -141,7 +142,20 @@ def save_png(array: np.ndarray, path: str | Path, scale: int = 4) -> None:
     img = np.repeat(np.repeat(array, scale, axis=0), scale, axis=1)
     if img.shape[-1] == 1:
         img = np.repeat(img, 3, axis=-1)
-    plt.imsave(str(path), img)
+    if title is None:
+        plt.imsave(str(path), img)
+        return
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    dpi = 100
+    fig = Figure(figsize=(max(img.shape[1], 300) / dpi, (img.shape[0] + 40) / dpi), dpi=dpi)
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((0, 0, 1, img.shape[0] / (img.shape[0] + 40)))
+    ax.imshow(img, interpolation="nearest")
+    ax.set_axis_off()
+    fig.suptitle(title, fontsize=8, y=0.99, va="top")
+    fig.savefig(str(path), dpi=dpi)
 
 
 # --------------------------------------------------------------------------- errors

@@ -108,7 +108,9 @@ def main(argv=None) -> int:
     images = tokens_to_images(tokens, shape)
     np.savez_compressed(out_dir / f"samples_{tag}.npz", images=images, tokens=tokens.numpy().astype(np.uint8),
                         temperature=args.temperature, seed=args.seed)
-    save_png(image_grid(images), out_dir / f"samples_{tag}.png", scale=4 if shape[0] <= 32 else 1)
+    save_png(image_grid(images), out_dir / f"samples_{tag}.png", scale=4 if shape[0] <= 32 else 1,
+             title=f"{model.cfg.name}: {args.num_samples} unconditional samples (temperature {args.temperature:g}, "
+                   f"seed {args.seed})")
     stats.update(model=model.cfg.name, checkpoint=str(path), temperature=args.temperature, seed=args.seed)
     atomic_write_text(out_dir / f"samples_{tag}.json", json.dumps(stats, indent=2) + "\n")
     print(f"{model.cfg.name}: {args.num_samples} samples in {stats['seconds']:.1f} s "
