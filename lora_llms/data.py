@@ -53,7 +53,12 @@ def load_raw(data_dir, columns=("inputs", "targets")):
 
     parts = []
     for kind, files in find_data_files(data_dir).items():
-        ds = load_dataset(kind, data_files=files, split="train")
+        try:
+            ds = load_dataset(kind, data_files=files, split="train")
+        except Exception as err:  # datasets raises many types for unreadable / mismatched files
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise ValueError(f"data_dir: cannot read the {kind} files under {data_dir} as FLAN examples "
+                             f"(fields {', '.join(columns)}): {type(err).__name__}: {first_line}") from err
         missing = [c for c in columns if c not in ds.column_names]
         if missing:
             raise ValueError(f"data_dir: {kind} files lack the field(s) {missing} (have {ds.column_names})")

@@ -182,7 +182,8 @@ def load_model(args):
     return model
 
 
-def main(argv=None) -> int:
+def main(argv=None, extra_callbacks=()) -> int:
+    """Runs training; ``extra_callbacks`` are added to the Trainer's (tests, custom logging)."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from transformers import AutoTokenizer, TrainingArguments
@@ -254,7 +255,7 @@ def main(argv=None) -> int:
     trainer = build_trainer_class()(
         model=peft_model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
         data_collator=data.collator(tokenizer), processing_class=tokenizer,
-        callbacks=[preempt, krause_cfg_cb, metrics_cb],
+        callbacks=[preempt, krause_cfg_cb, metrics_cb, *extra_callbacks],
     )
     if trainer.is_world_process_zero():
         resolved = {**vars(args), "out_dir": str(out_dir), "world_size": training_args.world_size,
