@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -731,11 +732,28 @@ def _example_args(out_dir, *extra):
 
 
 def _final_state(run_dir: Path):
-    return kt.read_checkpoint(run_dir / "checkpoints" / "last.pt")
+    """The latest checkpoint of a run as {step, world_size, model, rng_ranks} (through the export)."""
+    ck = kt.Checkpointer(run_dir / "checkpoints")
+    step = ck.latest_step()
+    out = run_dir.parent / f"_{run_dir.name}_{step}.pt"
+    payload = torch.load(ck.export(out, step), weights_only=False)
+    import pickle
+
+    return {"step": payload["meta"]["step"], "world_size": payload["meta"]["world_size"],
+            "model": payload["app"]["model"], "rng_ranks": len(pickle.loads(ck_rng(ck.step_dir(step))))}
+
+
+def ck_rng(step_dir: Path) -> bytes:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    tmp = step_dir.parent.parent.parent / f"_{step_dir.parent.parent.name}_rng.pt"
+    dcp_to_torch_save(str(step_dir), str(tmp))
+    return torch.load(tmp, weights_only=False)["app"]["rng"]
 
 
 def _records_without_time(run_dir: Path):
-    return [{k: v for k, v in r.items() if k != "time"} for r in kt.read_metrics(run_dir / "metrics.jsonl")]
+    volatile = {"time", "samples_per_s", "steps_per_s", "tokens_per_s", "tflops_per_device", "mfu"}
+    return [{k: v for k, v in r.items() if k not in volatile} for r in kt.read_metrics(run_dir / "metrics.jsonl")]
 
 
 def test_example_loop_preempted_and_resumed_matches_uninterrupted(tmp_path):
@@ -743,14 +761,14 @@ def test_example_loop_preempted_and_resumed_matches_uninterrupted(tmp_path):
     assert example.main(_example_args(full)) == 0
     # SIGTERM after step 4 of 6 in epoch 0: saves last at step 4 and returns
     assert example.main(_example_args(cut, "--preempt_at_step", "4")) == 0
-    assert _final_state(cut)["step"] == 4 and not (cut / "checkpoints" / "best.pt").exists()
+    assert _final_state(cut)["step"] == 4 and not (cut / "checkpoints" / "best").exists()
     assert example.main(_example_args(cut, "--resume")) == 0
     a, b = _final_state(full), _final_state(cut)
     assert a["step"] == b["step"] == 12
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     assert _records_without_time(full) == _records_without_time(cut)
-    assert (cut / "figures" / "curves.png").stat().st_size > 0 and (cut / "checkpoints" / "best.pt").exists()
+    assert (cut / "figures" / "curves.png").stat().st_size > 0 and (cut / "checkpoints" / "best").is_dir()
 
 
 @pytest.mark.slow
@@ -769,10 +787,241 @@ def test_example_under_torchrun_two_processes_resumes_bit_identically(tmp_path):
     full, cut = tmp_path / "full", tmp_path / "cut"
     torchrun(full)
     torchrun(cut, "--preempt_at_step", "2", "--preempt_rank", "1")
-    assert _final_state(cut)["step"] == 2 and len(_final_state(cut)["rng"]) == 2
+    assert _final_state(cut)["step"] == 2 and _final_state(cut)["rng_ranks"] == 2
     torchrun(cut, "--resume")
     a, b = _final_state(full), _final_state(cut)
     assert a["step"] == b["step"] == 12 and a["world_size"] == 2
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     assert _records_without_time(full) == _records_without_time(cut)
+
+
+# ----------------------------------------------------------------------------- one writer, stops, launcher death
+
+
+def _sleeper():
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+
+def test_run_dir_lock_refuses_a_second_trainer_and_takes_over_a_stale_lock(tmp_path):
+    out = tmp_path / "run"
+    cfg = {"lr": 1e-3}
+    run = kt.prepare_run_dir(out, cfg)
+    assert json.loads((out / ".lock").read_text())["pid"] == os.getpid()
+    run.release()
+    assert not (out / ".lock").exists()
+    live = _sleeper()
+    try:
+        (out / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": live.pid,
+                                               "start_time": kt.lock.process_start_time(live.pid)}))
+        before = (out / "launches.jsonl").read_text()
+        with pytest.raises(kt.RunDirError, match=f"in use by another trainer \\(pid {live.pid}"):
+            kt.prepare_run_dir(out, cfg, resume=True)
+        assert (out / "launches.jsonl").read_text() == before  # nothing written
+    finally:
+        live.kill()
+        live.wait()
+    # the holder died (kill -9 leaves its lock behind): the lock is stale and taken over
+    run = kt.prepare_run_dir(out, cfg, resume=True)
+    assert json.loads((out / ".lock").read_text())["pid"] == os.getpid()
+    run.release()
+    # a recycled pid (same number, later start time) is not the holder either
+    (out / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "start_time": 1.0}))
+    kt.RunLock(out / ".lock").acquire().release()
+
+
+def test_resume_refuses_a_changed_config_or_a_lost_checkpoint_before_touching_anything(tmp_path):
+    out = tmp_path / "run"
+    cfg = {"lr": 1e-3, "depth": 2}
+    run = kt.prepare_run_dir(out, cfg)
+    model, opt = _build(0)[:2]
+    kt.Checkpointer(run.checkpoint_dir, config=cfg).save(3, kt.AppState(model, opt), metric=1.0)
+    run.release()
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(kt.RunDirError, match=r"(?s)another config:\n  depth: 2 -> 4\n.*original settings"):
+        kt.prepare_run_dir(out, {**cfg, "depth": 4}, resume=True)
+    with pytest.raises(kt.RunDirError, match=r"(?s)different config.*overwrite to start a new run"):
+        kt.prepare_run_dir(out, {**cfg, "depth": 4})
+    with pytest.raises(kt.RunDirError, match="already holds a checkpoint"):
+        kt.prepare_run_dir(out, cfg)
+    shutil.rmtree(run.checkpoint_dir / "step-000003")  # the resume point is gone, best/ remains
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(kt.RunDirError, match="holds a best checkpoint but no complete checkpoint"):
+        kt.prepare_run_dir(out, cfg, resume=True)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+    kt.prepare_run_dir(out, cfg, overwrite=True).release()  # overwrite starts over, old steps set aside
+    assert (out / "checkpoints.replaced" / "best").is_dir() and not (out / "checkpoints" / "best").exists()
+
+
+def _wait_for_step(metrics: Path, step: int, proc, timeout: float = 120.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if metrics.is_file() and any(r.get("step", 0) >= step for r in kt.read_metrics(metrics)):
+                return
+        except ValueError:
+            pass
+        time.sleep(0.02)
+    raise AssertionError(f"the run did not reach step {step} (exit code {proc.poll()})")
+
+
+def _example_proc(out_dir, *extra):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return subprocess.Popen([sys.executable, "-m", "krause.training.example", *_example_args(out_dir, *extra)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+LONG = ("--epochs", "5", "--n_train", "160", "--save_every", "3")
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_then_resume_is_bit_identical(tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    whole = _example_proc(full, *LONG)  # every run in one kind of process (same thread count)
+    proc = _example_proc(cut, *LONG)
+    _wait_for_step(cut / "metrics.jsonl", 20, proc)
+    proc.kill()  # SIGKILL: no handler runs, the lock stays behind, a save may be half-written
+    proc.communicate()
+    assert (cut / ".lock").is_file()
+    stopped = kt.Checkpointer(cut / "checkpoints").latest_step()
+    assert stopped is not None and stopped < 50
+    resumed = _example_proc(cut, *LONG, "--resume")
+    for p in (whole, resumed):
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    a, b = _final_state(full), _final_state(cut)
+    assert a["step"] == b["step"] == 50
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert _records_without_time(full) == _records_without_time(cut)
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_at_the_next_step_with_one_line(tmp_path):
+    out = tmp_path / "run"
+    proc = _example_proc(out, *LONG)
+    _wait_for_step(out / "metrics.jsonl", 5, proc)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "Traceback" not in stderr and "Traceback" not in stdout
+    assert [line for line in stderr.splitlines() if "interrupt" in line] == [
+        "interrupt: saving at the next step boundary, then stopping (Ctrl-C again aborts)"]
+    step = kt.Checkpointer(out / "checkpoints").latest_step()
+    assert 5 <= step < 50 and "stop requested (SIGINT)" in stdout
+
+
+def test_worker_dies_with_its_launcher(tmp_path):
+    """A torchrun-style worker (LOCAL_RANK set) whose launcher is killed with -9 gets SIGTERM, so its
+    preemption handler stops it (the orphaned worker of the issue kept training)."""
+    flag = tmp_path / "stopped"
+    child = (f"import time, krause.training as kt\n"
+             f"h = kt.PreemptionHandler().install(); kt.die_with_parent(poll_s=0.1)\n"
+             f"open({str(tmp_path / 'ready')!r}, 'w').close()\n"
+             f"t = time.time()\nwhile not h.requested and time.time() - t < 60: time.sleep(0.05)\n"
+             f"open({str(flag)!r}, 'w').write(h.reason)\n")
+    launcher = ("import subprocess, sys, os, time\n"
+                f"subprocess.Popen([sys.executable, '-c', {child!r}], env=dict(os.environ, LOCAL_RANK='0'))\n"
+                "time.sleep(120)\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("LOCAL_RANK", None)
+    parent = subprocess.Popen([sys.executable, "-c", launcher], env=env)
+    deadline = time.time() + 60
+    while not (tmp_path / "ready").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 20
+    while not flag.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert flag.exists() and flag.read_text() == "SIGTERM"
+
+
+# ----------------------------------------------------------------------------- resharding: 2 ranks -> 1 or 2
+
+
+def _example_ranks_worker(rank: int, world: int, runs: list) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
+    torch.set_num_threads(1)
+    for port, argv in runs:
+        os.environ["MASTER_PORT"] = str(port)
+        code = example.main(argv)
+        if code != 0:
+            raise SystemExit(f"rank {rank}: example exited {code} for {argv}")
+
+
+def _run_two_ranks(*runs):
+    mp.start_processes(_example_ranks_worker, args=(2, [(_free_port(), list(r)) for r in runs]), nprocs=2,
+                       join=True, start_method=_start_method())
+
+
+def _metric_values(run_dir: Path):
+    keep = ("step", "train_loss", "test_loss", "test_acc", "grad_norm", "lr")
+    return [{k: r[k] for k in keep if k in r} for r in kt.read_metrics(run_dir / "metrics.jsonl")]
+
+
+def _assert_close_records(a, b):
+    assert [sorted(r) for r in a] == [sorted(r) for r in b]
+    for ra, rb in zip(a, b):
+        for k in ra:
+            assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-6), (k, ra["step"])
+
+
+@pytest.mark.slow
+def test_two_rank_ddp_and_fsdp2_runs_resume_on_one_and_on_two_ranks(tmp_path, recwarn):
+    """Saved on 2 ranks (DDP, and FSDP2 with sharded state), resumed on 2 ranks and on 1 (DCP
+    reshards): the metrics equal the uninterrupted 2-rank run's (no dropout: RNG streams differ per rank)."""
+    base = ("--dropout", "0", "--device", "cpu")
+    full, ddp, fsdp = tmp_path / "full", tmp_path / "ddp", tmp_path / "fsdp"
+    _run_two_ranks(_example_args(full, *base), _example_args(ddp, *base, "--preempt_at_step", "4"),
+                   _example_args(fsdp, *base, "--fsdp", "--preempt_at_step", "4"))
+    for name in ("ddp", "fsdp"):
+        shutil.copytree(tmp_path / name, tmp_path / f"{name}_one")
+    assert kt.Checkpointer(fsdp / "checkpoints").latest_step() == 4
+    _run_two_ranks(_example_args(ddp, *base, "--resume"), _example_args(fsdp, *base, "--fsdp", "--resume"))
+    for name in ("ddp_one", "fsdp_one"):
+        assert example.main(_example_args(tmp_path / name, *base, "--resume")) == 0
+    reference = _metric_values(full)
+    assert [r["step"] for r in reference if "test_acc" in r] == [6, 12]
+    for name in ("ddp", "fsdp", "ddp_one", "fsdp_one"):
+        _assert_close_records(reference, _metric_values(tmp_path / name))
+
+
+# ----------------------------------------------------------------------------- throughput, sigma, eval shards, sinks
+
+
+def test_throughput_and_mfu_from_counted_flops():
+    model = nn.Linear(32, 16, bias=False)
+    per_sample = kt.train_flops_per_sample(model, torch.randn(4, 32))
+    assert per_sample == 2 * (2 * 32 * 16)  # forward matmul + the weight-gradient matmul (inputs need no grad)
+    assert model.weight.grad is None  # the counting pass leaves no gradients behind
+    clock = iter([0.0, 2.0, 2.0]).__next__
+    meter = kt.Throughput(flops_per_sample=per_sample, peak_flops=1e6, world_size=2, clock=clock)
+    meter.update(samples=100, tokens=100 * 64)
+    rates = meter.rates()
+    assert rates["samples_per_s"] == 50 and rates["tokens_per_s"] == 3200
+    assert rates["mfu"] == pytest.approx(per_sample * 50 / 2 / 1e6)
+    with pytest.raises(ValueError, match="peak_flops"):
+        kt.Throughput(peak_flops=0)
+
+
+def test_sigma_per_layer_and_eval_shards_count_every_example_once():
+    class Attn(nn.Module):
+        def __init__(self, shape):
+            super().__init__()
+            self.log_sigma = nn.Parameter(torch.full(shape, math.log(2.0)))
+
+    model = nn.Sequential(Attn(()), nn.Linear(2, 2), Attn((2,)))
+    assert kt.sigma_per_layer(model) == [pytest.approx(2.0), [pytest.approx(2.0)] * 2]
+    shards = [kt.eval_shard(13, r, 4).tolist() for r in range(4)]
+    assert sorted(sum(shards, [])) == list(range(13)) and len(kt.ShardSampler(13, 3, 4)) == 3
+
+
+def test_metrics_live_sink_is_off_by_default_and_refuses_unknown(tmp_path):
+    log = kt.MetricsLogger(tmp_path / "m.jsonl", enabled=True)
+    log.log(step=1, loss=1.0)
+    log.close()
+    assert not (tmp_path / "tensorboard").exists()
+    with pytest.raises(ValueError, match="live sink"):
+        kt.MetricsLogger(tmp_path / "n.jsonl", enabled=True, live="wandb-ish")

@@ -7,7 +7,16 @@ Modules (each small and usable alone):
     config       resolved config -> JSON dict, fingerprint, diff
     run_dir      one directory per run: config.json, metrics, checkpoints/, figures/
     metrics      JSON-lines metrics logger and reader, rank-0 tqdm, text logging
-    checkpoint   atomic checksummed checkpoints, resume, last / best
+    checkpointer DCP checkpoints of a Stateful AppState: step dirs, latest, best, async, resharding, export
+    checkpoint   the single-file format (export, small tools): atomic, CRC-checked
+    state        TrainState: step, epoch, position, running sums (Stateful)
+    loop         TrainLoop + TrainHooks: the one loop shape (train_step / evaluate hooks)
+    accumulation BatchPlan (global = micro x accum x world), accumulate_gradients (no_sync / FSDP2)
+    fsdp         apply_fsdp: per-block fully_shard, MixedPrecisionPolicy, activation checkpointing, compile
+    throughput   samples / tokens per second and MFU (FlopCounterMode or a formula)
+    lock         one writer per run directory (host, pid, start time; stale locks taken over)
+    errors       UsageError and one-line reporting
+    sigma        sigma_per_layer
     preemption   SIGTERM / SIGUSR1 -> flag -> save `last` and exit cleanly
     data         resumable DistributedSampler (skip part of an epoch), per-epoch loader seeds
     schedule     per-step linear warmup + cosine decay to a floor (LambdaLR)
@@ -28,7 +37,16 @@ from .checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from .data import ResumableDistributedSampler, derive_seed, reseed
+from .accumulation import AccumulationResult, BatchPlan, accumulate_gradients, grad_sync
+from .checkpointer import AppState, Checkpointer, SaveInfo, export_checkpoint
+from .data import ResumableDistributedSampler, ShardSampler, derive_seed, eval_shard, reseed
+from .errors import UsageError, one_line, report_usage_errors
+from .fsdp import apply_fsdp, build_mesh, find_blocks, mixed_precision
+from .lock import RunLock, RunLockError
+from .loop import LoopSettings, TrainHooks, TrainLoop, split_micro_batches
+from .sigma import sigma_per_layer
+from .state import TrainState
+from .throughput import Throughput, count_flops, known_peak_flops, train_flops_per_sample
 from .config import RUNTIME_KEYS, config_diff, config_fingerprint, config_to_dict
 from .distributed import (
     DistEnv,
@@ -39,6 +57,7 @@ from .distributed import (
     barrier,
     broadcast_object,
     cleanup,
+    die_with_parent,
     get_dist_env,
     get_rank,
     get_world_size,
@@ -46,18 +65,26 @@ from .distributed import (
     is_distributed,
     is_main_process,
     per_rank_batch_size,
+    record,
     unwrap_model,
     wrap_ddp,
 )
 from .metrics import MetricsLogger, close_logging, progress_bar, read_metrics, series, setup_logging
 from .optim import NO_DECAY_KEYWORDS, build_adamw, param_groups
 from .plotting import plot_comparison, plot_curves, plot_run, plot_series
-from .preemption import PreemptionHandler
+from .preemption import PreemptionHandler, ignore_sigint
 from .run_dir import RunDir, RunDirError, prepare_run_dir
 from .schedule import WarmupCosine, warmup_cosine_scheduler, warmup_steps
 from .seed import capture_rng_state, restore_rng_state, seed_everything, set_deterministic
 
 __all__ = [
+    "AccumulationResult", "BatchPlan", "accumulate_gradients", "grad_sync",
+    "AppState", "Checkpointer", "SaveInfo", "export_checkpoint",
+    "ShardSampler", "eval_shard", "UsageError", "one_line", "report_usage_errors",
+    "apply_fsdp", "build_mesh", "find_blocks", "mixed_precision", "RunLock", "RunLockError",
+    "LoopSettings", "TrainHooks", "TrainLoop", "split_micro_batches", "sigma_per_layer", "TrainState",
+    "Throughput", "count_flops", "known_peak_flops", "train_flops_per_sample",
+    "die_with_parent", "record", "ignore_sigint",
     "CheckpointError",
     "CheckpointManager",
     "CheckpointMismatchError",

@@ -24,7 +24,32 @@ from typing import Iterator
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
-__all__ = ["derive_seed", "reseed", "ResumableDistributedSampler"]
+__all__ = ["derive_seed", "reseed", "ResumableDistributedSampler", "eval_shard", "ShardSampler"]
+
+
+def eval_shard(num_examples: int, rank: int | None = None, world_size: int | None = None) -> torch.Tensor:
+    """Indices rank, rank + W, ... of an evaluation set: every example on exactly one rank.
+
+    No padding (DistributedSampler pads by repeating examples, which double-counts them),
+    so per-rank sums add up to the whole set and match a single process."""
+    from .distributed import get_rank, get_world_size
+
+    rank = get_rank() if rank is None else rank
+    world_size = get_world_size() if world_size is None else world_size
+    return torch.arange(rank, num_examples, world_size)
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """`eval_shard` as a DataLoader sampler (evaluation: sum the metrics over ranks)."""
+
+    def __init__(self, num_examples: int, rank: int | None = None, world_size: int | None = None):
+        self.indices = eval_shard(num_examples, rank, world_size).tolist()
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
 
 
 def derive_seed(*parts: int) -> int:

@@ -39,7 +39,15 @@ __all__ = [
     "per_rank_batch_size",
     "wrap_ddp",
     "unwrap_model",
+    "die_with_parent",
+    "record",
 ]
+
+try:  # torchrun reports the failing rank's traceback from the error file @record writes
+    from torch.distributed.elastic.multiprocessing.errors import record
+except ImportError:  # pragma: no cover - builds without distributed
+    def record(fn):  # type: ignore[no-redef]
+        return fn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +99,7 @@ def init_distributed(
     Safe to call twice; a process group that already exists is reused.
     """
     global _ENV
+    die_with_parent()
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
@@ -148,6 +157,49 @@ def init_distributed(
         backend = dist.get_backend()
     _ENV = DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=dev, backend=backend)
     return _ENV
+
+
+_WATCHING_PARENT = False
+
+
+def die_with_parent(sig: int | None = None, poll_s: float = 1.0) -> bool:
+    """Under torchrun, make this worker stop when its launcher dies (even by SIGKILL).
+
+    Linux: prctl(PR_SET_PDEATHSIG) delivers `sig` (default SIGTERM: the preemption handler
+    saves at the next step boundary and exits) when the parent dies; elsewhere (and as a
+    backstop) a daemon thread polls the parent pid. Returns whether a watch was set up
+    (only for processes started by torchrun: TORCHELASTIC_RUN_ID or LOCAL_RANK set).
+    """
+    global _WATCHING_PARENT
+    import signal
+    import sys
+    import threading
+    import time
+
+    if _WATCHING_PARENT or not (os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("LOCAL_RANK")):
+        return _WATCHING_PARENT
+    sig = signal.SIGTERM if sig is None else sig
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:
+                os.kill(os.getpid(), sig)
+                time.sleep(120.0)  # a stop that has not finished its save by now: leave for good
+                os._exit(1)
+
+    threading.Thread(target=watch, name="krause-parent-watch", daemon=True).start()
+    _WATCHING_PARENT = True
+    return True
 
 
 def get_dist_env() -> DistEnv:

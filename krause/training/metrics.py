@@ -50,6 +50,9 @@ class MetricsLogger:
         larger step (written after that checkpoint by the interrupted launch) are
         dropped first, so the file never holds two histories for one step range.
     fsync: also fsync every line (survives a machine crash, costs a disk sync per line).
+    live: also send numeric metrics to a live sink: "tensorboard" (needs the tensorboard
+        package; events under <metrics dir>/tensorboard) or None (default). The JSONL
+        file stays the record; the sink is for watching a run.
     """
 
     def __init__(
@@ -58,13 +61,23 @@ class MetricsLogger:
         enabled: bool | None = None,
         resume_step: int | None = None,
         fsync: bool = False,
+        live: str | None = None,
     ):
         self.path = Path(path)
         self.enabled = is_main_process() if enabled is None else bool(enabled)
         self.fsync = fsync
         self._file = None
+        self._live = None
+        if live not in (None, "none", "tensorboard"):
+            raise ValueError(f"live sink must be None or 'tensorboard', got {live!r}")
         if not self.enabled:
             return
+        if live == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ValueError("live sink 'tensorboard' needs the tensorboard package (pip install tensorboard)") from None
+            self._live = SummaryWriter(log_dir=str(self.path.parent / "tensorboard"), purge_step=resume_step)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             self._truncate_after(resume_step)
@@ -101,9 +114,16 @@ class MetricsLogger:
         self._file.flush()
         if self.fsync:
             os.fsync(self._file.fileno())
+        if self._live is not None:
+            for k, v in record.items():
+                if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._live.add_scalar(k, v, record["step"])
         return record
 
     def close(self) -> None:
+        if self._live is not None:
+            self._live.close()
+            self._live = None
         if self._file is not None:
             self._file.close()
             self._file = None

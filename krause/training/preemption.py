@@ -1,4 +1,4 @@
-"""Graceful stop on SIGTERM / SIGUSR1: set a flag, let the loop save `last` and exit.
+"""Graceful stop on SIGTERM / SIGUSR1 / SIGINT: set a flag, let the loop save and exit.
 
 Usage in a train loop::
 
@@ -15,7 +15,13 @@ checkpoint is always written between two complete optimizer steps.
 `should_stop()` takes the maximum of the flag over all ranks, so every rank stops
 at the same step even when only one of them was signalled (all ranks must call
 it at the same points; `every=n` checks only at every n-th call to save the
-collective). A second signal is ignored as well: the save in progress finishes.
+collective). A second SIGTERM / SIGUSR1 is ignored: the save in progress finishes.
+
+Ctrl-C (SIGINT, on by default) is a graceful stop too: the first one prints one line
+and the loop saves at the next step boundary; a second one aborts at once (the
+previous SIGINT handler, normally KeyboardInterrupt). DataLoader workers get the
+terminal's SIGINT as well: give loaders `worker_init_fn=ignore_sigint` so they stay
+quiet and let the main process stop them.
 
 Slurm and torchrun:
 - Slurm sends SIGTERM at preemption or time limit, then SIGKILL after KillWait
@@ -34,13 +40,19 @@ Slurm and torchrun:
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from types import FrameType
 from typing import Any, Iterable
 
-from .distributed import all_reduce_max, is_distributed
+from .distributed import all_reduce_max, is_distributed, is_main_process
 
-__all__ = ["PreemptionHandler", "DEFAULT_SIGNALS"]
+__all__ = ["PreemptionHandler", "DEFAULT_SIGNALS", "ignore_sigint"]
+
+
+def ignore_sigint(worker_id: int | None = None) -> None:
+    """DataLoader `worker_init_fn`: workers ignore Ctrl-C (the main process stops them)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 DEFAULT_SIGNALS: tuple[signal.Signals, ...] = tuple(
     s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None
@@ -50,10 +62,12 @@ DEFAULT_SIGNALS: tuple[signal.Signals, ...] = tuple(
 class PreemptionHandler:
     """Flag set by the given signals (default SIGTERM and SIGUSR1); previous handlers restored on exit."""
 
-    def __init__(self, signals: Iterable[int] = DEFAULT_SIGNALS, every: int = 1):
+    def __init__(self, signals: Iterable[int] = DEFAULT_SIGNALS, every: int = 1, sigint: bool = True):
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
         self.signals = tuple(signal.Signals(s) for s in signals)
+        if sigint and signal.SIGINT not in self.signals:
+            self.signals += (signal.SIGINT,)
         self.every = every
         self.received: signal.Signals | None = None
         self._stop_agreed = False
@@ -83,8 +97,18 @@ class PreemptionHandler:
         self.uninstall()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and self.received is not None:
+            # second Ctrl-C: abort now, the way the interrupted program would have
+            previous = self._previous.get(signal.SIGINT)
+            self.uninstall()
+            if callable(previous):
+                previous(signum, frame)
+            raise KeyboardInterrupt
         if self.received is None:
             self.received = signal.Signals(signum)
+            if signum == signal.SIGINT and is_main_process():
+                print("\ninterrupt: saving at the next step boundary, then stopping (Ctrl-C again aborts)",
+                      file=sys.stderr, flush=True)
 
     # -- queries
     @property

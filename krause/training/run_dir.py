@@ -8,8 +8,8 @@ current working directory once `out_dir` has been resolved):
     <out_dir>/launches.jsonl       one line per launch: time, host, world size, git commit, versions
     <out_dir>/metrics.jsonl        metrics, one JSON object per line (see metrics.py)
     <out_dir>/train.log            text log of rank 0
-    <out_dir>/checkpoints/last.pt  latest checkpoint (resume point)
-    <out_dir>/checkpoints/best.pt  best checkpoint by the family's selection metric
+    <out_dir>/checkpoints/         step-NNNNNN/ DCP checkpoints, latest, best/ (checkpointer.py)
+    <out_dir>/.lock                the trainer holding the directory (lock.py)
     <out_dir>/figures/*.png        figures (see plotting.py)
 """
 
@@ -27,10 +27,15 @@ from typing import Any, Iterable
 
 import torch
 
+from .checkpoint import CheckpointError
 from .config import RUNTIME_KEYS, config_diff, config_to_dict, format_config_diff
 from .distributed import barrier, broadcast_object, get_world_size, is_main_process
+from .lock import RunLock, RunLockError
 
-__all__ = ["RunDir", "RunDirError", "prepare_run_dir", "atomic_write_text"]
+__all__ = ["RunDir", "RunDirError", "prepare_run_dir", "atomic_write_text", "FILE_MODE"]
+
+#: every file a run writes gets this mode (before the umask), temporary-file writes included
+FILE_MODE = 0o644
 
 
 class RunDirError(RuntimeError):
@@ -42,6 +47,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, FILE_MODE & ~umask)  # mkstemp makes 0600; run files share one mode
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -65,8 +73,16 @@ class RunDir:
     CHECKPOINTS = "checkpoints"
     FIGURES = "figures"
 
+    LOCK = ".lock"
+
     def __init__(self, out_dir: str | os.PathLike):
         self.root = Path(out_dir).expanduser().resolve()
+        self.lock: RunLock | None = None
+
+    def release(self) -> None:
+        """Release the run-directory lock (also done at interpreter exit)."""
+        if self.lock is not None:
+            self.lock.release()
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.root)!r})"
@@ -103,9 +119,33 @@ class RunDir:
 
     @property
     def last_checkpoint(self) -> Path | None:
-        """checkpoints/last.pt if it exists."""
+        """The resume point: the latest complete DCP step directory, else a legacy checkpoints/last.pt."""
+        from .checkpointer import Checkpointer
+
+        step = Checkpointer(self.checkpoint_dir).latest_step()
+        if step is not None:
+            return Checkpointer(self.checkpoint_dir).step_dir(step)
         p = self.checkpoint_dir / "last.pt"
         return p if p.is_file() else None
+
+    def started(self) -> str | None:
+        """Why this directory looks like a run that trained (a checkpoint trace or logged steps), or None."""
+        from .checkpointer import Checkpointer
+
+        ck = Checkpointer(self.checkpoint_dir)
+        if ck.best_dir.is_dir() or (self.checkpoint_dir / "best.pt").is_file():
+            return "a best checkpoint"
+        if [p for p in ck.incomplete_dirs() if not p.name.startswith(".tmp-")]:
+            return "an incomplete checkpoint"
+        if self.metrics_path.is_file():
+            from .metrics import read_metrics
+
+            try:
+                if any(isinstance(r.get("step"), (int, float)) and r["step"] > 0 for r in read_metrics(self.metrics_path)):
+                    return "metrics of trained steps"
+            except ValueError:
+                return "a metrics file"
+        return None
 
     def read_config(self) -> dict[str, Any] | None:
         if not self.config_path.is_file():
@@ -131,36 +171,73 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def _check_resume(run: RunDir, cfg: dict[str, Any], ignore: Iterable[str]) -> str | None:
+    """Read-only checks of a resume target; the error message, or None when it may proceed."""
+    from .checkpointer import Checkpointer
+
+    ck = Checkpointer(run.checkpoint_dir, config_ignore=ignore)
+    step = ck.latest_step()
+    if step is not None:
+        try:
+            ck.check_config(cfg, step)  # also reads the marker: CorruptCheckpointError names the step
+        except CheckpointError as e:
+            return str(e).replace("(a new out_dir, or overwrite)", "(a new out_dir, or overwrite to start over in this one)")
+        return None
+    why = run.started()
+    if why is not None:
+        return (f"out_dir {run.root} holds {why} but no complete checkpoint to resume from; "
+                "pass overwrite to start the run over there (or choose a new out_dir)")
+    return None
+
+
 def _prepare_on_main(
-    run: RunDir, cfg: dict[str, Any], resume: bool, overwrite: bool, ignore: Iterable[str]
+    run: RunDir, cfg: dict[str, Any], resume: bool, overwrite: bool, ignore: Iterable[str], lock: bool = True
 ) -> tuple[str, str]:
-    """Checks and writes on rank 0. Returns ("ok"|"error", message)."""
+    """Checks (read-only), then the lock, then writes, on rank 0. Returns ("ok"|"error", message)."""
     if run.root.exists() and not run.root.is_dir():
         return "error", f"out_dir {run.root} exists and is not a directory"
     old = run.read_config() if run.root.is_dir() else None
-    if old is None and run.root.is_dir() and any(run.root.iterdir()) and not overwrite:
+    if old is None and run.root.is_dir() and any(p.name != RunDir.LOCK for p in run.root.iterdir()) and not overwrite:
         return "error", (
             f"out_dir {run.root} is not empty and has no {RunDir.CONFIG}: it does not look like a run "
             "directory. Choose a new or empty out_dir (or pass overwrite to use it anyway)."
         )
-    if old is not None:
-        diff = config_diff(old, cfg, ignore)
-        if diff and not (resume or overwrite):
+    diff = config_diff(old, cfg, ignore) if old is not None else []
+    if old is not None and not overwrite:
+        if resume:
+            problem = _check_resume(run, cfg, ignore)
+            if problem:
+                return "error", problem
+        elif diff:
             return "error", (
                 f"out_dir {run.root} belongs to a run with a different config:\n{format_config_diff(diff)}\n"
-                "Use a new out_dir, resume to continue this run with the new config, or overwrite to start over."
+                "Use a new out_dir, or overwrite to start a new run there (resume only continues the same config)."
             )
-        if not diff and not (resume or overwrite) and run.last_checkpoint is not None:
+        elif run.last_checkpoint is not None:
             return "error", (
                 f"out_dir {run.root} already holds a checkpoint ({run.last_checkpoint}); pass resume to "
                 "continue it or overwrite to start over"
             )
-        if diff:
-            # Keep the earlier config next to the new one rather than losing it.
-            n = 1
-            while (run.root / f"config.{n}.json").exists():
-                n += 1
-            os.replace(run.config_path, run.root / f"config.{n}.json")
+    if lock:
+        run.lock = RunLock(run.root / RunDir.LOCK)
+        try:
+            run.lock.acquire()
+        except RunLockError as e:
+            return "error", str(e)
+    if old is not None and diff:
+        # Keep the earlier config next to the new one rather than losing it.
+        n = 1
+        while (run.root / f"config.{n}.json").exists():
+            n += 1
+        os.replace(run.config_path, run.root / f"config.{n}.json")
+    if overwrite and run.checkpoint_dir.is_dir() and any(run.checkpoint_dir.iterdir()):
+        # the new run must never resume from or prune the old run's steps: set them aside
+        aside = run.root / "checkpoints.replaced"
+        if aside.exists():
+            import shutil
+
+            shutil.rmtree(aside)
+        os.replace(run.checkpoint_dir, aside)
     run.make_dirs()
     atomic_write_text(run.config_path, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     launch = {
@@ -186,15 +263,19 @@ def prepare_run_dir(
     resume: bool = False,
     overwrite: bool = False,
     ignore: Iterable[str] = RUNTIME_KEYS,
+    lock: bool = True,
 ) -> RunDir:
     """Create (or reopen) the run directory and write the resolved config. Call on every rank.
 
-    resume: continue the run in `out_dir` (from checkpoints/last.pt when it exists; a
-        first launch with resume=True simply starts). A changed config is accepted, the
-        earlier one kept as config.<n>.json; the checkpoint's config fingerprint still
-        decides whether its weights may be loaded (see checkpoint.load_checkpoint).
-    overwrite: reuse `out_dir` for a new run even though it holds another one. Nothing
-        is deleted; checkpoints and metrics are replaced as the new run writes them.
+    resume: continue the run in `out_dir`. Before anything is touched the latest
+        checkpoint is checked against `config` (fingerprint; the readable diff on a
+        mismatch) and its marker read (a damaged step is named, with the older one); a
+        directory that trained (best checkpoint, logged steps) but has no complete
+        checkpoint is refused instead of silently started over. A first launch with
+        resume=True simply starts (launch templates always pass it).
+    overwrite: reuse `out_dir` for a new run even though it holds another one. The old
+        checkpoints are moved to checkpoints.replaced/; metrics are replaced.
+    lock: take the run-directory lock (lock.py) on rank 0, so a second trainer refuses.
     Without either flag an existing run directory is refused when its config differs
     or when it already holds a checkpoint, so a run is never silently clobbered.
     """
@@ -203,7 +284,7 @@ def prepare_run_dir(
     status, message = ("ok", "")
     if is_main_process():
         try:
-            status, message = _prepare_on_main(run, cfg, resume, overwrite, ignore)
+            status, message = _prepare_on_main(run, cfg, resume, overwrite, ignore, lock)
         except OSError as e:
             status, message = "error", f"cannot prepare out_dir {run.root}: {e}"
     status, message = broadcast_object((status, message))

@@ -1,0 +1,587 @@
+"""Sharded, resharding-safe checkpoints on torch.distributed.checkpoint (DCP).
+
+    app = AppState(model=model, optimizer=opt, scheduler=sched, scaler=scaler, train_state=state)
+    ckpt = Checkpointer(run.checkpoint_dir, config=cfg, keep_latest_k=3, mode="min")
+    ckpt.load(app)                       # latest complete step (verified), or None for a fresh run
+    ...
+    ckpt.save(state.step, app, metric=test_bpd)   # collective; async=True returns after the CPU copy
+    ckpt.close()                         # waits for an async save in flight
+
+Layout of `directory`:
+
+    step-000500/           one DCP checkpoint: __<rank>_<i>.distcp files, .metadata, checkpoint.json
+    latest                 text file naming the newest complete step directory
+    best/                  copy (hard links) of the step with the best metric
+    .tmp-step-000600/      a save in progress; never read
+
+Every rank writes only its own shards (`get_state_dict` gives DTensor shards under
+FSDP2 and plain tensors under DDP / one process), so there is no rank-0 full-state
+copy, and a checkpoint written by N ranks loads on M ranks (DCP reshards). A step is
+written to `.tmp-step-*`, then `checkpoint.json` (the completion marker: step, config
+and its fingerprint, metric, size and CRC-32 of every file) is written and the
+directory renamed to `step-*`; `latest` moves only after that, so a crash mid-save
+leaves the previous step as the resume point. `load` checks the marker, the config
+fingerprint, the DCP metadata and every file's size and CRC (each rank checks a share
+of the files) and names the step and the older complete one on corruption.
+`export` writes one consolidated `torch.save` file (and safetensors of the weights).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import json
+import os
+import pickle
+import re
+import shutil
+import time
+import warnings
+import zlib
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .checkpoint import CheckpointError, CheckpointMismatchError, CorruptCheckpointError
+from .config import RUNTIME_KEYS, config_diff, config_fingerprint, config_to_dict, format_config_diff
+from .distributed import all_gather_object, barrier, broadcast_object, get_rank, get_world_size, is_distributed
+from .seed import capture_rng_state, restore_rng_state
+
+__all__ = ["AppState", "Checkpointer", "SaveInfo", "export_checkpoint", "MARKER", "FORMAT"]
+
+FORMAT = "krause.training.dcp/1"
+MARKER = "checkpoint.json"
+LATEST = "latest"
+BEST = "best"
+_STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{int(step):06d}"
+
+
+# ----------------------------------------------------------------------------- app state
+
+
+class AppState:
+    """Everything a run needs to continue, as one DCP `Stateful`.
+
+    model / optimizer go through `get_state_dict` / `set_state_dict` (wrapper prefixes
+    of DDP, torch.compile and FSDP removed; FSDP2 parameters stay sharded DTensors).
+    scheduler, scaler, train_state, data: anything with state_dict / load_state_dict
+    (None to leave out). The LR schedule's shape stays the caller's: only counters are
+    restored. RNG states of every rank are stored (python, numpy, torch, CUDA) and
+    restored when the world size is unchanged (else a warning: the run stays correct
+    but not bit-reproducible). trainable_only: keep only parameters with requires_grad
+    (LoRA on a frozen base).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
+                 scaler: Any = None, train_state: Any = None, data: Any = None, *, trainable_only: bool = False,
+                 restore_rng: bool = True):
+        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.train_state, self.data = train_state, data
+        self.trainable_only = trainable_only
+        self.restore_rng = restore_rng
+
+    def _options(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(ignore_frozen_params=self.trainable_only, strict=not self.trainable_only)
+
+    def state_dict(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+        sd: dict[str, Any] = {}
+        if self.optimizer is not None:
+            sd["model"], sd["optimizer"] = get_state_dict(self.model, self.optimizer, options=self._options())
+        else:
+            sd["model"] = get_model_state_dict(self.model, options=self._options())
+        if self.scheduler is not None:
+            sd["scheduler"] = self.scheduler.state_dict()
+        if self.scaler is not None and getattr(self.scaler, "is_enabled", lambda: True)():
+            sd["scaler"] = self.scaler.state_dict()
+        if self.train_state is not None:
+            sd["train_state"] = self.train_state.state_dict()
+        if self.data is not None:
+            sd["data"] = self.data.state_dict()
+        # one opaque blob (same on every rank): per-rank values under one key would be deduplicated
+        sd["rng"] = pickle.dumps(all_gather_object(capture_rng_state()))
+        return sd
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+        if self.optimizer is not None:
+            set_state_dict(self.model, self.optimizer, model_state_dict=sd["model"],
+                           optim_state_dict=sd["optimizer"], options=self._options())
+        else:
+            set_model_state_dict(self.model, sd["model"], options=self._options())
+        if self.scheduler is not None:
+            state = dict(sd["scheduler"])
+            if isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR) and "lr_lambdas" in state:
+                state["lr_lambdas"] = [None] * len(state["lr_lambdas"])  # keep the caller's schedule shape
+            self.scheduler.load_state_dict(state)
+        if "scaler" in sd and self.scaler is not None:
+            self.scaler.load_state_dict(sd["scaler"])
+        if self.train_state is not None:
+            self.train_state.load_state_dict(sd["train_state"])
+        if self.data is not None:
+            self.data.load_state_dict(sd["data"])
+        if self.restore_rng:
+            states = pickle.loads(sd["rng"])
+            if len(states) == get_world_size():
+                restore_rng_state(states[get_rank()])
+            else:
+                warnings.warn(f"the checkpoint was written by {len(states)} rank(s) and this job has "
+                              f"{get_world_size()}: RNG states are not restored (correct, not bit-reproducible)",
+                              stacklevel=2)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _crc32_file(path: Path, chunk: int = 16 << 20) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                return crc
+            crc = zlib.crc32(block, crc)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _own_files(directory: Path, rank: int) -> list[Path]:
+    """The files this rank wrote into a DCP directory (rank 0 also owns .metadata)."""
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.name.startswith(f"__{rank}_"))
+    if rank == 0 and (directory / ".metadata").is_file():
+        files.append(directory / ".metadata")
+    return files
+
+
+def _file_table(files: Iterable[Path]) -> dict[str, dict[str, int]]:
+    return {p.name: {"size": p.stat().st_size, "crc32": _crc32_file(p)} for p in files}
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns on every call without a process group that it assumes one process: we know."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _collective_status(status: tuple[str, str]) -> tuple[str, str]:
+    """The first error of any rank, on every rank (a rank that failed must not leave the others hanging)."""
+    statuses = all_gather_object(status)
+    return next((s for s in statuses if s[0] != "ok"), ("ok", ""))
+
+
+# ----------------------------------------------------------------------------- checkpointer
+
+
+class SaveInfo:
+    """What `Checkpointer.save` reports: where, and how long the caller was blocked."""
+
+    def __init__(self, step: int, path: Path, blocking_s: float, is_best: bool, asynchronous: bool):
+        self.step, self.path, self.blocking_s, self.is_best, self.asynchronous = step, path, blocking_s, is_best, asynchronous
+
+    def __repr__(self) -> str:
+        return (f"SaveInfo(step={self.step}, path={str(self.path)!r}, blocking_s={self.blocking_s:.3f}, "
+                f"is_best={self.is_best}, asynchronous={self.asynchronous})")
+
+
+class Checkpointer:
+    """Step directories of DCP checkpoints in `directory`, with `latest`, `best` and pruning.
+
+    config: the run's resolved config; its fingerprint (without `config_ignore` keys) is
+        stored in every step's marker and must match on load (CheckpointMismatchError with
+        the readable diff otherwise).
+    keep_latest_k: complete step directories kept (older ones are deleted after a save);
+        `best/` is separate and always kept.
+    mode: "min" or "max" for the selection metric given to `save(metric=...)`.
+    async_save: `save` returns once the state is copied to CPU memory and writes in a
+        background thread (`dcp.async_save`, on a separate gloo process group); the step
+        is finalised (marker, rename, `latest`, pruning) at the next save, `wait()` or
+        `close()`.
+    All methods that write or load are collective: call them on every rank.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, config: Any = None,
+                 config_ignore: Iterable[str] = RUNTIME_KEYS, keep_latest_k: int = 2, mode: str = "min",
+                 async_save: bool = False):
+        if not isinstance(keep_latest_k, int) or keep_latest_k < 1:
+            raise ValueError(f"keep_latest_k must be an integer >= 1, got {keep_latest_k!r}")
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        self.directory = Path(directory).expanduser().resolve()
+        self.config = config_to_dict(config) if config is not None else None
+        self.config_ignore = tuple(config_ignore)
+        self.keep_latest_k = keep_latest_k
+        self.mode = mode
+        self.async_save = bool(async_save)
+        self.best_metric: float | None = None
+        self._pending: dict[str, Any] | None = None
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._async_group = None
+
+    # ------------------------------------------------------------------ queries (no collectives)
+    def step_dir(self, step: int) -> Path:
+        return self.directory / step_dir_name(step)
+
+    @property
+    def best_dir(self) -> Path:
+        return self.directory / BEST
+
+    def steps(self) -> list[int]:
+        """Steps with a completion marker, ascending (half-written saves never appear)."""
+        if not self.directory.is_dir():
+            return []
+        found = []
+        for p in self.directory.iterdir():
+            m = _STEP_RE.match(p.name)
+            if m and (p / MARKER).is_file():
+                found.append(int(m.group(1)))
+        return sorted(found)
+
+    def incomplete_dirs(self) -> list[Path]:
+        """step-* directories without a marker (e.g. a marker deleted or lost) and .tmp-* leftovers."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(p for p in self.directory.iterdir() if p.is_dir() and (
+            p.name.startswith(".tmp-") or (_STEP_RE.match(p.name) and not (p / MARKER).is_file())))
+
+    def latest_step(self) -> int | None:
+        """The step `latest` names (else the newest complete step), or None when there is none."""
+        pointer = self.directory / LATEST
+        if pointer.is_file():
+            m = _STEP_RE.match(pointer.read_text().strip())
+            if m and (self.directory / m.group(0) / MARKER).is_file():
+                return int(m.group(1))
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def has_checkpoint(self) -> bool:
+        return self.latest_step() is not None
+
+    def _older_than(self, step: int) -> str:
+        older = [s for s in self.steps() if s < step]
+        return (f"the previous complete checkpoint is {self.step_dir(older[-1])} (load step={older[-1]}, "
+                f"or delete the damaged directory)" if older else "no older complete checkpoint exists")
+
+    def read_marker(self, step: int | str | None = None) -> dict[str, Any]:
+        """The marker (checkpoint.json) of a step, 'best' or the latest; CorruptCheckpointError if unsound."""
+        path = self._resolve(step)
+        marker = path / MARKER
+        where = f"checkpoint {path}"
+        if not marker.is_file():
+            raise CorruptCheckpointError(f"{where} is incomplete (no {MARKER}: the save did not finish); "
+                                         f"{self._older_than(self._step_of(path))}")
+        try:
+            meta = json.loads(marker.read_text())
+        except (OSError, ValueError) as e:
+            raise CorruptCheckpointError(f"{where} has an unreadable {MARKER} ({e}); "
+                                         f"{self._older_than(self._step_of(path))}") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise CorruptCheckpointError(f"{where} is not a {FORMAT} checkpoint")
+        return meta
+
+    def _step_of(self, path: Path) -> int:
+        m = _STEP_RE.match(path.name)
+        if m:
+            return int(m.group(1))
+        try:
+            return int(json.loads((path / MARKER).read_text())["step"]) + 1
+        except Exception:
+            return 1 << 62
+
+    def _resolve(self, step: int | str | None) -> Path:
+        if step is None or step == "latest":
+            latest = self.latest_step()
+            if latest is None:
+                raise CheckpointError(f"no complete checkpoint in {self.directory}")
+            return self.step_dir(latest)
+        if step == "best":
+            return self.best_dir
+        return self.step_dir(int(step))
+
+    def check_config(self, config: Any, step: int | str | None = None) -> None:
+        """CheckpointMismatchError (with the readable diff) when `config` differs from the step's."""
+        meta = self.read_marker(step)
+        cfg = config_to_dict(config)
+        if meta.get("config_fingerprint") != config_fingerprint(cfg, self.config_ignore):
+            diff = config_diff(meta.get("config") or {}, cfg, self.config_ignore)
+            raise CheckpointMismatchError(
+                f"checkpoint {self._resolve(step)} was written with another config:\n{format_config_diff(diff)}\n"
+                "Resume with the original settings, or start a new run (a new out_dir, or overwrite)")
+
+    def verify(self, step: int | str | None = None, *, crc: bool = True) -> dict[str, Any]:
+        """Check a step's marker, DCP metadata, file sizes and (crc=True) CRC-32s; return the marker.
+
+        Collective when distributed (each rank checksums a share of the files)."""
+        path = self._resolve(step)
+        status, meta = ("ok", ""), {}
+        try:
+            meta = self.read_marker(step)
+            files = meta.get("files") or {}
+            if ".metadata" not in files:
+                raise CorruptCheckpointError(f"checkpoint {path} lists no .metadata file")
+            for i, (name, want) in enumerate(sorted(files.items())):
+                p = path / name
+                if not p.is_file():
+                    raise CorruptCheckpointError(f"checkpoint {path} is missing {name}")
+                if p.stat().st_size != want["size"]:
+                    raise CorruptCheckpointError(f"checkpoint {path}: {name} has {p.stat().st_size} bytes, "
+                                                 f"{want['size']} were written (truncated or replaced)")
+                if crc and i % get_world_size() == get_rank() and _crc32_file(p) != want["crc32"]:
+                    raise CorruptCheckpointError(f"checkpoint {path}: {name} is corrupted (CRC-32 mismatch)")
+            from torch.distributed.checkpoint import FileSystemReader
+
+            try:
+                FileSystemReader(str(path)).read_metadata()
+            except Exception as e:
+                raise CorruptCheckpointError(f"checkpoint {path}: unreadable DCP metadata "
+                                             f"({type(e).__name__}: {str(e)[:200]})") from None
+        except CheckpointError as e:
+            msg = str(e)
+            if "previous complete checkpoint" not in msg and "no older complete" not in msg:
+                msg += f"; {self._older_than(self._step_of(path))}"
+            status = ("error", msg)
+        status = _collective_status(status) if is_distributed() else status
+        if status[0] != "ok":
+            raise CorruptCheckpointError(status[1])
+        return meta
+
+    # ------------------------------------------------------------------ save
+    def save(self, step: int, app_state: AppState, *, metric: float | None = None,
+             async_save: bool | None = None) -> SaveInfo:
+        """Write step `step` (collective). Returns SaveInfo with the time the caller was blocked."""
+        use_async = self.async_save if async_save is None else bool(async_save)
+        import torch.distributed.checkpoint as dcp
+
+        t0 = time.perf_counter()
+        self.wait()  # the previous async save must be finalised first (its rename, pruning, best)
+        tmp = self.directory / f".tmp-{step_dir_name(step)}"
+        status = ("ok", "")
+        if get_rank() == 0:
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir()
+            except OSError as e:
+                status = ("error", f"cannot create {tmp}: {e}")
+        status = broadcast_object(status)
+        if status[0] != "ok":
+            raise CheckpointError(status[1])
+        is_best = metric is not None and self.is_better(float(metric))
+        if is_best:
+            self.best_metric = float(metric)  # type: ignore[arg-type]
+        pending = dict(step=step, tmp=tmp, metric=None if metric is None else float(metric), is_best=is_best)
+        state = {"app": app_state}
+        if use_async:
+            group = self._group_for_async()
+            with _quiet_single_process():
+                future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=group, no_dist=not is_distributed())
+            upload = getattr(future, "upload_completion", future)
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="krause-ckpt")
+            rank = get_rank()
+            pending["files"] = self._pool.submit(lambda: (upload.result(), _file_table(_own_files(tmp, rank)))[1])
+            self._pending = pending
+            blocking = time.perf_counter() - t0
+        else:
+            try:
+                with _quiet_single_process():
+                    dcp.save(state, checkpoint_id=str(tmp), no_dist=not is_distributed())
+                files = _file_table(_own_files(tmp, get_rank()))
+                status = ("ok", "")
+            except Exception as e:  # reported on every rank
+                files, status = {}, ("error", f"could not write {tmp}: {type(e).__name__}: {e}")
+            pending["files_done"] = files
+            self._finalise(pending, status)
+            blocking = time.perf_counter() - t0
+        return SaveInfo(step, self.step_dir(step), blocking, is_best, use_async)
+
+    def _group_for_async(self):
+        # the background writer's collectives must not share a process group with training
+        if is_distributed() and self._async_group is None:
+            self._async_group = dist.new_group(backend="gloo")
+        return self._async_group
+
+    def is_better(self, metric: float) -> bool:
+        if metric != metric:
+            return False
+        if self.best_metric is None:
+            return True
+        return metric < self.best_metric if self.mode == "min" else metric > self.best_metric
+
+    def wait(self) -> None:
+        """Finish and finalise an async save in flight (collective; a no-op when there is none)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            pending["files_done"] = pending["files"].result()
+            status = ("ok", "")
+        except Exception as e:
+            pending["files_done"], status = {}, ("error", f"could not write {pending['tmp']}: {type(e).__name__}: {e}")
+        self._finalise(pending, status)
+
+    def _finalise(self, pending: dict[str, Any], status: tuple[str, str]) -> None:
+        tables = all_gather_object(pending["files_done"])
+        status = _collective_status(status)
+        if status[0] == "ok" and get_rank() == 0:
+            try:
+                self._finalise_on_main(pending, {k: v for t in tables for k, v in t.items()})
+            except OSError as e:
+                status = ("error", f"could not finalise checkpoint step {pending['step']}: {e}")
+        status = broadcast_object(status)
+        if status[0] != "ok":
+            raise CheckpointError(status[1])
+
+    def _finalise_on_main(self, pending: dict[str, Any], files: dict[str, Any]) -> None:
+        step, tmp = pending["step"], pending["tmp"]
+        cfg = self.config or {}
+        meta = {
+            "format": FORMAT, "step": int(step), "time": time.time(), "world_size": get_world_size(),
+            "metric": pending["metric"], "best_metric": self.best_metric, "mode": self.mode,
+            "config": cfg, "config_fingerprint": config_fingerprint(cfg, self.config_ignore),
+            "torch_version": str(torch.__version__), "files": files,
+        }
+        _atomic_write_text(tmp / MARKER, json.dumps(meta, indent=1, sort_keys=True) + "\n")
+        final = self.step_dir(step)
+        if final.exists():  # the same step saved again (e.g. a stop right after an evaluation save)
+            trash = self.directory / f".tmp-old-{final.name}"
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(final, trash)
+            os.replace(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(self.directory)
+        _atomic_write_text(self.directory / LATEST, final.name + "\n")
+        if pending["is_best"]:
+            self._copy_best(final)
+        self._prune()
+
+    def _copy_best(self, src: Path) -> None:
+        tmp = self.directory / ".tmp-best"
+        shutil.rmtree(tmp, ignore_errors=True)
+
+        def link_or_copy(a: str, b: str) -> None:
+            try:
+                os.link(a, b)  # DCP files are never modified after the save: links are safe
+            except OSError:
+                shutil.copy2(a, b)
+
+        shutil.copytree(src, tmp, copy_function=link_or_copy)
+        old = self.directory / ".tmp-old-best"
+        shutil.rmtree(old, ignore_errors=True)
+        if self.best_dir.exists():
+            os.replace(self.best_dir, old)
+        os.replace(tmp, self.best_dir)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def _prune(self) -> None:
+        for step in self.steps()[:-self.keep_latest_k]:
+            shutil.rmtree(self.step_dir(step), ignore_errors=True)
+
+    # ------------------------------------------------------------------ load
+    def load(self, app_state: AppState, step: int | str | None = None, *, check_config: bool = True,
+             verify: bool = True) -> int | None:
+        """Restore `app_state` from a step ('latest' / None, 'best' or a number); return its step.
+
+        None (and nothing restored) when there is no checkpoint yet and `step` is None.
+        Verifies the files first (CorruptCheckpointError naming the step and the older one)
+        and the config fingerprint (CheckpointMismatchError with the diff). Collective.
+        """
+        import torch.distributed.checkpoint as dcp
+
+        self.wait()
+        if step in (None, "latest") and self.latest_step() is None:
+            bad = self.incomplete_dirs()
+            bad = [p for p in bad if not p.name.startswith(".tmp-")]
+            if bad:
+                raise CorruptCheckpointError(f"checkpoint {bad[-1]} is incomplete (no {MARKER}) and no complete "
+                                             "checkpoint exists; delete it to start over")
+            return None
+        meta = self.verify(step) if verify else self.read_marker(step)
+        if check_config and self.config is not None:
+            self.check_config(self.config, step)
+        path = self._resolve(step)
+        try:
+            with _quiet_single_process():
+                dcp.load({"app": app_state}, checkpoint_id=str(path), no_dist=not is_distributed())
+        except Exception as e:
+            msg = " ".join(str(e).split())[:600]
+            raise CheckpointMismatchError(f"checkpoint {path} does not fit this model / optimizer "
+                                          f"({type(e).__name__}: {msg})") from e
+        self.best_metric = meta.get("best_metric")
+        return int(meta["step"])
+
+    # ------------------------------------------------------------------ misc
+    def close(self) -> None:
+        """Wait for an async save in flight and release the writer thread (collective)."""
+        self.wait()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def export(self, out_file: str | os.PathLike, step: int | str | None = None,
+               safetensors_file: str | os.PathLike | None = None) -> Path:
+        """One consolidated torch.save file of a step (rank 0 only; see export_checkpoint)."""
+        return export_checkpoint(self._resolve(step), out_file, safetensors_file=safetensors_file)
+
+
+def export_checkpoint(step_dir: str | os.PathLike, out_file: str | os.PathLike,
+                      safetensors_file: str | os.PathLike | None = None) -> Path:
+    """Consolidate a DCP step directory into one `torch.save` file (no process group needed).
+
+    The file holds {"app": {"model": ..., "optimizer": ..., ...}, "meta": <checkpoint.json>};
+    `safetensors_file` also writes the model weights alone as safetensors (for sharing)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    step_dir = Path(step_dir)
+    out_file = Path(out_file).expanduser().resolve()
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_file.with_name(f".{out_file.name}.tmp")
+    dcp_to_torch_save(str(step_dir), str(tmp))
+    payload = torch.load(tmp, map_location="cpu", weights_only=False)
+    marker = step_dir / MARKER
+    payload["meta"] = json.loads(marker.read_text()) if marker.is_file() else {}
+    payload["app"].pop("rng", None)
+    torch.save(payload, tmp)
+    os.replace(tmp, out_file)
+    if safetensors_file is not None:
+        from safetensors.torch import save_file
+
+        weights = {k: v.contiguous().clone() for k, v in payload["app"]["model"].items() if isinstance(v, torch.Tensor)}
+        save_file(weights, str(safetensors_file), metadata={"step": str(payload["meta"].get("step", ""))})
+    return out_file
