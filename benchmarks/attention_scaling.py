@@ -4,7 +4,7 @@ reference and standard attention, side by side in one run.
     python benchmarks/attention_scaling.py                 # full run (2-core CPU: ~10 min)
     python benchmarks/attention_scaling.py --quick         # smoke test, < 1 min
     python benchmarks/attention_scaling.py --threads 1     # every implementation on one core
-    python benchmarks/attention_scaling.py --device cuda   # GPU run (adds FlexAttention)
+    python benchmarks/attention_scaling.py --device cuda   # GPU run: hands over to attention_cuda.py
     python benchmarks/attention_scaling.py --tune --threads 1
         # the sweeps behind neighbourhoods.band_block_size, CHUNK_SCORES,
         # BAND_CHUNK_SCORES, DENSE_CHUNK_SCORES and ops.DENSE_2D_MAX_TOKENS
@@ -462,6 +462,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
+    if device.type == "cuda" and not args.tune:  # the GPU comparison (Triton kernels, bf16 LLM/ViT shapes)
+        import attention_cuda
+
+        return attention_cuda.main((["--quick"] if args.quick else []) + (["--out", args.out] if args.out else []))
     args.dtype = getattr(torch, args.dtype)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
