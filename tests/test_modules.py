@@ -409,7 +409,7 @@ def test_causal_krause_rejects_bad_arguments(kwargs, match):
 def test_gate_starts_near_gate_init_on_the_standard_branch():
     torch.manual_seed(0)
     mod = GatedKrauseAttention(32, 4, 2, window=4, top_k=2)
-    _, weights = mod(_randn(4, 16, 32, seed=13), return_gate=True)
+    weights = mod.gate_weights(_randn(4, 16, 32, seed=13))
     assert weights.shape == (4, 16, 2)
     torch.testing.assert_close(weights.sum(-1), torch.ones(4, 16))
     assert abs(weights[..., 0].mean().item() - 0.8) < 0.01

@@ -105,13 +105,16 @@ class GatedKrauseAttention(nn.Module):
     def config(self) -> KrauseConfig:
         return self.krause.config
 
-    def forward(self, x: torch.Tensor, cache: GatedCache | None = None, return_gate: bool = False,
-                key_padding_mask=None):
+    def forward(self, x: torch.Tensor, cache: GatedCache | None = None, key_padding_mask=None) -> torch.Tensor:
         out_std = self.standard(x, cache.standard if cache is not None else None, key_padding_mask)
         out_krause = self.krause(x, cache.krause if cache is not None else None, key_padding_mask)
-        out, weights = gated_mix(out_std, out_krause, self.gate, return_gate=True)
-        out = self.proj_drop(out)
-        return (out, weights) if return_gate else out
+        return self.proj_drop(gated_mix(out_std, out_krause, self.gate))
+
+    def gate_weights(self, x: torch.Tensor, key_padding_mask=None) -> torch.Tensor:
+        """(B, T, 2) gate weights (standard, Krause) of every token of x, for analysis."""
+        out_std = self.standard(x, key_padding_mask=key_padding_mask)
+        out_krause = self.krause(x, key_padding_mask=key_padding_mask)
+        return gated_mix(out_std, out_krause, self.gate, return_gate=True)[1]
 
     def new_cache(self, batch_size: int, device=None, dtype=None, capacity: int | None = None) -> GatedCache:
         return GatedCache(
