@@ -298,6 +298,10 @@ def test_bad_arguments_name_themselves():
         kernels.causal_krause_attention_triton(q9, leaves[1], leaves[2], ls, 4, 3)
     with pytest.raises(ValueError, match="dtype"):
         kernels.causal_krause_attention_triton(leaves[0].double(), leaves[1].double(), leaves[2].double(), ls, 4, 3)
+    with pytest.raises(ValueError, match="window"):
+        kernels.causal_krause_attention_triton(*leaves, ls, 2000, 3)
+    assert kernels.causal_triton_supported(1985)[0] and not kernels.causal_triton_supported(1986)[0]
+    assert not kernels.local2d_triton_supported((60, 60), 1, 1)[0]
     assert kernels.triton_available()[0]
 
 

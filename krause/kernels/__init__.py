@@ -6,6 +6,7 @@ Entry points (triton is imported on first use, so importing this package is free
     local_krause_attention_2d_triton(q, k, v, log_sigma, grid, radius, metric, top_k, num_prefix_tokens)
     decode_krause_attention_triton(q, k_ring, v_ring, log_sigma, lengths, top_k, pos=None, *, window=None, valid=None)
     triton_available() -> (ok, reason)
+    causal_triton_supported(window) -> (ok, reason)
     local2d_triton_supported(grid, radius, num_prefix_tokens) -> (ok, reason)
 
 Semantics are those of ``krause.reference`` with one rule made explicit: among
@@ -76,8 +77,16 @@ def causal_krause_attention_triton(q, k, v, log_sigma, window: int, top_k: int, 
     _check_dtypes(q, k, v)
     _check_device(q)
     ops = _ops()
+    ok, why = ops.causal_supported(window)
+    if not ok:
+        raise ValueError(f"window: {why}")
     out, _, _ = ops._causal_fwd_op(q, k, v, log_sigma, key_padding_mask, window, top_k)
     return out
+
+
+def causal_triton_supported(window: int) -> tuple[bool, str]:
+    """Whether the causal kernels handle this window (W <= 1985: block + W - 1 keys in one 2048-key tile)."""
+    return _ops().causal_supported(window)
 
 
 def local2d_triton_supported(grid, radius: int, num_prefix_tokens: int = 1) -> tuple[bool, str]:
@@ -154,5 +163,7 @@ __all__ = [
     "local_krause_attention_2d_triton",
     "decode_krause_attention_triton",
     "triton_available",
+    "causal_triton_supported",
     "local2d_triton_supported",
+    "VERIFIED_ON_GPU",
 ]

@@ -66,6 +66,14 @@ def causal_blocks(window: int) -> tuple[int, int]:
     return block, _pow2(block + window - 1)
 
 
+def causal_supported(window: int) -> tuple[bool, str]:
+    """Whether the causal band tile (block + W - 1 keys) fits."""
+    tile = causal_blocks(window)[1]
+    if tile > MAX_TILE:
+        return False, f"window {window} needs a {tile}-key tile, more than {MAX_TILE}"
+    return True, ""
+
+
 def _grid_band(cols, radius, num_prefix, block):
     p_pad = triton.next_power_of_2(num_prefix) if num_prefix else 0
     return p_pad, _pow2(p_pad + block + 2 * radius * cols + 2 * radius)
