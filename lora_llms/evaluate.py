@@ -35,6 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--label", default=None, help="name of this model in the results (default: its kind)")
     p.add_argument("--tasks", default=",".join(PAPER_TASKS), help="comma-separated lm-eval task names")
     p.add_argument("--include_path", action="append", default=[], help="extra lm-eval task folder (repeatable)")
+    p.add_argument("--no_default_tasks", action="store_true",
+                   help="index only lora_llms/tasks and --include_path (skips lm-eval's thousands of task files)")
     p.add_argument("--num_fewshot", type=int, default=None, help="default: each task's own (0 for the paper's)")
     p.add_argument("--batch_size", default="1")
     p.add_argument("--max_length", type=int, default=None)
@@ -74,14 +76,15 @@ def _has_tokenizer(path) -> bool:
     return (Path(path) / "tokenizer_config.json").is_file()
 
 
-def task_manager(include_paths=()):
+def task_manager(include_paths=(), include_defaults: bool = True):
+    """lm-eval's TaskManager over its own tasks (unless ``include_defaults`` is False), ours and ``include_paths``."""
     from lm_eval.tasks import TaskManager
 
     paths = [str(TASKS_DIR)] + [str(Path(p).resolve()) for p in include_paths]
     for p in paths:
         if not Path(p).is_dir():
             raise ValueError(f"include_path: {p} is not a directory")
-    return TaskManager(include_path=paths)
+    return TaskManager(include_path=paths, include_defaults=include_defaults)
 
 
 def check_tasks(manager, tasks: list[str]) -> None:
@@ -122,7 +125,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     try:
-        manager = task_manager(args.include_path)
+        manager = task_manager(args.include_path, include_defaults=not args.no_default_tasks)
         check_tasks(manager, tasks)
     except ValueError as err:
         print(err, file=sys.stderr)
