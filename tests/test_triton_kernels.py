@@ -97,7 +97,7 @@ CAUSAL_CASES = [
     pytest.param(2, 4, 2, 5, 5, 16, 8, 4, True, id="T-below-W-gqa"),
     pytest.param(1, 2, 1, 21, 21, 8, 6, 9, False, id="topk-above-W-mqa"),
     pytest.param(1, 4, 2, 9, 30, 16, 7, 3, True, id="end-aligned"),
-    pytest.param(1, 2, 2, 50, 50, 32, 20, 5, False, id="two-blocks-W20"),
+    pytest.param(1, 2, 2, 50, 50, 24, 20, 5, False, id="two-blocks-W20-D24"),
 ]
 
 
@@ -241,6 +241,25 @@ def test_decode_equals_krause_window_cache_steps():
 
 
 # --------------------------------------------------------------------------- op plumbing
+def test_public_ops_route_to_the_kernels():
+    """krause.causal_krause_attention / local_krause_attention_2d with impl="triton" (the
+    dispatcher's path) equal the engine, also on non-contiguous (B, T, H, D)-transposed inputs."""
+    import krause
+
+    g = torch.Generator().manual_seed(15)
+    q = torch.randn(1, 20, 2, 16, generator=g).to(DEVICE).transpose(1, 2)[:, :, 5:]
+    k, v = (torch.randn(1, 20, 1, 16, generator=g).to(DEVICE).transpose(1, 2) for _ in range(2))
+    mask = torch.ones(1, 20, dtype=torch.bool, device=DEVICE)
+    mask[0, :4] = False
+    got = krause.causal_krause_attention(q, k, v, 0.3, 6, 3, key_padding_mask=mask, impl="triton")
+    want = krause.causal_krause_attention(q, k, v, 0.3, 6, 3, key_padding_mask=mask, impl="fast")
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    x = torch.randn(2, 2, 21, 16, generator=g).to(DEVICE)
+    got = krause.local_krause_attention_2d(x, x, x, 0.3, (4, 5), 1, "manhattan", 3, 1, impl="triton")
+    want = krause.local_krause_attention_2d(x, x, x, 0.3, (4, 5), 1, "manhattan", 3, 1, impl="fast")
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_flop_counter_and_fake_kernels_see_the_ops():
     from torch.utils.flop_counter import FlopCounterMode
 

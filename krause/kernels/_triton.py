@@ -39,10 +39,13 @@ CAUSAL_QUERIES = 3  # query rows that see a causal key block
 
 @triton.jit
 def _mm(a, b, PREC: tl.constexpr):
-    """tl.dot with fp32 accumulation. PREC "upcast": operands cast to fp32 first (exact for
+    """tl.dot with fp32 accumulation. PREC "ieee": fp32 operands in full precision;
+    "default": half-precision operands; "upcast": operands cast to fp32 first (exact for
     bf16: Triton's CPU interpreter multiplies bf16 storage as integers in tl.dot)."""
     if PREC == "upcast":
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif PREC == "default":  # fp16 / bf16 operands: the backend's tensor-core dot
+        return tl.dot(a, b)
     else:
         return tl.dot(a, b, input_precision=PREC)
 

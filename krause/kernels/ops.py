@@ -29,9 +29,11 @@ def _pow2(n: int, floor: int = 16) -> int:
 def _prec(dtype) -> str:
     # fp32 dots in full precision (TF32 would move distances by ~1e-3 and change the top-k);
     # bf16 under the interpreter: see _triton._mm.
+    if dtype == torch.float32:
+        return "ieee"
     if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "") not in ("", "0"):
         return "upcast"
-    return "ieee"
+    return "default"
 
 
 def _common(q, k, log_sigma):
