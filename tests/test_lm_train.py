@@ -105,13 +105,16 @@ def test_bad_arguments_are_one_line(data_dir, tmp_path, capsys, extra, message):
 
 
 @pytest.mark.slow
-def test_two_process_ddp_matches_one_process(data_dir, baseline, tmp_path):
-    out = tmp_path / "ddp"
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    argv = args(data_dir, out, "--device", "cpu")
+@pytest.mark.parametrize("dist", ["ddp", "fsdp"])
+def test_two_processes_match_one_process(data_dir, baseline, tmp_path, dist):
+    out = tmp_path / dist
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    argv = args(data_dir, out, "--device", "cpu", "--dist", dist)
     argv[argv.index("--micro_batch") + 1] = "4"  # 2 ranks x 1 micro-batch of 4: the same global batch of 8
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "0", "-m", "language_models_100m.train", *argv],
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "language_models_100m.train", *argv],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert records(out)[0]["world_size"] == 2 and records(out)[0]["accum_steps"] == 1

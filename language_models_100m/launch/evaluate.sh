@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Zero-shot lm-eval tasks + val perplexity for finished runs, and the comparison table / plot.
+#   MODELS="runs/100m_gated runs/100m_standard" DATA_DIR=/data/fwe10bt sbatch language_models_100m/launch/evaluate.sh
+#SBATCH --job-name=lm100m-eval
+#SBATCH --nodes=1
+#SBATCH --gpus-per-node=1
+#SBATCH --cpus-per-task=8
+#SBATCH --time=08:00:00
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
+: "${MODELS:?set MODELS to run directories (space-separated)}"
+DATA=()
+if [ -n "${DATA_DIR:-}" ]; then DATA=(--data_dir "$DATA_DIR"); fi
+run "$PYTHON" -m language_models_100m.evaluate --model $MODELS --out_dir "${OUT_DIR:-results/lm_eval}" \
+    --tasks ${TASKS:-hellaswag piqa arc_easy blimp lambada_openai cbt} --batch_size "${BATCH_SIZE:-32}" \
+    "${DATA[@]}" ${EXTRA_ARGS:-}
