@@ -9,7 +9,7 @@ import torch
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 
-from krause import reference
+from krause import dense
 from krause.dynamics import (DynamicsConfig, cluster_labels, cluster_sizes, count_clusters, drift, initial_positions,
                              simulate, spread, summarise, validate)
 from krause.dynamics import measure as measure_mod
@@ -92,7 +92,7 @@ def test_krause_drift_matches_definition_and_uses_the_core_formula(monkeypatch, 
     x = initial_positions(40, 3, seed=1, dtype=torch.float32)
     cfg = DynamicsConfig(attention="krause", n=40, d=3, sigma=0.4, top_k=5, radius=radius)
     calls = []
-    real = reference.krause_attention_dense
+    real = dense.krause_attention_dense
     monkeypatch.setattr(simulate_mod, "krause_attention_dense", lambda *a: calls.append(a[4].shape) or real(*a))
     monkeypatch.setattr(simulate_mod, "CHUNK_ELEMENTS", 16 * 40)  # 16-row chunks: 16, 16, 8
     got = drift(x, cfg)

@@ -211,21 +211,32 @@ def plot_phase_diagram(records: Sequence[dict], out_path, title: str | None = No
 
 
 def plot_beta_sweep(records: Sequence[dict], out_path, title: str | None = None) -> Path:
-    """Standard attention: final clusters and time to consensus against beta."""
+    """Standard attention: final clusters and time to consensus against beta (log scale)."""
     records = sorted(records, key=lambda r: r["point"]["beta"])
     betas = [r["point"]["beta"] for r in records]
-    fig = _figure(figsize=(6.5, 3.6))
-    ax = fig.add_subplot(1, 1, 1)
-    ax.plot(betas, [r["final_clusters"] for r in records], marker="o", label="final clusters")
-    ax.set(xlabel="β", ylabel="final clusters")
-    ax2 = ax.twinx()
-    ax2.plot(betas, [np.nan if r["time_to_consensus"] is None else r["time_to_consensus"] for r in records],
-             marker="s", color="tab:red", label="time to consensus")
-    ax2.set_ylabel("time to consensus (missing: none within horizon)", color="tab:red", fontsize=8)
     cfg = records[0]["config"]
-    ax.set_title(title or f"standard attention: β sweep (N={cfg['n']}, d={cfg['d']}, "
-                          f"horizon {cfg['steps'] * cfg['dt']:g})", fontsize=9)
-    ax.grid(alpha=0.3)
+    horizon = cfg["steps"] * cfg["dt"]
+    fig = _figure(figsize=(9, 3.4))
+    ax, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    xscale = "symlog" if min(betas) == 0 else "log"
+    ax.plot(betas, [r["final_clusters"] for r in records], marker="o")
+    ax.set(xscale=xscale, xlabel="β", ylabel=f"clusters at t = {horizon:g}", title="final clusters")
+    reached = [(b, r["time_to_consensus"]) for b, r in zip(betas, records) if r["time_to_consensus"] is not None]
+    if reached:
+        ax2.plot(*zip(*reached), marker="s", color="tab:red")
+    for b, r in zip(betas, records):
+        if r["time_to_consensus"] is None:
+            ax2.plot([b], [horizon], marker="x", color="0.4", ms=8)
+    ax2.axhline(horizon, color="0.6", lw=0.8, ls="--")
+    ax2.text(0.02, 0.97, "x: none within the horizon (dashed)", transform=ax2.transAxes, fontsize=7, va="top",
+             color="0.3")
+    ax2.set(xscale=xscale, xlabel="β", ylabel="time to consensus", title="time to consensus", ylim=(0, 1.1 * horizon))
+    for a in (ax, ax2):
+        a.set_xticks(betas, [f"{b:g}" for b in betas])
+        a.minorticks_off()
+        a.grid(alpha=0.3)
+    fig.suptitle(title or f"standard attention over β (N={cfg['n']}, d={cfg['d']}, dt={cfg['dt']:g}): "
+                          "large β leaves several metastable clusters", fontsize=9)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

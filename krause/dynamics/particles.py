@@ -14,7 +14,7 @@ The weights ``a_ij`` come from
 - Krause attention: the RBF score ``-|W_q x_i - W_k x_j|^2 / (2 sigma^2)``, softmax over the
   ``top_k`` nearest candidates, the candidates being the particles within the
   bounded-confidence radius ``|x_i - x_j| <= radius`` (chord distance; ``None``: all). The
-  weights are computed by ``krause.reference.krause_attention_dense``, the library's one
+  weights are computed by ``krause.dense.krause_attention_dense``, the library's one
   dense Krause formula. With identity matrices on the sphere ``|x_i - x_j|^2 = 2 - 2<x_i, x_j>``,
   so Krause attention is standard attention at ``beta = 1 / sigma^2`` restricted to the
   top-k nearest particles inside the radius.
@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..reference import krause_attention_dense
+from ..dense import krause_attention_dense
 
 __all__ = [
     "DynamicsConfig",
