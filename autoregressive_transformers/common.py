@@ -13,20 +13,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from krause.training.checkpoint import CheckpointError, read_checkpoint
+from krause.training.checkpoint import CheckpointError
+from krause.training.checkpointer import find_checkpoint, load_model_weights
+from krause.training.data import eval_shard
 from krause.training.distributed import all_reduce_sum, get_rank, get_world_size
+from krause.training.errors import UsageError, one_line
 from krause.training.metrics import progress_bar
 from krause.training.run_dir import RunDirError
 
 from .config import ModelConfig
-from .data import eval_shard
 from .model import PixelTransformer
 
 PRECISIONS = ("fp32", "bf16")
-
-
-class UsageError(ValueError):
-    """Bad input from the command line, reported as one line."""
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -82,17 +80,17 @@ def evaluate_bpd(model, pixels: torch.Tensor, batch_size: int, device: torch.dev
 
 
 # --------------------------------------------------------------------------- trained runs
-def checkpoint_path(run_dir: str | Path, which: str = "best") -> Path:
-    """``which`` is best, last or a path to a .pt file."""
-    if which in ("best", "last"):
-        path = Path(run_dir).expanduser().resolve() / "checkpoints" / f"{which}.pt"
-        if not path.is_file():
-            raise UsageError(f"no {which} checkpoint in {Path(run_dir).expanduser().resolve()} (train a model there first)")
-        return path
-    path = Path(which).expanduser().resolve()
-    if not path.is_file():
-        raise UsageError(f"checkpoint {path} does not exist")
-    return path
+def checkpoint_path(run_dir: str | Path | None, which: str = "best") -> Path:
+    """``which`` is best, last (the latest step), a step directory or an exported .pt file."""
+    try:
+        return find_checkpoint(run_dir, which)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def checkpoint_name(which: str, path: Path) -> str:
+    """best / last, or the checkpoint's own name (for output file names)."""
+    return which if which in ("best", "last") else path.stem
 
 
 def run_root(run_dir, checkpoint: Path) -> Path:
@@ -100,22 +98,49 @@ def run_root(run_dir, checkpoint: Path) -> Path:
     return Path(run_dir).expanduser().resolve() if run_dir is not None else checkpoint.parent
 
 
-def load_trained(run_dir: str | Path | None, which: str = "best", device: torch.device | str = "cpu"):
-    """(model in eval mode, run config dict, checkpoint path) from a training run."""
+def load_trained(run_dir: str | Path | None, which: str = "best", device: torch.device | str = "cpu",
+                 attn_impl: str | None = None):
+    """(model in eval mode, run config dict, checkpoint path) from a training run.
+
+    attn_impl: run the Krause op with another implementation than the one trained with."""
     if run_dir is None and which in ("best", "last"):
         raise UsageError("give --run_dir (a training run directory) or --checkpoint PATH")
-    path = checkpoint_path(run_dir, which) if run_dir is not None else checkpoint_path(".", which)
-    payload = read_checkpoint(path)
-    config = payload.get("config") or {}
+    path = checkpoint_path(run_dir, which)
+    from krause.training.checkpointer import checkpoint_meta
+
+    config = checkpoint_meta(path).get("config") or {}
     if "model" not in config or not isinstance(config["model"], dict):
         raise UsageError(f"checkpoint {path} has no pixel-model config (not written by autoregressive_transformers.train)")
-    cfg = ModelConfig.from_dict(config["model"])
+    fields = dict(config["model"])
+    if attn_impl is not None:
+        fields["attn_impl"] = attn_impl
+    cfg = ModelConfig.from_dict(fields)
     model = PixelTransformer(cfg)
     try:
-        model.load_state_dict(payload["model"])
-    except RuntimeError as e:
-        raise UsageError(f"checkpoint {path} does not fit its own model config: {str(e).splitlines()[0]}") from None
+        load_model_weights(model, path)
+    except CheckpointError as e:
+        raise UsageError(f"checkpoint {path} does not fit its own model config: {one_line(e)[:300]}") from None
     return model.to(device).eval(), config, path
+
+
+def check_outputs(out_dir: Path, names: list[str], overwrite: bool, flag: str = "--out_dir") -> None:
+    """Before any work: `out_dir` must be (or become) a directory, and the named files must not
+    exist unless --overwrite (results are never silently replaced)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"{flag} {out_dir} exists and is not a directory")
+    taken = [n for n in names if (out_dir / n).exists()]
+    if taken and not overwrite:
+        raise UsageError(f"{out_dir / taken[0]} already exists; pass --overwrite to replace it or --tag NAME "
+                         "for new file names")
+
+
+def check_output_file(path: Path, overwrite: bool, flag: str = "--out") -> None:
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a directory; give a file path")
+    if path.exists() and not overwrite:
+        raise UsageError(f"{path} already exists; pass --overwrite to replace it or choose another {flag}")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise UsageError(f"{flag} {path}: {path.parent} is not a directory")
 
 
 # --------------------------------------------------------------------------- images
@@ -159,11 +184,8 @@ def save_png(array: np.ndarray, path: str | Path, scale: int = 4, title: str | N
 
 
 # --------------------------------------------------------------------------- errors
-ERRORS = (UsageError, ValueError, FileNotFoundError, CheckpointError, RunDirError)
-
-
-def one_line(e: BaseException) -> str:
-    return " | ".join(s.strip() for s in str(e).splitlines() if s.strip())
+ERRORS = (UsageError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, CheckpointError,
+          RunDirError)
 
 
 def run_main(main, argv=None) -> int:

@@ -25,8 +25,10 @@ import torch
 
 from krause.training.run_dir import atomic_write_text
 
-from .common import (PRECISIONS, UsageError, autocast, load_trained, nll_sums, resolve_device, run_main,
-                     run_root)
+from krause.dispatch import IMPLS
+
+from .common import (PRECISIONS, UsageError, autocast, check_outputs, checkpoint_path, load_trained, nll_sums,
+                     resolve_device, run_main, run_root)
 from .data import image_shape, load_pixels, tokens_to_images
 from .generate import sample_batches
 
@@ -46,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", choices=PRECISIONS)
     p.add_argument("--out_dir", default=None, help="default: <run_dir>/completions")
     p.add_argument("--tag", default=None, help="file name tag (default: f<fraction>_t<temperature>_s<seed>)")
+    p.add_argument("--overwrite", action="store_true", help="replace earlier completions with the same tag")
+    p.add_argument("--attn_impl", default=None, choices=IMPLS, help="Krause op implementation (default: the run's)")
     p.add_argument("--no_progress", action="store_true")
     return p
 
@@ -105,7 +109,14 @@ def main(argv=None) -> int:
     if not args.temperature >= 0:
         raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
     device = resolve_device(args.device)
-    model, config, path = load_trained(args.run_dir, args.checkpoint, device)
+    given_rows(args.fraction, 2)  # the range check, before any work
+    tag = args.tag or f"f{args.fraction:g}_t{args.temperature:g}_s{args.seed}"
+    if args.run_dir is None and args.checkpoint in ("best", "last"):
+        raise UsageError("give --run_dir (a training run directory) or --checkpoint PATH")
+    path = checkpoint_path(args.run_dir, args.checkpoint)
+    out_dir = Path(args.out_dir).expanduser().resolve() if args.out_dir else run_root(args.run_dir, path) / "completions"
+    check_outputs(out_dir, [f"completion_{tag}.{ext}" for ext in ("npz", "png", "json")], args.overwrite)
+    model, config, path = load_trained(args.run_dir, args.checkpoint, device, attn_impl=args.attn_impl)
     shape = image_shape(config["dataset"])
     rows = given_rows(args.fraction, shape[0])
     prefix_len = rows * shape[1] * shape[2]
@@ -126,10 +137,7 @@ def main(argv=None) -> int:
     samples = tokens_to_images(tokens, shape).reshape(n_img, args.num_samples, *shape)
     given = truth_img.copy()
     given[:, rows:] = 128
-    default_dir = run_root(args.run_dir, path) / "completions"
-    out_dir = Path(args.out_dir).expanduser().resolve() if args.out_dir else default_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    tag = args.tag or f"f{args.fraction:g}_t{args.temperature:g}_s{args.seed}"
     np.savez_compressed(out_dir / f"completion_{tag}.npz", given=given, samples=samples, truth=truth_img,
                         rows_given=rows, nll_rest_nats=nll.numpy(), bpd_rest=bpd_rest.numpy())
     title = (f"{model.cfg.name}: {rows}/{shape[0]} rows given; NLL of the true rest "

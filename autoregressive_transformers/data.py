@@ -128,7 +128,4 @@ def train_batches(num_examples: int, global_batch: int, epoch: int, seed: int, r
     return [order[s * global_batch + rank * per_rank: s * global_batch + (rank + 1) * per_rank] for s in range(steps)]
 
 
-def eval_shard(num_examples: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
-    """Indices of this rank's share of an evaluation set: every example exactly once over
-    all ranks (no padding, no duplicates), so per-rank sums add up to the whole set."""
-    return torch.arange(rank, num_examples, world_size)
+from krause.training.data import eval_shard  # noqa: E402,F401  (one sharder: the library's)

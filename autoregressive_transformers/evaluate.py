@@ -17,7 +17,10 @@ from pathlib import Path
 from krause.training.distributed import cleanup, init_distributed, is_main_process
 from krause.training.run_dir import atomic_write_text
 
-from .common import PRECISIONS, UsageError, evaluate_bpd, load_trained, run_root, resolve_device, run_main
+from krause.dispatch import IMPLS
+
+from .common import (PRECISIONS, UsageError, check_output_file, checkpoint_name, checkpoint_path, evaluate_bpd,
+                     load_trained, resolve_device, run_main, run_root)
 from .data import load_pixels
 
 
@@ -32,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="fp32", choices=PRECISIONS)
     p.add_argument("--out", default=None, help="JSON output path")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier result at the same path")
+    p.add_argument("--attn_impl", default=None, choices=IMPLS, help="Krause op implementation (default: the run's)")
     p.add_argument("--no_progress", action="store_true")
     return p
 
@@ -41,9 +46,15 @@ def main(argv=None) -> int:
     if args.batch_size < 1:
         raise UsageError(f"--batch_size must be >= 1, got {args.batch_size}")
     device = resolve_device(args.device)
+    if args.run_dir is None and args.checkpoint in ("best", "last"):
+        raise UsageError("give --run_dir (a training run directory) or --checkpoint PATH")
+    path = checkpoint_path(args.run_dir, args.checkpoint)
+    out = Path(args.out).expanduser().resolve() if args.out else \
+        run_root(args.run_dir, path) / f"eval_{checkpoint_name(args.checkpoint, path)}_{args.split}.json"
+    check_output_file(out, args.overwrite)  # before the evaluation, not after it
     env = init_distributed(device=device)
     try:
-        model, config, path = load_trained(args.run_dir, args.checkpoint, env.device)
+        model, config, path = load_trained(args.run_dir, args.checkpoint, env.device, attn_impl=args.attn_impl)
         data_path = args.data_path if args.data_path is not None else config.get("data_path")
         limit = args.limit if args.limit is not None else (config.get("limit_test") if args.split == "test" else None)
         pixels = load_pixels(config["dataset"], args.split, data_path, False, limit)
@@ -51,8 +62,6 @@ def main(argv=None) -> int:
         result.update(checkpoint=str(path), split=args.split, model=model.cfg.name, dataset=config["dataset"],
                       world_size=env.world_size)
         if is_main_process():
-            default = run_root(args.run_dir, path) / f"eval_{path.stem}_{args.split}.json"
-            out = Path(args.out) if args.out else default
             out.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(out, json.dumps(result, indent=2) + "\n")
             print(f"{result['model']} {args.split} bpd {result['bpd']:.5f} on {result['num_images']} images -> {out}")

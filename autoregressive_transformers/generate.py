@@ -24,8 +24,10 @@ import torch
 from krause.training.metrics import progress_bar
 from krause.training.run_dir import atomic_write_text
 
-from .common import (PRECISIONS, UsageError, autocast, image_grid, load_trained, resolve_device, run_main, run_root,
-                     save_png)
+from krause.dispatch import IMPLS
+
+from .common import (PRECISIONS, UsageError, autocast, check_outputs, checkpoint_path, image_grid, load_trained,
+                     resolve_device, run_main, run_root, save_png)
 from .data import image_shape, tokens_to_images
 
 
@@ -41,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", choices=PRECISIONS)
     p.add_argument("--out_dir", default=None, help="default: <run_dir>/samples")
     p.add_argument("--tag", default=None, help="file name tag (default: t<temperature>_s<seed>)")
+    p.add_argument("--overwrite", action="store_true", help="replace earlier samples with the same tag")
+    p.add_argument("--attn_impl", default=None, choices=IMPLS, help="Krause op implementation (default: the run's)")
     p.add_argument("--no_progress", action="store_true")
     return p
 
@@ -97,11 +101,16 @@ def main(argv=None) -> int:
     if not args.temperature >= 0:
         raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
     device = resolve_device(args.device)
-    model, config, path = load_trained(args.run_dir, args.checkpoint, device)
-    shape = image_shape(config["dataset"])
-    out_dir = Path(args.out_dir).expanduser().resolve() if args.out_dir else run_root(args.run_dir, path) / "samples"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # outputs checked before any work: a file in the way or earlier results are never replaced silently
+    if args.run_dir is None and args.checkpoint in ("best", "last"):
+        raise UsageError("give --run_dir (a training run directory) or --checkpoint PATH")
+    path = checkpoint_path(args.run_dir, args.checkpoint)
     tag = args.tag or f"t{args.temperature:g}_s{args.seed}"
+    out_dir = Path(args.out_dir).expanduser().resolve() if args.out_dir else run_root(args.run_dir, path) / "samples"
+    check_outputs(out_dir, [f"samples_{tag}.{ext}" for ext in ("npz", "png", "json")], args.overwrite)
+    model, config, path = load_trained(args.run_dir, args.checkpoint, device, attn_impl=args.attn_impl)
+    shape = image_shape(config["dataset"])
+    out_dir.mkdir(parents=True, exist_ok=True)
 
     tokens, stats = sample_batches(model, args.num_samples, args.batch_size, args.temperature, args.seed, device,
                                    args.precision, progress=not args.no_progress)

@@ -10,10 +10,13 @@ lr * 1e-6, 30 epochs, global batch 64 (MNIST) / 8 (CIFAR-10), dropout 0.1. The g
 batch is split over the processes; the test BPD covers every test image exactly once,
 summed across processes.
 
-The run directory gets config.json, metrics.jsonl, checkpoints/last.pt and best.pt
-(lowest test BPD), figures/bpd.png and, when training finishes, results.json. --resume
-continues from checkpoints/last.pt (same batches, same RNG state: the result equals an
-uninterrupted run); SIGTERM / SIGUSR1 save last.pt and exit cleanly.
+The run directory gets config.json, metrics.jsonl (train loss / BPD, lr, tokens/s,
+sigma per layer; test BPD), checkpoints/ (krause.training's DCP step directories,
+`latest`, and best/ by lowest test BPD), figures/bpd.png and, when training finishes,
+results.json. --resume continues from the latest checkpoint (same batches, same RNG
+state: the result equals an uninterrupted run, even after kill -9); SIGTERM / SIGUSR1 /
+Ctrl-C save and exit cleanly. The loop is krause.training.TrainLoop; this file holds
+the pixel model's hooks.
 """
 
 from __future__ import annotations
@@ -27,30 +30,30 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from krause.training.checkpoint import CheckpointManager, read_checkpoint
-from krause.training.config import config_diff, config_fingerprint
-from krause.training.distributed import (
-    all_reduce_mean,
-    cleanup,
-    get_rank,
-    get_world_size,
-    init_distributed,
-    is_main_process,
-    per_rank_batch_size,
-    wrap_ddp,
-)
-from krause.training.metrics import MetricsLogger, progress_bar, read_metrics, setup_logging
+from krause.dispatch import IMPLS
+from krause.training.accumulation import BatchPlan
+from krause.training.checkpointer import AppState, Checkpointer
+from krause.training.config import RUNTIME_KEYS
+from krause.training.distributed import cleanup, get_rank, get_world_size, init_distributed, is_main_process, record, wrap_ddp
+from krause.training.loop import LoopSettings, TrainHooks, TrainLoop
+from krause.training.metrics import MetricsLogger, read_metrics, setup_logging
 from krause.training.optim import build_adamw
 from krause.training.plotting import plot_curves, plot_series
 from krause.training.preemption import PreemptionHandler
 from krause.training.run_dir import atomic_write_text, prepare_run_dir
 from krause.training.schedule import warmup_cosine_scheduler, warmup_steps
 from krause.training.seed import seed_everything
+from krause.training.sigma import sigma_per_layer as _sigmas
+from krause.training.state import TrainState
+from krause.training.throughput import Throughput
 
 from .common import PRECISIONS, UsageError, autocast, evaluate_bpd, resolve_device, run_main
 from .config import ATTENTIONS, DATASETS, model_config
 from .data import load_pixels, train_batches
 from .model import PixelTransformer
+
+#: keys that say how a run executes, not what it computes: a run may resume with other values
+IGNORED_KEYS = RUNTIME_KEYS | {"attn_impl", "micro_batch_size", "keep_latest_k", "eval_batch_size", "download"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,10 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top_k", type=int, default=None, help="Krause top-k")
     g.add_argument("--sigma", type=float, default=None, help="Krause initial sigma (per head; default 2.5)")
     g.add_argument("--dropout", type=float, default=None, help="default 0.1")
+    g.add_argument("--attn_impl", default="auto", choices=IMPLS, help="implementation of the Krause op")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=30)
     g.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps (schedule fits them)")
     g.add_argument("--batch_size", type=int, default=None, help="global batch (default: 64 MNIST, 8 CIFAR-10)")
+    g.add_argument("--micro_batch_size", type=int, default=None,
+                   help="per process and forward; the global batch is accumulated (default: no accumulation)")
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--weight_decay", type=float, default=0.01)
     g.add_argument("--warmup", type=float, default=0.05, help="warmup as a fraction of all steps")
@@ -84,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("execution")
     g.add_argument("--out_dir", required=True, help="run directory (created; holds config, metrics, checkpoints)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out_dir from checkpoints/last.pt")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out_dir from its latest checkpoint")
     g.add_argument("--overwrite", action="store_true", help="start a new run in an --out_dir that holds another")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--precision", default="fp32", choices=PRECISIONS, help="bf16 = bf16 autocast")
@@ -93,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_every", type=int, default=0, help="also evaluate every N steps (0: once per epoch)")
     g.add_argument("--log_every", type=int, default=50, help="log training loss every N steps")
     g.add_argument("--save_every", type=int, default=1000,
-                   help="also save checkpoints/last.pt every N steps (0: only at evaluations and on signals)")
+                   help="also checkpoint every N steps (0: only at evaluations and on signals)")
+    g.add_argument("--keep_latest_k", type=int, default=2, help="step checkpoints kept (the best is kept apart)")
     g.add_argument("--no_progress", action="store_true", help="no progress bars")
     return p
 
@@ -103,7 +110,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("epochs", "log_every"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    for name in ("max_steps", "limit_train", "limit_test", "eval_batch_size", "batch_size"):
+    for name in ("max_steps", "limit_train", "limit_test", "eval_batch_size", "batch_size", "micro_batch_size",
+                 "keep_latest_k"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name} must be >= 1, got {value}")
@@ -133,21 +141,9 @@ def run_config(args, cfg) -> dict:
     return out
 
 
-def check_resumable(out_dir, config) -> None:
-    """Refuses, before anything in ``out_dir`` is touched, to resume a checkpoint written
-    with another config (model, data or optimisation settings)."""
-    last = Path(out_dir).expanduser().resolve() / "checkpoints" / "last.pt"
-    if not last.is_file():
-        return
-    saved = read_checkpoint(last).get("config") or {}
-    if config_fingerprint(saved) != config_fingerprint(config):
-        diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in config_diff(saved, config)[:8])
-        raise UsageError(f"checkpoint {last} was written with another config ({diff}); "
-                         "use a new --out_dir or the same settings")
-
-
 def sigma_per_layer(model) -> list[float] | None:
-    values = [blk.attn.log_sigma.detach().exp().mean().item() for blk in model.blocks if hasattr(blk.attn, "log_sigma")]
+    """Mean sigma of every Krause layer (None for the baselines)."""
+    values = [sum(s) / len(s) if isinstance(s, list) else s for s in _sigmas(model)]
     return values or None
 
 
@@ -160,22 +156,79 @@ def plot_figures(run, cfg) -> None:
                     title=f"{cfg.name}: sigma per layer")
 
 
+@record
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = resolve_device(args.device)
     cfg = model_config(args.dataset, args.attn, dim=args.dim, num_layers=args.num_layers, num_heads=args.num_heads,
-                       window=args.window, top_k=args.top_k, sigma=args.sigma, dropout=args.dropout)
+                       window=args.window, top_k=args.top_k, sigma=args.sigma, dropout=args.dropout,
+                       attn_impl=args.attn_impl)
     env = init_distributed(device=device)
-    device, rank, world = env.device, get_rank(), get_world_size()
+    finished = False
     try:
-        return _train(args, cfg, device, rank, world)
+        code = _train(args, cfg, env.device, get_rank(), get_world_size())
+        finished = True
+        return code
     finally:
-        cleanup()
+        cleanup(synchronize=finished)
+
+
+class PixelHooks(TrainHooks):
+    """Next-pixel cross-entropy on this rank's slice of each global batch; test BPD over the whole set."""
+
+    def __init__(self, args, cfg, device, rank, world, plan, train_px, test_px, model, train_model, eval_model,
+                 metrics, log, run, eval_batch, steps_per_epoch):
+        self.__dict__.update(locals())
+        del self.__dict__["self"]
+
+    def batches(self, epoch, start):
+        batches = train_batches(len(self.train_px), self.args.batch_size, epoch, self.args.seed, self.rank, self.world)
+        for idx in batches[start:]:
+            x = self.train_px[idx].to(self.device, non_blocking=True).long()
+            yield list(x.split(self.plan.micro_batch))
+
+    def train_step(self, x):
+        with autocast(self.device, self.args.precision):
+            logits = self.train_model(x)
+        return F.cross_entropy(logits.float().transpose(1, 2), x, reduction="sum"), x.numel()
+
+    def evaluate(self, state):
+        return evaluate_bpd(self.eval_model, self.test_px, self.eval_batch, self.device, self.args.precision,
+                            not self.args.no_progress, desc=f"test (step {state.step})")
+
+    def selection_metric(self, result):
+        return result.get("bpd")
+
+    def step_record(self, state, window):
+        record = dict(train_loss=window["train_loss"], train_bpd=window["train_loss"] / math.log(2), lr=window["lr"],
+                      steps_per_s=window["steps_per_s"], tokens_per_s=window["tokens_per_s"])
+        sig = sigma_per_layer(self.model)
+        if sig is not None:
+            record["sigma"] = sig
+        return record
+
+    def on_eval(self, state, record, is_best, where):
+        if "bpd" not in record:
+            return
+        self.metrics.log(step=state.step, epoch=state.epoch + state.batch_in_epoch / self.steps_per_epoch,
+                         test_bpd=record["bpd"], test_nll_nats=record["nll_nats"], test_images=record["num_images"],
+                         best=is_best)
+        if is_main_process():
+            plot_figures(self.run, self.cfg)
+        self.log.info(f"{where}, step {state.step}: test bpd {record['bpd']:.4f} ({record['num_images']} images)"
+                      f"{' (best)' if is_best else ''}")
+
+    def on_stop(self, state, reason):
+        if reason == "non-finite loss":
+            self.log.error(f"non-finite training loss at step {state.step}; stopping (the last checkpoint is older)")
+            return
+        self.metrics.log(step=state.step, event=f"stopped by {reason}")
+        self.log.info(f"signal received: saved step {state.step} in {self.run.checkpoint_dir}; rerun with --resume")
 
 
 def _train(args, cfg, device, rank, world) -> int:
-    per_rank = per_rank_batch_size(args.batch_size, world)
-    eval_batch = args.eval_batch_size or 2 * per_rank
+    plan = BatchPlan.from_global(args.batch_size, args.micro_batch_size, world, name="--batch_size")
+    eval_batch = args.eval_batch_size or 2 * plan.per_rank
     train_px = load_pixels(args.dataset, "train", args.data_path, args.download, args.limit_train)
     test_px = load_pixels(args.dataset, "test", args.data_path, False, args.limit_test)
     steps_per_epoch = len(train_px) // args.batch_size
@@ -186,9 +239,8 @@ def _train(args, cfg, device, rank, world) -> int:
         total_steps = min(total_steps, args.max_steps)
 
     config = run_config(args, cfg)
-    if args.resume:
-        check_resumable(args.out_dir, config)
-    run = prepare_run_dir(args.out_dir, config, resume=args.resume, overwrite=args.overwrite)
+    # checks the checkpoint against this config (readable diff) before anything is written
+    run = prepare_run_dir(args.out_dir, config, resume=args.resume, overwrite=args.overwrite, ignore=IGNORED_KEYS)
     log = setup_logging(run.log_path, name="autoregressive_transformers")
 
     seed_everything(args.seed)  # same initial weights on every rank
@@ -196,113 +248,46 @@ def _train(args, cfg, device, rank, world) -> int:
     optimizer = build_adamw(model, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = warmup_cosine_scheduler(optimizer, total_steps, warmup_steps(total_steps, fraction=args.warmup),
                                         args.min_lr_ratio)
-    ckpt = CheckpointManager(run.checkpoint_dir, config=config, mode="min")
+    ckpt = Checkpointer(run.checkpoint_dir, config=config, config_ignore=IGNORED_KEYS, mode="min",
+                        keep_latest_k=args.keep_latest_k)
     seed_everything(args.seed, rank)  # per-rank dropout streams
-
-    step, epoch, batch_in_epoch = 0, 0, 0
-    state = ckpt.load_last(model=model, optimizer=optimizer, scheduler=scheduler) if args.resume else None
-    if state is not None:
-        step = state.step
-        epoch = int(state.extra.get("epoch", 0))
-        batch_in_epoch = int(state.extra.get("batch_in_epoch", 0))
-        log.info(f"resumed from {state.path} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
-    metrics = MetricsLogger(run.metrics_path, resume_step=step if state is not None else None)
+    state = TrainState(extra={"steps_per_epoch": steps_per_epoch})
+    train_model = wrap_ddp(model)
+    app = AppState(train_model, optimizer, scheduler, train_state=state)
+    resumed = ckpt.load(app) if args.resume else None
+    if resumed is not None:
+        log.info(f"resumed from {ckpt.step_dir(resumed)} at step {state.step} (epoch {state.epoch}, "
+                 f"batch {state.batch_in_epoch})")
+    metrics = MetricsLogger(run.metrics_path, resume_step=state.step if resumed is not None else None)
 
     n_params = sum(p.numel() for p in model.parameters())
     log.info(f"{cfg.name} on {args.dataset}: {n_params / 1e6:.2f}M parameters, {len(train_px)} train / "
              f"{len(test_px)} test images, {steps_per_epoch} steps/epoch, {total_steps} steps, "
-             f"{world} process(es) x batch {per_rank}, device {device}, {args.precision}")
-    if state is None:
+             f"{world} process(es) x batch {plan.per_rank} ({plan.accum_steps} micro-batch(es)), device {device}, "
+             f"{args.precision}")
+    if resumed is None:
         metrics.log(step=0, params=n_params, world_size=world, total_steps=total_steps)
 
-    train_model = wrap_ddp(model)
     eval_model = model
     if args.compile:
         train_model = torch.compile(train_model)
         eval_model = torch.compile(model)
-
-    def evaluate_and_save(epoch_now, batch_now, tag):
-        result = evaluate_bpd(eval_model, test_px, eval_batch, device, args.precision, not args.no_progress,
-                              desc=f"test ({tag})")
-        is_best = ckpt.save(model=model, optimizer=optimizer, scheduler=scheduler, step=step,
-                            epoch=epoch_now + batch_now / steps_per_epoch, metric=result["bpd"],
-                            extra={"epoch": epoch_now, "batch_in_epoch": batch_now, "test_bpd": result["bpd"],
-                                   "evaluated": True})
-        metrics.log(step=step, epoch=epoch_now + batch_now / steps_per_epoch, test_bpd=result["bpd"],
-                    test_nll_nats=result["nll_nats"], test_images=result["num_images"], best=is_best)
-        if is_main_process():
-            plot_figures(run, cfg)
-        log.info(f"step {step}: test bpd {result['bpd']:.4f} ({result['num_images']} images)"
-                 f"{' (best)' if is_best else ''}")
-        return result
-
-    preempt = PreemptionHandler().install()
-    last_eval_step = step if state is not None and state.extra.get("evaluated") else -1
-    t_last, loss_acc, n_acc = time.perf_counter(), 0.0, 0
-    try:
+    hooks = PixelHooks(args, cfg, device, rank, world, plan, train_px, test_px, model, train_model, eval_model,
+                       metrics, log, run, eval_batch, steps_per_epoch)
+    settings = LoopSettings(total_steps=total_steps, steps_per_epoch=steps_per_epoch, log_every=args.log_every,
+                            eval_every=args.eval_every, save_every=args.save_every, grad_clip=args.grad_clip,
+                            samples_per_step=args.batch_size, tokens_per_sample=cfg.seq_len)
+    with PreemptionHandler() as preempt, metrics:
         model.train()
-        while step < total_steps:
-            batches = train_batches(len(train_px), args.batch_size, epoch, args.seed, rank, world)
-            bar = progress_bar(total=len(batches), initial=batch_in_epoch, enabled=not args.no_progress,
-                               desc=f"epoch {epoch + 1}/{args.epochs}")
-            for i in range(batch_in_epoch, len(batches)):
-                if step >= total_steps:
-                    break
-                x = train_px[batches[i]].to(device, non_blocking=True).long()
-                with autocast(device, args.precision):
-                    logits = train_model(x)
-                loss = F.cross_entropy(logits.float().transpose(1, 2), x)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if args.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                batch_in_epoch = i + 1
-                loss_acc += loss.detach()
-                n_acc += 1
-                bar.update(1)
-                if step % args.log_every == 0 or step == total_steps:
-                    mean_loss = float(all_reduce_mean(loss_acc / n_acc))
-                    elapsed = time.perf_counter() - t_last
-                    record = dict(train_loss=mean_loss, train_bpd=mean_loss / math.log(2), lr=scheduler.get_last_lr()[0],
-                                  steps_per_s=n_acc / elapsed,
-                                  tokens_per_s=n_acc * args.batch_size * cfg.seq_len / elapsed)
-                    sig = sigma_per_layer(model)
-                    if sig is not None:
-                        record["sigma"] = sig
-                    metrics.log(record, step=step, epoch=epoch + batch_in_epoch / steps_per_epoch)
-                    bar.set_postfix(bpd=f"{record['train_bpd']:.3f}")
-                    t_last, loss_acc, n_acc = time.perf_counter(), 0.0, 0
-                if args.eval_every and step % args.eval_every == 0 and step < total_steps:
-                    evaluate_and_save(epoch, batch_in_epoch, f"step {step}")
-                    last_eval_step = step
-                if args.save_every and step % args.save_every == 0 and last_eval_step != step:
-                    ckpt.save(model=model, optimizer=optimizer, scheduler=scheduler, step=step,
-                              epoch=epoch + batch_in_epoch / steps_per_epoch,
-                              extra={"epoch": epoch, "batch_in_epoch": batch_in_epoch})
-                if preempt.should_stop():
-                    bar.close()
-                    ckpt.save(model=model, optimizer=optimizer, scheduler=scheduler, step=step,
-                              epoch=epoch + batch_in_epoch / steps_per_epoch,
-                              extra={"epoch": epoch, "batch_in_epoch": batch_in_epoch})
-                    metrics.log(step=step, event=f"stopped by {preempt.received.name if preempt.received else 'signal'}")
-                    log.info(f"signal received: saved {ckpt.last_path} at step {step}; rerun with --resume")
-                    return 0
-            bar.close()
-            if batch_in_epoch >= len(batches):
-                epoch, batch_in_epoch = epoch + 1, 0
-                if last_eval_step != step:  # (--eval_every may just have evaluated this step)
-                    evaluate_and_save(epoch, 0, f"epoch {epoch}")
-                    last_eval_step = step
-        if last_eval_step != step:
-            evaluate_and_save(epoch, batch_in_epoch, "final")
-    finally:
-        preempt.uninstall()
-        metrics.close()
+        outcome = TrainLoop(settings, model=train_model, optimizer=optimizer, scheduler=scheduler, checkpointer=ckpt,
+                            app_state=app, train_state=state, metrics=metrics, hooks=hooks, preempt=preempt,
+                            throughput=Throughput(world_size=world), world_size=world).run()
+        ckpt.close()
+    if outcome != "finished":
+        run.release()
+        return 1 if outcome == "diverged" else 0
 
-    results = {"model": cfg.name, "attn": cfg.attn, "dataset": args.dataset, "steps": step,
+    results = {"model": cfg.name, "attn": cfg.attn, "dataset": args.dataset, "steps": state.step,
                "test_bpd": ckpt.best_metric if ckpt.best_metric is not None else None,
                "final_test_bpd": float(read_metrics(run.metrics_path)[-1].get("test_bpd", float("nan")))
                if is_main_process() else None,
@@ -310,6 +295,7 @@ def _train(args, cfg, device, rank, world) -> int:
     if is_main_process():
         atomic_write_text(run.root / "results.json", json.dumps(results, indent=2) + "\n")
         log.info(f"done: best test bpd {results['test_bpd']:.4f}; run directory {run.root}")
+    run.release()
     return 0
 
 

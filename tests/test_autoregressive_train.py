@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from autoregressive_transformers.common import run_main
 from autoregressive_transformers.data import load_pixels
 from autoregressive_transformers.model import PixelTransformer
 from autoregressive_transformers.config import ModelConfig
-from krause.training.checkpoint import read_checkpoint
+from krause.training.checkpointer import Checkpointer, load_model_weights
 from krause.training.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +47,12 @@ def _env():
 
 
 def _state(run_dir):
-    return read_checkpoint(Path(run_dir) / "checkpoints" / "last.pt")
+    """The latest checkpoint as {step, model} (through krause.training's export)."""
+    ck = Checkpointer(Path(run_dir) / "checkpoints")
+    step = ck.latest_step()
+    assert step is not None, f"no checkpoint in {run_dir}"
+    payload = torch.load(ck.export(Path(run_dir).parent / f"_{Path(run_dir).name}_{step}.pt", step), weights_only=False)
+    return {"step": payload["meta"]["step"], "model": payload["app"]["model"]}
 
 
 def _test_bpds(run_dir):
@@ -55,7 +61,7 @@ def _test_bpds(run_dir):
 
 # --------------------------------------------------------------------------- resume
 @pytest.mark.slow
-def test_sigterm_then_resume_reproduces_uninterrupted_run(tmp_path):
+def test_kill_9_then_resume_reproduces_uninterrupted_run(tmp_path):
     args = TINY + ["--epochs", "3", "--log_every", "1", "--save_every", "5"]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert train.main(args + ["--out_dir", str(whole)]) == 0
@@ -65,16 +71,15 @@ def test_sigterm_then_resume_reproduces_uninterrupted_run(tmp_path):
     metrics = parts / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if metrics.is_file() and any(r.get("step", 0) >= 5 for r in read_metrics(metrics)):
+        if Checkpointer(parts / "checkpoints").latest_step() is not None and \
+                any(r.get("step", 0) >= 6 for r in read_metrics(metrics)):
             break
         time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out
+    proc.kill()  # SIGKILL: nothing is saved on the way out; the run lock stays behind
+    proc.communicate(timeout=120)
     stopped = _state(parts)
-    assert 5 <= stopped["step"] < 24, "the signal should land mid-run"
-    assert any("stopped by SIGTERM" == r.get("event") for r in read_metrics(metrics))
-    assert not (parts / "results.json").exists()
+    assert 5 <= stopped["step"] < 24, "the kill should land mid-run"
+    assert (parts / ".lock").is_file() and not (parts / "results.json").exists()
 
     assert train.main(args + ["--out_dir", str(parts), "--resume"]) == 0
     a, b = _state(whole), _state(parts)
@@ -184,7 +189,7 @@ def test_completion_keeps_given_rows_and_scores_the_true_rest(trained_karm):
     assert (data["given"][:, rows:] == 128).all()
     # NLL of the true rest = full-image NLL minus the NLL of the given rows
     model = PixelTransformer(ModelConfig.from_dict(json.loads((trained_karm / "config.json").read_text())["model"]))
-    model.load_state_dict(read_checkpoint(trained_karm / "checkpoints" / "best.pt")["model"])
+    load_model_weights(model, trained_karm / "checkpoints" / "best")
     model.eval()
     with torch.no_grad():
         nll = model.nll(torch.from_numpy(truth.reshape(3, 784)), reduction="none").double()
@@ -231,6 +236,24 @@ def test_resume_with_another_config_is_refused_untouched(tmp_path, capsys):
     for fraction in ("0", "1", "1.5"):
         _fails(complete.main, ["--run_dir", str(out), "--checkpoint", "last", "--fraction", fraction,
                                "--device", "cpu"], capsys, "--fraction must be in (0, 1)")
+    # outputs are checked before any work, and never silently replaced
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cpu = ["--run_dir", str(out), "--device", "cpu", "--no_progress"]
+    _fails(generate.main, cpu + ["--num_samples", "1", "--out_dir", str(a_file)], capsys, "is not a directory")
+    _fails(complete.main, cpu + ["--num_images", "1", "--num_samples", "1", "--out_dir", str(a_file)], capsys,
+           "is not a directory")
+    _fails(evaluate.main, cpu + ["--out", str(tmp_path)], capsys, "is a directory")
+    assert generate.main(cpu + ["--num_samples", "1", "--batch_size", "1", "--attn_impl", "reference"]) == 0
+    _fails(generate.main, cpu + ["--num_samples", "1", "--batch_size", "1"], capsys, "pass --overwrite")
+    assert generate.main(cpu + ["--num_samples", "1", "--batch_size", "1", "--overwrite"]) == 0
+    # the resume point is gone but the run trained (best/ remains): --resume refuses instead of starting over
+    ck = Checkpointer(out / "checkpoints")
+    for step in ck.steps():
+        shutil.rmtree(ck.step_dir(step))
+    best = {p: p.read_bytes() for p in (out / "checkpoints" / "best").rglob("*") if p.is_file()}
+    _fails(train.main, args + ["--resume"], capsys, "no complete checkpoint to resume from")
+    assert {p: p.read_bytes() for p in (out / "checkpoints" / "best").rglob("*") if p.is_file()} == best
 
 
 # --------------------------------------------------------------------------- launch templates

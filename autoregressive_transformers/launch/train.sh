@@ -5,7 +5,7 @@
 #   ATTN=vanilla DATASET=cifar10 DATA_PATH=/data/cifar10 sbatch autoregressive_transformers/launch/train.sh
 #
 # Settings come from the environment (defaults below). The run resumes from
-# $OUT_DIR/checkpoints/last.pt when there is one, so a requeued job continues; on
+# its latest checkpoint ($OUT_DIR/checkpoints/latest) when there is one, so a requeued job continues; on
 # Slurm's early-warning signal the job saves, exits, and requeues itself.
 #SBATCH --job-name=krause-ar-train
 #SBATCH --nodes=1
@@ -57,7 +57,7 @@ build_torchrun
 echo "[launch] ${TORCHRUN[*]} -m autoregressive_transformers.train ${args[*]} ${extra[*]:-}"
 run_forwarding_signals "${TORCHRUN[@]}" -m autoregressive_transformers.train "${args[@]}" "${extra[@]}"
 
-if [ "$SIGNALLED" = 1 ] && [ ! -f "$OUT_DIR/results.json" ] && [ -f "$OUT_DIR/checkpoints/last.pt" ]; then
+if [ "$SIGNALLED" = 1 ] && [ ! -f "$OUT_DIR/results.json" ] && [ -f "$OUT_DIR/checkpoints/latest" ]; then
     # torchrun itself exits non-zero after forwarding a signal; the workers saved and stopped cleanly.
     CHILD_STATUS=0
     if [ -n "${SLURM_JOB_ID:-}" ] && [ "$REQUEUE" = 1 ]; then

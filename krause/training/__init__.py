@@ -38,7 +38,15 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .accumulation import AccumulationResult, BatchPlan, accumulate_gradients, grad_sync
-from .checkpointer import AppState, Checkpointer, SaveInfo, export_checkpoint
+from .checkpointer import (
+    AppState,
+    Checkpointer,
+    SaveInfo,
+    checkpoint_meta,
+    export_checkpoint,
+    find_checkpoint,
+    load_model_weights,
+)
 from .data import ResumableDistributedSampler, ShardSampler, derive_seed, eval_shard, reseed
 from .errors import UsageError, one_line, report_usage_errors
 from .fsdp import apply_fsdp, build_mesh, find_blocks, mixed_precision
@@ -79,7 +87,8 @@ from .seed import capture_rng_state, restore_rng_state, seed_everything, set_det
 
 __all__ = [
     "AccumulationResult", "BatchPlan", "accumulate_gradients", "grad_sync",
-    "AppState", "Checkpointer", "SaveInfo", "export_checkpoint",
+    "AppState", "Checkpointer", "SaveInfo", "export_checkpoint", "find_checkpoint", "checkpoint_meta",
+    "load_model_weights",
     "ShardSampler", "eval_shard", "UsageError", "one_line", "report_usage_errors",
     "apply_fsdp", "build_mesh", "find_blocks", "mixed_precision", "RunLock", "RunLockError",
     "LoopSettings", "TrainHooks", "TrainLoop", "split_micro_batches", "sigma_per_layer", "TrainState",

@@ -50,7 +50,8 @@ from .config import RUNTIME_KEYS, config_diff, config_fingerprint, config_to_dic
 from .distributed import all_gather_object, barrier, broadcast_object, get_rank, get_world_size, is_distributed
 from .seed import capture_rng_state, restore_rng_state
 
-__all__ = ["AppState", "Checkpointer", "SaveInfo", "export_checkpoint", "MARKER", "FORMAT"]
+__all__ = ["AppState", "Checkpointer", "SaveInfo", "export_checkpoint", "find_checkpoint", "checkpoint_meta",
+           "load_model_weights", "MARKER", "FORMAT"]
 
 FORMAT = "krause.training.dcp/1"
 MARKER = "checkpoint.json"
@@ -585,3 +586,69 @@ def export_checkpoint(step_dir: str | os.PathLike, out_file: str | os.PathLike,
         weights = {k: v.contiguous().clone() for k, v in payload["app"]["model"].items() if isinstance(v, torch.Tensor)}
         save_file(weights, str(safetensors_file), metadata={"step": str(payload["meta"].get("step", ""))})
     return out_file
+
+
+# ----------------------------------------------------------------------------- trained models (tools)
+
+
+def find_checkpoint(run_dir: str | os.PathLike | None, which: str = "best") -> Path:
+    """A checkpoint of a run for tools (evaluate, generate, compare): `which` is "best", "last"
+    (the latest complete step), a step directory or an exported .pt file. ValueError (one line) if none."""
+    if which in ("best", "last"):
+        if run_dir is None:
+            raise ValueError("give a run directory (or a checkpoint path)")
+        root = Path(run_dir).expanduser().resolve()
+        ck = Checkpointer(root / "checkpoints")
+        if which == "best":
+            if (ck.best_dir / MARKER).is_file():
+                return ck.best_dir
+            raise ValueError(f"no best checkpoint in {root} (train a model there first)")
+        step = ck.latest_step()
+        if step is None:
+            raise ValueError(f"no last checkpoint in {root} (train a model there first)")
+        return ck.step_dir(step)
+    path = Path(which).expanduser().resolve()
+    if path.is_dir() and (path / MARKER).is_file():
+        return path
+    if path.is_file():
+        return path
+    raise ValueError(f"checkpoint {path} does not exist (or is not a step directory / exported file)")
+
+
+def checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The marker of a step directory, or the "meta" of an exported file (config, step, ...)."""
+    path = Path(path)
+    if path.is_dir():
+        try:
+            return json.loads((path / MARKER).read_text())
+        except (OSError, ValueError) as e:
+            raise CorruptCheckpointError(f"checkpoint {path} has no readable {MARKER} ({e})") from None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CorruptCheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__})") from None
+    if not isinstance(payload, dict) or "app" not in payload:
+        raise CorruptCheckpointError(f"{path} is not an exported krause.training checkpoint")
+    return payload.get("meta") or {}
+
+
+def load_model_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> dict[str, Any]:
+    """Load only the model weights of a step directory or exported file into a plain `model`
+    (one process, no optimizer); returns the checkpoint's marker. CheckpointMismatchError
+    (one line) when the weights do not fit."""
+    path = Path(path)
+    meta = checkpoint_meta(path)
+    sd = model.state_dict()
+    try:
+        if path.is_dir():
+            import torch.distributed.checkpoint as dcp
+
+            with _quiet_single_process():
+                dcp.load({"app": {"model": sd}}, checkpoint_id=str(path), no_dist=True)
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=False)["app"]["model"]
+        model.load_state_dict(sd, strict=strict)
+    except Exception as e:
+        first = " ".join(str(e).split())[:300]
+        raise CheckpointMismatchError(f"checkpoint {path} does not fit this model ({first})") from None
+    return meta
