@@ -130,8 +130,9 @@ def tokenize_example(tokenizer, inputs, targets, max_length: int):
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels, "truncated": truncated}, None
 
 
-def tokenize_dataset(ds, tokenizer, max_length: int = 2048, num_proc: int | None = None):
-    """Tokenized ``ds`` (input_ids, attention_mask, labels) and the :class:`TokenizeStats`."""
+def tokenize_dataset(ds, tokenizer, max_length: int = 2048, num_proc: int | None = None, allow_empty: bool = False):
+    """Tokenized ``ds`` (input_ids, attention_mask, labels) and the :class:`TokenizeStats`
+    (an empty result raises unless ``allow_empty``)."""
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("tokenizer: a fast tokenizer is needed (labels come from its character offsets)")
     if tokenizer.eos_token_id is None:
@@ -156,7 +157,7 @@ def tokenize_dataset(ds, tokenizer, max_length: int = 2048, num_proc: int | None
     stats.truncated = sum(kept["truncated"])
     if stats.skipped:
         log.warning("skipped %d bad examples: %s", sum(stats.skipped.values()), dict(stats.skipped))
-    if stats.kept == 0:
+    if stats.kept == 0 and not allow_empty:
         raise ValueError("data_dir: no usable examples after skipping bad ones: " + str(dict(stats.skipped)))
     return kept.remove_columns(["skip", "truncated"]), stats
 
@@ -192,7 +193,11 @@ def build_datasets(data_dir, tokenizer, *, num_train=50_000, num_eval=5_000, see
     raw = load_raw(data_dir)
     train_raw, eval_raw = split_examples(raw, num_train, num_eval, seed)
     train, train_stats = tokenize_dataset(train_raw, tokenizer, max_length, num_proc)
-    evals, eval_stats = tokenize_dataset(eval_raw, tokenizer, max_length, num_proc) if len(eval_raw) else (None, None)
+    evals, eval_stats = (tokenize_dataset(eval_raw, tokenizer, max_length, num_proc, allow_empty=True)
+                         if len(eval_raw) else (None, None))
+    if evals is not None and len(evals) == 0:
+        log.warning("the eval split has no usable examples: training without evaluation")
+        evals = None
     stats = {"raw": len(raw), "train": train_stats.as_dict(), "eval": eval_stats.as_dict() if eval_stats else None}
     return train, evals, stats
 

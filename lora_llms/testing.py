@@ -78,6 +78,42 @@ def train_tokenizer(out_dir, vocab_size: int = 256):
     return fast
 
 
+OUR_TASKS = Path(__file__).resolve().parent / "tasks"
+
+
+def write_local_tasks(root) -> Path:
+    """Local lm-eval tasks: YAMLs that include lm-eval's own (or ours) and point them at local rows in the
+    real schema (boolq_local: loglikelihood, gsm8k_local: generate_until, mmlu_pro_paper_local)."""
+    import lm_eval
+
+    stock = Path(lm_eval.__file__).resolve().parent / "tasks"
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = {
+        "boolq.jsonl": [{"passage": "The cat sat on the mat.", "question": "did the cat sit", "label": i % 2, "idx": i}
+                        for i in range(4)],
+        "gsm8k.jsonl": [{"question": "What is 2 plus 2?", "answer": "2+2=4\n#### 4"} for _ in range(2)],
+        "mmlu_pro.jsonl": [{"question_id": i, "question": "Which is red?", "options": ["sky", "blood", "grass"],
+                            "answer": "B", "answer_index": 1, "cot_content": "", "category": "biology", "src": "t"}
+                           for i in range(3)],
+    }
+    for name, items in rows.items():
+        (root / name).write_text("\n".join(json.dumps(r) for r in items) + "\n")
+    (root / "boolq_local.yaml").write_text(
+        f"include: {stock / 'super_glue/boolq/default.yaml'}\ntask: boolq_local\ntag: null\ndataset_path: json\n"
+        f"dataset_name: null\ndataset_kwargs:\n  data_files:\n    validation: {root / 'boolq.jsonl'}\n"
+        "training_split: null\n")
+    (root / "gsm8k_local.yaml").write_text(
+        f"include: {stock / 'gsm8k/gsm8k.yaml'}\ntask: gsm8k_local\ntag: null\ndataset_path: json\n"
+        f"dataset_name: null\ndataset_kwargs:\n  data_files:\n    test: {root / 'gsm8k.jsonl'}\n"
+        "training_split: null\nfewshot_split: null\nnum_fewshot: 0\n"
+        "generation_kwargs:\n  until: ['Question:']\n  do_sample: false\n  max_gen_toks: 5\n")
+    (root / "mmlu_pro_paper_local.yaml").write_text(
+        f"include: {OUR_TASKS / 'mmlu_pro_paper/mmlu_pro_paper.yaml'}\ntask: mmlu_pro_paper_local\n"
+        f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    validation: {root / 'mmlu_pro.jsonl'}\n")
+    return root
+
+
 def tiny_config(kind: str, vocab_size: int, **overrides):
     from transformers import LlamaConfig, Qwen2Config
 

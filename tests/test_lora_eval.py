@@ -21,37 +21,9 @@ import krause.hf  # noqa: E402
 from krause.hf.patch import patched_attention_modules  # noqa: E402
 from lora_llms import evaluate as ev  # noqa: E402
 from lora_llms.report import write_tables  # noqa: E402
-from lora_llms.testing import write_tiny_model  # noqa: E402
+from lora_llms.testing import write_local_tasks, write_tiny_model  # noqa: E402
 
-STOCK = Path(lm_eval.__file__).resolve().parent / "tasks"
-
-
-def write_local_tasks(root: Path) -> Path:
-    """Task YAMLs that include lm-eval's own (or ours) and point them at local files in the real schema."""
-    root.mkdir(parents=True, exist_ok=True)
-    rows = {
-        "boolq.jsonl": [{"passage": "The cat sat on the mat.", "question": "did the cat sit", "label": i % 2, "idx": i}
-                        for i in range(4)],
-        "gsm8k.jsonl": [{"question": "What is 2 plus 2?", "answer": "2+2=4\n#### 4"} for _ in range(2)],
-        "mmlu_pro.jsonl": [{"question_id": i, "question": "Which is red?", "options": ["sky", "blood", "grass"],
-                            "answer": "B", "answer_index": 1, "cot_content": "", "category": "biology", "src": "t"}
-                           for i in range(3)],
-    }
-    for name, items in rows.items():
-        (root / name).write_text("\n".join(json.dumps(r) for r in items) + "\n")
-    (root / "boolq_local.yaml").write_text(
-        f"include: {STOCK / 'super_glue/boolq/default.yaml'}\ntask: boolq_local\ntag: null\ndataset_path: json\n"
-        f"dataset_name: null\ndataset_kwargs:\n  data_files:\n    validation: {root / 'boolq.jsonl'}\n"
-        "training_split: null\n")
-    (root / "gsm8k_local.yaml").write_text(
-        f"include: {STOCK / 'gsm8k/gsm8k.yaml'}\ntask: gsm8k_local\ntag: null\ndataset_path: json\n"
-        f"dataset_name: null\ndataset_kwargs:\n  data_files:\n    test: {root / 'gsm8k.jsonl'}\n"
-        "training_split: null\nfewshot_split: null\nnum_fewshot: 0\n"
-        "generation_kwargs:\n  until: ['Question:']\n  do_sample: false\n  max_gen_toks: 5\n")
-    (root / "mmlu_pro_paper_local.yaml").write_text(
-        f"include: {ev.TASKS_DIR / 'mmlu_pro_paper/mmlu_pro_paper.yaml'}\ntask: mmlu_pro_paper_local\n"
-        f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    validation: {root / 'mmlu_pro.jsonl'}\n")
-    return root
+STOCK = Path(lm_eval.__file__).resolve().parent / "tasks"  # lm-eval's own task files
 
 
 @pytest.fixture(scope="module")
