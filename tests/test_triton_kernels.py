@@ -308,6 +308,19 @@ def test_torch_compile_fullgraph_forward_and_backward():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.slow
+def test_causal_kernels_compile_for_sm90():
+    """The interpreter never compiles: build the causal launches for Hopper (no GPU needed)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "krause.kernels.compile_check", "--arch", "90", "--dtype", "bf16",
+                          "--head-dim", "64", "--only", "causal"], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.count(" ok ") == 3, run.stdout
+
+
 def test_bad_arguments_name_themselves():
     leaves, ls, _ = make_inputs(1, 2, 2, 8, 8, 16)
     with pytest.raises(ValueError, match="window"):

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 # Sentinel selection key for "not a candidate" / "keep every candidate".
-BIG = 0x7FFFFFFFFFFFFFFF
+BIG = tl.constexpr(0x7FFFFFFFFFFFFFFF)
 
 # Index modes of the "other side" of a tile (see _other_index).
 CAUSAL_KEYS = 0  # keys of a causal query block: the band block + W - 1 wide
@@ -146,8 +146,8 @@ def _fwd_kernel(
     KMODE: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid = tl.program_id(1)  # query block (axis 1: at most 65535 of them)
+    bh = tl.program_id(0)
     b = bh // H
     h = bh % H
     bk = b * (H // G) + h // G
@@ -202,8 +202,8 @@ def _bwd_dq_kernel(
     KMODE: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid = tl.program_id(1)  # query block (axis 1: at most 65535 of them)
+    bh = tl.program_id(0)
     b = bh // H
     h = bh % H
     bk = b * (H // G) + h // G
@@ -257,8 +257,8 @@ def _bwd_dkdv_kernel(
     QMODE: tl.constexpr, PREC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    bk = tl.program_id(1)
+    pid = tl.program_id(1)  # key block
+    bk = tl.program_id(0)
     hkv = H // G
     b = bk // hkv
     n0 = key_start + pid * BLOCK_N
