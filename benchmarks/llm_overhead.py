@@ -1,0 +1,224 @@
+"""Cost of the Krause patch on a causal LM: prefill and decode time, memory, parameters.
+
+    python benchmarks/llm_overhead.py                 # small Llama-style config, T = 512, 2048, 8192
+    python benchmarks/llm_overhead.py --quick         # smaller model, T = 256, 1024 (a pipeline check)
+    python benchmarks/llm_overhead.py --device cuda
+
+Side by side in one run, for each prompt length T (batch 1, sdpa):
+
+  prefill   forward over the T-token prompt with a cache: unpatched, patched (gated mix),
+            and patched with the Krause op replaced by zeros ("projections only": the
+            Krause branch's q/k/v/o, RoPE, gate and cache bookkeeping). The Krause op's own
+            share is (patched - projections only) / unpatched;
+  decode    median time of one greedy decoding step after the prompt, and the bytes the
+            cache holds for the Krause branch (its window) and for the standard branch;
+  memory    peak extra tensor memory of the prefill (CPU: profiler allocator events;
+            CUDA: max_memory_allocated), unpatched vs patched.
+
+Parameters: bytes of the small model before/after patching, and for the real Llama3-8B and
+Qwen1.5-7B shapes (built on the meta device, nothing allocated): extra parameters of the
+patch and trainable LoRA parameters, baseline vs Krause.
+
+Targets (issue): the Krause op adds <= 10% of the unpatched prefill time at T = 2048 beyond
+its projections' cost; the Krause branch's decode memory is constant in T; patched
+parameter memory <= 1.02x unpatched before LoRA. Paper: < 1% inference overhead, ~0.6% extra
+trainable parameters. Absolute times depend on the machine (recorded in the JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import (  # noqa: E402
+    MEMORY_METHOD, describe_machine, fmt_bytes, fmt_ratio, fmt_time, machine_info, peak_memory, table,
+    time_interleaved, write_json,
+)
+
+PAPER_SHAPES = {
+    "Llama3-8B": dict(kind="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
+    "Qwen1.5-7B": dict(kind="qwen2", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, vocab_size=151936),
+}
+
+
+def build(kind, device, dtype, **shape):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    cfg_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if kind == "llama" else (Qwen2Config, Qwen2ForCausalLM)
+    cfg = cfg_cls(max_position_embeddings=16384, attn_implementation="sdpa", tie_word_embeddings=False, **shape)
+    with torch.device(device):
+        model = model_cls(cfg)
+    return model.to(dtype).eval()
+
+
+def param_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+@contextlib.contextmanager
+def krause_op_as_zeros():
+    """Replaces the Krause op inside the patched layers by zeros: what the branch costs without it."""
+    import krause.hf.patch as patch
+
+    real = patch.causal_krause_attention
+    patch.causal_krause_attention = lambda q, *args, **kwargs: torch.zeros_like(q)
+    try:
+        yield
+    finally:
+        patch.causal_krause_attention = real
+
+
+def cache_bytes(cache) -> tuple[int, int]:
+    """(Krause window bytes, standard-branch bytes) held by a cache after a forward."""
+    from krause.hf.cache import KrauseCacheLayer
+
+    kr = std = 0
+    for layer in cache.layers:
+        if isinstance(layer, KrauseCacheLayer):
+            w = layer.krause
+            kr += sum(t.numel() * t.element_size() for t in (w.keys, w.values, w.valid) if t is not None)
+        if layer.keys is not None:
+            std += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+    return kr, std
+
+
+def measure_length(models, length, device, repeats, decode_steps):
+    from transformers import DynamicCache
+
+    plain, patched = models["unpatched"], models["patched"]
+    ids = torch.randint(0, plain.config.vocab_size, (1, length), device=device)
+
+    def prefill(model):
+        def run():
+            with torch.no_grad():
+                return model(ids, past_key_values=DynamicCache(config=model.config), use_cache=True)
+        return run
+
+    def projections_only():
+        with krause_op_as_zeros():
+            return prefill(patched)()
+
+    timings = time_interleaved({"unpatched": prefill(plain), "patched": prefill(patched),
+                                "projections_only": projections_only}, device=device, repeats=repeats)
+    row = {"T": length, **{f"prefill_{k}_s": v["median_s"] for k, v in timings.items()},
+           **{f"prefill_{k}_cpu_s": v["cpu_median_s"] for k, v in timings.items()}}
+    for name, model in (("unpatched", plain), ("patched", patched)):
+        row[f"prefill_peak_{name}_bytes"] = peak_memory(prefill(model), device)
+        with torch.no_grad():
+            out = prefill(model)()
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            steps = []
+            for _ in range(decode_steps):  # greedy steps on the cache the prompt left
+                t0 = __import__("time").perf_counter()
+                step = model(token, past_key_values=cache, use_cache=True)
+                if torch.device(device).type == "cuda":
+                    torch.cuda.synchronize(device)
+                steps.append(__import__("time").perf_counter() - t0)
+                token = step.logits[:, -1:].argmax(-1)
+        steps.sort()
+        row[f"decode_step_{name}_s"] = steps[len(steps) // 2]
+        kr, std = cache_bytes(cache)
+        row[f"cache_krause_{name}_bytes"], row[f"cache_standard_{name}_bytes"] = kr, std
+    row["prefill_overhead"] = row["prefill_patched_s"] / row["prefill_unpatched_s"] - 1
+    row["krause_op_share"] = (row["prefill_patched_s"] - row["prefill_projections_only_s"]) / row["prefill_unpatched_s"]
+    row["decode_overhead"] = row["decode_step_patched_s"] / row["decode_step_unpatched_s"] - 1
+    return row
+
+
+def paper_parameter_counts():
+    """Extra and trainable parameters at the real model shapes (meta device, no memory)."""
+    import krause.hf
+
+    out = {}
+    for name, shape in PAPER_SHAPES.items():
+        shape = dict(shape)
+        kind = shape.pop("kind")
+        counts = {}
+        for mode in ("lora", "krause"):
+            model = build(kind, "meta", torch.bfloat16, **shape)
+            total = sum(p.numel() for p in model.parameters())
+            if mode == "krause":
+                krause.hf.patch_model(model)
+                counts["patch_extra_params"] = sum(p.numel() for p in model.parameters()) - total
+            peft_model = krause.hf.lora_model(model)
+            counts[f"{mode}_trainable"] = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+            counts["base_params"] = total
+        counts["krause_extra_trainable_vs_base"] = (counts["krause_trainable"] - counts["lora_trainable"]) / counts["base_params"]
+        counts["patch_extra_vs_base"] = counts["patch_extra_params"] / counts["base_params"]
+        out[name] = counts
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="default: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--lengths", default=None, help="comma-separated T (default 512,2048,8192; --quick 256,1024)")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--decode_steps", type=int, default=8)
+    p.add_argument("--out", default="results/llm_overhead.json")
+    args = p.parse_args(argv)
+    import krause.hf
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    lengths = [int(t) for t in (args.lengths or ("256,1024" if args.quick else "512,2048,8192")).split(",")]
+    shape = (dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=4096) if args.quick else
+             dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=2, vocab_size=8192))
+    torch.manual_seed(0)
+    plain = build("llama", device, dtype, **shape)
+    patched = build("llama", device, dtype, **shape)
+    patched.load_state_dict(plain.state_dict())
+    before = param_bytes(patched)
+    krause.hf.patch_model(patched)
+    params = {"unpatched_bytes": before, "patched_bytes": param_bytes(patched)}
+    params["ratio"] = params["patched_bytes"] / params["unpatched_bytes"]
+    models = {"unpatched": plain, "patched": patched}
+    rows = [measure_length(models, t, device, args.repeats, args.decode_steps) for t in lengths]
+    paper = paper_parameter_counts()
+
+    info = machine_info(device)
+    print(f"machine: {describe_machine(info)}; model: Llama-style {shape}, {dtype}, sdpa, batch 1")
+    print(table(["T", "prefill unpatched", "patched", "proj. only", "overhead", "Krause op share",
+                 "decode step unp.", "patched", "Krause cache", "standard cache", "peak unp.", "peak patched"],
+                [[r["T"], fmt_time(r["prefill_unpatched_s"]), fmt_time(r["prefill_patched_s"]),
+                  fmt_time(r["prefill_projections_only_s"]), f"{100 * r['prefill_overhead']:+.1f}%",
+                  f"{100 * r['krause_op_share']:+.1f}%", fmt_time(r["decode_step_unpatched_s"]),
+                  fmt_time(r["decode_step_patched_s"]), fmt_bytes(r["cache_krause_patched_bytes"]),
+                  fmt_bytes(r["cache_standard_patched_bytes"]), fmt_bytes(r["prefill_peak_unpatched_bytes"]),
+                  fmt_bytes(r["prefill_peak_patched_bytes"])] for r in rows]))
+    print(f"parameter memory: {fmt_bytes(params['unpatched_bytes'])} -> {fmt_bytes(params['patched_bytes'])} "
+          f"({fmt_ratio(params['ratio'])})")
+    print(table(["shape", "patch extra params", "LoRA trainable", "Krause-LoRA trainable", "extra trainable / base"],
+                [[n, f"{c['patch_extra_params']:,} ({100 * c['patch_extra_vs_base']:.3f}%)", f"{c['lora_trainable']:,}",
+                  f"{c['krause_trainable']:,}", f"{100 * c['krause_extra_trainable_vs_base']:.2f}% (paper ~0.6%)"]
+                 for n, c in paper.items()]))
+    by_t = {r["T"]: r for r in rows}
+    targets = {}
+    if 2048 in by_t:
+        targets["krause_op_share_at_2048_le_10pct"] = by_t[2048]["krause_op_share"] <= 0.10
+    krause_cache = {r["cache_krause_patched_bytes"] for r in rows}
+    targets["krause_decode_memory_constant_in_T"] = len(krause_cache) == 1
+    targets["param_memory_le_1.02x"] = params["ratio"] <= 1.02
+    for name, ok in targets.items():
+        print(f"target {name}: {'met' if ok else 'MISSED'}")
+    write_json(args.out, {"machine": info, "memory_method": MEMORY_METHOD[device.type], "shape": shape,
+                          "dtype": str(dtype), "lengths": rows, "parameters": params, "paper_shapes": paper,
+                          "targets": targets})
+    print(f"json: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
