@@ -159,8 +159,8 @@ def _fwd_kernel(
     kj = _other_index(m0, 0, Tq, Tk, W, P, P_PAD, cols, radius, KMODE, BLOCK_N)
     k_ok = (kj >= 0) & (kj < Tk)
 
-    qt = _load_rows(Q + bh * Tq * D, rows, D, BLOCK_D, row_ok)
-    kt = _load_rows(K + bk * Tk * D, kj, D, BLOCK_D, k_ok)
+    qt = _load_rows(Q + bh.to(tl.int64) * Tq * D, rows, D, BLOCK_D, row_ok)
+    kt = _load_rows(K + bk.to(tl.int64) * Tk * D, kj, D, BLOCK_D, k_ok)
     qn = tl.load(QN + bh * Tq + rows, mask=row_ok, other=0.0)
     kn = tl.load(KN + bk * Tk + kj, mask=k_ok, other=0.0)
     raw = _distances(qt, kt, qn, kn, PREC)
@@ -181,14 +181,14 @@ def _fwd_kernel(
     m = tl.where(has, m, 0.0)
     p = tl.where(keep, tl.exp(s - m[:, None]), 0.0)
     l = tl.sum(p, axis=1)
-    vt = _load_rows(V + bk * Tk * D, kj, D, BLOCK_D, k_ok)
+    vt = _load_rows(V + bk.to(tl.int64) * Tk * D, kj, D, BLOCK_D, k_ok)
     acc = _mm(p.to(vt.dtype), vt, PREC)
     inv = tl.where(has, 1.0 / tl.where(has, l, 1.0), 0.0)
     out = acc * inv[:, None]
     lse = tl.where(has, m + tl.log(tl.where(has, l, 1.0)), 0.0)
 
     d = tl.arange(0, BLOCK_D)
-    tl.store(O + bh * Tq * D + rows[:, None] * D + d[None, :], out.to(O.dtype.element_ty),
+    tl.store(O + bh.to(tl.int64) * Tq * D + rows[:, None] * D + d[None, :], out.to(O.dtype.element_ty),
              mask=row_ok[:, None] & (d[None, :] < D))
     tl.store(LSE + bh * Tq + rows, lse, mask=row_ok)
     tl.store(THR + bh * Tq + rows, thr, mask=row_ok)
@@ -215,10 +215,10 @@ def _bwd_dq_kernel(
     kj = _other_index(m0, 0, Tq, Tk, W, P, P_PAD, cols, radius, KMODE, BLOCK_N)
     k_ok = (kj >= 0) & (kj < Tk)
 
-    qt = _load_rows(Q + bh * Tq * D, rows, D, BLOCK_D, row_ok)
-    kt = _load_rows(K + bk * Tk * D, kj, D, BLOCK_D, k_ok)
-    vt = _load_rows(V + bk * Tk * D, kj, D, BLOCK_D, k_ok)
-    dot_ = _load_rows(DO + bh * Tq * D, rows, D, BLOCK_D, row_ok)
+    qt = _load_rows(Q + bh.to(tl.int64) * Tq * D, rows, D, BLOCK_D, row_ok)
+    kt = _load_rows(K + bk.to(tl.int64) * Tk * D, kj, D, BLOCK_D, k_ok)
+    vt = _load_rows(V + bk.to(tl.int64) * Tk * D, kj, D, BLOCK_D, k_ok)
+    dot_ = _load_rows(DO + bh.to(tl.int64) * Tq * D, rows, D, BLOCK_D, row_ok)
     qn = tl.load(QN + bh * Tq + rows, mask=row_ok, other=0.0)
     kn = tl.load(KN + bk * Tk + kj, mask=k_ok, other=0.0)
     lse = tl.load(LSE + bh * Tq + rows, mask=row_ok, other=0.0)
@@ -244,7 +244,7 @@ def _bwd_dq_kernel(
     dq = 2.0 * tl.sum(dd, axis=1)[:, None] * qt.to(tl.float32) - 2.0 * _mm(dd.to(kt.dtype), kt, PREC)
 
     d = tl.arange(0, BLOCK_D)
-    tl.store(DQ + bh * Tq * D + rows[:, None] * D + d[None, :], dq.to(DQ.dtype.element_ty),
+    tl.store(DQ + bh.to(tl.int64) * Tq * D + rows[:, None] * D + d[None, :], dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (d[None, :] < D))
     tl.store(DCOEF + bh * num_partials + partial_start + pid, dcoef)
 
@@ -264,8 +264,8 @@ def _bwd_dkdv_kernel(
     n0 = key_start + pid * BLOCK_N
     keys = n0 + tl.arange(0, BLOCK_N)
     k_ok = keys < key_end
-    kt = _load_rows(K + bk * Tk * D, keys, D, BLOCK_D, k_ok)
-    vt = _load_rows(V + bk * Tk * D, keys, D, BLOCK_D, k_ok)
+    kt = _load_rows(K + bk.to(tl.int64) * Tk * D, keys, D, BLOCK_D, k_ok)
+    vt = _load_rows(V + bk.to(tl.int64) * Tk * D, keys, D, BLOCK_D, k_ok)
     kn = tl.load(KN + bk * Tk + keys, mask=k_ok, other=0.0)
     real = k_ok
     if HAS_VALID:
@@ -279,8 +279,8 @@ def _bwd_dkdv_kernel(
         for c in range(num_chunks):
             qi = _other_index(n0, c, Tq, Tk, W, P, P_PAD, cols, radius, QMODE, BLOCK_Q)
             q_ok = (qi >= 0) & (qi < Tq)
-            qt = _load_rows(Q + bh * Tq * D, qi, D, BLOCK_D, q_ok)
-            dot_ = _load_rows(DO + bh * Tq * D, qi, D, BLOCK_D, q_ok)
+            qt = _load_rows(Q + bh.to(tl.int64) * Tq * D, qi, D, BLOCK_D, q_ok)
+            dot_ = _load_rows(DO + bh.to(tl.int64) * Tq * D, qi, D, BLOCK_D, q_ok)
             qn = tl.load(QN + bh * Tq + qi, mask=q_ok, other=0.0)
             lse = tl.load(LSE + bh * Tq + qi, mask=q_ok, other=0.0)
             thr = tl.load(THR + bh * Tq + qi, mask=q_ok, other=0)
@@ -299,7 +299,7 @@ def _bwd_dkdv_kernel(
                 - 2.0 * _mm(tl.trans(dd.to(qt.dtype)), qt, PREC)
 
     d = tl.arange(0, BLOCK_D)
-    off = bk * Tk * D + keys[:, None] * D + d[None, :]
+    off = bk.to(tl.int64) * Tk * D + keys[:, None] * D + d[None, :]
     smask = k_ok[:, None] & (d[None, :] < D)
     tl.store(DK + off, dk.to(DK.dtype.element_ty), mask=smask)
     tl.store(DV + off, dv.to(DV.dtype.element_ty), mask=smask)
@@ -329,9 +329,9 @@ def _decode_kernel(
         s_ok = s_ok & (tl.load(VALID + b * W + slots, mask=slots < W, other=0) != 0)
     kpos = pos - 1 - age  # absolute position: ties go to the older token
 
-    qt = _load_rows(Q + b * H * D, heads, D, BLOCK_D, g_ok)
-    kt = _load_rows(K + bk * W * D, slots, D, BLOCK_D, slots < W)
-    vt = _load_rows(V + bk * W * D, slots, D, BLOCK_D, slots < W)
+    qt = _load_rows(Q + b.to(tl.int64) * H * D, heads, D, BLOCK_D, g_ok)
+    kt = _load_rows(K + bk.to(tl.int64) * W * D, slots, D, BLOCK_D, slots < W)
+    vt = _load_rows(V + bk.to(tl.int64) * W * D, slots, D, BLOCK_D, slots < W)
     qn = tl.load(QN + b * H + heads, mask=g_ok, other=0.0)
     kn = tl.load(KN + bk * W + slots, mask=slots < W, other=0.0)
     raw = _distances(qt, kt, qn, kn, PREC)
@@ -354,5 +354,5 @@ def _decode_kernel(
     acc = _mm(p.to(vt.dtype), vt, PREC)
     out = acc * tl.where(has, 1.0 / tl.where(has, l, 1.0), 0.0)[:, None]
     d = tl.arange(0, BLOCK_D)
-    tl.store(O + b * H * D + heads[:, None] * D + d[None, :], out.to(O.dtype.element_ty),
+    tl.store(O + b.to(tl.int64) * H * D + heads[:, None] * D + d[None, :], out.to(O.dtype.element_ty),
              mask=g_ok[:, None] & (d[None, :] < D))
