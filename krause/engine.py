@@ -95,10 +95,11 @@ def _coef_per_chunk_head(nbr, coef: torch.Tensor, b: int, heads_in_layout: int) 
     return c if group == 1 else nbr.row_heads(c)
 
 
-def _add_dcoef(nbr, dcoef: torch.Tensor, heads, dl: torch.Tensor, dst: torch.Tensor) -> None:
+def _add_dcoef(nbr, dcoef: torch.Tensor, ch, dl: torch.Tensor, dst: torch.Tensor) -> None:
     """dcoef[heads] += -sum dlogit * dist (per head; per row then per head when grouped)."""
+    heads = ch.heads
     if dcoef.dim() == 1:
-        if isinstance(heads, int):
+        if ch.one_head:
             dcoef[heads] -= (dl * dst).sum()
         else:
             dcoef[heads] += _dcoef(dl, dst)
@@ -319,7 +320,7 @@ def backward(nbr, grad_out, q, k, v, coef, probs, dist):
         p, dst, g_c, q_c = probs[ch], dist[ch], g[ch], qf[ch]
         nbr.scatter_add_(ch, p, g_c, dv_acc)
         dl = _dl_inplace(nbr.dots_chunk(ch, g_c, vbuf), p)
-        _add_dcoef(nbr, dcoef, heads, dl, dst)
+        _add_dcoef(nbr, dcoef, ch, dl, dst)
         dd = dl.mul_(-_chunk_coef(c, heads, dl.dim())).masked_fill_(dst <= 0.0, 0.0)  # no gradient through the clamp
         # dq = 2 q sum_m dd - 2 sum_m dd k
         dq_c = dq[ch]

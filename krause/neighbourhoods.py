@@ -8,8 +8,8 @@ small N and for the few prefix queries that see every key).
 Work is done in *chunks* (``chunks``): a few heads, or one head and a range of its
 queries, sized so a chunk's score tensor and the keys it reads stay in the CPU's cache
 (see ``CHUNK_SCORES``); off CPU there is one chunk. Every tensor is flattened to
-(B*H, ...) first. Per chunk ``ch`` (a tuple that indexes query-layout tensors), the band
-and the grid provide:
+(B*H, ...) first. Per chunk ``ch`` (a ``Chunk``, which indexes query-layout tensors), the
+band and the grid provide (the ``SparseNeighbourhood`` protocol):
 
 - ``distances(ch, q, q_sq, kbuf, ksq)``  squared distances (*Q, M), +inf on invalid slots
 - ``dots_chunk(ch, a, buf)``     SDDMM:  out[i, m] = a_i . b_{nbr(i, m)}
@@ -32,6 +32,8 @@ callers that want the candidate distances without the engine (krause.flex).
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +51,43 @@ BAND_CHUNK_SCORES = 1 << 18
 DENSE_CHUNK_SCORES = 1 << 20
 
 _INF = float("inf")
+
+
+class Chunk(NamedTuple):
+    """A piece of the (B*H, ...) query layout the engine works on at once.
+
+    ``heads`` is one head (an int: the chunk's tensors have no head dimension, so products
+    are plain 3-D bmm on strided views, the CPU path) or a slice of heads (a leading head
+    dimension, 4-D matmuls: one chunk of everything off CPU); ``queries`` selects the
+    chunk's query blocks / rows."""
+
+    heads: int | slice
+    queries: slice
+
+    @property
+    def one_head(self) -> bool:
+        return isinstance(self.heads, int)
+
+
+class SparseNeighbourhood(Protocol):
+    """What the engine's sparse path needs from a candidate pattern (band, grid)."""
+
+    num_candidates: int  # real candidates of a query (at most)
+    num_slots: int  # M: candidate slots per query, valid or not
+
+    def to_query_layout(self, x: torch.Tensor) -> torch.Tensor: ...
+    def from_query_layout(self, x: torch.Tensor) -> torch.Tensor: ...
+    def chunks(self, heads: range, num_queries: int, budget: int | None) -> Iterator[Chunk]: ...
+    def keys(self, x: torch.Tensor) -> torch.Tensor: ...
+    def key_scalars(self, s: torch.Tensor) -> torch.Tensor: ...
+    def new_acc(self, bh: int, trailing: tuple, like: torch.Tensor) -> torch.Tensor: ...
+    def read_acc(self, acc: torch.Tensor) -> torch.Tensor: ...
+    def distances(self, ch: Chunk, q, q_sq, kbuf, ksq) -> torch.Tensor: ...
+    def dots_chunk(self, ch: Chunk, a, buf) -> torch.Tensor: ...
+    def gather(self, ch: Chunk, w, buf, out) -> torch.Tensor: ...
+    def scatter_add_(self, ch: Chunk, w, a, acc) -> None: ...
+    def scatter_colsum_(self, ch: Chunk, w, acc) -> None: ...
+
 
 
 def chunk_budget(device) -> int | None:
@@ -154,12 +193,12 @@ class BandNeighbourhood:
         """On CPU one head per chunk, so every product is a plain 3-D bmm on overlapping
         strided views (no copies); without a budget, all the heads at once (4-D matmuls)."""
         if budget is None:
-            yield (slice(heads.start, heads.stop), slice(0, self.nb))
+            yield Chunk(slice(heads.start, heads.stop), slice(0, self.nb))
             return
         per = max(1, BAND_CHUNK_SCORES // (self.rows * self.span))
         for h in heads:
             for b0 in range(0, self.nb, per):
-                yield (h, slice(b0, min(b0 + per, self.nb)))
+                yield Chunk(h, slice(b0, min(b0 + per, self.nb)))
 
     # Keys stay where they are, (BH, N, E) (or (BH, N) scalars): a chunk's spans are an
     # overlapping view of its rows; only chunks at the ends, whose spans reach before the
@@ -184,11 +223,11 @@ class BandNeighbourhood:
     def _region(self, x, ch, extra: int = 0):
         """Rows [lo, hi + extra) of x[h] (token dim first after the head), zero-padded
         where they fall outside the keys: a view when they do not."""
-        h, _ = ch
+        h = ch.heads
         lo, hi = self._rows(ch)
         hi += extra
         xs = x[h]
-        dim = 0 if isinstance(h, int) else 1
+        dim = 0 if ch.one_head else 1
         if lo >= 0 and hi <= self.n:
             return xs.narrow(dim, lo, hi - lo)
         region = xs.new_zeros(*xs.shape[:dim], hi - lo, *xs.shape[dim + 1 :])
@@ -197,20 +236,19 @@ class BandNeighbourhood:
             region.narrow(dim, a - lo, b - a).copy_(xs.narrow(dim, a, b - a))
         return region
 
-    def _windows(self, x, ch):
+    def _windows(self, x, ch, scalars: bool = False):
         """The chunk's key spans: (nbc, span, E) for one head, (bhc, nbc, span, E) for a
-        head slice (for scalars x: without E); overlapping views."""
+        head slice (for per-key ``scalars`` x (BH, N): without E); overlapping views."""
         region = self._region(x, ch)
-        dim = 0 if isinstance(ch[0], int) else 1
-        win = region.unfold(dim, self.span, self.c)
-        return win if x.dim() == 2 else win.transpose(-1, -2)
+        win = region.unfold(0 if ch.one_head else 1, self.span, self.c)
+        return win if scalars else win.transpose(-1, -2)
 
     # sparse products on a chunk ---------------------------------------------
     def distances(self, ch, q, q_sq, kbuf, ksq):
         """(|q|^2 + |k|^2) - 2 q.k, in the reference's order of rounding."""
-        dist = torch.add(q_sq, self._windows(ksq, ch).unsqueeze(-2))
+        dist = torch.add(q_sq, self._windows(ksq, ch, scalars=True).unsqueeze(-2))
         win = self._windows(kbuf, ch)
-        if dist.dim() == 3:
+        if ch.one_head:
             dist.baddbmm_(q, win.transpose(-1, -2), alpha=-2.0)
         else:
             dist.sub_(torch.matmul(q, win.transpose(-1, -2)), alpha=2.0)
@@ -220,7 +258,7 @@ class BandNeighbourhood:
         return torch.matmul(a, self._windows(buf, ch).transpose(-1, -2))
 
     def gather(self, ch, w, buf, out):
-        if out.dim() == 3:
+        if ch.one_head:
             return torch.bmm(w, self._windows(buf, ch), out=out)
         return out.copy_(torch.matmul(w, self._windows(buf, ch)))
 
@@ -232,7 +270,7 @@ class BandNeighbourhood:
         nbc, c = blocks.stop - blocks.start, self.c
         lo, hi = self._rows(ch)
         extra = self.parts * c - self.span  # the last part's (nbc, C) view reaches this far past hi
-        dim = 0 if isinstance(h, int) else 1
+        dim = 0 if ch.one_head else 1
         direct = dim == 0 and lo >= 0 and hi + extra <= self.n
         target = acc[h].narrow(0, lo, hi + extra - lo) if direct else \
             acc.new_zeros(*acc[h].shape[:dim], hi + extra - lo, *acc.shape[2:])
@@ -249,7 +287,7 @@ class BandNeighbourhood:
 
         def add_part(t, width, part):
             w_t = w[..., t * c : t * c + width].transpose(-1, -2)
-            if part.dim() == 3 and width == c:
+            if ch.one_head and width == c:
                 part.baddbmm_(w_t, a)  # in place: a plain (nbc, C, E) block
             else:  # (on a partial block, baddbmm_ would fall back to one addmm per block)
                 part.add_(torch.matmul(w_t, a))
@@ -340,7 +378,7 @@ class DenseNeighbourhood:
         """Groups of heads; on CPU (a budget is given) of up to DENSE_CHUNK_SCORES scores."""
         per = len(heads) if budget is None else max(1, DENSE_CHUNK_SCORES // max(1, num_queries * self.num_keys))
         for h0 in range(heads.start, heads.stop, per):
-            yield (slice(h0, min(h0 + per, heads.stop)),)
+            yield Chunk(slice(h0, min(h0 + per, heads.stop)), slice(None))
 
     def dots(self, a, b):
         return a @ b.transpose(-1, -2)
@@ -406,13 +444,13 @@ class GridNeighbourhood:
         if budget is None or self.rows * per_row <= budget:
             per = len(heads) if budget is None else max(1, budget // (self.rows * per_row))
             for h0 in range(heads.start, heads.stop, per):
-                yield (slice(h0, min(h0 + per, heads.stop)), slice(0, g))
+                yield Chunk(slice(h0, min(h0 + per, heads.stop)), slice(0, g))
             return
         rows = max(1, budget // per_row)
         for h in heads:
             for r0 in range(0, self.rows, rows):
                 r1 = min(r0 + rows, self.rows)
-                yield (slice(h, h + 1), slice(r0 * self.cols, r1 * self.cols))
+                yield Chunk(slice(h, h + 1), slice(r0 * self.cols, r1 * self.cols))
 
     # Keys live in a buffer of the prefix rows followed by the zero-bordered patch grid
     # (BH, P + (rows + 2r) (cols + 2r), E), or (BH, ...) for per-key scalars.
