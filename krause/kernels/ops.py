@@ -130,7 +130,7 @@ def _causal_forward(q, k, v, log_sigma, key_valid, window, top_k):
 
 def _causal_backward_impl(grad, q, k, v, log_sigma, key_valid, lse, thr, window, top_k):
     b, h, hkv, tq, tk, d, ls, per_head, qn, kn = _common(q, k, log_sigma)
-    q, k, v, grad = q.contiguous(), k.contiguous(), v.contiguous(), grad.contiguous()
+    q, k, v, grad = q.contiguous(), k.contiguous(), v.contiguous(), grad.to(q.dtype).contiguous()
     valid, has_valid = _valid_arg(key_valid, q)
     delta = q.new_empty((b, h, tq), dtype=torch.float32)  # written by the dq pass
     block_m, block_n = causal_blocks(window)
@@ -251,7 +251,7 @@ def _local_forward(q, k, v, log_sigma, rows, cols, radius, metric, top_k, num_pr
 def _local_backward_impl(grad, q, k, v, log_sigma, lse, thr, rows, cols, radius, metric, top_k, num_prefix):
     b, h, hkv, n, d, ls, qn, kn, block, band, full, p_pad, common = _local_launch_args(
         q, k, log_sigma, rows, cols, radius, metric, num_prefix)
-    q, k, v, grad = q.contiguous(), k.contiguous(), v.contiguous(), grad.contiguous()
+    q, k, v, grad = q.contiguous(), k.contiguous(), v.contiguous(), grad.to(q.dtype).contiguous()
     dummy = q.new_empty(1, dtype=torch.int8)
     delta = q.new_empty((b, h, n), dtype=torch.float32)  # written by the dq passes
     bd = _pow2(d)
