@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from krause.training import read_metrics
+from krause.training import Checkpointer, read_metrics
 from vision_transformers.fake_data import write_cifar10, write_image_folder
 from vision_transformers import train
 
@@ -23,6 +23,15 @@ TINY = ["--model", "kvit-s", "--dataset", "mnist", "--embed_dim", "16", "--depth
         "--train_subset", "192", "--val_subset", "64", "--batch_size", "32", "--epochs", "2", "--log_every", "2",
         "--no_progress", "--no_flops", "--num_workers", "0", "--figures", "none", "--device", "cpu"]
 VOLATILE = {"time", "img_per_s", "epoch_time", "eval_time"}
+
+
+def _latest(run: Path) -> dict:
+    """The latest checkpoint as {step, model, train_state} (through krause.training's export)."""
+    ck = Checkpointer(run / "checkpoints")
+    step = ck.latest_step()
+    payload = torch.load(ck.export(run.parent / f"_{run.name}_{step}.pt", step), weights_only=False)
+    return {"step": payload["meta"]["step"], "model": payload["app"]["model"],
+            "train_state": json.loads(payload["app"]["train_state"]["json"])}
 
 
 def _stable(records):
@@ -45,10 +54,10 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     # MixUp/CutMix (numpy RNG), drop-path (torch RNG) and per-sample augmentation all on.
     args = TINY + ["--mixup", "0.8", "--cutmix", "1.0", "--drop_path", "0.1"]
     assert train.main(args + ["--out_dir", str(tmp_path / "full")]) == 0
-    # SIGTERM arrives after step 4 (mid-epoch 1): the run saves last.pt and exits cleanly
+    # SIGTERM arrives after step 4 (mid-epoch 1): the run saves step 4 and exits cleanly
     assert train.main(args + ["--out_dir", str(tmp_path / "cut"), "--preempt_at_step", "4"]) == 0
-    state = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)
-    assert state["step"] == 4 and "epoch_sums" in state["extra"]
+    state = _latest(tmp_path / "cut")
+    assert state["step"] == 4 and set(state["train_state"]["sums"]) >= {"loss", "correct", "count"}
     # resumed with a different number of loader workers: augmentation does not depend on it
     resumed = args + ["--out_dir", str(tmp_path / "cut"), "--resume"]
     resumed[resumed.index("--num_workers") + 1] = "2"
@@ -60,11 +69,11 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path):
     _assert_same_records(_stable(full), _stable(cut))
     for name in ("full", "cut"):
         run = tmp_path / name
-        assert (run / "checkpoints" / "best.pt").is_file()
+        assert (run / "checkpoints" / "best" / "checkpoint.json").is_file()
         config = json.loads((run / "config.json").read_text())
         assert config["model"] == "kvit_small_patch4_32" and config["lr"] == 1e-3  # resolved recipe
-    a = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "cut" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    a = _latest(tmp_path / "full")["model"]
+    b = _latest(tmp_path / "cut")["model"]
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
     # sigma is logged per layer every epoch and is trained (not decayed, not frozen)
@@ -113,7 +122,7 @@ def test_bad_input_gives_one_line_errors_and_overwrites_nothing(tmp_path, capsys
 
     # a checkpoint from another model (the run directory of a KViT resumed as a ViT)
     _one_line_error(capsys, [a if a != "kvit-s" else "vit-s" for a in TINY] + ["--out_dir", str(out), "--resume"],
-                    "different config")
+                    "another config: epochs: 1 -> 2 model: 'kvit_small_patch4_32' -> 'vit_small_patch4_32'")
     # hyper-parameters out of range
     _one_line_error(capsys, TINY + ["--out_dir", str(out), "--resume", "--top_k", "0"], "--top_k must be >= 1")
     _one_line_error(capsys, TINY + ["--out_dir", str(out), "--resume", "--sigma", "-1"], "--sigma must be")
@@ -128,12 +137,13 @@ def test_bad_input_gives_one_line_errors_and_overwrites_nothing(tmp_path, capsys
     assert _hashes(out) == before
 
     # a corrupted checkpoint
-    last = out / "checkpoints" / "last.pt"
+    last = next((out / "checkpoints").glob("step-*/__0_0.distcp"))
     data = bytearray(last.read_bytes())
     data[len(data) // 2] ^= 0xFF
     last.write_bytes(bytes(data))
     before = _hashes(out)
-    _one_line_error(capsys, TINY + ["--out_dir", str(out), "--resume"], "corrupted")
+    line = _one_line_error(capsys, TINY + ["--out_dir", str(out), "--resume"], "corrupted")
+    assert "step-000006" in line and "no older complete checkpoint" in line
     assert _hashes(out) == before
 
     # image size not divisible by the patch size, missing and malformed dataset folders
@@ -219,5 +229,13 @@ def test_compare_runs_side_by_side(tmp_path, capsys):
         assert (out / fig).stat().st_size > 1000
     printed = capsys.readouterr().out
     assert "ViT" in printed and "KViT" in printed and "best acc1" in printed
-    assert compare.main([str(tmp_path / "nothing"), "--out_dir", str(out)]) == 2
+    assert compare.main([str(tmp_path / "nothing"), "--out_dir", str(tmp_path / "cmp2")]) == 2
     assert "not a run directory" in capsys.readouterr().err
+    ar = tmp_path / "ar_run"  # an autoregressive_transformers run: refused in one line, no traceback
+    ar.mkdir()
+    (ar / "config.json").write_text(json.dumps({"dataset": "mnist", "model": {"attn": "krause"}}))
+    assert compare.main([str(ar), "--out_dir", str(tmp_path / "cmp3")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not a vision_transformers.train run" in err and len(err.splitlines()) == 1
+    assert compare.main([str(tmp_path / "vit-s"), "--out_dir", str(out)]) == 2  # never replaced silently
+    assert "--overwrite" in capsys.readouterr().err

@@ -22,27 +22,32 @@ import torch
 from krause.training import read_metrics
 
 from . import analysis
-from .data import DataError, build_datasets, dataset_info
+from krause.training.checkpointer import Checkpointer, find_checkpoint, load_model_weights
+
+from .data import DATASETS, DataError, build_datasets, dataset_info
 from .models import create
-from .train import model_kwargs
+from .train import build_parser, model_kwargs
 
 
 def load_run(run: Path, checkpoint: str = "best", device: str = "cpu"):
-    """(model in eval mode, config dict) of a run directory."""
+    """(model in eval mode, config dict) of a vision run directory; ValueError (one line) otherwise."""
     cfg_path = run / "config.json"
     if not cfg_path.is_file():
         raise ValueError(f"{run} is not a run directory (no config.json)")
     cfg = json.loads(cfg_path.read_text())
-    ckpt = run / "checkpoints" / f"{checkpoint}.pt"
-    if not ckpt.is_file():
-        ckpt = run / "checkpoints" / "last.pt"
-    if not ckpt.is_file():
+    if not isinstance(cfg.get("model"), str) or cfg.get("dataset") not in DATASETS:
+        raise ValueError(f"{run} is not a vision_transformers.train run (its config has no vision model / dataset)")
+    try:
+        ckpt = find_checkpoint(run, checkpoint)
+    except ValueError:
+        ckpt = find_checkpoint(run, "last") if checkpoint == "best" and Checkpointer(
+            run / "checkpoints").latest_step() is not None else None
+    if ckpt is None:
         raise ValueError(f"{run} has no checkpoint yet")
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)["model"]
     info = dataset_info(cfg["dataset"], cfg.get("img_size"))
-    info.num_classes = int(state["head.weight"].shape[0]) if "head.weight" in state else info.num_classes
-    model = create(cfg["model"], **model_kwargs(argparse.Namespace(**cfg), info))
-    model.load_state_dict(state)
+    fields = {**vars(build_parser().parse_args(["--out_dir", "x"])), **cfg}  # flags added since the run: defaults
+    model = create(cfg["model"], **model_kwargs(argparse.Namespace(**fields), info))
+    load_model_weights(model, ckpt)
     return model.to(device).eval(), cfg
 
 
@@ -55,8 +60,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--data_path", default=None, help="override the runs' data path (for the attention images)")
     p.add_argument("--images", type=int, default=2, help="test images in the attention figure")
     p.add_argument("--patches", default=None, help="query patches as r,c;r,c (default: centre and a corner-side one)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier comparison in --out_dir")
     args = p.parse_args(argv)
     try:
+        out = Path(args.out_dir).expanduser().resolve()
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out_dir {out} exists and is not a directory")
+        if (out / "comparison.json").exists() and not args.overwrite:
+            raise ValueError(f"{out / 'comparison.json'} already exists; pass --overwrite or choose another --out_dir")
         runs = [Path(r).expanduser().resolve() for r in args.runs]
         labels = args.labels.split(",") if args.labels else None
         if labels is not None and len(labels) != len(runs):

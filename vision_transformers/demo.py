@@ -115,8 +115,9 @@ def format_table(rows: list[list[str]]) -> str:
 def _load_trained(run: Path, model_name: str, args: argparse.Namespace) -> torch.nn.Module:
     model = create(model_name, num_classes=10, img_size=28, in_chans=1, embed_dim=args.embed_dim, depth=args.depth,
                    num_heads=args.num_heads, drop_path_rate=0.0)
-    state = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"])
+    from krause.training.checkpointer import find_checkpoint, load_model_weights
+
+    load_model_weights(model, find_checkpoint(run, "last"))
     return model.eval()
 
 

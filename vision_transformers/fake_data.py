@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import pickle
 import struct
 
@@ -75,6 +76,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="write tiny fake CIFAR-10 / ImageNet-folder / MNIST datasets")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        print(f"{p.prog}: error: --out {args.out} exists and is not a directory", file=sys.stderr)
+        return 2
     write_cifar10(os.path.join(args.out, "cifar"))
     write_image_folder(os.path.join(args.out, "imagenet"))
     write_mnist_idx(os.path.join(args.out, "mnist"))

@@ -12,9 +12,9 @@
 # from the job id, or MASTER_PORT). Nothing here names a GPU id, a port or a path.
 #
 # Preemption: the job always passes --resume (a first launch simply starts), so a
-# requeued job continues from <OUT_DIR>/checkpoints/last.pt. Slurm's warning signal
+# requeued job continues from its latest checkpoint (<OUT_DIR>/checkpoints/latest). Slurm's warning signal
 # (#SBATCH --signal=B:USR1@180) reaches this shell, which forwards it (as SIGUSR1) to torchrun
-# (and torchrun to the workers); the workers save last.pt and exit, then the job
+# (and torchrun to the workers); the workers save a checkpoint and exit, then the job
 # requeues itself when REQUEUE=1.
 
 set -euo pipefail
@@ -75,7 +75,7 @@ while true; do
     kill -0 "$CHILD" 2>/dev/null || break
 done
 set -e
-LAST="$OUT_DIR/checkpoints/last.pt"
+LAST="$OUT_DIR/checkpoints/latest"
 if [ "$PREEMPTED" = 1 ] && [ -f "$LAST" ] && [ "$(stat -c %Y "$LAST")" -ge "$STARTED" ]; then
     # torchrun exits non-zero after forwarding a signal even though the workers saved and stopped cleanly
     STATUS=0

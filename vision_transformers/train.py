@@ -33,28 +33,38 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
+from krause.dispatch import IMPLS
 from krause.training import (
+    AppState,
+    BatchPlan,
     CheckpointError,
-    CheckpointManager,
+    Checkpointer,
+    LoopSettings,
     MetricsLogger,
     PreemptionHandler,
     RunDirError,
+    ShardSampler,
+    Throughput,
+    TrainHooks,
+    TrainLoop,
+    TrainState,
+    UsageError,
     all_reduce_sum,
     build_adamw,
     cleanup,
-    config_diff,
-    config_fingerprint,
-    config_to_dict,
+    ignore_sigint,
     init_distributed,
     per_rank_batch_size,
     prepare_run_dir,
     progress_bar,
-    read_checkpoint,
     read_metrics,
+    record,
     seed_everything,
     setup_logging,
+    sigma_per_layer,
+    split_micro_batches,
     warmup_cosine_scheduler,
     warmup_steps,
     wrap_ddp,
@@ -64,10 +74,11 @@ from krause.training.data import ResumableDistributedSampler, reseed
 
 from . import analysis
 from .data import DATASETS, DataError, build_datasets, dataset_info
-from .models import MODEL_DEFAULTS, create, resolve_model_name, sigma_per_layer
+from .models import MODEL_DEFAULTS, create, resolve_model_name
 
 #: keys that do not change what a run computes: a run may be resumed with other values
-IGNORED_KEYS = RUNTIME_KEYS | {"preempt_at_step", "save_every_steps", "no_flops", "figures", "threads"}
+IGNORED_KEYS = RUNTIME_KEYS | {"preempt_at_step", "save_every_steps", "no_flops", "figures", "threads", "attn_impl",
+                               "micro_batch_size", "keep_latest_k"}
 
 # --------------------------------------------------------------------------- recipes
 #: SPEC section 2.1 defaults: (model family, dataset) -> values of the flags left unset
@@ -151,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--radius", type=int, default=None, help="KViT: neighbourhood radius")
     g.add_argument("--metric", choices=["manhattan", "chebyshev"], default=None, help="KViT: neighbourhood metric")
     g.add_argument("--per_head_sigma", action="store_true", default=None, help="KViT: one sigma per head")
+    g.add_argument("--attn_impl", choices=IMPLS, default="auto", help="Krause models: implementation of the Krause op")
     g.add_argument("--norm_placement", choices=["pre", "post"], default=None,
                    help="ViT/KViT block: pre-norm (default) or the paper's post-norm KViT block (both twins alike)")
     g = p.add_argument_group("data")
@@ -165,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("recipe (defaults: SPEC section 2.1 for the model and dataset)")
     g.add_argument("--epochs", type=int, default=None)
     g.add_argument("--batch_size", type=int, default=None, help="global batch size over all ranks")
+    g.add_argument("--micro_batch_size", type=int, default=None,
+                   help="per rank and forward; the global batch is accumulated (default: no accumulation)")
     g.add_argument("--lr", type=float, default=None)
     g.add_argument("--min_lr_ratio", type=float, default=None, help="cosine floor as a fraction of lr")
     g.add_argument("--weight_decay", type=float, default=None)
@@ -181,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no_augment", action="store_true", help="train on un-augmented images (crops, flips, ... off)")
     g = p.add_argument_group("run")
     g.add_argument("--out_dir", required=True, help="run directory (config, metrics, checkpoints, figures)")
-    g.add_argument("--resume", action="store_true", help="continue from <out_dir>/checkpoints/last.pt")
+    g.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     g.add_argument("--overwrite", action="store_true", help="reuse an out_dir that holds another run")
     g.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     g.add_argument("--amp", choices=["none", "bf16", "fp16"], default=None, help="autocast dtype")
@@ -192,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--eval_every", type=int, default=1, help="evaluate every N epochs (and at the end)")
     g.add_argument("--log_every", type=int, default=50, help="log train metrics every N steps")
-    g.add_argument("--save_every_steps", type=int, default=0, help="also save last.pt every N steps (0: per epoch)")
+    g.add_argument("--save_every_steps", type=int, default=0, help="also checkpoint every N steps (0: per epoch)")
+    g.add_argument("--keep_latest_k", type=int, default=2, help="step checkpoints kept (the best is kept apart)")
     g.add_argument("--no_progress", action="store_true", help="no progress bars")
     g.add_argument("--no_flops", action="store_true", help="skip counting FLOPs per image")
     g.add_argument("--figures", choices=["all", "curves", "none"], default="all")
@@ -231,6 +246,9 @@ def validate(args: argparse.Namespace) -> None:
     for name in ("num_workers", "eval_every", "log_every", "save_every_steps"):
         _require(getattr(args, name) >= (1 if name in ("eval_every", "log_every") else 0),
                  f"--{name} must be >= {1 if name in ('eval_every', 'log_every') else 0}, got {getattr(args, name)}")
+    _require(args.keep_latest_k >= 1, f"--keep_latest_k must be >= 1, got {args.keep_latest_k}")
+    if args.micro_batch_size is not None:
+        _require(args.micro_batch_size >= 1, f"--micro_batch_size must be >= 1, got {args.micro_batch_size}")
     for name in ("train_subset", "val_subset"):
         v = getattr(args, name)
         _require(v is None or v >= 1, f"--{name} must be >= 1, got {v}")
@@ -263,24 +281,15 @@ def model_kwargs(args: argparse.Namespace, info) -> dict:
     if args.sigma is not None:
         _require(krause, f"--sigma applies to Krause models, not the baseline {args.model}")
         direct["sigma"] = args.sigma
+    if getattr(args, "attn_impl", "auto") != "auto":
+        _require(krause, f"--attn_impl applies to Krause models, not the baseline {args.model}")
+    if krause:
+        direct["attn_impl"] = getattr(args, "attn_impl", "auto")
     kw.update({k: v for k, v in direct.items() if v is not None})
     return kw
 
 
 # --------------------------------------------------------------------------- evaluation
-class ShardSampler(Sampler):
-    """Indices rank, rank + W, ... : every sample on exactly one rank, no padding (for evaluation)."""
-
-    def __init__(self, n: int, rank: int, world_size: int):
-        self.indices = list(range(rank, n, world_size))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
 def _autocast(device: torch.device, amp: str):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     return torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
@@ -314,10 +323,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device, amp: str, channels_la
 
 
 # --------------------------------------------------------------------------- main
-class UsageError(Exception):
-    """Reported as one line on stderr with exit code 2."""
-
-
+@record
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -333,7 +339,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             with torch.device("meta"):
                 create(args.model, **model_kwargs(args, dataset_info(args.dataset, args.img_size)))
             # before any process group exists: a global batch that does not split over the ranks
-            per_rank_batch_size(args.batch_size, int(os.environ.get("WORLD_SIZE", "1") or 1), name="--batch_size")
+            BatchPlan.from_global(args.batch_size, args.micro_batch_size, int(os.environ.get("WORLD_SIZE", "1") or 1),
+                                  name="--batch_size")
             try:
                 env = init_distributed(args.device)
             except RuntimeError as e:
@@ -348,25 +355,113 @@ def main(argv: Sequence[str] | None = None) -> int:
         cleanup()
 
 
-def _check_resume_target(args, cfg: dict) -> None:
-    """Before anything is written: a --resume checkpoint must be sound and from this config."""
-    last = os.path.join(os.path.abspath(os.path.expanduser(args.out_dir)), "checkpoints", "last.pt")
-    if not (args.resume and os.path.isfile(last)):
-        return
-    payload = read_checkpoint(last)  # CorruptCheckpointError names the file
-    if payload.get("config_fingerprint") != config_fingerprint(cfg, IGNORED_KEYS):
-        diff = config_diff(payload.get("config") or {}, cfg, IGNORED_KEYS)
-        shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diff[:4]) + (" ..." if len(diff) > 4 else "")
-        raise UsageError(f"--resume: {last} was written by a different config ({shown}); use a new --out_dir "
-                         "or the original flags")
+class VisionHooks(TrainHooks):
+    """Image classification: MixUp / CutMix per global batch, epoch sums of loss and accuracy,
+    top-1 / top-5 on every rank's test shard summed."""
+
+    def __init__(self, args, env, plan, model, fwd, eval_fwd, train_set, sampler, loader, loader_gen, val_loader,
+                 mixup_fn, criterion, metrics, log, ckpt, steps_per_epoch):
+        self.__dict__.update({k: v for k, v in locals().items() if k != "self"})
+        # this rank's part of the epoch sums since the last sync: loss * n, correct, count
+        self.local = torch.zeros(3, dtype=torch.float64, device=env.device)
+        self.t_epoch: float | None = time.perf_counter()
+
+    def batches(self, epoch, start):
+        self.train_set.set_epoch(epoch)
+        self.sampler.set_epoch(epoch, skip=start * self.plan.per_rank)
+        reseed(self.loader_gen, self.args.seed, epoch, self.env.rank)
+        self.t_epoch = time.perf_counter()
+        self.fwd.train()
+        bar = progress_bar(self.loader, enabled=not self.args.no_progress,
+                           desc=f"epoch {epoch + 1}/{self.args.epochs}", leave=False, initial=start,
+                           total=self.steps_per_epoch)
+        for x, y in bar:
+            x, y = x.to(self.env.device, non_blocking=True), y.to(self.env.device, non_blocking=True)
+            target = y
+            if self.mixup_fn is not None:
+                x, target = self.mixup_fn(x, y)
+            if self.args.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield split_micro_batches((x, target, y), self.plan.accum_steps)
+
+    def train_step(self, micro):
+        x, target, y = micro
+        with _autocast(self.env.device, self.args.amp):
+            logits = self.fwd(x)
+            loss = self.criterion(logits.float(), target)
+        with torch.no_grad():
+            hard = target.argmax(1) if target.dim() == 2 else target
+            correct = (logits.argmax(1) == hard).sum().double()
+        return loss * y.numel(), y.numel(), correct
+
+    def after_step(self, state, result):
+        n = float(result.count) / self.env.world_size  # this rank's share of the global batch
+        self.local += torch.stack([result.loss.detach().double().to(self.local.device) * n,
+                                   sum(result.outputs).to(self.local.device),
+                                   torch.tensor(n, dtype=torch.float64, device=self.local.device)])
+
+    def sync_state(self, state):
+        glob = all_reduce_sum(self.local).tolist()
+        self.local.zero_()
+        state.add(loss=glob[0], correct=glob[1], count=glob[2])
+        if self.t_epoch is not None:  # inside an epoch (not between its end and the next one)
+            state.add(train_time=time.perf_counter() - self.t_epoch)
+            self.t_epoch = time.perf_counter()
+
+    def step_record(self, state, window):
+        record = dict(train_loss=window["train_loss"], lr=window["lr"], img_per_s=window["samples_per_s"])
+        if "grad_norm" in window:
+            record["grad_norm"] = window["grad_norm"]
+        return record
+
+    def epoch_record(self, state):
+        self.sync_state(state)
+        self.t_epoch = None
+        acc = state.pop_sums("loss", "correct", "count", "train_time")
+        record = dict(train_loss=acc["loss"] / acc["count"], train_acc=acc["correct"] / acc["count"],
+                      epoch_time=acc["train_time"], img_per_s=acc["count"] / max(acc["train_time"], 1e-9),
+                      lr=self.lr_fn())
+        sig = analysis.sigma_summary(self.model)
+        if sig:
+            record["sigma"] = sig
+        return record
+
+    def evaluate(self, state):
+        t_eval = time.perf_counter()
+        result = evaluate(self.eval_fwd, self.val_loader, self.env.device, self.args.amp, self.args.channels_last)
+        result["eval_time"] = time.perf_counter() - t_eval
+        return result
+
+    def selection_metric(self, result):
+        return result.get("test_acc1")
+
+    def on_eval(self, state, record, is_best, where):
+        if not math.isfinite(record.get("train_loss", 0.0)):
+            self.log.error("non-finite training loss in epoch %d", state.epoch)
+        record["best_acc1"] = self.ckpt.best_metric
+        self.metrics.log(step=state.step, epoch=state.epoch, **record)
+        sig = record.get("sigma")
+        self.log.info("epoch %d/%d: train loss %.4f acc %.4f | test loss %s acc1 %s acc5 %s%s | %.0f img/s%s",
+                      state.epoch, self.args.epochs, record.get("train_loss", float("nan")),
+                      record.get("train_acc", float("nan")), _fmt(record.get("test_loss")),
+                      _fmt(record.get("test_acc1")), _fmt(record.get("test_acc5")), " (best)" if is_best else "",
+                      record.get("img_per_s", 0.0), f" | sigma {_fmt_sigma(sig)}" if sig else "")
+
+    def on_stop(self, state, reason):
+        if reason == "non-finite loss":
+            self.log.error("non-finite training loss at step %d; stopping (the last checkpoint holds an earlier "
+                           "state)", state.step)
+            return
+        self.log.info("stop requested (%s): saved step %d in %s, exiting; continue with --resume", reason,
+                      state.step, self.ckpt.directory)
 
 
 def _train(args: argparse.Namespace, env) -> int:
     t_start = time.time()
-    local_batch = per_rank_batch_size(args.batch_size, env.world_size, name="--batch_size")
+    plan = BatchPlan.from_global(args.batch_size, args.micro_batch_size, env.world_size, name="--batch_size")
     mixing = (args.mixup > 0 or args.cutmix > 0) and args.mix_prob > 0
-    if mixing and local_batch % 2:
-        raise UsageError(f"--batch_size: MixUp/CutMix needs an even batch per rank, got {local_batch} "
+    if mixing and plan.per_rank % 2:
+        raise UsageError(f"--batch_size: MixUp/CutMix needs an even batch per rank, got {plan.per_rank} "
                          f"({args.batch_size} over {env.world_size} ranks)")
     if env.device.type != "cuda" and args.amp == "fp16":
         raise UsageError("--amp fp16 needs a CUDA device; use bf16 or none on CPU")
@@ -374,25 +469,32 @@ def _train(args: argparse.Namespace, env) -> int:
     # Data and model first: bad input fails before the run directory is touched.
     augment = dict(randaugment=args.randaugment or None, color_jitter=args.color_jitter, re_prob=args.re_prob,
                    enabled=not args.no_augment)
-    train_set, val_set, info = build_datasets(
-        args.dataset, args.data_path, img_size=args.img_size, download=not args.no_download,
-        verify_checksums=not args.no_checksum, train_subset=args.train_subset, val_subset=args.val_subset,
-        seed=args.seed, augment=augment,
-    )
+    data_root = os.path.abspath(os.path.expanduser(args.data_path)) if args.data_path else None
+    existed = data_root is not None and os.path.exists(data_root)
+    try:
+        train_set, val_set, info = build_datasets(
+            args.dataset, args.data_path, img_size=args.img_size, download=not args.no_download,
+            verify_checksums=not args.no_checksum, train_subset=args.train_subset, val_subset=args.val_subset,
+            seed=args.seed, augment=augment,
+        )
+    except BaseException:
+        if data_root is not None and not existed:
+            _remove_empty_dirs(data_root)  # a failed download leaves no empty data folder behind
+        raise
     if len(train_set) < args.batch_size:
         raise UsageError(f"--batch_size {args.batch_size} is larger than the {len(train_set)} training images")
     seed_everything(args.seed, rank=0)  # identical initialisation on every rank
     model = create(args.model, **model_kwargs(args, info))
-    cfg = config_to_dict(args)
-    _check_resume_target(args, cfg)
 
+    # checks the latest checkpoint against this config (readable diff) before anything is written
     run = prepare_run_dir(args.out_dir, args, resume=args.resume, overwrite=args.overwrite, ignore=IGNORED_KEYS)
     log = setup_logging(run.log_path, name="vision_transformers")
     n_params = analysis.count_params(model)
     log.info("run %s | %s on %s (%s) | world size %d, device %s", run.root, args.model, args.dataset, info.source,
              env.world_size, env.device)
-    log.info("%s: %.2fM parameters, %d train / %d test images, %d classes", args.model, n_params / 1e6,
-             info.train_size, info.val_size, info.num_classes)
+    log.info("%s: %.2fM parameters, %d train / %d test images, %d classes; batch %d = %d micro x %d accum x %d ranks",
+             args.model, n_params / 1e6, info.train_size, info.val_size, info.num_classes, plan.global_batch,
+             plan.micro_batch, plan.accum_steps, env.world_size)
 
     model.to(env.device)
     flops = None
@@ -406,10 +508,11 @@ def _train(args: argparse.Namespace, env) -> int:
     sampler = ResumableDistributedSampler(train_set, shuffle=True, seed=args.seed, drop_last=True)
     loader_gen = torch.Generator()
     pin = env.device.type == "cuda"
-    train_loader = DataLoader(train_set, batch_size=local_batch, sampler=sampler, drop_last=True,
-                              num_workers=args.num_workers, pin_memory=pin, generator=loader_gen)
-    val_loader = DataLoader(val_set, batch_size=local_batch, sampler=ShardSampler(len(val_set), env.rank, env.world_size),
-                            num_workers=args.num_workers, pin_memory=pin)
+    workers = dict(num_workers=args.num_workers, pin_memory=pin,
+                   worker_init_fn=ignore_sigint if args.num_workers else None)
+    train_loader = DataLoader(train_set, batch_size=plan.per_rank, sampler=sampler, drop_last=True,
+                              generator=loader_gen, **workers)
+    val_loader = DataLoader(val_set, batch_size=plan.per_rank, sampler=ShardSampler(len(val_set)), **workers)
     steps_per_epoch = len(train_loader)
     total_steps = args.epochs * steps_per_epoch
 
@@ -420,7 +523,8 @@ def _train(args: argparse.Namespace, env) -> int:
         min_lr_ratio=args.min_lr_ratio,
     )
     scaler = torch.amp.GradScaler(env.device.type, enabled=args.amp == "fp16")
-    ckpt = CheckpointManager(run.checkpoint_dir, config=args, mode="max", config_ignore=IGNORED_KEYS)
+    ckpt = Checkpointer(run.checkpoint_dir, config=args, config_ignore=IGNORED_KEYS, mode="max",
+                        keep_latest_k=args.keep_latest_k)
 
     mixup_fn = None
     if mixing:
@@ -435,136 +539,55 @@ def _train(args: argparse.Namespace, env) -> int:
     else:
         criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
 
-    step, acc = 0, None  # acc: running sums of the current epoch (kept in mid-epoch checkpoints)
-    if args.resume:
-        state = ckpt.load_last(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-        if state is not None:
-            step = state.step
-            acc = state.extra.get("epoch_sums")
-            log.info("resumed from %s at step %d (epoch %.2f, best test_acc1 %s)", state.path, step,
-                     step / steps_per_epoch, state.best_metric)
-    if step == 0:
-        seed_everything(args.seed, rank=env.rank)  # per-rank streams (drop-path, mixing) from here on
+    state = TrainState(extra={"steps_per_epoch": steps_per_epoch})
     ddp_model = wrap_ddp(model, env)
+    app = AppState(ddp_model, optimizer, scheduler, scaler, train_state=state)
+    resumed = ckpt.load(app) if args.resume else None
+    if resumed is not None:
+        log.info("resumed from %s at step %d (epoch %.2f, best test_acc1 %s)", ckpt.step_dir(resumed), state.step,
+                 state.step / steps_per_epoch, ckpt.best_metric)
+    else:
+        seed_everything(args.seed, rank=env.rank)  # per-rank streams (drop-path, mixing) from here on
     fwd = torch.compile(ddp_model) if args.compile else ddp_model
     eval_fwd = torch.compile(model) if args.compile else model
-    metrics = MetricsLogger(run.metrics_path, resume_step=step if step > 0 else None)
+    metrics = MetricsLogger(run.metrics_path, resume_step=state.step if resumed is not None else None)
     summary_path = run.root / "summary.json"
-    if env.is_main and step == 0:
+    if env.is_main and resumed is None:
         summary = dict(model=args.model, dataset=args.dataset, params=n_params, flops_per_image=flops,
                        world_size=env.world_size, device=str(env.device))
         summary_path.write_text(json.dumps(summary, indent=2) + "\n")
 
-    result: dict = {}
-    with PreemptionHandler() as preempt:
-        start_epoch, skip = divmod(step, steps_per_epoch)
-        for epoch in range(start_epoch, args.epochs):
-            train_set.set_epoch(epoch)
-            sampler.set_epoch(epoch, skip=(skip if epoch == start_epoch else 0) * local_batch)
-            reseed(loader_gen, args.seed, epoch, env.rank)
-            # Running sums (loss * n, correct, count) stay on the device; they are reduced over
-            # ranks only when logged or saved, so the step loop never waits for the host.
-            sums = torch.zeros(3, dtype=torch.float64, device=env.device)
-            train_time = 0.0
-            if acc is not None and epoch == start_epoch and env.is_main:  # resumed mid-epoch: global sums so far
-                sums += torch.tensor([acc["loss"], acc["correct"], acc["count"]], dtype=torch.float64, device=env.device)
-            if acc is not None and epoch == start_epoch:
-                train_time = acc["train_time"]
-            log_sums = torch.zeros_like(sums)
-            fwd.train()
-            bar = progress_bar(train_loader, enabled=not args.no_progress, desc=f"epoch {epoch + 1}/{args.epochs}",
-                               leave=False)
-            t_epoch = time.perf_counter()
-            t_log = time.perf_counter()
-            for x, y in bar:
-                x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
-                target = y
-                if mixup_fn is not None:
-                    x, target = mixup_fn(x, y)
-                if args.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with _autocast(env.device, args.amp):
-                    logits = fwd(x)
-                    loss = criterion(logits.float(), target)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                grad_norm = None
-                if args.grad_clip > 0:
-                    scaler.unscale_(optimizer)
-                    grad_norm = nn.utils.clip_grad_norm_(ddp_model.parameters(), args.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                step += 1
-                with torch.no_grad():
-                    hard = target.argmax(1) if target.dim() == 2 else target
-                    local = torch.stack([loss.detach().double() * y.numel(), (logits.argmax(1) == hard).sum().double(),
-                                         y.new_full((), y.numel(), dtype=torch.float64)])
-                    sums += local
-                    log_sums += local
-                if step % args.log_every == 0:
-                    glob = all_reduce_sum(log_sums).tolist()
-                    now = time.perf_counter()
-                    if not math.isfinite(glob[0]):
-                        log.error("non-finite training loss at step %d; stopping (last.pt holds an earlier state)", step)
-                        return 1
-                    record = dict(train_loss=glob[0] / glob[2], lr=scheduler.get_last_lr()[0],
-                                  img_per_s=glob[2] / max(now - t_log, 1e-9))
-                    if grad_norm is not None:
-                        record["grad_norm"] = float(grad_norm)
-                    metrics.log(step=step, epoch=step / steps_per_epoch, **record)
-                    bar.set_postfix(loss=f"{record['train_loss']:.3f}", lr=f"{record['lr']:.2e}")
-                    t_log = now
-                    log_sums.zero_()
-                if args.preempt_at_step == step:
-                    os.kill(os.getpid(), signal.SIGTERM)
-                end_of_epoch = step % steps_per_epoch == 0
-                periodic = args.save_every_steps and step % args.save_every_steps == 0
-                if not end_of_epoch and (preempt.should_stop() or periodic):
-                    glob = all_reduce_sum(sums).tolist()
-                    acc = dict(loss=glob[0], correct=glob[1], count=glob[2],
-                               train_time=train_time + time.perf_counter() - t_epoch)
-                    ckpt.save(model=ddp_model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, step=step,
-                              epoch=step / steps_per_epoch, extra={"epoch_sums": acc})
-                    if preempt.should_stop():
-                        log.info("stop requested (%s): saved step %d to %s, exiting; continue with --resume",
-                                 preempt.reason, step, ckpt.last_path)
-                        return 0
-            glob = all_reduce_sum(sums).tolist()
-            acc = dict(loss=glob[0], correct=glob[1], count=glob[2], train_time=train_time + time.perf_counter() - t_epoch)
-            if not math.isfinite(acc["loss"]):
-                log.error("non-finite training loss in epoch %d; stopping (last.pt holds the previous epoch)", epoch + 1)
-                return 1
-            record = dict(train_loss=acc["loss"] / acc["count"], train_acc=acc["correct"] / acc["count"],
-                          epoch_time=acc["train_time"], img_per_s=acc["count"] / max(acc["train_time"], 1e-9),
-                          lr=scheduler.get_last_lr()[0])
-            sig = analysis.sigma_summary(model)
-            if sig:
-                record["sigma"] = sig
-            last_epoch = epoch + 1 == args.epochs
-            metric = None
-            if (epoch + 1) % args.eval_every == 0 or last_epoch:
-                t_eval = time.perf_counter()
-                result = evaluate(eval_fwd, val_loader, env.device, args.amp, args.channels_last)
-                record.update(result, eval_time=time.perf_counter() - t_eval)
-                metric = result["test_acc1"]
-            is_best = ckpt.save(model=ddp_model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, step=step,
-                                epoch=epoch + 1, metric=metric)
-            record["best_acc1"] = ckpt.best_metric
-            metrics.log(step=step, epoch=epoch + 1, **record)
-            log.info("epoch %d/%d: train loss %.4f acc %.4f | test loss %s acc1 %s acc5 %s%s | %.0f img/s%s",
-                     epoch + 1, args.epochs, record["train_loss"], record["train_acc"],
-                     _fmt(record.get("test_loss")), _fmt(record.get("test_acc1")), _fmt(record.get("test_acc5")),
-                     " (best)" if is_best else "", record["img_per_s"],
-                     f" | sigma {_fmt_sigma(sig)}" if sig else "")
-            if preempt.should_stop() and not last_epoch:
-                log.info("stop requested (%s) at the end of epoch %d, exiting; continue with --resume",
-                         preempt.reason, epoch + 1)
-                return 0
-    metrics.close()
+    hooks = VisionHooks(args, env, plan, model, fwd, eval_fwd, train_set, sampler, train_loader, loader_gen,
+                        val_loader, mixup_fn, criterion, metrics, log, ckpt, steps_per_epoch)
+    hooks.lr_fn = lambda: scheduler.get_last_lr()[0]
+    settings = LoopSettings(total_steps=total_steps, steps_per_epoch=steps_per_epoch, log_every=args.log_every,
+                            eval_every_epochs=args.eval_every, save_every=args.save_every_steps,
+                            grad_clip=args.grad_clip, samples_per_step=plan.global_batch,
+                            preempt_at_step=args.preempt_at_step)
+    per_image = flops["flops"] * 3 if flops else None  # forward + backward ~ 3x forward
+    with PreemptionHandler() as preempt, metrics:
+        outcome = TrainLoop(settings, model=ddp_model, optimizer=optimizer, scheduler=scheduler, checkpointer=ckpt,
+                            app_state=app, train_state=state, metrics=metrics, hooks=hooks, scaler=scaler,
+                            preempt=preempt, throughput=Throughput(per_image, world_size=env.world_size),
+                            world_size=env.world_size).run()
+        ckpt.close()
+    run.release()
+    if outcome != "finished":
+        return 1 if outcome == "diverged" else 0
     if env.is_main:
         finish(run.root, model, val_set, info, args, log, time.time() - t_start)
-    return 0 if math.isfinite(result.get("test_loss", 0.0)) else 1
+    records = read_metrics(run.metrics_path) if env.is_main else []
+    last = next((r for r in reversed(records) if "test_loss" in r), {})
+    return 0 if math.isfinite(last.get("test_loss", 0.0)) else 1
+
+
+def _remove_empty_dirs(root: str) -> None:
+    """Remove `root` and the folders under it when nothing but empty folders is there."""
+    for dirpath, _, _ in sorted(os.walk(root), key=lambda t: -len(t[0])):
+        try:
+            os.rmdir(dirpath)
+        except OSError:
+            return
 
 
 def _fmt(v) -> str:

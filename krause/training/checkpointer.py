@@ -342,10 +342,12 @@ class Checkpointer:
                 f"checkpoint {self._resolve(step)} was written with another config:\n{format_config_diff(diff)}\n"
                 "Resume with the original settings, or start a new run (a new out_dir, or overwrite)")
 
-    def verify(self, step: int | str | None = None, *, crc: bool = True) -> dict[str, Any]:
+    def verify(self, step: int | str | None = None, *, crc: bool = True, collective: bool = True) -> dict[str, Any]:
         """Check a step's marker, DCP metadata, file sizes and (crc=True) CRC-32s; return the marker.
 
-        Collective when distributed (each rank checksums a share of the files)."""
+        Collective when distributed (each rank checksums a share of the files); collective=False
+        checks every file in this process alone (prepare_run_dir on rank 0)."""
+        share = is_distributed() and collective
         path = self._resolve(step)
         status, meta = ("ok", ""), {}
         try:
@@ -360,7 +362,8 @@ class Checkpointer:
                 if p.stat().st_size != want["size"]:
                     raise CorruptCheckpointError(f"checkpoint {path}: {name} has {p.stat().st_size} bytes, "
                                                  f"{want['size']} were written (truncated or replaced)")
-                if crc and i % get_world_size() == get_rank() and _crc32_file(p) != want["crc32"]:
+                mine = not share or i % get_world_size() == get_rank()
+                if crc and mine and _crc32_file(p) != want["crc32"]:
                     raise CorruptCheckpointError(f"checkpoint {path}: {name} is corrupted (CRC-32 mismatch)")
             from torch.distributed.checkpoint import FileSystemReader
 
@@ -374,7 +377,7 @@ class Checkpointer:
             if "previous complete checkpoint" not in msg and "no older complete" not in msg:
                 msg += f"; {self._older_than(self._step_of(path))}"
             status = ("error", msg)
-        status = _collective_status(status) if is_distributed() else status
+        status = _collective_status(status) if share else status
         if status[0] != "ok":
             raise CorruptCheckpointError(status[1])
         return meta

@@ -179,7 +179,8 @@ def _check_resume(run: RunDir, cfg: dict[str, Any], ignore: Iterable[str]) -> st
     step = ck.latest_step()
     if step is not None:
         try:
-            ck.check_config(cfg, step)  # also reads the marker: CorruptCheckpointError names the step
+            ck.verify(step, collective=False)  # a damaged step is named (with the older one) before any write
+            ck.check_config(cfg, step)
         except CheckpointError as e:
             return str(e).replace("(a new out_dir, or overwrite)", "(a new out_dir, or overwrite to start over in this one)")
         return None
