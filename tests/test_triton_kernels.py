@@ -76,13 +76,31 @@ def make_inputs(b, h, hkv, tq, tk, d, dtype=torch.float32, per_head=False, seed=
     return leaves, ls, go.to(DEVICE, dtype)
 
 
-def check_against_rule(out, leaves, ls, go, ref_fn, atol, grad_atol):
-    """Output and every gradient of the kernel against the float64 rule-following reference."""
+def near_tie_rows(q, k, cand, top_k, gap):
+    """(B, H, Tq) bool: rows whose top_k-th and next candidate distances differ by less than
+    ``gap`` (float64) — at real sizes fp32 rounding may order such a pair either way."""
+    h = q.shape[1]
+    qd, kd = q.detach().cpu().double(), repeat_kv(k.detach().cpu(), h).double()
+    dist = (qd.pow(2).sum(-1)[..., :, None] + kd.pow(2).sum(-1)[..., None, :] - 2 * qd @ kd.transpose(-1, -2))
+    far = dist.clamp_min(0.0).masked_fill(~cand[:, None].expand_as(dist), float("inf")).sort(-1).values
+    if top_k >= far.shape[-1]:
+        return torch.zeros(far.shape[:-1], dtype=torch.bool)
+    return (far[..., top_k] - far[..., top_k - 1]) < gap  # inf - inf = nan: not near
+
+
+def check_against_rule(out, leaves, ls, go, ref_fn, atol, grad_atol, skip_rows=None):
+    """Output and every gradient of the kernel against the float64 rule-following reference.
+    ``skip_rows`` (B, H, Tq): rows left out (zero output gradient, outputs not compared)."""
+    if skip_rows is not None:
+        go = go.masked_fill(skip_rows.to(go.device)[..., None], 0.0)
     grads = torch.autograd.grad(out, [*leaves, ls], go)
     ref_leaves = [t.detach().cpu().double().requires_grad_(True) for t in (*leaves, ls)]
     ref, keep = ref_fn(*ref_leaves)
     ref_grads = torch.autograd.grad(ref, ref_leaves, go.cpu().double())
-    torch.testing.assert_close(out.detach().cpu().double(), ref.detach(), atol=atol, rtol=0)
+    got_out, want_out = out.detach().cpu().double(), ref.detach()
+    if skip_rows is not None:
+        got_out, want_out = got_out[~skip_rows], want_out[~skip_rows]
+    torch.testing.assert_close(got_out, want_out, atol=atol, rtol=0)
     for name, got, want in zip(("q", "k", "v", "log_sigma"), grads, ref_grads):
         assert got.shape == want.shape, name
         scale = max(1.0, want.abs().max().item())
@@ -346,31 +364,39 @@ def test_cuda_real_sizes_match_rule(dtype):
     out = kernels.causal_krause_attention_triton(*leaves, ls, window, top_k)
     cand = causal_candidates(b, t, t, window)
     tol = 3e-2 if dtype == torch.bfloat16 else 2e-4
-    check_against_rule(out, leaves, ls, go, lambda q, k, v, s: dense_rule(q, k, v, s, cand, top_k), tol, tol)
+    skip = near_tie_rows(leaves[0], leaves[1], cand, top_k, 1e-2)
+    assert skip.float().mean() < 0.05
+    check_against_rule(out, leaves, ls, go, lambda q, k, v, s: dense_rule(q, k, v, s, cand, top_k), tol, tol, skip)
     grid, n = (14, 14), 197
     leaves, ls, go = make_inputs(4, 6, 6, n, n, 64, dtype=dtype, seed=8)
     out = kernels.local_krause_attention_2d_triton(*leaves, ls, grid, 2, "chebyshev", 8, 1)
     cand = grid_candidate_mask(grid, 2, "chebyshev", 1)[None]
-    check_against_rule(out, leaves, ls, go, lambda q, k, v, s: dense_rule(q, k, v, s, cand, 8), tol, tol)
+    skip = near_tie_rows(leaves[0], leaves[1], cand, 8, 1e-2)
+    check_against_rule(out, leaves, ls, go, lambda q, k, v, s: dense_rule(q, k, v, s, cand, 8), tol, tol, skip)
 
 
 @cuda_only
 def test_cuda_equals_engine_and_flex_paths():
+    """Same outputs and gradients as impl="fast" and impl="flex" (rows with a near tie at the
+    top_k-th distance left out: each implementation rounds distances its own way)."""
     import krause
 
     b, h, hkv, t, d, window, top_k = 2, 8, 2, 700, 64, 32, 16
     leaves, ls, go = make_inputs(b, h, hkv, t, t, d, per_head=True, seed=9)
+    skip = near_tie_rows(leaves[0], leaves[1], causal_candidates(b, t, t, window), top_k, 1e-2).to(DEVICE)
+    go = go.masked_fill(skip[..., None], 0.0)
     out = kernels.causal_krause_attention_triton(*leaves, ls, window, top_k)
     grads = torch.autograd.grad(out, [*leaves, ls], go)
     for impl in ("fast", "flex"):
         other = krause.causal_krause_attention(*leaves, ls, window, top_k, impl=impl)
         other_grads = torch.autograd.grad(other, [*leaves, ls], go)
-        torch.testing.assert_close(out, other, atol=2e-4, rtol=0, msg=lambda m: f"{impl}: {m}")
+        torch.testing.assert_close(out[~skip], other[~skip], atol=2e-4, rtol=0, msg=lambda m: f"{impl}: {m}")
         for got, want in zip(grads, other_grads):
             torch.testing.assert_close(got, want, atol=2e-3, rtol=1e-3, msg=lambda m: f"{impl} grad: {m}")
     grid, n = (14, 14), 197
     leaves, ls, go = make_inputs(2, 6, 6, n, n, 64, seed=10)
+    skip = near_tie_rows(leaves[0], leaves[1], grid_candidate_mask(grid, 2, "chebyshev", 1)[None], 8, 1e-2).to(DEVICE)
     out = kernels.local_krause_attention_2d_triton(*leaves, ls, grid, 2, "chebyshev", 8, 1)
     for impl in ("fast", "flex"):
         other = krause.local_krause_attention_2d(*leaves, ls, grid, 2, "chebyshev", 8, 1, impl=impl)
-        torch.testing.assert_close(out, other, atol=2e-4, rtol=0, msg=lambda m: f"2-D {impl}: {m}")
+        torch.testing.assert_close(out[~skip], other[~skip], atol=2e-4, rtol=0, msg=lambda m: f"2-D {impl}: {m}")
