@@ -235,6 +235,12 @@ def test_decode_matches_rule_with_ring_and_left_padding():
     out4 = kernels.decode_krause_attention_triton(q[:, :, None].to(DEVICE), k_ring.to(DEVICE), v_ring.to(DEVICE),
                                                  ls.to(DEVICE), lengths.to(DEVICE), top_k, pos=pos)
     assert out4.shape == (b, h, 1, d) and torch.equal(out4[:, :, 0], out)
+    # bf16 ring and query: the same within bf16 rounding of the output
+    half = kernels.decode_krause_attention_triton(*(x.to(DEVICE, torch.bfloat16) for x in (q, k_ring, v_ring)),
+                                                 ls.to(DEVICE), lengths.to(DEVICE), top_k, pos=pos)
+    assert half.dtype == torch.bfloat16
+    ref_half, _ = dense_rule(q.bfloat16()[:, :, None], keys.bfloat16(), values.bfloat16(), ls, real[:, None, :], top_k)
+    torch.testing.assert_close(half.cpu().double(), ref_half[:, :, 0], atol=2e-2, rtol=0)
 
 
 def test_decode_equals_krause_window_cache_steps():
@@ -290,6 +296,18 @@ def test_flop_counter_and_fake_kernels_see_the_ops():
         out.backward(go)
     expected = b * h * (F.causal_forward_flops(t, d, window, top_k) + F.causal_backward_flops(t, d, window, top_k))
     assert counter.get_total_flops() == expected
+    # end-aligned queries count only their own positions; 2-D and decode from krause.flops too
+    with FlopCounterMode(display=False) as counter:
+        kernels.causal_krause_attention_triton(leaves[0][:, :, -5:].detach(), *leaves[1:], ls, window, top_k)
+    per_head = F.causal_forward_flops(t, d, window, top_k) - F.causal_forward_flops(t - 5, d, window, top_k)
+    assert counter.get_total_flops() == b * h * per_head
+    x = torch.randn(1, 2, 13, 16, device=DEVICE)
+    with FlopCounterMode(display=False) as counter:
+        kernels.local_krause_attention_2d_triton(x, x, x, ls, (3, 4), 1, "manhattan", 3, 1)
+    assert counter.get_total_flops() == 2 * F.local2d_forward_flops((3, 4), 16, 1, "manhattan", 3, 1)
+    with FlopCounterMode(display=False) as counter:
+        kernels.decode_krause_attention_triton(x[:, :, 0], x[:, :, :8], x[:, :, :8], ls, torch.tensor([9]), 3)
+    assert counter.get_total_flops() == 2 * 2 * 16 * (8 + 3)
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
