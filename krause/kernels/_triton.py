@@ -19,9 +19,10 @@ registers:
 The backward is FlashAttention-2 shaped: a query-block pass for dq and the per-head
 dlog_sigma partial sums, and a key-block pass for dk/dv that loops over the query heads
 sharing a key/value head (GQA without expansion) — no atomics anywhere. The backward
-compares recomputed distances with the saved threshold within a few fp32 ulps of the
-norms (a tile of another shape may round the dot products differently) and breaks
-in-band ties by index, so exact duplicates follow the forward's choice.
+recognises the threshold key by its index and compares other recomputed distances with
+the saved threshold distance within a tolerance of the norms (a tile of another shape
+may round the dot products differently), breaking in-band ties by index, so exact
+duplicates follow the forward's choice (see _kept_backward).
 """
 
 import triton
@@ -118,14 +119,17 @@ def _threshold(key, n_iter, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _kept_backward(dist, cand, kj, qn, kn, thr):
-    """The forward's kept set, recomputed with a tolerance of a few ulps of the norms."""
+    """The forward's kept set from its threshold key, robust to the recomputed distances
+    rounding differently: the threshold key itself is recognised by index; others within
+    ~80 fp32 ulps of the norms of the threshold distance count as tied and go by index."""
     full = thr == BIG
     thr_d = (thr >> 32).to(tl.int32).to(tl.float32, bitcast=True)
     thr_i = thr - ((thr >> 32) << 32)  # the tie index (low 32 bits)
-    tol = 1e-6 * (qn[:, None] + kn[None, :])
+    tol = 1e-5 * (qn[:, None] + kn[None, :])
+    idx = kj.to(tl.int64)
     near = tl.abs(dist - thr_d[:, None]) <= tol
-    below = (dist < thr_d[:, None] - tol) | (near & (kj.to(tl.int64) <= thr_i[:, None]))
-    return cand & (full[:, None] | below)
+    kept = (idx == thr_i[:, None]) | (dist < thr_d[:, None] - tol) | (near & (idx < thr_i[:, None]))
+    return cand & (full[:, None] | kept)
 
 
 @triton.jit
