@@ -156,3 +156,13 @@ def test_cache_layer_forwards_to_both_parts():
         krause_cache_layer(full, 0, window=3)
     with pytest.raises(ValueError, match="Cache"):
         krause_cache_layer(((k, k),), 0, window=3)
+
+
+def test_static_cache_wraps_too(models):
+    model = models[("llama", "gated")]
+    ids, mask = prompts()
+    with torch.no_grad():
+        dynamic = model.generate(ids, attention_mask=mask, max_new_tokens=2 * WINDOW, do_sample=False, **COMMON)
+        static = model.generate(ids, attention_mask=mask, max_new_tokens=2 * WINDOW, do_sample=False,
+                                cache_implementation="static", **COMMON)
+    assert torch.equal(dynamic, static)

@@ -174,7 +174,7 @@ def test_new_token_validity_from_every_mask_form():
 def test_bad_input_fails_clearly(model_dirs):
     model = load(model_dirs, "qwen2")
     for kwargs, match in (({"mix": "both"}, "mix"), ({"window": 0}, "window"), ({"top_k": 1.5}, "top_k"),
-                          ({"sigma": -1.0}, "sigma")):
+                          ({"sigma": -1.0}, "sigma"), ({"impl": "cuda"}, "impl")):
         with pytest.raises(ValueError, match=match):
             krause.hf.patch_model(model, **kwargs)
     krause.hf.patch_model(model)

@@ -65,6 +65,10 @@ class KrausePatchConfig:
             raise ValueError(f"sigma must be a finite number > 0, got {self.sigma!r}")
         if not isinstance(self.gate_init, (int, float)) or not 0.0 < self.gate_init < 1.0:
             raise ValueError(f"gate_init must be in (0, 1), got {self.gate_init!r}")
+        from ..dispatch import IMPLS
+
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
