@@ -270,6 +270,18 @@ def test_launch_templates_are_valid_bash_with_sbatch_headers():
 
 
 @pytest.mark.slow
+def test_launch_template_passes_a_usage_error_through_as_one_line(tmp_path):
+    """torchrun's ChildFailedError block is not printed for a worker's usage error: one line, exit 2,
+    and no run directory is created."""
+    env = dict(_env(), OUT_DIR=str(tmp_path / "run"), NPROC="1", PRECISION="fp32", EXTRA_ARGS="--window 0 --device cpu")
+    done = subprocess.run(["bash", str(LAUNCH / "train.sh")], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert [line for line in done.stderr.splitlines() if line.strip()] == ["error: window must be in [1, 784], got 0"]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
 def test_launch_train_survives_sigterm_and_resumes_then_generates(tmp_path):
     out = tmp_path / "run"
     env = dict(_env(), OUT_DIR=str(out), NPROC="1", PRECISION="fp32",

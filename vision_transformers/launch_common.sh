@@ -52,10 +52,10 @@ if [ "$NNODES" -gt 1 ]; then
     fi
     MASTER_ADDR="${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}"
     MASTER_PORT="${MASTER_PORT:-$(( 20000 + SLURM_JOB_ID % 20000 ))}"
-    LAUNCH=(srun --ntasks-per-node=1 "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --nproc_per_node "$NPROC"
+    LAUNCH=(srun --ntasks-per-node=1 "$PYTHON" -m krause.training.launch --nnodes "$NNODES" --nproc_per_node "$NPROC"
             --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "${SLURM_JOB_ID}")
 else
-    LAUNCH=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC")
+    LAUNCH=("$PYTHON" -m krause.training.launch --standalone --nproc_per_node "$NPROC")
 fi
 # torchrun forwards these to the workers and gives them SHUTDOWN_TIMEOUT seconds to save and exit
 LAUNCH+=(--signals-to-handle "SIGTERM,SIGINT,SIGUSR1" --shutdown-timeout "${SHUTDOWN_TIMEOUT:-120}")

@@ -23,7 +23,8 @@ resolve_precision() {
     esac
 }
 
-# torchrun command (an array named TORCHRUN): one process per visible GPU (or NPROC),
+# torchrun command (an array named TORCHRUN; krause.training.launch is torchrun with one-line
+# failures: a worker's usage error stays one line, exit 2): one process per visible GPU (or NPROC),
 # a free local port on one node, a c10d rendezvous on the first Slurm node otherwise.
 build_torchrun() {
     local nproc="${NPROC:-auto}"
@@ -31,7 +32,7 @@ build_torchrun() {
         nproc=$(( NUM_GPUS > 0 ? NUM_GPUS : 1 ))
     fi
     local nnodes="${NNODES:-${SLURM_JOB_NUM_NODES:-1}}"
-    TORCHRUN=("$PYTHON" -m torch.distributed.run --nproc_per_node "$nproc"
+    TORCHRUN=("$PYTHON" -m krause.training.launch --nproc_per_node "$nproc"
               --signals-to-handle SIGTERM,SIGINT,SIGUSR1 --shutdown-timeout "${SHUTDOWN_TIMEOUT:-120}")
     if [ "$nnodes" -gt 1 ]; then
         local addr="${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}"

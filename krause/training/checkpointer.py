@@ -230,7 +230,8 @@ class Checkpointer:
     async_save: `save` returns once the state is copied to CPU memory and writes in a
         background thread (`dcp.async_save`, on a separate gloo process group); the step
         is finalised (marker, rename, `latest`, pruning) at the next save, `wait()` or
-        `close()`.
+        `close()`. The CPU copy (pinned on CUDA machines) is kept between saves: one
+        more copy of this rank's state in host memory, no allocation per save.
     All methods that write or load are collective: call them on every rank.
     """
 
@@ -251,6 +252,7 @@ class Checkpointer:
         self._pending: dict[str, Any] | None = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._async_group = None
+        self._stager = None
 
     # ------------------------------------------------------------------ queries (no collectives)
     def step_dir(self, step: int) -> Path:
@@ -412,7 +414,8 @@ class Checkpointer:
         if use_async:
             group = self._group_for_async()
             with _quiet_single_process():
-                future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=group, no_dist=not is_distributed())
+                future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=group, no_dist=not is_distributed(),
+                                        async_stager=self._get_stager())
             upload = getattr(future, "upload_completion", future)
             if self._pool is None:
                 self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="krause-ckpt")
@@ -432,6 +435,17 @@ class Checkpointer:
             self._finalise(pending, status)
             blocking = time.perf_counter() - t0
         return SaveInfo(step, self.step_dir(step), blocking, is_best, use_async)
+
+    def _get_stager(self):
+        # one stager for the whole run: it keeps its CPU copies of the state between saves, so
+        # a save's blocking part is a copy into memory that is already there (no page faults)
+        if self._stager is None:
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+            self._stager = DefaultStager(StagingOptions(use_pinned_memory=torch.cuda.is_available(),
+                                                        use_shared_memory=False, use_async_staging=False,
+                                                        use_non_blocking_copy=False))
+        return self._stager
 
     def _group_for_async(self):
         # the background writer's collectives must not share a process group with training
@@ -557,6 +571,9 @@ class Checkpointer:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
 
     def export(self, out_file: str | os.PathLike, step: int | str | None = None,
                safetensors_file: str | os.PathLike | None = None) -> Path:
