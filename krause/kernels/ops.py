@@ -22,6 +22,21 @@ MAX_TILE = 2048
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+try:  # where Triton reports a launch that needs more shared memory / registers than the device has
+    from triton.runtime.errors import OutOfResources
+except ImportError:  # pragma: no cover - older layouts
+    OutOfResources = RuntimeError
+
+
+def _launch(kernel, grid, *args, **meta):
+    try:
+        kernel[grid](*args, **meta)
+    except OutOfResources as exc:
+        name = getattr(getattr(kernel, "fn", kernel), "__name__", "kernel")
+        raise ValueError(f"{name}: {exc}; this shape needs more on-chip memory than the device has "
+                         f"(use impl='fast')") from exc
+
+
 def _blocks(n: int, block: int) -> int:
     """Number of blocks of a launch; they go on grid axis 1, which CUDA caps at 65535."""
     count = triton.cdiv(n, block)
@@ -119,7 +134,7 @@ def _causal_forward(q, k, v, log_sigma, key_valid, window, top_k):
     block_m, block_n = causal_blocks(window)
     n_iter = top_k if top_k < window else 0
     grid = (b * h, _blocks(tq, block_m))
-    K._fwd_kernel[grid](
+    _launch(K._fwd_kernel, grid,
         q, k, v, qn, kn, ls, valid, out, lse, thr,
         h, h // hkv, tq, tk, d, window, 0, 0, 1, 0, n_iter, 0,
         LS_PER_HEAD=per_head, HAS_VALID=has_valid, GRID=False, CHEB=False, KMODE=K.CAUSAL_KEYS,
@@ -139,14 +154,14 @@ def _causal_backward_impl(grad, q, k, v, log_sigma, key_valid, lse, thr, window,
     dcoef = q.new_empty((b * h, nq), dtype=torch.float32)
     common = dict(LS_PER_HEAD=per_head, HAS_VALID=has_valid, GRID=False, CHEB=False, PREC=_prec(q.dtype))
     bd = _pow2(d)
-    K._bwd_dq_kernel[(b * h, nq)](
+    _launch(K._bwd_dq_kernel, (b * h, nq),
         q, k, v, qn, kn, ls, valid, grad, lse, thr, delta, dq, dcoef,
         h, h // hkv, tq, tk, d, window, 0, 0, 1, 0, 0, nq, 0,
         KMODE=K.CAUSAL_KEYS, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=bd, **common,
     )
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     block_k = block_m
-    K._bwd_dkdv_kernel[(b * hkv, _blocks(tk, block_k))](
+    _launch(K._bwd_dkdv_kernel, (b * hkv, _blocks(tk, block_k)),
         q, k, v, qn, kn, ls, valid, grad, lse, thr, delta, dk, dv,
         h, h // hkv, tq, tk, d, window, 0, 0, 1, 0, 0, tk, 1,
         QMODE=K.CAUSAL_QUERIES, BLOCK_N=block_k, BLOCK_Q=_pow2(block_k + window - 1), BLOCK_D=bd, **common,
@@ -236,12 +251,12 @@ def _local_forward(q, k, v, log_sigma, rows, cols, radius, metric, top_k, num_pr
     bd = _pow2(d)
     max_cand = num_prefix + len(grid_offsets(radius, metric))
     scalars = (h, h // hkv, n, n, d, 1, num_prefix, p_pad, cols, radius)
-    K._fwd_kernel[(b * h, _blocks(n - num_prefix, block))](
+    _launch(K._fwd_kernel, (b * h, _blocks(n - num_prefix, block)),
         q, k, v, qn, kn, ls, dummy, out, lse, thr, *scalars, top_k if top_k < max_cand else 0, num_prefix,
         KMODE=K.GRID_BAND, BLOCK_M=block, BLOCK_N=band, BLOCK_D=bd, **common,
     )
     if num_prefix:
-        K._fwd_kernel[(b * h, triton.cdiv(num_prefix, 16))](
+        _launch(K._fwd_kernel, (b * h, triton.cdiv(num_prefix, 16)),
             q, k, v, qn, kn, ls, dummy, out, lse, thr, *scalars, top_k if top_k < n else 0, 0,
             KMODE=K.ALL, BLOCK_M=16, BLOCK_N=full, BLOCK_D=bd, **common,
         )
@@ -262,23 +277,23 @@ def _local_backward_impl(grad, q, k, v, log_sigma, lse, thr, rows, cols, radius,
     dq = torch.empty_like(q)
     dcoef = q.new_empty((b * h, partials), dtype=torch.float32)
     tensors = (q, k, v, qn, kn, ls, dummy, grad, lse, thr, delta)
-    K._bwd_dq_kernel[(b * h, n_patch_blocks)](
+    _launch(K._bwd_dq_kernel, (b * h, n_patch_blocks),
         *tensors, dq, dcoef, *scalars, num_prefix, partials, 0,
         KMODE=K.GRID_BAND, BLOCK_M=block, BLOCK_N=band, BLOCK_D=bd, **common,
     )
     if num_prefix:
-        K._bwd_dq_kernel[(b * h, n_prefix_blocks)](
+        _launch(K._bwd_dq_kernel, (b * h, n_prefix_blocks),
             *tensors, dq, dcoef, *scalars, 0, partials, n_patch_blocks,
             KMODE=K.ALL, BLOCK_M=16, BLOCK_N=full, BLOCK_D=bd, **common,
         )
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     # patch keys: their queries are the prefix rows and the symmetric patch band
-    K._bwd_dkdv_kernel[(b * hkv, triton.cdiv(n - num_prefix, block))](
+    _launch(K._bwd_dkdv_kernel, (b * hkv, triton.cdiv(n - num_prefix, block)),
         *tensors, dk, dv, *scalars, num_prefix, n, 1,
         QMODE=K.GRID_BAND, BLOCK_N=block, BLOCK_Q=band, BLOCK_D=bd, **common,
     )
     if num_prefix:  # prefix keys: every query, in chunks
-        K._bwd_dkdv_kernel[(b * hkv, triton.cdiv(num_prefix, 16))](
+        _launch(K._bwd_dkdv_kernel, (b * hkv, triton.cdiv(num_prefix, 16)),
             *tensors, dk, dv, *scalars, 0, num_prefix, triton.cdiv(n, 64),
             QMODE=K.ALL, BLOCK_N=16, BLOCK_Q=64, BLOCK_D=bd, **common,
         )
@@ -359,7 +374,7 @@ def _decode_op(
     kn = torch.linalg.vector_norm(k_ring, 2, dim=-1, dtype=torch.float32).square().contiguous()
     valid_arg, has_valid = _valid_arg(valid, q)
     out = torch.empty_like(q)
-    K._decode_kernel[(b * hkv,)](
+    _launch(K._decode_kernel, (b * hkv,),
         q, k_ring, v_ring, qn, kn, ls, lengths.to(torch.int32).contiguous(), valid_arg, out,
         h, g, capacity, d, window, pos, top_k if top_k < min(window, capacity) else 0,
         LS_PER_HEAD=log_sigma.dim() == 1, HAS_VALID=has_valid, PREC=_prec(q.dtype),
