@@ -345,6 +345,7 @@ def test_torch_compile_fullgraph_forward_and_backward():
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU every other test compiles and runs the kernels")
 def test_causal_kernels_compile_for_sm90():
     """The interpreter never compiles: build the causal launches for Hopper (no GPU needed)."""
     import subprocess
