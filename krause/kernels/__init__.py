@@ -58,6 +58,8 @@ def _check_dtypes(q, k, v):
 
 
 def _check_device(q):
+    if torch.compiler.is_compiling():  # no host queries in a traced graph; an unusable device fails at launch
+        return
     ok, why = triton_available()
     if not ok:
         raise ValueError(f"impl='triton' unavailable: {why}")
