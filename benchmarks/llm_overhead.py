@@ -185,7 +185,11 @@ def main(argv=None) -> int:
     params = {"unpatched_bytes": before, "patched_bytes": param_bytes(patched)}
     params["ratio"] = params["patched_bytes"] / params["unpatched_bytes"]
     models = {"unpatched": plain, "patched": patched}
-    rows = [measure_length(models, t, device, args.repeats, args.decode_steps) for t in lengths]
+    rows = []
+    for t in lengths:
+        rows.append(measure_length(models, t, device, args.repeats, args.decode_steps))
+        print(f"T={t}: prefill {fmt_time(rows[-1]['prefill_unpatched_s'])} unpatched, "
+              f"{fmt_time(rows[-1]['prefill_patched_s'])} patched", flush=True)
     paper = paper_parameter_counts()
 
     info = machine_info(device)
