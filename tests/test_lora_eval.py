@@ -93,6 +93,15 @@ def test_cli_scores_a_krause_adapter_as_a_krause_model(env, capsys):
     assert csv_path.read_text().splitlines()[0] == "task,metric,base,krause"
 
 
+def test_a_lora_baseline_adapter_loads_unpatched(env):
+    root, model_dir, _ = env
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    krause.hf.save(krause.hf.lora_model(base), root / "lora_adapter")
+    model, _, kind = ev.load_for_eval(model_dir, root / "lora_adapter", dtype="float32")
+    assert kind == "lora" and not krause.hf.is_patched(model)
+    assert not any("lora_" in n for n, _ in model.named_parameters())  # merged
+
+
 def test_unknown_tasks_fail_before_loading(env, capsys):
     root, model_dir, tasks = env
     rc = ev.main(["--model", "/nonexistent", "--tasks", "boolq_local,no_such_task", "--include_path", str(tasks),
