@@ -97,17 +97,21 @@ def _worker(rank: int, port: int, out: str) -> None:
         x, y = _data()
         mine = (x[rank::2], y[rank::2])  # this rank's half of the global batch, in 2 micro-batches
         results = {}
-        for kind in ("ddp", "fsdp"):
+        for kind in ("ddp", "fsdp", "fsdp_ac"):
             model = _model()
             if kind == "ddp":
                 wrapped = kt.wrap_ddp(model, env)
-            else:
-                wrapped = kt.apply_fsdp(model, kt.build_mesh("cpu"), blocks="")
+            else:  # fsdp_ac: activation checkpointing of every block as well
+                wrapped = kt.apply_fsdp(model, kt.build_mesh("cpu"), blocks="", activation_checkpointing=kind == "fsdp_ac")
             opt = torch.optim.SGD(wrapped.parameters(), lr=0.5)
             kt.accumulate_gradients(wrapped, kt.split_micro_batches(mine, 2), _loss_sum(wrapped), world_size=2)
             opt.step()
             params = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in wrapped.parameters()]
             results[kind] = [p.detach().tolist() for p in params]
+            if kind == "fsdp_ac":
+                from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+                results["ac_keys"] = sorted(get_model_state_dict(wrapped))
         if rank == 0:
             Path(out).write_text(json.dumps(results))
     finally:
@@ -125,7 +129,8 @@ def test_two_ranks_times_two_micro_batches_equal_one_rank_one_batch(tmp_path):
     F.cross_entropy(ref(x), y).backward()
     opt.step()
     got = json.loads(out.read_text())
-    for kind in ("ddp", "fsdp"):
+    assert got["ac_keys"] == sorted(ref.state_dict())  # no wrapper prefixes in checkpoints
+    for kind in ("ddp", "fsdp", "fsdp_ac"):
         for a, b in zip(ref.parameters(), got[kind]):
             torch.testing.assert_close(torch.tensor(b), a.detach(), rtol=1e-5, atol=1e-6)
 

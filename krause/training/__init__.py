@@ -16,6 +16,7 @@ Modules (each small and usable alone):
     throughput   samples / tokens per second and MFU (FlopCounterMode or a formula)
     lock         one writer per run directory (host, pid, start time; stale locks taken over)
     errors       UsageError and one-line reporting
+    launch       torchrun with one-line failures (python -m krause.training.launch ...)
     sigma        sigma_per_layer
     preemption   SIGTERM / SIGUSR1 -> flag -> save `last` and exit cleanly
     data         resumable DistributedSampler (skip part of an epoch), per-epoch loader seeds
