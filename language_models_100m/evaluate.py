@@ -3,8 +3,9 @@
     python -m language_models_100m.evaluate --model runs/100m_gated runs/100m_standard \\
         --data_dir /data/fwe10bt --out_dir results/100m [--tasks hellaswag piqa ...] [--limit 100]
 
-For every ``--model`` (a training run directory, whose ``hf/`` export is used, or a
-``save_pretrained`` directory of any attention type): validation loss / perplexity on
+For every ``--model`` (a training run directory: its ``hf/`` export, or with
+``--checkpoint best|last|STEP_DIR`` that DCP checkpoint; or a ``save_pretrained``
+directory; any attention type): validation loss / perplexity on
 the ``--data_dir`` val shards (``--val_tokens``), then the lm-eval tasks, zero-shot:
 HellaSwag, PIQA, ARC-Easy, BLiMP (all 67 subsets), LAMBADA (OpenAI) — stock tasks — and
 CBT (all four subsets; the task YAML ships in ``tasks/cbt``). lm-eval reports ``acc``
@@ -28,38 +29,62 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from krause.training.checkpoint import CheckpointError
+from krause.training.errors import one_line
+
 TASK_DIR = Path(__file__).resolve().parent / "tasks"
 DEFAULT_TASKS = ("hellaswag", "piqa", "arc_easy", "blimp", "lambada_openai", "cbt")
 
 
-def resolve_model_dir(path) -> tuple[Path, Path | None]:
-    """(save_pretrained directory, run directory or None) of a --model argument."""
-    path = Path(path).expanduser().resolve()
-    if (path / "config.json").is_file() and not (path / "metrics.jsonl").exists():
-        return path, None
-    if (path / "hf" / "config.json").is_file():
-        return path / "hf", path
-    raise ValueError(f"--model {path}: neither a save_pretrained directory nor a run directory with hf/")
+def resolve_model(path, checkpoint: str | None, device):
+    """(model, directory holding a tokenizer or None, run directory or None, tokenizer spec or None).
 
-
-def load_model(model_dir: Path, device: torch.device):
+    A save_pretrained directory loads as it is. A run directory loads its ``hf/`` export,
+    or with ``checkpoint`` ("best", "last" or a step directory) the weights of that DCP
+    checkpoint into the model its config.json describes (runs stopped before the end too).
+    """
     import language_models_100m  # noqa: F401  (registers krause_lm with the Auto classes)
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_dir).to(device).eval()
+    path = Path(path).expanduser().resolve()
+    config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else None
+    if config is not None and "model_type" in config:  # a save_pretrained directory
+        if checkpoint is not None:
+            raise ValueError(f"--checkpoint {checkpoint}: {path} is a save_pretrained directory, not a run")
+        return AutoModelForCausalLM.from_pretrained(path).to(device).eval(), path, None, None
+    manifest = Path((config or {}).get("data_dir") or "/nonexistent") / "manifest.json"
+    tokenizer_spec = json.loads(manifest.read_text()).get("tokenizer") if manifest.is_file() else None
+    if checkpoint is None and (path / "hf" / "config.json").is_file():
+        return AutoModelForCausalLM.from_pretrained(path / "hf").to(device).eval(), path / "hf", path, tokenizer_spec
+    if config is None or "model" not in config or not (path / "checkpoints").is_dir():
+        raise ValueError(f"--model {path}: neither a save_pretrained directory nor a run directory "
+                         "(with hf/ or checkpoints/)")
+    run_config = config
+    from krause.training.checkpointer import find_checkpoint, load_model_weights
+
+    from .model import KrauseLMConfig
+    from .presets import build_model
+
+    fields = {k: v for k, v in run_config["model"].items() if k in KrauseLMConfig.__dataclass_fields__}
+    model = build_model(run_config["preset"], fields.pop("attention"), **fields)
+    load_model_weights(model, find_checkpoint(path, checkpoint or "last"))
+    return model.to(device).eval(), None, path, tokenizer_spec
 
 
-def load_hf_tokenizer(model_dir: Path, fallback: str | None):
-    """The tokenizer saved next to the model, else ``--tokenizer`` (tokenizer.json file, directory or hub name)."""
+def load_hf_tokenizer(model_dir: Path | None, *fallbacks: str | None):
+    """The tokenizer saved next to the model, else the first fallback given (a tokenizer.json
+    file, a directory or a hub name: --tokenizer, then the run's build)."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    if (model_dir / "tokenizer.json").is_file() or (model_dir / "tokenizer_config.json").is_file():
+    if model_dir is not None and ((model_dir / "tokenizer.json").is_file()
+                                  or (model_dir / "tokenizer_config.json").is_file()):
         return AutoTokenizer.from_pretrained(model_dir)
-    if fallback is None:
+    spec = next((f for f in fallbacks if f), None)
+    if spec is None:
         raise ValueError(f"--tokenizer is needed: {model_dir} holds no tokenizer")
-    if Path(fallback).is_file():
-        return PreTrainedTokenizerFast(tokenizer_file=str(fallback), eos_token="<|endoftext|>")
-    return AutoTokenizer.from_pretrained(fallback)
+    if Path(spec).is_file():
+        return PreTrainedTokenizerFast(tokenizer_file=str(spec), eos_token="<|endoftext|>")
+    return AutoTokenizer.from_pretrained(spec)
 
 
 @torch.no_grad()
@@ -149,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m language_models_100m.evaluate", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", nargs="+", required=True, help="run directories or save_pretrained directories")
+    p.add_argument("--checkpoint", default=None,
+                   help="for run directories: best, last or a step directory (default: the run's hf/ export)")
     p.add_argument("--out_dir", required=True)
     p.add_argument("--tasks", nargs="*", default=list(DEFAULT_TASKS), help="lm-eval task / group names ('' for none)")
     p.add_argument("--include_path", nargs="*", default=[], help="extra lm-eval task directories")
@@ -172,20 +199,20 @@ def main(argv=None) -> int:
                           ("cpu" if args.device == "auto" else args.device))
     out_dir = Path(args.out_dir).expanduser().resolve()
     try:
-        models = [resolve_model_dir(m) for m in args.model]
         out_dir.mkdir(parents=True, exist_ok=True)
         results = []
-        for model_dir, run_dir in models:
+        for path in args.model:
+            model, model_dir, run_dir, tokenizer_spec = resolve_model(path, args.checkpoint, device)
             name = (run_dir or model_dir).name
-            model = load_model(model_dir, device)
-            record = {"name": name, "model_dir": str(model_dir), "run_dir": str(run_dir) if run_dir else None,
+            record = {"name": name, "model_dir": str(model_dir) if model_dir else None,
+                      "run_dir": str(run_dir) if run_dir else None, "checkpoint": args.checkpoint or "export",
                       "attention": model.config.attention, "parameters": sum(p.numel() for p in model.parameters())}
             if args.data_dir:
                 record.update(validation_loss(model, args.data_dir, model.config.n_positions, args.val_tokens,
                                               args.batch_size, device))
             record["tasks"] = {}
             if args.tasks:
-                tokenizer = load_hf_tokenizer(model_dir, args.tokenizer)
+                tokenizer = load_hf_tokenizer(model_dir, args.tokenizer, tokenizer_spec)
                 limit = int(args.limit) if args.limit and args.limit >= 1 else args.limit
                 record["tasks"] = run_lm_eval(model, tokenizer, args.tasks, args.include_path, args.batch_size,
                                               limit, device, args.bootstrap_iters)
@@ -194,8 +221,8 @@ def main(argv=None) -> int:
             results.append(record)
             print(f"{name} ({record['attention']}): " + json.dumps({k: v for k, v in record.items() if k != "tasks"}
                                                                     | {"tasks": record["tasks"]}), flush=True)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, CheckpointError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     md, csv_path = write_comparison(results, args.tasks, out_dir)
     plot = plot_val_curves(results, out_dir / "val_loss.png")
