@@ -15,8 +15,9 @@ gpus_visible() {
     "$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0
 }
 
-# TORCHRUN (an array): a standalone rendezvous on one node; on several Slurm nodes one
-# torchrun per node (srun) meeting at the first node of the allocation (c10d).
+# TORCHRUN (an array): krause.training.launch (torchrun whose worker failures stay one line)
+# with a standalone rendezvous on one node; on several Slurm nodes one per node (srun)
+# meeting at the first node of the allocation (c10d).
 torchrun_command() {
     local nproc="${NPROC:-}"
     if [ -z "$nproc" ]; then
@@ -24,8 +25,8 @@ torchrun_command() {
         [ "$nproc" -gt 0 ] || nproc=1
     fi
     local nnodes="${NNODES:-${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}}"
-    TORCHRUN=("$PYTHON" -m torch.distributed.run --nproc_per_node "$nproc"
-              --signals-to-handle SIGTERM,SIGINT,SIGUSR1)
+    TORCHRUN=("$PYTHON" -m krause.training.launch --nproc_per_node "$nproc"
+              --signals-to-handle SIGTERM,SIGINT,SIGUSR1 --shutdown-timeout "${SHUTDOWN_TIMEOUT:-180}")
     if [ "$nnodes" -gt 1 ]; then
         local head="${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}"
         local port="${MASTER_PORT:-$(( 15000 + ${SLURM_JOB_ID:-0} % 20000 ))}"
