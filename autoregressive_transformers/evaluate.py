@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from krause.training.distributed import cleanup, init_distributed, is_main_process
+from krause.training.distributed import cleanup, init_distributed, is_main_process, record
 from krause.training.run_dir import atomic_write_text
 
 from krause.dispatch import IMPLS
@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@record
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:

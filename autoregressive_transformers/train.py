@@ -45,7 +45,7 @@ from krause.training.schedule import warmup_cosine_scheduler, warmup_steps
 from krause.training.seed import seed_everything
 from krause.training.sigma import sigma_per_layer as _sigmas
 from krause.training.state import TrainState
-from krause.training.throughput import Throughput
+from krause.training.throughput import Throughput, known_peak_flops, train_flops_per_sample
 
 from .common import PRECISIONS, UsageError, autocast, evaluate_bpd, resolve_device, run_main
 from .config import ATTENTIONS, DATASETS, model_config
@@ -53,7 +53,8 @@ from .data import load_pixels, train_batches
 from .model import PixelTransformer
 
 #: keys that say how a run executes, not what it computes: a run may resume with other values
-IGNORED_KEYS = RUNTIME_KEYS | {"attn_impl", "micro_batch_size", "keep_latest_k", "eval_batch_size", "download"}
+IGNORED_KEYS = RUNTIME_KEYS | {"attn_impl", "micro_batch_size", "keep_latest_k", "eval_batch_size", "download",
+                               "peak_tflops"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also checkpoint every N steps (0: only at evaluations and on signals)")
     g.add_argument("--keep_latest_k", type=int, default=2, help="step checkpoints kept (the best is kept apart)")
     g.add_argument("--no_progress", action="store_true", help="no progress bars")
+    g.add_argument("--peak_tflops", type=float, default=None,
+                   help="peak TFLOP/s of one device for MFU in the metrics (default: known GPUs' bf16 peak; none on CPU)")
     return p
 
 
@@ -124,6 +127,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UsageError("--weight_decay and --grad_clip must be >= 0")
     if not 0 <= args.warmup <= 1 or not 0 <= args.min_lr_ratio <= 1:
         raise UsageError("--warmup and --min_lr_ratio must be in [0, 1]")
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        raise UsageError(f"--peak_tflops must be > 0, got {args.peak_tflops}")
     if args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
     if args.resume and args.overwrite:
@@ -202,6 +207,9 @@ class PixelHooks(TrainHooks):
     def step_record(self, state, window):
         record = dict(train_loss=window["train_loss"], train_bpd=window["train_loss"] / math.log(2), lr=window["lr"],
                       steps_per_s=window["steps_per_s"], tokens_per_s=window["tokens_per_s"])
+        for key in ("tflops_per_device", "mfu"):
+            if key in window:
+                record[key] = window[key]
         sig = sigma_per_layer(self.model)
         if sig is not None:
             record["sigma"] = sig
@@ -277,11 +285,16 @@ def _train(args, cfg, device, rank, world) -> int:
     settings = LoopSettings(total_steps=total_steps, steps_per_epoch=steps_per_epoch, log_every=args.log_every,
                             eval_every=args.eval_every, save_every=args.save_every, grad_clip=args.grad_clip,
                             samples_per_step=args.batch_size, tokens_per_sample=cfg.seq_len)
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else known_peak_flops(device)
+    flops_per_image = None
+    if peak:  # FLOPs of one forward + backward (FlopCounterMode; Krause ops count their sparse cost)
+        flops_per_image = train_flops_per_sample(model, train_px[:1].to(device).long(),
+                                                 lambda logits: logits.float().logsumexp(-1).sum())
     with PreemptionHandler() as preempt, metrics:
         model.train()
         outcome = TrainLoop(settings, model=train_model, optimizer=optimizer, scheduler=scheduler, checkpointer=ckpt,
                             app_state=app, train_state=state, metrics=metrics, hooks=hooks, preempt=preempt,
-                            throughput=Throughput(world_size=world), world_size=world).run()
+                            throughput=Throughput(flops_per_image, peak, world_size=world), world_size=world).run()
         ckpt.close()
     if outcome != "finished":
         run.release()

@@ -226,8 +226,10 @@ def test_bad_input_one_line_errors_and_nothing_written(tmp_path, capsys):
 @pytest.mark.slow
 def test_resume_with_another_config_is_refused_untouched(tmp_path, capsys):
     out = tmp_path / "run"
-    args = TINY + ["--max_steps", "2", "--out_dir", str(out)]
+    args = TINY + ["--max_steps", "2", "--out_dir", str(out), "--peak_tflops", "1", "--log_every", "1"]
     assert train.main(args) == 0
+    logged = [r for r in read_metrics(out / "metrics.jsonl") if "train_loss" in r]
+    assert all(r["mfu"] > 0 and r["tflops_per_device"] > 0 and r["tokens_per_s"] > 0 for r in logged), logged
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     _fails(train.main, [a if a != "16" else "8" for a in args[:2]] + args[2:] + ["--resume"], capsys,
            "another config")

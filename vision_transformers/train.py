@@ -56,7 +56,7 @@ from krause.training import (
     cleanup,
     ignore_sigint,
     init_distributed,
-    per_rank_batch_size,
+    known_peak_flops,
     prepare_run_dir,
     progress_bar,
     read_metrics,
@@ -78,6 +78,7 @@ from .models import MODEL_DEFAULTS, create, resolve_model_name
 
 #: keys that do not change what a run computes: a run may be resumed with other values
 IGNORED_KEYS = RUNTIME_KEYS | {"preempt_at_step", "save_every_steps", "no_flops", "figures", "threads", "attn_impl",
+                               "peak_tflops",
                                "micro_batch_size", "keep_latest_k"}
 
 # --------------------------------------------------------------------------- recipes
@@ -210,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep_latest_k", type=int, default=2, help="step checkpoints kept (the best is kept apart)")
     g.add_argument("--no_progress", action="store_true", help="no progress bars")
     g.add_argument("--no_flops", action="store_true", help="skip counting FLOPs per image")
+    g.add_argument("--peak_tflops", type=float, default=None,
+                   help="peak TFLOP/s of one device for MFU in the metrics (default: known GPUs' bf16 peak; none on CPU)")
     g.add_argument("--figures", choices=["all", "curves", "none"], default="all")
     g.add_argument("--preempt_at_step", type=int, default=None, help=argparse.SUPPRESS)  # tests: SIGTERM self
     return p
@@ -246,6 +249,7 @@ def validate(args: argparse.Namespace) -> None:
     for name in ("num_workers", "eval_every", "log_every", "save_every_steps"):
         _require(getattr(args, name) >= (1 if name in ("eval_every", "log_every") else 0),
                  f"--{name} must be >= {1 if name in ('eval_every', 'log_every') else 0}, got {getattr(args, name)}")
+    _require(args.peak_tflops is None or args.peak_tflops > 0, f"--peak_tflops must be > 0, got {args.peak_tflops}")
     _require(args.keep_latest_k >= 1, f"--keep_latest_k must be >= 1, got {args.keep_latest_k}")
     if args.micro_batch_size is not None:
         _require(args.micro_batch_size >= 1, f"--micro_batch_size must be >= 1, got {args.micro_batch_size}")
@@ -412,6 +416,9 @@ class VisionHooks(TrainHooks):
         record = dict(train_loss=window["train_loss"], lr=window["lr"], img_per_s=window["samples_per_s"])
         if "grad_norm" in window:
             record["grad_norm"] = window["grad_norm"]
+        for key in ("tflops_per_device", "mfu"):
+            if key in window:
+                record[key] = window[key]
         return record
 
     def epoch_record(self, state):
@@ -565,10 +572,11 @@ def _train(args: argparse.Namespace, env) -> int:
                             grad_clip=args.grad_clip, samples_per_step=plan.global_batch,
                             preempt_at_step=args.preempt_at_step)
     per_image = flops["flops"] * 3 if flops else None  # forward + backward ~ 3x forward
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else known_peak_flops(env.device)
     with PreemptionHandler() as preempt, metrics:
         outcome = TrainLoop(settings, model=ddp_model, optimizer=optimizer, scheduler=scheduler, checkpointer=ckpt,
                             app_state=app, train_state=state, metrics=metrics, hooks=hooks, scaler=scaler,
-                            preempt=preempt, throughput=Throughput(per_image, world_size=env.world_size),
+                            preempt=preempt, throughput=Throughput(per_image, peak, world_size=env.world_size),
                             world_size=env.world_size).run()
         ckpt.close()
     run.release()
