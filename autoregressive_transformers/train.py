@@ -183,8 +183,7 @@ class PixelHooks(TrainHooks):
 
     def __init__(self, args, cfg, device, rank, world, plan, train_px, test_px, model, train_model, eval_model,
                  metrics, log, run, eval_batch, steps_per_epoch):
-        self.__dict__.update(locals())
-        del self.__dict__["self"]
+        self.__dict__.update({k: v for k, v in locals().items() if k != "self"})
 
     def batches(self, epoch, start):
         batches = train_batches(len(self.train_px), self.args.batch_size, epoch, self.args.seed, self.rank, self.world)
