@@ -34,7 +34,7 @@ Slurm and torchrun:
 - Requeueing is the job script's business: after the workers saved and exited,
   `scontrol requeue $SLURM_JOB_ID` (or `#SBATCH --requeue` with a preemption
   policy that requeues) starts the same script again, which passes --resume and
-  continues from checkpoints/last.pt. The Python side just exits cleanly.
+  continues from the latest checkpoint. The Python side just exits cleanly.
 """
 
 from __future__ import annotations
