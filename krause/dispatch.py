@@ -124,6 +124,19 @@ def _decide(op: str, device: torch.device, impl: str, key_padding_mask=None) -> 
     raise AssertionError("the fast engine runs everywhere")  # pragma: no cover
 
 
+def triton_shape_refusal(op: str, q, k, v, *, window=None, grid=None, radius=None, num_prefix_tokens=1) -> str | None:
+    """Why the Triton kernels cannot take this call's dtypes/shapes (None: they can).
+    Checked per call, since ``choose_impl`` decides per device, not per shape."""
+    from . import kernels
+    from .kernels.ops import DTYPES
+
+    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtypes {q.dtype}/{k.dtype}/{v.dtype}: the kernels take one dtype of {DTYPES}"
+    ok, why = (kernels.causal_triton_supported(window) if op == "causal"
+               else kernels.local2d_triton_supported(grid, radius, num_prefix_tokens))
+    return None if ok else why
+
+
 def explain(op: str, device, impl: str = "auto") -> dict[str, str]:
     """For every implementation, 'chosen', 'available' or why it is refused (for humans)."""
     device = torch.device(device)

@@ -19,7 +19,7 @@ from . import _validation as V
 from . import engine
 from . import flops as F
 from .dense import repeat_kv, sigma_coefficient
-from .dispatch import IMPLS, choose_impl  # noqa: F401  (IMPLS re-exported)
+from .dispatch import IMPLS, choose_impl, triton_shape_refusal  # noqa: F401  (IMPLS re-exported)
 from .masks import grid_candidate_mask, grid_offsets
 from .neighbourhoods import BandNeighbourhood, DenseNeighbourhood, GridNeighbourhood, band_block_size
 from .reference import causal_krause_attention_reference, local_krause_attention_2d_reference
@@ -330,7 +330,9 @@ def causal_krause_attention(
     V.check_positive_int("top_k", top_k)
     b, h, _, tk, _ = V.check_qkv(q, k, v, end_aligned=True)
     key_padding_mask = V.check_key_padding_mask(key_padding_mask, b, tk, q)
-    impl = choose_impl("causal", q.device, impl, key_padding_mask=key_padding_mask)
+    requested, impl = impl, choose_impl("causal", q.device, impl, key_padding_mask=key_padding_mask)
+    if impl == "triton" and requested == "auto" and triton_shape_refusal("causal", q, k, v, window=window):
+        impl = "fast"  # auto falls back where the kernels cannot take this shape; an explicit request raises
     if impl == "reference":
         return causal_krause_attention_reference(q, k, v, log_sigma, window, top_k, key_padding_mask=key_padding_mask)
     log_sigma = V.check_log_sigma(log_sigma, h, q)
@@ -386,7 +388,11 @@ def local_krause_attention_2d(
     _, h, _, n, _ = V.check_qkv(q, k, v)
     rows, cols = V.check_grid(grid, n, num_prefix_tokens)
     dense = impl == "auto" and n <= DENSE_2D_MAX_TOKENS  # "fast" asks for the linear-time path itself
-    impl = choose_impl("local2d", q.device, impl)
+    requested, impl = impl, choose_impl("local2d", q.device, impl)
+    if impl == "triton" and requested == "auto" and triton_shape_refusal(
+        "local2d", q, k, v, grid=(rows, cols), radius=radius, num_prefix_tokens=num_prefix_tokens
+    ):
+        impl = "fast"
     if impl == "reference":
         return local_krause_attention_2d_reference(q, k, v, log_sigma, grid, radius, metric, top_k, num_prefix_tokens)
     log_sigma = V.check_log_sigma(log_sigma, h, q)

@@ -226,3 +226,20 @@ def test_gqa_keys_are_never_expanded_to_query_heads():
     # q-shaped tensors (q, dq, out, grad_out) are fine; keys expanded to H heads are not.
     assert all(s == (b, h, t, d) for s in expanded)
     assert (b * h, t, d) not in probe.shapes
+
+
+def test_auto_falls_back_to_the_engine_where_the_kernels_cannot_take_the_shape(monkeypatch):
+    """Once the kernels are chosen for a device, a call they cannot take (here fp64) runs on
+    the engine under auto, and raises when triton was asked for explicitly."""
+    pytest.importorskip("triton")
+    monkeypatch.setattr(dispatch, "_auto_refusal", lambda impl, op, device, **kw: None if impl == "triton" else "x")
+    monkeypatch.setattr(dispatch, "_triton_reason", lambda device: None)
+    dispatch.clear_cache()
+    try:
+        q, k, v = (t.double() for t in _inputs(1, 2, 2, 9, 9, 4, seed=1))
+        out = krause.causal_krause_attention(q, k, v, 0.0, 3, 2)  # auto -> triton refuses fp64 -> fast
+        ref = krause.causal_krause_attention(q, k, v, 0.0, 3, 2, impl="reference")
+        torch.testing.assert_close(out, ref)
+        assert dispatch.triton_shape_refusal("causal", q, k, v, window=3).startswith("dtypes")
+    finally:
+        dispatch.clear_cache()
