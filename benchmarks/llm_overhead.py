@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import os
 import sys
+import time
 
 import torch
 
@@ -116,11 +117,11 @@ def measure_length(models, length, device, repeats, decode_steps):
             cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
             steps = []
             for _ in range(decode_steps):  # greedy steps on the cache the prompt left
-                t0 = __import__("time").perf_counter()
+                t0 = time.perf_counter()
                 step = model(token, past_key_values=cache, use_cache=True)
                 if torch.device(device).type == "cuda":
                     torch.cuda.synchronize(device)
-                steps.append(__import__("time").perf_counter() - t0)
+                steps.append(time.perf_counter() - t0)
                 token = step.logits[:, -1:].argmax(-1)
         steps.sort()
         row[f"decode_step_{name}_s"] = steps[len(steps) // 2]

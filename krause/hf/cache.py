@@ -121,7 +121,7 @@ class KrauseWindow:
         if n and self.keys is not None:
             kept = self.num_cached - n
             # After removing n tokens the window must still hold the W keys (or all keys) before them.
-            if kept < min(self.window, self.seen - n) :
+            if kept < min(self.window, self.seen - n):
                 raise RuntimeError(
                     f"crop: the Krause window holds only {self.num_cached} of the last tokens and cannot drop {n}; "
                     "call Cache.activate_past_recording() before generating to make rollbacks possible"

@@ -34,7 +34,6 @@ from .patch import (
 
 KRAUSE_CONFIG_FILE = "krause_config.json"
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-TRAINABLE_KRAUSE_MODULES = ("krause_gate", "krause_sigma")
 FINGERPRINT_KEYS = (
     "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "vocab_size",
@@ -60,7 +59,7 @@ def lora_config(model: nn.Module, r: int = 16, alpha: int = 32, dropout: float =
     targets = list(PROJECTIONS) + list(MLP_PROJECTIONS)
     modules_to_save = None
     if patch is not None:
-        modules_to_save = ["krause_sigma"]
+        modules_to_save = ["krause_sigma"]  # fully trainable and saved with the adapter
         if patch.mix == "gated":
             targets += list(KRAUSE_PROJECTIONS)
             modules_to_save.insert(0, "krause_gate")
