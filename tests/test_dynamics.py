@@ -3,7 +3,6 @@
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 from scipy.sparse import csr_matrix
@@ -124,7 +123,7 @@ def test_krause_small_sigma_topk_keeps_several_clusters_all_run(d):
     assert s["min_clusters_over_run"] > 1
     assert s["time_to_consensus"] is None and s["consensus"] == "none within the horizon"
     assert sum(s["final_cluster_sizes"]) == 64
-    # and the standard dynamics from the same start at beta = 1/sigma^2 restricted to nobody: one cluster
+    # standard attention (beta = 1) from the same start and horizon reaches one cluster
     std = summarise(simulate(DynamicsConfig(attention="standard", n=64, d=d, beta=1.0, steps=300, seed=0)))
     assert std["final_clusters"] == 1 < s["final_clusters"]
 
