@@ -99,8 +99,10 @@ def _check_pair(trajs) -> int:
     return d
 
 
-def animate_pair(trajs: Sequence, out_path, frames: int = 60, fps: int = 12, dpi: int = 72) -> Path:
-    """One GIF with the trajectories side by side (e.g. standard | Krause), same recorded times."""
+def animate_pair(trajs: Sequence, out_path, frames: int = 60, fps: int = 12, dpi: int = 90,
+                 hold_s: float = 1.5) -> Path:
+    """One GIF with the trajectories side by side (e.g. standard | Krause), same recorded times;
+    the last frame is held ``hold_s`` seconds before the loop restarts."""
     from matplotlib.animation import PillowWriter
 
     d = _check_pair(trajs)
@@ -124,6 +126,8 @@ def animate_pair(trajs: Sequence, out_path, frames: int = 60, fps: int = 12, dpi
                 _move(art, traj.positions[j].numpy())
                 ax.set_title(f"{describe(traj.config)}\nt = {traj.times[j]:.1f}: {_clusters(traj.cluster_counts[j])}",
                              fontsize=9)
+            writer.grab_frame()
+        for _ in range(round(hold_s * fps)):
             writer.grab_frame()
     return out
 
