@@ -26,8 +26,11 @@ class StopAndInspect(TrainerCallback):
     def __init__(self, stop_at=None):
         self.stop_at = stop_at
         self.decay_of = {}
+        self.checkpointing = None
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if model is not None:
+            self.checkpointing = model.get_base_model().model.gradient_checkpointing
         if not self.decay_of and optimizer is not None and model is not None:
             names = {id(p): n for n, p in model.named_parameters()}
             for group in optimizer.param_groups:
@@ -63,6 +66,7 @@ def test_train_stop_resume_and_adapter(setup, capsys):
     ckpt = out / "checkpoints" / "checkpoint-2"
     assert (ckpt / "adapter_model.safetensors").is_file() and (ckpt / "krause_config.json").is_file()
     assert not (out / "adapter").exists()
+    assert inspect.checkpointing is True  # the recipe's gradient checkpointing is on
     sigma_decay = {n: wd for n, wd in inspect.decay_of.items() if "log_sigma" in n}
     assert sigma_decay and all(wd == 0.0 for wd in sigma_decay.values())
     assert any(wd == 0.01 for n, wd in inspect.decay_of.items() if "lora_A" in n)
