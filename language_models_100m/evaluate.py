@@ -26,6 +26,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -100,7 +101,7 @@ def validation_loss(model, data_dir, block_size: int, max_tokens: int, batch_siz
     total, count = 0.0, 0
     for first in range(0, n_windows, batch_size):
         rows = [stream.read(w * block_size, block_size + 1) for w in range(first, min(n_windows, first + batch_size))]
-        batch = torch.as_tensor(__import__("numpy").stack(rows), device=device)
+        batch = torch.as_tensor(np.stack(rows), device=device)
         logits = model(batch[:, :-1], use_cache=False).logits
         total += F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
         count += batch[:, 1:].numel()

@@ -96,6 +96,10 @@ class KrauseLMConfig(PreTrainedConfig):
             raise ValueError(f"gate_init must be in (0, 1), got {self.gate_init!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        from krause.dispatch import IMPLS
+
+        if self.krause_impl not in IMPLS:
+            raise ValueError(f"krause_impl must be one of {list(IMPLS)}, got {self.krause_impl!r}")
 
 
 class _Projections(nn.Module):

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from krause.dispatch import IMPLS
 from krause.training.checkpoint import CheckpointError
 from krause.training.checkpointer import AppState, Checkpointer
 from krause.training.config import RUNTIME_KEYS
@@ -61,7 +62,8 @@ from .shards import TokenStream, WindowSampler, split_shards
 
 # Settings that do not change what is computed per optimizer step: a run may resume with others.
 IGNORED_KEYS = set(RUNTIME_KEYS) | {"micro_batch", "compile", "log_every", "save_every", "no_progress",
-                                    "peak_tflops", "kill_at_step", "eval_batch", "dist"}
+                                    "peak_tflops", "kill_at_step", "eval_batch", "dist", "attn_impl",
+                                    "krause_impl"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 on GPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--dist", default="ddp", choices=["ddp", "fsdp"], help="data parallelism: DDP or FSDP2")
+    g.add_argument("--attn_impl", default="auto", choices=IMPLS, help="backend of the Krause op (krause.dispatch)")
     g.add_argument("--eval_every", type=int, default=500, help="validation every N steps (and at the end)")
     g.add_argument("--eval_batch", type=int, default=None, help="validation sequences per forward (default micro)")
     g.add_argument("--save_every", type=int, default=500, help="checkpoint every N steps (0: at evaluations)")
@@ -279,7 +282,8 @@ def _train(args, env) -> int:
         raise UsageError(f"--vocab_size {vocab} is smaller than the build's vocabulary {manifest['vocab_size']}")
     try:
         cfg = model_config(args.config, args.attention, dropout=args.dropout, vocab_size=vocab,
-                           eos_token_id=manifest.get("eos_id"), bos_token_id=manifest.get("eos_id"))
+                           eos_token_id=manifest.get("eos_id"), bos_token_id=manifest.get("eos_id"),
+                           krause_impl=args.attn_impl)
         plan = BatchPlan.from_global(args.global_batch, args.micro_batch, world, name="--global_batch",
                                      micro_name="--micro_batch")
     except ValueError as e:
@@ -305,14 +309,14 @@ def _train(args, env) -> int:
     flops_per_token = train_flops_per_token(model, block, device)
     if args.dist == "fsdp":
         apply_fsdp(model, build_mesh(device.type), blocks="transformer.h",
-                   mp_policy=mixed_precision("bf16") if use_bf16 else None)
+                   mp_policy=mixed_precision("bf16") if use_bf16 else None, compile_blocks=args.compile)
         train_model = model
         autocast = contextlib.nullcontext  # FSDP2 casts parameters itself
     else:
+        if args.compile:
+            model.compile()  # in place: DDP's no_sync and the state-dict keys stay those of the plain model
         train_model = wrap_ddp(model, env)
         autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
-    if args.compile:
-        train_model = torch.compile(train_model)
     optimizer = build_adamw(model, lr=args.lr, weight_decay=args.weight_decay, betas=(args.beta1, args.beta2))
     scheduler = warmup_cosine_scheduler(optimizer, total_steps, warmup_steps(total_steps, fraction=args.warmup),
                                         args.min_lr_ratio)
