@@ -239,3 +239,24 @@ def test_compare_runs_side_by_side(tmp_path, capsys):
     assert "not a vision_transformers.train run" in err and len(err.splitlines()) == 1
     assert compare.main([str(tmp_path / "vit-s"), "--out_dir", str(out)]) == 2  # never replaced silently
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_a_failed_download_leaves_no_empty_data_folder(tmp_path, capsys, monkeypatch):
+    """torchvision creates the data folder before it downloads; a download that fails must not leave
+    an empty data/cifar10/ behind (a folder that existed before is kept)."""
+    from vision_transformers.data import DataError
+
+    def failing_download(name, path, **kwargs):
+        os.makedirs(os.path.join(path, "cifar-10-batches-py"), exist_ok=True)
+        raise DataError("could not download cifar10: no network")
+
+    monkeypatch.setattr(train, "build_datasets", failing_download)
+    target = tmp_path / "data" / "cifar10"
+    base = ["--dataset", "cifar10", "--no_progress", "--num_workers", "0", "--out_dir", str(tmp_path / "run")]
+    assert train.main(base + ["--data_path", str(target)]) == 2
+    assert "could not download" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
+    kept = tmp_path / "mine"
+    kept.mkdir()
+    assert train.main(base + ["--data_path", str(kept)]) == 2
+    assert kept.is_dir()

@@ -477,7 +477,10 @@ def _train(args: argparse.Namespace, env) -> int:
     augment = dict(randaugment=args.randaugment or None, color_jitter=args.color_jitter, re_prob=args.re_prob,
                    enabled=not args.no_augment)
     data_root = os.path.abspath(os.path.expanduser(args.data_path)) if args.data_path else None
-    existed = data_root is not None and os.path.exists(data_root)
+    created = data_root  # the topmost folder of data_root that does not exist yet (None: all exist)
+    while created is not None and not os.path.exists(os.path.dirname(created)):
+        created = os.path.dirname(created)
+    existed = data_root is None or os.path.exists(data_root)
     try:
         train_set, val_set, info = build_datasets(
             args.dataset, args.data_path, img_size=args.img_size, download=not args.no_download,
@@ -485,8 +488,8 @@ def _train(args: argparse.Namespace, env) -> int:
             seed=args.seed, augment=augment,
         )
     except BaseException:
-        if data_root is not None and not existed:
-            _remove_empty_dirs(data_root)  # a failed download leaves no empty data folder behind
+        if not existed:
+            _remove_empty_dirs(created)  # a failed download leaves no empty data folder behind
         raise
     if len(train_set) < args.batch_size:
         raise UsageError(f"--batch_size {args.batch_size} is larger than the {len(train_set)} training images")
