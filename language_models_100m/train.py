@@ -62,7 +62,7 @@ from .shards import TokenStream, WindowSampler, split_shards
 
 # Settings that do not change what is computed per optimizer step: a run may resume with others.
 IGNORED_KEYS = set(RUNTIME_KEYS) | {"micro_batch", "compile", "log_every", "save_every", "no_progress",
-                                    "peak_tflops", "kill_at_step", "eval_batch", "dist", "attn_impl",
+                                    "peak_tflops", "kill_at_step", "sigterm_at_step", "eval_batch", "dist", "attn_impl",
                                     "krause_impl"}
 
 
@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--peak_tflops", type=float, default=None, help="per-device peak for MFU (default: known GPUs)")
     g.add_argument("--no_progress", action="store_true")
     g.add_argument("--kill_at_step", type=int, default=None, help=argparse.SUPPRESS)  # tests: SIGKILL self
+    g.add_argument("--sigterm_at_step", type=int, default=None, help=argparse.SUPPRESS)  # tests: SIGTERM self
     return p
 
 
@@ -341,7 +342,8 @@ def _train(args, env) -> int:
     peak = args.peak_tflops * 1e12 if args.peak_tflops else known_peak_flops(device)
     settings = LoopSettings(total_steps=total_steps, steps_per_epoch=total_steps, log_every=args.log_every,
                             eval_every=args.eval_every, save_every=args.save_every, grad_clip=args.grad_clip,
-                            samples_per_step=args.global_batch, tokens_per_sample=block)
+                            samples_per_step=args.global_batch, tokens_per_sample=block,
+                            preempt_at_step=args.sigterm_at_step)
     hooks = LMHooks(model=train_model, sampler=sampler, val_stream=val_stream, plan=plan, block=block, args=args,
                     env=env, autocast=autocast, metrics=metrics, log=log)
     model.train()

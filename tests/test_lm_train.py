@@ -95,6 +95,19 @@ def test_kill_9_and_resume_continue_the_same_stream_and_losses(data_dir, baselin
         assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), step
 
 
+def test_sigterm_saves_cleanly_and_resume_matches(data_dir, baseline, tmp_path):
+    out = tmp_path / "stopped"
+    assert train.main(args(data_dir, out, "--sigterm_at_step", "3")) == 0  # exits 0 after saving step 3
+    assert (out / "checkpoints" / "step-000003" / "checkpoint.json").is_file()  # not a --save_every step
+    assert any(r.get("event", "").startswith("stopped") for r in records(out))
+    assert not (out / "hf").exists()
+    assert train.main(args(data_dir, out, "--resume")) == 0
+    want, got = losses(baseline), losses(out)
+    assert sorted(got) == sorted(want)
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), step
+
+
 def test_resume_with_another_attention_or_config_is_refused(data_dir, baseline, tmp_path, capsys):
     import shutil
 
