@@ -111,3 +111,12 @@ def test_bad_arguments_are_one_line_value_errors():
     with pytest.raises(ValueError, match="attention_mask"):
         model(torch.zeros(2, 5, dtype=torch.long), attention_mask=torch.tensor([[0, 1, 1, 1, 1]] * 2),
               use_cache=False)
+
+
+@pytest.mark.parametrize("attention", ["gated", "krause"])
+def test_beam_search_reorders_the_cache(attention):
+    model = tiny(attention).eval()
+    x = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(2))
+    cached = model.generate(x, max_new_tokens=12, num_beams=3, do_sample=False)
+    uncached = model.generate(x, max_new_tokens=12, num_beams=3, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
