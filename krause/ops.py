@@ -55,6 +55,11 @@ def _causal_shapes(q, k, window):
     return (b, hkv, nb, (h // hkv) * c, c + window - 1)
 
 
+def band_span(window: int) -> int:
+    """Keys one query block of the band scores (C + W - 1)."""
+    return band_block_size(window) + window - 1
+
+
 def _band(q, k, window):
     return BandNeighbourhood(q.shape[2], window, q.device, group=q.shape[1] // k.shape[1])
 
@@ -340,6 +345,10 @@ def causal_krause_attention(
         from .kernels import causal_krause_attention_triton
 
         return causal_krause_attention_triton(q, k, v, log_sigma, window, top_k, key_padding_mask)
+    if requested == "auto" and impl == "fast" and min(tk, q.shape[2] + window - 1) <= band_span(window):
+        # The band would score one span covering every key anyway: the dense formula does
+        # no more arithmetic, in a handful of ops instead of the band's dozens.
+        return causal_krause_attention_reference(q, k, v, log_sigma, window, top_k, key_padding_mask=key_padding_mask)
     q, k, v, key_padding_mask, offset = _end_align(q, k, v, key_padding_mask, window)
     if impl == "flex":
         from .flex import causal_krause_attention_flex
