@@ -1,4 +1,4 @@
-"""Pixel-level autoregressive image models (SPEC section 2.2): KARM (Krause attention),
+"""Pixel-level autoregressive image models (docs/recipes.md): KARM (Krause attention),
 ARM (softmax attention) and LARM (linear attention), identical except for the attention.
 
 Entry points (each ``python -m autoregressive_transformers.<name> --help``):

@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 4 -m autoregressive_transformers.train --dataset cifar10 \\
         --data_path /data/cifar10 --attn vanilla --out_dir runs/arm_cifar10 --precision bf16
 
-Recipe defaults (SPEC section 2.2): AdamW lr 1e-3, weight decay 0.01 (none on biases,
+Recipe defaults (docs/recipes.md): AdamW lr 1e-3, weight decay 0.01 (none on biases,
 norms, positions and log_sigma), linear warmup over 5% of the steps then cosine to
 lr * 1e-6, 30 epochs, global batch 64 (MNIST) / 8 (CIFAR-10), dropout 0.1. The global
 batch is split over the processes; the test BPD covers every test image exactly once,

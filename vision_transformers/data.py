@@ -108,7 +108,7 @@ def build_transforms(
     re_prob: float = 0.0,
     hflip: bool = True,
 ) -> Callable:
-    """The SPEC section 2.1 augmentation for ``info``'s dataset.
+    """The recipe augmentation (docs/recipes.md) for ``info``'s dataset.
 
     CIFAR: RandomCrop(32, pad 4), HFlip, Normalize (+ RandomErasing ``re_prob``).
     ImageNet: RandomResizedCrop(size, 0.08-1, bicubic), HFlip, RandAugment

@@ -5,7 +5,7 @@
         --data_path /path/to/imagenet --out_dir runs/kvit_s16
     # preempted or crashed? the same command with --resume continues where it stopped
 
-Every recipe setting defaults to SPEC section 2.1 for the chosen model and dataset
+Every recipe setting defaults to the recipe in docs/recipes.md for the chosen model and dataset
 (see ``RECIPES``; the resolved values are written to <out_dir>/config.json) and is a
 flag. The run directory holds config.json, metrics.jsonl (per logged step: train loss,
 lr, grad norm, img/s; per epoch: train/test loss and accuracy, top-1/top-5, sigma per
@@ -82,7 +82,7 @@ IGNORED_KEYS = RUNTIME_KEYS | {"preempt_at_step", "save_every_steps", "no_flops"
                                "micro_batch_size", "keep_latest_k"}
 
 # --------------------------------------------------------------------------- recipes
-#: SPEC section 2.1 defaults: (model family, dataset) -> values of the flags left unset
+#: docs/recipes.md defaults: (model family, dataset) -> values of the flags left unset
 RECIPES = {
     ("vit", "cifar"): dict(epochs=300, batch_size=256, lr=3e-4, weight_decay=0.05, warmup_epochs=10,
                            re_prob=0.0, randaugment="", color_jitter=0.0),
@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train_subset", type=int, default=None, help="use a fixed random subset of N training images")
     g.add_argument("--val_subset", type=int, default=None, help="use a fixed random subset of N test images")
     g.add_argument("--num_workers", type=int, default=None)
-    g = p.add_argument_group("recipe (defaults: SPEC section 2.1 for the model and dataset)")
+    g = p.add_argument_group("recipe (defaults: docs/recipes.md for the model and dataset)")
     g.add_argument("--epochs", type=int, default=None)
     g.add_argument("--batch_size", type=int, default=None, help="global batch size over all ranks")
     g.add_argument("--micro_batch_size", type=int, default=None,

@@ -13,7 +13,7 @@
 # Direct:  bash vision_transformers/cifar10/run_kswin.sh [extra train flags]
 # Slurm:   sbatch vision_transformers/cifar10/run_kswin.sh [extra train flags]
 # Settings (environment): DATA_PATH, OUT_DIR, EPOCHS, BATCH_SIZE (global), LR, NUM_WORKERS, SEED, NPROC,
-# NNODES, PYTHON, REQUEUE; see vision_transformers/launch_common.sh. Recipe defaults: SPEC section 2.1.
+# NNODES, PYTHON, REQUEUE; see vision_transformers/launch_common.sh. Recipe defaults: docs/recipes.md.
 TEMPLATE_PATH=cifar10/run_kswin.sh
 set -euo pipefail
 # Repository root: from this file's location, or (under sbatch, which runs a copy of the

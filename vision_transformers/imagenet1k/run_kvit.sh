@@ -10,7 +10,7 @@
 #SBATCH --output=%x-%j.out
 #
 # KViT-S-16 / KViT-B-16 (224/16) on ImageNet-1K: chebyshev r=2, top-k 8..16, sigma 4.5 (S) / 8.0 (B; SIGMA=9.0 is the release script's) (lr 5e-4).
-# Recipe (SPEC section 2.1): AdamW wd 0.05, warmup 10 of 300 epochs, 256 per GPU x 4 GPUs (global batch
+# Recipe (docs/recipes.md): AdamW wd 0.05, warmup 10 of 300 epochs, 256 per GPU x 4 GPUs (global batch
 # 1024), RandomResizedCrop 224, HFlip, RandAugment(2, 9), RandomErasing 0.25 (B adds ColorJitter 0.4),
 # CutMix/MixUp, label smoothing 0.1, bf16 autocast, channels_last, torch.compile (NO_COMPILE=1 turns it off).
 # SIZE=S (default) or SIZE=B picks the model. DATA_PATH holds train/<class>/<image> and val/<class>/<image>.
