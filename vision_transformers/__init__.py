@@ -1,4 +1,4 @@
-"""Vision transformers with Krause attention: ViT/KViT and Swin/KSwin (docs/recipes.md#vision).
+"""Vision transformers with Krause attention: ViT/KViT and Swin/KSwin (docs/recipes.md).
 
 Importing the package registers the models with timm's registry::
 
