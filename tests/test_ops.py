@@ -41,8 +41,11 @@ def _assert_close(fast, ref, rtol=1e-5, atol=1e-5):
         assert a.shape == b.shape, name
         # log_sigma's gradient sums over every query and head, so its absolute error
         # scales with that sum: compare it relative to its size.
+        # It is also a long fp32 sum with cancellation, whose rounding depends on the
+        # reduction order (torch's intra-op thread count): 1e-4 relative.
         scale = b.abs().max().item() if name == "dlog_sigma" else 1.0
-        torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=atol * max(1.0, scale), msg=lambda m: f"{name}: {m}")
+        tol = max(atol, 1e-4) if name == "dlog_sigma" else atol
+        torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=tol * max(1.0, scale), msg=lambda m: f"{name}: {m}")
 
 
 def _log_sigma(per_head, h, seed):
