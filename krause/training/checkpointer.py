@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .atomic import fsync_dir
 from .checkpoint import CheckpointError, CheckpointMismatchError, CorruptCheckpointError
 from .config import RUNTIME_KEYS, config_diff, config_fingerprint, config_to_dict, format_config_diff
 from .distributed import all_gather_object, barrier, broadcast_object, get_rank, get_world_size, is_distributed
@@ -155,18 +156,6 @@ def _crc32_file(path: Path, chunk: int = 16 << 20) -> int:
             crc = zlib.crc32(block, crc)
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -175,7 +164,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _own_files(directory: Path, rank: int) -> list[Path]:
@@ -503,7 +492,7 @@ class Checkpointer:
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         _atomic_write_text(self.directory / LATEST, final.name + "\n")
         if pending["is_best"]:
             self._copy_best(final)

@@ -20,13 +20,13 @@ import os
 import platform
 import socket
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 
+from .atomic import FILE_MODE, atomic_file  # noqa: F401  (FILE_MODE re-exported)
 from .checkpoint import CheckpointError
 from .config import RUNTIME_KEYS, config_diff, config_to_dict, format_config_diff
 from .distributed import barrier, broadcast_object, get_world_size, is_main_process
@@ -34,8 +34,6 @@ from .lock import RunLock, RunLockError
 
 __all__ = ["RunDir", "RunDirError", "prepare_run_dir", "atomic_write_text", "FILE_MODE"]
 
-#: every file a run writes gets this mode (before the umask), temporary-file writes included
-FILE_MODE = 0o644
 
 
 class RunDirError(RuntimeError):
@@ -44,23 +42,8 @@ class RunDirError(RuntimeError):
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` to `path` through a temporary file in the same directory, fsync, then rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, FILE_MODE & ~umask)  # mkstemp makes 0600; run files share one mode
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_file(path, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 class RunDir:
