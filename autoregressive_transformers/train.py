@@ -156,7 +156,8 @@ def plot_figures(run, cfg) -> None:
     """figures/bpd.png (train and test BPD, LR) and, for KARM, figures/sigma.png (sigma per layer)."""
     plot_curves(run.metrics_path, run.figures_dir / "bpd.png", x="step", title=f"{cfg.name} ({cfg.seq_len} tokens)",
                 panels={"bits per dimension": ["train_bpd", "test_bpd"], "lr": ["lr"]})
-    if cfg.attn == "krause":
+    # sigma comes with the training-window records: an evaluation can come before the first one
+    if cfg.attn == "krause" and any("sigma" in r for r in read_metrics(run.metrics_path)):
         plot_series(run.metrics_path, run.figures_dir / "sigma.png", keys=["sigma"], ylabel="mean sigma of layer",
                     title=f"{cfg.name}: sigma per layer")
 
@@ -222,7 +223,8 @@ class PixelHooks(TrainHooks):
                          best=is_best)
         if is_main_process():
             plot_figures(self.run, self.cfg)
-        self.log.info(f"{where}, step {state.step}: test bpd {record['bpd']:.4f} ({record['num_images']} images)"
+        label = where if where.startswith("step") else f"{where}, step {state.step}"
+        self.log.info(f"{label}: test bpd {record['bpd']:.4f} ({record['num_images']} images)"
                       f"{' (best)' if is_best else ''}")
 
     def on_stop(self, state, reason):

@@ -343,3 +343,18 @@ def test_cifar10_files_train_generate_complete_rgb(tmp_path, monkeypatch):
     assert done["samples"].shape == (2, 1, 32, 32, 3)
     assert np.array_equal(done["truth"], hwc["test_batch"])
     assert np.array_equal(done["samples"][:, 0, :16], hwc["test_batch"][:, :16])
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_with_an_evaluation_before_the_first_log(tmp_path):
+    """The demo's first evaluation (step 5) comes before any training-window record with
+    sigma: the figures must still be drawn and the demo finish with samples and completions."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "autoregressive_transformers.demo", "--out_dir", str(out),
+                           "--steps", "10", "--no_progress"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (out / "figures" / "bpd.png").exists() and (out / "figures" / "sigma.png").exists()
+    assert list((out / "samples").glob("*.png")) and list((out / "completions").glob("*.png"))
