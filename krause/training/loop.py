@@ -147,9 +147,14 @@ class TrainLoop:
         result = self.hooks.evaluate(self.state)
         record.update(result)
         metric = self.hooks.selection_metric(result) if result else None
-        is_best = self.save(metric=metric)
+        # Log before saving: a kill between the two then resumes from an earlier step, whose
+        # later records are truncated and logged again (a save first could lose this record).
+        is_best = metric is not None and self.ckpt.is_better(float(metric))
+        if is_best:
+            self.state.best_metric = float(metric)
         self.last_eval_step = self.state.step
         self.hooks.on_eval(self.state, record, is_best, where)
+        self.save(metric=metric)
 
     def _optimizer_step(self) -> float | None:
         grad_norm = None
