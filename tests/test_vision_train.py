@@ -261,3 +261,39 @@ def test_a_failed_download_leaves_no_empty_data_folder(tmp_path, capsys, monkeyp
     assert train.main(base + ["--data_path", str(kept)]) == 2
     assert kept.is_dir()
 
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_then_resume_is_bit_identical(tmp_path):
+    """SIGKILL (nothing saved on the way out, the lock left behind) after a periodic step
+    checkpoint, then --resume: the final weights equal the uninterrupted run's exactly.
+    Every run is a fresh process, so all of them use the same torch thread count (float
+    reductions round differently with another count)."""
+    import time
+
+    args = TINY + ["--epochs", "3", "--save_every_steps", "3", "--keep_latest_k", "5"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+    def run(*extra):
+        return subprocess.Popen([sys.executable, "-m", "vision_transformers.train", *args, *extra], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    proc = run("--out_dir", str(parts))
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        step = Checkpointer(parts / "checkpoints").latest_step() if (parts / "checkpoints").is_dir() else None
+        if step is not None and step >= 6:
+            break
+        time.sleep(0.02)
+    proc.kill()
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == -9, "the run finished before the kill"
+    assert 6 <= _latest(parts)["step"] < 18, out[-2000:]
+    for p in (run("--out_dir", str(whole)), run("--out_dir", str(parts), "--resume")):
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out[-2000:]
+    a, b = _latest(whole), _latest(parts)
+    assert a["step"] == b["step"] == 18
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
