@@ -99,8 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work_dir", default=None, help="scratch runs (default: a temporary folder, removed after)")
     p.add_argument("--only", default=None, help="comma-separated entry names (default: all)")
     p.add_argument("--quick", action="store_true", help="smallest configs: checks the pipeline, figures not meant to be read")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (0: torch's default); the small configs here gain little from more")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--list", action="store_true", help="print the registry and exit")
     return p
 

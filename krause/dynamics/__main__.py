@@ -61,9 +61,7 @@ def _common(p: argparse.ArgumentParser, steps: int = DEFAULTS.steps) -> None:
     p.add_argument("--record_every", type=int, default=DEFAULTS.record_every, help="measure every this many steps")
     p.add_argument("--seed", type=int, default=DEFAULTS.seed, help="initial positions")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (0: torch's default; one thread suits the small per-step ops at N ~ 200, "
-                        "more help at large N)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
 
 
 def build_parser() -> argparse.ArgumentParser:

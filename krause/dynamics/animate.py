@@ -14,6 +14,14 @@ __all__ = ["frame_indices", "animate_pair", "plot_snapshots", "plot_clusters_vs_
            "plot_beta_sweep", "describe"]
 
 
+def _save(fig, out_path) -> Path:
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    return out
+
+
 def _figure(**kwargs):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -173,11 +181,7 @@ def plot_clusters_vs_time(summaries: dict, out_path, title: str | None = None) -
            title=title or "clusters over time")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    return out
+    return _save(fig, out_path)
 
 
 def plot_phase_diagram(records: Sequence[dict], out_path, title: str | None = None) -> Path:
@@ -207,11 +211,7 @@ def plot_phase_diagram(records: Sequence[dict], out_path, title: str | None = No
     ax.set_title(title or f"Krause dynamics: clusters at t = {cfg['steps'] * cfg['dt']:g} "
                           f"(N={cfg['n']}, d={cfg['d']})", fontsize=9)
     fig.colorbar(im, ax=ax, label="final clusters")
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    return out
+    return _save(fig, out_path)
 
 
 def plot_beta_sweep(records: Sequence[dict], out_path, title: str | None = None) -> Path:
@@ -241,8 +241,4 @@ def plot_beta_sweep(records: Sequence[dict], out_path, title: str | None = None)
         a.grid(alpha=0.3)
     fig.suptitle(title or f"standard attention over β (N={cfg['n']}, d={cfg['d']}, dt={cfg['dt']:g}): "
                           "large β leaves several metastable clusters", fontsize=9)
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    return out
+    return _save(fig, out_path)
