@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import multiprocessing as mp
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -325,6 +326,9 @@ def main(argv=None) -> int:
     if args.max_tokens < 0 or not math.isfinite(args.max_tokens):
         parser.error(f"--max_tokens must be >= 0, got {args.max_tokens}")
     args.max_tokens = args.max_tokens or None
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", args.prefix) or ".." in args.prefix:
+        parser.error(f"--prefix must be a plain file-name stem (letters, digits, '_', '-', '.'), "
+                     f"so the shards stay inside --out_dir; got {args.prefix!r}")
     try:
         build(args)
     except ValueError as e:  # BuildError, ShardError, a --dtype the vocabulary does not fit

@@ -4,11 +4,17 @@
 url, date, file_path, language, language_score, token_count, score, int_score) from
 generated English-like documents; ``train_tokenizer`` trains a byte-level BPE on them with
 ``tokenizers`` (EOS ``<|endoftext|>``, as GPT-2) and saves tokenizer.json.
+
+As a command it makes a whole offline build that ``train`` and ``evaluate`` accept:
+
+    python -m language_models_100m.fake_data runs/lm_fake      # -> runs/lm_fake/shards
 """
 
 from __future__ import annotations
 
+import argparse
 import random
+import sys
 from pathlib import Path
 
 WORDS = ("the a of to and in is was for on that with as by at from it an be this which or are were has had "
@@ -67,3 +73,39 @@ def train_tokenizer(docs: list[str], path, vocab_size: int = 300) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(path))
     return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m language_models_100m.fake_data",
+                                description="Write generated documents, a small BPE tokenizer and their llm.c "
+                                            "shards (OUT/shards), for offline smoke runs of train and evaluate.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("out", help="folder to create: OUT/parquet, OUT/tokenizer.json, OUT/shards (the --data_dir)")
+    p.add_argument("--docs", type=int, default=2000, help="generated documents")
+    p.add_argument("--vocab_size", type=int, default=256, help="BPE vocabulary (>= 257 byte-level symbols are kept)")
+    p.add_argument("--seed", type=int, default=0, help="document generator seed")
+    return p
+
+
+def main(argv=None) -> int:
+    from . import build_fwe10bt
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.docs < 10:
+        parser.error(f"--docs must be >= 10 (the val and test splits take 1 in 502 documents each), got {args.docs}")
+    if args.vocab_size < 1:
+        parser.error(f"--vocab_size must be >= 1, got {args.vocab_size}")
+    out = Path(args.out).expanduser().resolve()
+    docs = make_documents(args.docs, seed=args.seed)
+    write_fineweb_parquet(out / "parquet" / "fake.parquet", docs)
+    tokenizer = train_tokenizer(docs, out / "tokenizer.json", vocab_size=args.vocab_size)
+    rc = build_fwe10bt.main(["--input", str(out / "parquet"), "--out_dir", str(out / "shards"),
+                             "--tokenizer", str(tokenizer), "--max_tokens", "0", "--workers", "1", "--no_progress"])
+    if rc == 0:
+        print(f"data ready: --data_dir {out / 'shards'}")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -198,3 +198,9 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, match):
     assert cli(argv + ["--out_dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and match in err and "\n" not in err
+
+
+def test_cli_out_dir_defaults_under_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli(["measure", "--n", "12", "--steps", "5", "--d", "2"]) == 0
+    assert (tmp_path / "runs" / "dynamics" / "measure" / "measure.json").is_file()

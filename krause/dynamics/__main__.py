@@ -1,6 +1,6 @@
 """Standard vs Krause attention dynamics of particles on the unit sphere.
 
-    python -m krause.dynamics animate --out_dir runs/dynamics          # GIFs, snapshots, JSON (circle + sphere)
+    python -m krause.dynamics animate                  # GIFs, snapshots, JSON (circle + sphere) in runs/dynamics/animate
     python -m krause.dynamics measure --attention krause --n 10000 --d 3 --steps 100 --out_dir runs/dyn10k
     python -m krause.dynamics sweep --attention krause --sigmas 0.1,0.3,1 --top_ks 4,16,64 --out_dir runs/sweep
     python -m krause.dynamics sweep --attention standard --betas 0.5,1,4,16 --out_dir runs/sweep
@@ -8,7 +8,7 @@
 Integrator: explicit Euler on the tangent projection of the attention output, then
 renormalisation onto the sphere (step ``--dt``, horizon ``--steps * --dt``). Clusters:
 single linkage on angular distance below ``--tol`` radians. Every command writes JSON
-and figures into ``--out_dir``.
+and figures into ``--out_dir`` (default ``runs/dynamics/COMMAND``).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def _radius(text: str):
 
 
 def _common(p: argparse.ArgumentParser, steps: int = DEFAULTS.steps) -> None:
-    p.add_argument("--out_dir", required=True, help="where the JSON and figures go")
+    p.add_argument("--out_dir", default=None, help="where the JSON and figures go (default: runs/dynamics/COMMAND)")
     p.add_argument("--n", type=int, default=DEFAULTS.n, help="particles (>= 2)")
     p.add_argument("--steps", type=int, default=steps, help="Euler steps (>= 1)")
     p.add_argument("--dt", type=float, default=DEFAULTS.dt, help="Euler step size")
@@ -181,7 +181,7 @@ def main(argv=None) -> int:
             raise ValueError(f"--threads must be >= 0, got {args.threads}")
         if args.threads:
             torch.set_num_threads(args.threads)
-        out = Path(args.out_dir).expanduser().resolve()
+        out = Path(args.out_dir or Path("runs") / "dynamics" / args.command).expanduser().resolve()
         out.mkdir(parents=True, exist_ok=True)
         written = {"animate": cmd_animate, "measure": cmd_measure, "sweep": cmd_sweep}[args.command](args, out)
     except ValueError as e:
