@@ -20,6 +20,7 @@ the runs' metrics.jsonl).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from krause.training.checkpoint import CheckpointError
+from krause.evaluation import PreparedTasks, hub_offline, prepare_tasks, task_manager
 from krause.training.errors import one_line
 
 TASK_DIR = Path(__file__).resolve().parent / "tasks"
@@ -109,17 +111,17 @@ def validation_loss(model, data_dir, block_size: int, max_tokens: int, batch_siz
     return {"val_loss": loss, "val_ppl": math.exp(loss), "val_tokens": count}
 
 
-def run_lm_eval(model, tokenizer, tasks, include_paths, batch_size: int, limit, device, bootstrap_iters: int) -> dict:
-    """lm-eval zero-shot on ``tasks``; {task: {"acc": .., "acc_norm": .., ...}} for tasks and groups."""
+def run_lm_eval(model, tokenizer, prepared: PreparedTasks, manager, batch_size: int, limit, device,
+                bootstrap_iters: int) -> dict:
+    """lm-eval zero-shot on the runnable tasks; {task: {"acc": .., "acc_norm": .., ...}} for tasks and groups."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device),
               max_length=model.config.n_positions)
-    manager = TaskManager(include_path=[str(TASK_DIR), *map(str, include_paths)])
-    out = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=0, task_manager=manager, limit=limit,
-                          log_samples=False, bootstrap_iters=bootstrap_iters)
+    with hub_offline() if prepared.offline else contextlib.nullcontext():
+        out = simple_evaluate(model=lm, tasks=list(prepared.runnable), num_fewshot=0, task_manager=manager,
+                              limit=limit, log_samples=False, bootstrap_iters=bootstrap_iters)
     scores = {}
     for name, metrics in {**out.get("results", {}), **out.get("groups", {})}.items():
         row = {}
@@ -178,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None,
                    help="for run directories: best, last or a step directory (default: the run's hf/ export)")
     p.add_argument("--out_dir", required=True)
-    p.add_argument("--tasks", nargs="*", default=list(DEFAULT_TASKS), help="lm-eval task / group names ('' for none)")
+    p.add_argument("--tasks", nargs="*", default=None,
+                   help=f"lm-eval task / group names ('' for none; default: {' '.join(DEFAULT_TASKS)}, skipping those "
+                        "whose data is not cached when offline; named tasks must all be available)")
     p.add_argument("--include_path", nargs="*", default=[], help="extra lm-eval task directories")
     p.add_argument("--data_dir", default=None, help="build directory with *_val_*.bin shards (for val loss)")
     p.add_argument("--val_tokens", type=int, default=10_000_000, help="at most this many val tokens")
@@ -195,11 +199,16 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.val_tokens < 1:
         parser.error("--batch_size and --val_tokens must be >= 1")
-    args.tasks = [t for t in args.tasks if t]
+    tasks_named = args.tasks is not None
+    args.tasks = [t for t in (args.tasks if tasks_named else DEFAULT_TASKS) if t]
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     out_dir = Path(args.out_dir).expanduser().resolve()
     try:
+        include_paths = [TASK_DIR, *args.include_path]
+        manager = task_manager(include_paths) if args.tasks else None
+        prepared = (prepare_tasks(args.tasks, manager, strict=tasks_named, include_paths=include_paths)
+                    if args.tasks else PreparedTasks())
         out_dir.mkdir(parents=True, exist_ok=True)
         results = []
         for path in args.model:
@@ -211,11 +220,11 @@ def main(argv=None) -> int:
             if args.data_dir:
                 record.update(validation_loss(model, args.data_dir, model.config.n_positions, args.val_tokens,
                                               args.batch_size, device))
-            record["tasks"] = {}
-            if args.tasks:
+            record["tasks"], record["skipped_tasks"] = {}, prepared.skipped
+            if prepared.runnable:
                 tokenizer = load_hf_tokenizer(model_dir, args.tokenizer, tokenizer_spec)
                 limit = int(args.limit) if args.limit and args.limit >= 1 else args.limit
-                record["tasks"] = run_lm_eval(model, tokenizer, args.tasks, args.include_path, args.batch_size,
+                record["tasks"] = run_lm_eval(model, tokenizer, prepared, manager, args.batch_size,
                                               limit, device, args.bootstrap_iters)
             (out_dir / name).mkdir(exist_ok=True)
             (out_dir / name / "results.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -225,9 +234,11 @@ def main(argv=None) -> int:
     except (ValueError, CheckpointError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
-    md, csv_path = write_comparison(results, args.tasks, out_dir)
+    md, csv_path = write_comparison(results, prepared.runnable, out_dir)
     plot = plot_val_curves(results, out_dir / "val_loss.png")
     print(md.read_text())
+    if prepared.skipped:
+        print(f"skipped (data not available offline): {', '.join(prepared.skipped)}")
     print(f"wrote {md}, {csv_path}" + (f", {plot}" if plot else ""))
     return 0
 

@@ -16,11 +16,14 @@ the paper's zero-shot answer-letter scoring, see lora_llms/tasks/README.md) and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
 from pathlib import Path
+
+from krause.evaluation import download_command, hub_offline, prepare_tasks
 
 log = logging.getLogger("lora_llms.evaluate")
 
@@ -33,7 +36,9 @@ def parse_args(argv=None):
     p.add_argument("--model", required=True, help="base model path or hub id")
     p.add_argument("--adapter", default=None, help="adapter dir saved by lora_llms.train (none: the base model)")
     p.add_argument("--label", default=None, help="name of this model in the results (default: its kind)")
-    p.add_argument("--tasks", default=",".join(PAPER_TASKS), help="comma-separated lm-eval task names")
+    p.add_argument("--tasks", default=None,
+                   help=f"comma-separated lm-eval task names (default: {','.join(PAPER_TASKS)}, skipping those whose "
+                        "data is not cached when offline; named tasks must all be available)")
     p.add_argument("--include_path", action="append", default=[], help="extra lm-eval task folder (repeatable)")
     p.add_argument("--no_default_tasks", action="store_true",
                    help="index only lora_llms/tasks and --include_path (skips lm-eval's thousands of task files)")
@@ -108,7 +113,7 @@ def check_tasks(manager, tasks: list[str]) -> None:
 
 
 def evaluate(model, tokenizer, tasks, *, manager, batch_size="1", max_length=None, limit=None,
-             num_fewshot=None, log_samples=False):
+             num_fewshot=None, log_samples=False, offline=False):
     """lm-eval ``simple_evaluate`` on an in-memory model; returns lm-eval's results dict."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -116,17 +121,24 @@ def evaluate(model, tokenizer, tasks, *, manager, batch_size="1", max_length=Non
     bs = int(batch_size) if str(batch_size).isdigit() else batch_size
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=bs, max_length=max_length)
     limit = int(limit) if limit is not None and float(limit).is_integer() and limit >= 1 else limit
-    return simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, num_fewshot=num_fewshot,
-                           limit=limit, log_samples=log_samples, bootstrap_iters=0)
+    with hub_offline() if offline else contextlib.nullcontext():
+        return simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, num_fewshot=num_fewshot,
+                               limit=limit, log_samples=log_samples, bootstrap_iters=0)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    tasks_named = args.tasks is not None
+    tasks = [t.strip() for t in (args.tasks if tasks_named else ",".join(PAPER_TASKS)).split(",") if t.strip()]
     try:
         manager = task_manager(args.include_path, include_defaults=not args.no_default_tasks)
         check_tasks(manager, tasks)
+        prepared = prepare_tasks(tasks, manager, strict=tasks_named, include_paths=[TASKS_DIR, *args.include_path])
+        if not prepared.runnable:
+            raise ValueError(f"tasks: none of {', '.join(tasks)} has its data here; pre-download with "
+                             f"`{download_command(tasks, [TASKS_DIR, *args.include_path])}`")
+        tasks = prepared.runnable
     except ValueError as err:
         print(err, file=sys.stderr)
         return 2
@@ -135,11 +147,12 @@ def main(argv=None) -> int:
     label = args.label or kind
     results = evaluate(model, tokenizer, tasks, manager=manager, batch_size=args.batch_size,
                        max_length=args.max_length, limit=args.limit, num_fewshot=args.num_fewshot,
-                       log_samples=args.log_samples)
+                       log_samples=args.log_samples, offline=prepared.offline)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {
         "label": label, "kind": kind, "model": args.model, "adapter": args.adapter, "tasks": tasks,
+        "skipped_tasks": prepared.skipped,
         "results": results["results"], "n-shot": results.get("n-shot"), "versions": results.get("versions"),
         "n-samples": results.get("n-samples"), "lm_eval_config": results.get("config"),
     }

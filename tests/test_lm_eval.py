@@ -162,3 +162,64 @@ def test_bad_model_path_is_one_line(tmp_path, capsys):
     assert evaluate.main(["--model", str(tmp_path), "--out_dir", str(tmp_path / "o"), "--tasks", ""]) == 2
     err = capsys.readouterr().err.strip()
     assert "neither a save_pretrained directory nor a run directory" in err and len(err.splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- offline task data
+@pytest.fixture
+def offline_tasks(local_tasks, tmp_path, monkeypatch):
+    """One task whose data is a local file, one whose hub dataset is not cached; the hub unreachable."""
+    import krause.evaluation
+
+    task_dir, _ = local_tasks
+    missing = tmp_path / "missing_tasks"
+    missing.mkdir()
+    (missing / "uncached_piqa.yaml").write_text(
+        (STOCK / "piqa" / "piqa.yaml").read_text().replace("task: piqa", "task: uncached_piqa")
+        .replace("dataset_path: baber/piqa", "dataset_path: krause-tests/no-such-dataset"))
+    monkeypatch.setattr(krause.evaluation, "hub_reachable", lambda timeout=3.0: False)
+    return task_dir, missing
+
+
+def test_prepare_tasks_runs_the_cached_and_names_the_missing(offline_tasks):
+    from krause.evaluation import TaskUnavailable, prepare_tasks, task_manager
+
+    task_dir, missing = offline_tasks
+    manager = task_manager([task_dir, missing])
+    lines = []
+    prepared = prepare_tasks(["local_piqa", "uncached_piqa"], manager, strict=False, log=lines.append)
+    assert prepared.runnable == ["local_piqa"] and list(prepared.skipped) == ["uncached_piqa"]
+    assert prepared.offline and "krause-tests/no-such-dataset" in prepared.skipped["uncached_piqa"]
+    assert len(lines) == 1 and "krause.evaluation download --tasks uncached_piqa" in lines[0]
+    with pytest.raises(TaskUnavailable, match=r"task uncached_piqa: krause-tests/no-such-dataset .*"
+                                              r"--tasks local_piqa$"):
+        prepare_tasks(["local_piqa", "uncached_piqa"], manager, strict=True)
+    with pytest.raises(TaskUnavailable, match="unknown lm-eval task"):
+        prepare_tasks(["no_such_task"], manager, strict=False)
+
+
+def test_evaluate_offline_named_task_is_one_line_and_writes_nothing(offline_tasks, model_dirs, tmp_path, capsys):
+    task_dir, missing = offline_tasks
+    runs, _ = model_dirs
+    out = tmp_path / "res"
+    code = evaluate.main(["--model", str(runs[0]), "--out_dir", str(out), "--tasks", "local_piqa", "uncached_piqa",
+                          "--include_path", str(task_dir), str(missing)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "uncached_piqa" in err and "krause.evaluation download" in err and "--tasks local_piqa" in err
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_evaluate_offline_default_tasks_skips_them_and_reports(offline_tasks, model_dirs, tmp_path, capsys,
+                                                                monkeypatch):
+    monkeypatch.setattr(evaluate, "DEFAULT_TASKS", ("local_piqa", "uncached_piqa"))
+    task_dir, missing = offline_tasks
+    runs, data = model_dirs
+    out = tmp_path / "res"
+    code = evaluate.main(["--model", str(runs[1]), "--out_dir", str(out), "--include_path", str(task_dir),
+                          str(missing), "--data_dir", str(data), "--batch_size", "4", "--bootstrap_iters", "0"])
+    assert code == 0
+    result = json.loads((out / runs[1].name / "results.json").read_text())
+    assert "val_loss" in result and "acc" in result["tasks"]["local_piqa"]
+    assert list(result["skipped_tasks"]) == ["uncached_piqa"]
+    assert "skipped (data not available offline): uncached_piqa" in capsys.readouterr().out

@@ -126,3 +126,19 @@ def test_paper_tasks_exist_in_lm_eval_and_ifeval_needs_punkt_tab():
     else:
         with pytest.raises(ValueError, match="punkt_tab"):
             ev.check_tasks(manager, ["ifeval"])
+
+
+def test_named_task_without_cached_data_fails_in_one_line_before_loading(env, tmp_path, capsys):
+    root, model_dir, tasks = env
+    missing = tmp_path / "missing"
+    missing.mkdir()
+    (missing / "uncached_boolq.yaml").write_text(
+        (STOCK / "super_glue" / "boolq" / "default.yaml").read_text()
+        .replace("task: boolq", "task: uncached_boolq").replace("dataset_path: aps/super_glue",
+                                                               "dataset_path: krause-tests/no-such-dataset"))
+    rc = ev.main(["--model", "/nonexistent", "--tasks", "boolq_local,uncached_boolq", "--include_path", str(tasks),
+                  "--include_path", str(missing), "--no_default_tasks", "--out_dir", str(root / "y")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert "task uncached_boolq: krause-tests/no-such-dataset" in err and "krause.evaluation download" in err
+    assert not (root / "y").exists()
