@@ -157,6 +157,8 @@ def _analyze(args) -> int:
 
     model, tokenizer, kind = load_for_eval(args.model, args.adapter, args.dtype, "eager", args.device)
     texts = eval_texts(args.data_dir, args.num_texts, seed=args.shuffle_seed)
+    if len(texts) < args.num_texts:
+        print(f"note: the eval split has {len(texts)} usable texts; --num_texts {args.num_texts} uses those {len(texts)}")
     result = {"label": args.label or kind, "kind": kind, "model": args.model, "adapter": args.adapter,
               **sink_values(model, tokenizer, texts, args.max_length)}
     out_dir = Path(args.out_dir)

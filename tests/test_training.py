@@ -1025,3 +1025,12 @@ def test_metrics_live_sink_is_off_by_default_and_refuses_unknown(tmp_path):
     assert not (tmp_path / "tensorboard").exists()
     with pytest.raises(ValueError, match="live sink"):
         kt.MetricsLogger(tmp_path / "n.jsonl", enabled=True, live="wandb-ish")
+
+
+def test_plot_series_integer_x_has_integer_ticks(tmp_path, monkeypatch):
+    saved = []
+    monkeypatch.setattr(kt.plotting, "_save", lambda fig, path: saved.append(fig) or Path(path))
+    records = [{"layer": i, "share": 0.1 * i} for i in range(3)]  # 3 layers: matplotlib would tick 0.25, 0.5, ...
+    kt.plot_series(records, tmp_path / "layers.png", keys=["share"], x="layer")
+    ticks = saved[0].axes[0].get_xticks()
+    assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from .metrics import read_metrics
 
@@ -159,6 +160,8 @@ def plot_series(
                 n_lines += 1
     if n_lines == 0:
         raise ValueError(f"none of the keys {keys} has numeric values to plot")
+    if all(isinstance(r.get(x), int) for r in records if x in r):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps, layers: no fractional ticks
     ax.set_xlabel(x)
     if ylabel:
         ax.set_ylabel(ylabel)
