@@ -1034,3 +1034,21 @@ def test_plot_series_integer_x_has_integer_ticks(tmp_path, monkeypatch):
     kt.plot_series(records, tmp_path / "layers.png", keys=["share"], x="layer")
     ticks = saved[0].axes[0].get_xticks()
     assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks)
+
+
+def test_progress_bar_writes_whole_lines_when_not_a_terminal():
+    import io
+
+    stream = io.StringIO()  # not a tty, like a log file or Slurm's output
+    bar = kt.progress_bar(total=5, file=stream, desc="work", mininterval=0)
+    for _ in range(5):
+        bar.update(1)
+    bar.close()
+    text = stream.getvalue()
+    assert "\r" not in text and text.endswith("\n")
+    lines = text.splitlines()
+    assert len(lines) >= 2 and lines[-1].startswith("work: 100%") and "5/5" in lines[-1]
+    assert bar.mininterval == 0
+    default = kt.progress_bar(total=1, file=io.StringIO())
+    assert default.mininterval == kt.metrics.NON_TTY_INTERVAL_S  # at most one line per 10 s in a log
+    default.close()

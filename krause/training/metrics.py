@@ -174,11 +174,39 @@ def series(
     return xs, ys
 
 
+NON_TTY_INTERVAL_S = 10.0  # a log file gets one progress line per this many seconds
+
+
+class _LinesNotCarriageReturns:
+    """A stream for tqdm that turns its in-place redraws into whole lines (for log files, Slurm output)."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").strip()
+        if line:
+            self.stream.write(line + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 def progress_bar(iterable: Iterable | None = None, enabled: bool = True, **kwargs: Any) -> Iterator | tqdm:
-    """tqdm on rank 0 (and only when `enabled`), a silent pass-through bar elsewhere."""
-    kwargs.setdefault("dynamic_ncols", True)
-    kwargs.setdefault("mininterval", 1.0)
-    return tqdm(iterable, disable=not (enabled and is_main_process()), **kwargs)
+    """tqdm on rank 0 (and only when `enabled`), a silent pass-through bar elsewhere.
+
+    On a terminal it redraws in place; otherwise (a pipe, a log file) it writes a line with the
+    rate and ETA at most every ``NON_TTY_INTERVAL_S`` seconds, so long work is never silent.
+    """
+    stream = kwargs.pop("file", None) or sys.stderr
+    interactive = hasattr(stream, "isatty") and stream.isatty()
+    kwargs.setdefault("dynamic_ncols", interactive)
+    kwargs.setdefault("mininterval", 1.0 if interactive else NON_TTY_INTERVAL_S)
+    kwargs.setdefault("maxinterval", max(NON_TTY_INTERVAL_S, kwargs["mininterval"]))
+    if not interactive:
+        kwargs.setdefault("ncols", 100)
+        stream = _LinesNotCarriageReturns(stream)
+    return tqdm(iterable, disable=not (enabled and is_main_process()), file=stream, **kwargs)
 
 
 class _StdoutHandler(logging.StreamHandler):
