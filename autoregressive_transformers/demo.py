@@ -23,17 +23,22 @@ def main(argv=None) -> int:
     p.add_argument("--out_dir", required=True)
     p.add_argument("--attn", default="krause", help="krause, vanilla or linear")
     p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--limit_test", type=int, default=None,
+                   help="score the first N test digits only (default: all 1,000; the evaluations dominate short runs)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no_progress", action="store_true")
     args = p.parse_args(argv)
     if args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    if args.limit_test is not None and args.limit_test < 1:
+        raise UsageError(f"--limit_test must be >= 1, got {args.limit_test}")
     out = Path(args.out_dir).expanduser().resolve()
     common = ["--device", args.device] + (["--no_progress"] if args.no_progress else [])
     status = train.main(["--attn", args.attn, "--dim", "64", "--num_layers", "2", "--num_heads", "4",
                          "--batch_size", "16", "--max_steps", str(args.steps), "--lr", "3e-3",
                          "--eval_every", str(max(1, args.steps // 4)), "--log_every", "25",
-                         "--out_dir", str(out), "--resume", *common])
+                         "--out_dir", str(out), "--resume", *common,
+                         *(["--limit_test", str(args.limit_test)] if args.limit_test else [])])
     if status:
         return status
     generate.main(["--run_dir", str(out), "--num_samples", "16", "--batch_size", "16", *common])
