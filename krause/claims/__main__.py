@@ -10,7 +10,8 @@ import traceback
 from pathlib import Path
 
 from . import CLAIMS
-from .common import SKIPPED, Context, MissingPrerequisite, markdown_table, machine, report, write_json
+from .common import (SKIPPED, Context, MissingPrerequisite, format_table, markdown_table, machine, report, result,
+                     write_json)
 
 
 def _default_out() -> Path:
@@ -48,13 +49,16 @@ def run_claim(name: str, root: Path, tiny: bool, progress: bool = False):
     module = CLAIMS[name]
     out = root / name
     out.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    threads = torch.get_num_threads()
     t0 = time.perf_counter()
     try:
         res = module.run(Context(out_dir=out, root=root, tiny=tiny, progress=progress))
     except MissingPrerequisite as e:
-        from .common import result
-
         res = result(module, SKIPPED, reason=str(e))
+    finally:
+        torch.set_num_threads(threads)  # a family entry point may set its own (the vision demo: 1)
     res.tiny, res.seconds, res.machine = tiny, time.perf_counter() - t0, machine()
     write_json(out / "result.json", res.to_dict())
     return res
@@ -88,8 +92,6 @@ def main(argv=None) -> int:
                 f"{r.seconds:.0f}"] for r in results] + [[n, "FAILED", "see the traceback above", "-"] for n in failed]
     write_json(root / "summary.json", {"tiny": args.tiny, "machine": machine(), "claims": [r.to_dict() for r in results],
                                        "failed": failed})
-    from .common import format_table
-
     print(format_table(["claim", "verdict", "measured", "seconds"], summary))
     print(f"\nresults: {root}/<claim>/result.json, summary: {root / 'summary.json'}")
     if args.markdown:

@@ -21,7 +21,7 @@ EXPECTATION = "Krause attention costs O(T) time and memory for a fixed window, s
 MAX_SLOPE = 1.25
 RULE = f"agree if Krause's fitted log-log slope is <= {MAX_SLOPE} for time AND for memory"
 
-FULL = dict(tokens=(1024, 2048, 4096, 8192), repeats=3, max_seconds=30)
+FULL = dict(tokens=(512, 1024, 2048, 4096), repeats=3, max_seconds=30)
 TINY = dict(tokens=(128, 256), repeats=1, max_seconds=5)
 
 

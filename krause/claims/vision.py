@@ -15,7 +15,7 @@ COMPARISON = ("python -m vision_transformers.demo per seed: KViT and its ViT twi
 EXPECTATION = "KViT's local Krause attention reaches a higher test accuracy than ViT's global softmax attention"
 RULE = "agree if KViT's mean test accuracy over seeds is higher than ViT's"
 
-FULL = dict(seeds=(0, 1, 2), args=["--epochs", "3", "--train_subset", "2000"])
+FULL = dict(seeds=(0, 1, 2), args=["--epochs", "2", "--train_subset", "2000"])
 TINY = dict(seeds=(0,), args=["--epochs", "1", "--train_subset", "64", "--val_subset", "32", "--embed_dim", "16",
                               "--depth", "2", "--num_heads", "2", "--batch_size", "32"])
 
