@@ -80,7 +80,7 @@ def train_one(kind: str, s: dict, corpus, val: torch.Tensor, seed: int) -> tuple
         opt.step()
         sched.step()
         elapsed += time.perf_counter() - t0
-        if not math.isfinite(float(loss)):
+        if not math.isfinite(loss.item()):
             raise RuntimeError(f"{kind}: non-finite training loss at step {step}")
         if step % s["eval_every"] == 0 or step == s["steps"]:
             curve.append(dict(step=step, tokens=step * tokens_per_step, train_seconds=elapsed,

@@ -45,7 +45,7 @@ def sink_mass(weights: torch.Tensor) -> float:
     """Mean weight on key 0 over batch, heads and queries 1..T-1 of (B, H, T, T) weights."""
     if weights.dim() != 4 or weights.shape[2] < 2:
         raise ValueError(f"weights must be (B, H, T >= 2, T), got {tuple(weights.shape)}")
-    return float(weights[:, :, 1:, 0].float().mean())
+    return float(weights.detach()[:, :, 1:, 0].float().mean())
 
 
 def _heads(module: nn.Module, x: torch.Tensor, proj: nn.Linear, num_heads: int) -> torch.Tensor:
