@@ -25,7 +25,7 @@ RULE = (f"agree if KARM's mean test BPD <= ARM's + {BPD_TOLERANCE} AND KARM's me
 MODEL = ["--dim", "64", "--num_layers", "2", "--num_heads", "4", "--lr", "3e-3", "--device", "cpu", "--no_progress"]
 # decode_tokens: None = whole images from the start token; a number (tiny) = only the last that many pixels of
 # test images (the rest given as a prefix), so that CI checks the decode path in seconds
-FULL = dict(seeds=(0, 1), steps=100, batch=16, limit_train=None, limit_test=100, samples=1, decode_tokens=None)
+FULL = dict(seeds=(0, 1), steps=80, batch=8, limit_train=None, limit_test=100, samples=1, decode_tokens=None)
 TINY = dict(seeds=(0,), steps=2, batch=4, limit_train=16, limit_test=4, samples=1, decode_tokens=16,
             extra=["--window", "8", "--top_k", "4"])
 

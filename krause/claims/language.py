@@ -23,8 +23,8 @@ EXPECTATION = ("Krause attention loses nothing in language-model quality at equa
 TOLERANCE_NATS = 0.02
 RULE = (f"agree if the gated LM's final validation loss (mean over seeds) <= standard's + {TOLERANCE_NATS} nats")
 
-FULL = dict(model=dict(n_embd=64, n_layer=2, n_head=4, n_inner=256, n_positions=128, attn_window=16, attn_top_k=8),
-            seq_len=128, batch_size=8, steps=200, eval_every=40, val_windows=32, seeds=(0, 1), lr=3e-3)
+FULL = dict(model=dict(n_embd=64, n_layer=2, n_head=4, n_inner=256, n_positions=64, attn_window=16, attn_top_k=8),
+            seq_len=64, batch_size=8, steps=100, eval_every=20, val_windows=32, seeds=(0, 1), lr=3e-3)
 TINY = dict(model=dict(n_embd=16, n_layer=2, n_head=2, n_inner=32, n_positions=32, attn_window=4, attn_top_k=2),
             seq_len=32, batch_size=4, steps=4, eval_every=2, val_windows=4, seeds=(0,), lr=3e-3)
 
