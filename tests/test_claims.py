@@ -169,6 +169,21 @@ def test_monitor_reads_krause_nn_modules_and_counts_consensus():
         monitor.measure(net, x, tol=0)
 
 
+def test_monitor_gated_weights_mix_the_branches_by_the_gate():
+    from krause.nn import GatedKrauseAttention
+
+    torch.manual_seed(0)
+    attn = GatedKrauseAttention(16, 2, window=4, top_k=2).eval()
+    x = torch.randn(2, 10, 16)
+    with torch.no_grad():
+        w = monitor.layer_attention_weights(attn, x)
+        gate = attn.gate_weights(x).float()
+        expect = gate[..., 0][:, None, :, None] * attn.standard.attention_weights(x) + \
+            gate[..., 1][:, None, :, None] * attn.krause.attention_weights(x)
+    assert torch.allclose(w, expect, atol=1e-6)
+    assert torch.allclose(w.sum(-1), torch.ones(2, 2, 10), atol=1e-5)
+
+
 def test_training_monitor_logs_jsonl_and_plots(tmp_path):
     from krause.training.metrics import MetricsLogger, read_metrics
 

@@ -85,14 +85,15 @@ def _plot(s, krause, softmax, horizon, path: Path) -> str:
 
     times = np.array([[t_cons(krause[f"{sg},{w}"]) for w in windows] + [t_cons(softmax[f"{sg}"])] for sg in sigmas])
     fig, (ax_c, ax_t) = new_figure(2, width=5.2)
-    labels = [f"k={w}" for w in windows] + ["softmax"]
+    labels = [f"k={w}" + (" (all)" if w >= s["n"] else "") for w in windows] + ["softmax"]
     for ax, data, title, fmt in ((ax_c, clusters, "final clusters (mean over seeds)", "{:.1f}"),
                                  (ax_t, times, f"time to consensus (blank: none by t={horizon:g})", "{:.0f}")):
         im = ax.imshow(np.log2(np.maximum(data, 1)) if ax is ax_c else data, cmap="viridis", origin="lower", aspect="auto")
         for i in range(data.shape[0]):
             for j in range(data.shape[1]):
                 if not math.isnan(data[i, j]):
-                    ax.text(j, i, fmt.format(data[i, j]), ha="center", va="center", color="w", fontsize=9)
+                    ax.text(j, i, fmt.format(data[i, j]), ha="center", va="center", fontsize=9,
+                            bbox=dict(boxstyle="round,pad=0.15", fc="white", alpha=0.7, lw=0))
         ax.set_xticks(range(len(labels)), labels)
         ax.set_yticks(range(len(sigmas)), [f"{x:g}" for x in sigmas])
         ax.set_xlabel("window (top-k nearest particles) | softmax at beta = 1/sigma^2")
