@@ -109,9 +109,10 @@ def trained_models(ctx: Context, claim_dir: Path) -> dict[tuple[str, int], Path]
     """Paths of this claim's saved models for the run's size (empty if not all there)."""
     s = settings(ctx.tiny)
     paths = {(k, seed): model_dir(claim_dir, k, seed) for k in KINDS for seed in s["seeds"]}
-    if all((p / "model.pt").is_file() for p in paths.values()):
-        return paths
-    return {}
+    for path in paths.values():  # present, and trained at this run's size (not a --tiny run's leftovers)
+        if not (path / "model.pt").is_file() or torch.load(path / "model.pt", weights_only=False)["settings"] != s:
+            return {}
+    return paths
 
 
 def run(ctx: Context):
