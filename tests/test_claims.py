@@ -69,6 +69,21 @@ def test_mean_std():
     assert mean_std([5.0]) == (5.0, 0.0)
 
 
+def test_sinks_reuses_only_lm_models_of_the_same_size(tmp_path):
+    from krause.claims import language
+    from krause.claims.common import Context
+
+    tiny = language.settings(True)
+    for kind in language.KINDS:
+        for seed in tiny["seeds"]:
+            language.save(language.build(kind, tiny), language.model_dir(tmp_path, kind, seed), kind, tiny, seed)
+    found = language.trained_models(Context(out_dir=tmp_path, root=tmp_path, tiny=True), tmp_path)
+    assert sorted(found) == sorted((k, s) for k in language.KINDS for s in tiny["seeds"])
+    model, kind, _ = language.load(found[("gated", 0)])
+    assert kind == "gated" and not model.training
+    assert language.trained_models(Context(out_dir=tmp_path, root=tmp_path, tiny=False), tmp_path) == {}
+
+
 # ----------------------------------------------------------------------------- corpus
 def test_corpus_is_real_text_with_a_disjoint_validation_split():
     c = corpus.load_corpus()
