@@ -27,6 +27,11 @@ def test_unknown_claim_lists_the_valid_ones(capsys):
         runner.select(["x"])
 
 
+def test_bad_threads_is_refused(capsys):
+    assert runner.main(["--claim", "sync", "--threads", "0"]) == 2
+    assert "--threads must be >= 1" in capsys.readouterr().err
+
+
 def test_claims_run_in_their_fixed_order():
     assert list(CLAIMS) == ["vision", "autoregressive", "lm", "sinks", "sync", "scaling"]
     assert runner.select(["scaling", "vision"]) == ["vision", "scaling"]

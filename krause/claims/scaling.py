@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from .common import Context, MissingPrerequisite, new_figure, result, save_figure, verdict
 
 NAME = "scaling"
@@ -50,7 +52,8 @@ def run(ctx: Context):
     out_json = ctx.out_dir / "attention_scaling.json"
     cmd = [sys.executable, str(script), "--only", "causal", "--causal-tokens", *map(str, s["tokens"]),
            "--repeats", str(s["repeats"]), "--max-seconds-per-case", str(s["max_seconds"]),
-           "--reference-memory-fraction", "0", "--out", str(out_json)]  # the dense reference is not this claim's
+           "--reference-memory-fraction", "0", "--out", str(out_json),  # the dense reference is not this claim's
+           "--threads", str(torch.get_num_threads())]  # the runner's thread count
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(script.parents[1]), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
