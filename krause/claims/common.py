@@ -128,7 +128,8 @@ def report(res: ClaimResult) -> str:
         lines += [format_table(res.headers, res.rows), ""]
     measured = ", ".join(f"{k} = {_short(v)}" for k, v in res.measured.items())
     lines.append(f"measured:    {measured}")
-    lines.append(f"verdict:     this run {'AGREES with' if res.verdict == AGREE else 'DISAGREES with'} the paper")
+    lines.append(f"verdict:     this run {'AGREES with' if res.verdict == AGREE else 'DISAGREES with'} the paper"
+                 + (" (--tiny: a pipeline check, not evidence)" if res.tiny else ""))
     if res.figure:
         lines.append(f"figure:      {res.figure}")
     lines.append(f"time:        {res.seconds:.1f} s")
