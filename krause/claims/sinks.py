@@ -135,6 +135,7 @@ def _plot(lm, hf, path: Path) -> str:
         ax_hf.plot(range(len(values)), values, marker="o", label=label)
     ax_hf.set_title("tiny Llama via krause.hf.patch_model", fontsize=10)
     for ax in (ax_lm, ax_hf):
+        ax.set_xticks(range(max(len(r[0]) for r in lm.values())))
         ax.set_xlabel("layer")
         ax.set_ylabel("mean weight on token 0 (queries 1..T-1)")
         ax.grid(alpha=0.3)
