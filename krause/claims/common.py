@@ -14,7 +14,6 @@ import math
 import os
 import platform
 import statistics
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -174,11 +173,3 @@ def save_figure(fig, path: Path) -> str:
     fig.savefig(path, dpi=110)
     return str(path)
 
-
-class Timer:
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.t0
