@@ -85,11 +85,11 @@ class GatedKrauseAttention(nn.Module):
     """Standard causal attention and causal-window Krause attention, gated per token.
 
     Submodules: ``standard`` (CausalSelfAttention), ``krause`` (CausalKrauseAttention,
-    holding ``log_sigma``, configured by ``config`` / keyword overrides of ``preset``) and
-    ``gate`` (Linear(2 dim, 2)).
+    holding ``log_sigma``, configured by ``config`` / keyword overrides of ``preset``, which
+    is ``KrauseConfig()``'s defaults) and ``gate`` (Linear(2 dim, 2)).
     """
 
-    preset = KrauseConfig(window=32, top_k=16)
+    preset = KrauseConfig()
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int | None = None, config: KrauseConfig | None = None,
                  *, gate_init: float = 0.8, bias: bool = True, proj_drop: float = 0.0, **overrides):
