@@ -84,13 +84,14 @@ def attention_names(layout: str | None = None) -> list[str]:
     return sorted(n for n, e in REGISTRY.items() if layout is None or e.layout == layout)
 
 
-def resolve_name(name: str, layout: str | None = None) -> str:
-    """The registered name of ``name`` (an alias resolved); unknown -> one line listing the registered names."""
+def resolve_name(name: str, layout: str | None = None, argument: str = "attention") -> str:
+    """The registered name of ``name`` (an alias resolved); unknown -> one line naming
+    ``argument`` and listing the registered names (of ``layout`` if given)."""
     key = ALIASES.get(name, name) if isinstance(name, str) else None
     if key not in REGISTRY or (layout is not None and REGISTRY[key].layout != layout):
         known = attention_names(layout)
         aliases = sorted(a for a, n in ALIASES.items() if n in known)
-        raise ValueError(f"attention {name!r} is not registered; registered names: {', '.join(known)}"
+        raise ValueError(f"{argument} {name!r} is not registered; registered names: {', '.join(known)}"
                          + (f" (aliases: {', '.join(aliases)})" if aliases else ""))
     return key
 
