@@ -10,7 +10,7 @@ from ._common import krause_attention_probs
 from .baselines import SlidingWindowAttention, TopKAttention, topk_causal_attention
 from .causal import CausalKrauseAttention, CausalProjections, CausalSelfAttention
 from .config import KrauseConfig, check_sigma
-from .gated import GatedCache, GatedKrauseAttention, gated_mix, init_gate
+from .gated import GatedCache, GatedKrauseAttention, gate_weights, gated_mix, init_gate
 from .linear import CausalLinearAttention, LinearAttentionState, causal_linear_attention, elu_feature_map
 from .registry import ALIASES, REGISTRY, TWINS, attention_names, build_attention, resolve_name
 from .swin import (
@@ -47,6 +47,7 @@ __all__ = [
     "WindowAttention",
     "WindowKrauseAttention",
     "build_attention",
+    "gate_weights",
     "gated_mix",
     "init_gate",
     "krause_attention_probs",
