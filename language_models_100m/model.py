@@ -11,6 +11,8 @@ one is built by ``krause.nn.build_attention`` (the one registry; no attention ma
     sliding_window  causal softmax over the last ``window`` tokens
     topk            causal softmax over the ``top_k`` highest-scoring earlier tokens
     linear          causal linear attention (elu+1 features)
+    longformer      causal softmax over the last ``window`` tokens and the first ``global_tokens``
+    routing         causal softmax within online k-means clusters of queries and keys (Roy et al.)
 
 Attention dropout is 0 for every kind (the Krause op never forms its weights, so it has
 none to drop; the baselines go without it too so that they differ in attention alone).
@@ -46,7 +48,8 @@ KRAUSE_PRESET = KrauseConfig().replace(window=32, top_k=16)
 
 #: KrauseConfig field -> KrauseLMConfig field (flat, named so that generate() does not read
 #: them as sampling settings).
-KRAUSE_FIELDS = {"window": "attn_window", "top_k": "attn_top_k", "sigma": "sigma", "impl": "krause_impl"}
+KRAUSE_FIELDS = {"window": "attn_window", "top_k": "attn_top_k", "sigma": "sigma", "impl": "krause_impl",
+                 "global_tokens": "attn_global_tokens", "num_clusters": "attn_num_clusters"}
 
 
 @strict
@@ -54,9 +57,9 @@ class KrauseLMConfig(PreTrainedConfig):
     """Hyper-parameters of a Krause language model (``model_type`` "krause_lm").
 
     Defaults are the "100m" preset with gated attention. ``attn_window``, ``attn_top_k``,
-    ``sigma`` and ``krause_impl`` are the fields of the embedded ``KrauseConfig``
-    (``krause_config``; defaults ``KRAUSE_PRESET``), read by the Krause branch and the
-    sliding-window / top-k baselines; ``gate_init`` is the initial weight of the standard
+    ``sigma``, ``krause_impl``, ``attn_global_tokens`` and ``attn_num_clusters`` are the
+    fields of the embedded ``KrauseConfig`` (``krause_config``; defaults ``KRAUSE_PRESET``),
+    read by the Krause branch and the baselines (``KRAUSE_FIELDS`` maps the names); ``gate_init`` is the initial weight of the standard
     branch in the gated mix.
     """
 
@@ -84,6 +87,8 @@ class KrauseLMConfig(PreTrainedConfig):
     layer_norm_epsilon: float = 1e-5
     initializer_range: float = 0.02
     krause_impl: str = KRAUSE_PRESET.impl
+    attn_global_tokens: int = KRAUSE_PRESET.global_tokens
+    attn_num_clusters: int = KRAUSE_PRESET.num_clusters
     use_cache: bool = True
     bos_token_id: int | None = 50256
     eos_token_id: int | list[int] | None = 50256
@@ -106,6 +111,10 @@ class KrauseLMConfig(PreTrainedConfig):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_head: n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
         self.krause_config
+        for name, used_by in (("attn_global_tokens", "longformer"), ("attn_num_clusters", "routing")):
+            if self.attention == used_by and getattr(self, name) > self.n_positions:
+                raise ValueError(f"{name} {getattr(self, name)} is more than the {self.n_positions} tokens of a "
+                                 f"block (n_positions)")
         if not 0.0 < self.gate_init < 1.0:
             raise ValueError(f"gate_init must be in (0, 1), got {self.gate_init!r}")
         if not 0.0 <= self.dropout < 1.0:

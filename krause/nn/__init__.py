@@ -2,7 +2,7 @@
 
 ``build_attention(name, *args, krause=KrauseConfig(...), **shared)`` builds the module
 registered as ``name`` (``attention_names()`` lists them: softmax, krause, gated,
-sliding_window, topk, linear and the vision/Swin twins); every family builds its attention
+sliding_window, topk, linear, longformer, routing and the vision/Swin twins); every family builds its attention
 through it. Each Krause module has a standard-attention twin with the same parameter names
 (the Krause one adds only ``log_sigma``); all settings live in one ``KrauseConfig``."""
 
@@ -12,6 +12,8 @@ from .causal import CausalKrauseAttention, CausalProjections, CausalSelfAttentio
 from .config import KrauseConfig, check_sigma
 from .gated import GatedCache, GatedKrauseAttention, gate_weights, gated_mix, init_gate
 from .linear import CausalLinearAttention, LinearAttentionState, causal_linear_attention, elu_feature_map
+from .longformer import LongformerAttention, longformer_mask
+from .routing import RoutingAttention, nearest_cluster, routing_attention, routing_mask
 from .registry import ALIASES, REGISTRY, TWINS, attention_names, build_attention, resolve_name
 from .swin import (
     WindowAttention,
@@ -27,6 +29,12 @@ __all__ = [
     "ALIASES",
     "CausalLinearAttention",
     "LinearAttentionState",
+    "LongformerAttention",
+    "RoutingAttention",
+    "longformer_mask",
+    "nearest_cluster",
+    "routing_attention",
+    "routing_mask",
     "REGISTRY",
     "attention_names",
     "causal_linear_attention",

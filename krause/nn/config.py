@@ -37,6 +37,9 @@ class KrauseConfig:
     per_head_sigma: one sigma per head (True) or one per layer.
     impl: which implementation runs the op ("auto", "fast", "reference", "flex", "triton";
         see ``krause.dispatch``).
+    global_tokens: the first tokens every later token sees besides its window
+        (``longformer``; 0 makes it a sliding window).
+    num_clusters: k-means clusters of queries and keys (``routing``).
     """
 
     window: int = 128
@@ -46,6 +49,8 @@ class KrauseConfig:
     metric: str = "manhattan"
     per_head_sigma: bool = True
     impl: str = "auto"
+    global_tokens: int = 4
+    num_clusters: int = 8
 
     def __post_init__(self) -> None:
         V.check_positive_int("window", self.window)
@@ -57,6 +62,8 @@ class KrauseConfig:
             raise ValueError(f"per_head_sigma must be a bool, got {self.per_head_sigma!r}")
         if self.impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
+        V.check_nonnegative_int("global_tokens", self.global_tokens)
+        V.check_positive_int("num_clusters", self.num_clusters)
 
     def replace(self, **changes) -> "KrauseConfig":
         """A copy with some fields changed (checked like the constructor's)."""

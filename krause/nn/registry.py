@@ -4,7 +4,8 @@
 
 Every family builds its attention here and nowhere else. An entry says which
 ``KrauseConfig`` fields its module reads: the Krause modules take the whole config, a
-baseline only its own knob (``sliding_window`` the window, ``topk`` top_k), softmax and
+baseline only its own knobs (``sliding_window`` the window, ``topk`` top_k,
+``longformer`` the window and global_tokens, ``routing`` num_clusters), softmax and
 linear attention none, so a setting can never reach a module that ignores it silently.
 
 ``layout`` says what the module's ``forward`` reads: "causal" (a (B, T, C) decoder
@@ -26,6 +27,8 @@ from .causal import CausalKrauseAttention, CausalSelfAttention
 from .config import FIELDS, KrauseConfig
 from .gated import GatedKrauseAttention
 from .linear import CausalLinearAttention
+from .longformer import LongformerAttention
+from .routing import RoutingAttention
 from .swin import WindowAttention, WindowKrauseAttention
 from .vision import LocalKrauseAttention2d, StandardAttention
 
@@ -54,6 +57,8 @@ REGISTRY: dict[str, Attention] = {
     "sliding_window": Attention(SlidingWindowAttention, "causal", ("window",)),
     "topk": Attention(TopKAttention, "causal", ("top_k",)),
     "linear": Attention(CausalLinearAttention, "causal"),
+    "longformer": Attention(LongformerAttention, "causal", ("window", "global_tokens")),
+    "routing": Attention(RoutingAttention, "causal", ("num_clusters",)),
     "vision_softmax": Attention(StandardAttention, "vision", ignores=("grid", "num_prefix_tokens")),
     "vision_krause": Attention(LocalKrauseAttention2d, "vision", WHOLE_CONFIG),
     "swin_softmax": Attention(WindowAttention, "window"),
