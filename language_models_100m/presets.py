@@ -45,11 +45,10 @@ def _flatten_krause(fields: dict) -> None:
     fields.update({KRAUSE_FIELDS[f]: v for f, v in given.items() if f in KRAUSE_FIELDS})
 
 
-def model_config(config="100m", attention: str = "gated", **overrides) -> KrauseLMConfig:
-    """A ``KrauseLMConfig`` from a preset name (or a config / dict) with ``attention`` and
-    overrides (``krause=dict(window=...)`` overrides Krause settings by their KrauseConfig names)."""
-    if attention not in ATTENTIONS:
-        resolve_name(attention, "causal")  # a registry name passes; else the registered names
+def model_config(config="100m", attention: str | None = None, **overrides) -> KrauseLMConfig:
+    """A ``KrauseLMConfig`` from a preset name (or a config / dict) with ``attention`` (None:
+    the config's own, "gated" for a preset) and overrides (``krause=dict(window=...)``
+    overrides Krause settings by their KrauseConfig names)."""
     if isinstance(config, KrauseLMConfig):
         fields = config.to_dict()
     elif isinstance(config, dict):
@@ -60,6 +59,10 @@ def model_config(config="100m", attention: str = "gated", **overrides) -> Krause
         raise ValueError(f"config must be one of {sorted(PRESETS)}, a KrauseLMConfig or a dict, got {config!r}")
     for key in ("model_type", "transformers_version", "architectures"):
         fields.pop(key, None)
+    if attention is None:  # build_model(cfg) keeps cfg's attention (it once silently became "gated")
+        attention = fields.get("attention", "gated")
+    if attention not in ATTENTIONS:
+        resolve_name(attention, "causal")  # a registry name passes; else the registered names
     _flatten_krause(fields)
     overrides = dict(overrides)
     _flatten_krause(overrides)
@@ -70,8 +73,8 @@ def model_config(config="100m", attention: str = "gated", **overrides) -> Krause
         raise ValueError(str(e.__cause__ or e).strip().splitlines()[-1].strip()) from None
 
 
-def build_model(config="100m", attention: str = "gated", **overrides) -> KrauseLMForCausalLM:
+def build_model(config="100m", attention: str | None = None, **overrides) -> KrauseLMForCausalLM:
     """A freshly initialised causal LM: ``config`` in {"100m", "200m", "tiny"}, a
     ``KrauseLMConfig`` or a dict of its fields; ``attention`` in ``ATTENTIONS`` (or any
-    causal name of the attention registry)."""
+    causal name of the attention registry), None for the config's own ("gated" for a preset)."""
     return KrauseLMForCausalLM(model_config(config, attention, **overrides))

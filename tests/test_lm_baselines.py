@@ -126,6 +126,7 @@ def test_routing_centroids_follow_the_data_online_in_training_only():
     torch.manual_seed(0)
     mod = RoutingAttention(16, 2, num_clusters=4, decay=0.5)
     assert not any(n == "centroids" for n, _ in mod.named_parameters())
+    assert "centroids" in mod.state_dict()  # a persistent buffer: checkpoints and save_pretrained carry it
     before = mod.centroids.clone()
     mod.eval()
     mod(_x())

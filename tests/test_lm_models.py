@@ -96,6 +96,16 @@ def test_krause_decoding_keeps_only_the_window():
     assert ring.keys.shape[2] == model.config.attn_window and ring.pos == 50
 
 
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_build_model_of_a_config_keeps_its_attention(attention):
+    """train.py builds ``build_model(cfg)``: the model is cfg's attention, not the default "gated"."""
+    cfg = model_config("tiny", attention, vocab_size=VOCAB)
+    assert build_model(cfg).config.attention == attention
+    assert build_model(cfg.to_dict()).config.attention == attention
+    assert build_model("tiny", vocab_size=VOCAB).config.attention == "gated"
+    assert build_model(cfg, "krause").config.attention == "krause"
+
+
 def test_bad_arguments_are_one_line_value_errors():
     with pytest.raises(ValueError, match="^attention 'flash' is not registered; registered names: gated, krause, "):
         build_model("tiny", "flash")
