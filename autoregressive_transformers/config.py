@@ -86,7 +86,7 @@ class ModelConfig:
             raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio!r}")
         if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        self.krause_config
+        self.krause_config  # KrauseConfig's checks; an error names this config's field
         _check_int("window", self.window, 1, self.seq_len)
         _check_int("top_k", self.top_k, 1, self.window)
         return self

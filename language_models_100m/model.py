@@ -59,8 +59,8 @@ class KrauseLMConfig(PreTrainedConfig):
     Defaults are the "100m" preset with gated attention. ``attn_window``, ``attn_top_k``,
     ``sigma``, ``krause_impl``, ``attn_global_tokens`` and ``attn_num_clusters`` are the
     fields of the embedded ``KrauseConfig`` (``krause_config``; defaults ``KRAUSE_PRESET``),
-    read by the Krause branch and the baselines (``KRAUSE_FIELDS`` maps the names); ``gate_init`` is the initial weight of the standard
-    branch in the gated mix.
+    read by the Krause branch and the baselines (``KRAUSE_FIELDS`` maps the names);
+    ``gate_init`` is the initial weight of the standard branch in the gated mix.
     """
 
     model_type = "krause_lm"
@@ -110,7 +110,7 @@ class KrauseLMConfig(PreTrainedConfig):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_head: n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
-        self.krause_config
+        self.krause_config  # KrauseConfig's checks; an error names this config's field
         for name, used_by in (("attn_global_tokens", "longformer"), ("attn_num_clusters", "routing")):
             if self.attention == used_by and getattr(self, name) > self.n_positions:
                 raise ValueError(f"{name} {getattr(self, name)} is more than the {self.n_positions} tokens of a "
