@@ -1,6 +1,6 @@
 """Longformer-style causal attention (Beltagy et al., 2020), a baseline of the language
 models: causal softmax over the last ``window`` tokens plus the first ``global_tokens``
-tokens of the sequence, which every later token sees (docs/method.md).
+tokens of the sequence, which every later token sees.
 
 In a decoder a global token can only look back, so the global keys are the first
 ``global_tokens`` real tokens of each row (a prefix of "sinks"); everything else is the

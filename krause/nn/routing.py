@@ -1,5 +1,5 @@
 """Routing attention (Roy et al., 2021, "Efficient Content-Based Sparse Attention with
-Routing Transformers"), a baseline of the language models (docs/method.md).
+Routing Transformers"), a baseline of the language models.
 
 Each head keeps ``num_clusters`` unit-norm centroids (a buffer, not a parameter, so the
 parameter count equals the softmax model's), updated online by k-means: in training, every
