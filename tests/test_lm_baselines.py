@@ -169,3 +169,29 @@ def test_bad_input_is_one_line():
     with pytest.raises(ValueError, match=r"^attn_global_tokens 65 is more than the 64 tokens of a block"):
         model_config("tiny", "longformer", krause=dict(global_tokens=65))
     assert model_config("tiny", "routing", krause=dict(num_clusters=2)).krause_config.num_clusters == 2
+
+
+def _routing_rank(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.manual_seed(0)  # same module on both ranks
+    mod = RoutingAttention(16, 2, num_clusters=4, decay=0.5).train()
+    mod(_x(t=16, seed=10 + rank))  # different data per rank
+    torch.save(mod.centroids, f"{out_dir}/centroids{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes
+def test_routing_centroids_agree_across_ranks(tmp_path):
+    """Each rank sees its own data; the k-means step averages over both, so the centroids
+    stay equal (FSDP does not broadcast buffers) and equal one process fed both batches."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_routing_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    c0, c1 = torch.load(tmp_path / "centroids0.pt"), torch.load(tmp_path / "centroids1.pt")
+    assert torch.equal(c0, c1)
+    torch.manual_seed(0)
+    single = RoutingAttention(16, 2, num_clusters=4, decay=0.5).train()
+    single(torch.cat([_x(t=16, seed=10), _x(t=16, seed=11)]))
+    torch.testing.assert_close(single.centroids, c0, atol=1e-6, rtol=1e-6)

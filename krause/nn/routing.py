@@ -4,9 +4,11 @@ Routing Transformers"), a baseline of the language models.
 Each head keeps ``num_clusters`` unit-norm centroids (a buffer, not a parameter, so the
 parameter count equals the softmax model's), updated online by k-means: in training, every
 forward moves each centroid towards the mean of the unit-normalised queries and keys
-assigned to it, ``mu <- normalise(decay * mu + (1 - decay) * mean)``. Queries and keys go
-to their nearest centroid; a query attends, with causal softmax(q . k / sqrt(d)), to the
-earlier keys of its own cluster and always to its own key (so no row is empty).
+assigned to it, ``mu <- normalise(decay * mu + (1 - decay) * mean)``, the mean over the
+global batch when distributed (so every rank keeps the same centroids, DDP or FSDP).
+Queries and keys go to their nearest centroid; a query attends, with causal
+softmax(q . k / sqrt(d)), to the earlier keys of its own cluster and always to its own key
+(so no row is empty).
 
 Balance: the paper makes clusters equal by giving each centroid its top T/C tokens over
 the whole sequence; in a decoder that choice depends on later tokens (whether token i is
@@ -20,6 +22,7 @@ a growing cache and routes the cached keys again with the same (frozen in eval) 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from .. import _validation as V
@@ -95,6 +98,9 @@ class RoutingAttention(CausalProjections):
             onehot = onehot * key_padding_mask.repeat(1, 2)[:, None, :, None].float()
         sums = torch.einsum("bhtc,bhtd->hcd", onehot, vectors)
         counts = onehot.sum((0, 2))[..., None]  # (H, C, 1)
+        if dist.is_available() and dist.is_initialized():  # one k-means step over the global batch: ranks agree
+            dist.all_reduce(sums)
+            dist.all_reduce(counts)
         moved = self.decay * self.centroids.float() + (1 - self.decay) * sums / counts.clamp(min=1)
         self.centroids.copy_(torch.where(counts > 0, F.normalize(moved, dim=-1), self.centroids.float()))
 
