@@ -1,5 +1,6 @@
 """The pixel transformer (docs/method.md): KARM, ARM and LARM are this model with the
-attention set to krause, vanilla or linear; nothing else differs.
+attention set to krause, vanilla or linear; nothing else differs. Every attention comes
+from the registry (``krause.nn.build_attention``).
 
 Sequence layout. The model reads ``[START, x_0, ..., x_{T-2}]`` and predicts
 ``x_0, ..., x_{T-1}``: a dedicated start token (id ``vocab_size``) makes the first pixel
@@ -15,9 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from krause.nn import KrauseConfig
+from krause.nn import build_attention
 
-from .attention import build_attention
 from .config import ModelConfig
 
 
@@ -38,10 +38,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.dim)
-        krause = None
-        if cfg.attn == "krause":
-            krause = KrauseConfig(window=cfg.window, top_k=cfg.top_k, sigma=cfg.sigma, impl=cfg.attn_impl)
-        self.attn = build_attention(cfg.attn, cfg.dim, cfg.num_heads, cfg.dropout, krause)
+        self.attn = build_attention(cfg.attn, cfg.dim, cfg.num_heads, krause=cfg.krause_config, proj_drop=cfg.dropout)
         self.ln2 = nn.LayerNorm(cfg.dim)
         self.mlp = MLP(cfg.dim, cfg.hidden_dim, cfg.dropout)
 

@@ -1,14 +1,18 @@
-"""GPT-2-style decoder language models whose attention is one of five kinds.
+"""GPT-2-style decoder language models whose attention is one of the registry's kinds.
 
 Pre-LN blocks (LayerNorm -> attention -> residual, LayerNorm -> GELU MLP -> residual),
 learned absolute positions, token embeddings tied to the output head, dropout on the
-embeddings and on each residual branch. Only the attention differs between kinds:
+embeddings and on each residual branch. Only the attention differs between kinds; every
+one is built by ``krause.nn.build_attention`` (the one registry; no attention math here):
 
     gated           standard causal softmax + causal-window Krause branch, gated per token
     krause          causal-window Krause attention alone
-    standard        causal softmax over the whole prefix (SDPA)
+    standard        causal softmax over the whole prefix (the registry's "softmax")
     sliding_window  causal softmax over the last ``window`` tokens
     topk            causal softmax over the ``top_k`` highest-scoring earlier tokens
+    linear          causal linear attention (elu+1 features)
+    longformer      causal softmax over the last ``window`` tokens and the first ``global_tokens``
+    routing         causal softmax within online k-means clusters of queries and keys (Roy et al.)
 
 Attention dropout is 0 for every kind (the Krause op never forms its weights, so it has
 none to drop; the baselines go without it too so that they differ in attention alone).
@@ -31,22 +35,32 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from krause import causal_krause_attention
-from krause.cache import KrauseWindowCache, SlidingWindowCache, StandardKVCache
-from krause.nn import gated_mix, init_gate, topk_causal_attention
+from krause.nn import CausalKrauseAttention, GatedCache, KrauseConfig, attention_names, build_attention, init_gate
+from krause.nn import resolve_name
+from krause.nn.config import config_from_fields
 
-ATTENTIONS = ("gated", "krause", "standard", "sliding_window", "topk")
+#: The family's names (CLI ``--attention``): the registry's causal attentions, softmax under its name here.
+FIRST_FIVE = ("gated", "krause", "standard", "sliding_window", "topk")
+ATTENTIONS = FIRST_FIVE + tuple(n for n in attention_names("causal") if n not in FIRST_FIVE and n != "softmax")
+
+#: The family's Krause settings: KrauseConfig's defaults but the paper's window 32 / top-k 16.
+KRAUSE_PRESET = KrauseConfig().replace(window=32, top_k=16)
+
+#: KrauseConfig field -> KrauseLMConfig field (flat, named so that generate() does not read
+#: them as sampling settings).
+KRAUSE_FIELDS = {"window": "attn_window", "top_k": "attn_top_k", "sigma": "sigma", "impl": "krause_impl",
+                 "global_tokens": "attn_global_tokens", "num_clusters": "attn_num_clusters"}
 
 
 @strict
 class KrauseLMConfig(PreTrainedConfig):
     """Hyper-parameters of a Krause language model (``model_type`` "krause_lm").
 
-    Defaults are the "100m" preset with gated attention. ``attn_window``, ``attn_top_k`` and
-    ``sigma`` configure the Krause branch and the sliding-window / top-k baselines
-    (the window for sliding_window, top_k for topk; named so that generate() does not read
-    them as sampling settings); ``gate_init`` is the initial weight of
-    the standard branch in the gated mix.
+    Defaults are the "100m" preset with gated attention. ``attn_window``, ``attn_top_k``,
+    ``sigma``, ``krause_impl``, ``attn_global_tokens`` and ``attn_num_clusters`` are the
+    fields of the embedded ``KrauseConfig`` (``krause_config``; defaults ``KRAUSE_PRESET``),
+    read by the Krause branch and the baselines (``KRAUSE_FIELDS`` maps the names);
+    ``gate_init`` is the initial weight of the standard branch in the gated mix.
     """
 
     model_type = "krause_lm"
@@ -65,138 +79,59 @@ class KrauseLMConfig(PreTrainedConfig):
     n_head: int = 12
     n_inner: int = 2048
     attention: str = "gated"
-    attn_window: int = 32
-    attn_top_k: int = 16
-    sigma: float | int = 2.5
+    attn_window: int = KRAUSE_PRESET.window
+    attn_top_k: int = KRAUSE_PRESET.top_k
+    sigma: float | int = KRAUSE_PRESET.sigma
     gate_init: float = 0.8
     dropout: float | int = 0.1
     layer_norm_epsilon: float = 1e-5
     initializer_range: float = 0.02
-    krause_impl: str = "auto"
+    krause_impl: str = KRAUSE_PRESET.impl
+    attn_global_tokens: int = KRAUSE_PRESET.global_tokens
+    attn_num_clusters: int = KRAUSE_PRESET.num_clusters
     use_cache: bool = True
     bos_token_id: int | None = 50256
     eos_token_id: int | list[int] | None = 50256
     pad_token_id: int | None = None
     tie_word_embeddings: bool = True
 
+    @property
+    def krause_config(self) -> KrauseConfig:
+        """The attention settings as the registry reads them (checked by ``KrauseConfig``)."""
+        return config_from_fields({k: getattr(self, v) for k, v in KRAUSE_FIELDS.items()}, KRAUSE_FIELDS)
+
     def validate_architecture(self):
         """Part of ``@strict`` validation: one line naming the bad field."""
         if self.attention not in ATTENTIONS:
-            raise ValueError(f"attention must be one of {list(ATTENTIONS)}, got {self.attention!r}")
-        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "attn_window",
-                     "attn_top_k"):
+            resolve_name(self.attention, "causal")  # a registry name ("softmax") passes; else the list
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_head: n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
-        if not (self.sigma > 0 and math.isfinite(self.sigma)):
-            raise ValueError(f"sigma must be a finite number > 0, got {self.sigma!r}")
+        self.krause_config  # KrauseConfig's checks; an error names this config's field
+        for name, used_by in (("attn_global_tokens", "longformer"), ("attn_num_clusters", "routing")):
+            if self.attention == used_by and getattr(self, name) > self.n_positions:
+                raise ValueError(f"{name} {getattr(self, name)} is more than the {self.n_positions} tokens of a "
+                                 f"block (n_positions)")
         if not 0.0 < self.gate_init < 1.0:
             raise ValueError(f"gate_init must be in (0, 1), got {self.gate_init!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        from krause.dispatch import IMPLS
-
-        if self.krause_impl not in IMPLS:
-            raise ValueError(f"krause_impl must be one of {list(IMPLS)}, got {self.krause_impl!r}")
 
 
-class _Projections(nn.Module):
-    """q/k/v/o projections of one attention branch (names as in Hugging Face decoders)."""
-
-    def __init__(self, config: KrauseLMConfig):
-        super().__init__()
-        d = config.n_embd
-        self.num_heads, self.head_dim = config.n_head, d // config.n_head
-        self.q_proj = nn.Linear(d, d)
-        self.k_proj = nn.Linear(d, d)
-        self.v_proj = nn.Linear(d, d)
-        self.o_proj = nn.Linear(d, d)
-        self.o_proj.is_residual = True  # GPT-2's scaled init of the projections into the residual stream
-
-    def project(self, x):
-        b, t, _ = x.shape
-        shape = (b, t, self.num_heads, self.head_dim)
-        return tuple(p(x).view(shape).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-
-    def merge(self, out):
-        b, _, t, _ = out.shape
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
-
-
-class SoftmaxBranch(_Projections):
-    """Causal softmax attention: full prefix ("standard"), a window, or the top-k scores."""
-
-    def __init__(self, config: KrauseLMConfig, kind: str):
-        super().__init__(config)
-        self.kind, self.window, self.top_k = kind, config.attn_window, config.attn_top_k
-
-    def forward(self, x, cache=None):
-        q, k, v = self.project(x)
-        if self.kind == "topk":
-            offset = 0
-            if cache is not None:
-                offset = cache.pos
-                k, v = cache.update(k, v)
-            return self.merge(topk_causal_attention(q, k, v, self.top_k, offset))
-        if cache is not None:
-            return self.merge(cache.attend(q, k, v))
-        if self.kind == "standard":
-            return self.merge(F.scaled_dot_product_attention(q, k, v, is_causal=True))
-        pos = torch.arange(q.shape[2], device=q.device)
-        band = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - self.window)
-        return self.merge(F.scaled_dot_product_attention(q, k, v, attn_mask=band))
-
-    def new_cache(self, batch_size, device, dtype):
-        if self.kind == "sliding_window":
-            return SlidingWindowCache(batch_size, self.num_heads, self.head_dim, self.window, device, dtype)
-        return StandardKVCache(batch_size, self.num_heads, self.head_dim, device, dtype)
-
-
-class KrauseBranch(_Projections):
-    """Causal-window Krause attention with one learnable sigma per head (``log_sigma``)."""
-
-    def __init__(self, config: KrauseLMConfig):
-        super().__init__(config)
-        self.window, self.top_k, self.impl = config.attn_window, config.attn_top_k, config.krause_impl
-        self.log_sigma = nn.Parameter(torch.full((config.n_head,), math.log(config.sigma)))
-
-    def forward(self, x, cache=None):
-        q, k, v = self.project(x)
-        if cache is not None:
-            return self.merge(cache.attend(q, k, v, self.log_sigma))
-        return self.merge(causal_krause_attention(q, k, v, self.log_sigma, self.window, self.top_k, impl=self.impl))
-
-    def new_cache(self, batch_size, device, dtype):
-        return KrauseWindowCache(batch_size, self.num_heads, self.head_dim, self.window, self.top_k, device, dtype)
-
-
-class GatedAttention(nn.Module):
-    """The paper's gated mix: ``standard`` and ``krause`` branches, ``gate`` = Linear(2d, 2)."""
-
-    def __init__(self, config: KrauseLMConfig):
-        super().__init__()
-        self.standard = SoftmaxBranch(config, "standard")
-        self.krause = KrauseBranch(config)
-        self.gate = nn.Linear(2 * config.n_embd, 2)
-        self.gate.is_gate = True
-        init_gate(self.gate, config.gate_init)
-
-    def forward(self, x, cache=None):
-        std_cache, krause_cache = cache if cache is not None else (None, None)
-        return gated_mix(self.standard(x, std_cache), self.krause(x, krause_cache), self.gate)
-
-    def new_cache(self, batch_size, device, dtype):
-        return (self.standard.new_cache(batch_size, device, dtype), self.krause.new_cache(batch_size, device, dtype))
-
-
-def build_attention(config: KrauseLMConfig) -> nn.Module:
-    if config.attention == "gated":
-        return GatedAttention(config)
-    if config.attention == "krause":
-        return KrauseBranch(config)
-    return SoftmaxBranch(config, config.attention)
+def block_attention(config: KrauseLMConfig) -> nn.Module:
+    """The attention of one block, from the registry, with the marks ``_init_weights`` reads."""
+    name = resolve_name(config.attention, "causal")
+    extra = dict(gate_init=config.gate_init) if name == "gated" else {}
+    attn = build_attention(name, config.n_embd, config.n_head, krause=config.krause_config, **extra)
+    for path, module in attn.named_modules():
+        if path.endswith("o_proj"):
+            module.is_residual = True  # GPT-2's scaled init of the projections into the residual stream
+        if path == "gate":
+            module.is_gate = True
+    return attn
 
 
 class MLP(nn.Module):
@@ -214,7 +149,7 @@ class Block(nn.Module):
     def __init__(self, config: KrauseLMConfig):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.attn = build_attention(config)
+        self.attn = block_attention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
         self.drop = nn.Dropout(config.dropout)
@@ -225,7 +160,9 @@ class Block(nn.Module):
 
 
 def _cache_tensors(layer_cache):
-    """The krause.cache objects inside one layer's cache (a tuple for the gated mix)."""
+    """The krause.cache objects inside one layer's cache (two for the gated mix)."""
+    if isinstance(layer_cache, GatedCache):
+        return (layer_cache.standard, layer_cache.krause)
     return layer_cache if isinstance(layer_cache, tuple) else (layer_cache,)
 
 
@@ -300,7 +237,7 @@ class KrauseLMPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
-        elif isinstance(module, KrauseBranch):
+        elif isinstance(module, CausalKrauseAttention):
             init.constant_(module.log_sigma, math.log(self.config.sigma))
 
 

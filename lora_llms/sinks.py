@@ -42,7 +42,7 @@ def _layer_values(attn, kwargs, output) -> dict[str, float]:
     """The three token-0 shares of one attention module's call (hook inputs and output)."""
     from krause.dense import causal_candidates
     from krause.hf.patch import KrauseAttentionMixin
-    from krause.nn import krause_attention_probs
+    from krause.nn import gate_weights, krause_attention_probs
 
     if not isinstance(attn, KrauseAttentionMixin):
         weights = output[1]
@@ -68,7 +68,7 @@ def _layer_values(attn, kwargs, output) -> dict[str, float]:
         attention_mask=kwargs.get("attention_mask"), past_key_values=None,
     )
     out_krause = attn.krause_branch(hidden, position_embeddings, None, None)
-    gate = torch.softmax(attn.krause_gate(torch.cat([out_std, out_krause], dim=-1)).float(), dim=-1)
+    gate = gate_weights(out_std, out_krause, attn.krause_gate)
     g0 = gate[..., 0][:, None, 1:]  # (B, 1, T-1): per query, shared by the heads
     g1 = gate[..., 1][:, None, 1:]
     effective = g0 * std_weights[:, :, 1:, 0].float() + g1 * krause_weights[:, :, 1:, 0]

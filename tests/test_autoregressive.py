@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from autoregressive_transformers import ModelConfig, PixelTransformer, images_to_tokens, load_pixels, model_config
-from autoregressive_transformers.attention import causal_linear_attention, elu_feature_map
+from krause.nn import causal_linear_attention, elu_feature_map
 from autoregressive_transformers.common import evaluate_bpd
 from autoregressive_transformers.data import eval_shard, tokens_to_images, train_batches
 
@@ -149,7 +149,7 @@ def test_linear_attention_chunked_equals_naive_and_carries_state():
 
 
 def test_bad_model_config_one_line_errors():
-    for kw, match in [(dict(attn="softmax"), "attn must be one of"), (dict(window=0), "window"),
+    for kw, match in [(dict(attn="flash"), "^attn 'flash' is not registered; registered names: gated, krause, linear"), (dict(window=0), "window"),
                       (dict(window=200), "window"), (dict(top_k=17), "top_k"), (dict(top_k=0), "top_k"),
                       (dict(num_heads=5), "num_heads"), (dict(sigma=-1.0), "sigma")]:
         with pytest.raises(ValueError, match=match) as info:

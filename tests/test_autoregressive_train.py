@@ -212,7 +212,7 @@ def _fails(main, argv, capsys, match):
 def test_bad_input_one_line_errors_and_nothing_written(tmp_path, capsys):
     out = tmp_path / "run"
     base = TINY + ["--out_dir", str(out)]
-    _fails(train.main, base + ["--attn", "softmax"], capsys, "attn must be one of")
+    _fails(train.main, base + ["--attn", "flash"], capsys, "attn 'flash' is not registered; registered names: gated,")
     _fails(train.main, base + ["--window", "0"], capsys, "window")
     _fails(train.main, base + ["--top_k", "64"], capsys, "top_k")
     _fails(train.main, base + ["--dataset", "cifar10"], capsys, "needs a data path")

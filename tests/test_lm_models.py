@@ -96,9 +96,25 @@ def test_krause_decoding_keeps_only_the_window():
     assert ring.keys.shape[2] == model.config.attn_window and ring.pos == 50
 
 
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_build_model_of_a_config_keeps_its_attention(attention):
+    """train.py builds ``build_model(cfg)``: the model is cfg's attention, not the default "gated"."""
+    cfg = model_config("tiny", attention, vocab_size=VOCAB)
+    assert build_model(cfg).config.attention == attention
+    assert build_model(cfg.to_dict()).config.attention == attention
+    assert build_model("tiny", vocab_size=VOCAB).config.attention == "gated"
+    assert build_model(cfg, "krause").config.attention == "krause"
+
+
 def test_bad_arguments_are_one_line_value_errors():
-    with pytest.raises(ValueError, match="attention must be one of"):
-        build_model("tiny", "linear")
+    with pytest.raises(ValueError, match="^attention 'flash' is not registered; registered names: gated, krause, "):
+        build_model("tiny", "flash")
+    with pytest.raises(ValueError, match="^attn_window must be >= 1, got 0$"):
+        model_config("tiny", "krause", attn_window=0)
+    with pytest.raises(ValueError, match="^widnow is not a Krause setting"):
+        model_config("tiny", "krause", krause=dict(widnow=4))
+    with pytest.raises(ValueError, match="^krause.radius: the language models do not read it"):
+        model_config("tiny", "krause", krause=dict(radius=3))
     with pytest.raises(ValueError, match="config must be one of"):
         build_model("1b")
     with pytest.raises(ValueError, match="^n_head: n_embd 30 is not divisible by n_head 4$"):

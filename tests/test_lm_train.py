@@ -160,3 +160,18 @@ def test_two_processes_match_one_process(data_dir, baseline_without_dropout, tmp
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=1e-5), step
     assert (out / "hf" / "model.safetensors").is_file()  # the export gathers the (sharded) weights
+
+
+@pytest.mark.parametrize("attention", ["longformer", "routing"])
+def test_the_longformer_and_routing_baselines_train_and_resume_exactly(data_dir, tmp_path, attention):
+    """Routing's k-means centroids are a buffer that training moves: the checkpoint carries
+    them, so a run stopped at step 2 and resumed matches the straight run."""
+    extra = ["--attention", attention, "--max_steps", "4", "--eval_every", "4"]
+    assert train.main(args(data_dir, tmp_path / "straight", *extra)) == 0
+    assert train.main(args(data_dir, tmp_path / "resumed", *extra, "--sigterm_at_step", "2")) == 0
+    assert train.main(args(data_dir, tmp_path / "resumed", *extra, "--resume")) == 0
+    want, got = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), step
+    assert json.loads((tmp_path / "straight" / "hf" / "config.json").read_text())["attention"] == attention

@@ -540,7 +540,7 @@ def test_standard_twins_refuse_krause_arguments():
                  lambda: StandardAttention(16, 2, config=KrauseConfig())):
         with pytest.raises(TypeError):
             make()
-    with pytest.raises(ValueError, match="^kind"):
+    with pytest.raises(ValueError, match="^attention 'global' is not registered; registered names: gated, "):
         build_attention("global", 16, 2)
 
 

@@ -9,12 +9,7 @@ from torch import nn
 
 from .. import _validation as V
 from ..dense import krause_weights
-
-
-def check_sigma(sigma) -> float:
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma <= 0:
-        raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
-    return float(sigma)
+from .config import check_sigma
 
 
 def check_dropout(name: str, p) -> float:

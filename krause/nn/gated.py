@@ -31,11 +31,16 @@ def gated_mix(out_std: torch.Tensor, out_krause: torch.Tensor, gate: nn.Module, 
     ``gate`` maps 2d features to 2 logits (a Linear(2d, 2)). The softmax runs in fp32.
     Returns the mix, and with ``return_gate`` also the (..., 2) gate weights.
     """
-    if out_std.shape != out_krause.shape:
-        raise ValueError(f"out_krause shape {tuple(out_krause.shape)} does not match out_std {tuple(out_std.shape)}")
-    weights = torch.softmax(gate(torch.cat([out_std, out_krause], dim=-1)).float(), dim=-1).to(out_std.dtype)
+    weights = gate_weights(out_std, out_krause, gate).to(out_std.dtype)
     out = weights[..., :1] * out_std + weights[..., 1:] * out_krause
     return (out, weights) if return_gate else out
+
+
+def gate_weights(out_std: torch.Tensor, out_krause: torch.Tensor, gate: nn.Module) -> torch.Tensor:
+    """The (..., 2) fp32 gate weights ``softmax(gate([out_std; out_krause]))`` of ``gated_mix``."""
+    if out_std.shape != out_krause.shape:
+        raise ValueError(f"out_krause shape {tuple(out_krause.shape)} does not match out_std {tuple(out_std.shape)}")
+    return torch.softmax(gate(torch.cat([out_std, out_krause], dim=-1)).float(), dim=-1)
 
 
 def init_gate(gate: nn.Linear, gate_init: float) -> None:
@@ -85,11 +90,11 @@ class GatedKrauseAttention(nn.Module):
     """Standard causal attention and causal-window Krause attention, gated per token.
 
     Submodules: ``standard`` (CausalSelfAttention), ``krause`` (CausalKrauseAttention,
-    holding ``log_sigma``, configured by ``config`` / keyword overrides of ``preset``) and
-    ``gate`` (Linear(2 dim, 2)).
+    holding ``log_sigma``, configured by ``config`` / keyword overrides of ``preset``, which
+    is ``KrauseConfig()``'s defaults) and ``gate`` (Linear(2 dim, 2)).
     """
 
-    preset = KrauseConfig(window=32, top_k=16)
+    preset = KrauseConfig()
 
     def __init__(self, dim: int, num_heads: int, num_kv_heads: int | None = None, config: KrauseConfig | None = None,
                  *, gate_init: float = 0.8, bias: bool = True, proj_drop: float = 0.0, **overrides):

@@ -1,17 +1,7 @@
-"""The three attentions of the pixel models, behind one interface.
-
-``forward(x, cache=None)`` and ``new_cache(batch_size, device, dtype, capacity)``, with
-the same q/k/v/o projections (``krause.nn.CausalProjections``: same names, shapes and
-init) in all three:
-
-- krause  -> ``krause.nn.CausalKrauseAttention`` (decodes with the ring-buffer
-  ``krause.cache.KrauseWindowCache``: constant memory and time per step);
-- vanilla -> ``krause.nn.CausalSelfAttention`` (SDPA; decodes with a growing KV cache);
-- linear  -> ``CausalLinearAttention`` below: causal linear attention with elu+1 feature
-  maps (Katharopoulos et al., 2020), decoding with its recurrent state.
-
-Linear attention is a baseline of this family only, so it lives here rather than in the
-``krause`` package.
+"""Causal linear attention with elu+1 feature maps (Katharopoulos et al., 2020), the LARM
+baseline of the pixel models (docs/method.md): same q/k/v/o projections as the Krause and
+softmax modules (``CausalProjections``), no Krause settings; decodes with its recurrent
+state (constant size whatever the position).
 """
 
 from __future__ import annotations
@@ -19,8 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from krause.dense import repeat_kv
-from krause.nn import CausalProjections, KrauseConfig, build_attention as build_twin
+from ..dense import repeat_kv
+from .causal import CausalProjections
 
 LINEAR_EPS = 1e-6
 LINEAR_CHUNK = 64
@@ -80,8 +70,16 @@ class LinearAttentionState:
         self.pos = 0
 
     @property
+    def batch_size(self) -> int:
+        return self.s.shape[0]
+
+    @property
     def nbytes(self) -> int:
         return self.s.untyped_storage().nbytes() + self.z.untyped_storage().nbytes()
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Beam search: keeps the rows ``index``, in that order."""
+        self.s, self.z = self.s[index], self.z[index]
 
     def reset(self) -> None:
         self.s.zero_()
@@ -130,18 +128,3 @@ class CausalLinearAttention(CausalProjections):
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, feature_map=elu+1"
-
-
-ATTENTIONS = ("krause", "vanilla", "linear")
-
-
-def build_attention(attn: str, dim: int, num_heads: int, proj_drop: float = 0.0, krause: KrauseConfig | None = None):
-    """The ``attn`` attention of a block; ``krause`` (the Krause settings) is required for
-    "krause" and refused by the others."""
-    if attn not in ATTENTIONS:
-        raise ValueError(f"attn must be one of {sorted(ATTENTIONS)}, got {attn!r}")
-    if (attn == "krause") != (krause is not None):
-        raise ValueError(f"krause: a KrauseConfig is {'required' if attn == 'krause' else 'refused'} for attn={attn!r}")
-    if attn == "linear":
-        return CausalLinearAttention(dim, num_heads, proj_drop=proj_drop)
-    return build_twin("causal", dim, num_heads, krause=krause, proj_drop=proj_drop)
