@@ -36,6 +36,7 @@ one q/k/v and returns before o_proj. It stays in :func:`krause.hf.patch_model` (
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 
@@ -278,24 +279,28 @@ def use_krause_attention(model, **settings):
     text_config = model.config.get_text_config(decoder=True)
     if krause_attention_modules(model):
         raise ValueError("model: it already runs Krause attention")
-    previous_entry, previous_impl = getattr(text_config, CONFIG_ENTRY, None), model.config._attn_implementation
-    setattr(text_config, CONFIG_ENTRY, settings)
-    try:
-        resolved = krause_settings(text_config)
-    except ValueError:
-        setattr(text_config, CONFIG_ENTRY, previous_entry)
-        raise
+    previous_impl = model.config._attn_implementation
     model.set_attn_implementation(IMPLEMENTATION)
     candidates = [m for m in model.modules() if is_krause_candidate(m)]
-    if text_config._attn_implementation != IMPLEMENTATION or not candidates:
-        setattr(text_config, CONFIG_ENTRY, previous_entry)
+    try:
+        if text_config._attn_implementation != IMPLEMENTATION or not candidates:
+            raise ValueError(
+                f"model: {type(model).__name__} (model_type {getattr(text_config, 'model_type', None)!r}) does not run "
+                f"its attention through transformers' AttentionInterface; tested: {', '.join(TESTED_ARCHITECTURES)}"
+            )
+        resolved = krause_settings(_with_entry(text_config, settings))
+    except ValueError:
         if model.config._attn_implementation == IMPLEMENTATION:
             model.set_attn_implementation(previous_impl)
-        raise ValueError(
-            f"model: {type(model).__name__} (model_type {getattr(text_config, 'model_type', None)!r}) does not run its "
-            f"attention through transformers' AttentionInterface; tested: {', '.join(TESTED_ARCHITECTURES)}"
-        )
+        raise
     setattr(text_config, CONFIG_ENTRY, resolved)
     for module in candidates:
         enable_krause(module, resolved)
     return model
+
+
+def _with_entry(config, entry: dict):
+    """A shallow copy of ``config`` carrying ``entry`` as its Krause settings (to check them first)."""
+    probe = copy.copy(config)
+    setattr(probe, CONFIG_ENTRY, entry)
+    return probe
