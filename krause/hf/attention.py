@@ -110,14 +110,15 @@ def own_sliding_window(module) -> int | None:
     return getattr(module.config, "sliding_window", None)  # Mistral, Phi-3: every layer
 
 
+def _configured_for_krause(module) -> bool:
+    # cheap first: the registration hook sees every submodule torch registers anywhere
+    return getattr(getattr(module, "config", None), "_attn_implementation", None) == IMPLEMENTATION
+
+
 def is_krause_candidate(module) -> bool:
     """A causal self-attention module of a model configured with attn_implementation="krause"."""
-    from transformers import PreTrainedConfig
-
-    config = getattr(module, "config", None)
     return (
-        isinstance(config, PreTrainedConfig)
-        and config._attn_implementation == IMPLEMENTATION
+        _configured_for_krause(module)
         and isinstance(getattr(module, "layer_idx", None), int)
         and getattr(module, "is_causal", False) is True
         and "krause_window" not in module.__dict__
@@ -176,10 +177,8 @@ def _on_module_registered(parent, name, child):
         setattr(child.config, CONFIG_ENTRY, settings)  # resolved, so save_pretrained keeps it
         enable_krause(child, settings)
         return None
-    from transformers import PreTrainedModel
-
-    if (isinstance(parent, PreTrainedModel) and parent.config._attn_implementation == IMPLEMENTATION
-            and any(isinstance(m, KrauseSigma) for m in child.modules())):
+    if _configured_for_krause(parent) and hasattr(parent, "_init_weights") and any(
+            isinstance(m, KrauseSigma) for m in child.modules()):
         _teach_sigma_init(parent)
     return None
 
