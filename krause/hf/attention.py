@@ -111,17 +111,20 @@ def own_sliding_window(module) -> int | None:
 
 
 def _configured_for_krause(module) -> bool:
-    # cheap first: the registration hook sees every submodule torch registers anywhere
-    return getattr(getattr(module, "config", None), "_attn_implementation", None) == IMPLEMENTATION
+    # Reads the instance dict only: the registration hook sees every submodule torch registers
+    # anywhere, some half-built with a __getattr__ that recurses (peft's wrappers).
+    config = module.__dict__.get("config")
+    return config is not None and getattr(config, "_attn_implementation", None) == IMPLEMENTATION
 
 
 def is_krause_candidate(module) -> bool:
     """A causal self-attention module of a model configured with attn_implementation="krause"."""
+    attrs = module.__dict__
     return (
         _configured_for_krause(module)
-        and isinstance(getattr(module, "layer_idx", None), int)
-        and getattr(module, "is_causal", False) is True
-        and "krause_window" not in module.__dict__
+        and isinstance(attrs.get("layer_idx"), int)
+        and attrs.get("is_causal", getattr(type(module), "is_causal", False)) is True
+        and "krause_window" not in attrs
     )
 
 
@@ -177,7 +180,7 @@ def _on_module_registered(parent, name, child):
         setattr(child.config, CONFIG_ENTRY, settings)  # resolved, so save_pretrained keeps it
         enable_krause(child, settings)
         return None
-    if _configured_for_krause(parent) and hasattr(parent, "_init_weights") and any(
+    if _configured_for_krause(parent) and hasattr(type(parent), "_init_weights") and any(
             isinstance(m, KrauseSigma) for m in child.modules()):
         _teach_sigma_init(parent)
     return None
@@ -241,7 +244,8 @@ def krause_attention_forward(module, query, key, value, attention_mask, scaling=
     if "krause_window" not in module.__dict__:
         raise ValueError(
             f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) has no Krause settings: the model was "
-            "built before krause.hf.register() was called; call it, then build or load the model again"
+            "built before krause.hf.register() was called; call it, then build or load the model with "
+            "attn_implementation='krause' (or switch a built one with krause.hf.patch_model(model, mix='krause'))"
         )
     window = module.krause_window
     if window is None:
