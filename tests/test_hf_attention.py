@@ -246,3 +246,18 @@ def test_without_register_the_implementation_is_refused():
             "except ValueError as e:\n    print('refused', 'krause' in str(e))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert "refused True" in out.stdout, out.stderr[-2000:]
+
+
+def test_a_prepared_4d_mask_gives_the_same_padding_as_the_2d_mask():
+    model = build("qwen2")
+    ids, mask = batch()
+    t = ids.shape[1]
+    allowed = torch.tril(torch.ones(t, t, dtype=torch.bool))[None, None] & mask.bool()[:, None, None, :]
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+        for prepared in (allowed, additive):
+            out = model(ids, attention_mask=prepared).logits
+            torch.testing.assert_close(out[mask.bool()], ref[mask.bool()], rtol=0, atol=0)
+        unpadded = model(ids, attention_mask=torch.ones_like(mask)).logits
+    assert (unpadded[1, -1] - ref[1, -1]).abs().max() > 1e-4  # the padding does reach the op
