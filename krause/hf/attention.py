@@ -88,9 +88,11 @@ def krause_settings(config) -> dict:
     op = KrauseConfig().replace(**{k: raw[k] for k in OP_SETTINGS if k in raw})
     if op.top_k > op.window:
         raise ValueError(
-            f"config.{CONFIG_ENTRY}: top_k {op.top_k} exceeds window {op.window} (a query has at most window candidates)"
+            f"config.{CONFIG_ENTRY}: top_k {op.top_k} exceeds window {op.window} "
+            "(a query has at most window candidates)"
         )
-    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
     if heads % kv_heads:
         raise ValueError(f"config: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
     layers = raw.get("layers")
@@ -98,7 +100,8 @@ def krause_settings(config) -> dict:
         n = config.num_hidden_layers
         if (not isinstance(layers, (list, tuple)) or len(set(layers)) != len(layers)
                 or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n for i in layers)):
-            raise ValueError(f"config.{CONFIG_ENTRY}: layers must be distinct layer indices in [0, {n}), got {layers!r}")
+            raise ValueError(
+                f"config.{CONFIG_ENTRY}: layers must be distinct layer indices in [0, {n}), got {layers!r}")
         layers = sorted(layers)
     return {"window": op.window, "top_k": op.top_k, "sigma": op.sigma, "impl": op.impl, "layers": layers}
 
@@ -243,8 +246,8 @@ def krause_attention_forward(module, query, key, value, attention_mask, scaling=
     (attention analysis)."""
     if "krause_window" not in module.__dict__:
         raise ValueError(
-            f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) has no Krause settings: the model was "
-            "built before krause.hf.register() was called; call it, then build or load the model with "
+            f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) has no Krause settings: "
+            "the model was built before krause.hf.register() was called; call it, then build or load the model with "
             "attn_implementation='krause' (or switch a built one with krause.hf.patch_model(model, mix='krause'))"
         )
     window = module.krause_window
