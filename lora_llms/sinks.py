@@ -44,6 +44,9 @@ def _layer_values(attn, kwargs, output) -> dict[str, float]:
     from krause.hf.patch import KrauseAttentionMixin
     from krause.nn import gate_weights, krause_attention_probs
 
+    if attn.__dict__.get("krause_window") is not None:  # attn_implementation="krause": output[1] is Krause's
+        share = _token0_share(output[1])
+        return {"krause": share, "effective": share}
     if not isinstance(attn, KrauseAttentionMixin):
         weights = output[1]
         if weights is None:
@@ -57,9 +60,6 @@ def _layer_values(attn, kwargs, output) -> dict[str, float]:
     candidates = causal_candidates(length, length, cfg.window, device=q.device)
     krause_weights = krause_attention_probs(q, k, log_sigma, candidates, cfg.top_k)
     values = {"krause": _token0_share(krause_weights)}
-    if cfg.mix == "krause":
-        values["effective"] = values["krause"]
-        return values
     std_weights = output[1]
     if std_weights is None:
         raise ValueError("model: no attention weights returned; load it with attn_implementation='eager'")
@@ -96,6 +96,8 @@ def sink_values(model, tokenizer, texts, max_length: int = 2048) -> dict:
         return hook
 
     handles = [m.register_forward_hook(make_hook(i), with_kwargs=True) for i, m in enumerate(modules)]
+    for m in modules:
+        m.krause_return_weights = True  # dense weights from attn_implementation="krause" layers
     device = next(model.parameters()).device
     used = 0
     try:
@@ -113,6 +115,8 @@ def sink_values(model, tokenizer, texts, max_length: int = 2048) -> dict:
     finally:
         for h in handles:
             h.remove()
+        for m in modules:
+            del m.krause_return_weights
     if used == 0:
         raise ValueError("texts: none has at least 2 tokens")
     result = {"num_texts": used, "max_length": max_length, "num_layers": len(modules)}

@@ -114,23 +114,49 @@ def manual_krause(attn, hidden, position_embeddings, projections):
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_krause_branch_is_the_core_op_on_the_same_projections(model_dirs, kind):
     ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(2))
-    for mix, projections in (("gated", KRAUSE_PROJECTIONS), ("krause", PROJECTIONS)):
-        model = krause.hf.patch_model(load(model_dirs, kind), mix=mix, window=5, top_k=3)
-        with torch.no_grad():  # give each branch its own weights, as after LoRA training
-            for attn in patched_attention_modules(model):
-                attn.krause_sigma.log_sigma.copy_(torch.linspace(0.5, 1.5, 4))
-        attn = patched_attention_modules(model)[1]
-        seen = {}
-        attn.register_forward_hook(lambda m, a, kw, out: seen.update(kw=kw, out=out), with_kwargs=True)
-        with torch.no_grad():
-            model(ids)
-            hidden, pe = seen["kw"]["hidden_states"], seen["kw"]["position_embeddings"]
-            expected = manual_krause(attn, hidden, pe, projections)
-            torch.testing.assert_close(attn.krause_branch(hidden, pe, None, None), expected)
-            if mix == "krause":
-                torch.testing.assert_close(seen["out"][0], expected)
-                assert seen["out"][1] is None
-                assert not hasattr(attn, "krause_gate")
+    model = krause.hf.patch_model(load(model_dirs, kind), mix="gated", window=5, top_k=3)
+    with torch.no_grad():
+        for attn in patched_attention_modules(model):
+            attn.krause_sigma.log_sigma.copy_(torch.linspace(0.5, 1.5, 4))
+    attn = patched_attention_modules(model)[1]
+    seen = {}
+    attn.register_forward_hook(lambda m, a, kw, out: seen.update(kw=kw, out=out), with_kwargs=True)
+    with torch.no_grad():
+        model(ids)
+        hidden, pe = seen["kw"]["hidden_states"], seen["kw"]["position_embeddings"]
+        expected = manual_krause(attn, hidden, pe, KRAUSE_PROJECTIONS)
+        torch.testing.assert_close(attn.krause_branch(hidden, pe, None, None), expected)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_krause_only_mix_is_the_registered_attention(model_dirs, kind):
+    """patch_model(mix="krause") is a thin wrapper: the layers run attn_implementation="krause"
+    on their own projections (no extra module but sigma), and the output is the core op's."""
+    ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(2))
+    model = load(model_dirs, kind)
+    params_before = sum(p.numel() for p in model.parameters())
+    krause.hf.patch_model(model, mix="krause", window=5, top_k=3)
+    assert model.config._attn_implementation == "krause" and krause.hf.is_patched(model)
+    assert model.config.krause == {"window": 5, "top_k": 3, "sigma": 5.5, "impl": "auto", "layers": None}
+    cfg = model.config
+    assert sum(p.numel() for p in model.parameters()) - params_before == cfg.num_hidden_layers * cfg.num_attention_heads
+    attn = krause.hf.krause_attention_modules(model)[1]
+    assert not patched_attention_modules(model) and not hasattr(attn, "krause_gate")
+    with torch.no_grad():
+        attn.krause_sigma.log_sigma.copy_(torch.linspace(0.5, 1.5, 4))
+    seen = {}
+    attn.register_forward_hook(lambda m, a, kw, out: seen.update(kw=kw, out=out), with_kwargs=True)
+    with torch.no_grad():
+        model(ids)
+        hidden, pe = seen["kw"]["hidden_states"], seen["kw"]["position_embeddings"]
+        b, t, _ = hidden.shape
+        shape = (b, t, -1, attn.head_dim)
+        q, k, v = (getattr(attn, n)(hidden).view(shape).transpose(1, 2) for n in ("q_proj", "k_proj", "v_proj"))
+        rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        q, k = rope(q, k, *pe)
+        out = krause.causal_krause_attention(q, k, v, attn.krause_sigma(), 5, 3, impl="reference")
+        torch.testing.assert_close(seen["out"][0], attn.o_proj(out.transpose(1, 2).reshape(b, t, -1)))
+        assert seen["out"][1] is None
 
 
 def test_left_padding_leaves_the_real_tokens_unchanged(model_dirs):
@@ -183,7 +209,7 @@ def test_bad_input_fails_clearly(model_dirs):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=32, n_positions=16))
-    with pytest.raises(ValueError, match="LlamaForCausalLM and Qwen2ForCausalLM"):
+    with pytest.raises(ValueError, match="LlamaForCausalLM, Qwen2ForCausalLM"):
         krause.hf.patch_model(gpt2)
     flex = AutoModelForCausalLM.from_config(tiny_config("llama", VOCAB))
     flex.config._attn_implementation = "flex_attention"

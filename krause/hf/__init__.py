@@ -1,8 +1,9 @@
-"""transformers / peft integration: Krause attention in pretrained Llama and Qwen2 models.
+"""transformers / peft integration: Krause attention in pretrained causal LMs.
 
-    krause.hf.patch_model(model, mix="gated", window=32, top_k=16, sigma=5.5)
+    krause.hf.register()   # then AutoModelForCausalLM.from_pretrained(path, attn_implementation="krause")
+    krause.hf.patch_model(model, mix="gated", window=32, top_k=16, sigma=5.5)   # in place, on a built model
     krause.hf.lora_model(model) / save(peft_model, dir) / load(base, dir) / merge_and_unload(peft_model)
-    krause.hf.cache.KrauseCacheLayer  -- the Krause branch's window inside generate()'s cache
+    krause.hf.cache.KrauseCacheLayer  -- the Krause window inside generate()'s cache
 
 transformers and peft are imported on first use, so ``import krause`` stays torch-only.
 """
@@ -10,6 +11,11 @@ transformers and peft are imported on first use, so ``import krause`` stays torc
 from importlib import import_module
 
 _EXPORTS = {
+    "register": "attention",
+    "krause_attention_modules": "attention",
+    "krause_settings": "attention",
+    "TESTED_ARCHITECTURES": "attention",
+    "KrauseSigma": "attention",
     "patch_model": "patch",
     "is_patched": "patch",
     "KrausePatchConfig": "patch",

@@ -27,7 +27,8 @@ How another model uses it (one call per attention forward)::
 :func:`krause.hf.masks.new_token_validity`, which reads it from whatever mask the layer
 received); ``None`` means no padding. A model whose layers have no standard branch
 (Krause only) passes ``standalone=True``: the layer then also answers ``get_seq_length``
-and ``get_mask_sizes`` itself, as a dynamic full-attention layer would.
+and ``get_mask_sizes`` itself, as a dynamic full-attention layer would, and its ``update`` (the
+call a model makes through ``attn_implementation="krause"``) feeds the window.
 """
 
 from __future__ import annotations
@@ -210,7 +211,9 @@ class KrauseCacheLayer(CacheLayerMixin):
 
     def update(self, key_states, value_states, *args, **kwargs):
         if self.standalone:
-            raise RuntimeError("a standalone Krause cache layer has no standard branch to update; use update_krause")
+            # attn_implementation="krause": the model's own update call feeds the window (padding comes from the mask)
+            keys, values, _ = self.krause.update(key_states, value_states)
+            return keys, values
         return self.standard.update(key_states, value_states, *args, **kwargs)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:

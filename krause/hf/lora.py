@@ -1,17 +1,19 @@
-"""LoRA with peft on (patched) Llama / Qwen2 models: build, save, load, merge.
+"""LoRA with peft on Krause models: build, save, load, merge.
 
 - :func:`lora_model` wraps a model with peft LoRA (r 16, alpha 32, dropout 0.1 by default)
-  on q/k/v/o of every branch and the MLP's gate/up/down; on a patched model the gate and
-  sigma submodules (``krause_gate``, ``krause_sigma``) are fully trainable
+  on q/k/v/o (of both branches for the gated mix) and the MLP's gate/up/down; on a Krause
+  model sigma (``krause_sigma``, and the gated mix's ``krause_gate``) is a fully trainable
   ``modules_to_save``.
-- :func:`save` writes the peft adapter (with gate and sigma) and ``krause_config.json``
-  (the patch settings and a fingerprint of the base model).
-- :func:`load` rebuilds that model on a base model: it patches the base the same way and
-  loads the adapter; a base of another architecture or size is refused.
-- :func:`merge_and_unload` (and peft's own ``merge_and_unload`` / ``merge_adapter`` on a
-  model made here) first gives the Krause projections their own copy of the weights they
-  share with the standard branch, so each branch merges its own LoRA delta; the result is
-  still a patched (Krause) model.
+- :func:`save` writes the peft adapter (with sigma and gate) and ``krause_config.json``
+  (the patch settings or the ``krause`` config entry, and a fingerprint of the base model).
+- :func:`load` rebuilds that model on a base model: a patched adapter patches the base the
+  same way; an adapter of an ``attn_implementation="krause"`` model needs a base built that
+  way; then it loads the adapter. A base of another architecture or size is refused.
+- merging: Krause-only models share nothing, so peft's own merge is right as it is. The
+  gated mix's Krause projections share the pretrained weights, so :func:`merge_and_unload`
+  (and peft's ``merge_and_unload`` / ``merge_adapter`` on a gated model made here) first
+  gives them their own copy, so each branch merges its own LoRA delta; the result is still
+  a Krause model.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 
 from torch import nn
 
+from .attention import CONFIG_ENTRY, IMPLEMENTATION, krause_attention_modules
 from .patch import (
     CONFIG_KEY,
     KRAUSE_PROJECTIONS,
@@ -29,6 +32,7 @@ from .patch import (
     KrausePatchConfig,
     is_patched,
     patch_model,
+    patched_attention_modules,
     untie_krause_projections,
 )
 
@@ -52,15 +56,14 @@ def patch_config_of(model: nn.Module) -> KrausePatchConfig | None:
 
 
 def lora_config(model: nn.Module, r: int = 16, alpha: int = 32, dropout: float = 0.1):
-    """The paper's LoRA config for ``model`` (patched or not)."""
+    """The paper's LoRA config for ``model`` (Krause or not)."""
     from peft import LoraConfig
 
-    patch = patch_config_of(model)
     targets = list(PROJECTIONS) + list(MLP_PROJECTIONS)
     modules_to_save = None
-    if patch is not None:
+    if is_patched(model):
         modules_to_save = ["krause_sigma"]  # fully trainable and saved with the adapter
-        if patch.mix == "gated":
+        if patched_attention_modules(model):  # gated mix: the Krause branch's own projections and the gate
             targets += list(KRAUSE_PROJECTIONS)
             modules_to_save.insert(0, "krause_gate")
     return LoraConfig(
@@ -70,8 +73,11 @@ def lora_config(model: nn.Module, r: int = 16, alpha: int = 32, dropout: float =
 
 
 def _untie_before_merge(peft_model) -> None:
-    """Makes every merge path of ``peft_model`` untie the shared projections first."""
+    """Makes every merge path of a gated ``peft_model`` untie the shared projections first
+    (models without shared weights keep peft's merge untouched)."""
     lora = peft_model.base_model
+    if not patched_attention_modules(lora.model):
+        return
 
     def wrap(method_name):
         original = getattr(lora, method_name)
@@ -108,7 +114,10 @@ def save(peft_model, out_dir, **save_kwargs) -> Path:
 def write_krause_config(model: nn.Module, out_dir) -> Path:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     patch = patch_config_of(base)
-    data = {"patch": patch.to_dict() if patch else None, "base": base_fingerprint(base)}
+    registered = None
+    if patch is None and krause_attention_modules(base):
+        registered = getattr(base.config.get_text_config(decoder=True), CONFIG_ENTRY)
+    data = {"patch": patch.to_dict() if patch else None, "krause": registered, "base": base_fingerprint(base)}
     path = Path(out_dir) / KRAUSE_CONFIG_FILE
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
@@ -132,16 +141,26 @@ def check_base(base: nn.Module, saved_fingerprint: dict) -> None:
 
 
 def load(base: nn.Module, adapter_dir, is_trainable: bool = False):
-    """Rebuilds the saved model on ``base`` (an unpatched Llama/Qwen2 causal LM): patches it
-    with the saved settings, then loads the adapter, gate and sigma."""
+    """Rebuilds the saved model on ``base``: for a patched adapter an unpatched causal LM (patched
+    here with the saved settings); for an ``attn_implementation="krause"`` adapter a model built
+    that way. Then loads the adapter (with sigma and gate)."""
     from peft import PeftModel
 
     data = read_krause_config(adapter_dir)
     check_base(base, data.get("base", {}))
-    if is_patched(base):
-        raise ValueError("base: pass the unpatched pretrained model; load() applies the saved patch itself")
     if data.get("patch"):
+        if is_patched(base):
+            raise ValueError("base: pass the unpatched pretrained model; load() applies the saved patch itself")
         patch_model(base, **data["patch"])
+    elif data.get("krause"):
+        if not krause_attention_modules(base):
+            raise ValueError(
+                f"base: the adapter was trained with attn_implementation={IMPLEMENTATION!r}; call krause.hf.register() "
+                f"and load the base with attn_implementation={IMPLEMENTATION!r}"
+            )
+        found = getattr(base.config.get_text_config(decoder=True), CONFIG_ENTRY)
+        if found != data["krause"]:
+            raise ValueError(f"base: Krause settings {found} differ from the adapter's {data['krause']}")
     peft_model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=is_trainable)
     _untie_before_merge(peft_model)
     return peft_model

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 
-def _attendable_keys(attention_mask: torch.Tensor) -> torch.Tensor:
+def attendable_keys(attention_mask: torch.Tensor) -> torch.Tensor:
     """(B', Tkv) bool from a 2-D or 4-D mask: may any query attend to key column c."""
     if attention_mask.dim() == 2:
         return attention_mask.bool() if attention_mask.dtype != torch.bool else attention_mask
@@ -56,7 +56,7 @@ def new_token_validity(
             "(flex attention's BlockMask cannot be read back); use attn_implementation 'sdpa', 'eager' or "
             "'flash_attention_2'"
         )
-    keys = _attendable_keys(attention_mask)
+    keys = attendable_keys(attention_mask)
     width = keys.shape[-1]
     start = past - kv_offset
     if start < 0 or start + query_length > width:

@@ -1,23 +1,25 @@
-"""Turn every attention layer of a transformers Llama / Qwen2 causal LM into Krause attention.
+"""``patch_model``: Krause attention in a built transformers causal LM, in place.
 
-``patch_model(model, mix="gated")`` keeps each pretrained attention module, unchanged, as
-the standard branch: the module object stays where it was, with its parameter names, its
-sdpa/flash/eager dispatch, its mask, its cache entry and its attention-weight capture. Its
-class becomes a subclass (``KrauseLlamaAttention`` / ``KrauseQwen2Attention``) whose
-forward runs the original forward and then the Krause branch:
+- ``mix="krause"`` (Krause attention only): a thin wrapper over the registered path,
+  ``attn_implementation="krause"`` (:mod:`krause.hf.attention`): any architecture whose
+  attention goes through transformers' ``AttentionInterface``; q/k/v are the model's own.
+- ``mix="gated"`` (the paper's gated mixture): keeps each pretrained attention module,
+  unchanged, as the standard branch and adds a Krause branch with its own q/k/v/o. The
+  interface cannot supply a second set of projections, so this mix re-creates the q/k
+  path of the architectures in :data:`GATED_ARCHITECTURES` (Llama and Qwen2: linear
+  projections, RoPE, no q/k norm). The module's class becomes a subclass
+  (``KrauseLlamaAttention`` / ``KrauseQwen2Attention``) whose forward runs the original
+  forward and then the Krause branch:
 
-- ``krause_q_proj`` .. ``krause_o_proj``: Linear layers sharing the pretrained q/k/v/o
-  weight (and Qwen2's bias) Parameters, so they start as exact copies at no memory cost;
-  LoRA then adapts each branch separately (``krause.hf.lora`` unties them before a merge);
-- the same RoPE (cos, sin) the model hands every layer, the same grouped-query heads;
-- ``krause.causal_krause_attention`` over the last ``window`` keys (queries end-aligned to
-  the keys the :class:`~krause.hf.cache.KrauseCacheLayer` keeps), padding from the layer's mask;
-- ``krause_sigma`` (per-head log sigma) and ``krause_gate`` (Linear(2d -> 2), starting at
-  ``gate_init`` on the standard branch), both fp32, in their own submodules so peft can
-  train and save them (``modules_to_save``).
-
-``mix="krause"`` (ablation) drops the standard branch and the gate: the module's own
-q/k/v/o projections feed Krause attention only.
+  - ``krause_q_proj`` .. ``krause_o_proj``: Linear layers sharing the pretrained q/k/v/o
+    weight (and Qwen2's bias) Parameters, so they start as exact copies at no memory cost;
+    LoRA then adapts each branch separately (``krause.hf.lora`` unties them before a merge);
+  - the same RoPE (cos, sin) the model hands every layer, the same grouped-query heads;
+  - ``krause.causal_krause_attention`` over the last ``window`` keys (queries end-aligned to
+    the keys the :class:`~krause.hf.cache.KrauseCacheLayer` keeps), padding from the layer's mask;
+  - ``krause_sigma`` (per-head log sigma) and ``krause_gate`` (Linear(2d -> 2), starting at
+    ``gate_init`` on the standard branch), both fp32, in their own submodules so peft can
+    train and save them (``modules_to_save``).
 """
 
 from __future__ import annotations
@@ -31,11 +33,16 @@ from torch import nn
 
 from ..nn.gated import gated_mix, init_gate
 from ..ops import causal_krause_attention
+from .attention import KrauseSigma, use_krause_attention
 from .cache import krause_cache_layer
 from .masks import new_token_validity
 
 MIXES = ("gated", "krause")
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+# model_type -> (causal LM class, attention class) of the architectures the gated mix supports
+GATED_ARCHITECTURES = {
+    "llama": ("LlamaForCausalLM", "transformers.models.llama.modeling_llama.LlamaAttention"),
+    "qwen2": ("Qwen2ForCausalLM", "transformers.models.qwen2.modeling_qwen2.Qwen2Attention"),
+}
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 KRAUSE_PROJECTIONS = tuple(f"krause_{name}" for name in PROJECTIONS)
 CONFIG_KEY = "krause_patch"  # the patch settings, recorded on model.config
@@ -79,18 +86,6 @@ class KrausePatchConfig:
         return cls(**known)
 
 
-class KrauseSigma(nn.Module):
-    """Per-head log sigma of the Krause branch (fp32 whatever the model dtype: lr-sized steps
-    on ln 5.5 ~ 1.7 vanish in bf16)."""
-
-    def __init__(self, num_heads: int, sigma: float, device=None):
-        super().__init__()
-        self.log_sigma = nn.Parameter(torch.full((num_heads,), math.log(sigma), dtype=torch.float32, device=device))
-
-    def forward(self) -> torch.Tensor:
-        return self.log_sigma
-
-
 class KrauseGate(nn.Module):
     """Linear(2d -> 2) gate logits, kept in fp32 (inputs are cast to it)."""
 
@@ -104,13 +99,12 @@ class KrauseGate(nn.Module):
 
 
 class KrauseAttentionMixin:
-    """Forward of a patched attention module (mixed into the model's own attention class)."""
+    """Forward of a gated-mix attention module (mixed into the model's own attention class)."""
 
     krause_config: KrausePatchConfig
 
     def krause_projections(self) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
-        names = KRAUSE_PROJECTIONS if self.krause_config.mix == "gated" else PROJECTIONS
-        return tuple(getattr(self, name) for name in names)
+        return tuple(getattr(self, name) for name in KRAUSE_PROJECTIONS)
 
     def krause_branch(self, hidden_states, position_embeddings, cache_layer, valid_new, return_probs=False):
         """(B, T, d) Krause-branch output (and with ``return_probs`` the queries/keys for analysis)."""
@@ -139,15 +133,13 @@ class KrauseAttentionMixin:
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
         cfg = self.krause_config
         batch, length = hidden_states.shape[:2]
-        cache_layer = krause_cache_layer(past_key_values, self.layer_idx, cfg.window, standalone=cfg.mix == "krause")
+        cache_layer = krause_cache_layer(past_key_values, self.layer_idx, cfg.window)
         past, kv_offset = 0, 0
         if cache_layer is not None:
             past = cache_layer.krause_seen
             kv_offset = cache_layer.get_mask_sizes(length)[1]
         valid_new = new_token_validity(attention_mask, batch, length, past, kv_offset)
         out_krause = self.krause_branch(hidden_states, position_embeddings, cache_layer, valid_new)
-        if cfg.mix == "krause":
-            return out_krause, None
         out_std, attn_weights = super().forward(
             hidden_states=hidden_states,
             position_embeddings=position_embeddings,
@@ -172,12 +164,20 @@ def _patched_class(cls: type) -> type:
     return _PATCHED_CLASSES[cls]
 
 
-def _supported_classes():
-    from transformers import LlamaForCausalLM, Qwen2ForCausalLM
-    from transformers.models.llama.modeling_llama import LlamaAttention
-    from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
+def _gated_attention_class(model) -> type:
+    """The attention class of ``model`` if the gated mix supports its architecture (else ValueError)."""
+    import importlib
 
-    return (LlamaForCausalLM, Qwen2ForCausalLM), (LlamaAttention, Qwen2Attention)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    names = GATED_ARCHITECTURES.get(model_type)
+    if names is None or type(model).__name__ != names[0]:
+        supported = ", ".join(lm for lm, _ in GATED_ARCHITECTURES.values())
+        raise ValueError(
+            f"model: the gated mix supports {supported}, got {type(model).__name__} (model_type {model_type!r}); "
+            "mix='krause' (attn_implementation='krause') covers any architecture using transformers' AttentionInterface"
+        )
+    module, _, name = names[1].rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 def _shared_linear(source: nn.Linear) -> nn.Linear:
@@ -190,10 +190,12 @@ def _shared_linear(source: nn.Linear) -> nn.Linear:
 
 
 def is_patched(model: nn.Module) -> bool:
-    return any(isinstance(m, KrauseAttentionMixin) for m in model.modules())
+    """Does ``model`` run Krause attention (gated mix, patch_model(mix="krause") or attn_implementation="krause")."""
+    return any(isinstance(m, KrauseSigma) for m in model.modules())
 
 
 def patched_attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The gated-mix attention modules of ``model``."""
     return [m for m in model.modules() if isinstance(m, KrauseAttentionMixin)]
 
 
@@ -201,32 +203,32 @@ def patch_model(
     model, *, mix: str = "gated", window: int = 32, top_k: int = 16, sigma: float = 5.5,
     gate_init: float = 0.8, impl: str = "auto",
 ):
-    """Patches, in place, every attention layer of a ``LlamaForCausalLM`` / ``Qwen2ForCausalLM``; returns it.
+    """Turns, in place, every attention layer of ``model`` into Krause attention; returns it.
 
     Args:
-        mix: "gated" (the pretrained attention gated with a new Krause branch) or
-            "krause" (Krause attention only, on the pretrained projections).
-        window, top_k, sigma: the Krause branch's causal window W, kept neighbours and
+        mix: "gated" (the pretrained attention gated with a new Krause branch; Llama and
+            Qwen2) or "krause" (Krause attention only, on the model's own q/k/v: any
+            architecture using transformers' AttentionInterface, via attn_implementation="krause").
+        window, top_k, sigma: the Krause attention's causal window W, kept neighbours and
             initial sigma (per head).
-        gate_init: the gate's initial weight on the standard branch.
+        gate_init: the gate's initial weight on the standard branch (gated mix).
         impl: the core op's implementation ("auto", "fast", "reference", "flex", "triton").
     """
     cfg = KrausePatchConfig(mix=mix, window=window, top_k=top_k, sigma=sigma, gate_init=gate_init, impl=impl)
-    model_classes, attention_classes = _supported_classes()
-    if not isinstance(model, model_classes) or getattr(model.config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"model: patch_model supports LlamaForCausalLM and Qwen2ForCausalLM, got {type(model).__name__} "
-            f"(model_type {getattr(getattr(model, 'config', None), 'model_type', None)!r})"
-        )
-    if is_patched(model) or getattr(model.config, CONFIG_KEY, None):
+    if is_patched(model) or getattr(getattr(model, "config", None), CONFIG_KEY, None):
         raise ValueError("model: it is already patched with Krause attention; patch a fresh model")
+    if mix == "krause":
+        use_krause_attention(model, window=window, top_k=top_k, sigma=sigma, impl=impl)
+        setattr(model.config, CONFIG_KEY, cfg.to_dict())
+        return model
+    attention_class = _gated_attention_class(model)
     if getattr(model.config, "_attn_implementation", None) == "flex_attention":
         raise ValueError(
             "model: attn_implementation 'flex_attention' hands layers a BlockMask the Krause branch cannot read; "
             "load the model with 'sdpa', 'eager' or 'flash_attention_2'"
         )
     text_config = model.config
-    attentions = [m for m in model.modules() if isinstance(m, attention_classes)]
+    attentions = [m for m in model.modules() if isinstance(m, attention_class)]
     if len(attentions) != text_config.num_hidden_layers:
         raise ValueError(
             f"model: found {len(attentions)} attention modules for {text_config.num_hidden_layers} layers"
@@ -235,22 +237,19 @@ def patch_model(
         device = attn.q_proj.weight.device
         attn.__class__ = _patched_class(type(attn))
         attn.krause_config = cfg
-        if mix == "gated":
-            for name in PROJECTIONS:
-                setattr(attn, f"krause_{name}", _shared_linear(getattr(attn, name)))
-            attn.krause_gate = KrauseGate(text_config.hidden_size, gate_init, device=device)
+        for name in PROJECTIONS:
+            setattr(attn, f"krause_{name}", _shared_linear(getattr(attn, name)))
+        attn.krause_gate = KrauseGate(text_config.hidden_size, gate_init, device=device)
         attn.krause_sigma = KrauseSigma(text_config.num_attention_heads, sigma, device=device)
     setattr(model.config, CONFIG_KEY, cfg.to_dict())
     return model
 
 
 def untie_krause_projections(model: nn.Module) -> int:
-    """Gives every Krause projection its own copy of the weights it shares with the standard
-    branch (before a LoRA merge writes into them); returns how many tensors were copied."""
+    """Gives every Krause projection of a gated model its own copy of the weights it shares with
+    the standard branch (before a LoRA merge writes into them); returns how many tensors were copied."""
     copied = 0
     for attn in patched_attention_modules(model):
-        if attn.krause_config.mix != "gated":
-            continue
         for name in PROJECTIONS:
             std = getattr(attn, name)
             kr = getattr(attn, f"krause_{name}")
