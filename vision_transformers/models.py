@@ -49,6 +49,7 @@ from typing import Any
 
 import timm
 import torch
+import torch.fx
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import PatchEmbed
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -185,20 +186,29 @@ def _check_arguments(cfg: dict, swin: bool) -> None:
             raise ValueError(f"num_heads: width {dim} is not divisible by {h} heads")
 
 
-def _image_check(patch_embed: nn.Module, args) -> None:
-    """Forward pre-hook on patch_embed: images of a size the model cannot take fail here with
-    a one-line error (a hook, so fx tracing does not see it)."""
-    x = args[0]
-    if x.dim() != 4 or x.shape[1] != patch_embed.proj.in_channels:
-        raise ValueError(f"x: expected (B, {patch_embed.proj.in_channels}, H, W) images, got shape {tuple(x.shape)}")
+def checked_images(x: torch.Tensor, in_chans: int, img_size, patch_size, strict: bool, pad: bool) -> torch.Tensor:
+    """x unchanged, after checking that the model can take these images (an fx leaf: traced
+    models keep the check as one call)."""
+    if x.dim() != 4 or x.shape[1] != in_chans:
+        raise ValueError(f"x: expected (B, {in_chans}, H, W) images, got shape {tuple(x.shape)}")
     h, w = x.shape[-2:]
-    ph, pw = patch_embed.patch_size
-    if patch_embed.strict_img_size and (h, w) != tuple(patch_embed.img_size):
-        ih, iw = patch_embed.img_size
-        raise ValueError(f"x: images are {h}x{w} but the model takes {ih}x{iw}; build it with dynamic_img_size=True "
-                         f"or call set_input_size for other sizes")
-    if not patch_embed.dynamic_img_pad and (h % ph or w % pw):
-        raise ValueError(f"x: image size {h}x{w} is not a multiple of the patch size {ph}x{pw}")
+    if strict and (h, w) != tuple(img_size):
+        raise ValueError(f"x: images are {h}x{w} but the model takes {img_size[0]}x{img_size[1]}; build it with "
+                         f"dynamic_img_size=True or call set_input_size for other sizes")
+    if not pad and (h % patch_size[0] or w % patch_size[1]):
+        raise ValueError(f"x: image size {h}x{w} is not a multiple of the patch size {patch_size[0]}x{patch_size[1]}")
+    return x
+
+
+torch.fx.wrap("checked_images")
+
+
+def _image_check(patch_embed: nn.Module, args):
+    """Forward pre-hook on patch_embed: images of a size the model cannot take fail here with
+    a one-line error instead of timm's assertion."""
+    return (checked_images(args[0], patch_embed.proj.in_channels, tuple(patch_embed.img_size),
+                           tuple(patch_embed.patch_size), patch_embed.strict_img_size, patch_embed.dynamic_img_pad),
+            *args[1:])
 
 
 # =========================================================================== pretrained weights
