@@ -511,3 +511,46 @@ def test_krause_attention_refuses_a_mask():
         model.blocks[0].attn(tokens, attn_mask=torch.zeros(65, 65))
     with pytest.raises(ValueError, match="^attn_mask / is_causal"):
         model.blocks[0].attn(tokens, is_causal=True)
+
+
+def test_set_input_size_resizes_kswin_like_its_twin():
+    k, b = _small("kswin_tiny_patch4_window4_32"), _small("swin_tiny_patch4_window4_32")
+    b.load_state_dict({n: v for n, v in k.state_dict().items() if not n.endswith("log_sigma")})
+    for model in (k, b):
+        model.set_input_size(img_size=(64, 64))
+    ks, bs = k.state_dict(), b.state_dict()
+    assert ks["layers.0.blocks.0.attn.relative_position_bias_table"].shape == (15 * 15, 1)  # window 4 -> 8
+    for key, value in bs.items():
+        assert torch.equal(ks[key], value), key
+    assert [blk.attn.window_size for st in k.layers for blk in st.blocks] == \
+        [tuple(blk.attn.window_size) for st in b.layers for blk in st.blocks]
+    assert k(torch.randn(1, 3, 64, 64)).shape == (1, 10)
+
+
+def test_deepcopy_gives_the_copy_its_own_patch_grid():
+    """EMA copies (timm's ModelEma deep-copies the model) must read their own input's grid."""
+    import copy
+
+    model = _small("kvit_small_patch4_32", dynamic_img_size=True).eval()
+    ema = copy.deepcopy(model)
+    assert ema.patch_grid is not model.patch_grid
+    assert all(blk.attn.patch_grid is ema.patch_grid for blk in ema.blocks)
+    x = torch.randn(1, 3, 48, 32)
+    assert torch.equal(ema(x), model(x)) and ema.patch_grid.value == (12, 8)
+    model(torch.randn(1, 3, 32, 32))
+    assert ema.patch_grid.value == (12, 8) and model.patch_grid.value == (8, 8)
+
+
+def test_bias_table_resize_without_timm(monkeypatch):
+    """krause needs only torch: without timm the window attention resizes its table bicubically."""
+    import sys
+
+    from krause.nn.swin import _resize_bias_table
+
+    table = torch.randn(7 * 7, 3)
+    with_timm = _resize_bias_table(table, (4, 4), (6, 6))
+    monkeypatch.setitem(sys.modules, "timm.layers", None)  # the import inside now fails
+    torch.testing.assert_close(_resize_bias_table(table, (4, 4), (4, 4)), table)
+    resized = _resize_bias_table(table, (4, 4), (6, 6))
+    assert resized.shape == with_timm.shape == (11 * 11, 3)
+    torch.testing.assert_close(resized[5 * 11 + 5], table[3 * 7 + 3], rtol=0.1, atol=0.05)  # the centre offset (0, 0)

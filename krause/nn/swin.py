@@ -111,11 +111,19 @@ torch.fx.wrap("checked_windows")
 
 
 def _resize_bias_table(table: torch.Tensor, old_window, new_window) -> torch.Tensor:
-    """Bicubic resize of a ((2wh - 1) * (2ww - 1), H) relative position bias table to another window."""
+    """A ((2wh - 1) * (2ww - 1), H) relative position bias table resized to another window:
+    timm's own resize when timm is installed (so a KSwin and its timm Swin twin resize alike),
+    else a bicubic interpolation."""
     (oh, ow), (nh, nw) = old_window, new_window
-    grid = table.detach().T.reshape(1, -1, 2 * oh - 1, 2 * ow - 1).float()
-    grid = F.interpolate(grid, size=(2 * nh - 1, 2 * nw - 1), mode="bicubic", align_corners=False)
-    return grid.reshape(-1, (2 * nh - 1) * (2 * nw - 1)).T.contiguous().to(table.dtype)
+    shape = ((2 * nh - 1) * (2 * nw - 1), table.shape[1])
+    try:
+        from timm.layers import resize_rel_pos_bias_table
+    except ImportError:  # krause itself needs only torch
+        grid = table.detach().T.reshape(1, -1, 2 * oh - 1, 2 * ow - 1).float()
+        grid = F.interpolate(grid, size=(2 * nh - 1, 2 * nw - 1), mode="bicubic", align_corners=False)
+        return grid.reshape(-1, shape[0]).T.contiguous().to(table.dtype)
+    return resize_rel_pos_bias_table(table.detach(), new_window_size=new_window, new_bias_shape=shape,
+                                     old_window_size=old_window)
 
 
 class WindowAttention(nn.Module):
