@@ -554,3 +554,14 @@ def test_bias_table_resize_without_timm(monkeypatch):
     resized = _resize_bias_table(table, (4, 4), (6, 6))
     assert resized.shape == with_timm.shape == (11 * 11, 3)
     torch.testing.assert_close(resized[5 * 11 + 5], table[3 * 7 + 3], rtol=0.1, atol=0.05)  # the centre offset (0, 0)
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch4_32", "swin_tiny_patch4_window4_32"])
+def test_baselines_stay_scriptable_like_stock_timm(name):
+    """timm's TorchScript test builds under set_scriptable(True): the baselines script as timm's own do
+    (the Krause models do not: their attention runs Python the compiler cannot type)."""
+    with timm.set_scriptable(True):
+        model = _small(name).eval()
+    scripted = torch.jit.script(model)
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(scripted(x), model(x))

@@ -51,7 +51,7 @@ import timm
 import torch
 import torch.fx
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import PatchEmbed
+from timm.layers import PatchEmbed, is_scriptable
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.swin_transformer import checkpoint_filter_fn as _swin_checkpoint_filter
@@ -344,8 +344,10 @@ def _build(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
                                      feature_cfg=feature_cfg, **cfg)
     except TypeError as e:  # an unknown keyword
         raise ValueError(f"{name}: {e}") from None
-    # the model's (or its feature wrapper's) patch embedding checks the images it is given
-    next(m for m in model.modules() if isinstance(m, PatchEmbed)).register_forward_pre_hook(_image_check)
+    # the model's (or its feature wrapper's) patch embedding checks the images it is given; not
+    # for TorchScript (timm's set_scriptable), which cannot compile the hook: timm's asserts apply there
+    if not is_scriptable():
+        next(m for m in model.modules() if isinstance(m, PatchEmbed)).register_forward_pre_hook(_image_check)
     return model
 
 
