@@ -57,8 +57,8 @@ class PatchGrid:
 def _checked_grid(grid, num_tokens: int, num_prefix_tokens: int) -> tuple[int, int]:
     if grid is None:
         raise ValueError("grid: this layer has no patch grid yet (give grid=(rows, cols) or run it inside its model)")
-    if isinstance(grid, (tuple, list)) and len(grid) == 2 and all(isinstance(g, torch.SymInt) for g in grid):
-        grid = tuple(int(g) for g in grid)  # torch.compile: specialise on the grid
+    if isinstance(grid, (tuple, list)) and len(grid) == 2 and any(isinstance(g, torch.SymInt) for g in grid):
+        grid = tuple(int(g) for g in grid)  # torch.compile with dynamic shapes: specialise on the grid
     return V.check_grid(tuple(grid) if isinstance(grid, list) else grid, num_tokens, num_prefix_tokens)
 
 
