@@ -94,7 +94,7 @@ def bench_shape(name: str, args, device: torch.device) -> dict:
         steps[kind] = make_step(model, x, y, args.amp)
     timing = T.time_interleaved(steps, device=device, repeats=repeats, warmup=1)
     memory = {kind: T.peak_memory(step, device) for kind, step in steps.items()}
-    n_tokens = 1 + models["vit"].grid[0] * models["vit"].grid[1]
+    n_tokens = 1 + models["vit"].patch_embed.num_patches
     out = {"shape": name, "label": spec["label"], "tokens": n_tokens, "batch": batch, "repeats": repeats, "models": {}}
     for kind in ("vit", "kvit"):
         t = timing[kind]["median_s"]

@@ -96,3 +96,16 @@ def test_launch_templates_run_directly_and_resume_after_a_stop_signal(tmp_path):
     assert "resumed from" in out
     steps = [r["step"] for r in read_metrics(metrics) if "train_acc" not in r]
     assert steps[-1] == stopped_at + 2 and steps == sorted(set(steps))  # continued, no step logged twice
+
+
+def test_demo_stops_with_a_resume_hint_when_a_run_was_interrupted(tmp_path, monkeypatch, capsys):
+    """train returns 0 after a stop signal (checkpoint saved, summary unfinished): the demo says to resume."""
+    def stopped_run(argv):
+        out = Path(argv[argv.index("--out_dir") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps({"model": "kvit_small_patch4_32", "params": 1}))
+        return 0
+
+    monkeypatch.setattr(demo.train, "main", stopped_run)
+    assert demo.main(["--out_dir", str(tmp_path / "demo"), "--no_progress"]) == 1
+    assert "KViT run stopped before it finished; continue with --resume" in capsys.readouterr().err

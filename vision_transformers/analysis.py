@@ -26,6 +26,9 @@ from .models import sigma_per_layer
 __all__ = [
     "count_params",
     "flops_per_image",
+    "has_attention_maps",
+    "patch_grid",
+    "attention_maps",
     "plot_sigma",
     "plot_attention_maps",
     "plot_run_curves",
@@ -38,11 +41,10 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
 
 
 def _input_shape(model: nn.Module) -> tuple[int, int, int]:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    if "input_size" in cfg:
-        return tuple(cfg["input_size"])
-    h, w = model.img_size
-    return (model.patch_embed.proj.in_channels, h, w)
+    """(C, H, W) the model is built for now (timm's input config: its traits over pretrained_cfg)."""
+    from timm.models import get_model_input_config
+
+    return tuple(get_model_input_config(model)["input_size"])
 
 
 def flops_per_image(model: nn.Module, device: torch.device | str | None = None, backward: bool = False) -> dict:
@@ -141,10 +143,56 @@ def plot_sigma(records: Sequence[dict], out_path, title: str | None = None) -> P
     return _save(fig, out_path)
 
 
+# --------------------------------------------------------------------------- attention maps
+def has_attention_maps(model: nn.Module) -> bool:
+    """ViT-like models (a CLS token and global or 2-D local attention over one patch grid)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return isinstance(model, VisionTransformer)
+
+
+def patch_grid(model: nn.Module, images: torch.Tensor | None = None) -> tuple[int, int]:
+    """(rows, cols) of the patch grid for these images (default: the size the model is built for)."""
+    size = tuple(images.shape[-2:]) if images is not None else _input_shape(model)[1:]
+    return tuple(int(v) for v in model.patch_embed.dynamic_feat_size(size))
+
+
+def layer_attention_weights(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, H, N, N) fp32 weights of one attention module for its input x: the module's own
+    ``attention_weights`` (the Krause modules) or, for timm's ``Attention``, softmax(q k^T * scale)."""
+    if hasattr(attn, "attention_weights"):
+        return attn.attention_weights(x).float()
+    b, n, _ = x.shape
+    q, k, _ = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    return torch.softmax((q.float() * attn.scale) @ k.float().transpose(-1, -2), dim=-1)
+
+
+@torch.no_grad()
+def attention_maps(model: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    """Attention weights of every block of a ViT/KViT for these images, a list of (B, H, N, N)
+    fp32 tensors (rows sum to 1), captured by forward hooks on the attention modules while
+    the model runs its ordinary forward (eval mode for the call)."""
+    if not has_attention_maps(model):
+        raise ValueError(f"model: attention maps need a ViT-like model, got {type(model).__name__}")
+    maps: list[torch.Tensor] = []
+    hooks = [blk.attn.register_forward_hook(lambda mod, args, out: maps.append(layer_attention_weights(mod, args[0])))
+             for blk in model.blocks]
+    was = model.training
+    model.eval()
+    try:
+        model(images)
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+    return maps
+
+
 def attention_rows(model: nn.Module, images: torch.Tensor, query_tokens: Sequence[int]) -> torch.Tensor:
     """(L, B, Q, rows, cols): head-averaged attention of the given query tokens to the patch grid, per layer."""
-    maps = model.attention_maps(images)
-    rows, cols = model.grid
+    maps = attention_maps(model, images)
+    rows, cols = patch_grid(model, images)
     p = model.num_prefix_tokens
     out = torch.stack([m.mean(1)[:, list(query_tokens), p:] for m in maps])
     return out.reshape(len(maps), images.shape[0], len(query_tokens), rows, cols)
@@ -179,7 +227,7 @@ def plot_attention_maps(
     """
     names = list(models)
     first = models[names[0]]
-    rows_g, cols_g = first.grid
+    rows_g, cols_g = patch_grid(first, images)
     if patches is None:
         patches = [(rows_g // 2, cols_g // 2)]
     depth = len(first.blocks)
@@ -187,12 +235,7 @@ def plot_attention_maps(
     if len(layers) > 6:
         layers = sorted({round(i * (depth - 1) / 5) for i in range(6)})
     queries = [("CLS", 0)] + [(f"patch {r},{c}", first.num_prefix_tokens + r * cols_g + c) for r, c in patches]
-    maps = {}
-    for name, model in models.items():
-        was = model.training
-        model.eval()
-        maps[name] = attention_rows(model, images, [q for _, q in queries])
-        model.train(was)
+    maps = {name: attention_rows(model, images, [q for _, q in queries]) for name, model in models.items()}
     n_rows = images.shape[0] * len(queries) * len(names)
     fig = _figure(figsize=(1.6 * (len(layers) + 1) + 0.9, 1.6 * n_rows + 0.6), layout="constrained")
     axes = fig.subplots(n_rows, len(layers) + 1, squeeze=False)

@@ -91,8 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if any("sigma" in r for r in recs):
                 analysis.plot_sigma([r for r in recs if "sigma" in r], out / f"sigma_{label}.png", title=f"{label}: sigma")
         analysis.plot_run_curves(records, out / "curves.png", title=" vs ".join(labels))
-        vit_like = [(label, m) for label, (m, _) in zip(labels, loaded) if hasattr(m, "attention_maps")]
-        if len(datasets) == 1 and vit_like and len({m.grid for _, m in vit_like}) == 1:
+        vit_like = [(label, m) for label, (m, _) in zip(labels, loaded) if analysis.has_attention_maps(m)]
+        if len(datasets) == 1 and vit_like and len({analysis.patch_grid(m) for _, m in vit_like}) == 1:
             cfg = loaded[0][1]
             _, val, info = build_datasets(cfg["dataset"], args.data_path or cfg.get("data_path"), img_size=cfg.get("img_size"),
                                           download=False, verify_checksums=not cfg.get("no_checksum", False))
@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.patches:
                 patches = [tuple(int(v) for v in pc.split(",")) for pc in args.patches.split(";")]
             else:
-                r, c = vit_like[0][1].grid
+                r, c = analysis.patch_grid(vit_like[0][1])
                 patches = [(r // 2, c // 2), (r // 4, 3 * c // 4)]
             analysis.plot_attention_maps(dict(vit_like), images, out / "attention.png", patches=patches,
                                          mean=info.mean, std=info.std)

@@ -132,6 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{label} run failed (exit code {rc}); see {out / sub / 'train.log'}", file=sys.stderr)
             return rc
         summaries[label] = json.loads((out / sub / "summary.json").read_text())
+        if "train_time_s" not in summaries[label]:  # stopped by a signal: train saved a checkpoint and returned 0
+            print(f"{label} run stopped before it finished; continue with --resume", file=sys.stderr)
+            return 1
 
     rows = table_rows(summaries)
     text = format_table(rows)

@@ -637,7 +637,7 @@ def finish(root, model, val_set, info, args, log, wall_s: float) -> dict:
         written = [analysis.plot_run_curves({args.model: records}, fig_dir / "curves.png", title=args.model)]
         if any("sigma" in r for r in epochs):
             written.append(analysis.plot_sigma(epochs, fig_dir / "sigma.png", title=f"{args.model}: sigma per layer"))
-        if args.figures == "all" and hasattr(model, "attention_maps"):
+        if args.figures == "all" and analysis.has_attention_maps(model):
             images = torch.stack([val_set[i][0] for i in range(min(2, len(val_set)))])
             device = next(model.parameters()).device
             written.append(analysis.plot_attention_maps(

@@ -12,11 +12,17 @@ log 4.0). There is no top-k: a window is already a small neighbourhood.
 
 Small feature maps (smaller than the window) are the block's business, as in Swin: it
 shrinks the window to the map and disables the shift, for both variants alike.
+
+Both are drop-ins for timm's Swin ``WindowAttention`` (same parameter and buffer names,
+``forward(x, mask)``, ``set_window_size``); ``WindowKrauseAttention.from_attention`` builds
+the Krause one around the parameters of an existing timm module. The checks that need
+concrete shapes run in fx leaves (``torch.fx.wrap``), so a model around them traces.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -91,6 +97,35 @@ def relative_position_index(window_size) -> torch.Tensor:
     return d_row * (2 * ww - 1) + d_col
 
 
+def checked_windows(x: torch.Tensor, window_size, mask) -> torch.Tensor:
+    """x unchanged, after checking it holds whole windows that ``mask`` (nW, N, N) divides. An fx leaf."""
+    n = window_size[0] * window_size[1]
+    if x.dim() != 3 or x.shape[1] != n:
+        raise ValueError(f"x holds {tuple(x.shape)} tokens per window but window_size {tuple(window_size)} needs {n}")
+    if mask is not None and x.shape[0] % mask.shape[0]:
+        raise ValueError(f"mask holds {mask.shape[0]} windows, which does not divide the {x.shape[0]} input windows")
+    return x
+
+
+torch.fx.wrap("checked_windows")
+
+
+def _resize_bias_table(table: torch.Tensor, old_window, new_window) -> torch.Tensor:
+    """A ((2wh - 1) * (2ww - 1), H) relative position bias table resized to another window:
+    timm's own resize when timm is installed (so a KSwin and its timm Swin twin resize alike),
+    else a bicubic interpolation."""
+    (oh, ow), (nh, nw) = old_window, new_window
+    shape = ((2 * nh - 1) * (2 * nw - 1), table.shape[1])
+    try:
+        from timm.layers import resize_rel_pos_bias_table
+    except ImportError:  # krause itself needs only torch
+        grid = table.detach().T.reshape(1, -1, 2 * oh - 1, 2 * ow - 1).float()
+        grid = F.interpolate(grid, size=(2 * nh - 1, 2 * nw - 1), mode="bicubic", align_corners=False)
+        return grid.reshape(-1, shape[0]).T.contiguous().to(table.dtype)
+    return resize_rel_pos_bias_table(table.detach(), new_window_size=new_window, new_bias_shape=shape,
+                                     old_window_size=old_window)
+
+
 class WindowAttention(nn.Module):
     """Swin's window attention with relative position bias.
 
@@ -115,6 +150,23 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(check_dropout("proj_drop", proj_drop))
 
+    def set_window_size(self, window_size) -> None:
+        """Another window (timm's ``set_input_size``): the bias table is resized bicubically."""
+        window_size = _window_pair(window_size)
+        if window_size == self.window_size:
+            return
+        table = self.relative_position_bias_table
+        new = _resize_bias_table(table, self.window_size, window_size)
+        self.relative_position_bias_table = nn.Parameter(new, requires_grad=table.requires_grad)
+        self.window_size = window_size
+        self.init_non_persistent_buffers()
+
+    def init_non_persistent_buffers(self) -> None:
+        """Recompute the relative position index (timm calls this after meta-device construction)."""
+        self.register_buffer("relative_position_index",
+                             relative_position_index(self.window_size).to(self.relative_position_bias_table.device),
+                             persistent=False)
+
     def relative_position_bias(self) -> torch.Tensor:
         n = self.window_size[0] * self.window_size[1]
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
@@ -129,18 +181,14 @@ class WindowAttention(nn.Module):
         bias = self.relative_position_bias().to(dtype)[None]
         if mask is None:
             return bias
-        nw = mask.shape[0]
-        if num_windows_total % nw:
-            raise ValueError(f"mask holds {nw} windows, which does not divide the {num_windows_total} input windows")
+        nw = mask.shape[0]  # checked_windows: nw divides num_windows_total
         n = bias.shape[-1]
         bias = bias[:, None] + mask.to(dtype)[None, :, None]  # (1, nW, H, N, N)
         return bias.expand(num_windows_total // nw, -1, -1, -1, -1).reshape(num_windows_total, self.num_heads, n, n)
 
-    def _split_qkv(self, x):
+    def _split_qkv(self, x, mask=None):
+        x = checked_windows(x, self.window_size, mask)
         b_, n, c = x.shape
-        if n != self.window_size[0] * self.window_size[1]:
-            raise ValueError(f"x holds {n} tokens per window but window_size {self.window_size} needs "
-                             f"{self.window_size[0] * self.window_size[1]}")
         qkv = self.qkv(x).reshape(b_, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return qkv.unbind(0)
 
@@ -149,7 +197,7 @@ class WindowAttention(nn.Module):
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b_, n, -1)))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        q, k, v = self._split_qkv(x)
+        q, k, v = self._split_qkv(x, mask)
         # Fused path: SDPA adds the float mask to (q . k) * scale, exactly the logits above.
         bias = self._bias_and_mask(x.shape[0], mask, q.dtype)
         drop = self.attn_drop.p if self.training else 0.0
@@ -162,7 +210,7 @@ class WindowAttention(nn.Module):
 
     def attention_weights(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B * nW, H, N, N) attention weights of the windows x (rows sum to 1)."""
-        q, k, _ = self._split_qkv(x)
+        q, k, _ = self._split_qkv(x, mask)
         return self._probs(q, k, mask)
 
 
@@ -184,6 +232,26 @@ class WindowKrauseAttention(WindowAttention):
 
     impl = property(lambda self: self.config.impl)
 
+    @classmethod
+    def from_attention(cls, attn: nn.Module, config: KrauseConfig | None = None, **overrides) -> "WindowKrauseAttention":
+        """The Krause twin of a Swin window attention (krause's or timm's): it takes over that
+        module's qkv, proj, relative position bias table and dropouts (the same Parameter
+        objects) and adds ``log_sigma`` on their device. Consumes no random numbers."""
+        needed = ("qkv", "proj", "relative_position_bias_table", "window_size", "num_heads")
+        if not all(hasattr(attn, n) for n in needed):
+            raise ValueError(f"attn must be a Swin window attention (with {', '.join(needed)}), got {type(attn).__name__}")
+        dim, heads = attn.qkv.in_features, attn.num_heads
+        if attn.qkv.out_features != 3 * dim or attn.proj.in_features != dim:
+            raise ValueError(f"attn: head width times heads must equal the width {dim} for Krause attention")
+        with torch.device("meta"):  # shapes only: the real parameters are the given module's
+            mod = cls(dim, tuple(attn.window_size), heads, config, qkv_bias=attn.qkv.bias is not None, **overrides)
+        mod.qkv, mod.proj, mod.attn_drop, mod.proj_drop = attn.qkv, attn.proj, attn.attn_drop, attn.proj_drop
+        mod.relative_position_bias_table = attn.relative_position_bias_table
+        mod.init_non_persistent_buffers()
+        mod.log_sigma = log_sigma_parameter(mod.config.sigma, heads if mod.config.per_head_sigma else None)
+        mod.log_sigma.data = mod.log_sigma.data.to(attn.qkv.weight.device)
+        return mod
+
     @property
     def sigma(self) -> torch.Tensor:
         return self.log_sigma.detach().exp()
@@ -193,6 +261,6 @@ class WindowKrauseAttention(WindowAttention):
         return dist * -head_coefficient(self.log_sigma)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        q, k, v = self._split_qkv(x)
+        q, k, v = self._split_qkv(x, mask)
         probs = self._probs(q, k, mask)
         return self._merge((self.attn_drop(probs) @ v.to(probs.dtype)).to(v.dtype))
