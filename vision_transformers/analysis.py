@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import krause  # noqa: F401  (registers the Krause and CPU-SDPA FLOP formulas)
+from krause.nn.vision import stock_attention_weights
 
 from .models import sigma_per_layer
 
@@ -159,13 +160,10 @@ def patch_grid(model: nn.Module, images: torch.Tensor | None = None) -> tuple[in
 
 def layer_attention_weights(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """(B, H, N, N) fp32 weights of one attention module for its input x: the module's own
-    ``attention_weights`` (the Krause modules) or, for timm's ``Attention``, softmax(q k^T * scale)."""
+    ``attention_weights`` (the Krause modules) or, for timm's stock ``Attention``, its softmax weights."""
     if hasattr(attn, "attention_weights"):
         return attn.attention_weights(x).float()
-    b, n, _ = x.shape
-    q, k, _ = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    return torch.softmax((q.float() * attn.scale) @ k.float().transpose(-1, -2), dim=-1)
+    return stock_attention_weights(attn, x)
 
 
 @torch.no_grad()

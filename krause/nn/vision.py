@@ -233,9 +233,21 @@ class StandardAttention(_QKVAttention):
     def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
         """Dense (B, H, N, N) fp32 softmax weights for the input x."""
         q, k, _ = self._split_qkv(x)
-        return torch.softmax((q.float() * self.scale) @ k.float().transpose(-1, -2), dim=-1)
+        return softmax_weights(q, k, self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self._split_qkv(x)
         drop = self.attn_drop.p if self.training else 0.0
         return self._merge(F.scaled_dot_product_attention(q, k, v, dropout_p=drop))
+
+
+def softmax_weights(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Dense (B, H, N, N) fp32 softmax(q k^T * scale): the weights a softmax attention layer applies."""
+    return torch.softmax((q.float() * scale) @ k.float().transpose(-1, -2), dim=-1)
+
+
+def stock_attention_weights(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Weights of timm's stock ViT ``Attention`` (fused qkv, optional q/k norms) for its input x."""
+    b, n, _ = x.shape
+    q, k, _ = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    return softmax_weights(attn.q_norm(q), attn.k_norm(k), attn.scale)
