@@ -1,0 +1,276 @@
+// Compiled CPU kernels of the Krause ops (krause/cpu/__init__.py builds and registers them).
+//
+// Per query i with candidate keys C_i (a causal window, or a CSR list for the 2-D grid):
+//   dist_ij = max(0, (|q_i|^2 + |k_j|^2) - 2 q_i.k_j)          fp32
+//   S_i     = the min(top_k, |C_i|) smallest dist_ij, ties to the lower key index j
+//   p_ij    = softmax over S_i of -c_h dist_ij;   out_i = sum_j p_ij v_j
+// The forward saves, per query, the kept keys (ascending index), their probabilities and
+// distances in (B, H, Nq, Ks) tensors (Ks = most keys a query can keep; unused slots hold
+// key -1 and zeros). The backward reads only those.
+//
+// Threads: at::parallel_for (torch's intra-op pool). Determinism: every output element is
+// written by one task in a fixed order. The forward splits over (batch, head, query);
+// the backward over (batch, key/value head), each task owning its dk, dv slices and
+// looping over its group's heads and queries in order, so dk/dv never need atomics.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kLanes = Vec::size();
+
+inline float dot(const float* a, const float* b, int64_t d) {
+  Vec acc(0.f);
+  int64_t x = 0;
+  for (; x + kLanes <= d; x += kLanes) acc = at::vec::fmadd(Vec::loadu(a + x), Vec::loadu(b + x), acc);
+  float s = at::vec::vec_reduce_all<float>([](Vec& u, Vec& w) { return u + w; }, acc);
+  for (; x < d; ++x) s += a[x] * b[x];
+  return s;
+}
+
+// y += a * x
+inline void axpy(float a, const float* x, float* y, int64_t d) {
+  const Vec va(a);
+  int64_t t = 0;
+  for (; t + kLanes <= d; t += kLanes) at::vec::fmadd(va, Vec::loadu(x + t), Vec::loadu(y + t)).store(y + t);
+  for (; t < d; ++t) y[t] += a * x[t];
+}
+
+// dots[m] = q . kT[:, lo + m] for m < n, kT a (D, ld) transposed key block: one broadcast
+// of q[x] and one contiguous load per lane-width of keys (no horizontal sums).
+inline void window_dots(const float* q, const float* kT, int64_t ld, int64_t lo, int64_t n, int64_t d, float* dots) {
+  int64_t m = 0;
+  for (; m + kLanes <= n; m += kLanes) {
+    Vec acc(0.f);
+    for (int64_t x = 0; x < d; ++x) acc = at::vec::fmadd(Vec(q[x]), Vec::loadu(kT + x * ld + lo + m), acc);
+    acc.store(dots + m);
+  }
+  if (m < n) {
+    const int64_t rest = n - m;
+    Vec acc(0.f);
+    for (int64_t x = 0; x < d; ++x) acc = at::vec::fmadd(Vec(q[x]), Vec::loadu(kT + x * ld + lo + m, rest), acc);
+    float tmp[kLanes];
+    acc.store(tmp);
+    std::copy(tmp, tmp + rest, dots + m);
+  }
+}
+
+struct Cand {
+  float dist;
+  int32_t key;
+};
+
+inline bool nearer(const Cand& a, const Cand& b) {
+  return a.dist < b.dist || (a.dist == b.dist && a.key < b.key);
+}
+
+// From the cnt candidates (ascending key order) to the saved row and the output row.
+inline void select_softmax_gather(Cand* cand, int64_t cnt, int64_t top_k, float coef, const float* v_head,
+                                  int64_t d, int64_t ks, float* out, float* probs, float* dist, int32_t* kept) {
+  std::fill(out, out + d, 0.f);
+  const int64_t kk = std::min<int64_t>(top_k, cnt);
+  if (kk < cnt) {
+    std::nth_element(cand, cand + kk, cand + cnt, nearer);
+    std::sort(cand, cand + kk, [](const Cand& a, const Cand& b) { return a.key < b.key; });
+  }
+  float lmax = -std::numeric_limits<float>::infinity();
+  for (int64_t m = 0; m < kk; ++m) lmax = std::max(lmax, cand[m].dist * -coef);
+  float sum = 0.f;
+  for (int64_t m = 0; m < kk; ++m) {
+    probs[m] = std::exp(cand[m].dist * -coef - lmax);
+    sum += probs[m];
+  }
+  const float inv = kk ? 1.f / sum : 0.f;
+  for (int64_t m = 0; m < kk; ++m) {
+    probs[m] *= inv;
+    dist[m] = cand[m].dist;
+    kept[m] = cand[m].key;
+    axpy(probs[m], v_head + static_cast<int64_t>(cand[m].key) * d, out, d);
+  }
+  for (int64_t m = kk; m < ks; ++m) {
+    probs[m] = 0.f;
+    dist[m] = 0.f;
+    kept[m] = -1;
+  }
+}
+
+int64_t grain_for(int64_t work_per_item) {
+  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, work_per_item));
+}
+
+void check_f32(const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == dim,
+              name, ": expected a contiguous float32 tensor of ", dim, " dims");
+}
+
+}  // namespace
+
+// q (B,H,Tq,D); kT (B,Hkv,D,Tk); v (B,Hkv,Tk,D); q_sq (B,H,Tq); k_sq (B,Hkv,Tk); key_valid
+// (B,Tk) bool or empty; coef (H,). Query i sits at key position key_offset + i and sees
+// keys p - window < j <= p. Returns out, probs, dist (B,H,Tq,ks) and kept (int32).
+std::vector<at::Tensor> causal_forward(const at::Tensor& q, const at::Tensor& kT, const at::Tensor& v,
+                                       const at::Tensor& q_sq, const at::Tensor& k_sq,
+                                       const at::Tensor& key_valid, const at::Tensor& coef, int64_t key_offset,
+                                       int64_t window, int64_t top_k, int64_t ks) {
+  check_f32(q, "q", 4), check_f32(kT, "kT", 4), check_f32(v, "v", 4);
+  check_f32(q_sq, "q_sq", 3), check_f32(k_sq, "k_sq", 3), check_f32(coef, "coef", 1);
+  const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), D = q.size(3);
+  const int64_t Hkv = kT.size(1), Tk = kT.size(3), G = H / Hkv;
+  const bool padded = key_valid.numel() > 0;
+  auto out = at::empty_like(q);
+  auto probs = at::empty({B, H, Tq, ks}, q.options());
+  auto dist = at::empty({B, H, Tq, ks}, q.options());
+  auto kept = at::empty({B, H, Tq, ks}, q.options().dtype(at::kInt));
+  const float *qp = q.data_ptr<float>(), *kTp = kT.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float *qsq = q_sq.data_ptr<float>(), *ksq = k_sq.data_ptr<float>(), *cp = coef.data_ptr<float>();
+  const bool* valid = padded ? key_valid.data_ptr<bool>() : nullptr;
+  float *op = out.data_ptr<float>(), *pp = probs.data_ptr<float>(), *dp = dist.data_ptr<float>();
+  int32_t* kp = kept.data_ptr<int32_t>();
+
+  at::parallel_for(0, B * H * Tq, grain_for(window * D), [&](int64_t begin, int64_t end) {
+    std::vector<float> dots(window);
+    std::vector<Cand> cand(window);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t bh = row / Tq, i = row % Tq, b = bh / H, h = bh % H, hk = b * Hkv + h / G;
+      const int64_t p = key_offset + i, lo = std::max<int64_t>(0, p - window + 1), n = p - lo + 1;
+      const float* qi = qp + row * D;
+      window_dots(qi, kTp + hk * D * Tk, Tk, lo, n, D, dots.data());
+      int64_t cnt = 0;
+      for (int64_t m = 0; m < n; ++m) {
+        const int64_t j = lo + m;
+        if (padded && !valid[b * Tk + j]) continue;
+        const float dd = (qsq[row] + ksq[hk * Tk + j]) - 2.f * dots[m];
+        cand[cnt++] = {std::max(dd, 0.f), static_cast<int32_t>(j)};
+      }
+      select_softmax_gather(cand.data(), cnt, top_k, cp[h], vp + hk * Tk * D, D, ks, op + row * D,
+                            pp + row * ks, dp + row * ks, kp + row * ks);
+    }
+  });
+  return {out, probs, dist, kept};
+}
+
+// The same over explicit candidate lists: query i sees keys cand_idx[cand_ptr[i]:cand_ptr[i+1]]
+// (ascending). k (B,Hkv,N,D) row-major; no key padding.
+std::vector<at::Tensor> listed_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                       const at::Tensor& q_sq, const at::Tensor& k_sq, const at::Tensor& coef,
+                                       const at::Tensor& cand_ptr, const at::Tensor& cand_idx, int64_t top_k,
+                                       int64_t ks) {
+  check_f32(q, "q", 4), check_f32(k, "k", 4), check_f32(v, "v", 4);
+  check_f32(q_sq, "q_sq", 3), check_f32(k_sq, "k_sq", 3), check_f32(coef, "coef", 1);
+  TORCH_CHECK(cand_ptr.scalar_type() == at::kLong && cand_idx.scalar_type() == at::kInt, "candidate lists: int64 / int32");
+  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Nk = k.size(2), G = H / Hkv;
+  auto out = at::empty_like(q);
+  auto probs = at::empty({B, H, Nq, ks}, q.options());
+  auto dist = at::empty({B, H, Nq, ks}, q.options());
+  auto kept = at::empty({B, H, Nq, ks}, q.options().dtype(at::kInt));
+  const float *qp = q.data_ptr<float>(), *kp_ = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float *qsq = q_sq.data_ptr<float>(), *ksq = k_sq.data_ptr<float>(), *cp = coef.data_ptr<float>();
+  const int64_t* ptr = cand_ptr.data_ptr<int64_t>();
+  const int32_t* idx = cand_idx.data_ptr<int32_t>();
+  float *op = out.data_ptr<float>(), *pp = probs.data_ptr<float>(), *dp = dist.data_ptr<float>();
+  int32_t* kp = kept.data_ptr<int32_t>();
+  int64_t widest = 0;
+  for (int64_t i = 0; i < Nq; ++i) widest = std::max(widest, ptr[i + 1] - ptr[i]);
+
+  at::parallel_for(0, B * H * Nq, grain_for(widest * D), [&](int64_t begin, int64_t end) {
+    std::vector<Cand> cand(std::max<int64_t>(widest, 1));
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t bh = row / Nq, i = row % Nq, h = bh % H, hk = (bh / H) * Hkv + h / G;
+      const float* qi = qp + row * D;
+      const float* k_head = kp_ + hk * Nk * D;
+      int64_t cnt = 0;
+      for (int64_t e = ptr[i]; e < ptr[i + 1]; ++e) {
+        const int32_t j = idx[e];
+        const float dd = (qsq[row] + ksq[hk * Nk + j]) - 2.f * dot(qi, k_head + j * D, D);
+        cand[cnt++] = {std::max(dd, 0.f), j};
+      }
+      select_softmax_gather(cand.data(), cnt, top_k, cp[h], vp + hk * Nk * D, D, ks, op + row * D,
+                            pp + row * ks, dp + row * ks, kp + row * ks);
+    }
+  });
+  return {out, probs, dist, kept};
+}
+
+// Backward of either forward from its saved rows. grad_out, q (B,H,Nq,D); k, v
+// (B,Hkv,Nk,D); probs, dist (B,H,Nq,ks) fp32, kept int32. Returns dq, dk, dv and
+// dcoef (B,H) (= -sum dlogit * dist per batch and head).
+std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                 const at::Tensor& v, const at::Tensor& coef, const at::Tensor& probs,
+                                 const at::Tensor& dist, const at::Tensor& kept) {
+  check_f32(grad_out, "grad_out", 4), check_f32(q, "q", 4), check_f32(k, "k", 4), check_f32(v, "v", 4);
+  check_f32(probs, "probs", 4), check_f32(dist, "dist", 4), check_f32(coef, "coef", 1);
+  TORCH_CHECK(kept.scalar_type() == at::kInt && kept.is_contiguous(), "kept: contiguous int32");
+  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Nk = k.size(2), G = H / Hkv, ks = probs.size(3);
+  auto dq = at::empty_like(q);
+  auto dk = at::zeros_like(k);
+  auto dv = at::zeros_like(v);
+  auto dcoef = at::empty({B, H}, q.options());
+  const float *gp = grad_out.data_ptr<float>(), *qp = q.data_ptr<float>(), *kp_ = k.data_ptr<float>();
+  const float *vp = v.data_ptr<float>(), *cp = coef.data_ptr<float>(), *pp = probs.data_ptr<float>();
+  const float* dsp = dist.data_ptr<float>();
+  const int32_t* kp = kept.data_ptr<int32_t>();
+  float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
+  float* dcp = dcoef.data_ptr<float>();
+
+  at::parallel_for(0, B * Hkv, grain_for(G * Nq * ks * D), [&](int64_t begin, int64_t end) {
+    std::vector<float> dl(std::max<int64_t>(ks, 1));
+    for (int64_t bk = begin; bk < end; ++bk) {
+      const int64_t b = bk / Hkv, hkv = bk % Hkv;
+      const float *k_head = kp_ + bk * Nk * D, *v_head = vp + bk * Nk * D;
+      float *dk_head = dkp + bk * Nk * D, *dv_head = dvp + bk * Nk * D;
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t h = hkv * G + g;
+        const float c = cp[h];
+        double dc = 0.0;
+        for (int64_t i = 0; i < Nq; ++i) {
+          const int64_t row = (b * H + h) * Nq + i;
+          const float *go = gp + row * D, *qi = qp + row * D, *p = pp + row * ks, *dd = dsp + row * ks;
+          const int32_t* kk = kp + row * ks;
+          float* dqi = dqp + row * D;
+          std::fill(dqi, dqi + D, 0.f);
+          int64_t n = 0;
+          while (n < ks && kk[n] >= 0) ++n;
+          float s = 0.f;
+          for (int64_t m = 0; m < n; ++m) {
+            dl[m] = dot(go, v_head + static_cast<int64_t>(kk[m]) * D, D);
+            s += p[m] * dl[m];
+          }
+          float rowsum = 0.f;
+          for (int64_t m = 0; m < n; ++m) {
+            const float dlogit = p[m] * (dl[m] - s);
+            dc -= static_cast<double>(dlogit) * dd[m];
+            const float ddist = dd[m] > 0.f ? -c * dlogit : 0.f;  // no gradient through the clamp
+            const int64_t j = kk[m];
+            rowsum += ddist;
+            axpy(-2.f * ddist, k_head + j * D, dqi, D);
+            axpy(2.f * ddist, k_head + j * D, dk_head + j * D, D);
+            axpy(-2.f * ddist, qi, dk_head + j * D, D);
+            axpy(p[m], go, dv_head + j * D, D);
+          }
+          axpy(2.f * rowsum, qi, dqi, D);
+        }
+        dcp[b * H + h] = static_cast<float>(dc);
+      }
+    }
+  });
+  return {dq, dk, dv, dcoef};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("causal_forward", &causal_forward, "Krause causal-window forward (CPU)");
+  m.def("listed_forward", &listed_forward, "Krause forward over candidate lists (CPU)");
+  m.def("backward", &backward, "Krause backward from the saved kept keys (CPU)");
+}
