@@ -134,10 +134,12 @@ def _refuse_triton(call: Call) -> str | None:
 
     if call.dtype not in DTYPES:
         return f"dtype {call.dtype}: the kernels take {DTYPES}"
-    if call.op == "causal":
+    if call.op == "causal" and call.window is not None:
         ok, why = kernels.causal_triton_supported(call.window)
-    else:
+    elif call.op == "local2d" and call.grid is not None:
         ok, why = kernels.local2d_triton_supported(call.grid, call.radius, call.num_prefix)
+    else:  # no shape given (explain for a device)
+        ok, why = True, ""
     return None if ok else why
 
 
@@ -152,6 +154,8 @@ def _refuse_compiled(call: Call) -> str | None:
 
 
 def _refuse_dense(call: Call) -> str | None:
+    if call.op == "causal" and call.window is None:
+        return "depends on the window and the number of keys"
     if call.op == "causal":
         from .neighbourhoods import band_block_size
 
@@ -203,12 +207,19 @@ def choose(call: Call, impl: str = "auto") -> Choice:
     return chosen
 
 
+@torch.compiler.assume_constant_result
+def backend_for(impl: str, op: str, device: str, dtype: torch.dtype, window: int | None = None, num_queries: int = 0,
+                num_keys: int = 0, grid: tuple | None = None, radius: int | None = None, num_prefix: int = 0) -> str:
+    """``choose(...).backend`` from plain arguments, which torch.compile evaluates once while
+    tracing and bakes into the graph (the decision reads files and builds the CPU kernel)."""
+    return choose(Call(op, device, dtype, window, num_queries, num_keys, grid, radius, num_prefix), impl).backend
+
+
 def clear_cache() -> None:
     """Forgets past decisions (after installing triton, writing a GPU record, or in tests)."""
     _CHOICES.clear()
 
 
-@torch.compiler.disable
 def _decide(call: Call, impl: str) -> Choice:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")

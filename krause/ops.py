@@ -20,7 +20,7 @@ from . import cpu
 from . import engine
 from . import flops as F
 from .dense import repeat_kv, sigma_coefficient
-from .dispatch import DENSE_2D_MAX_TOKENS, IMPLS, Call, choose  # noqa: F401  (IMPLS, DENSE_2D_MAX_TOKENS re-exported)
+from .dispatch import DENSE_2D_MAX_TOKENS, IMPLS, backend_for  # noqa: F401  (IMPLS, DENSE_2D_MAX_TOKENS re-exported)
 from .masks import grid_candidate_mask, grid_offsets
 from .neighbourhoods import BandNeighbourhood, DenseNeighbourhood, GridNeighbourhood, band_block_size
 from .reference import causal_krause_attention_reference, local_krause_attention_2d_reference
@@ -283,8 +283,7 @@ def _(q, k, v, log_sigma, rows, cols, radius, metric, top_k, num_prefix, dense):
     b, h, n, _ = q.shape
     f32 = torch.float32
     if cpu.runs(q, k, v):
-        ptr, _ = cpu.grid_candidate_lists((rows, cols), radius, metric, num_prefix)
-        shape = (b, h, n, max(1, min(top_k, int((ptr[1:] - ptr[:-1]).max()))))
+        shape = (b, h, n, cpu.local2d_saved_slots((rows, cols), radius, metric, top_k, num_prefix))
         return q.new_empty(q.shape), q.new_empty(shape, dtype=f32), q.new_empty(shape, dtype=f32), \
             q.new_empty(shape, dtype=torch.int32), q.new_empty(0, dtype=f32)
     if dense:
@@ -451,8 +450,7 @@ def causal_krause_attention(
     V.check_positive_int("top_k", top_k)
     b, h, tq, tk, _ = V.check_qkv(q, k, v, end_aligned=True)
     key_padding_mask = V.check_key_padding_mask(key_padding_mask, b, tk, q)
-    call = Call("causal", q.device.type, _call_dtype(q, k, v), window=window, num_queries=tq, num_keys=tk)
-    backend = choose(call, impl).backend
+    backend = backend_for(impl, "causal", q.device.type, _call_dtype(q, k, v), window, tq, tk)
     if backend in ("reference", "dense"):
         return causal_krause_attention_reference(q, k, v, log_sigma, window, top_k, key_padding_mask=key_padding_mask)
     log_sigma = V.check_log_sigma(log_sigma, h, q)
@@ -511,9 +509,8 @@ def local_krause_attention_2d(
     V.check_positive_int("top_k", top_k)
     _, h, _, n, _ = V.check_qkv(q, k, v)
     rows, cols = V.check_grid(grid, n, num_prefix_tokens)
-    call = Call("local2d", q.device.type, _call_dtype(q, k, v), num_queries=n, num_keys=n, grid=(rows, cols),
-                radius=radius, num_prefix=num_prefix_tokens)
-    backend = choose(call, impl).backend
+    backend = backend_for(impl, "local2d", q.device.type, _call_dtype(q, k, v), None, n, n, (rows, cols), radius,
+                          num_prefix_tokens)
     if backend == "reference":
         return local_krause_attention_2d_reference(q, k, v, log_sigma, grid, radius, metric, top_k, num_prefix_tokens)
     log_sigma = V.check_log_sigma(log_sigma, h, q)

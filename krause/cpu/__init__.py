@@ -167,10 +167,27 @@ def grid_candidate_lists(grid, radius: int, metric: str, num_prefix: int) -> tup
     return ptr, mask.nonzero()[:, 1].to(torch.int32).contiguous()
 
 
+@functools.lru_cache(maxsize=64)
+def _widest_grid_row(grid, radius: int, metric: str, num_prefix: int) -> int:
+    """The most candidates any query of the 2-D op has (plain Python: fake kernels call it)."""
+    from ..masks import grid_offsets
+
+    rows, cols = grid
+    if num_prefix:
+        return num_prefix + rows * cols  # a prefix query sees every token
+    offsets = grid_offsets(radius, metric)
+    return max(sum(0 <= r + dr < rows and 0 <= c + dc < cols for dr, dc in offsets)
+               for r in range(rows) for c in range(cols))
+
+
+def local2d_saved_slots(grid, radius: int, metric: str, top_k: int, num_prefix: int) -> int:
+    return max(1, min(top_k, _widest_grid_row(tuple(grid), radius, metric, num_prefix)))
+
+
 def local2d_forward(q, k, v, coef, grid, radius: int, metric: str, top_k: int, num_prefix: int):
     mod = load()
     ptr, idx = grid_candidate_lists(tuple(grid), radius, metric, num_prefix)
-    ks = max(1, min(top_k, int((ptr[1:] - ptr[:-1]).max())))
+    ks = local2d_saved_slots(grid, radius, metric, top_k, num_prefix)
     qf, kf = _f32(q), _f32(k)
     out, probs, dist, kept = mod.listed_forward(qf, kf, _f32(v), _sq_norms(qf), _sq_norms(kf), _f32(coef), ptr, idx,
                                                 top_k, ks)
