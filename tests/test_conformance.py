@@ -181,6 +181,7 @@ GRID = {
     "radius-0": (1, 2, 2, (4, 4), 0, "manhattan", 1, 1, False, None, True),
     "ties": (1, 2, 1, (6, 6), 2, "chebyshev", 5, 1, False, 4, True),
     "imagenet-14x14": (1, 2, 1, (14, 14), 2, "chebyshev", 8, 1, True, None, False),
+    "large-no-prefix": (1, 2, 1, (12, 11), 1, "manhattan", 3, 0, False, None, False),
 }
 
 
