@@ -12,7 +12,7 @@ Side by side in one run, for each prompt length T (batch 1, sdpa):
             share is (patched - projections only) / unpatched;
   decode    median time of one greedy decoding step after the prompt, and the bytes the
             cache holds for the Krause branch (its window) and for the standard branch;
-  memory    peak extra tensor memory of the prefill (CPU: profiler allocator events;
+  memory    peak extra memory of the prefill (CPU: peak resident memory, see _timing.py;
             CUDA: max_memory_allocated), unpatched vs patched.
 
 Parameters: bytes of the small model before/after patching, and for the real Llama3-8B and

@@ -149,7 +149,7 @@ def causal_forward(q, k, v, coef, key_valid, window: int, top_k: int):
     valid = key_valid[:, first:].contiguous() if key_valid is not None else torch.empty(0, dtype=torch.bool)
     qf = _f32(q)
     out, probs, dist, kept = mod.causal_forward(
-        qf, kf.transpose(2, 3).contiguous(), _f32(v[:, :, first:]), _sq_norms(qf), _sq_norms(kf), valid,
+        qf, kf, _f32(v[:, :, first:]), _sq_norms(qf), _sq_norms(kf), valid,
         _f32(coef), tk - first - tq, window, top_k, causal_saved_slots(tq, tk, window, top_k))
     if first:
         kept = torch.where(kept >= 0, kept + first, kept)  # indices into the full keys

@@ -48,62 +48,122 @@ inline void axpy(float a, const float* x, float* y, int64_t d) {
 }
 
 // dots[m] = q . kT[:, lo + m] for m < n, kT a (D, ld) transposed key block: one broadcast
-// of q[x] and one contiguous load per lane-width of keys (no horizontal sums).
+// of q[x] and one contiguous load per lane-width of keys (no horizontal sums). Two
+// lane-widths of keys at a time, each summed over even and odd x separately: four
+// independent FMA chains instead of one.
 inline void window_dots(const float* q, const float* kT, int64_t ld, int64_t lo, int64_t n, int64_t d, float* dots) {
-  int64_t m = 0;
-  for (; m + kLanes <= n; m += kLanes) {
-    Vec acc(0.f);
-    for (int64_t x = 0; x < d; ++x) acc = at::vec::fmadd(Vec(q[x]), Vec::loadu(kT + x * ld + lo + m), acc);
-    acc.store(dots + m);
-  }
-  if (m < n) {
-    const int64_t rest = n - m;
-    Vec acc(0.f);
-    for (int64_t x = 0; x < d; ++x) acc = at::vec::fmadd(Vec(q[x]), Vec::loadu(kT + x * ld + lo + m, rest), acc);
-    float tmp[kLanes];
-    acc.store(tmp);
-    std::copy(tmp, tmp + rest, dots + m);
+  for (int64_t m = 0; m < n; m += 2 * kLanes) {
+    const int64_t c0 = std::min<int64_t>(kLanes, n - m), c1 = std::max<int64_t>(0, std::min<int64_t>(kLanes, n - m - kLanes));
+    const float* base = kT + lo + m;
+    Vec a0(0.f), a1(0.f), b0(0.f), b1(0.f);
+    int64_t x = 0;
+    for (; x + 1 < d; x += 2) {
+      const Vec q0(q[x]), q1(q[x + 1]);
+      a0 = at::vec::fmadd(q0, Vec::loadu(base + x * ld, c0), a0);
+      b0 = at::vec::fmadd(q1, Vec::loadu(base + (x + 1) * ld, c0), b0);
+      if (c1) {
+        a1 = at::vec::fmadd(q0, Vec::loadu(base + x * ld + kLanes, c1), a1);
+        b1 = at::vec::fmadd(q1, Vec::loadu(base + (x + 1) * ld + kLanes, c1), b1);
+      }
+    }
+    if (x < d) {
+      a0 = at::vec::fmadd(Vec(q[x]), Vec::loadu(base + x * ld, c0), a0);
+      if (c1) a1 = at::vec::fmadd(Vec(q[x]), Vec::loadu(base + x * ld + kLanes, c1), a1);
+    }
+    (a0 + b0).store(dots + m, c0);
+    if (c1) (a1 + b1).store(dots + m + kLanes, c1);
   }
 }
 
-struct Cand {
-  float dist;
-  int32_t key;
-};
+// The kept candidates of one query: the min(top_k, cnt) smallest dist, ties to the lower
+// key index, written in ascending key order (dist/key arrays are in ascending key order).
+// Few candidates: rank counting, rank_m = #{j : d_j < d_m, or d_j == d_m and j < m}, kept
+// when < kk; O(cnt^2 / lanes) branch-free compares, no data-dependent selection.
+constexpr int64_t kRankCountMax = 4 * kLanes;
 
-inline bool nearer(const Cand& a, const Cand& b) {
-  return a.dist < b.dist || (a.dist == b.dist && a.key < b.key);
+inline int64_t select_by_rank(const float* dist, const int32_t* key, int64_t cnt, int64_t kk, float* rank,
+                              float* kept_dist, int32_t* kept_key) {
+  const Vec one(1.f);
+  for (int64_t mc = 0; mc < cnt; mc += kLanes) {
+    const int64_t c = std::min<int64_t>(kLanes, cnt - mc);
+    const Vec dm = Vec::loadu(dist + mc, c), index = Vec::arange(static_cast<float>(mc), 1.f);
+    Vec r(0.f);
+    for (int64_t j = 0; j < cnt; ++j) {
+      const Vec dj(dist[j]);
+      r = r + (((dj < dm) | ((dj == dm) & (Vec(static_cast<float>(j)) < index))) & one);
+    }
+    r.store(rank + mc, c);
+  }
+  int64_t n = 0;
+  for (int64_t m = 0; m < cnt; ++m) {
+    if (rank[m] < static_cast<float>(kk)) {
+      kept_dist[n] = dist[m];
+      kept_key[n++] = key[m];
+    }
+  }
+  return n;
 }
 
-// From the cnt candidates (ascending key order) to the saved row and the output row.
-inline void select_softmax_gather(Cand* cand, int64_t cnt, int64_t top_k, float coef, const float* v_head,
-                                  int64_t d, int64_t ks, float* out, float* probs, float* dist, int32_t* kept) {
-  std::fill(out, out + d, 0.f);
+inline int64_t select_nearest(const float* dist, const int32_t* key, int64_t cnt, int64_t top_k, float* scratch,
+                              float* kept_dist, int32_t* kept_key) {
   const int64_t kk = std::min<int64_t>(top_k, cnt);
-  if (kk < cnt) {
-    std::nth_element(cand, cand + kk, cand + cnt, nearer);
-    std::sort(cand, cand + kk, [](const Cand& a, const Cand& b) { return a.key < b.key; });
+  if (kk == cnt) {
+    std::copy(dist, dist + cnt, kept_dist);
+    std::copy(key, key + cnt, kept_key);
+    return kk;
   }
+  if (cnt <= kRankCountMax) return select_by_rank(dist, key, cnt, kk, scratch, kept_dist, kept_key);
+  std::copy(dist, dist + cnt, scratch);
+  std::nth_element(scratch, scratch + kk - 1, scratch + cnt);
+  const float thr = scratch[kk - 1];
+  int64_t below = 0;
+  for (int64_t m = 0; m < cnt; ++m) below += dist[m] < thr;
+  int64_t ties = kk - below, n = 0;  // the lowest-index candidates at the threshold fill the rest
+  for (int64_t m = 0; m < cnt; ++m) {
+    if (dist[m] < thr || (dist[m] == thr && ties-- > 0)) {
+      kept_dist[n] = dist[m];
+      kept_key[n++] = key[m];
+    }
+  }
+  return n;
+}
+
+// Softmax of -coef * dist over the n kept entries (probs), and out = sum probs v_key.
+inline void softmax_gather(const float* dist, const int32_t* key, int64_t n, int64_t ks, float coef,
+                           const float* v_head, int64_t d, float* out, float* probs, float* dist_out,
+                           int32_t* key_out) {
+  std::fill(out, out + d, 0.f);
   float lmax = -std::numeric_limits<float>::infinity();
-  for (int64_t m = 0; m < kk; ++m) lmax = std::max(lmax, cand[m].dist * -coef);
+  for (int64_t m = 0; m < n; ++m) lmax = std::max(lmax, dist[m] * -coef);
+  const Vec vmax(lmax), vneg(-coef);
   float sum = 0.f;
-  for (int64_t m = 0; m < kk; ++m) {
-    probs[m] = std::exp(cand[m].dist * -coef - lmax);
-    sum += probs[m];
+  for (int64_t m = 0; m < n; m += kLanes) {
+    const int64_t c = std::min<int64_t>(kLanes, n - m);
+    const Vec e = (Vec::loadu(dist + m, c) * vneg - vmax).exp_u20();
+    e.store(probs + m, c);
+    for (int64_t t = 0; t < c; ++t) sum += probs[m + t];
   }
-  const float inv = kk ? 1.f / sum : 0.f;
-  for (int64_t m = 0; m < kk; ++m) {
+  const float inv = n ? 1.f / sum : 0.f;
+  for (int64_t m = 0; m < n; ++m) {
     probs[m] *= inv;
-    dist[m] = cand[m].dist;
-    kept[m] = cand[m].key;
-    axpy(probs[m], v_head + static_cast<int64_t>(cand[m].key) * d, out, d);
+    dist_out[m] = dist[m];
+    key_out[m] = key[m];
+    axpy(probs[m], v_head + static_cast<int64_t>(key[m]) * d, out, d);
   }
-  for (int64_t m = kk; m < ks; ++m) {
+  for (int64_t m = n; m < ks; ++m) {
     probs[m] = 0.f;
-    dist[m] = 0.f;
-    kept[m] = -1;
+    dist_out[m] = 0.f;
+    key_out[m] = -1;
   }
 }
+
+// Per-thread buffers of one query's candidates.
+struct Scratch {
+  std::vector<float> dots, dist, tmp, kept_dist;
+  std::vector<int32_t> key, kept_key;
+  explicit Scratch(int64_t n)
+      : dots(n + kLanes), dist(n), tmp(n + kLanes), kept_dist(n), key(n), kept_key(n) {}
+};
 
 int64_t grain_for(int64_t work_per_item) {
   return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, work_per_item));
@@ -116,45 +176,65 @@ void check_f32(const at::Tensor& t, const char* name, int64_t dim) {
 
 }  // namespace
 
-// q (B,H,Tq,D); kT (B,Hkv,D,Tk); v (B,Hkv,Tk,D); q_sq (B,H,Tq); k_sq (B,Hkv,Tk); key_valid
-// (B,Tk) bool or empty; coef (H,). Query i sits at key position key_offset + i and sees
-// keys p - window < j <= p. Returns out, probs, dist (B,H,Tq,ks) and kept (int32).
-std::vector<at::Tensor> causal_forward(const at::Tensor& q, const at::Tensor& kT, const at::Tensor& v,
+// q (B,H,Tq,D); k, v (B,Hkv,Tk,D); q_sq (B,H,Tq); k_sq (B,Hkv,Tk); key_valid (B,Tk) bool or
+// empty; coef (H,). Query i sits at key position key_offset + i and sees keys
+// p - window < j <= p. Returns out, probs, dist (B,H,Tq,ks) and kept (int32).
+// Work is split into tiles of (batch, key/value head, block of queries): a tile copies
+// the keys its block can see, transposed, into a small buffer (so a query's distances
+// are contiguous vector loads), and runs the block for each query head of the group.
+std::vector<at::Tensor> causal_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                        const at::Tensor& q_sq, const at::Tensor& k_sq,
                                        const at::Tensor& key_valid, const at::Tensor& coef, int64_t key_offset,
                                        int64_t window, int64_t top_k, int64_t ks) {
-  check_f32(q, "q", 4), check_f32(kT, "kT", 4), check_f32(v, "v", 4);
+  check_f32(q, "q", 4), check_f32(k, "k", 4), check_f32(v, "v", 4);
   check_f32(q_sq, "q_sq", 3), check_f32(k_sq, "k_sq", 3), check_f32(coef, "coef", 1);
   const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), D = q.size(3);
-  const int64_t Hkv = kT.size(1), Tk = kT.size(3), G = H / Hkv;
+  const int64_t Hkv = k.size(1), Tk = k.size(2), G = H / Hkv;
+  TORCH_CHECK(key_offset + Tq <= Tk && key_offset >= 0, "queries must be the last Tq positions of the keys");
   const bool padded = key_valid.numel() > 0;
   auto out = at::empty_like(q);
   auto probs = at::empty({B, H, Tq, ks}, q.options());
   auto dist = at::empty({B, H, Tq, ks}, q.options());
   auto kept = at::empty({B, H, Tq, ks}, q.options().dtype(at::kInt));
-  const float *qp = q.data_ptr<float>(), *kTp = kT.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float *qp = q.data_ptr<float>(), *kp_ = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   const float *qsq = q_sq.data_ptr<float>(), *ksq = k_sq.data_ptr<float>(), *cp = coef.data_ptr<float>();
   const bool* valid = padded ? key_valid.data_ptr<bool>() : nullptr;
   float *op = out.data_ptr<float>(), *pp = probs.data_ptr<float>(), *dp = dist.data_ptr<float>();
   int32_t* kp = kept.data_ptr<int32_t>();
+  // A block of W queries sees 2W - 1 keys: the copy costs at most two key reads per candidate.
+  const int64_t block = std::max<int64_t>(kLanes, window);
+  const int64_t nblocks = (Tq + block - 1) / block;
+  const int64_t ld = (block + window - 1 + kLanes - 1) / kLanes * kLanes;
 
-  at::parallel_for(0, B * H * Tq, grain_for(window * D), [&](int64_t begin, int64_t end) {
-    std::vector<float> dots(window);
-    std::vector<Cand> cand(window);
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t bh = row / Tq, i = row % Tq, b = bh / H, h = bh % H, hk = b * Hkv + h / G;
-      const int64_t p = key_offset + i, lo = std::max<int64_t>(0, p - window + 1), n = p - lo + 1;
-      const float* qi = qp + row * D;
-      window_dots(qi, kTp + hk * D * Tk, Tk, lo, n, D, dots.data());
-      int64_t cnt = 0;
-      for (int64_t m = 0; m < n; ++m) {
-        const int64_t j = lo + m;
-        if (padded && !valid[b * Tk + j]) continue;
-        const float dd = (qsq[row] + ksq[hk * Tk + j]) - 2.f * dots[m];
-        cand[cnt++] = {std::max(dd, 0.f), static_cast<int32_t>(j)};
+  at::parallel_for(0, B * Hkv * nblocks, grain_for(G * block * window * D), [&](int64_t begin, int64_t end) {
+    Scratch sc(window);
+    std::vector<float> kT(D * ld);
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t bk = tile / nblocks, blk = tile % nblocks, b = bk / Hkv, hkv = bk % Hkv;
+      const int64_t i0 = blk * block, i1 = std::min(Tq, i0 + block);
+      const int64_t span_lo = std::max<int64_t>(0, key_offset + i0 - window + 1), span_hi = key_offset + i1 - 1;
+      const float* k_head = kp_ + bk * Tk * D;
+      for (int64_t j = span_lo; j <= span_hi; ++j)
+        for (int64_t x = 0; x < D; ++x) kT[x * ld + (j - span_lo)] = k_head[j * D + x];
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t h = hkv * G + g;
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t row = (b * H + h) * Tq + i;
+          const int64_t p = key_offset + i, lo = std::max<int64_t>(0, p - window + 1), n = p - lo + 1;
+          window_dots(qp + row * D, kT.data(), ld, lo - span_lo, n, D, sc.dots.data());
+          int64_t cnt = 0;
+          for (int64_t m = 0; m < n; ++m) {
+            const int64_t j = lo + m;
+            if (padded && !valid[b * Tk + j]) continue;
+            sc.dist[cnt] = std::max((qsq[row] + ksq[bk * Tk + j]) - 2.f * sc.dots[m], 0.f);
+            sc.key[cnt++] = static_cast<int32_t>(j);
+          }
+          const int64_t kk = select_nearest(sc.dist.data(), sc.key.data(), cnt, top_k, sc.tmp.data(),
+                                            sc.kept_dist.data(), sc.kept_key.data());
+          softmax_gather(sc.kept_dist.data(), sc.kept_key.data(), kk, ks, cp[h], vp + bk * Tk * D, D, op + row * D,
+                         pp + row * ks, dp + row * ks, kp + row * ks);
+        }
       }
-      select_softmax_gather(cand.data(), cnt, top_k, cp[h], vp + hk * Tk * D, D, ks, op + row * D,
-                            pp + row * ks, dp + row * ks, kp + row * ks);
     }
   });
   return {out, probs, dist, kept};
@@ -184,8 +264,9 @@ std::vector<at::Tensor> listed_forward(const at::Tensor& q, const at::Tensor& k,
   int64_t widest = 0;
   for (int64_t i = 0; i < Nq; ++i) widest = std::max(widest, ptr[i + 1] - ptr[i]);
 
-  at::parallel_for(0, B * H * Nq, grain_for(widest * D), [&](int64_t begin, int64_t end) {
-    std::vector<Cand> cand(std::max<int64_t>(widest, 1));
+  const int64_t mean_width = std::max<int64_t>(1, ptr[Nq] / std::max<int64_t>(1, Nq));
+  at::parallel_for(0, B * H * Nq, grain_for(mean_width * D), [&](int64_t begin, int64_t end) {
+    Scratch sc(std::max<int64_t>(widest, 1));
     for (int64_t row = begin; row < end; ++row) {
       const int64_t bh = row / Nq, i = row % Nq, h = bh % H, hk = (bh / H) * Hkv + h / G;
       const float* qi = qp + row * D;
@@ -193,11 +274,13 @@ std::vector<at::Tensor> listed_forward(const at::Tensor& q, const at::Tensor& k,
       int64_t cnt = 0;
       for (int64_t e = ptr[i]; e < ptr[i + 1]; ++e) {
         const int32_t j = idx[e];
-        const float dd = (qsq[row] + ksq[hk * Nk + j]) - 2.f * dot(qi, k_head + j * D, D);
-        cand[cnt++] = {std::max(dd, 0.f), j};
+        sc.dist[cnt] = std::max((qsq[row] + ksq[hk * Nk + j]) - 2.f * dot(qi, k_head + j * D, D), 0.f);
+        sc.key[cnt++] = j;
       }
-      select_softmax_gather(cand.data(), cnt, top_k, cp[h], vp + hk * Nk * D, D, ks, op + row * D,
-                            pp + row * ks, dp + row * ks, kp + row * ks);
+      const int64_t kk = select_nearest(sc.dist.data(), sc.key.data(), cnt, top_k, sc.tmp.data(),
+                                        sc.kept_dist.data(), sc.kept_key.data());
+      softmax_gather(sc.kept_dist.data(), sc.kept_key.data(), kk, ks, cp[h], vp + hk * Nk * D, D, op + row * D,
+                     pp + row * ks, dp + row * ks, kp + row * ks);
     }
   });
   return {out, probs, dist, kept};
