@@ -1,7 +1,7 @@
 """Issue 17's targets, side by side in one run: the Krause op on its CPU kernel against
 standard attention (SDPA) where the paper says it is cheaper.
 
-    python -m benchmarks.targets --readme README.md     # full run; rewrites the README table
+    python -m benchmarks.targets --threads 1 --readme README.md   # full run; rewrites the README table
     python -m benchmarks.targets --quick                # smoke run (small sizes, one round)
 
 Rows (CPU, fp32, forward + backward unless said otherwise; each ratio from one
@@ -216,7 +216,7 @@ def update_readme(path: str, text: str) -> None:
     pattern = re.compile(re.escape(README_BEGIN) + ".*?" + re.escape(README_END), re.S)
     if not pattern.search(readme):
         raise SystemExit(f"{path}: no {README_BEGIN} ... {README_END} section to rewrite")
-    command = "python -m benchmarks.targets --readme README.md"
+    command = "python -m benchmarks.targets " + " ".join(sys.argv[1:])
     block = f"{README_BEGIN}\nIssue 17's targets (`{command}`, regenerates this table):\n\n{text}{README_END}"
     with open(path, "w") as f:
         f.write(pattern.sub(lambda _: block, readme))
@@ -227,11 +227,14 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="+", choices=["lm", "op", "2d", "causal", "decode"], default=None)
     p.add_argument("--quick", action="store_true", help="small sizes, one round (a smoke run)")
     p.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 3, quick 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for every case (default: torch's)")
     p.add_argument("--out", default="results/targets.json")
     p.add_argument("--readme", default=None, help="rewrite the targets section of this README")
     args = p.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 3)
     sections = args.only or ["lm", "op", "2d", "causal", "decode"]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     info = T.machine_info("cpu")
     info["load_before"] = T.load_average()
     print(T.describe_machine(info), f"| compiled CPU kernel: {cpu.status()}", flush=True)
