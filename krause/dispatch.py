@@ -49,17 +49,32 @@ log = logging.getLogger("krause")
 
 
 class Call(NamedTuple):
-    """What a backend's refusal may depend on."""
+    """What a backend's refusal may depend on (plain constants: no tensor shapes, so
+    torch.compile can evaluate a decision once, even with dynamic shapes)."""
 
     op: str
     device: str  # device type
     dtype: torch.dtype
     window: int | None = None
-    num_queries: int = 0
-    num_keys: int = 0
+    one_span: bool | None = None  # causal: the keys the queries see fit in one band span
     grid: tuple | None = None
     radius: int | None = None
     num_prefix: int = 0
+
+
+def keys_in_one_span(window: int, num_queries: int, num_keys: int) -> bool:
+    """Whether the causal band would score one span covering every key the queries see
+    (Tk' <= C + W - 1 after end alignment)."""
+    from .neighbourhoods import band_block_size
+
+    return min(num_keys, num_queries + window - 1) <= band_block_size(window) + window - 1
+
+
+def make_call(op: str, device, dtype=torch.float32, window=None, num_queries=None, num_keys=None, grid=None,
+              radius=None, num_prefix=0) -> Call:
+    one_span = None if window is None or num_keys is None else keys_in_one_span(window, num_queries or num_keys,
+                                                                                num_keys)
+    return Call(op, torch.device(device).type, dtype, window, one_span, grid and tuple(grid), radius, num_prefix)
 
 
 class Choice(NamedTuple):
@@ -154,18 +169,15 @@ def _refuse_compiled(call: Call) -> str | None:
 
 
 def _refuse_dense(call: Call) -> str | None:
-    if call.op == "causal" and call.window is None:
-        return "depends on the window and the number of keys"
     if call.op == "causal":
-        from .neighbourhoods import band_block_size
-
-        span = band_block_size(call.window) + call.window - 1
-        keys = min(call.num_keys, call.num_queries + call.window - 1)
-        if keys > span:
-            return f"{keys} keys exceed one band span ({span}): the band does less arithmetic"
-        return None
-    if call.num_keys > DENSE_2D_MAX_TOKENS:
-        return f"{call.num_keys} tokens > DENSE_2D_MAX_TOKENS ({DENSE_2D_MAX_TOKENS})"
+        if call.one_span is None:
+            return "depends on the window and the number of keys"
+        return None if call.one_span else "the keys exceed one band span: the band does less arithmetic"
+    if call.grid is None:
+        return "depends on the grid"
+    tokens = call.num_prefix + call.grid[0] * call.grid[1]
+    if tokens > DENSE_2D_MAX_TOKENS:
+        return f"{tokens} tokens > DENSE_2D_MAX_TOKENS ({DENSE_2D_MAX_TOKENS})"
     return None
 
 
@@ -208,11 +220,12 @@ def choose(call: Call, impl: str = "auto") -> Choice:
 
 
 @torch.compiler.assume_constant_result
-def backend_for(impl: str, op: str, device: str, dtype: torch.dtype, window: int | None = None, num_queries: int = 0,
-                num_keys: int = 0, grid: tuple | None = None, radius: int | None = None, num_prefix: int = 0) -> str:
-    """``choose(...).backend`` from plain arguments, which torch.compile evaluates once while
+def backend_for(impl: str, op: str, device: str, dtype: torch.dtype, window: int | None = None,
+                one_span: bool | None = None, grid: tuple | None = None, radius: int | None = None,
+                num_prefix: int = 0) -> str:
+    """``choose(...).backend`` from constants, which torch.compile evaluates once while
     tracing and bakes into the graph (the decision reads files and builds the CPU kernel)."""
-    return choose(Call(op, device, dtype, window, num_queries, num_keys, grid, radius, num_prefix), impl).backend
+    return choose(Call(op, device, dtype, window, one_span, grid, radius, num_prefix), impl).backend
 
 
 def clear_cache() -> None:
@@ -239,16 +252,14 @@ def _decide(call: Call, impl: str) -> Choice:
 
 
 def choose_impl(op: str, device, impl: str = "auto", **call) -> str:
-    """The backend (one of ``BACKENDS``) that runs ``op`` on ``device``; ``call`` holds the
-    other ``Call`` fields (dtype defaults to float32)."""
-    call.setdefault("dtype", torch.float32)
-    return choose(Call(op, torch.device(device).type, **call), impl).backend
+    """The backend (one of ``BACKENDS``) that runs ``op`` on ``device``; ``call``: dtype
+    (default float32), window, num_queries, num_keys, grid, radius, num_prefix."""
+    return choose(make_call(op, device, **call), impl).backend
 
 
 def explain(op: str, device, impl: str = "auto", **call) -> dict[str, str]:
     """For every backend: 'chosen', 'available' or why it is refused (for humans)."""
-    call.setdefault("dtype", torch.float32)
-    c = Call(op, torch.device(device).type, **call)
+    c = make_call(op, device, **call)
     try:
         chosen = choose(c, impl).backend
     except ValueError:

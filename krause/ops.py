@@ -20,7 +20,7 @@ from . import cpu
 from . import engine
 from . import flops as F
 from .dense import repeat_kv, sigma_coefficient
-from .dispatch import DENSE_2D_MAX_TOKENS, IMPLS, backend_for  # noqa: F401  (IMPLS, DENSE_2D_MAX_TOKENS re-exported)
+from .dispatch import DENSE_2D_MAX_TOKENS, IMPLS, backend_for, keys_in_one_span  # noqa: F401  (IMPLS, DENSE_2D_MAX_TOKENS re-exported)
 from .masks import grid_candidate_mask, grid_offsets
 from .neighbourhoods import BandNeighbourhood, DenseNeighbourhood, GridNeighbourhood, band_block_size
 from .reference import causal_krause_attention_reference, local_krause_attention_2d_reference
@@ -450,7 +450,9 @@ def causal_krause_attention(
     V.check_positive_int("top_k", top_k)
     b, h, tq, tk, _ = V.check_qkv(q, k, v, end_aligned=True)
     key_padding_mask = V.check_key_padding_mask(key_padding_mask, b, tk, q)
-    backend = backend_for(impl, "causal", q.device.type, _call_dtype(q, k, v), window, tq, tk)
+    # a plain bool (a guard under torch.compile), so the decision sees constants only
+    one_span = True if keys_in_one_span(window, tq, tk) else False
+    backend = backend_for(impl, "causal", q.device.type, _call_dtype(q, k, v), window, one_span)
     if backend in ("reference", "dense"):
         return causal_krause_attention_reference(q, k, v, log_sigma, window, top_k, key_padding_mask=key_padding_mask)
     log_sigma = V.check_log_sigma(log_sigma, h, q)
@@ -509,7 +511,7 @@ def local_krause_attention_2d(
     V.check_positive_int("top_k", top_k)
     _, h, _, n, _ = V.check_qkv(q, k, v)
     rows, cols = V.check_grid(grid, n, num_prefix_tokens)
-    backend = backend_for(impl, "local2d", q.device.type, _call_dtype(q, k, v), None, n, n, (rows, cols), radius,
+    backend = backend_for(impl, "local2d", q.device.type, _call_dtype(q, k, v), None, None, (rows, cols), radius,
                           num_prefix_tokens)
     if backend == "reference":
         return local_krause_attention_2d_reference(q, k, v, log_sigma, grid, radius, metric, top_k, num_prefix_tokens)

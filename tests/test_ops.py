@@ -190,6 +190,22 @@ def test_torch_compile_runs_custom_ops():
     assert ls.grad is not None and torch.isfinite(ls.grad).all()
 
 
+def test_torch_compile_with_dynamic_shapes():
+    """New lengths make torch.compile trace with symbolic shapes: the dispatch decision
+    must still be a constant of the graph (no graph break under fullgraph)."""
+    def f(q, ls):
+        return krause.causal_krause_attention(q, q, q, ls, 8, 4)
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    for t in (24, 32, 40, 5):
+        q = torch.randn(1, 2, t, 8, requires_grad=True)
+        ls = torch.zeros(2, requires_grad=True)
+        out = compiled(q, ls)
+        torch.testing.assert_close(out, f(q, ls))
+        out.sum().backward()
+        assert torch.isfinite(ls.grad).all()
+
+
 def test_custom_ops_pass_opcheck():
     q, k, v = _inputs(1, 2, 1, 20, 8, seed=1)
     ls = torch.zeros(2)
