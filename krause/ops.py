@@ -157,11 +157,11 @@ def _causal_bwd(
 def _(grad_out, q, k, v, log_sigma, probs, dist, kept, window, top_k):
     if kept.numel() == 0:  # the engine ran the forward
         return _causal_bwd_engine(grad_out, q, k, v, log_sigma, probs, dist, window)
-    return _compiled_bwd(grad_out, q, k, v, log_sigma, probs, dist, kept)
+    return _compiled_bwd(grad_out, q, k, v, log_sigma, probs, dist, kept, window)
 
 
-def _compiled_bwd(grad_out, q, k, v, log_sigma, probs, dist, kept):
-    dq, dk, dv, dcoef = cpu.backward(grad_out, q, k, v, _head_coef(log_sigma, q.shape[1]), probs, dist, kept)
+def _compiled_bwd(grad_out, q, k, v, log_sigma, probs, dist, kept, window=0):
+    dq, dk, dv, dcoef = cpu.backward(grad_out, q, k, v, _head_coef(log_sigma, q.shape[1]), probs, dist, kept, window)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), _dlog_sigma(dcoef, log_sigma)
 
 

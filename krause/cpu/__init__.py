@@ -194,8 +194,9 @@ def local2d_forward(q, k, v, coef, grid, radius: int, metric: str, top_k: int, n
     return out.to(q.dtype), probs, dist, kept
 
 
-def backward(grad_out, q, k, v, coef, probs, dist, kept):
-    """dq, dk, dv (fp32) and dcoef (H,) from the saved rows of either forward."""
+def backward(grad_out, q, k, v, coef, probs, dist, kept, window: int = 0):
+    """dq, dk, dv (fp32) and dcoef (H,) from the saved rows of either forward; ``window``:
+    the causal op's (its queries end-aligned), 0 for the 2-D op's candidate lists."""
     dq, dk, dv, dcoef = load().backward(_f32(grad_out), _f32(q), _f32(k), _f32(v), _f32(coef), probs.contiguous(),
-                                        dist.contiguous(), kept.contiguous())
+                                        dist.contiguous(), kept.contiguous(), window)
     return dq, dk, dv, dcoef.sum(0)

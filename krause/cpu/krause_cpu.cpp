@@ -10,8 +10,9 @@
 //
 // Threads: at::parallel_for (torch's intra-op pool). Determinism: every output element is
 // written by one task in a fixed order. The forward splits over (batch, head, query);
-// the backward over (batch, key/value head), each task owning its dk, dv slices and
-// looping over its group's heads and queries in order, so dk/dv never need atomics.
+// the causal backward over (batch, key/value head, query block) into per-block key
+// buffers summed per key in block order, the listed one over (batch, key/value head); dk/dv
+// never need atomics, and the partition depends on the shapes only.
 
 #include <torch/extension.h>
 
@@ -286,12 +287,68 @@ std::vector<at::Tensor> listed_forward(const at::Tensor& q, const at::Tensor& k,
   return {out, probs, dist, kept};
 }
 
+// The backward of queries [i0, i1) of every head of key/value head (b, hkv): writes their
+// dq rows, adds their dk/dv contributions to dk_acc/dv_acc (rows for keys key_lo...), and
+// returns -sum dlogit * dist per group head in dc[g].
+struct BackwardArgs {
+  const float *g, *q, *k, *v, *coef, *probs, *dist;
+  const int32_t* kept;
+  float* dq;
+  int64_t H, Hkv, G, Nq, Nk, D, ks;
+};
+
+void backward_rows(const BackwardArgs& a, int64_t b, int64_t hkv, int64_t i0, int64_t i1, float* dk_acc,
+                   float* dv_acc, int64_t key_lo, double* dc, float* dl) {
+  const int64_t D = a.D, ks = a.ks, bk = b * a.Hkv + hkv;
+  const float *k_head = a.k + bk * a.Nk * D, *v_head = a.v + bk * a.Nk * D;
+  for (int64_t g = 0; g < a.G; ++g) {
+    const int64_t h = hkv * a.G + g;
+    const float c = a.coef[h];
+    double acc = 0.0;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t row = (b * a.H + h) * a.Nq + i;
+      const float *go = a.g + row * D, *qi = a.q + row * D, *p = a.probs + row * ks, *dd = a.dist + row * ks;
+      const int32_t* kk = a.kept + row * ks;
+      float* dqi = a.dq + row * D;
+      std::fill(dqi, dqi + D, 0.f);
+      int64_t n = 0;
+      while (n < ks && kk[n] >= 0) ++n;
+      float s = 0.f;
+      for (int64_t m = 0; m < n; ++m) {
+        dl[m] = dot(go, v_head + static_cast<int64_t>(kk[m]) * D, D);
+        s += p[m] * dl[m];
+      }
+      float rowsum = 0.f;
+      for (int64_t m = 0; m < n; ++m) {
+        const float dlogit = p[m] * (dl[m] - s);
+        acc -= static_cast<double>(dlogit) * dd[m];
+        const float ddist = dd[m] > 0.f ? -c * dlogit : 0.f;  // no gradient through the clamp
+        const int64_t j = kk[m];
+        float *dkj = dk_acc + (j - key_lo) * D, *dvj = dv_acc + (j - key_lo) * D;
+        rowsum += ddist;
+        axpy(-2.f * ddist, k_head + j * D, dqi, D);
+        axpy(2.f * ddist, k_head + j * D, dkj, D);
+        axpy(-2.f * ddist, qi, dkj, D);
+        axpy(p[m], go, dvj, D);
+      }
+      axpy(2.f * rowsum, qi, dqi, D);
+    }
+    dc[g] = acc;
+  }
+}
+
 // Backward of either forward from its saved rows. grad_out, q (B,H,Nq,D); k, v
 // (B,Hkv,Nk,D); probs, dist (B,H,Nq,ks) fp32, kept int32. Returns dq, dk, dv and
 // dcoef (B,H) (= -sum dlogit * dist per batch and head).
+// window = 0 (candidate lists): one task per (batch, key/value head), owning its dk/dv.
+// window > 0 (causal, end-aligned): tasks are (batch, key/value head, block of 4W
+// queries); a block's queries only reach the block + W - 1 keys before its end, so each
+// task adds into its own buffer for those keys, and a second pass sums, per key, the
+// buffers of the blocks that reach it in block order. The blocks depend on the shapes
+// only, so the bits do not depend on the thread count.
 std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                                  const at::Tensor& v, const at::Tensor& coef, const at::Tensor& probs,
-                                 const at::Tensor& dist, const at::Tensor& kept) {
+                                 const at::Tensor& dist, const at::Tensor& kept, int64_t window) {
   check_f32(grad_out, "grad_out", 4), check_f32(q, "q", 4), check_f32(k, "k", 4), check_f32(v, "v", 4);
   check_f32(probs, "probs", 4), check_f32(dist, "dist", 4), check_f32(coef, "coef", 1);
   TORCH_CHECK(kept.scalar_type() == at::kInt && kept.is_contiguous(), "kept: contiguous int32");
@@ -300,55 +357,57 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
   auto dq = at::empty_like(q);
   auto dk = at::zeros_like(k);
   auto dv = at::zeros_like(v);
-  auto dcoef = at::empty({B, H}, q.options());
-  const float *gp = grad_out.data_ptr<float>(), *qp = q.data_ptr<float>(), *kp_ = k.data_ptr<float>();
-  const float *vp = v.data_ptr<float>(), *cp = coef.data_ptr<float>(), *pp = probs.data_ptr<float>();
-  const float* dsp = dist.data_ptr<float>();
-  const int32_t* kp = kept.data_ptr<int32_t>();
-  float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
-  float* dcp = dcoef.data_ptr<float>();
+  const BackwardArgs a{grad_out.data_ptr<float>(), q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
+                       coef.data_ptr<float>(), probs.data_ptr<float>(), dist.data_ptr<float>(),
+                       kept.data_ptr<int32_t>(), dq.data_ptr<float>(), H, Hkv, G, Nq, Nk, D, ks};
+  float *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
+  const int64_t block = window > 0 ? std::max<int64_t>(kLanes, 4 * window) : Nq;
+  const int64_t nblocks = std::max<int64_t>(1, (Nq + block - 1) / block);
+  std::vector<double> dc(B * Hkv * nblocks * G);
 
-  at::parallel_for(0, B * Hkv, grain_for(G * Nq * ks * D), [&](int64_t begin, int64_t end) {
-    std::vector<float> dl(std::max<int64_t>(ks, 1));
-    for (int64_t bk = begin; bk < end; ++bk) {
-      const int64_t b = bk / Hkv, hkv = bk % Hkv;
-      const float *k_head = kp_ + bk * Nk * D, *v_head = vp + bk * Nk * D;
-      float *dk_head = dkp + bk * Nk * D, *dv_head = dvp + bk * Nk * D;
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t h = hkv * G + g;
-        const float c = cp[h];
-        double dc = 0.0;
-        for (int64_t i = 0; i < Nq; ++i) {
-          const int64_t row = (b * H + h) * Nq + i;
-          const float *go = gp + row * D, *qi = qp + row * D, *p = pp + row * ks, *dd = dsp + row * ks;
-          const int32_t* kk = kp + row * ks;
-          float* dqi = dqp + row * D;
-          std::fill(dqi, dqi + D, 0.f);
-          int64_t n = 0;
-          while (n < ks && kk[n] >= 0) ++n;
-          float s = 0.f;
-          for (int64_t m = 0; m < n; ++m) {
-            dl[m] = dot(go, v_head + static_cast<int64_t>(kk[m]) * D, D);
-            s += p[m] * dl[m];
-          }
-          float rowsum = 0.f;
-          for (int64_t m = 0; m < n; ++m) {
-            const float dlogit = p[m] * (dl[m] - s);
-            dc -= static_cast<double>(dlogit) * dd[m];
-            const float ddist = dd[m] > 0.f ? -c * dlogit : 0.f;  // no gradient through the clamp
-            const int64_t j = kk[m];
-            rowsum += ddist;
-            axpy(-2.f * ddist, k_head + j * D, dqi, D);
-            axpy(2.f * ddist, k_head + j * D, dk_head + j * D, D);
-            axpy(-2.f * ddist, qi, dk_head + j * D, D);
-            axpy(p[m], go, dv_head + j * D, D);
-          }
-          axpy(2.f * rowsum, qi, dqi, D);
-        }
-        dcp[b * H + h] = static_cast<float>(dc);
+  if (nblocks == 1) {
+    at::parallel_for(0, B * Hkv, grain_for(G * Nq * ks * D), [&](int64_t begin, int64_t end) {
+      std::vector<float> dl(std::max<int64_t>(ks, 1));
+      for (int64_t bk = begin; bk < end; ++bk)
+        backward_rows(a, bk / Hkv, bk % Hkv, 0, Nq, dkp + bk * Nk * D, dvp + bk * Nk * D, 0, dc.data() + bk * G,
+                      dl.data());
+    });
+  } else {
+    const int64_t offset = Nk - Nq, span = block + window - 1;
+    auto first_key = [&](int64_t blk) { return std::max<int64_t>(0, offset + blk * block - window + 1); };
+    auto buf_dk = at::zeros({B * Hkv * nblocks, span, D}, q.options());
+    auto buf_dv = at::zeros({B * Hkv * nblocks, span, D}, q.options());
+    float *bdk = buf_dk.data_ptr<float>(), *bdv = buf_dv.data_ptr<float>();
+    at::parallel_for(0, B * Hkv * nblocks, grain_for(G * block * ks * D), [&](int64_t begin, int64_t end) {
+      std::vector<float> dl(std::max<int64_t>(ks, 1));
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t bk = t / nblocks, blk = t % nblocks;
+        backward_rows(a, bk / Hkv, bk % Hkv, blk * block, std::min(Nq, (blk + 1) * block), bdk + t * span * D,
+                      bdv + t * span * D, first_key(blk), dc.data() + t * G, dl.data());
       }
+    });
+    at::parallel_for(0, B * Hkv * Nk, grain_for(2 * D), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t bk = r / Nk, j = r % Nk;
+        // blocks whose queries (positions offset + i) can reach key j: j <= p <= j + W - 1
+        const int64_t qa = std::max<int64_t>(0, j - offset), qb = std::min<int64_t>(Nq - 1, j + window - 1 - offset);
+        for (int64_t blk = qa / block; qa <= qb && blk <= qb / block; ++blk) {
+          const int64_t lo = first_key(blk), t = bk * nblocks + blk;
+          if (j < lo || j - lo >= span) continue;
+          axpy(1.f, bdk + (t * span + j - lo) * D, dkp + r * D, D);
+          axpy(1.f, bdv + (t * span + j - lo) * D, dvp + r * D, D);
+        }
+      }
+    });
+  }
+  auto dcoef = at::empty({B, H}, q.options());
+  float* dcp = dcoef.data_ptr<float>();
+  for (int64_t bk = 0; bk < B * Hkv; ++bk)
+    for (int64_t g = 0; g < G; ++g) {
+      double total = 0.0;
+      for (int64_t blk = 0; blk < nblocks; ++blk) total += dc[(bk * nblocks + blk) * G + g];
+      dcp[(bk / Hkv) * H + (bk % Hkv) * G + g] = static_cast<float>(total);
     }
-  });
   return {dq, dk, dv, dcoef};
 }
 
