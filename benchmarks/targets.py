@@ -24,6 +24,7 @@ op's CPU kernel before the compiled one) in the same rounds.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -200,13 +201,14 @@ def rows_of(res: dict) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], info: dict, out: str) -> str:
+def markdown(rows: list[dict], info: dict, out: str, kernel: str | None = None) -> str:
     body = T.table(["measure", "issue (before)", "target", "measured", "engine, same run", ""],
                    [[r["measure"], r["today"], r["target"], f"{r['measured']:.3f}",
                      "—" if r["engine"] is None else f"{r['engine']:.3f}", "met" if r["met"] else "MISSED"]
                     for r in rows], markdown=True)
     return (f"Machine: {T.describe_machine(info)}; load average before/after "
-            f"{info.get('load_before')} / {info.get('load_after')}; compiled CPU kernel: {cpu.status()}. "
+            f"{info.get('load_before')} / {info.get('load_after')}; compiled CPU kernel: "
+            f"{(kernel or cpu.status()).split(':')[0]}. "
             f"JSON: `{out}`.\n\n{body}\n")
 
 
@@ -216,8 +218,10 @@ def update_readme(path: str, text: str) -> None:
     pattern = re.compile(re.escape(README_BEGIN) + ".*?" + re.escape(README_END), re.S)
     if not pattern.search(readme):
         raise SystemExit(f"{path}: no {README_BEGIN} ... {README_END} section to rewrite")
-    command = "python -m benchmarks.targets " + " ".join(sys.argv[1:])
-    block = f"{README_BEGIN}\nIssue 17's targets (`{command}`, regenerates this table):\n\n{text}{README_END}"
+    command = "python -m benchmarks.targets --threads 1 --out docs/benchmarks/targets.json --readme README.md"
+    block = (f"{README_BEGIN}\nIssue 17's targets, side by side in one run per section (`{command}` measures "
+             f"and rewrites this table; `--only SECTION --update` re-measures one section; the sections are "
+             f"described in `benchmarks/targets.py`):\n\n{text}{README_END}")
     with open(path, "w") as f:
         f.write(pattern.sub(lambda _: block, readme))
 
@@ -230,11 +234,22 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for every case (default: torch's)")
     p.add_argument("--out", default="results/targets.json")
     p.add_argument("--readme", default=None, help="rewrite the targets section of this README")
+    p.add_argument("--render", action="store_true", help="measure nothing: print (and --readme) the table of --out")
+    p.add_argument("--update", action="store_true",
+                   help="keep the sections of an existing --out that this run does not measure (run them in parts)")
     args = p.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 3)
     sections = args.only or ["lm", "op", "2d", "causal", "decode"]
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.render:
+        with open(args.out) as f:
+            saved = json.load(f)
+        text = markdown(rows_of(saved["results"]), saved["machine"], args.out, saved.get("compiled_cpu_kernel"))
+        print(text)
+        if args.readme:
+            update_readme(args.readme, text)
+        return 0
     info = T.machine_info("cpu")
     info["load_before"] = T.load_average()
     print(T.describe_machine(info), f"| compiled CPU kernel: {cpu.status()}", flush=True)
@@ -259,10 +274,13 @@ def main(argv=None) -> int:
         res["decode"] = measure_decode(128 if args.quick else 2048, 3 if args.quick else 10)
         print("decode done", flush=True)
     info["load_after"] = T.load_average()
+    if args.update and os.path.exists(args.out):
+        with open(args.out) as f:
+            res = {**json.load(f)["results"], **res}
     rows = rows_of(res)
     text = markdown(rows, info, args.out)
     print(text)
-    T.write_json(args.out, {"machine": info, "compiled_cpu_kernel": cpu.status(), "settings": vars(args),
+    T.write_json(args.out, {"machine": info, "compiled_cpu_kernel": cpu.status().split(":")[0], "settings": vars(args),
                             "results": res, "targets": rows})
     print(f"wrote {args.out}")
     if args.readme:
