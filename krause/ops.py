@@ -448,7 +448,8 @@ def causal_krause_attention(
     """
     V.check_positive_int("window", window)
     V.check_positive_int("top_k", top_k)
-    b, h, tq, tk, _ = V.check_qkv(q, k, v, end_aligned=True)
+    b, h, _, tk, _ = V.check_qkv(q, k, v, end_aligned=True)
+    tq = q.shape[2]
     key_padding_mask = V.check_key_padding_mask(key_padding_mask, b, tk, q)
     # a plain bool (a guard under torch.compile), so the decision sees constants only
     one_span = True if keys_in_one_span(window, tq, tk) else False

@@ -236,10 +236,12 @@ class _LargestTensor(TorchDispatchMode):
         return out
 
 
-def test_fast_causal_never_builds_a_token_by_token_tensor():
+@pytest.mark.parametrize("backend", ["compiled", "engine"])
+def test_fast_causal_never_builds_a_token_by_token_tensor(backend):
+    """Under impl="auto" too (the dense shortcut must not fire for long sequences)."""
     b, h, t, d, window = 1, 2, 2048, 16, 32
     q, k, v = (x.requires_grad_(True) for x in _inputs(b, h, h, t, d, seed=0))
-    with _LargestTensor() as probe:
+    with _backend(backend), _LargestTensor() as probe:
         krause.causal_krause_attention(q, k, v, 0.0, window, 8).sum().backward()
     # Banded scores are (B, H, T, ~1.5 W); a dense score matrix would be B*H*T*T.
     assert probe.largest <= 4 * b * h * t * window < b * h * t * t // 8
