@@ -196,7 +196,7 @@ def rows_of(res: dict) -> list[dict]:
     if "causal" in res:
         c = res["causal"]
         add(f"causal T={c['sdpa_at']}: Krause ÷ SDPA time (fwd+bwd)", "0.06", 0.06, c["ratio"], c["engine_ratio"])
-        lo, hi = min(c["krause_time_s"]), max(c["krause_time_s"])
+        lo, hi = (f(int(t) for t in c["krause_time_s"]) for f in (min, max))  # JSON keys are strings
         add(f"causal time slope {lo // 1024}k–{hi // 1024}k (log-log)", "0.79", 1.10, c["slope"], None)
     return rows
 
