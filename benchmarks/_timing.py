@@ -13,22 +13,20 @@ and gradients are included):
 - CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus
   ``memory_allocated`` before — bytes held by tensors, not the caching allocator's
   reserve.
-- CPU: the same quantity, reconstructed from the PyTorch profiler's allocator events
-  (``profile_memory=True`` records every CPU tensor allocation and free with its size
-  and time; the peak is the largest running sum). This counts exactly what PyTorch's
-  CPU allocator hands out, inside custom ops too, and is comparable with the CUDA
-  figure. The profiler only records the thread it runs on, so the measured call runs
-  with one intra-op thread (Krause's engine also stays on the calling thread under the
-  profiler); per-thread scratch buffers of multi-threaded kernels are thus counted
-  once. It does not count memory that is not a tensor (the Python heap, library
-  workspaces such as oneDNN scratch pads) or allocator slack, and the profiler slows
-  the run, so memory is measured in a separate, untimed run.
-  (tracemalloc cannot see tensor storage, and process RSS deltas are blurred by
-  glibc keeping freed memory and by mmap thresholds, so neither is used.)
+- CPU (Linux): the process's peak resident memory while ``fn`` runs above its resident
+  memory at the start: the kernel's high-water mark (VmHWM in /proc/self/status) is reset
+  first by writing 5 to /proc/self/clear_refs. glibc is told to serve every allocation
+  of 128 KiB or more with its own mmap (mallopt M_MMAP_THRESHOLD; no dynamic threshold),
+  so a freed tensor's pages go back to the OS at once and the figure follows tensor
+  memory. It counts every thread's allocations and also what is not a tensor (library
+  workspaces, the Python heap), and only pages actually touched; it needs no profiler,
+  so nothing is printed and the kernels run with their usual threads. Where /proc or
+  glibc is missing it is None (shown as "—").
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -100,34 +98,49 @@ def time_once(fn: Callable[[], Any], device: torch.device | str = "cpu") -> floa
 
 
 # --------------------------------------------------------------------------- memory
-def _cpu_peak_from_profiler(fn: Callable[[], Any]) -> int:
-    from torch.profiler import ProfilerActivity, profile
+_LIBC = None
 
-    # The profiler only sees allocations made on the thread that runs it, so ops whose
-    # OpenMP worker threads allocate (e.g. SDPA's CPU flash kernels) would be partly
-    # missed: run single-threaded. (Per-thread scratch buffers are then counted once.)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+
+def _libc():
+    """glibc, set to mmap every block of 128 KiB or more (None elsewhere)."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.mallopt(-3, 1 << 17)  # M_MMAP_THRESHOLD: fixed, so freed large blocks are unmapped
+        except (OSError, AttributeError):
+            _LIBC = False
+    return _LIBC or None
+
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"{key} not in /proc/self/status")
+
+
+def _cpu_peak_rss(fn: Callable[[], Any]) -> int | None:
+    libc = _libc()
     try:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn()
-    finally:
-        torch.set_num_threads(threads)
-    events = [
-        (e.start_ns(), e.nbytes())
-        for e in prof.profiler.kineto_results.events()
-        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
-    ]
-    events.sort()
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak
+        gc.collect()
+        if libc is not None:
+            libc.malloc_trim(0)
+        base = _status_bytes("VmRSS:")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak (VmHWM) to the current resident size
+    except OSError:
+        fn()
+        return None
+    fn()
+    return max(0, _status_bytes("VmHWM:") - base)
 
 
-def peak_memory(fn: Callable[[], Any], device: torch.device | str = "cpu") -> int:
-    """Peak bytes of tensor memory allocated by ``fn`` above what was live when it started."""
+def peak_memory(fn: Callable[[], Any], device: torch.device | str = "cpu") -> int | None:
+    """Peak bytes allocated by ``fn`` above what was live when it started (None: unknown here)."""
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -137,13 +150,13 @@ def peak_memory(fn: Callable[[], Any], device: torch.device | str = "cpu") -> in
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
     if device.type == "cpu":
-        return _cpu_peak_from_profiler(fn)
+        return _cpu_peak_rss(fn)
     raise ValueError(f"peak_memory: unsupported device {device}")
 
 
 MEMORY_METHOD = {
-    "cpu": "torch.profiler allocator events (profile_memory=True): peak running sum of CPU tensor bytes "
-    "allocated above those live at the start; separate untimed run",
+    "cpu": "peak resident memory (VmHWM after a reset via /proc/self/clear_refs) above the resident memory at "
+    "the start, glibc serving blocks >= 128 KiB by mmap; separate untimed run",
     "cuda": "torch.cuda.max_memory_allocated minus memory_allocated at the start; separate untimed run",
 }
 

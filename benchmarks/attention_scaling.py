@@ -21,8 +21,9 @@ Causal (language models): B=1, H=8, D=64, window W=32, top_k=16, T = 1k ... 32k:
   8x8 (CIFAR: Manhattan r=1, top_k 2, B=32), 14x14 (ImageNet 224/16: Chebyshev r=2,
   top_k 8, B=8), 28x28 (B=2) and 64x64 (B=1), both Chebyshev r=2, top_k 8; batch sizes
   keep each call at 1.5k-4k tokens (B=32 is CIFAR's batch of 256 over 8 devices):
-  krause auto   the op's default: dense score matmul for N <= DENSE_2D_MAX_TOKENS
-  krause sparse impl="fast": always the shifted-view grid path
+  krause auto   the op's default (krause.dispatch): the compiled CPU kernel where it is
+                built, else the engine's dense score matmul for N <= DENSE_2D_MAX_TOKENS
+  krause sparse impl="fast": the compiled CPU kernel, else the engine's shifted-view grid path
   reference     the dense reference
   sdpa          full (unmasked) F.scaled_dot_product_attention: what ViT-S runs
 
@@ -236,7 +237,8 @@ def bench_2d(args, device) -> list[dict]:
             skipped["reference"] = why
         cases = {name: _fwd_bwd(fn, leaves, grad) for name, fn in fns.items() if name not in skipped}
         res = _measure(cases, skipped, args, device)
-        auto_path = "dense" if n <= ops.DENSE_2D_MAX_TOKENS else "sparse"
+        auto_path = krause.dispatch.choose_impl("local2d", device, "auto", dtype=leaves[0].dtype, grid=(r, cc),
+                                                radius=radius, num_prefix=v["prefix"])
         rows.append({
             "grid": [r, cc], "N": n, "batch": batch, "metric": metric, "radius": radius, "top_k": top_k,
             "heads": v["heads"], "head_dim": v["head_dim"], "auto_path": auto_path, "results": res,
@@ -499,7 +501,8 @@ def main(argv=None) -> int:
         },
     }
     if args.tune:
-        payload["tune"] = tune(args, device)
+        with krause.cpu.use_engine():  # the sweeps tune the PyTorch engine's constants
+            payload["tune"] = tune(args, device)
         T.write_json(args.out, payload)
         print(f"\nwrote {args.out}")
         return 0

@@ -11,7 +11,7 @@ with its recurrent state), all with the same model size and batch:
   decode     images/s and tokens/s of sampling whole images (every pixel, from the start
              token), one timed run after a warm-up;
   memory     bytes held by the decoding caches at the last token, plus the peak extra
-             bytes of one decoding step there (CPU: allocator events from the profiler;
+             bytes of one decoding step there (CPU: peak resident memory, see _timing.py;
              CUDA: max_memory_allocated), and on CUDA the peak over the whole decode;
   step       time of one decoding step at token 300 and at token 3,000 (CIFAR-10 shape),
              median of interleaved rounds of 10 steps each: a constant-memory decoder is

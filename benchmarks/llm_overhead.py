@@ -17,7 +17,7 @@ Three models with the same weights, side by side in one run, for each prompt len
   decode    median time of one greedy decoding step after the prompt (the three models'
             steps interleaved), and the bytes the cache holds for the Krause window and for
             the standard branch;
-  memory    peak extra tensor memory of the prefill (CPU: profiler allocator events;
+  memory    peak extra memory of the prefill (CPU: peak resident memory, see _timing.py;
             CUDA: max_memory_allocated).
 
 Parameters: bytes of the small model before/after patching, and for the real Llama3-8B and

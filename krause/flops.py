@@ -23,15 +23,22 @@ def _sum_min_ramp(num_tokens: int, cap: int) -> int:
     return cap * (cap + 1) // 2 + (num_tokens - cap) * cap
 
 
-def causal_forward_flops(num_tokens: int, head_dim: int, window: int, top_k: int) -> int:
-    """FLOPs of one (batch, head) of causal_krause_attention's forward."""
-    candidates = _sum_min_ramp(num_tokens, window)
-    kept = _sum_min_ramp(num_tokens, min(window, top_k))
+def _end_aligned_ramp(num_queries: int, num_keys: int | None, cap: int) -> int:
+    """sum of min(cap, p + 1) over the positions p of the last num_queries of num_keys keys."""
+    num_keys = num_queries if num_keys is None else num_keys
+    return _sum_min_ramp(num_keys, cap) - _sum_min_ramp(num_keys - num_queries, cap)
+
+
+def causal_forward_flops(num_tokens: int, head_dim: int, window: int, top_k: int, num_keys: int | None = None) -> int:
+    """FLOPs of one (batch, head) of causal_krause_attention's forward (num_tokens queries,
+    the last of num_keys keys; num_keys defaults to num_tokens)."""
+    candidates = _end_aligned_ramp(num_tokens, num_keys, window)
+    kept = _end_aligned_ramp(num_tokens, num_keys, min(window, top_k))
     return 2 * head_dim * (candidates + kept)
 
 
-def causal_backward_flops(num_tokens: int, head_dim: int, window: int, top_k: int) -> int:
-    return 8 * head_dim * _sum_min_ramp(num_tokens, min(window, top_k))
+def causal_backward_flops(num_tokens: int, head_dim: int, window: int, top_k: int, num_keys: int | None = None) -> int:
+    return 8 * head_dim * _end_aligned_ramp(num_tokens, num_keys, min(window, top_k))
 
 
 @functools.lru_cache(maxsize=64)

@@ -16,18 +16,14 @@ from torch.utils.flop_counter import register_flop_formula
 import torch.nn.functional as tnf
 
 from . import _validation as V
+from . import cpu
 from . import engine
 from . import flops as F
 from .dense import repeat_kv, sigma_coefficient
-from .dispatch import IMPLS, choose_impl, triton_shape_refusal  # noqa: F401  (IMPLS re-exported)
+from .dispatch import DENSE_2D_MAX_TOKENS, IMPLS, backend_for, keys_in_one_span  # noqa: F401  (IMPLS, DENSE_2D_MAX_TOKENS re-exported)
 from .masks import grid_candidate_mask, grid_offsets
 from .neighbourhoods import BandNeighbourhood, DenseNeighbourhood, GridNeighbourhood, band_block_size
 from .reference import causal_krause_attention_reference, local_krause_attention_2d_reference
-
-# Up to this many tokens the 2-D fast op runs one dense score matmul instead of per-offset
-# sparse products: fewer, larger kernels win while N^2 is small (the crossover measured by
-# benchmarks/attention_scaling.py --tune is in the README).
-DENSE_2D_MAX_TOKENS = 300
 
 
 def _sum_kv_groups(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -46,12 +42,21 @@ def _dlog_sigma(dcoef: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- causal
+# The ops take end-aligned queries (Tq <= Tk, query i at key position Tk - Tq + i). What
+# they save for the backward depends on the kernel that ran: the engine saves band-layout
+# probs/dist (B, Hkv, nb, G*C, span) and an empty ``kept``; the compiled CPU kernel saves
+# per query its kept keys (int32 ``kept``) with their probs/dist, (B, H, Tq, Ks).
+def _band_tokens(q, k, window) -> int:
+    """Rows of the engine's square band after end alignment (see ``_end_align``)."""
+    return min(k.shape[2], q.shape[2] + window - 1)
+
+
 def _causal_shapes(q, k, window):
-    """Saved probs/dist: (B, Hkv, nb, G*C, span), the band's GQA-folded query layout."""
-    b, h, t, _ = q.shape
+    """The engine's saved probs/dist: (B, Hkv, nb, G*C, span), the band's GQA-folded query layout."""
+    b, h = q.shape[:2]
     hkv = k.shape[1]
     c = band_block_size(window)
-    nb = -(-t // c)
+    nb = -(-_band_tokens(q, k, window) // c)
     return (b, hkv, nb, (h // hkv) * c, c + window - 1)
 
 
@@ -64,6 +69,20 @@ def _band(q, k, window):
     return BandNeighbourhood(q.shape[2], window, q.device, group=q.shape[1] // k.shape[1])
 
 
+def _no_kept(q):
+    return q.new_empty(0, dtype=torch.int32)
+
+
+def _causal_fwd_engine(q, k, v, log_sigma, key_valid, window, top_k):
+    qa, k, v, key_valid, offset = _end_align(q, k, v, key_valid, window)
+    nbr = _band(qa, k, window)
+    coef = engine.sigma_coef(log_sigma, q.shape[1], 3)
+    # GQA: the group's query heads share their key/value head's spans (no repeat_kv).
+    out, probs, dist = engine.forward(nbr, nbr.to_query_layout(qa.float()), k.float(), v.float(), coef, top_k, key_valid)
+    out = nbr.from_query_layout(out)[:, :, offset:]
+    return out.to(q.dtype).contiguous(), probs, dist, _no_kept(q)
+
+
 @torch.library.custom_op("krause::causal_fwd", mutates_args=())
 def _causal_fwd(
     q: torch.Tensor,
@@ -73,20 +92,49 @@ def _causal_fwd(
     key_valid: torch.Tensor | None,
     window: int,
     top_k: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    nbr = _band(q, k, window)
-    coef = engine.sigma_coef(log_sigma, q.shape[1], 3)
-    # GQA: the group's query heads share their key/value head's spans (no repeat_kv).
-    out, probs, dist = engine.forward(nbr, nbr.to_query_layout(q.float()), k.float(), v.float(), coef, top_k, key_valid)
-    return nbr.from_query_layout(out).to(q.dtype).contiguous(), probs, dist
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _causal_fwd_engine(q, k, v, log_sigma, key_valid, window, top_k)
+
+
+@_causal_fwd.register_kernel("cpu")
+def _(q, k, v, log_sigma, key_valid, window, top_k):
+    if not cpu.runs(q, k, v):
+        return _causal_fwd_engine(q, k, v, log_sigma, key_valid, window, top_k)
+    return cpu.causal_forward(q, k, v, _head_coef(log_sigma, q.shape[1]), key_valid, window, top_k)
 
 
 # Fake (meta) implementations for torch.compile. The real kernels return contiguous
 # tensors whatever the input layout, so these must too (new_empty, not empty_like).
 @_causal_fwd.register_fake
 def _(q, k, v, log_sigma, key_valid, window, top_k):
+    f32 = torch.float32
+    if cpu.runs(q, k, v):
+        shape = (*q.shape[:3], cpu.causal_saved_slots(q.shape[2], k.shape[2], window, top_k))
+        return q.new_empty(q.shape), q.new_empty(shape, dtype=f32), q.new_empty(shape, dtype=f32), \
+            q.new_empty(shape, dtype=torch.int32)
     shape = _causal_shapes(q, k, window)
-    return q.new_empty(q.shape), q.new_empty(shape, dtype=torch.float32), q.new_empty(shape, dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty(shape, dtype=f32), q.new_empty(shape, dtype=f32), _no_kept(q)
+
+
+def _causal_bwd_engine(grad_out, q, k, v, log_sigma, probs, dist, window):
+    tk = k.shape[2]
+    qa, ka, va, _, offset = _end_align(q, k, v, None, window)
+    nbr = _band(qa, ka, window)
+    coef = engine.sigma_coef(log_sigma, q.shape[1], 3)
+    dq, dk, dv, dcoef = engine.backward(
+        nbr,
+        nbr.to_query_layout(tnf.pad(grad_out.float(), (0, 0, offset, 0))),
+        nbr.to_query_layout(qa.float()),
+        ka.float(),
+        va.float(),
+        coef,
+        probs,
+        dist,
+    )
+    dq = nbr.from_query_layout(dq)[:, :, offset:]
+    dropped = tk - ka.shape[2]  # keys no query could see
+    dk, dv = (tnf.pad(x, (0, 0, dropped, 0)) for x in (dk, dv))
+    return dq.to(q.dtype).contiguous(), dk.to(k.dtype), dv.to(v.dtype), _dlog_sigma(dcoef, log_sigma)
 
 
 @torch.library.custom_op("krause::causal_bwd", mutates_args=())
@@ -98,44 +146,48 @@ def _causal_bwd(
     log_sigma: torch.Tensor,
     probs: torch.Tensor,
     dist: torch.Tensor,
+    kept: torch.Tensor,
     window: int,
     top_k: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    nbr = _band(q, k, window)
-    coef = engine.sigma_coef(log_sigma, q.shape[1], 3)
-    dq, dk, dv, dcoef = engine.backward(
-        nbr,
-        nbr.to_query_layout(grad_out.float()),
-        nbr.to_query_layout(q.float()),
-        k.float(),
-        v.float(),
-        coef,
-        probs,
-        dist,
-    )
-    dq = nbr.from_query_layout(dq).to(q.dtype).contiguous()
-    dk, dv = dk.to(k.dtype), dv.to(v.dtype)
-    return dq, dk, dv, _dlog_sigma(dcoef, log_sigma)
+    return _causal_bwd_engine(grad_out, q, k, v, log_sigma, probs, dist, window)
+
+
+@_causal_bwd.register_kernel("cpu")
+def _(grad_out, q, k, v, log_sigma, probs, dist, kept, window, top_k):
+    if kept.numel() == 0:  # the engine ran the forward
+        return _causal_bwd_engine(grad_out, q, k, v, log_sigma, probs, dist, window)
+    return _compiled_bwd(grad_out, q, k, v, log_sigma, probs, dist, kept, window)
+
+
+def _compiled_bwd(grad_out, q, k, v, log_sigma, probs, dist, kept, window=0):
+    dq, dk, dv, dcoef = cpu.backward(grad_out, q, k, v, _head_coef(log_sigma, q.shape[1]), probs, dist, kept, window)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), _dlog_sigma(dcoef, log_sigma)
+
+
+def _head_coef(log_sigma, num_heads):
+    """c_h = 1 / (2 sigma_h^2) as (H,) fp32 (a scalar log_sigma repeated)."""
+    return sigma_coefficient(log_sigma).reshape(-1).expand(num_heads).contiguous()
 
 
 @_causal_bwd.register_fake
-def _(grad_out, q, k, v, log_sigma, probs, dist, window, top_k):
+def _(grad_out, q, k, v, log_sigma, probs, dist, kept, window, top_k):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), log_sigma.new_empty(log_sigma.shape)
 
 
 def _causal_setup(ctx, inputs, output):
     q, k, v, log_sigma, _key_valid, window, top_k = inputs  # padding lives on in the saved probs
-    _, probs, dist = output
-    ctx.mark_non_differentiable(probs, dist)
-    ctx.save_for_backward(q, k, v, log_sigma, probs, dist)
+    _, probs, dist, kept = output
+    ctx.mark_non_differentiable(probs, dist, kept)
+    ctx.save_for_backward(q, k, v, log_sigma, probs, dist, kept)
     ctx.window, ctx.top_k = window, top_k
 
 
-def _causal_backward(ctx, grad_out, _grad_probs, _grad_dist):
-    q, k, v, log_sigma, probs, dist = ctx.saved_tensors
+def _causal_backward(ctx, grad_out, _grad_probs, _grad_dist, _grad_kept):
+    q, k, v, log_sigma, probs, dist, kept = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(q)
-    dq, dk, dv, dls = _causal_bwd(grad_out, q, k, v, log_sigma, probs, dist, ctx.window, ctx.top_k)
+    dq, dk, dv, dls = _causal_bwd(grad_out, q, k, v, log_sigma, probs, dist, kept, ctx.window, ctx.top_k)
     return dq, dk, dv, dls, None, None, None
 
 
@@ -145,14 +197,14 @@ _causal_fwd.register_autograd(_causal_backward, setup_context=_causal_setup)
 @register_flop_formula(torch.ops.krause.causal_fwd)
 def _causal_fwd_flops(q_shape, k_shape, v_shape, ls_shape, kv_shape, window, top_k, *args, **kwargs) -> int:
     b, h, t, d = q_shape
-    return b * h * F.causal_forward_flops(t, d, window, top_k)
+    return b * h * F.causal_forward_flops(t, d, window, top_k, k_shape[2])
 
 
 @register_flop_formula(torch.ops.krause.causal_bwd)
-def _causal_bwd_flops(g_shape, q_shape, *args, **kwargs) -> int:
+def _causal_bwd_flops(g_shape, q_shape, k_shape, *args, **kwargs) -> int:
     window, top_k = args[-2], args[-1]
     b, h, t, d = q_shape
-    return b * h * F.causal_backward_flops(t, d, window, top_k)
+    return b * h * F.causal_backward_flops(t, d, window, top_k, k_shape[2])
 
 
 # --------------------------------------------------------------------------- 2-D local
@@ -169,8 +221,7 @@ def _local_parts(q, rows, cols, radius, metric, num_prefix, dense):
     return parts
 
 
-@torch.library.custom_op("krause::local2d_fwd", mutates_args=())
-def _local_fwd(
+def _local_fwd_engine(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -199,10 +250,42 @@ def _local_fwd(
     return (out, *saved)
 
 
+# Saved tensors: the engine's (probs, dist) per part, an empty pair for the dense path;
+# the compiled CPU kernel's (probs, dist, kept int32, empty).
+@torch.library.custom_op("krause::local2d_fwd", mutates_args=())
+def _local_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_sigma: torch.Tensor,
+    rows: int,
+    cols: int,
+    radius: int,
+    metric: str,
+    top_k: int,
+    num_prefix: int,
+    dense: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _local_fwd_engine(q, k, v, log_sigma, rows, cols, radius, metric, top_k, num_prefix, dense)
+
+
+@_local_fwd.register_kernel("cpu")
+def _(q, k, v, log_sigma, rows, cols, radius, metric, top_k, num_prefix, dense):
+    if not cpu.runs(q, k, v):
+        return _local_fwd_engine(q, k, v, log_sigma, rows, cols, radius, metric, top_k, num_prefix, dense)
+    out, probs, dist, kept = cpu.local2d_forward(q, k, v, _head_coef(log_sigma, q.shape[1]), (rows, cols), radius,
+                                                 metric, top_k, num_prefix)
+    return out, probs, dist, kept, q.new_empty(0, dtype=torch.float32)
+
+
 @_local_fwd.register_fake
 def _(q, k, v, log_sigma, rows, cols, radius, metric, top_k, num_prefix, dense):
     b, h, n, _ = q.shape
     f32 = torch.float32
+    if cpu.runs(q, k, v):
+        shape = (b, h, n, cpu.local2d_saved_slots((rows, cols), radius, metric, top_k, num_prefix))
+        return q.new_empty(q.shape), q.new_empty(shape, dtype=f32), q.new_empty(shape, dtype=f32), \
+            q.new_empty(shape, dtype=torch.int32), q.new_empty(0, dtype=f32)
     if dense:
         return q.new_empty(q.shape), q.new_empty((b, h, n, n), dtype=f32), q.new_empty((b, h, n, n), dtype=f32), \
             q.new_empty(0, dtype=f32), q.new_empty(0, dtype=f32)
@@ -216,8 +299,7 @@ def _(q, k, v, log_sigma, rows, cols, radius, metric, top_k, num_prefix, dense):
         q.new_empty(0, dtype=f32), q.new_empty(0, dtype=f32)
 
 
-@torch.library.custom_op("krause::local2d_bwd", mutates_args=())
-def _local_bwd(
+def _local_bwd_engine(
     grad_out: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -250,6 +332,38 @@ def _local_bwd(
     dk = _sum_kv_groups(dk, hkv).to(k.dtype)
     dv = _sum_kv_groups(dv, hkv).to(v.dtype)
     return dq, dk, dv, _dlog_sigma(dcoef, log_sigma)
+
+
+@torch.library.custom_op("krause::local2d_bwd", mutates_args=())
+def _local_bwd(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_sigma: torch.Tensor,
+    probs_a: torch.Tensor,
+    dist_a: torch.Tensor,
+    probs_b: torch.Tensor,
+    dist_b: torch.Tensor,
+    rows: int,
+    cols: int,
+    radius: int,
+    metric: str,
+    top_k: int,
+    num_prefix: int,
+    dense: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _local_bwd_engine(grad_out, q, k, v, log_sigma, probs_a, dist_a, probs_b, dist_b, rows, cols, radius,
+                             metric, top_k, num_prefix, dense)
+
+
+@_local_bwd.register_kernel("cpu")
+def _(grad_out, q, k, v, log_sigma, probs_a, dist_a, probs_b, dist_b, rows, cols, radius, metric, top_k, num_prefix,
+      dense):
+    if probs_b.dtype == torch.int32:  # the compiled kernel ran the forward: probs_b holds the kept keys
+        return _compiled_bwd(grad_out, q, k, v, log_sigma, probs_a, dist_a, probs_b)
+    return _local_bwd_engine(grad_out, q, k, v, log_sigma, probs_a, dist_a, probs_b, dist_b, rows, cols, radius,
+                             metric, top_k, num_prefix, dense)
 
 
 @_local_bwd.register_fake
@@ -325,7 +439,8 @@ def causal_krause_attention(
         window: candidate window W >= 1 (the query itself included).
         top_k: number of nearest candidates kept, >= 1.
         key_padding_mask: optional (B, Tk) bool, True = real token (left or right padding).
-        impl: "auto", "fast" (linear-time engine), "reference" (dense O(T^2), for tests),
+        impl: "auto", "fast" (the linear-time ops: the compiled kernel on CPU, else the
+            engine), "reference" (dense O(T^2), for tests),
             "flex" (FlexAttention) or "triton" (fused kernels); see ``krause.dispatch``.
 
     Returns:
@@ -334,29 +449,30 @@ def causal_krause_attention(
     V.check_positive_int("window", window)
     V.check_positive_int("top_k", top_k)
     b, h, _, tk, _ = V.check_qkv(q, k, v, end_aligned=True)
+    tq = q.shape[2]
     key_padding_mask = V.check_key_padding_mask(key_padding_mask, b, tk, q)
-    requested, impl = impl, choose_impl("causal", q.device, impl, key_padding_mask=key_padding_mask)
-    if impl == "triton" and requested == "auto" and triton_shape_refusal("causal", q, k, v, window=window):
-        impl = "fast"  # auto falls back where the kernels cannot take this shape; an explicit request raises
-    if impl == "reference":
+    # a plain bool (a guard under torch.compile), so the decision sees constants only
+    one_span = True if keys_in_one_span(window, tq, tk) else False
+    backend = backend_for(impl, "causal", q.device.type, _call_dtype(q, k, v), window, one_span)
+    if backend in ("reference", "dense"):
         return causal_krause_attention_reference(q, k, v, log_sigma, window, top_k, key_padding_mask=key_padding_mask)
     log_sigma = V.check_log_sigma(log_sigma, h, q)
-    if impl == "triton":
+    if backend == "triton":
         from .kernels import causal_krause_attention_triton
 
         return causal_krause_attention_triton(q, k, v, log_sigma, window, top_k, key_padding_mask)
-    if requested == "auto" and impl == "fast" and min(tk, q.shape[2] + window - 1) <= band_span(window):
-        # The band would score one span covering every key anyway: the dense formula does
-        # no more arithmetic, in a handful of ops instead of the band's dozens.
-        return causal_krause_attention_reference(q, k, v, log_sigma, window, top_k, key_padding_mask=key_padding_mask)
-    q, k, v, key_padding_mask, offset = _end_align(q, k, v, key_padding_mask, window)
-    if impl == "flex":
+    if backend == "flex":
         from .flex import causal_krause_attention_flex
 
+        q, k, v, key_padding_mask, offset = _end_align(q, k, v, key_padding_mask, window)
         out = causal_krause_attention_flex(q, k, v, log_sigma, window, top_k, key_padding_mask)
-    else:
-        out = _causal_fwd(q, k, v, log_sigma, key_padding_mask, window, top_k)[0]
-    return out[:, :, offset:] if offset else out
+        return out[:, :, offset:] if offset else out
+    return _causal_fwd(q, k, v, log_sigma, key_padding_mask, window, top_k)[0]  # compiled or engine
+
+
+def _call_dtype(q, k, v) -> torch.dtype:
+    """The dtype a backend must take: q's, or float64 (none takes it) when q, k, v differ."""
+    return q.dtype if k.dtype == q.dtype and v.dtype == q.dtype else torch.float64
 
 
 def local_krause_attention_2d(
@@ -385,8 +501,8 @@ def local_krause_attention_2d(
         q: (B, H, N, D); k, v: (B, Hkv, N, D) with N = num_prefix_tokens + rows * cols.
         log_sigma: a float, a scalar tensor or an (H,) tensor.
         impl: "auto", "fast", "reference", "flex" or "triton" (see ``krause.dispatch``).
-            When "auto" runs the engine it uses one dense masked matmul for
-            N <= DENSE_2D_MAX_TOKENS; "fast" always takes the sparse per-offset path.
+            Where "auto" runs the engine (no compiled CPU kernel) it uses one dense masked
+            matmul for N <= DENSE_2D_MAX_TOKENS; "fast" never does.
 
     Returns:
         (B, H, N, D) in q's dtype.
@@ -396,22 +512,19 @@ def local_krause_attention_2d(
     V.check_positive_int("top_k", top_k)
     _, h, _, n, _ = V.check_qkv(q, k, v)
     rows, cols = V.check_grid(grid, n, num_prefix_tokens)
-    dense = impl == "auto" and n <= DENSE_2D_MAX_TOKENS  # "fast" asks for the linear-time path itself
-    requested, impl = impl, choose_impl("local2d", q.device, impl)
-    if impl == "triton" and requested == "auto" and triton_shape_refusal(
-        "local2d", q, k, v, grid=(rows, cols), radius=radius, num_prefix_tokens=num_prefix_tokens
-    ):
-        impl = "fast"
-    if impl == "reference":
+    backend = backend_for(impl, "local2d", q.device.type, _call_dtype(q, k, v), None, None, (rows, cols), radius,
+                          num_prefix_tokens)
+    if backend == "reference":
         return local_krause_attention_2d_reference(q, k, v, log_sigma, grid, radius, metric, top_k, num_prefix_tokens)
     log_sigma = V.check_log_sigma(log_sigma, h, q)
-    if impl == "triton":
+    if backend == "triton":
         from .kernels import local_krause_attention_2d_triton
 
         return local_krause_attention_2d_triton(q, k, v, log_sigma, (rows, cols), radius, metric, top_k,
                                                 num_prefix_tokens)
-    if impl == "flex":
+    if backend == "flex":
         from .flex import local_krause_attention_2d_flex
 
         return local_krause_attention_2d_flex(q, k, v, log_sigma, (rows, cols), radius, metric, top_k, num_prefix_tokens)
-    return _local_fwd(q, k, v, log_sigma, rows, cols, radius, metric, top_k, num_prefix_tokens, dense)[0]
+    # compiled, engine, or the engine's dense masked path ("dense": small grids off the compiled kernel)
+    return _local_fwd(q, k, v, log_sigma, rows, cols, radius, metric, top_k, num_prefix_tokens, backend == "dense")[0]

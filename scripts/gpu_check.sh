@@ -5,7 +5,13 @@
 #    GPU, the real-size suite and equality with the engine and flex paths) -> tests.json
 # 2. the GPU benchmark (benchmarks/attention_cuda.py: causal, 2-D, decode), one JSON per
 #    section, each with its own time budget so a slow section cannot starve the others.
-# Worst case 200 + 180 + 110 + 85 s of timeouts: inside 10 minutes.
+# 3. the verification record (krause.kernels.verify: device, versions, max error against
+#    the reference, speed beside the engine) -> verification.json, and, when the tests
+#    passed, added to the records krause.dispatch reads (KRAUSE_GPU_VERIFICATION or
+#    ~/.cache/krause/gpu_verification.json): from then on impl="auto" picks the kernels
+#    on this GPU model with this Triton version. Copy the record to
+#    krause/kernels/gpu_verification.json to ship it with the package.
+# Worst case 200 + 120 + 180 + 110 + 85 s of timeouts: inside 12 minutes.
 # Uses only what is installed (python with torch + triton; pytest for step 1): the
 # project goes on PYTHONPATH, nothing is installed or downloaded. PYTHON overrides the
 # interpreter. Exit status: 0 when every test passed, 1 otherwise (benchmarks still run).
@@ -73,6 +79,13 @@ else
     echo '{"summary": "pytest is not installed on this machine"}' > "$out/tests.json"
     status=1
 fi
+
+passed=$((1 - status))
+install=""
+[ "$passed" -eq 1 ] && install="--install"
+timeout 120 "$py" -m krause.kernels.verify --out "$out/verification.json" --tests-passed "$passed" $install \
+    2>&1 | tee "$out/verification.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 bench() {  # SECTION BUDGET_S EXTRA_ARGS...
     local section=$1 budget=$2

@@ -170,9 +170,10 @@ def test_an_impl_that_cannot_run_here_says_why(monkeypatch):
 
 
 def test_auto_explains_its_choice_on_cpu():
-    why = dispatch.explain("causal", "cpu")
-    assert why["fast"] == "chosen"
+    why = dispatch.explain("causal", "cpu", window=8, num_queries=100, num_keys=100)
+    assert why["compiled" if krause.cpu.active() else "engine"] == "chosen"
     assert why["reference"] == "available"
+    assert why["dense"].startswith("the keys exceed one band span")
 
 
 @pytest.mark.parametrize("group", [1, 3])
@@ -180,6 +181,7 @@ def test_the_path_cuda_takes_without_a_chunk_budget(monkeypatch, group):
     """Off CPU the engine runs one chunk of all heads (4-D matmuls, no CPU chunk budget):
     forced here on CPU against the reference, with GQA, padding and end alignment."""
     monkeypatch.setattr(krause.engine, "chunk_budget", lambda device: None)
+    monkeypatch.setitem(krause.cpu._state, "engine", True)  # the engine, not the compiled CPU kernel
     q, k, v = _inputs(2, 2 * group, 2, 21, 45, 8, seed=11)
     ls = torch.rand(2 * group) * 0.5
     mask = _padding(2, 45, 11, "left")
@@ -232,14 +234,17 @@ def test_auto_falls_back_to_the_engine_where_the_kernels_cannot_take_the_shape(m
     """Once the kernels are chosen for a device, a call they cannot take (here fp64) runs on
     the engine under auto, and raises when triton was asked for explicitly."""
     pytest.importorskip("triton")
-    monkeypatch.setattr(dispatch, "_auto_refusal", lambda impl, op, device, **kw: None if impl == "triton" else "x")
+    monkeypatch.setattr(dispatch, "_AUTO_REFUSALS", {})  # as if verified on this device
     monkeypatch.setattr(dispatch, "_triton_reason", lambda device: None)
     dispatch.clear_cache()
     try:
         q, k, v = (t.double() for t in _inputs(1, 2, 2, 9, 9, 4, seed=1))
-        out = krause.causal_krause_attention(q, k, v, 0.0, 3, 2)  # auto -> triton refuses fp64 -> fast
+        out = krause.causal_krause_attention(q, k, v, 0.0, 3, 2)  # auto -> triton refuses fp64 -> dense
         ref = krause.causal_krause_attention(q, k, v, 0.0, 3, 2, impl="reference")
         torch.testing.assert_close(out, ref)
-        assert dispatch.triton_shape_refusal("causal", q, k, v, window=3).startswith("dtypes")
+        why = dispatch.explain("causal", "cpu", dtype=torch.float64, window=3, num_queries=9, num_keys=9)
+        assert why["triton"].startswith("dtype") and why["compiled"].startswith("dtype") and why["dense"] == "chosen"
+        with pytest.raises(ValueError, match="^impl='triton' cannot run causal on cpu: dtype"):
+            krause.causal_krause_attention(q, k, v, 0.0, 3, 2, impl="triton")
     finally:
         dispatch.clear_cache()

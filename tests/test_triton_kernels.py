@@ -109,55 +109,8 @@ def check_against_rule(out, leaves, ls, go, ref_fn, atol, grad_atol, skip_rows=N
 
 
 # --------------------------------------------------------------------------- causal
-CAUSAL_CASES = [
-    # b, h, hkv, tq, tk, d, window, top_k, per_head
-    pytest.param(1, 2, 2, 37, 37, 16, 8, 3, False, id="T-not-multiple-of-block"),
-    pytest.param(2, 4, 2, 5, 5, 16, 8, 4, True, id="T-below-W-gqa"),
-    pytest.param(1, 2, 1, 21, 21, 8, 6, 9, False, id="topk-above-W-mqa"),
-    pytest.param(1, 4, 2, 9, 30, 16, 7, 3, True, id="end-aligned"),
-    pytest.param(1, 2, 2, 50, 50, 24, 20, 5, False, id="two-blocks-W20-D24"),
-]
-
-
-@pytest.mark.parametrize("b,h,hkv,tq,tk,d,window,top_k,per_head", CAUSAL_CASES)
-def test_causal_matches_rule(b, h, hkv, tq, tk, d, window, top_k, per_head):
-    leaves, ls, go = make_inputs(b, h, hkv, tq, tk, d, per_head=per_head)
-    out = kernels.causal_krause_attention_triton(*leaves, ls, window, top_k)
-    assert out.shape == (b, h, tq, d) and out.dtype == leaves[0].dtype
-    cand = causal_candidates(b, tq, tk, window)
-    check_against_rule(out, leaves, ls, go, lambda q, k, v, s: dense_rule(q, k, v, s, cand, top_k), 1e-4, 1e-4)
-
-
-@pytest.mark.parametrize("tq", [24, 15])
-def test_causal_padding_left_and_right(tq):
-    b, h, hkv, t, d, window, top_k = 3, 2, 1, 24, 16, 6, 3
-    leaves, ls, go = make_inputs(b, h, hkv, tq, t, d, per_head=True, seed=1)
-    mask = torch.ones(b, t, dtype=torch.bool)
-    mask[0, :16] = False  # left padding: the first queries have no candidate at all
-    mask[1, -5:] = False  # right padding
-    mask[2, 10:13] = False  # a hole (padded keys inside the window)
-    mask = mask.to(DEVICE)
-    out = kernels.causal_krause_attention_triton(*leaves, ls, window, top_k, key_padding_mask=mask)
-    assert out[0, :, : 16 - (t - tq)].abs().max().item() == 0.0  # queries without candidates return zeros
-    cand = causal_candidates(b, tq, t, window, mask)
-    check_against_rule(out, leaves, ls, go, lambda q, k, v, s: dense_rule(q, k, v, s, cand, top_k), 1e-4, 1e-4)
-
-
-def test_causal_exact_ties_follow_lower_index_rule():
-    # 3 distinct keys repeated over the sequence: every row has exact distance ties at its threshold.
-    b, h, hkv, t, d, window, top_k = 1, 2, 1, 33, 16, 8, 4
-    leaves, ls, go = make_inputs(b, h, hkv, t, t, d, seed=2, dup_keys=3)
-    out = kernels.causal_krause_attention_triton(*leaves, ls, window, top_k)
-    again = kernels.causal_krause_attention_triton(*leaves, ls, window, top_k)
-    assert torch.equal(out, again)  # deterministic
-    cand = causal_candidates(b, t, t, window)
-    keep = check_against_rule(out, leaves, ls, go, lambda q, k, v, s: dense_rule(q, k, v, s, cand, top_k), 1e-4, 1e-4)
-    # the rule matters here: the opposite tie rule gives another output
-    other, _ = dense_rule(*(x.detach().cpu() for x in leaves), ls.detach().cpu(), cand, top_k, ties="high")
-    assert (other - out.detach().cpu().double()).abs().max().item() > 1e-2
-    assert keep.sum(-1).eq(min(top_k, window)).any()
-
-
+# Shapes, end alignment, padding, GQA and exact ties: tests/test_conformance.py (every
+# implementation on one grid). Here what only the kernels have: fp16, their tile sizes.
 def test_causal_bf16_and_fp16():
     for dtype in (torch.bfloat16, torch.float16):
         b, h, hkv, t, d, window, top_k = 1, 4, 2, 29, 32, 8, 4
@@ -183,24 +136,7 @@ def test_benchmark_tile_sizes():
 
 
 # --------------------------------------------------------------------------- 2-D
-GRID_CASES = [
-    # b, h, hkv, grid, radius, metric, top_k, num_prefix, per_head
-    pytest.param(1, 2, 2, (5, 6), 1, "manhattan", 3, 1, False, id="manhattan-cls"),
-    pytest.param(2, 4, 2, (4, 5), 2, "chebyshev", 7, 2, True, id="chebyshev-two-prefix-gqa"),
-    pytest.param(1, 2, 1, (3, 4), 1, "chebyshev", 64, 0, False, id="no-prefix-topk-covers-all"),
-    pytest.param(1, 2, 2, (7, 7), 1, "chebyshev", 4, 1, True, id="several-blocks"),
-]
-
-
-@pytest.mark.parametrize("b,h,hkv,grid,radius,metric,top_k,num_prefix,per_head", GRID_CASES)
-def test_local2d_matches_rule(b, h, hkv, grid, radius, metric, top_k, num_prefix, per_head):
-    n = num_prefix + grid[0] * grid[1]
-    leaves, ls, go = make_inputs(b, h, hkv, n, n, 16, per_head=per_head, seed=4)
-    out = kernels.local_krause_attention_2d_triton(*leaves, ls, grid, radius, metric, top_k, num_prefix)
-    cand = grid_candidate_mask(grid, radius, metric, num_prefix)[None]
-    check_against_rule(out, leaves, ls, go, lambda q, k, v, s: dense_rule(q, k, v, s, cand, top_k), 1e-4, 1e-4)
-
-
+# The grid cases: tests/test_conformance.py.
 def test_local2d_duplicate_patches_and_bf16():
     grid, num_prefix, top_k = (5, 5), 1, 4
     n = num_prefix + 25

@@ -23,11 +23,6 @@ import torch
 
 from .. import _validation as V
 
-# Set to True once scripts/gpu_check.sh has passed on a GPU (the CUDA tests of
-# tests/test_triton_kernels.py); until then impl="auto" does not choose these kernels.
-VERIFIED_ON_GPU = False
-
-
 def triton_available() -> tuple[bool, str]:
     """(True, "") when the kernels can run here (a CUDA device, or the Triton interpreter)."""
     try:
@@ -167,5 +162,4 @@ __all__ = [
     "triton_available",
     "causal_triton_supported",
     "local2d_triton_supported",
-    "VERIFIED_ON_GPU",
 ]

@@ -1,0 +1,418 @@
+// Compiled CPU kernels of the Krause ops (krause/cpu/__init__.py builds and registers them).
+//
+// Per query i with candidate keys C_i (a causal window, or a CSR list for the 2-D grid):
+//   dist_ij = max(0, (|q_i|^2 + |k_j|^2) - 2 q_i.k_j)          fp32
+//   S_i     = the min(top_k, |C_i|) smallest dist_ij, ties to the lower key index j
+//   p_ij    = softmax over S_i of -c_h dist_ij;   out_i = sum_j p_ij v_j
+// The forward saves, per query, the kept keys (ascending index), their probabilities and
+// distances in (B, H, Nq, Ks) tensors (Ks = most keys a query can keep; unused slots hold
+// key -1 and zeros). The backward reads only those.
+//
+// Threads: at::parallel_for (torch's intra-op pool). Determinism: every output element is
+// written by one task in a fixed order. The forward splits over (batch, head, query);
+// the causal backward over (batch, key/value head, query block) into per-block key
+// buffers summed per key in block order, the listed one over (batch, key/value head); dk/dv
+// never need atomics, and the partition depends on the shapes only.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kLanes = Vec::size();
+
+inline float dot(const float* a, const float* b, int64_t d) {
+  Vec acc(0.f);
+  int64_t x = 0;
+  for (; x + kLanes <= d; x += kLanes) acc = at::vec::fmadd(Vec::loadu(a + x), Vec::loadu(b + x), acc);
+  float s = at::vec::vec_reduce_all<float>([](Vec& u, Vec& w) { return u + w; }, acc);
+  for (; x < d; ++x) s += a[x] * b[x];
+  return s;
+}
+
+// y += a * x
+inline void axpy(float a, const float* x, float* y, int64_t d) {
+  const Vec va(a);
+  int64_t t = 0;
+  for (; t + kLanes <= d; t += kLanes) at::vec::fmadd(va, Vec::loadu(x + t), Vec::loadu(y + t)).store(y + t);
+  for (; t < d; ++t) y[t] += a * x[t];
+}
+
+// dots[m] = q . kT[:, lo + m] for m < n, kT a (D, ld) transposed key block: one broadcast
+// of q[x] and one contiguous load per lane-width of keys (no horizontal sums). Two
+// lane-widths of keys at a time, each summed over even and odd x separately: four
+// independent FMA chains instead of one.
+inline void window_dots(const float* q, const float* kT, int64_t ld, int64_t lo, int64_t n, int64_t d, float* dots) {
+  for (int64_t m = 0; m < n; m += 2 * kLanes) {
+    const int64_t c0 = std::min<int64_t>(kLanes, n - m), c1 = std::max<int64_t>(0, std::min<int64_t>(kLanes, n - m - kLanes));
+    const float* base = kT + lo + m;
+    Vec a0(0.f), a1(0.f), b0(0.f), b1(0.f);
+    int64_t x = 0;
+    for (; x + 1 < d; x += 2) {
+      const Vec q0(q[x]), q1(q[x + 1]);
+      a0 = at::vec::fmadd(q0, Vec::loadu(base + x * ld, c0), a0);
+      b0 = at::vec::fmadd(q1, Vec::loadu(base + (x + 1) * ld, c0), b0);
+      if (c1) {
+        a1 = at::vec::fmadd(q0, Vec::loadu(base + x * ld + kLanes, c1), a1);
+        b1 = at::vec::fmadd(q1, Vec::loadu(base + (x + 1) * ld + kLanes, c1), b1);
+      }
+    }
+    if (x < d) {
+      a0 = at::vec::fmadd(Vec(q[x]), Vec::loadu(base + x * ld, c0), a0);
+      if (c1) a1 = at::vec::fmadd(Vec(q[x]), Vec::loadu(base + x * ld + kLanes, c1), a1);
+    }
+    (a0 + b0).store(dots + m, c0);
+    if (c1) (a1 + b1).store(dots + m + kLanes, c1);
+  }
+}
+
+// The kept candidates of one query: the min(top_k, cnt) smallest dist, ties to the lower
+// key index, written in ascending key order (dist/key arrays are in ascending key order).
+// Few candidates: rank counting, rank_m = #{j : d_j < d_m, or d_j == d_m and j < m}, kept
+// when < kk; O(cnt^2 / lanes) branch-free compares, no data-dependent selection.
+constexpr int64_t kRankCountMax = 4 * kLanes;
+
+inline int64_t select_by_rank(const float* dist, const int32_t* key, int64_t cnt, int64_t kk, float* rank,
+                              float* kept_dist, int32_t* kept_key) {
+  const Vec one(1.f);
+  for (int64_t mc = 0; mc < cnt; mc += kLanes) {
+    const int64_t c = std::min<int64_t>(kLanes, cnt - mc);
+    const Vec dm = Vec::loadu(dist + mc, c), index = Vec::arange(static_cast<float>(mc), 1.f);
+    Vec r(0.f);
+    for (int64_t j = 0; j < cnt; ++j) {
+      const Vec dj(dist[j]);
+      r = r + (((dj < dm) | ((dj == dm) & (Vec(static_cast<float>(j)) < index))) & one);
+    }
+    r.store(rank + mc, c);
+  }
+  int64_t n = 0;
+  for (int64_t m = 0; m < cnt; ++m) {
+    if (rank[m] < static_cast<float>(kk)) {
+      kept_dist[n] = dist[m];
+      kept_key[n++] = key[m];
+    }
+  }
+  return n;
+}
+
+inline int64_t select_nearest(const float* dist, const int32_t* key, int64_t cnt, int64_t top_k, float* scratch,
+                              float* kept_dist, int32_t* kept_key) {
+  const int64_t kk = std::min<int64_t>(top_k, cnt);
+  if (kk == cnt) {
+    std::copy(dist, dist + cnt, kept_dist);
+    std::copy(key, key + cnt, kept_key);
+    return kk;
+  }
+  if (cnt <= kRankCountMax) return select_by_rank(dist, key, cnt, kk, scratch, kept_dist, kept_key);
+  std::copy(dist, dist + cnt, scratch);
+  std::nth_element(scratch, scratch + kk - 1, scratch + cnt);
+  const float thr = scratch[kk - 1];
+  int64_t below = 0;
+  for (int64_t m = 0; m < cnt; ++m) below += dist[m] < thr;
+  int64_t ties = kk - below, n = 0;  // the lowest-index candidates at the threshold fill the rest
+  for (int64_t m = 0; m < cnt; ++m) {
+    if (dist[m] < thr || (dist[m] == thr && ties-- > 0)) {
+      kept_dist[n] = dist[m];
+      kept_key[n++] = key[m];
+    }
+  }
+  return n;
+}
+
+// Softmax of -coef * dist over the n kept entries (probs), and out = sum probs v_key.
+inline void softmax_gather(const float* dist, const int32_t* key, int64_t n, int64_t ks, float coef,
+                           const float* v_head, int64_t d, float* out, float* probs, float* dist_out,
+                           int32_t* key_out) {
+  std::fill(out, out + d, 0.f);
+  float lmax = -std::numeric_limits<float>::infinity();
+  for (int64_t m = 0; m < n; ++m) lmax = std::max(lmax, dist[m] * -coef);
+  const Vec vmax(lmax), vneg(-coef);
+  float sum = 0.f;
+  for (int64_t m = 0; m < n; m += kLanes) {
+    const int64_t c = std::min<int64_t>(kLanes, n - m);
+    const Vec e = (Vec::loadu(dist + m, c) * vneg - vmax).exp_u20();
+    e.store(probs + m, c);
+    for (int64_t t = 0; t < c; ++t) sum += probs[m + t];
+  }
+  const float inv = n ? 1.f / sum : 0.f;
+  for (int64_t m = 0; m < n; ++m) {
+    probs[m] *= inv;
+    dist_out[m] = dist[m];
+    key_out[m] = key[m];
+    axpy(probs[m], v_head + static_cast<int64_t>(key[m]) * d, out, d);
+  }
+  for (int64_t m = n; m < ks; ++m) {
+    probs[m] = 0.f;
+    dist_out[m] = 0.f;
+    key_out[m] = -1;
+  }
+}
+
+// Per-thread buffers of one query's candidates.
+struct Scratch {
+  std::vector<float> dots, dist, tmp, kept_dist;
+  std::vector<int32_t> key, kept_key;
+  explicit Scratch(int64_t n)
+      : dots(n + kLanes), dist(n), tmp(n + kLanes), kept_dist(n), key(n), kept_key(n) {}
+};
+
+int64_t grain_for(int64_t work_per_item) {
+  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, work_per_item));
+}
+
+void check_f32(const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == dim,
+              name, ": expected a contiguous float32 tensor of ", dim, " dims");
+}
+
+}  // namespace
+
+// q (B,H,Tq,D); k, v (B,Hkv,Tk,D); q_sq (B,H,Tq); k_sq (B,Hkv,Tk); key_valid (B,Tk) bool or
+// empty; coef (H,). Query i sits at key position key_offset + i and sees keys
+// p - window < j <= p. Returns out, probs, dist (B,H,Tq,ks) and kept (int32).
+// Work is split into tiles of (batch, key/value head, block of queries): a tile copies
+// the keys its block can see, transposed, into a small buffer (so a query's distances
+// are contiguous vector loads), and runs the block for each query head of the group.
+std::vector<at::Tensor> causal_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                       const at::Tensor& q_sq, const at::Tensor& k_sq,
+                                       const at::Tensor& key_valid, const at::Tensor& coef, int64_t key_offset,
+                                       int64_t window, int64_t top_k, int64_t ks) {
+  check_f32(q, "q", 4), check_f32(k, "k", 4), check_f32(v, "v", 4);
+  check_f32(q_sq, "q_sq", 3), check_f32(k_sq, "k_sq", 3), check_f32(coef, "coef", 1);
+  const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Tk = k.size(2), G = H / Hkv;
+  TORCH_CHECK(key_offset + Tq <= Tk && key_offset >= 0, "queries must be the last Tq positions of the keys");
+  const bool padded = key_valid.numel() > 0;
+  auto out = at::empty_like(q);
+  auto probs = at::empty({B, H, Tq, ks}, q.options());
+  auto dist = at::empty({B, H, Tq, ks}, q.options());
+  auto kept = at::empty({B, H, Tq, ks}, q.options().dtype(at::kInt));
+  const float *qp = q.data_ptr<float>(), *kp_ = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float *qsq = q_sq.data_ptr<float>(), *ksq = k_sq.data_ptr<float>(), *cp = coef.data_ptr<float>();
+  const bool* valid = padded ? key_valid.data_ptr<bool>() : nullptr;
+  float *op = out.data_ptr<float>(), *pp = probs.data_ptr<float>(), *dp = dist.data_ptr<float>();
+  int32_t* kp = kept.data_ptr<int32_t>();
+  // A block of W queries sees 2W - 1 keys: the copy costs at most two key reads per candidate.
+  const int64_t block = std::max<int64_t>(kLanes, window);
+  const int64_t nblocks = (Tq + block - 1) / block;
+  const int64_t ld = (block + window - 1 + kLanes - 1) / kLanes * kLanes;
+
+  at::parallel_for(0, B * Hkv * nblocks, grain_for(G * block * window * D), [&](int64_t begin, int64_t end) {
+    Scratch sc(window);
+    std::vector<float> kT(D * ld);
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t bk = tile / nblocks, blk = tile % nblocks, b = bk / Hkv, hkv = bk % Hkv;
+      const int64_t i0 = blk * block, i1 = std::min(Tq, i0 + block);
+      const int64_t span_lo = std::max<int64_t>(0, key_offset + i0 - window + 1), span_hi = key_offset + i1 - 1;
+      const float* k_head = kp_ + bk * Tk * D;
+      for (int64_t j = span_lo; j <= span_hi; ++j)
+        for (int64_t x = 0; x < D; ++x) kT[x * ld + (j - span_lo)] = k_head[j * D + x];
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t h = hkv * G + g;
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t row = (b * H + h) * Tq + i;
+          const int64_t p = key_offset + i, lo = std::max<int64_t>(0, p - window + 1), n = p - lo + 1;
+          window_dots(qp + row * D, kT.data(), ld, lo - span_lo, n, D, sc.dots.data());
+          int64_t cnt = 0;
+          for (int64_t m = 0; m < n; ++m) {
+            const int64_t j = lo + m;
+            if (padded && !valid[b * Tk + j]) continue;
+            sc.dist[cnt] = std::max((qsq[row] + ksq[bk * Tk + j]) - 2.f * sc.dots[m], 0.f);
+            sc.key[cnt++] = static_cast<int32_t>(j);
+          }
+          const int64_t kk = select_nearest(sc.dist.data(), sc.key.data(), cnt, top_k, sc.tmp.data(),
+                                            sc.kept_dist.data(), sc.kept_key.data());
+          softmax_gather(sc.kept_dist.data(), sc.kept_key.data(), kk, ks, cp[h], vp + bk * Tk * D, D, op + row * D,
+                         pp + row * ks, dp + row * ks, kp + row * ks);
+        }
+      }
+    }
+  });
+  return {out, probs, dist, kept};
+}
+
+// The same over explicit candidate lists: query i sees keys cand_idx[cand_ptr[i]:cand_ptr[i+1]]
+// (ascending). k (B,Hkv,N,D) row-major; no key padding.
+std::vector<at::Tensor> listed_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                       const at::Tensor& q_sq, const at::Tensor& k_sq, const at::Tensor& coef,
+                                       const at::Tensor& cand_ptr, const at::Tensor& cand_idx, int64_t top_k,
+                                       int64_t ks) {
+  check_f32(q, "q", 4), check_f32(k, "k", 4), check_f32(v, "v", 4);
+  check_f32(q_sq, "q_sq", 3), check_f32(k_sq, "k_sq", 3), check_f32(coef, "coef", 1);
+  TORCH_CHECK(cand_ptr.scalar_type() == at::kLong && cand_idx.scalar_type() == at::kInt, "candidate lists: int64 / int32");
+  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Nk = k.size(2), G = H / Hkv;
+  auto out = at::empty_like(q);
+  auto probs = at::empty({B, H, Nq, ks}, q.options());
+  auto dist = at::empty({B, H, Nq, ks}, q.options());
+  auto kept = at::empty({B, H, Nq, ks}, q.options().dtype(at::kInt));
+  const float *qp = q.data_ptr<float>(), *kp_ = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float *qsq = q_sq.data_ptr<float>(), *ksq = k_sq.data_ptr<float>(), *cp = coef.data_ptr<float>();
+  const int64_t* ptr = cand_ptr.data_ptr<int64_t>();
+  const int32_t* idx = cand_idx.data_ptr<int32_t>();
+  float *op = out.data_ptr<float>(), *pp = probs.data_ptr<float>(), *dp = dist.data_ptr<float>();
+  int32_t* kp = kept.data_ptr<int32_t>();
+  int64_t widest = 0;
+  for (int64_t i = 0; i < Nq; ++i) widest = std::max(widest, ptr[i + 1] - ptr[i]);
+
+  const int64_t mean_width = std::max<int64_t>(1, ptr[Nq] / std::max<int64_t>(1, Nq));
+  at::parallel_for(0, B * H * Nq, grain_for(mean_width * D), [&](int64_t begin, int64_t end) {
+    Scratch sc(std::max<int64_t>(widest, 1));
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t bh = row / Nq, i = row % Nq, h = bh % H, hk = (bh / H) * Hkv + h / G;
+      const float* qi = qp + row * D;
+      const float* k_head = kp_ + hk * Nk * D;
+      int64_t cnt = 0;
+      for (int64_t e = ptr[i]; e < ptr[i + 1]; ++e) {
+        const int32_t j = idx[e];
+        sc.dist[cnt] = std::max((qsq[row] + ksq[hk * Nk + j]) - 2.f * dot(qi, k_head + j * D, D), 0.f);
+        sc.key[cnt++] = j;
+      }
+      const int64_t kk = select_nearest(sc.dist.data(), sc.key.data(), cnt, top_k, sc.tmp.data(),
+                                        sc.kept_dist.data(), sc.kept_key.data());
+      softmax_gather(sc.kept_dist.data(), sc.kept_key.data(), kk, ks, cp[h], vp + hk * Nk * D, D, op + row * D,
+                     pp + row * ks, dp + row * ks, kp + row * ks);
+    }
+  });
+  return {out, probs, dist, kept};
+}
+
+// The backward of queries [i0, i1) of every head of key/value head (b, hkv): writes their
+// dq rows, adds their dk/dv contributions to dk_acc/dv_acc (rows for keys key_lo...), and
+// returns -sum dlogit * dist per group head in dc[g].
+struct BackwardArgs {
+  const float *g, *q, *k, *v, *coef, *probs, *dist;
+  const int32_t* kept;
+  float* dq;
+  int64_t H, Hkv, G, Nq, Nk, D, ks;
+};
+
+void backward_rows(const BackwardArgs& a, int64_t b, int64_t hkv, int64_t i0, int64_t i1, float* dk_acc,
+                   float* dv_acc, int64_t key_lo, double* dc, float* dl) {
+  const int64_t D = a.D, ks = a.ks, bk = b * a.Hkv + hkv;
+  const float *k_head = a.k + bk * a.Nk * D, *v_head = a.v + bk * a.Nk * D;
+  for (int64_t g = 0; g < a.G; ++g) {
+    const int64_t h = hkv * a.G + g;
+    const float c = a.coef[h];
+    double acc = 0.0;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t row = (b * a.H + h) * a.Nq + i;
+      const float *go = a.g + row * D, *qi = a.q + row * D, *p = a.probs + row * ks, *dd = a.dist + row * ks;
+      const int32_t* kk = a.kept + row * ks;
+      float* dqi = a.dq + row * D;
+      std::fill(dqi, dqi + D, 0.f);
+      int64_t n = 0;
+      while (n < ks && kk[n] >= 0) ++n;
+      float s = 0.f;
+      for (int64_t m = 0; m < n; ++m) {
+        dl[m] = dot(go, v_head + static_cast<int64_t>(kk[m]) * D, D);
+        s += p[m] * dl[m];
+      }
+      float rowsum = 0.f;
+      for (int64_t m = 0; m < n; ++m) {
+        const float dlogit = p[m] * (dl[m] - s);
+        acc -= static_cast<double>(dlogit) * dd[m];
+        const float ddist = dd[m] > 0.f ? -c * dlogit : 0.f;  // no gradient through the clamp
+        const int64_t j = kk[m];
+        float *dkj = dk_acc + (j - key_lo) * D, *dvj = dv_acc + (j - key_lo) * D;
+        rowsum += ddist;
+        axpy(-2.f * ddist, k_head + j * D, dqi, D);
+        axpy(2.f * ddist, k_head + j * D, dkj, D);
+        axpy(-2.f * ddist, qi, dkj, D);
+        axpy(p[m], go, dvj, D);
+      }
+      axpy(2.f * rowsum, qi, dqi, D);
+    }
+    dc[g] = acc;
+  }
+}
+
+// Backward of either forward from its saved rows. grad_out, q (B,H,Nq,D); k, v
+// (B,Hkv,Nk,D); probs, dist (B,H,Nq,ks) fp32, kept int32. Returns dq, dk, dv and
+// dcoef (B,H) (= -sum dlogit * dist per batch and head).
+// window = 0 (candidate lists): one task per (batch, key/value head), owning its dk/dv.
+// window > 0 (causal, end-aligned): tasks are (batch, key/value head, block of 4W
+// queries); a block's queries only reach the block + W - 1 keys before its end, so each
+// task adds into its own buffer for those keys, and a second pass sums, per key, the
+// buffers of the blocks that reach it in block order. The blocks depend on the shapes
+// only, so the bits do not depend on the thread count.
+std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                 const at::Tensor& v, const at::Tensor& coef, const at::Tensor& probs,
+                                 const at::Tensor& dist, const at::Tensor& kept, int64_t window) {
+  check_f32(grad_out, "grad_out", 4), check_f32(q, "q", 4), check_f32(k, "k", 4), check_f32(v, "v", 4);
+  check_f32(probs, "probs", 4), check_f32(dist, "dist", 4), check_f32(coef, "coef", 1);
+  TORCH_CHECK(kept.scalar_type() == at::kInt && kept.is_contiguous(), "kept: contiguous int32");
+  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Nk = k.size(2), G = H / Hkv, ks = probs.size(3);
+  auto dq = at::empty_like(q);
+  auto dk = at::zeros_like(k);
+  auto dv = at::zeros_like(v);
+  const BackwardArgs a{grad_out.data_ptr<float>(), q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
+                       coef.data_ptr<float>(), probs.data_ptr<float>(), dist.data_ptr<float>(),
+                       kept.data_ptr<int32_t>(), dq.data_ptr<float>(), H, Hkv, G, Nq, Nk, D, ks};
+  float *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
+  const int64_t block = window > 0 ? std::max<int64_t>(kLanes, 4 * window) : Nq;
+  const int64_t nblocks = std::max<int64_t>(1, (Nq + block - 1) / block);
+  std::vector<double> dc(B * Hkv * nblocks * G);
+
+  if (nblocks == 1) {
+    at::parallel_for(0, B * Hkv, grain_for(G * Nq * ks * D), [&](int64_t begin, int64_t end) {
+      std::vector<float> dl(std::max<int64_t>(ks, 1));
+      for (int64_t bk = begin; bk < end; ++bk)
+        backward_rows(a, bk / Hkv, bk % Hkv, 0, Nq, dkp + bk * Nk * D, dvp + bk * Nk * D, 0, dc.data() + bk * G,
+                      dl.data());
+    });
+  } else {
+    const int64_t offset = Nk - Nq, span = block + window - 1;
+    auto first_key = [&](int64_t blk) { return std::max<int64_t>(0, offset + blk * block - window + 1); };
+    auto buf_dk = at::zeros({B * Hkv * nblocks, span, D}, q.options());
+    auto buf_dv = at::zeros({B * Hkv * nblocks, span, D}, q.options());
+    float *bdk = buf_dk.data_ptr<float>(), *bdv = buf_dv.data_ptr<float>();
+    at::parallel_for(0, B * Hkv * nblocks, grain_for(G * block * ks * D), [&](int64_t begin, int64_t end) {
+      std::vector<float> dl(std::max<int64_t>(ks, 1));
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t bk = t / nblocks, blk = t % nblocks;
+        backward_rows(a, bk / Hkv, bk % Hkv, blk * block, std::min(Nq, (blk + 1) * block), bdk + t * span * D,
+                      bdv + t * span * D, first_key(blk), dc.data() + t * G, dl.data());
+      }
+    });
+    at::parallel_for(0, B * Hkv * Nk, grain_for(2 * D), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t bk = r / Nk, j = r % Nk;
+        // blocks whose queries (positions offset + i) can reach key j: j <= p <= j + W - 1
+        const int64_t qa = std::max<int64_t>(0, j - offset), qb = std::min<int64_t>(Nq - 1, j + window - 1 - offset);
+        for (int64_t blk = qa / block; qa <= qb && blk <= qb / block; ++blk) {
+          const int64_t lo = first_key(blk), t = bk * nblocks + blk;
+          if (j < lo || j - lo >= span) continue;
+          axpy(1.f, bdk + (t * span + j - lo) * D, dkp + r * D, D);
+          axpy(1.f, bdv + (t * span + j - lo) * D, dvp + r * D, D);
+        }
+      }
+    });
+  }
+  auto dcoef = at::empty({B, H}, q.options());
+  float* dcp = dcoef.data_ptr<float>();
+  for (int64_t bk = 0; bk < B * Hkv; ++bk)
+    for (int64_t g = 0; g < G; ++g) {
+      double total = 0.0;
+      for (int64_t blk = 0; blk < nblocks; ++blk) total += dc[(bk * nblocks + blk) * G + g];
+      dcp[(bk / Hkv) * H + (bk % Hkv) * G + g] = static_cast<float>(total);
+    }
+  return {dq, dk, dv, dcoef};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("causal_forward", &causal_forward, "Krause causal-window forward (CPU)");
+  m.def("listed_forward", &listed_forward, "Krause forward over candidate lists (CPU)");
+  m.def("backward", &backward, "Krause backward from the saved kept keys (CPU)");
+}

@@ -1,0 +1,221 @@
+"""Every implementation of the two Krause ops on one property grid, against one oracle.
+
+The oracle is the dense formula in float64 with the selection made explicit: candidates
+sorted stably by distance, so at equal distance the lower key index is kept (the rule the
+compiled CPU and Triton kernels implement; ``torch.topk``, used by the reference and the
+engine, leaves ties unspecified, so those two sit out the exact-tie cases, and flex keeps
+every tie by design). Outputs and the gradients of q, k, v and log_sigma are compared.
+
+Implementations: reference, engine (the PyTorch engine), compiled (the compiled CPU
+kernel), flex (FlexAttention, unfused on CPU) and triton (the Triton interpreter without
+a GPU, on the small cases).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import krause
+from krause import cpu
+from krause.masks import grid_candidate_mask
+from krause.reference import repeat_kv
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
+except ImportError:
+    HAS_TRITON = False
+
+IMPLEMENTATIONS = ("reference", "engine", "compiled", "flex", "triton")
+
+
+def oracle(q, k, v, log_sigma, cand, top_k):
+    """float64 Krause attention over cand (B|1, Tq, Tk), ties to the lower key index."""
+    h = q.shape[1]
+    qd, kd, vd = q.double(), repeat_kv(k, h).double(), repeat_kv(v, h).double()
+    dist = (qd.pow(2).sum(-1)[..., :, None] + kd.pow(2).sum(-1)[..., None, :] - 2 * qd @ kd.transpose(-1, -2))
+    dist = dist.clamp_min(0.0)
+    cand = cand[:, None].expand_as(dist)
+    with torch.no_grad():
+        order = dist.masked_fill(~cand, float("inf")).sort(dim=-1, stable=True).indices
+        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(dist.shape[-1]).expand_as(order).contiguous())
+        keep = cand & (rank < top_k)
+    coef = 0.5 * torch.exp(-2.0 * log_sigma.double())
+    coef = coef[:, None, None] if coef.dim() == 1 else coef
+    logits = (-dist * coef).masked_fill(~keep, float("-inf"))
+    probs = torch.where(keep.any(-1, keepdim=True), torch.softmax(logits, -1), 0.0).nan_to_num(0.0)
+    return probs @ vd
+
+
+def near_tie_rows(q, k, cand, top_k, gap=1e-4):
+    """(B, H, Tq): rows whose k-th and next distances differ by less than ``gap`` but are not
+    equal (fp32 rounding may order such a pair either way; exact ties follow the rule)."""
+    h = q.shape[1]
+    qd, kd = q.double(), repeat_kv(k, h).double()
+    dist = (qd.pow(2).sum(-1)[..., :, None] + kd.pow(2).sum(-1)[..., None, :] - 2 * qd @ kd.transpose(-1, -2))
+    far = dist.clamp_min(0.0).masked_fill(~cand[:, None].expand_as(dist), float("inf")).sort(-1).values
+    if top_k >= far.shape[-1]:
+        return torch.zeros(far.shape[:-1], dtype=torch.bool)
+    gaps = far[..., top_k] - far[..., top_k - 1]
+    return (gaps < gap) & (gaps > 1e-9)  # inf - inf = nan: not near
+
+
+def make_inputs(b, h, hkv, tq, tk, d, per_head, seed, dup_keys=None):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, tq, d, generator=g)
+    k = torch.randn(b, hkv, tk, d, generator=g)
+    v = torch.randn(b, hkv, tk, d, generator=g)
+    if dup_keys:  # dup_keys distinct keys repeated along the sequence: exact distance ties
+        k = k[:, :, torch.arange(tk) % dup_keys]
+    ls = (0.3 * torch.randn(h, generator=g) + 0.3) if per_head else torch.tensor(0.3)
+    go = torch.randn(b, h, tq, d, generator=g)
+    return q, k, v, ls, go
+
+
+def padding(kind, b, tk):
+    if kind is None:
+        return None
+    mask = torch.ones(b, tk, dtype=torch.bool)
+    if kind == "empty-row":  # row 0 all padding: its queries have no candidate
+        mask[0] = False
+    elif kind == "left":
+        mask[0, : tk // 2 + 2] = False  # the first queries of row 0 have no candidate at all
+    elif kind == "right":
+        mask[-1, -3:] = False
+    else:  # holes inside the window
+        mask[:, 2 : tk - 1 : 3] = False
+    return mask
+
+
+def runs(impl, dtype, ties, small):
+    """Whether ``impl`` is held to the oracle on this case (and why not)."""
+    if impl in ("reference", "engine") and ties:
+        return "torch.topk leaves ties unspecified"
+    if impl == "flex" and (ties or dtype != torch.float32):
+        return "flex keeps every tie at the k-th distance; fp32 only here"
+    if impl == "triton" and not (HAS_TRITON and small):
+        return "triton: not installed, no GPU/interpreter, or a case too large for the interpreter"
+    if impl == "compiled" and not cpu.active():
+        return f"compiled CPU kernel: {cpu.status()}"
+    return None
+
+
+def call(impl, fn):
+    if impl == "engine":
+        with cpu.use_engine():
+            return fn("fast")
+    return fn("fast" if impl == "compiled" else impl)
+
+
+def check(impl, fn, leaves, go, cand, top_k, dtype, skip):
+    q, k, v, ls = (t.detach().clone().to(dtype if i < 3 else t.dtype).requires_grad_(True) for i, t in enumerate(leaves))
+    out = call(impl, lambda name: fn(q, k, v, ls, name))
+    assert out.dtype == dtype and out.shape == q.shape
+    go_kept = go.masked_fill(skip[..., None], 0.0)
+    grads = torch.autograd.grad(out, (q, k, v, ls), go_kept.to(dtype))
+    ref_leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v, ls)]
+    ref = oracle(*ref_leaves, cand, top_k)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, go_kept.double())
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.detach().double()[~skip], ref.detach()[~skip], atol=tol, rtol=0, msg=lambda m: f"{impl} out: {m}")
+    for name, got, want in zip(("dq", "dk", "dv", "dlog_sigma"), grads, ref_grads):
+        scale = max(1.0, want.abs().max().item())
+        torch.testing.assert_close(got.double(), want, atol=tol * scale, rtol=0, msg=lambda m: f"{impl} {name}: {m}")
+
+
+# b, h, hkv, tq, tk, d, window, top_k, per_head, padding, dup_keys, small
+CAUSAL = {
+    "square": (2, 2, 2, 37, 37, 16, 8, 3, False, None, None, True),
+    "T<W-gqa": (2, 4, 2, 5, 5, 16, 8, 4, True, None, None, True),
+    "topk>W-mqa": (1, 2, 1, 21, 21, 8, 6, 9, False, None, None, True),
+    "end-aligned": (1, 4, 2, 9, 30, 16, 7, 3, True, None, None, True),
+    "decode-step": (2, 2, 1, 1, 40, 8, 12, 5, True, "empty-row", None, True),
+    "left-padding": (2, 2, 1, 24, 24, 8, 6, 3, True, "left", None, True),
+    "right-padding-end-aligned": (2, 2, 2, 15, 24, 8, 6, 3, False, "right", None, True),
+    "holes": (2, 3, 1, 30, 30, 8, 9, 4, True, "holes", None, True),
+    "W=1": (1, 2, 2, 17, 17, 8, 1, 1, False, None, None, True),
+    "ties": (1, 2, 1, 40, 40, 8, 12, 5, False, None, 3, True),
+    "ties-gqa-end-aligned": (2, 4, 2, 12, 33, 8, 9, 5, True, "holes", 4, True),
+    "long": (1, 2, 1, 300, 300, 32, 64, 16, True, "right", None, False),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(CAUSAL))
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_causal_conforms(impl, case, dtype):
+    b, h, hkv, tq, tk, d, window, top_k, per_head, pad, dup, small = CAUSAL[case]
+    why = runs(impl, dtype, dup, small)
+    if why:
+        pytest.skip(why)
+    q, k, v, ls, go = make_inputs(b, h, hkv, tq, tk, d, per_head, seed=len(case), dup_keys=dup)
+    mask = padding(pad, b, tk)
+    pos = torch.arange(tk - tq, tk)[:, None]
+    j = torch.arange(tk)[None, :]
+    cand = ((j <= pos) & (j > pos - window))[None].expand(b, tq, tk)
+    if mask is not None:
+        cand = cand & mask[:, None, :]
+    rounded = [t.to(dtype).float() for t in (q, k, v)]  # the oracle sees what the kernels see
+    skip = near_tie_rows(rounded[0], rounded[1], cand, top_k)
+
+    def fn(q_, k_, v_, ls_, name):
+        return krause.causal_krause_attention(q_, k_, v_, ls_, window, top_k, key_padding_mask=mask, impl=name)
+
+    check(impl, fn, (*rounded, ls), go, cand, top_k, dtype, skip)
+    empty = ~cand.any(-1)  # (B, Tq): queries with no valid candidate return zeros
+    if empty.any() and impl != "flex":
+        out = call(impl, lambda name: fn(q.to(dtype), k.to(dtype), v.to(dtype), ls, name))
+        assert out[empty[:, None].expand(b, h, tq)].abs().max() == 0
+
+
+# b, h, hkv, grid, radius, metric, top_k, num_prefix, per_head, dup_patches, small
+GRID = {
+    "cifar-8x8": (2, 2, 2, (8, 8), 1, "manhattan", 2, 1, False, None, True),
+    "cheb-gqa": (1, 4, 2, (5, 6), 2, "chebyshev", 8, 1, True, None, True),
+    "no-prefix": (2, 2, 1, (4, 7), 1, "chebyshev", 3, 0, True, None, True),
+    "two-prefix-topk-all": (1, 2, 2, (3, 3), 1, "manhattan", 40, 2, False, None, True),
+    "radius-0": (1, 2, 2, (4, 4), 0, "manhattan", 1, 1, False, None, True),
+    "ties": (1, 2, 1, (6, 6), 2, "chebyshev", 5, 1, False, 4, True),
+    "imagenet-14x14": (1, 2, 1, (14, 14), 2, "chebyshev", 8, 1, True, None, False),
+    "large-no-prefix": (1, 2, 1, (12, 11), 1, "manhattan", 3, 0, False, None, False),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(GRID))
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_local2d_conforms(impl, case, dtype):
+    b, h, hkv, grid, radius, metric, top_k, num_prefix, per_head, dup, small = GRID[case]
+    why = runs(impl, dtype, dup, small)
+    if why:
+        pytest.skip(why)
+    n = num_prefix + grid[0] * grid[1]
+    q, k, v, ls, go = make_inputs(b, h, hkv, n, n, 8, per_head, seed=len(case), dup_keys=dup)
+    cand = grid_candidate_mask(grid, radius, metric, num_prefix)[None]
+    rounded = [t.to(dtype).float() for t in (q, k, v)]
+    skip = near_tie_rows(rounded[0], rounded[1], cand, top_k)
+
+    def fn(q_, k_, v_, ls_, name):
+        return krause.local_krause_attention_2d(q_, k_, v_, ls_, grid, radius, metric, top_k, num_prefix, impl=name)
+
+    check(impl, fn, (*rounded, ls), go, cand, top_k, dtype, skip)
+
+
+def test_the_tie_cases_have_exact_ties_at_the_boundary():
+    """The tie cases would prove nothing without a tie at the k-th distance: the rule is
+    visible (keeping the higher index instead gives another output)."""
+    b, h, hkv, tq, tk, d, window, top_k, per_head, pad, dup, _ = CAUSAL["ties"]
+    q, k, v, ls, _ = make_inputs(b, h, hkv, tq, tk, d, per_head, seed=len("ties"), dup_keys=dup)
+    pos = torch.arange(tk)[:, None]
+    j = torch.arange(tk)[None, :]
+    cand = ((j <= pos) & (j > pos - window))[None]
+    dist = torch.cdist(q[0, 0].double(), k[0, 0].double()).pow(2).masked_fill(~cand[0], float("inf"))
+    far = dist.sort(-1).values
+    assert ((far[:, top_k - 1] == far[:, top_k]) & far[:, top_k].isfinite()).sum() > 5
+    low = oracle(q, k, v, ls, cand, top_k)
+    flipped = oracle(q, k.flip(2), v.flip(2), ls, cand.flip(-1), top_k)  # the same keys, tie order reversed
+    assert not torch.allclose(low, flipped)
