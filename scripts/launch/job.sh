@@ -95,7 +95,7 @@ sweep_select() {
     while [ $# -gt 0 ]; do
         [ $# -ge 2 ] || fail "sweep_select: $1 has no values"
         count="$(wc -w <<<"$2")"
-        [ "$count" -gt 0 ] || fail "set $1 to at least one value"
+        [ "$count" -gt 0 ] || fail "the sweep over $1 has no values"
         names+=("$1")
         lists+=("$2")
         size=$(( size * count ))
