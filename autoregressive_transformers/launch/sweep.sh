@@ -22,7 +22,7 @@
 #SBATCH --output=krause-ar-sweep-%A_%a.out
 # the checkout: this file's, or under sbatch (which runs a spool copy) the submitted file's
 TEMPLATE="${BASH_SOURCE[0]}"
-[ -f "$(dirname "$TEMPLATE")/../../scripts/launch/job.sh" ] || TEMPLATE="$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')"
+[ -f "$(dirname "$TEMPLATE")/../../scripts/launch/job.sh" ] || TEMPLATE="$(scontrol show job "$SLURM_JOB_ID" | sed -n '/^ *Command=/{s/^ *Command=\([^ ]*\).*/\1/p;q}')"
 source "${REPO_ROOT:-$(dirname "$TEMPLATE")/../..}/scripts/launch/job.sh"
 
 sweep_select SIGMA "${SIGMAS:-1.5 2.5 3.5}" WINDOW "${WINDOWS:-64 128 256}" DROPOUT "${DROPOUTS:-0.0 0.1}"

@@ -19,7 +19,7 @@
 #SBATCH --output=krause-ar-train-%j.out
 # the checkout: this file's, or under sbatch (which runs a spool copy) the submitted file's
 TEMPLATE="${BASH_SOURCE[0]}"
-[ -f "$(dirname "$TEMPLATE")/../../scripts/launch/job.sh" ] || TEMPLATE="$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')"
+[ -f "$(dirname "$TEMPLATE")/../../scripts/launch/job.sh" ] || TEMPLATE="$(scontrol show job "$SLURM_JOB_ID" | sed -n '/^ *Command=/{s/^ *Command=\([^ ]*\).*/\1/p;q}')"
 source "${REPO_ROOT:-$(dirname "$TEMPLATE")/../..}/scripts/launch/job.sh"
 
 DATASET="${DATASET:-mnist}"     # mnist | cifar10

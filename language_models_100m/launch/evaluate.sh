@@ -8,7 +8,7 @@
 #SBATCH --time=08:00:00
 # the checkout: this file's, or under sbatch (which runs a spool copy) the submitted file's
 TEMPLATE="${BASH_SOURCE[0]}"
-[ -f "$(dirname "$TEMPLATE")/../../scripts/launch/job.sh" ] || TEMPLATE="$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')"
+[ -f "$(dirname "$TEMPLATE")/../../scripts/launch/job.sh" ] || TEMPLATE="$(scontrol show job "$SLURM_JOB_ID" | sed -n '/^ *Command=/{s/^ *Command=\([^ ]*\).*/\1/p;q}')"
 source "${REPO_ROOT:-$(dirname "$TEMPLATE")/../..}/scripts/launch/job.sh"
 require MODELS "run directories (space-separated)"
 DATA=()

@@ -16,6 +16,6 @@
 NAME="${NAME:-${MODE:-krause}_qwen15_7b}"
 # the checkout: this file's, or under sbatch (which runs a spool copy) the submitted file's
 TEMPLATE="${BASH_SOURCE[0]}"
-[ -f "$(dirname "$TEMPLATE")/../../scripts/launch/job.sh" ] || TEMPLATE="$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')"
+[ -f "$(dirname "$TEMPLATE")/../../scripts/launch/job.sh" ] || TEMPLATE="$(scontrol show job "$SLURM_JOB_ID" | sed -n '/^ *Command=/{s/^ *Command=\([^ ]*\).*/\1/p;q}')"
 source "${REPO_ROOT:-$(dirname "$TEMPLATE")/../..}/scripts/launch/job.sh"
 source "$REPO_ROOT/lora_llms/scripts/train_common.sh"

@@ -17,7 +17,7 @@
 # Outside Slurm it says how to submit it, or runs element SWEEP_INDEX. run_kvit.sh's settings apply.
 # the checkout: this file's, or under sbatch (which runs a spool copy) the submitted file's
 TEMPLATE="${BASH_SOURCE[0]}"
-[ -f "$(dirname "$TEMPLATE")/../../scripts/launch/job.sh" ] || TEMPLATE="$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')"
+[ -f "$(dirname "$TEMPLATE")/../../scripts/launch/job.sh" ] || TEMPLATE="$(scontrol show job "$SLURM_JOB_ID" | sed -n '/^ *Command=/{s/^ *Command=\([^ ]*\).*/\1/p;q}')"
 source "${REPO_ROOT:-$(dirname "$TEMPLATE")/../..}/scripts/launch/job.sh"
 sweep_select SIGMA "${SIGMAS:-1.5 2.5 4.0}" DROP_PATH "${DROP_PATHS:-0.0 0.1 0.2}"
 SWEEP_DIR="${SWEEP_DIR:-$REPO_ROOT/runs/cifar10_kvit-s_sweep}"
