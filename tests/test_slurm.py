@@ -44,11 +44,17 @@ def _slurm_ready() -> str | None:
     return None
 
 
+SUBMITTED: list[str] = []
+
+
 @pytest.fixture(scope="module", autouse=True)
 def slurm():
     reason = _slurm_ready()
     if reason:
         pytest.skip(reason)
+    yield
+    if SUBMITTED:  # a failed test leaves no job behind
+        subprocess.run(["scancel", *SUBMITTED], capture_output=True, timeout=60)
 
 
 def job_env(**extra) -> dict[str, str]:
@@ -62,7 +68,8 @@ def submit(script: Path, tmp_path: Path, *sbatch_args: str, env: dict, name: str
     out = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path}/{name}-%j.out", f"--chdir={tmp_path}",
                           *sbatch_args, str(script), *args], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    return out.stdout.strip().split(";")[0]
+    SUBMITTED.append(out.stdout.strip().split(";")[0])
+    return SUBMITTED[-1]
 
 
 def job_info(job: str) -> dict[str, str]:
@@ -226,22 +233,27 @@ def test_sweep_array_runs_one_dir_per_element_and_collects(tmp_path):
 
 
 def test_array_element_refuses_a_run_dir_held_by_a_running_element(tmp_path):
-    """The same element submitted twice at once: one trains, the other stops at the run dir's lock in one line
-    and writes nothing."""
+    """The same element submitted again while it runs: the second job stops at the run dir's lock in one line
+    and writes nothing; the first one is then stopped (REQUEUE=0) and has one unbroken history."""
     sweep = tmp_path / "sweep"
-    env = job_env(SWEEP_DIR=str(sweep), SIGMAS="2.5", WINDOWS="32", DROPOUTS="0.0",
-                  EXTRA_ARGS=AR_TINY + " --max_steps 40")
+    run = sweep / "sigma=2.5,window=32,dropout=0.0"
+    env = job_env(SWEEP_DIR=str(sweep), SIGMAS="2.5", WINDOWS="32", DROPOUTS="0.0", REQUEUE="0",
+                  EXTRA_ARGS=AR_TINY + " --max_steps 100000")
     first = submit(AR / "sweep.sh", tmp_path, "--array=0", name="first", env=env)
-    wait_for_step(sweep / "sigma=2.5,window=32,dropout=0.0" / "metrics.jsonl", 1, f"{first}_0")
+    wait_for_step(run / "metrics.jsonl", 1, f"{first}_0")
     second = submit(AR / "sweep.sh", tmp_path, "--array=0", name="second", env=env)
     info = wait_for(f"{second}_0", timeout=300)
-    assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", info
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", info
+    assert job_info(f"{first}_0")["JobState"] == "RUNNING"
     errors = [ln for ln in (tmp_path / f"second-{second}.out").read_text().splitlines()
               if ln.strip() and not ln.startswith("launch: krause on")]
-    assert len(errors) == 1 and "lock" in errors[0].lower(), errors
-    info = wait_for(f"{first}_0", timeout=600)
-    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), info
-    assert sorted(train_losses(sweep / "sigma=2.5,window=32,dropout=0.0")) == list(range(1, 41))
+    assert len(errors) == 1 and "is in use by another trainer" in errors[0], errors
+    subprocess.run(["scancel", "--signal=USR1", "--batch", f"{first}_0"], check=True, timeout=30)
+    info = wait_for(f"{first}_0", timeout=300)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "0"), info
+    steps = sorted(train_losses(run))
+    assert steps == list(range(1, steps[-1] + 1)) and steps[-1] < 100000
+    assert "run this script again to resume" in (tmp_path / f"first-{first}.out").read_text()
 
 
 def test_bad_submissions_are_one_line(tmp_path):
