@@ -7,7 +7,7 @@
 #   bash scripts/slurm_local.sh stop      # stop what `start` started
 #
 # Needs root (the daemons run as root, jobs run as the submitting user). No cgroups:
-# proctrack/linuxproc, task/none. The node claims 64 CPUs and 8 stand-in GPUs (character devices
+# proctrack/linuxproc, task/none. The node claims 128 CPUs and 16 stand-in GPUs (character devices
 # that are /dev/null)
 # (SlurmdParameters=config_overrides), so the templates' own #SBATCH headers are accepted
 # as written on any machine; the jobs see no GPU and run on the CPU. Accounting: the job
@@ -63,15 +63,15 @@ MinJobAge=3600
 KillWait=10
 MpiDefault=none
 SwitchType=switch/none
-NodeName=$NODE NodeAddr=127.0.0.1 CPUs=64 RealMemory=64000 Gres=gpu:8 State=UNKNOWN
+NodeName=$NODE NodeAddr=127.0.0.1 CPUs=128 RealMemory=128000 Gres=gpu:16 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
-    # slurmd counts a GPU only for a character device: eight stand-ins for /dev/null
+    # slurmd counts a GPU only for a character device: stand-ins for /dev/null
     mkdir -p "$DIR/dev"
-    for i in 0 1 2 3 4 5 6 7; do
+    for i in $(seq 0 15); do
         [ -c "$DIR/dev/gpu$i" ] || mknod "$DIR/dev/gpu$i" c 1 3 || die "cannot create the stand-in GPU devices in $DIR/dev"
     done
-    printf 'AutoDetect=off\nNodeName=%s Name=gpu File=%s/dev/gpu[0-7]\n' "$NODE" "$DIR" > "$CONF_DIR/gres.conf"
+    printf 'AutoDetect=off\nNodeName=%s Name=gpu File=%s/dev/gpu[0-15]\n' "$NODE" "$DIR" > "$CONF_DIR/gres.conf"
 }
 
 node_state() {
@@ -93,7 +93,7 @@ start() {
         mkdir -p /run/munge && chown munge:munge /run/munge 2>/dev/null || true
         if id munge >/dev/null 2>&1; then runuser -u munge -- /usr/sbin/munged; else /usr/sbin/munged --force; fi
     fi
-    /usr/sbin/slurmctld -i
+    /usr/sbin/slurmctld -c  # a fresh cluster: no jobs from an earlier start
     /usr/sbin/slurmd -N "$NODE"
     local deadline=$(( $(date +%s) + ${SLURM_LOCAL_TIMEOUT:-90} ))
     until node_state | grep -q -E '^idle'; do

@@ -125,7 +125,7 @@ def test_every_family_trains_under_sbatch(tmp_path):
     from vision_transformers.fake_data import write_cifar10
 
     write_cifar10(tmp_path / "cifar", per_batch=16)
-    docs = make_documents(400, seed=2)
+    docs = make_documents(1500, seed=2)
     write_fineweb_parquet(tmp_path / "fwe" / "a.parquet", docs)
     tok = train_tokenizer(docs, tmp_path / "tok.json", vocab_size=256)
     assert build_fwe10bt.main(["--input", str(tmp_path / "fwe"), "--out_dir", str(tmp_path / "lmdata"), "--tokenizer",
