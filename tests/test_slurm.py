@@ -78,15 +78,24 @@ def job_info(job: str) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S*)", out.stdout.splitlines()[0]))
 
 
-def wait_for(job: str, timeout: float = 600, release_requeued: bool = True) -> dict[str, str]:
-    """Polls until the job ended. A requeued job waits out Slurm's hold (BeginTime, 2 min) unless released."""
+def release_requeued() -> None:
+    """Slurm holds a requeued job for 2 minutes (Reason=BeginTime) before it may start again: start them now."""
+    held = subprocess.run(["squeue", "-h", "-t", "PD", "-o", "%i %r"], capture_output=True, text=True, timeout=30)
+    for line in held.stdout.splitlines():
+        job, _, reason = line.partition(" ")
+        if reason.strip() == "BeginTime" and job.split("_")[0] in {j.split("_")[0] for j in SUBMITTED}:
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True, timeout=30)
+
+
+def wait_for(job: str, timeout: float = 600, release: bool = True) -> dict[str, str]:
+    """Polls until the job ended, releasing this test's requeued jobs from Slurm's hold on the way."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         info = job_info(job)
         if info["JobState"] in TERMINAL:
             return info
-        if release_requeued and info["JobState"] == "PENDING" and info.get("Reason") == "BeginTime":
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True, timeout=30)
+        if release:
+            release_requeued()
         time.sleep(1)
     subprocess.run(["scancel", job], timeout=30)
     raise AssertionError(f"job {job} did not end within {timeout} s: {job_info(job)}")
@@ -166,33 +175,31 @@ def test_every_family_trains_under_sbatch(tmp_path):
 
 
 # --------------------------------------------------------------------------- preemption
-@pytest.mark.parametrize("how", ["usr1_batch", "term_full"])
-def test_signal_checkpoints_requeues_and_resumes_to_the_uninterrupted_metrics(tmp_path, how):
-    """`scancel --signal=USR1 --batch` (the warning Slurm sends with --signal=B:USR1@..) or a SIGTERM to every
-    process of the job: the workers save, the job requeues itself, the requeued job resumes from the run dir,
-    and the metrics equal an uninterrupted run's (KARM on the CPU is deterministic)."""
-    steps = 14
-    reference, preempted = tmp_path / "reference", tmp_path / "preempted"
+def test_signals_checkpoint_requeue_and_resume_to_the_uninterrupted_metrics(tmp_path):
+    """`scancel --signal=USR1 --batch` (the warning Slurm sends with --signal=B:USR1@..) to one job and a SIGTERM
+    to every process of another: the workers save, each job requeues itself, the requeued job resumes from the
+    run dir, and the metrics equal an uninterrupted run's exactly (KARM on the CPU is deterministic)."""
+    steps = 20
     extra = AR_TINY + f" --max_steps {steps}"
-    ref_job = submit(AR / "train.sh", tmp_path, name="reference", env=job_env(OUT_DIR=str(reference), EXTRA_ARGS=extra))
-    job = submit(AR / "train.sh", tmp_path, name="preempted", env=job_env(OUT_DIR=str(preempted), EXTRA_ARGS=extra))
-    wait_for_step(preempted / "metrics.jsonl", 3, job)
-    if how == "usr1_batch":
-        subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=30)
-    else:
-        subprocess.run(["scancel", "--signal=TERM", "--full", job], check=True, timeout=30)
-    info = wait_for(job, timeout=600)
-    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), info
-    log = log_of(tmp_path, "preempted", job)
-    assert f"requeueing job {job}" in log and "resumed from" in log, log[-3000:]
-    ref_info = wait_for(ref_job, timeout=600)
-    assert ref_info["JobState"] == "COMPLETED", log_of(tmp_path, "reference", ref_job)[-3000:]
-
-    got, want = train_losses(preempted), train_losses(reference)
-    assert sorted(got) == list(range(1, steps + 1))  # one history, no step twice
-    assert got == want
-    result, expected = (json.loads((d / "results.json").read_text()) for d in (preempted, reference))
-    assert result["test_bpd"] == expected["test_bpd"] and result["steps"] == steps
+    runs = {name: tmp_path / name for name in ("reference", "usr1", "term")}
+    jobs = {name: submit(AR / "train.sh", tmp_path, name=name, env=job_env(OUT_DIR=str(run), EXTRA_ARGS=extra))
+            for name, run in runs.items()}
+    signals = {"usr1": ["--signal=USR1", "--batch"], "term": ["--signal=TERM", "--full"]}
+    for name, how in signals.items():
+        wait_for_step(runs[name] / "metrics.jsonl", 3, jobs[name])
+        subprocess.run(["scancel", *how, jobs[name]], check=True, timeout=30)
+    infos = {name: wait_for(job, timeout=600) for name, job in jobs.items()}
+    assert infos["reference"]["JobState"] == "COMPLETED", log_of(tmp_path, "reference", jobs["reference"])[-3000:]
+    want = train_losses(runs["reference"])
+    expected = json.loads((runs["reference"] / "results.json").read_text())
+    assert sorted(want) == list(range(1, steps + 1))
+    for name in signals:
+        info, log = infos[name], log_of(tmp_path, name, jobs[name])
+        assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), (info, log[-3000:])
+        assert f"requeueing job {jobs[name]}" in log and "resumed from" in log, log[-3000:]
+        assert train_losses(runs[name]) == want, name  # one history, no step twice, the same losses
+        result = json.loads((runs[name] / "results.json").read_text())
+        assert (result["test_bpd"], result["steps"]) == (expected["test_bpd"], steps), name
 
 
 # --------------------------------------------------------------------------- sweeps as job arrays
@@ -305,7 +312,7 @@ def test_a_killed_task_fails_the_job_cleanly(tmp_path):
     assert pids, "no rank-1 worker found"
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
-    info = wait_for(job, timeout=300, release_requeued=False)
+    info = wait_for(job, timeout=300, release=False)
     assert info["JobState"] == "FAILED" and info["Restarts"] == "0", info
     log = log_of(tmp_path, "kill", job)
     assert "launch: rank 1 failed (killed by signal 9)" in log, log[-3000:]
