@@ -23,7 +23,7 @@ import pytest
 
 from krause.training import read_metrics
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+pytestmark = pytest.mark.slurm  # the job-running tests are slow too; the header check is quick
 
 REPO = Path(__file__).resolve().parents[1]
 AR = REPO / "autoregressive_transformers" / "launch"
@@ -125,7 +125,23 @@ def train_losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["train_loss"] for r in read_metrics(run / "metrics.jsonl") if "train_loss" in r}
 
 
+# --------------------------------------------------------------------------- every template's headers
+TEMPLATES = sorted(p for pattern in ("vision_transformers/*/*.sh", "autoregressive_transformers/launch/*.sh",
+                                     "lora_llms/scripts/*.sh", "language_models_100m/launch/*.sh")
+                   for p in REPO.glob(pattern) if "#SBATCH" in p.read_text())
+
+
+def test_every_template_is_accepted_by_slurm_as_written(tmp_path):
+    """`sbatch --test-only` checks each template's own #SBATCH headers against the cluster without running it."""
+    assert len(TEMPLATES) >= 18
+    for template in TEMPLATES:
+        out = subprocess.run(["sbatch", "--test-only", f"--chdir={tmp_path}", str(template)], env=job_env(),
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and "to start at" in out.stderr, (template, out.stderr)
+
+
 # --------------------------------------------------------------------------- one template per family
+@pytest.mark.slow
 def test_every_family_trains_under_sbatch(tmp_path):
     """The four families' training templates, submitted with their own #SBATCH headers, at once."""
     from language_models_100m import build_fwe10bt
@@ -175,6 +191,7 @@ def test_every_family_trains_under_sbatch(tmp_path):
 
 
 # --------------------------------------------------------------------------- preemption
+@pytest.mark.slow
 def test_signals_checkpoint_requeue_and_resume_to_the_uninterrupted_metrics(tmp_path):
     """`scancel --signal=USR1 --batch` (the warning Slurm sends with --signal=B:USR1@..) to one job and a SIGTERM
     to every process of another: the workers save, each job requeues itself, the requeued job resumes from the
@@ -203,6 +220,7 @@ def test_signals_checkpoint_requeue_and_resume_to_the_uninterrupted_metrics(tmp_
 
 
 # --------------------------------------------------------------------------- sweeps as job arrays
+@pytest.mark.slow
 def test_sweep_array_runs_one_dir_per_element_and_collects(tmp_path):
     sweep = tmp_path / "sweep"
     env = job_env(SWEEP_DIR=str(sweep), SIGMAS="1.5 2.5 3.5", WINDOWS="32", DROPOUTS="0.0",
@@ -239,6 +257,7 @@ def test_sweep_array_runs_one_dir_per_element_and_collects(tmp_path):
     assert (sweep / "sweep.png").stat().st_size > 5000 and (sweep / "sweep.csv").is_file()
 
 
+@pytest.mark.slow
 def test_array_element_refuses_a_run_dir_held_by_a_running_element(tmp_path):
     """The same element submitted again while it runs: the second job stops at the run dir's lock in one line
     and writes nothing; the first one is then stopped (REQUEUE=0) and has one unbroken history."""
@@ -278,6 +297,7 @@ def test_bad_submissions_are_one_line(tmp_path):
 
 
 # --------------------------------------------------------------------------- multi-task rendezvous
+@pytest.mark.slow
 def test_two_tasks_form_one_process_group(tmp_path):
     run = tmp_path / "run"
     job = submit(AR / "train.sh", tmp_path, "--ntasks-per-node=2", name="two", env=job_env(
@@ -303,6 +323,7 @@ def _worker_pids(job: str, rank: int) -> list[int]:
     return pids
 
 
+@pytest.mark.slow
 def test_a_killed_task_fails_the_job_cleanly(tmp_path):
     run = tmp_path / "run"
     job = submit(AR / "train.sh", tmp_path, "--ntasks-per-node=2", name="kill", env=job_env(
