@@ -248,3 +248,12 @@ def test_a_failed_run_without_a_save_is_not_requeued(tmp_path):
     done = subprocess.run(["bash", str(script), str(tmp_path / "ck")], env=env, capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 3 and not (tmp_path / "scontrol.log").exists()
+
+
+def test_run_once_runs_each_command_and_stops_at_a_failure(tmp_path):
+    script = tmp_path / "steps.sh"
+    script.write_text(f'source "{HELPERS}/job.sh"\nrun_once echo first\nrun_once echo second\nrun_once false\n'
+                      'run_once echo never\n')
+    done = subprocess.run(["bash", str(script)], env=dict(os.environ, PYTHON=PY), capture_output=True, text=True,
+                          timeout=60)
+    assert (done.returncode, done.stdout.split()) == (1, ["first", "second"])

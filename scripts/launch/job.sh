@@ -7,7 +7,7 @@
 #                       the workers save and exit; when a save newer than the job's start is in
 #                       CHECKPOINT_DIR (and FINISHED_FILE, if set, is absent) the job requeues
 #                       itself under Slurm (REQUEUE=1, the default) or says to run it again
-#   run_once CMD...     anything else (evaluation, sampling, data builds): exec CMD
+#   run_once CMD...     anything else (evaluation, sampling): runs CMD (a failure ends the script)
 #   sweep_select ...    a job-array template's element (see below)
 # DRY_RUN=1 prints the command (shell-quoted, one line on stdout) instead of running it.
 # Settings: PYTHON (default <repo>/.venv/bin/python, else python3 on PATH), REQUEUE, DRY_RUN;
@@ -49,7 +49,7 @@ dry_run() {
 
 run_once() {
     if [ "${DRY_RUN:-0}" = 1 ]; then dry_run "$@"; return 0; fi
-    exec "$@"
+    "$@"
 }
 
 # true when something directly in CHECKPOINT_DIR changed at or after epoch second $1
