@@ -257,3 +257,47 @@ def test_run_once_runs_each_command_and_stops_at_a_failure(tmp_path):
     done = subprocess.run(["bash", str(script)], env=dict(os.environ, PYTHON=PY), capture_output=True, text=True,
                           timeout=60)
     assert (done.returncode, done.stdout.split()) == (1, ["first", "second"])
+
+
+# --------------------------------------------------------------------------- collecting a sweep
+def _element(root: Path, name: str, records: list[dict]) -> None:
+    import json
+
+    (root / name).mkdir(parents=True)
+    (root / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_sweep_collect_tabulates_the_last_values_and_plots(tmp_path):
+    from krause.training import sweep
+
+    _element(tmp_path, "sigma=2.5,window=64", [{"step": 1, "train_loss": 3.0}, {"step": 4, "test_bpd": 2.0},
+                                              {"step": 8, "test_bpd": 1.5, "sigma": [1.0, 2.0]}])
+    _element(tmp_path, "sigma=10,window=64", [{"step": 8, "test_bpd": 1.25, "val_acc": 0.5}])
+    _element(tmp_path, "sigma=1.5,window=64", [])  # pending: listed with empty cells
+    (tmp_path / "figures").mkdir()  # not an element: ignored
+    assert sweep.parse_element("sigma=2.5,window=64") == {"sigma": "2.5", "window": "64"}
+    assert sweep.parse_element("figures") is None and sweep.parse_element("a=1,b") is None
+    names, metrics, rows = sweep.collect(tmp_path)
+    assert names == ["sigma", "window"] and metrics == ["test_bpd", "val_acc"]
+    assert [r["sigma"] for r in rows] == ["1.5", "2.5", "10"]  # numeric order, not string order
+    assert rows[1] == {"sigma": "2.5", "window": "64", "step": 8, "test_bpd": 1.5}
+    assert sweep.main([str(tmp_path), "--metric", "test_bpd"]) == 0
+    assert (tmp_path / "sweep.md").read_text().splitlines() == [
+        "| sigma | window | step | test_bpd |", "|---|---|---|---|", "| 1.5 | 64 |  |  |", "| 2.5 | 64 | 8 | 1.5 |",
+        "| 10 | 64 | 8 | 1.25 |"]
+    assert (tmp_path / "sweep.csv").read_text().splitlines()[0] == "sigma,window,step,test_bpd"
+    assert (tmp_path / "sweep.png").stat().st_size > 5000
+
+
+def test_sweep_collect_bad_input_is_one_line(tmp_path, capsys):
+    from krause.training import sweep
+
+    assert sweep.main([str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: sweep_dir: no such folder {tmp_path / 'missing'}"]
+    assert sweep.main([str(tmp_path)]) == 2
+    assert "holds no run dirs named like" in capsys.readouterr().err
+    _element(tmp_path, "sigma=1", [])
+    _element(tmp_path, "window=2", [])
+    assert sweep.main([str(tmp_path)]) == 2
+    assert "sets window, the others sigma" in capsys.readouterr().err
+    assert not (tmp_path / "sweep.md").exists()
