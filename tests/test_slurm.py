@@ -222,11 +222,15 @@ def test_signals_checkpoint_requeue_and_resume_to_the_uninterrupted_metrics(tmp_
 # --------------------------------------------------------------------------- sweeps as job arrays
 @pytest.mark.slow
 def test_sweep_array_runs_one_dir_per_element_and_collects(tmp_path):
+    """A 3-element array, one run dir per element named by its settings, collected into a table and a plot; an
+    index beyond the grid and an element whose run dir is held by a running trainer are one line and write
+    nothing."""
+    from krause.training import RunLock
+
     sweep = tmp_path / "sweep"
     env = job_env(SWEEP_DIR=str(sweep), SIGMAS="1.5 2.5 3.5", WINDOWS="32", DROPOUTS="0.0",
                   EXTRA_ARGS=AR_TINY + " --max_steps 3")
     job = submit(AR / "sweep.sh", tmp_path, "--array=0-2", name="sweep", env=env)
-    # an index beyond the grid: one line, exit 2, nothing written
     beyond = submit(AR / "sweep.sh", tmp_path, "--array=3", name="beyond", env=env)
     for element in range(3):
         info = wait_for(f"{job}_{element}", timeout=600)
@@ -244,6 +248,20 @@ def test_sweep_array_runs_one_dir_per_element_and_collects(tmp_path):
     assert lines == ["launch: array index 3 is beyond the sweep's 3 runs (0-2); nothing was written"]
     assert sorted(d.name for d in sweep.iterdir() if d.is_dir()) == names
 
+    # element 1 again while a trainer (this test, standing in for a running element) holds its run dir
+    held = sweep / names[1]
+    before = {p: p.read_bytes() for p in held.rglob("*") if p.is_file()}
+    with RunLock(held / ".lock") as lock:
+        assert (held / ".lock").is_file() and lock.held
+        again = submit(AR / "sweep.sh", tmp_path, "--array=1", name="again", env=env)
+        info = wait_for(f"{again}_1", timeout=300)
+        assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), info
+        errors = [ln for ln in (tmp_path / f"again-{again}.out").read_text().splitlines()
+                  if ln.strip() and not ln.startswith("launch: krause on")]
+        assert len(errors) == 1 and "is in use by another trainer" in errors[0], errors
+        assert {p: p.read_bytes() for p in held.rglob("*") if p.is_file() and p.name != ".lock"} == \
+            {p: b for p, b in before.items() if p.name != ".lock"}
+
     collect = subprocess.run([sys.executable, "-m", "krause.training.sweep", str(sweep)], env=job_env(),
                              capture_output=True, text=True, timeout=300)
     assert collect.returncode == 0, collect.stderr
@@ -255,31 +273,6 @@ def test_sweep_array_runs_one_dir_per_element_and_collects(tmp_path):
     column = table[0].split("|")[1:-1].index(" test_bpd ")
     assert [float(r[column]) for r in rows] == pytest.approx(bpd, rel=1e-5)
     assert (sweep / "sweep.png").stat().st_size > 5000 and (sweep / "sweep.csv").is_file()
-
-
-@pytest.mark.slow
-def test_array_element_refuses_a_run_dir_held_by_a_running_element(tmp_path):
-    """The same element submitted again while it runs: the second job stops at the run dir's lock in one line
-    and writes nothing; the first one is then stopped (REQUEUE=0) and has one unbroken history."""
-    sweep = tmp_path / "sweep"
-    run = sweep / "sigma=2.5,window=32,dropout=0.0"
-    env = job_env(SWEEP_DIR=str(sweep), SIGMAS="2.5", WINDOWS="32", DROPOUTS="0.0", REQUEUE="0",
-                  EXTRA_ARGS=AR_TINY + " --max_steps 100000")
-    first = submit(AR / "sweep.sh", tmp_path, "--array=0", name="first", env=env)
-    wait_for_step(run / "metrics.jsonl", 1, f"{first}_0")
-    second = submit(AR / "sweep.sh", tmp_path, "--array=0", name="second", env=env)
-    info = wait_for(f"{second}_0", timeout=300)
-    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", info
-    assert job_info(f"{first}_0")["JobState"] == "RUNNING"
-    errors = [ln for ln in (tmp_path / f"second-{second}.out").read_text().splitlines()
-              if ln.strip() and not ln.startswith("launch: krause on")]
-    assert len(errors) == 1 and "is in use by another trainer" in errors[0], errors
-    subprocess.run(["scancel", "--signal=USR1", "--batch", f"{first}_0"], check=True, timeout=30)
-    info = wait_for(f"{first}_0", timeout=300)
-    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "0"), info
-    steps = sorted(train_losses(run))
-    assert steps == list(range(1, steps[-1] + 1)) and steps[-1] < 100000
-    assert "run this script again to resume" in (tmp_path / f"first-{first}.out").read_text()
 
 
 def test_bad_submissions_are_one_line(tmp_path):
@@ -297,17 +290,6 @@ def test_bad_submissions_are_one_line(tmp_path):
 
 
 # --------------------------------------------------------------------------- multi-task rendezvous
-@pytest.mark.slow
-def test_two_tasks_form_one_process_group(tmp_path):
-    run = tmp_path / "run"
-    job = submit(AR / "train.sh", tmp_path, "--ntasks-per-node=2", name="two", env=job_env(
-        OUT_DIR=str(run), EXTRA_ARGS=AR_TINY + " --max_steps 3"))
-    info = wait_for(job, timeout=600)
-    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log_of(tmp_path, "two", job)[-3000:]
-    assert "1 node(s) x 2 process(es)" in log_of(tmp_path, "two", job)
-    assert json.loads((run / "results.json").read_text())["world_size"] == 2
-
-
 def _worker_pids(job: str, rank: int) -> list[int]:
     pids = []
     for proc in Path("/proc").iterdir():
@@ -324,17 +306,26 @@ def _worker_pids(job: str, rank: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_a_killed_task_fails_the_job_cleanly(tmp_path):
-    run = tmp_path / "run"
-    job = submit(AR / "train.sh", tmp_path, "--ntasks-per-node=2", name="kill", env=job_env(
-        OUT_DIR=str(run), EXTRA_ARGS=AR_TINY + " --max_steps 1000"))
-    wait_for_step(run / "metrics.jsonl", 2, job)
-    pids = _worker_pids(job, 1)
+def test_two_tasks_form_one_process_group_and_a_killed_task_fails_the_job(tmp_path):
+    """--ntasks-per-node=2: the two processes train as one group (world size 2); in a second job, SIGKILL to
+    rank 1 stops rank 0 too and fails the job with one line naming rank 1, not requeued."""
+    run, killed = tmp_path / "run", tmp_path / "killed"
+    job = submit(AR / "train.sh", tmp_path, "--ntasks-per-node=2", name="two", env=job_env(
+        OUT_DIR=str(run), EXTRA_ARGS=AR_TINY + " --max_steps 3"))
+    kill = submit(AR / "train.sh", tmp_path, "--ntasks-per-node=2", name="kill", env=job_env(
+        OUT_DIR=str(killed), EXTRA_ARGS=AR_TINY + " --max_steps 100000"))
+    wait_for_step(killed / "metrics.jsonl", 2, kill)
+    pids = _worker_pids(kill, 1)
     assert pids, "no rank-1 worker found"
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
-    info = wait_for(job, timeout=300, release=False)
+    info = wait_for(kill, timeout=300, release=False)
     assert info["JobState"] == "FAILED" and info["Restarts"] == "0", info
-    log = log_of(tmp_path, "kill", job)
+    log = log_of(tmp_path, "kill", kill)
     assert "launch: rank 1 failed (killed by signal 9)" in log, log[-3000:]
-    assert not (run / "results.json").exists()
+    assert not (killed / "results.json").exists()
+
+    info = wait_for(job, timeout=600)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log_of(tmp_path, "two", job)[-3000:]
+    assert "1 node(s) x 2 process(es)" in log_of(tmp_path, "two", job)
+    assert json.loads((run / "results.json").read_text())["world_size"] == 2
