@@ -301,3 +301,28 @@ def test_sweep_collect_bad_input_is_one_line(tmp_path, capsys):
     assert sweep.main([str(tmp_path)]) == 2
     assert "sets window, the others sigma" in capsys.readouterr().err
     assert not (tmp_path / "sweep.md").exists()
+
+
+# --------------------------------------------------------------------------- krause.training.launch's one line
+@pytest.mark.parametrize("codes,line", [
+    ({0: -15, 1: -9}, "launch: rank 1 failed (killed by signal 9); its traceback is above"),  # rank 0: torchrun's SIGTERM
+    ({0: 1, 1: -9}, "launch: rank 1 failed (killed by signal 9); its traceback is above"),  # rank 0: broken connection
+    ({0: -15, 1: 3}, "launch: rank 1 failed (exit code 3); its traceback is above"),
+])
+def test_launch_names_the_rank_that_caused_the_failure(monkeypatch, capsys, tmp_path, codes, line):
+    import torch.distributed.run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from krause.training import launch
+
+    def fail(args):
+        failures = {rank: ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=code,
+                                         error_file=str(tmp_path / "none.json")) for rank, code in codes.items()}
+        for failure in failures.values():
+            failure.timestamp, failure.message = 1000, ""
+        raise ChildFailedError("worker", failures)
+
+    monkeypatch.setattr(torchrun, "run", fail)
+    code = launch.main(["--nproc_per_node", "2", "--standalone", "-m", "nothing"])
+    assert code == (3 if 3 in codes.values() else 1)
+    assert capsys.readouterr().err.strip().splitlines()[-1] == line
