@@ -42,7 +42,7 @@ def test_train_multi_node_rendezvous_from_slurm(tmp_path):
     cmd = dry_run("train.sh", tmp_path, DATA_DIR="data", SLURM_JOB_NUM_NODES="4", SLURM_JOB_ID="123",
                   MASTER_ADDR="node7")
     assert cmd.startswith("srun --ntasks-per-node=1") and "--nnodes 4" in cmd
-    assert "--rdzv-backend c10d --rdzv-endpoint node7:15123 --rdzv-id 123" in cmd
+    assert "--rdzv-backend c10d --rdzv-endpoint node7:20123 --rdzv-id 123" in cmd
 
 
 def test_build_and_evaluate_commands(tmp_path):

@@ -11,7 +11,10 @@
 #SBATCH --cpus-per-task=4
 #SBATCH --time=04:00:00
 #SBATCH --output=krause-ar-generate-%j.out
-set -euo pipefail
+# the checkout: this file's, or under sbatch (which runs a spool copy) the submitted file's
+TEMPLATE="${BASH_SOURCE[0]}"
+[ -f "$(dirname "$TEMPLATE")/../../scripts/launch/job.sh" ] || TEMPLATE="$(scontrol show job "$SLURM_JOB_ID" | sed -n '/^ *Command=/{s/^ *Command=\([^ ]*\).*/\1/p;q}')"
+source "${REPO_ROOT:-$(dirname "$TEMPLATE")/../..}/scripts/launch/job.sh"
 
 DATASET="${DATASET:-mnist}"
 ATTN="${ATTN:-krause}"
@@ -23,17 +26,10 @@ SEED="${SEED:-0}"
 PRECISION="${PRECISION:-fp32}"
 EXTRA_ARGS="${EXTRA_ARGS:-}"
 
-if [ -z "${REPO_ROOT:-}" ]; then
-    here="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-    if [ -d "$here/autoregressive_transformers" ]; then REPO_ROOT="$here"
-    elif [ -d "${SLURM_SUBMIT_DIR:-}/autoregressive_transformers" ]; then REPO_ROOT="$SLURM_SUBMIT_DIR"
-    else echo "error: cannot find the repository; set REPO_ROOT" >&2; exit 2; fi
-fi
-source "$REPO_ROOT/autoregressive_transformers/launch/_common.sh"
 RUN_DIR="${RUN_DIR:-$REPO_ROOT/runs/${ATTN}_${DATASET}}"
 
 # shellcheck disable=SC2206
 extra=($EXTRA_ARGS)
-exec "$PYTHON" -m autoregressive_transformers.generate --run_dir "$RUN_DIR" --checkpoint "$CHECKPOINT" \
+run_once "$PYTHON" -m autoregressive_transformers.generate --run_dir "$RUN_DIR" --checkpoint "$CHECKPOINT" \
     --num_samples "$NUM_SAMPLES" --batch_size "$BATCH_SIZE" --temperature "$TEMPERATURE" --seed "$SEED" \
     --precision "$PRECISION" "${extra[@]}"

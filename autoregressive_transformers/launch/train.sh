@@ -17,7 +17,10 @@
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output=krause-ar-train-%j.out
-set -euo pipefail
+# the checkout: this file's, or under sbatch (which runs a spool copy) the submitted file's
+TEMPLATE="${BASH_SOURCE[0]}"
+[ -f "$(dirname "$TEMPLATE")/../../scripts/launch/job.sh" ] || TEMPLATE="$(scontrol show job "$SLURM_JOB_ID" | sed -n '/^ *Command=/{s/^ *Command=\([^ ]*\).*/\1/p;q}')"
+source "${REPO_ROOT:-$(dirname "$TEMPLATE")/../..}/scripts/launch/job.sh"
 
 DATASET="${DATASET:-mnist}"     # mnist | cifar10
 ATTN="${ATTN:-krause}"          # krause (KARM) | vanilla (ARM) | linear (LARM)
@@ -33,19 +36,13 @@ NPROC="${NPROC:-auto}"          # processes per node; auto = one per visible GPU
 REQUEUE="${REQUEUE:-1}"         # under Slurm: requeue the job after a signal-triggered save
 EXTRA_ARGS="${EXTRA_ARGS:-}"    # more flags for autoregressive_transformers.train
 
-# The repository: REPO_ROOT, else this script's checkout, else the sbatch submit folder
-# (sbatch runs a copy of the script from its spool directory).
-if [ -z "${REPO_ROOT:-}" ]; then
-    here="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-    if [ -d "$here/autoregressive_transformers" ]; then REPO_ROOT="$here"
-    elif [ -d "${SLURM_SUBMIT_DIR:-}/autoregressive_transformers" ]; then REPO_ROOT="$SLURM_SUBMIT_DIR"
-    else echo "error: cannot find the repository; set REPO_ROOT" >&2; exit 2; fi
-fi
-source "$REPO_ROOT/autoregressive_transformers/launch/_common.sh"
 OUT_DIR="${OUT_DIR:-$REPO_ROOT/runs/${ATTN}_${DATASET}}"
 
+if [ "$PRECISION" = auto ]; then  # bf16 on GPU, fp32 on CPU
+    PRECISION="$( [ "$(visible_gpus)" -gt 0 ] && echo bf16 || echo fp32 )"
+fi
 args=(--dataset "$DATASET" --attn "$ATTN" --out_dir "$OUT_DIR" --resume --epochs "$EPOCHS" --lr "$LR"
-      --seed "$SEED" --precision "$(resolve_precision)")
+      --seed "$SEED" --precision "$PRECISION")
 [ -n "$DATA_PATH" ] && args+=(--data_path "$DATA_PATH")
 [ "$DOWNLOAD" = 1 ] && args+=(--download)
 [ -n "$BATCH_SIZE" ] && args+=(--batch_size "$BATCH_SIZE")
@@ -53,18 +50,8 @@ args=(--dataset "$DATASET" --attn "$ATTN" --out_dir "$OUT_DIR" --resume --epochs
 # shellcheck disable=SC2206
 extra=($EXTRA_ARGS)
 
-build_torchrun
-echo "[launch] ${TORCHRUN[*]} -m autoregressive_transformers.train ${args[*]} ${extra[*]:-}"
-run_forwarding_signals "${TORCHRUN[@]}" -m autoregressive_transformers.train "${args[@]}" "${extra[@]}"
-
-if [ "$SIGNALLED" = 1 ] && [ ! -f "$OUT_DIR/results.json" ] && [ -f "$OUT_DIR/checkpoints/latest" ]; then
-    # torchrun itself exits non-zero after forwarding a signal; the workers saved and stopped cleanly.
-    CHILD_STATUS=0
-    if [ -n "${SLURM_JOB_ID:-}" ] && [ "$REQUEUE" = 1 ]; then
-        echo "[launch] checkpoint saved; requeueing job $SLURM_JOB_ID" >&2
-        scontrol requeue "$SLURM_JOB_ID"
-    else
-        echo "[launch] checkpoint saved in $OUT_DIR; run this script again to resume" >&2
-    fi
-fi
-exit "$CHILD_STATUS"
+torchrun_command
+note "$ATTN on $DATASET, $LAUNCH_PROCS, run dir $OUT_DIR"
+CHECKPOINT_DIR="$OUT_DIR/checkpoints"
+FINISHED_FILE="$OUT_DIR/results.json"  # a run that finished as the signal came is not requeued
+run_job "${TORCHRUN[@]}" -m autoregressive_transformers.train "${args[@]}" ${extra[@]+"${extra[@]}"} "$@"

@@ -8,14 +8,17 @@ Takes torchrun's arguments and runs `torch.distributed.run` in this process, the
   the launch with exit code 2 and nothing more: no ChildFailedError block;
 - a signal (SIGTERM / SIGINT / SIGUSR1, forwarded to the workers, which save at the next
   step and exit) ends it with one line and exit code 0;
-- any other failure prints one line naming the first failing rank, its exit code and
-  the last line of its error (the full traceback was printed by that rank, and `@record`
-  put it in torchrun's error file), and exits with that rank's code.
+- any other failure prints one line naming the failing rank, its exit code and the last
+  line of its error (the full traceback was printed by that rank, and `@record` put it in
+  torchrun's error file), and exits with that rank's code (1 for a signal). The failing
+  rank is the first that did not die of the SIGTERM torchrun sends the survivors once a
+  rank failed; in a tie, one killed by a signal.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from typing import Sequence
 
@@ -37,7 +40,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         codes = {f.exitcode for _, f in failures}
         if codes == {2}:
             return 2
-        rank, first = failures[0]
+        # torchrun SIGTERMs the survivors after the first failure: not the cause; in the same second a
+        # rank killed by a signal (the OOM killer, kill -9) is the cause of its peers' broken connections
+        rank, first = min(failures, key=lambda rf: (rf[1].exitcode == -signal.SIGTERM, rf[1].timestamp,
+                                                    rf[1].exitcode > 0, rf[0]))
         if first.exitcode < 0:  # killed by a signal
             detail = f"killed by signal {-first.exitcode}"
         else:

@@ -27,14 +27,15 @@ Slurm and torchrun:
 - Slurm sends SIGTERM at preemption or time limit, then SIGKILL after KillWait
   (often 30 s). Ask for an earlier warning with `#SBATCH --signal=USR1@120`
   (to the job steps) or `--signal=B:USR1@120` (to the batch shell, which must then
-  forward it, e.g. `trap 'kill -USR1 $child' USR1`).
+  forward it; the templates' helper scripts/launch/job.sh does).
 - torchrun forwards SIGTERM, SIGINT, SIGHUP, SIGQUIT to its workers by default; add
   SIGUSR1 with `torchrun --signals-to-handle SIGTERM,SIGINT,SIGUSR1`, and give
-  the workers time to save with `--shutdown-timeout 120` (default 30 s, then SIGKILL).
+  the workers time to save with `--shutdown-timeout` (default 30 s, then SIGKILL;
+  the templates use 180, scripts/launch/torchrun.sh).
 - Requeueing is the job script's business: after the workers saved and exited,
-  `scontrol requeue $SLURM_JOB_ID` (or `#SBATCH --requeue` with a preemption
-  policy that requeues) starts the same script again, which passes --resume and
-  continues from the latest checkpoint. The Python side just exits cleanly.
+  `scontrol requeue $SLURM_JOB_ID` (scripts/launch/job.sh) starts the same script
+  again, which resumes from the latest checkpoint. The Python side just exits cleanly.
+  docs/launch.md has the whole path, tested on a real Slurm (tests/test_slurm.py).
 """
 
 from __future__ import annotations

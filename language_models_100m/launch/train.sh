@@ -9,11 +9,14 @@
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=32
 #SBATCH --time=24:00:00
-#SBATCH --signal=USR1@180
+#SBATCH --signal=B:USR1@180
 #SBATCH --requeue
-set -euo pipefail
-source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
-: "${DATA_DIR:?set DATA_DIR to a build_fwe10bt directory}"
+#SBATCH --open-mode=append
+# the checkout: this file's, or under sbatch (which runs a spool copy) the submitted file's
+TEMPLATE="${BASH_SOURCE[0]}"
+[ -f "$(dirname "$TEMPLATE")/../../scripts/launch/job.sh" ] || TEMPLATE="$(scontrol show job "$SLURM_JOB_ID" | sed -n '/^ *Command=/{s/^ *Command=\([^ ]*\).*/\1/p;q}')"
+source "${REPO_ROOT:-$(dirname "$TEMPLATE")/../..}/scripts/launch/job.sh"
+require DATA_DIR "a build_fwe10bt directory"
 CONFIG="${CONFIG:-100m}"
 ATTENTION="${ATTENTION:-gated}"
 OUT_DIR="${OUT_DIR:-runs/${CONFIG}_${ATTENTION}}"
@@ -22,7 +25,9 @@ if [ -f "$OUT_DIR/checkpoints/latest" ]; then RESUME=(--resume); fi
 COMPILE_FLAG=()
 if [ "${COMPILE:-1}" = 1 ]; then COMPILE_FLAG=(--compile); fi
 torchrun_command
-run "${TORCHRUN[@]}" -m language_models_100m.train --config "$CONFIG" --attention "$ATTENTION" \
+note "$CONFIG $ATTENTION, $LAUNCH_PROCS, run dir $OUT_DIR"
+CHECKPOINT_DIR="$OUT_DIR/checkpoints"
+run_job "${TORCHRUN[@]}" -m language_models_100m.train --config "$CONFIG" --attention "$ATTENTION" \
     --data_dir "$DATA_DIR" --out_dir "$OUT_DIR" --global_batch "${GLOBAL_BATCH:-512}" \
     --micro_batch "${MICRO_BATCH:-16}" --max_tokens "${MAX_TOKENS:-10e9}" --dist "${DIST:-ddp}" \
-    --eval_every "${EVAL_EVERY:-500}" "${COMPILE_FLAG[@]}" "${RESUME[@]}" ${EXTRA_ARGS:-}
+    --eval_every "${EVAL_EVERY:-500}" "${COMPILE_FLAG[@]}" "${RESUME[@]}" ${EXTRA_ARGS:-} "$@"

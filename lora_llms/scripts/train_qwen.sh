@@ -14,12 +14,8 @@
 # Direct:  MODEL_PATH=... DATA_DIR=... bash lora_llms/scripts/train_qwen.sh [train flags]
 # Slurm:   MODEL_PATH=... DATA_DIR=... sbatch lora_llms/scripts/train_qwen.sh [train flags]
 NAME="${NAME:-${MODE:-krause}_qwen15_7b}"
-if [ -z "${REPO_ROOT:-}" ]; then
-    SCRIPT="${BASH_SOURCE[0]}"
-    if [ -n "${SLURM_JOB_ID:-}" ] && command -v scontrol >/dev/null; then
-        # sbatch runs a copy of the script: find the repository from the submitted path
-        SCRIPT="$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')"
-    fi
-    REPO_ROOT="$(cd "$(dirname "$SCRIPT")/../.." && pwd)"
-fi
+# the checkout: this file's, or under sbatch (which runs a spool copy) the submitted file's
+TEMPLATE="${BASH_SOURCE[0]}"
+[ -f "$(dirname "$TEMPLATE")/../../scripts/launch/job.sh" ] || TEMPLATE="$(scontrol show job "$SLURM_JOB_ID" | sed -n '/^ *Command=/{s/^ *Command=\([^ ]*\).*/\1/p;q}')"
+source "${REPO_ROOT:-$(dirname "$TEMPLATE")/../..}/scripts/launch/job.sh"
 source "$REPO_ROOT/lora_llms/scripts/train_common.sh"

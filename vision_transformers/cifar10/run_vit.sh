@@ -13,19 +13,11 @@
 # Direct:  bash vision_transformers/cifar10/run_vit.sh [extra train flags]
 # Slurm:   sbatch vision_transformers/cifar10/run_vit.sh [extra train flags]
 # Settings (environment): DATA_PATH, OUT_DIR, EPOCHS, BATCH_SIZE (global), LR, NUM_WORKERS, SEED, NPROC,
-# NNODES, PYTHON, REQUEUE; see vision_transformers/launch_common.sh. Recipe defaults: docs/recipes.md.
-TEMPLATE_PATH=cifar10/run_vit.sh
-set -euo pipefail
-# Repository root: from this file's location, or (under sbatch, which runs a copy of the
-# script) from the submitted script's path; REPO_ROOT overrides both.
-if [ -z "${REPO_ROOT:-}" ]; then
-    SCRIPT="${BASH_SOURCE[0]}"
-    if [ -n "${SLURM_JOB_ID:-}" ] && command -v scontrol >/dev/null; then
-        SCRIPT="$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')"
-        SCRIPT="${SCRIPT:-${SLURM_SUBMIT_DIR:-.}/vision_transformers/${TEMPLATE_PATH}}"
-    fi
-    REPO_ROOT="$(cd "$(dirname "$SCRIPT")/../.." && pwd)"
-fi
+# NNODES, PYTHON, REQUEUE, DRY_RUN; see vision_transformers/launch_common.sh and scripts/launch/. Recipe defaults: docs/recipes.md.
+# the checkout: this file's, or under sbatch (which runs a spool copy) the submitted file's
+TEMPLATE="${BASH_SOURCE[0]}"
+[ -f "$(dirname "$TEMPLATE")/../../scripts/launch/job.sh" ] || TEMPLATE="$(scontrol show job "$SLURM_JOB_ID" | sed -n '/^ *Command=/{s/^ *Command=\([^ ]*\).*/\1/p;q}')"
+source "${REPO_ROOT:-$(dirname "$TEMPLATE")/../..}/scripts/launch/job.sh"
 MODEL="${MODEL:-vit-s}"
 DATASET=cifar10
 TEMPLATE_ARGS=(${POST_NORM:+--norm_placement post})

@@ -17,19 +17,11 @@
 # Direct:  DATA_PATH=/path/to/imagenet bash vision_transformers/imagenet1k/run_vit.sh [extra train flags]
 # Slurm:   DATA_PATH=/path/to/imagenet sbatch vision_transformers/imagenet1k/run_vit.sh [extra train flags]
 # Settings (environment): SIZE, DATA_PATH, OUT_DIR, EPOCHS, BATCH_SIZE (global), LR, NUM_WORKERS, SEED,
-# NPROC, NNODES, PYTHON, REQUEUE, POST_NORM; see vision_transformers/launch_common.sh.
-TEMPLATE_PATH=imagenet1k/run_vit.sh
-set -euo pipefail
-# Repository root: from this file's location, or (under sbatch, which runs a copy of the
-# script) from the submitted script's path; REPO_ROOT overrides both.
-if [ -z "${REPO_ROOT:-}" ]; then
-    SCRIPT="${BASH_SOURCE[0]}"
-    if [ -n "${SLURM_JOB_ID:-}" ] && command -v scontrol >/dev/null; then
-        SCRIPT="$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')"
-        SCRIPT="${SCRIPT:-${SLURM_SUBMIT_DIR:-.}/vision_transformers/${TEMPLATE_PATH}}"
-    fi
-    REPO_ROOT="$(cd "$(dirname "$SCRIPT")/../.." && pwd)"
-fi
+# NPROC, NNODES, PYTHON, REQUEUE, DRY_RUN, POST_NORM; see vision_transformers/launch_common.sh, scripts/launch/.
+# the checkout: this file's, or under sbatch (which runs a spool copy) the submitted file's
+TEMPLATE="${BASH_SOURCE[0]}"
+[ -f "$(dirname "$TEMPLATE")/../../scripts/launch/job.sh" ] || TEMPLATE="$(scontrol show job "$SLURM_JOB_ID" | sed -n '/^ *Command=/{s/^ *Command=\([^ ]*\).*/\1/p;q}')"
+source "${REPO_ROOT:-$(dirname "$TEMPLATE")/../..}/scripts/launch/job.sh"
 case "${SIZE:-S}" in
     S|s) MODEL="${MODEL:-vit-s-16}" ;;
     B|b) MODEL="${MODEL:-vit-b-16}" ;;
