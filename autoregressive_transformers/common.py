@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from krause.training.checkpoint import CheckpointError
+from krause.training.errors import CheckpointError
 from krause.training.checkpointer import find_checkpoint, load_model_weights
 from krause.training.data import eval_shard
 from krause.training.distributed import all_reduce_sum, get_rank, get_world_size

@@ -3,6 +3,9 @@
     python -m language_models_100m.evaluate --model runs/100m_gated runs/100m_standard \\
         --data_dir /data/fwe10bt --out_dir results/100m [--tasks hellaswag piqa ...] [--limit 100]
 
+Every file read is verified first (a run's ``hf/`` export against its sizes and CRC-32s,
+a DCP checkpoint as resume verifies it): a damaged one is refused in one line.
+
 For every ``--model`` (a training run directory: its ``hf/`` export, or with
 ``--checkpoint best|last|STEP_DIR`` that DCP checkpoint; or a ``save_pretrained``
 directory; any attention type): validation loss / perplexity on
@@ -30,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from krause.training.checkpoint import CheckpointError
+from krause.training.errors import CheckpointError
 from krause.training.errors import one_line
 
 TASK_DIR = Path(__file__).resolve().parent / "tasks"
@@ -49,13 +52,17 @@ def resolve_model(path, checkpoint: str | None, device):
 
     path = Path(path).expanduser().resolve()
     config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else None
+    from krause.training.checkpointer import verify_sealed
+
     if config is not None and "model_type" in config:  # a save_pretrained directory
         if checkpoint is not None:
             raise ValueError(f"--checkpoint {checkpoint}: {path} is a save_pretrained directory, not a run")
+        verify_sealed(path, required=False)  # an export of a run carries its sizes and CRC-32s
         return AutoModelForCausalLM.from_pretrained(path).to(device).eval(), path, None, None
     manifest = Path((config or {}).get("data_dir") or "/nonexistent") / "manifest.json"
     tokenizer_spec = json.loads(manifest.read_text()).get("tokenizer") if manifest.is_file() else None
     if checkpoint is None and (path / "hf" / "config.json").is_file():
+        verify_sealed(path / "hf", required=config is not None)  # a training run's export is always sealed
         return AutoModelForCausalLM.from_pretrained(path / "hf").to(device).eval(), path / "hf", path, tokenizer_spec
     if config is None or "model" not in config or not (path / "checkpoints").is_dir():
         raise ValueError(f"--model {path}: neither a save_pretrained directory nor a run directory "

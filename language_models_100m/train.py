@@ -19,7 +19,7 @@ saved in the checkpoint, so a resumed run continues the exact stream.
 The run directory gets config.json, metrics.jsonl (train loss, lr, tokens/s, MFU, val
 loss / perplexity), checkpoints/ (krause.training's DCP step directories, the best by val
 loss in best/), figures/ and, at the end, hf/ (save_pretrained + tokenizer) for ``language_models_100m.evaluate``. SIGTERM /
-SIGUSR1 save last.pt and exit 0; rerun with --resume. Resuming a checkpoint of another
+SIGUSR1 save a step checkpoint and exit 0; rerun with --resume. Resuming a checkpoint of another
 config or attention type is refused with one line.
 """
 
@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from krause.dispatch import IMPLS
-from krause.training.checkpoint import CheckpointError
-from krause.training.checkpointer import AppState, Checkpointer
+from krause.training.errors import CheckpointError
+from krause.training.checkpointer import AppState, Checkpointer, seal_directory
 from krause.training.config import RUNTIME_KEYS
 from krause.training.distributed import all_reduce_sum, cleanup, init_distributed, is_main_process, wrap_ddp
 from krause.training.errors import UsageError, one_line
@@ -192,6 +192,7 @@ def export_hf(model, cfg, manifest: dict, out: Path, log) -> None:
     except Exception as e:  # noqa: BLE001 - the model is exported either way
         log.warning(f"tokenizer {manifest.get('tokenizer')!r} not saved with the model ({one_line(e)}); "
                     "pass --tokenizer to evaluate")
+    seal_directory(out)  # sizes and CRC-32s that evaluate checks before loading
 
 
 class LMHooks(TrainHooks):

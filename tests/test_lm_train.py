@@ -82,6 +82,34 @@ def test_evaluate_reads_the_best_checkpoint_and_the_export(data_dir, baseline, t
         assert result["val_loss"] == pytest.approx(final_val, rel=1e-3), (extra, result["val_loss"], final_val)
 
 
+def _zeros_inside(path: Path, n: int = 4096) -> None:
+    """4 KiB of zeros over the middle of a file: the size stays, torch / safetensors read it happily."""
+    data = bytearray(path.read_bytes())
+    start = max(0, len(data) // 2 - n // 2)
+    data[start:start + n] = b"\0" * min(n, len(data) - start)
+    path.write_bytes(bytes(data))
+
+
+def test_evaluate_refuses_a_damaged_checkpoint_or_export(data_dir, baseline, tmp_path, capsys):
+    import shutil
+
+    from language_models_100m import evaluate
+
+    run = tmp_path / "copy"
+    shutil.copytree(baseline, run)
+    shard = max((p for p in (run / "checkpoints" / "best").iterdir() if p.suffix == ".distcp"),
+                key=lambda p: p.stat().st_size)
+    _zeros_inside(shard)
+    _zeros_inside(run / "hf" / "model.safetensors")
+    for extra, damaged in ((["--checkpoint", "best"], shard.name), ([], "model.safetensors")):
+        out = tmp_path / ("out" + "".join(extra))
+        assert evaluate.main(["--model", str(run), *extra, "--out_dir", str(out), "--tasks", "",
+                              "--data_dir", str(data_dir), "--val_tokens", "256", "--device", "cpu"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "CRC-32 mismatch" in err and damaged in err, err
+        assert not (out / "copy").exists()
+
+
 def test_kill_9_and_resume_continue_the_same_stream_and_losses(data_dir, baseline, tmp_path):
     out = tmp_path / "killed"
     env = dict(os.environ, PYTHONPATH=str(REPO))

@@ -27,7 +27,7 @@ from typing import Any, Iterable
 import torch
 
 from .atomic import FILE_MODE, atomic_file  # noqa: F401  (FILE_MODE re-exported)
-from .checkpoint import CheckpointError
+from .errors import CheckpointError
 from .config import RUNTIME_KEYS, config_diff, config_to_dict, format_config_diff
 from .distributed import barrier, broadcast_object, get_world_size, is_main_process
 from .lock import RunLock, RunLockError
@@ -102,21 +102,19 @@ class RunDir:
 
     @property
     def last_checkpoint(self) -> Path | None:
-        """The resume point: the latest complete DCP step directory, else a legacy checkpoints/last.pt."""
+        """The resume point: the latest complete DCP step directory, or None."""
         from .checkpointer import Checkpointer
 
-        step = Checkpointer(self.checkpoint_dir).latest_step()
-        if step is not None:
-            return Checkpointer(self.checkpoint_dir).step_dir(step)
-        p = self.checkpoint_dir / "last.pt"
-        return p if p.is_file() else None
+        ck = Checkpointer(self.checkpoint_dir)
+        step = ck.latest_step()
+        return None if step is None else ck.step_dir(step)
 
     def started(self) -> str | None:
         """Why this directory looks like a run that trained (a checkpoint trace or logged steps), or None."""
         from .checkpointer import Checkpointer
 
         ck = Checkpointer(self.checkpoint_dir)
-        if ck.best_dir.is_dir() or (self.checkpoint_dir / "best.pt").is_file():
+        if ck.best_dir.is_dir():
             return "a best checkpoint"
         if [p for p in ck.incomplete_dirs() if not p.name.startswith(".tmp-")]:
             return "an incomplete checkpoint"
