@@ -22,6 +22,8 @@ import os
 import sys
 from pathlib import Path
 
+from krause.training.entry import entry_point
+
 log = logging.getLogger("lora_llms.evaluate")
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
@@ -59,6 +61,9 @@ def load_for_eval(model_path, adapter=None, dtype="bfloat16", attn_implementatio
 
     kind = "base"
     if adapter is not None:
+        from krause.training.checkpointer import verify_sealed
+
+        verify_sealed(adapter, required=False)  # lora_llms.train seals its adapters: sizes and CRC-32s
         kind = "krause" if read_krause_config(adapter).get("patch") else "lora"
     tokenizer = AutoTokenizer.from_pretrained(adapter if adapter and _has_tokenizer(adapter) else model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype),
@@ -120,16 +125,13 @@ def evaluate(model, tokenizer, tasks, *, manager, batch_size="1", max_length=Non
                            limit=limit, log_samples=log_samples, bootstrap_iters=0)
 
 
+@entry_point
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    try:
-        manager = task_manager(args.include_path, include_defaults=not args.no_default_tasks)
-        check_tasks(manager, tasks)
-    except ValueError as err:
-        print(err, file=sys.stderr)
-        return 2
+    manager = task_manager(args.include_path, include_defaults=not args.no_default_tasks)
+    check_tasks(manager, tasks)  # before the model is loaded
     model, tokenizer, kind = load_for_eval(args.model, args.adapter, args.dtype, args.attn_implementation,
                                            args.device)
     label = args.label or kind

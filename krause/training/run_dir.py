@@ -61,6 +61,28 @@ class RunDir:
     def __init__(self, out_dir: str | os.PathLike):
         self.root = Path(out_dir).expanduser().resolve()
         self.lock: RunLock | None = None
+        # what this launch created, so that a failed start can be undone (undo_start)
+        self._created_root = False
+        self._config_before: str | None = None  # "absent", or the name the earlier config was moved to
+
+    def undo_start(self) -> None:
+        """Undo what prepare_run_dir wrote for a launch that failed before training began (rank 0;
+        a no-op elsewhere): a directory it created is removed; otherwise the earlier config.json is
+        restored (or the new one removed), so the corrected retry is not refused as another run."""
+        if not is_main_process():
+            return
+        import shutil
+
+        if self._created_root:
+            self.release()
+            shutil.rmtree(self.root, ignore_errors=True)
+            return
+        if self._config_before == "absent":
+            self.config_path.unlink(missing_ok=True)
+        elif self._config_before is not None:
+            os.replace(self.root / self._config_before, self.config_path)
+        self._config_before = None
+        self.release()
 
     def release(self) -> None:
         """Release the run-directory lock (also done at interpreter exit)."""
@@ -185,6 +207,7 @@ def _prepare_on_main(
             "directory. Choose a new or empty out_dir (or pass overwrite to use it anyway)."
         )
     diff = config_diff(old, cfg, ignore) if old is not None else []
+    run._created_root = not run.root.exists()
     if old is not None and not overwrite:
         if resume:
             problem = _check_resume(run, cfg, ignore)
@@ -212,6 +235,9 @@ def _prepare_on_main(
         while (run.root / f"config.{n}.json").exists():
             n += 1
         os.replace(run.config_path, run.root / f"config.{n}.json")
+        run._config_before = f"config.{n}.json"
+    elif old is None:
+        run._config_before = "absent"
     if overwrite and run.checkpoint_dir.is_dir() and any(run.checkpoint_dir.iterdir()):
         # the new run must never resume from or prune the old run's steps: set them aside
         aside = run.root / "checkpoints.replaced"
