@@ -842,3 +842,51 @@ def test_metrics_live_sink_is_off_by_default_and_refuses_unknown(tmp_path):
     assert not (tmp_path / "tensorboard").exists()
     with pytest.raises(ValueError, match="live sink"):
         kt.MetricsLogger(tmp_path / "n.jsonl", enabled=True, live="wandb-ish")
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def test_entry_point_turns_expected_errors_into_one_line_and_exit_2(capsys):
+    from krause.training.entry import entry_point
+
+    @entry_point
+    def main(argv=None):
+        kind = argv[0]
+        if kind == "usage":
+            raise kt.UsageError("--lr must be > 0\n(got -1)")
+        if kind == "corrupt":
+            raise kt.CorruptCheckpointError("checkpoint x: f is corrupted (CRC-32 mismatch)")
+        if kind == "missing":
+            open("/nonexistent/krause/file")
+        if kind == "bug":
+            raise KeyError("a bug keeps its traceback")
+        return 0
+
+    assert main(["ok"]) == 0
+    for kind, words in (("usage", "--lr must be > 0 | (got -1)"), ("corrupt", "CRC-32"), ("missing", "No such file")):
+        assert main([kind]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and words in err and len(err.splitlines()) == 1, err
+    with pytest.raises(KeyError):
+        main(["bug"])
+
+
+def test_a_failed_start_is_undone_so_the_corrected_retry_is_not_refused(tmp_path):
+    fresh = tmp_path / "fresh"
+    run = kt.prepare_run_dir(fresh, {"lr": 1.0})
+    run.undo_start()  # the directory did not exist: removed with its lock
+    assert not fresh.exists()
+    kt.prepare_run_dir(fresh, {"lr": 0.5}).release()  # the corrected retry
+    # an existing run directory: the earlier config comes back
+    run = kt.prepare_run_dir(fresh, {"lr": 0.7}, resume=True)
+    assert json.loads((fresh / "config.json").read_text())["lr"] == 0.7
+    run.undo_start()
+    assert json.loads((fresh / "config.json").read_text())["lr"] == 0.5 and not (fresh / ".lock").exists()
+    kt.prepare_run_dir(fresh, {"lr": 0.5}).release()
+    # an existing non-run folder the user pointed at with overwrite: only the new config goes
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("x")
+    kt.prepare_run_dir(other, {"lr": 1.0}, overwrite=True).undo_start()
+    assert sorted(p.name for p in other.iterdir() if p.is_dir() is False) == ["keep.txt", "launches.jsonl"]
