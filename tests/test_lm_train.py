@@ -110,6 +110,29 @@ def test_evaluate_refuses_a_damaged_checkpoint_or_export(data_dir, baseline, tmp
         assert not (out / "copy").exists()
 
 
+def test_a_damaged_latest_checkpoint_names_resume_step_and_it_resumes_exactly(data_dir, baseline, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "damaged"
+    shutil.copytree(baseline, out)
+    shutil.rmtree(out / "hf")
+    latest = out / "checkpoints" / "step-000006"
+    shard = max((p for p in latest.iterdir() if p.suffix == ".distcp"), key=lambda p: p.stat().st_size)
+    _zeros_inside(shard)
+    assert train.main(args(data_dir, out, "--resume")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "CRC-32 mismatch" in err and "--resume_step 4" in err, err
+    assert train.main(args(data_dir, out, "--resume_step", "4")) == 2  # needs --resume
+    assert "--resume_step needs --resume" in capsys.readouterr().err
+    assert train.main(args(data_dir, out, "--resume", "--resume_step", "5")) == 2  # not a complete step
+    assert "no complete step 5 (complete steps: 4, 6)" in capsys.readouterr().err
+    assert train.main(args(data_dir, out, "--resume", "--resume_step", "4")) == 0
+    want, got = losses(baseline), losses(out)
+    assert sorted(got) == sorted(want)
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), step
+
+
 def test_kill_9_and_resume_continue_the_same_stream_and_losses(data_dir, baseline, tmp_path):
     out = tmp_path / "killed"
     env = dict(os.environ, PYTHONPATH=str(REPO))

@@ -366,8 +366,8 @@ class Checkpointer:
 
     def _older_than(self, step: int) -> str:
         older = [s for s in self.steps() if s < step]
-        return (f"the previous complete checkpoint is {self.step_dir(older[-1])} (load step={older[-1]}, "
-                f"or delete the damaged directory)" if older else "no older complete checkpoint exists")
+        return (f"the previous complete checkpoint is {self.step_dir(older[-1])} (resume from it with "
+                f"--resume_step {older[-1]}, or delete the damaged directory)" if older else "no older complete checkpoint exists")
 
     def read_marker(self, step: int | str | None = None) -> dict[str, Any]:
         """The marker (checkpoint.json) of a step, 'best' or the latest; CorruptCheckpointError if unsound."""

@@ -174,12 +174,15 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def _check_resume(run: RunDir, cfg: dict[str, Any], ignore: Iterable[str]) -> str | None:
+def _check_resume(run: RunDir, cfg: dict[str, Any], ignore: Iterable[str], resume_step: int | None = None) -> str | None:
     """Read-only checks of a resume target; the error message, or None when it may proceed."""
     from .checkpointer import Checkpointer
 
     ck = Checkpointer(run.checkpoint_dir, config_ignore=ignore)
-    step = ck.latest_step()
+    step = ck.latest_step() if resume_step is None else int(resume_step)
+    if resume_step is not None and step not in ck.steps():
+        have = ", ".join(str(s) for s in ck.steps()) or "none"
+        return f"--resume_step {step}: {run.checkpoint_dir} has no complete step {step} (complete steps: {have})"
     if step is not None:
         try:
             ck.verify(step, collective=False)  # a damaged step is named (with the older one) before any write
@@ -195,7 +198,8 @@ def _check_resume(run: RunDir, cfg: dict[str, Any], ignore: Iterable[str]) -> st
 
 
 def _prepare_on_main(
-    run: RunDir, cfg: dict[str, Any], resume: bool, overwrite: bool, ignore: Iterable[str], lock: bool = True
+    run: RunDir, cfg: dict[str, Any], resume: bool, overwrite: bool, ignore: Iterable[str], lock: bool = True,
+    resume_step: int | None = None,
 ) -> tuple[str, str]:
     """Checks (read-only), then the lock, then writes, on rank 0. Returns ("ok"|"error", message)."""
     if run.root.exists() and not run.root.is_dir():
@@ -210,7 +214,7 @@ def _prepare_on_main(
     run._created_root = not run.root.exists()
     if old is not None and not overwrite:
         if resume:
-            problem = _check_resume(run, cfg, ignore)
+            problem = _check_resume(run, cfg, ignore, resume_step)
             if problem:
                 return "error", problem
         elif diff:
@@ -272,6 +276,7 @@ def prepare_run_dir(
     overwrite: bool = False,
     ignore: Iterable[str] = RUNTIME_KEYS,
     lock: bool = True,
+    resume_step: int | None = None,
 ) -> RunDir:
     """Create (or reopen) the run directory and write the resolved config. Call on every rank.
 
@@ -284,6 +289,8 @@ def prepare_run_dir(
     overwrite: reuse `out_dir` for a new run even though it holds another one. The old
         checkpoints are moved to checkpoints.replaced/; metrics are replaced.
     lock: take the run-directory lock (lock.py) on rank 0, so a second trainer refuses.
+    resume_step: with resume, the step to continue from instead of the latest (the one a
+        damaged latest checkpoint's message names); it is checked instead of the latest.
     Without either flag an existing run directory is refused when its config differs
     or when it already holds a checkpoint, so a run is never silently clobbered.
     """
@@ -292,7 +299,7 @@ def prepare_run_dir(
     status, message = ("ok", "")
     if is_main_process():
         try:
-            status, message = _prepare_on_main(run, cfg, resume, overwrite, ignore, lock)
+            status, message = _prepare_on_main(run, cfg, resume, overwrite, ignore, lock, resume_step)
         except OSError as e:
             status, message = "error", f"cannot prepare out_dir {run.root}: {e}"
     status, message = broadcast_object((status, message))
