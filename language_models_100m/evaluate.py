@@ -6,6 +6,9 @@
 Every file read is verified first (a run's ``hf/`` export against its sizes and CRC-32s,
 a DCP checkpoint as resume verifies it): a damaged one is refused in one line.
 
+``--split test`` (or ``all``) scores the test shards' loss / perplexity as well (the first
+release's end-of-training number; training reports it at its end too).
+
 For every ``--model`` (a training run directory: its ``hf/`` export, or with
 ``--checkpoint best|last|STEP_DIR`` that DCP checkpoint; or a ``save_pretrained``
 directory; any attention type): validation loss / perplexity on
@@ -96,15 +99,17 @@ def load_hf_tokenizer(model_dir: Path | None, *fallbacks: str | None):
 
 
 @torch.no_grad()
-def validation_loss(model, data_dir, block_size: int, max_tokens: int, batch_size: int, device) -> dict:
-    """Mean next-token loss over non-overlapping block_size windows of the val split."""
+def validation_loss(model, data_dir, block_size: int, max_tokens: int, batch_size: int, device,
+                    split: str = "val") -> dict:
+    """Mean next-token loss over non-overlapping block_size windows of a split (val or test):
+    {split}_loss, {split}_ppl, {split}_tokens."""
     from .shards import TokenStream, split_shards
 
-    stream = TokenStream(split_shards(data_dir, "val"))
+    stream = TokenStream(split_shards(data_dir, split))
     usable = min(len(stream) - 1, max_tokens)
     n_windows = usable // block_size
     if n_windows < 1:
-        raise ValueError(f"--data_dir: the val split has {len(stream)} tokens, fewer than one block of {block_size}")
+        raise ValueError(f"--data_dir: the {split} split has {len(stream)} tokens, fewer than one block of {block_size}")
     total, count = 0.0, 0
     for first in range(0, n_windows, batch_size):
         rows = [stream.read(w * block_size, block_size + 1) for w in range(first, min(n_windows, first + batch_size))]
@@ -113,7 +118,7 @@ def validation_loss(model, data_dir, block_size: int, max_tokens: int, batch_siz
         total += F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
         count += batch[:, 1:].numel()
     loss = total / count
-    return {"val_loss": loss, "val_ppl": math.exp(loss), "val_tokens": count}
+    return {f"{split}_loss": loss, f"{split}_ppl": math.exp(loss), f"{split}_tokens": count}
 
 
 def run_lm_eval(model, tokenizer, tasks, include_paths, batch_size: int, limit, device, bootstrap_iters: int) -> dict:
@@ -140,12 +145,13 @@ def run_lm_eval(model, tokenizer, tasks, include_paths, batch_size: int, limit, 
 
 
 def comparison_rows(results: list[dict], tasks) -> tuple[list[str], list[list]]:
-    header = ["model", "attention", "val_loss", "val_ppl"]
+    scores = ["val_loss", "val_ppl"] + (["test_loss", "test_ppl"] if any("test_loss" in r for r in results) else [])
+    header = ["model", "attention", *scores]
     for task in tasks:
         header += [f"{task} acc", f"{task} acc_norm"]
     rows = []
     for r in results:
-        row = [r["name"], r["attention"], r.get("val_loss"), r.get("val_ppl")]
+        row = [r["name"], r["attention"], *(r.get(k) for k in scores)]
         for task in tasks:
             scores = r["tasks"].get(task, {})
             row += [scores.get("acc"), scores.get("acc_norm")]
@@ -188,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="*", default=list(DEFAULT_TASKS), help="lm-eval task / group names ('' for none)")
     p.add_argument("--include_path", nargs="*", default=[], help="extra lm-eval task directories")
     p.add_argument("--data_dir", default=None, help="build directory with *_val_*.bin shards (for val loss)")
-    p.add_argument("--val_tokens", type=int, default=10_000_000, help="at most this many val tokens")
+    p.add_argument("--val_tokens", type=int, default=10_000_000, help="at most this many tokens per scored split")
+    p.add_argument("--split", default="val", choices=["val", "test", "all"],
+                   help="split(s) of --data_dir whose loss / perplexity is scored (all: val and test)")
     p.add_argument("--tokenizer", default=None, help="when a model directory has no tokenizer")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--limit", type=float, default=None, help="lm-eval: at most N documents per task (testing)")
@@ -215,9 +223,9 @@ def main(argv=None) -> int:
             record = {"name": name, "model_dir": str(model_dir) if model_dir else None,
                       "run_dir": str(run_dir) if run_dir else None, "checkpoint": args.checkpoint or "export",
                       "attention": model.config.attention, "parameters": sum(p.numel() for p in model.parameters())}
-            if args.data_dir:
+            for split in (("val", "test") if args.split == "all" else (args.split,)) if args.data_dir else ():
                 record.update(validation_loss(model, args.data_dir, model.config.n_positions, args.val_tokens,
-                                              args.batch_size, device))
+                                              args.batch_size, device, split))
             record["tasks"] = {}
             if args.tasks:
                 tokenizer = load_hf_tokenizer(model_dir, args.tokenizer, tokenizer_spec)

@@ -277,6 +277,8 @@ def main(argv=None) -> int:
                   total_steps=total_steps, tokens_per_step=tokens_per_step)
     sampler = WindowSampler(TokenStream(split_shards(args.data_dir, "train")), block)
     val_stream = TokenStream(split_shards(args.data_dir, "val"))
+    test_shards = sorted(Path(args.data_dir).expanduser().glob("*_test_*.bin"))  # builds before the test split: none
+    test_stream = TokenStream(test_shards) if test_shards else None
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     use_bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     if args.dist == "fsdp" or not use_bf16:
@@ -297,11 +299,19 @@ def main(argv=None) -> int:
                             tokens_per_step=tokens_per_step, total_steps=total_steps, flops_per_token=flops)
 
     def finish(ctx):
+        test = {}
+        if test_stream is not None and len(test_stream) > block:  # the first release's end-of-training score
+            test = {k.replace("val_", "test_"): v for k, v in validation(
+                ctx.train_model, test_stream, block, args.val_tokens, args.eval_batch or plan.micro_batch,
+                ctx.env.rank, world, ctx.env.device, autocast).items()}
+            ctx.metrics.log(test, step=ctx.state.step, tokens_seen=ctx.state.tokens_seen)
         export_hf(ctx.model, cfg, manifest, ctx.run.root / "hf", ctx.log)
         if is_main_process():
             plot_curves(ctx.run.metrics_path, ctx.run.figures_dir / "loss.png", x="step",
                         panels={"loss": ["train_loss", "val_loss"], "lr": ["lr"]})
-            ctx.log.info(f"done: {ctx.state.step} steps, {ctx.state.tokens_seen:,} tokens; model in "
+            scored = (f"test loss {test['test_loss']:.4f}, ppl {test['test_ppl']:.2f} ({test['test_tokens']:,} "
+                      "tokens); " if test else "no test split to score; ")
+            ctx.log.info(f"done: {ctx.state.step} steps, {ctx.state.tokens_seen:,} tokens; {scored}model in "
                          f"{ctx.run.root / 'hf'}")
 
     return run_recipe(Recipe(

@@ -64,6 +64,10 @@ def test_loss_falls_and_tokens_per_step_is_the_global_batch(baseline):
     marker = json.loads((baseline / "checkpoints" / "step-000006" / "checkpoint.json").read_text())
     assert marker["step"] == STEPS
     assert (baseline / "hf" / "config.json").is_file() and (baseline / "hf" / "tokenizer.json").is_file()
+    # the test split is scored once, at the end of training (the first release's reported number)
+    (test,) = [r for r in recs if "test_loss" in r]
+    assert test["step"] == STEPS and test["test_tokens"] > 0 and test["test_ppl"] == pytest.approx(
+        __import__("math").exp(test["test_loss"]))
 
 
 def test_evaluate_reads_the_best_checkpoint_and_the_export(data_dir, baseline, tmp_path):
@@ -80,6 +84,15 @@ def test_evaluate_reads_the_best_checkpoint_and_the_export(data_dir, baseline, t
         # process; inside the test process the Krause op differs in the 4th digit after training, so 1e-3 --
         # the step-3 checkpoint would be 3% off).
         assert result["val_loss"] == pytest.approx(final_val, rel=1e-3), (extra, result["val_loss"], final_val)
+    # --split all scores the test shards too, as training did at its end
+    final_test = [r for r in records(baseline) if "test_loss" in r][-1]["test_loss"]
+    out = tmp_path / "all"
+    assert evaluate.main(["--model", str(baseline), "--out_dir", str(out), "--tasks", "", "--split", "all",
+                          "--data_dir", str(data_dir), "--val_tokens", "256", "--device", "cpu", "--batch_size", "2"]) == 0
+    result = json.loads((out / "baseline" / "results.json").read_text())
+    assert result["val_loss"] == pytest.approx(final_val, rel=1e-3)
+    assert result["test_loss"] == pytest.approx(final_test, rel=1e-3), (result["test_loss"], final_test)
+    assert (out / "comparison.csv").read_text().startswith("model,attention,val_loss,val_ppl,test_loss,test_ppl")
 
 
 def _zeros_inside(path: Path, n: int = 4096) -> None:

@@ -153,8 +153,8 @@ def _run(recipe: Recipe, env: DistEnv) -> int:
                             throughput=Throughput(ctx.flops_per_sample, recipe.peak_flops, world_size=env.world_size),
                             world_size=env.world_size).run()
         ctx.checkpointer.close()
-    if outcome == "finished" and recipe.on_finish is not None:
-        recipe.on_finish(ctx)
+        if outcome == "finished" and recipe.on_finish is not None:
+            recipe.on_finish(ctx)  # metrics still open: final scores go into metrics.jsonl
     run.release()
     return 1 if outcome == "diverged" else 0
 
