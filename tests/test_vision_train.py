@@ -122,7 +122,7 @@ def test_bad_input_gives_one_line_errors_and_overwrites_nothing(tmp_path, capsys
 
     # a checkpoint from another model (the run directory of a KViT resumed as a ViT)
     _one_line_error(capsys, [a if a != "kvit-s" else "vit-s" for a in TINY] + ["--out_dir", str(out), "--resume"],
-                    "another config: epochs: 1 -> 2 model: 'kvit_small_patch4_32' -> 'vit_small_patch4_32'")
+                    "another config: | epochs: 1 -> 2 | model: 'kvit_small_patch4_32' -> 'vit_small_patch4_32'")
     # hyper-parameters out of range
     _one_line_error(capsys, TINY + ["--out_dir", str(out), "--resume", "--top_k", "0"], "--top_k must be >= 1")
     _one_line_error(capsys, TINY + ["--out_dir", str(out), "--resume", "--sigma", "-1"], "--sigma must be")

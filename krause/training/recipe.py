@@ -52,6 +52,7 @@ class OptimSpec:
     warmup: float                    # fraction of the steps
     min_lr_ratio: float
     betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int | None = None  # explicit count (e.g. whole epochs), instead of the fraction
 
 
 @dataclasses.dataclass
@@ -67,6 +68,7 @@ class RunContext:
     eval_model: nn.Module            # no DDP (ranks with fewer batches never wait in forward)
     optimizer: torch.optim.Optimizer
     scheduler: Any
+    scaler: Any                      # torch.amp.GradScaler (enabled for fp16 only)
     state: TrainState
     checkpointer: Checkpointer
     app: AppState
@@ -89,6 +91,7 @@ class Recipe:
     dist: str = "ddp"                                      # "ddp" or "fsdp"
     fsdp_blocks: str = "blocks"
     bf16: bool = False                                     # FSDP2's mixed-precision policy
+    fp16_scaler: bool = False                              # a GradScaler (fp16 autocast), saved with the run
     compile: bool = False
     keep_latest_k: int = 2
     mode: str = "min"                                      # of the selection metric
@@ -96,7 +99,7 @@ class Recipe:
     flops_per_sample: Callable[[nn.Module], float | None] | None = None  # forward + backward, plain model
     state_extra: dict = dataclasses.field(default_factory=dict)
     on_start: Callable[[RunContext], None] | None = None   # after the resume, before the loop
-    on_finish: Callable[[RunContext], None] | None = None  # the loop finished (not stopped)
+    on_finish: Callable[[RunContext], int | None] | None = None  # the loop finished; may return an exit code
 
 
 def wrap_model(model: nn.Module, env: DistEnv, *, dist: str = "ddp", compile: bool = False,
@@ -149,14 +152,15 @@ def _run(recipe: Recipe, env: DistEnv) -> int:
         ctx.model.train()
         outcome = TrainLoop(recipe.settings, model=ctx.train_model, optimizer=ctx.optimizer, scheduler=ctx.scheduler,
                             checkpointer=ctx.checkpointer, app_state=ctx.app, train_state=ctx.state,
-                            metrics=ctx.metrics, hooks=hooks, preempt=preempt,
+                            metrics=ctx.metrics, hooks=hooks, scaler=ctx.scaler, preempt=preempt,
                             throughput=Throughput(ctx.flops_per_sample, recipe.peak_flops, world_size=env.world_size),
                             world_size=env.world_size).run()
         ctx.checkpointer.close()
+        code = 1 if outcome == "diverged" else 0
         if outcome == "finished" and recipe.on_finish is not None:
-            recipe.on_finish(ctx)  # metrics still open: final scores go into metrics.jsonl
+            code = recipe.on_finish(ctx) or 0  # metrics still open: final scores go into metrics.jsonl
     run.release()
-    return 1 if outcome == "diverged" else 0
+    return code
 
 
 def _assemble(recipe: Recipe, env: DistEnv, run: RunDir) -> RunContext:
@@ -170,9 +174,11 @@ def _assemble(recipe: Recipe, env: DistEnv, run: RunDir) -> RunContext:
                                          fsdp_blocks=recipe.fsdp_blocks, bf16=recipe.bf16)
     optimizer = build_adamw(model, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
     total = recipe.settings.total_steps
-    scheduler = warmup_cosine_scheduler(optimizer, total, warmup_steps(total, fraction=o.warmup), o.min_lr_ratio)
+    warmup = o.warmup_steps if o.warmup_steps is not None else warmup_steps(total, fraction=o.warmup)
+    scheduler = warmup_cosine_scheduler(optimizer, total, warmup, o.min_lr_ratio)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=recipe.fp16_scaler)
     state = TrainState(extra=dict(recipe.state_extra))
-    app = AppState(train_model, optimizer, scheduler, train_state=state)
+    app = AppState(train_model, optimizer, scheduler, scaler, train_state=state)
     ckpt = Checkpointer(run.checkpoint_dir, config=recipe.config, config_ignore=recipe.ignore, mode=recipe.mode,
                         keep_latest_k=recipe.keep_latest_k)
     seed_everything(args.seed, env.rank)  # per-rank dropout streams (a resume restores the saved ones)
@@ -182,6 +188,6 @@ def _assemble(recipe: Recipe, env: DistEnv, run: RunDir) -> RunContext:
                  f"batch {state.batch_in_epoch})")
     metrics = MetricsLogger(run.metrics_path, resume_step=state.step if resumed is not None else None)
     return RunContext(recipe=recipe, env=env, run=run, log=log, model=model, train_model=train_model,
-                      eval_model=eval_model, optimizer=optimizer, scheduler=scheduler, state=state,
+                      eval_model=eval_model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, state=state,
                       checkpointer=ckpt, app=app, metrics=metrics, resumed=resumed, n_params=n_params,
                       flops_per_sample=flops)
