@@ -26,10 +26,11 @@ import json
 import math
 import multiprocessing as mp
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
+
+from krause.training.entry import entry_point
 
 from .shards import FORMATS, dtype_for_vocab, read_header, write_shard
 
@@ -316,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@entry_point
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -325,11 +327,7 @@ def main(argv=None) -> int:
     if args.max_tokens < 0 or not math.isfinite(args.max_tokens):
         parser.error(f"--max_tokens must be >= 0, got {args.max_tokens}")
     args.max_tokens = args.max_tokens or None
-    try:
-        build(args)
-    except ValueError as e:  # BuildError, ShardError, a --dtype the vocabulary does not fit
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    build(args)  # BuildError, ShardError, a --dtype the vocabulary does not fit: one line, exit 2 (entry_point)
     return 0
 
 

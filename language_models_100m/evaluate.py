@@ -29,15 +29,13 @@ import argparse
 import csv
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from krause.training.errors import CheckpointError
-from krause.training.errors import one_line
+from krause.training.entry import entry_point
 
 TASK_DIR = Path(__file__).resolve().parent / "tasks"
 DEFAULT_TASKS = ("hellaswag", "piqa", "arc_easy", "blimp", "lambada_openai", "cbt")
@@ -205,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@entry_point
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -214,32 +213,28 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     out_dir = Path(args.out_dir).expanduser().resolve()
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        results = []
-        for path in args.model:
-            model, model_dir, run_dir, tokenizer_spec = resolve_model(path, args.checkpoint, device)
-            name = (run_dir or model_dir).name
-            record = {"name": name, "model_dir": str(model_dir) if model_dir else None,
-                      "run_dir": str(run_dir) if run_dir else None, "checkpoint": args.checkpoint or "export",
-                      "attention": model.config.attention, "parameters": sum(p.numel() for p in model.parameters())}
-            for split in (("val", "test") if args.split == "all" else (args.split,)) if args.data_dir else ():
-                record.update(validation_loss(model, args.data_dir, model.config.n_positions, args.val_tokens,
-                                              args.batch_size, device, split))
-            record["tasks"] = {}
-            if args.tasks:
-                tokenizer = load_hf_tokenizer(model_dir, args.tokenizer, tokenizer_spec)
-                limit = int(args.limit) if args.limit and args.limit >= 1 else args.limit
-                record["tasks"] = run_lm_eval(model, tokenizer, args.tasks, args.include_path, args.batch_size,
-                                              limit, device, args.bootstrap_iters)
-            (out_dir / name).mkdir(exist_ok=True)
-            (out_dir / name / "results.json").write_text(json.dumps(record, indent=2) + "\n")
-            results.append(record)
-            print(f"{name} ({record['attention']}): " + json.dumps({k: v for k, v in record.items() if k != "tasks"}
-                                                                    | {"tasks": record["tasks"]}), flush=True)
-    except (ValueError, CheckpointError) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for path in args.model:
+        model, model_dir, run_dir, tokenizer_spec = resolve_model(path, args.checkpoint, device)
+        name = (run_dir or model_dir).name
+        record = {"name": name, "model_dir": str(model_dir) if model_dir else None,
+                  "run_dir": str(run_dir) if run_dir else None, "checkpoint": args.checkpoint or "export",
+                  "attention": model.config.attention, "parameters": sum(p.numel() for p in model.parameters())}
+        for split in (("val", "test") if args.split == "all" else (args.split,)) if args.data_dir else ():
+            record.update(validation_loss(model, args.data_dir, model.config.n_positions, args.val_tokens,
+                                          args.batch_size, device, split))
+        record["tasks"] = {}
+        if args.tasks:
+            tokenizer = load_hf_tokenizer(model_dir, args.tokenizer, tokenizer_spec)
+            limit = int(args.limit) if args.limit and args.limit >= 1 else args.limit
+            record["tasks"] = run_lm_eval(model, tokenizer, args.tasks, args.include_path, args.batch_size,
+                                          limit, device, args.bootstrap_iters)
+        (out_dir / name).mkdir(exist_ok=True)
+        (out_dir / name / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+        results.append(record)
+        print(f"{name} ({record['attention']}): " + json.dumps({k: v for k, v in record.items() if k != "tasks"}
+                                                                | {"tasks": record["tasks"]}), flush=True)
     md, csv_path = write_comparison(results, args.tasks, out_dir)
     plot = plot_val_curves(results, out_dir / "val_loss.png")
     print(md.read_text())
