@@ -890,3 +890,57 @@ def test_a_failed_start_is_undone_so_the_corrected_retry_is_not_refused(tmp_path
     (other / "keep.txt").write_text("x")
     kt.prepare_run_dir(other, {"lr": 1.0}, overwrite=True).undo_start()
     assert sorted(p.name for p in other.iterdir() if p.is_dir() is False) == ["keep.txt", "launches.jsonl"]
+
+
+def _toy_recipe(out_dir, build, resume=False, total=4, stop_at=None):
+    from krause.training.recipe import OptimSpec, Recipe
+
+    args = argparse.Namespace(out_dir=str(out_dir), resume=resume, seed=3)
+
+    class Hooks(kt.TrainHooks):
+        def __init__(self, ctx):
+            self.ctx = ctx
+
+        def batches(self, epoch, start):
+            step = start
+            while True:  # the data of a step depends on the step only
+                yield [torch.randn(4, 6, generator=torch.Generator().manual_seed(step))]
+                step += 1
+
+        def train_step(self, x):
+            return self.ctx.train_model(x).pow(2).sum(), x.shape[0]
+
+        def evaluate(self, state):
+            return {"metric": float(self.ctx.model(torch.ones(2, 6)).pow(2).mean())}
+
+        def selection_metric(self, result):
+            return result["metric"]
+
+    return Recipe(name="toy", args=args, config={"lr": 0.01}, ignore=kt.RUNTIME_KEYS, build_model=build,
+                  make_hooks=Hooks, settings=kt.LoopSettings(total_steps=total, steps_per_epoch=total, log_every=1,
+                                                                preempt_at_step=stop_at),
+                  optim=OptimSpec(lr=0.01, weight_decay=0.0, warmup=0.0, min_lr_ratio=0.1))
+
+
+def test_recipe_runner_undoes_a_failed_start_then_trains_and_resumes(tmp_path):
+    from krause.training.recipe import run_recipe
+
+    out = tmp_path / "toy"
+
+    def broken():
+        raise ValueError("build_model: bad width")
+
+    with pytest.raises(ValueError, match="bad width"):
+        run_recipe(_toy_recipe(out, broken), "cpu")
+    assert not out.exists()  # the failed start left nothing behind
+    assert run_recipe(_toy_recipe(out, lambda: _MLP(0), stop_at=2), "cpu") == 0  # SIGTERM at step 2: saved
+    assert (out / "checkpoints" / "step-000002" / "checkpoint.json").is_file() and not (out / ".lock").exists()
+    assert not (out / "checkpoints" / "step-000004").exists()
+    # resumed to the end, it equals a run trained without the stop
+    assert run_recipe(_toy_recipe(out, lambda: _MLP(0), resume=True), "cpu") == 0
+    whole = tmp_path / "whole"
+    assert run_recipe(_toy_recipe(whole, lambda: _MLP(0), total=4), "cpu") == 0
+    a, b = _MLP(1), _MLP(2)
+    kt.load_model_weights(a, out / "checkpoints" / "step-000004")
+    kt.load_model_weights(b, whole / "checkpoints" / "step-000004")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
