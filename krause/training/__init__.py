@@ -23,6 +23,10 @@ Modules (each small and usable alone):
     schedule     per-step linear warmup + cosine decay to a floor (LambdaLR)
     optim        AdamW parameter groups without decay on norms, biases, embeddings, log_sigma
     plotting     PNG figures from metrics files, comparison of runs
+    recipe       run_recipe(Recipe(...)): the one assembly of a training run (seed, run dir, lock,
+                 process group, wrap then compile, optimizer, schedule, checkpointer, resume,
+                 metrics, preemption, throughput); families supply config, model, data, hooks
+    entry        @entry_point: torch elastic's record + bad input as one line, exit 2
     example      a complete minimal train loop using all of the above (`python -m krause.training.example`)
 """
 
@@ -36,7 +40,9 @@ from .checkpointer import (
     find_checkpoint,
     load_model_weights,
     read_exported,
+    seal_directory,
     verify_checkpoint,
+    verify_sealed,
 )
 from .data import ResumableDistributedSampler, ShardSampler, derive_seed, eval_shard, reseed
 from .errors import (
@@ -79,6 +85,8 @@ from .metrics import MetricsLogger, close_logging, progress_bar, read_metrics, s
 from .optim import NO_DECAY_KEYWORDS, build_adamw, param_groups
 from .plotting import plot_comparison, plot_curves, plot_run, plot_series
 from .preemption import PreemptionHandler, ignore_sigint
+from .entry import entry_point, run_one_line
+from .recipe import OptimSpec, Recipe, RunContext, run_recipe, wrap_model
 from .run_dir import RunDir, RunDirError, prepare_run_dir
 from .schedule import WarmupCosine, warmup_cosine_scheduler, warmup_steps
 from .seed import capture_rng_state, restore_rng_state, seed_everything, set_deterministic
@@ -86,7 +94,8 @@ from .seed import capture_rng_state, restore_rng_state, seed_everything, set_det
 __all__ = [
     "AccumulationResult", "BatchPlan", "accumulate_gradients", "grad_sync",
     "AppState", "Checkpointer", "SaveInfo", "export_checkpoint", "find_checkpoint", "checkpoint_meta",
-    "load_model_weights", "verify_checkpoint", "read_exported",
+    "load_model_weights", "verify_checkpoint", "read_exported", "seal_directory", "verify_sealed",
+    "entry_point", "run_one_line", "OptimSpec", "Recipe", "RunContext", "run_recipe", "wrap_model",
     "ShardSampler", "eval_shard", "UsageError", "one_line", "report_usage_errors",
     "apply_fsdp", "build_mesh", "find_blocks", "mixed_precision", "RunLock", "RunLockError",
     "LoopSettings", "TrainHooks", "TrainLoop", "split_micro_batches", "sigma_per_layer", "TrainState",
