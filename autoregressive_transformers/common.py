@@ -6,20 +6,18 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from krause.training.checkpoint import CheckpointError
+from krause.training.errors import CheckpointError
 from krause.training.checkpointer import find_checkpoint, load_model_weights
 from krause.training.data import eval_shard
 from krause.training.distributed import all_reduce_sum, get_rank, get_world_size
 from krause.training.errors import UsageError, one_line
 from krause.training.metrics import progress_bar
-from krause.training.run_dir import RunDirError
 
 from .config import ModelConfig
 from .model import PixelTransformer
@@ -184,14 +182,9 @@ def save_png(array: np.ndarray, path: str | Path, scale: int = 4, title: str | N
 
 
 # --------------------------------------------------------------------------- errors
-ERRORS = (UsageError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, CheckpointError,
-          RunDirError)
-
-
 def run_main(main, argv=None) -> int:
-    """Runs ``main(argv)``; a bad-input error prints ``error: <one line>`` and exits 2."""
-    try:
-        return main(argv) or 0
-    except ERRORS as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
+    """Runs ``main(argv)``; a bad-input error prints ``error: <one line>`` and exits 2
+    (krause.training.entry's contract, for callers holding an undecorated main)."""
+    from krause.training.entry import run_one_line
+
+    return run_one_line(main, argv)

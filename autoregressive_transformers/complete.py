@@ -27,6 +27,8 @@ from krause.training.run_dir import atomic_write_text
 
 from krause.dispatch import IMPLS
 
+from krause.training.entry import entry_point
+
 from .common import (PRECISIONS, UsageError, autocast, check_outputs, checkpoint_path, load_trained, nll_sums,
                      resolve_device, run_main, run_root)
 from .data import image_shape, load_pixels, tokens_to_images
@@ -101,6 +103,7 @@ def completion_figure(given: np.ndarray, samples: np.ndarray, truth: np.ndarray,
     plt.close(fig)
 
 
+@entry_point
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     for name in ("num_images", "num_samples", "batch_size"):

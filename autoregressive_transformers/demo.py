@@ -14,10 +14,13 @@ import argparse
 import json
 from pathlib import Path
 
+from krause.training.entry import entry_point
+
 from . import complete, generate, train
 from .common import UsageError, run_main
 
 
+@entry_point
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m autoregressive_transformers.demo", description=__doc__.split("\n")[0])
     p.add_argument("--out_dir", required=True)

@@ -14,10 +14,12 @@ import argparse
 import json
 from pathlib import Path
 
-from krause.training.distributed import cleanup, init_distributed, is_main_process, record
+from krause.training.distributed import cleanup, init_distributed, is_main_process
 from krause.training.run_dir import atomic_write_text
 
 from krause.dispatch import IMPLS
+
+from krause.training.entry import entry_point
 
 from .common import (PRECISIONS, UsageError, check_output_file, checkpoint_name, checkpoint_path, evaluate_bpd,
                      load_trained, resolve_device, run_main, run_root)
@@ -41,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@record
+@entry_point
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.batch_size < 1:

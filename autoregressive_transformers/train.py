@@ -15,8 +15,8 @@ sigma per layer; test BPD), checkpoints/ (krause.training's DCP step directories
 `latest`, and best/ by lowest test BPD), figures/bpd.png and, when training finishes,
 results.json. --resume continues from the latest checkpoint (same batches, same RNG
 state: the result equals an uninterrupted run, even after kill -9); SIGTERM / SIGUSR1 /
-Ctrl-C save and exit cleanly. The loop is krause.training.TrainLoop; this file holds
-the pixel model's hooks.
+Ctrl-C save and exit cleanly. The run is assembled by krause.training's recipe runner
+(run_recipe); this file holds the pixel model's config, data and hooks.
 """
 
 from __future__ import annotations
@@ -24,30 +24,24 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from krause.dispatch import IMPLS
 from krause.training.accumulation import BatchPlan
-from krause.training.checkpointer import AppState, Checkpointer
 from krause.training.config import RUNTIME_KEYS
-from krause.training.distributed import cleanup, get_rank, get_world_size, init_distributed, is_main_process, record, wrap_ddp
-from krause.training.loop import LoopSettings, TrainHooks, TrainLoop
-from krause.training.metrics import MetricsLogger, read_metrics, setup_logging
-from krause.training.optim import build_adamw
+from krause.training.distributed import get_world_size, is_main_process
+from krause.training.entry import entry_point
+from krause.training.loop import LoopSettings, TrainHooks
+from krause.training.metrics import read_metrics
 from krause.training.plotting import plot_curves, plot_series
-from krause.training.preemption import PreemptionHandler
-from krause.training.run_dir import atomic_write_text, prepare_run_dir
-from krause.training.schedule import warmup_cosine_scheduler, warmup_steps
-from krause.training.seed import seed_everything
+from krause.training.recipe import OptimSpec, Recipe, run_recipe
+from krause.training.run_dir import atomic_write_text
 from krause.training.sigma import sigma_per_layer as _sigmas
-from krause.training.state import TrainState
-from krause.training.throughput import Throughput, known_peak_flops, train_flops_per_sample
+from krause.training.throughput import known_peak_flops, train_flops_per_sample
 
-from .common import PRECISIONS, UsageError, autocast, evaluate_bpd, resolve_device, run_main
+from .common import PRECISIONS, UsageError, autocast, evaluate_bpd, resolve_device
 from .config import ATTENTIONS, DATASETS, model_config
 from .data import load_pixels, train_batches
 from .model import PixelTransformer
@@ -92,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("execution")
     g.add_argument("--out_dir", required=True, help="run directory (created; holds config, metrics, checkpoints)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out_dir from its latest checkpoint")
+    g.add_argument("--resume_step", type=int, default=None,
+                   help="with --resume: continue from this step's checkpoint instead of the latest")
     g.add_argument("--overwrite", action="store_true", help="start a new run in an --out_dir that holds another")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--precision", default="fp32", choices=PRECISIONS, help="bf16 = bf16 autocast")
@@ -133,6 +129,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
+    if args.resume_step is not None and (not args.resume or args.resume_step < 1):
+        raise UsageError(f"--resume_step needs --resume and a step >= 1, got {args.resume_step}")
     if args.batch_size is None:
         args.batch_size = DATASETS[args.dataset]["batch_size"]
     return args
@@ -162,29 +160,68 @@ def plot_figures(run, cfg) -> None:
                     title=f"{cfg.name}: sigma per layer")
 
 
-@record
+@entry_point
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = resolve_device(args.device)
     cfg = model_config(args.dataset, args.attn, dim=args.dim, num_layers=args.num_layers, num_heads=args.num_heads,
                        window=args.window, top_k=args.top_k, sigma=args.sigma, dropout=args.dropout,
                        attn_impl=args.attn_impl)
-    env = init_distributed(device=device)
-    finished = False
-    try:
-        code = _train(args, cfg, env.device, get_rank(), get_world_size())
-        finished = True
-        return code
-    finally:
-        cleanup(synchronize=finished)
+    world = get_world_size()
+    plan = BatchPlan.from_global(args.batch_size, args.micro_batch_size, world, name="--batch_size")
+    train_px = load_pixels(args.dataset, "train", args.data_path, args.download, args.limit_train)
+    test_px = load_pixels(args.dataset, "test", args.data_path, False, args.limit_test)
+    steps_per_epoch = len(train_px) // args.batch_size
+    if steps_per_epoch < 1:
+        raise UsageError(f"--batch_size {args.batch_size} is larger than the {len(train_px)} training images")
+    total_steps = min(args.epochs * steps_per_epoch, args.max_steps or args.epochs * steps_per_epoch)
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else known_peak_flops(device)
+
+    def flops_per_image(model):  # forward + backward (FlopCounterMode; Krause ops count their sparse cost)
+        return train_flops_per_sample(model, train_px[:1].to(device).long(),
+                                      lambda logits: logits.float().logsumexp(-1).sum()) if peak else None
+
+    def start(ctx):
+        ctx.log.info(f"{cfg.name} on {args.dataset}: {ctx.n_params / 1e6:.2f}M parameters, {len(train_px)} train / "
+                     f"{len(test_px)} test images, {steps_per_epoch} steps/epoch, {total_steps} steps, "
+                     f"{world} process(es) x batch {plan.per_rank} ({plan.accum_steps} micro-batch(es)), "
+                     f"device {device}, {args.precision}")
+        if ctx.resumed is None:
+            ctx.metrics.log(step=0, params=ctx.n_params, world_size=world, total_steps=total_steps)
+
+    def finish(ctx):
+        ckpt = ctx.checkpointer
+        results = {"model": cfg.name, "attn": cfg.attn, "dataset": args.dataset, "steps": ctx.state.step,
+                   "test_bpd": ckpt.best_metric if ckpt.best_metric is not None else None,
+                   "final_test_bpd": float(read_metrics(ctx.run.metrics_path)[-1].get("test_bpd", float("nan")))
+                   if is_main_process() else None,
+                   "params": ctx.n_params, "world_size": world}
+        if is_main_process():
+            atomic_write_text(ctx.run.root / "results.json", json.dumps(results, indent=2) + "\n")
+            ctx.log.info(f"done: best test bpd {results['test_bpd']:.4f}; run directory {ctx.run.root}")
+
+    eval_batch = args.eval_batch_size or 2 * plan.per_rank
+    return run_recipe(Recipe(
+        name="autoregressive_transformers", args=args, config=run_config(args, cfg), ignore=IGNORED_KEYS,
+        build_model=lambda: PixelTransformer(cfg),
+        make_hooks=lambda ctx: PixelHooks(args, cfg, plan, train_px, test_px, ctx, eval_batch, steps_per_epoch),
+        settings=LoopSettings(total_steps=total_steps, steps_per_epoch=steps_per_epoch, log_every=args.log_every,
+                              eval_every=args.eval_every, save_every=args.save_every, grad_clip=args.grad_clip,
+                              samples_per_step=args.batch_size, tokens_per_sample=cfg.seq_len),
+        optim=OptimSpec(lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup, min_lr_ratio=args.min_lr_ratio),
+        compile=args.compile, keep_latest_k=args.keep_latest_k, peak_flops=peak, flops_per_sample=flops_per_image,
+        state_extra={"steps_per_epoch": steps_per_epoch}, on_start=start, on_finish=finish), device)
 
 
 class PixelHooks(TrainHooks):
     """Next-pixel cross-entropy on this rank's slice of each global batch; test BPD over the whole set."""
 
-    def __init__(self, args, cfg, device, rank, world, plan, train_px, test_px, model, train_model, eval_model,
-                 metrics, log, run, eval_batch, steps_per_epoch):
-        self.__dict__.update({k: v for k, v in locals().items() if k != "self"})
+    def __init__(self, args, cfg, plan, train_px, test_px, ctx, eval_batch, steps_per_epoch):
+        self.args, self.cfg, self.plan, self.train_px, self.test_px = args, cfg, plan, train_px, test_px
+        self.eval_batch, self.steps_per_epoch = eval_batch, steps_per_epoch
+        self.device, self.rank, self.world = ctx.env.device, ctx.env.rank, ctx.env.world_size
+        self.model, self.train_model, self.eval_model = ctx.model, ctx.train_model, ctx.eval_model
+        self.metrics, self.log, self.run = ctx.metrics, ctx.log, ctx.run
 
     def batches(self, epoch, start):
         batches = train_batches(len(self.train_px), self.args.batch_size, epoch, self.args.seed, self.rank, self.world)
@@ -235,83 +272,5 @@ class PixelHooks(TrainHooks):
         self.log.info(f"signal received: saved step {state.step} in {self.run.checkpoint_dir}; rerun with --resume")
 
 
-def _train(args, cfg, device, rank, world) -> int:
-    plan = BatchPlan.from_global(args.batch_size, args.micro_batch_size, world, name="--batch_size")
-    eval_batch = args.eval_batch_size or 2 * plan.per_rank
-    train_px = load_pixels(args.dataset, "train", args.data_path, args.download, args.limit_train)
-    test_px = load_pixels(args.dataset, "test", args.data_path, False, args.limit_test)
-    steps_per_epoch = len(train_px) // args.batch_size
-    if steps_per_epoch < 1:
-        raise UsageError(f"--batch_size {args.batch_size} is larger than the {len(train_px)} training images")
-    total_steps = args.epochs * steps_per_epoch
-    if args.max_steps is not None:
-        total_steps = min(total_steps, args.max_steps)
-
-    config = run_config(args, cfg)
-    # checks the checkpoint against this config (readable diff) before anything is written
-    run = prepare_run_dir(args.out_dir, config, resume=args.resume, overwrite=args.overwrite, ignore=IGNORED_KEYS)
-    log = setup_logging(run.log_path, name="autoregressive_transformers")
-
-    seed_everything(args.seed)  # same initial weights on every rank
-    model = PixelTransformer(cfg).to(device)
-    optimizer = build_adamw(model, lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = warmup_cosine_scheduler(optimizer, total_steps, warmup_steps(total_steps, fraction=args.warmup),
-                                        args.min_lr_ratio)
-    ckpt = Checkpointer(run.checkpoint_dir, config=config, config_ignore=IGNORED_KEYS, mode="min",
-                        keep_latest_k=args.keep_latest_k)
-    seed_everything(args.seed, rank)  # per-rank dropout streams
-    state = TrainState(extra={"steps_per_epoch": steps_per_epoch})
-    train_model = wrap_ddp(model)
-    app = AppState(train_model, optimizer, scheduler, train_state=state)
-    resumed = ckpt.load(app) if args.resume else None
-    if resumed is not None:
-        log.info(f"resumed from {ckpt.step_dir(resumed)} at step {state.step} (epoch {state.epoch}, "
-                 f"batch {state.batch_in_epoch})")
-    metrics = MetricsLogger(run.metrics_path, resume_step=state.step if resumed is not None else None)
-
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info(f"{cfg.name} on {args.dataset}: {n_params / 1e6:.2f}M parameters, {len(train_px)} train / "
-             f"{len(test_px)} test images, {steps_per_epoch} steps/epoch, {total_steps} steps, "
-             f"{world} process(es) x batch {plan.per_rank} ({plan.accum_steps} micro-batch(es)), device {device}, "
-             f"{args.precision}")
-    if resumed is None:
-        metrics.log(step=0, params=n_params, world_size=world, total_steps=total_steps)
-
-    eval_model = model
-    if args.compile:
-        train_model = torch.compile(train_model)
-        eval_model = torch.compile(model)
-    hooks = PixelHooks(args, cfg, device, rank, world, plan, train_px, test_px, model, train_model, eval_model,
-                       metrics, log, run, eval_batch, steps_per_epoch)
-    settings = LoopSettings(total_steps=total_steps, steps_per_epoch=steps_per_epoch, log_every=args.log_every,
-                            eval_every=args.eval_every, save_every=args.save_every, grad_clip=args.grad_clip,
-                            samples_per_step=args.batch_size, tokens_per_sample=cfg.seq_len)
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else known_peak_flops(device)
-    flops_per_image = None
-    if peak:  # FLOPs of one forward + backward (FlopCounterMode; Krause ops count their sparse cost)
-        flops_per_image = train_flops_per_sample(model, train_px[:1].to(device).long(),
-                                                 lambda logits: logits.float().logsumexp(-1).sum())
-    with PreemptionHandler() as preempt, metrics:
-        model.train()
-        outcome = TrainLoop(settings, model=train_model, optimizer=optimizer, scheduler=scheduler, checkpointer=ckpt,
-                            app_state=app, train_state=state, metrics=metrics, hooks=hooks, preempt=preempt,
-                            throughput=Throughput(flops_per_image, peak, world_size=world), world_size=world).run()
-        ckpt.close()
-    if outcome != "finished":
-        run.release()
-        return 1 if outcome == "diverged" else 0
-
-    results = {"model": cfg.name, "attn": cfg.attn, "dataset": args.dataset, "steps": state.step,
-               "test_bpd": ckpt.best_metric if ckpt.best_metric is not None else None,
-               "final_test_bpd": float(read_metrics(run.metrics_path)[-1].get("test_bpd", float("nan")))
-               if is_main_process() else None,
-               "params": n_params, "world_size": world}
-    if is_main_process():
-        atomic_write_text(run.root / "results.json", json.dumps(results, indent=2) + "\n")
-        log.info(f"done: best test bpd {results['test_bpd']:.4f}; run directory {run.root}")
-    run.release()
-    return 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(run_main(main))
+    raise SystemExit(main())

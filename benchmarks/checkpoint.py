@@ -1,4 +1,4 @@
-"""Checkpoint save / load time and peak host memory: the single-file format vs DCP (sync, async).
+"""Checkpoint save / load / verify time and peak host memory of the DCP checkpointer (sync, async).
 
     python benchmarks/checkpoint.py            # ~100M parameters + AdamW state, 1 and 2 ranks (gloo)
     python benchmarks/checkpoint.py --quick    # ~25M parameters, one repeat
@@ -6,9 +6,10 @@
 A model of `--blocks` MLP blocks (d -> 4d -> d, ~8 d^2 parameters each) with AdamW state
 (two moments: the checkpoint holds ~3x the parameters) is saved and loaded with
 
-- single-file: `krause.training.save_checkpoint` / `load_checkpoint` (one torch.save file
-  written by rank 0; FSDP2 state gathered to rank 0 in full), the format before DCP;
-- dcp sync:    `Checkpointer.save` / `load` (every rank writes its own shards);
+- dcp sync:    `Checkpointer.save` / `load` (every rank writes its own shards; `load` verifies
+  the sizes and CRC-32s first, each rank a share of the files);
+- dcp verify:  `Checkpointer.verify` alone: what the integrity check adds to every load
+  (resume and every tool's `load_model_weights` pay it);
 - dcp async:   `Checkpointer(async_save=True)`: "blocking" is how long `save` held the
   training loop (the copy to CPU memory); "total" includes the background write.
 
@@ -129,12 +130,9 @@ def _worker(rank: int, world: int, port: int, args, out: str) -> None:
     sync.save(0, app)
     asyn.save(0, app)
     asyn.wait()
-    kt.save_checkpoint(root / "warmup.pt", model=model, optimizer=opt, step=0)
     for r in range(1, args.repeats + 1):
-        single = root / "single.pt"
-        measure("single-file save", lambda: kt.save_checkpoint(single, model=model, optimizer=opt, step=r) and None)
-        measure("single-file load", lambda: kt.load_checkpoint(single, model=model, optimizer=opt) and None)
         measure("dcp sync save", lambda: sync.save(r, app) and None)
+        measure("dcp verify", lambda: sync.verify() and None)
         measure("dcp load", lambda: sync.load(app) and None)
 
         def async_save():

@@ -27,10 +27,11 @@ import math
 import multiprocessing as mp
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
+
+from krause.training.entry import entry_point
 
 from .shards import FORMATS, dtype_for_vocab, read_header, write_shard
 
@@ -317,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@entry_point
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -329,11 +331,7 @@ def main(argv=None) -> int:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", args.prefix) or ".." in args.prefix:
         parser.error(f"--prefix must be a plain file-name stem (letters, digits, '_', '-', '.'), "
                      f"so the shards stay inside --out_dir; got {args.prefix!r}")
-    try:
-        build(args)
-    except ValueError as e:  # BuildError, ShardError, a --dtype the vocabulary does not fit
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    build(args)  # BuildError, ShardError, a --dtype the vocabulary does not fit: one line, exit 2 (entry_point)
     return 0
 
 

@@ -3,6 +3,12 @@
     python -m language_models_100m.evaluate --model runs/100m_gated runs/100m_standard \\
         --data_dir /data/fwe10bt --out_dir results/100m [--tasks hellaswag piqa ...] [--limit 100]
 
+Every file read is verified first (a run's ``hf/`` export against its sizes and CRC-32s,
+a DCP checkpoint as resume verifies it): a damaged one is refused in one line.
+
+``--split test`` (or ``all``) scores the test shards' loss / perplexity as well (the first
+release's end-of-training number; training reports it at its end too).
+
 For every ``--model`` (a training run directory: its ``hf/`` export, or with
 ``--checkpoint best|last|STEP_DIR`` that DCP checkpoint; or a ``save_pretrained``
 directory; any attention type): validation loss / perplexity on
@@ -24,16 +30,14 @@ import contextlib
 import csv
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from krause.training.checkpoint import CheckpointError
 from krause.evaluation import PreparedTasks, hub_offline, prepare_tasks, task_manager
-from krause.training.errors import one_line
+from krause.training.entry import entry_point
 
 TASK_DIR = Path(__file__).resolve().parent / "tasks"
 DEFAULT_TASKS = ("hellaswag", "piqa", "arc_easy", "blimp", "lambada_openai", "cbt")
@@ -51,13 +55,17 @@ def resolve_model(path, checkpoint: str | None, device):
 
     path = Path(path).expanduser().resolve()
     config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else None
+    from krause.training.checkpointer import verify_sealed
+
     if config is not None and "model_type" in config:  # a save_pretrained directory
         if checkpoint is not None:
             raise ValueError(f"--checkpoint {checkpoint}: {path} is a save_pretrained directory, not a run")
+        verify_sealed(path, required=False)  # an export of a run carries its sizes and CRC-32s
         return AutoModelForCausalLM.from_pretrained(path).to(device).eval(), path, None, None
     manifest = Path((config or {}).get("data_dir") or "/nonexistent") / "manifest.json"
     tokenizer_spec = json.loads(manifest.read_text()).get("tokenizer") if manifest.is_file() else None
     if checkpoint is None and (path / "hf" / "config.json").is_file():
+        verify_sealed(path / "hf", required=config is not None)  # a training run's export is always sealed
         return AutoModelForCausalLM.from_pretrained(path / "hf").to(device).eval(), path / "hf", path, tokenizer_spec
     if config is None or "model" not in config or not (path / "checkpoints").is_dir():
         raise ValueError(f"--model {path}: neither a save_pretrained directory nor a run directory "
@@ -91,15 +99,17 @@ def load_hf_tokenizer(model_dir: Path | None, *fallbacks: str | None):
 
 
 @torch.no_grad()
-def validation_loss(model, data_dir, block_size: int, max_tokens: int, batch_size: int, device) -> dict:
-    """Mean next-token loss over non-overlapping block_size windows of the val split."""
+def validation_loss(model, data_dir, block_size: int, max_tokens: int, batch_size: int, device,
+                    split: str = "val") -> dict:
+    """Mean next-token loss over non-overlapping block_size windows of a split (val or test):
+    {split}_loss, {split}_ppl, {split}_tokens."""
     from .shards import TokenStream, split_shards
 
-    stream = TokenStream(split_shards(data_dir, "val"))
+    stream = TokenStream(split_shards(data_dir, split))
     usable = min(len(stream) - 1, max_tokens)
     n_windows = usable // block_size
     if n_windows < 1:
-        raise ValueError(f"--data_dir: the val split has {len(stream)} tokens, fewer than one block of {block_size}")
+        raise ValueError(f"--data_dir: the {split} split has {len(stream)} tokens, fewer than one block of {block_size}")
     total, count = 0.0, 0
     for first in range(0, n_windows, batch_size):
         rows = [stream.read(w * block_size, block_size + 1) for w in range(first, min(n_windows, first + batch_size))]
@@ -108,7 +118,7 @@ def validation_loss(model, data_dir, block_size: int, max_tokens: int, batch_siz
         total += F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
         count += batch[:, 1:].numel()
     loss = total / count
-    return {"val_loss": loss, "val_ppl": math.exp(loss), "val_tokens": count}
+    return {f"{split}_loss": loss, f"{split}_ppl": math.exp(loss), f"{split}_tokens": count}
 
 
 def run_lm_eval(model, tokenizer, prepared: PreparedTasks, manager, batch_size: int, limit, device,
@@ -135,12 +145,13 @@ def run_lm_eval(model, tokenizer, prepared: PreparedTasks, manager, batch_size: 
 
 
 def comparison_rows(results: list[dict], tasks) -> tuple[list[str], list[list]]:
-    header = ["model", "attention", "val_loss", "val_ppl"]
+    scores = ["val_loss", "val_ppl"] + (["test_loss", "test_ppl"] if any("test_loss" in r for r in results) else [])
+    header = ["model", "attention", *scores]
     for task in tasks:
         header += [f"{task} acc", f"{task} acc_norm"]
     rows = []
     for r in results:
-        row = [r["name"], r["attention"], r.get("val_loss"), r.get("val_ppl")]
+        row = [r["name"], r["attention"], *(r.get(k) for k in scores)]
         for task in tasks:
             scores = r["tasks"].get(task, {})
             row += [scores.get("acc"), scores.get("acc_norm")]
@@ -185,7 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "whose data is not cached when offline; named tasks must all be available)")
     p.add_argument("--include_path", nargs="*", default=[], help="extra lm-eval task directories")
     p.add_argument("--data_dir", default=None, help="build directory with *_val_*.bin shards (for val loss)")
-    p.add_argument("--val_tokens", type=int, default=10_000_000, help="at most this many val tokens")
+    p.add_argument("--val_tokens", type=int, default=10_000_000, help="at most this many tokens per scored split")
+    p.add_argument("--split", default="val", choices=["val", "test", "all"],
+                   help="split(s) of --data_dir whose loss / perplexity is scored (all: val and test)")
     p.add_argument("--tokenizer", default=None, help="when a model directory has no tokenizer")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--limit", type=float, default=None, help="lm-eval: at most N documents per task (testing)")
@@ -194,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@entry_point
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -204,36 +218,32 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     out_dir = Path(args.out_dir).expanduser().resolve()
-    try:
-        include_paths = [TASK_DIR, *args.include_path]
-        manager = task_manager(include_paths) if args.tasks else None
-        prepared = (prepare_tasks(args.tasks, manager, strict=tasks_named, include_paths=include_paths)
-                    if args.tasks else PreparedTasks())
-        out_dir.mkdir(parents=True, exist_ok=True)
-        results = []
-        for path in args.model:
-            model, model_dir, run_dir, tokenizer_spec = resolve_model(path, args.checkpoint, device)
-            name = (run_dir or model_dir).name
-            record = {"name": name, "model_dir": str(model_dir) if model_dir else None,
-                      "run_dir": str(run_dir) if run_dir else None, "checkpoint": args.checkpoint or "export",
-                      "attention": model.config.attention, "parameters": sum(p.numel() for p in model.parameters())}
-            if args.data_dir:
-                record.update(validation_loss(model, args.data_dir, model.config.n_positions, args.val_tokens,
-                                              args.batch_size, device))
-            record["tasks"], record["skipped_tasks"] = {}, prepared.skipped
-            if prepared.runnable:
-                tokenizer = load_hf_tokenizer(model_dir, args.tokenizer, tokenizer_spec)
-                limit = int(args.limit) if args.limit and args.limit >= 1 else args.limit
-                record["tasks"] = run_lm_eval(model, tokenizer, prepared, manager, args.batch_size,
-                                              limit, device, args.bootstrap_iters)
-            (out_dir / name).mkdir(exist_ok=True)
-            (out_dir / name / "results.json").write_text(json.dumps(record, indent=2) + "\n")
-            results.append(record)
-            print(f"{name} ({record['attention']}): " + json.dumps({k: v for k, v in record.items() if k != "tasks"}
-                                                                    | {"tasks": record["tasks"]}), flush=True)
-    except (ValueError, CheckpointError) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
+    include_paths = [TASK_DIR, *args.include_path]
+    manager = task_manager(include_paths) if args.tasks else None
+    prepared = (prepare_tasks(args.tasks, manager, strict=tasks_named, include_paths=include_paths)
+                if args.tasks else PreparedTasks())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for path in args.model:
+        model, model_dir, run_dir, tokenizer_spec = resolve_model(path, args.checkpoint, device)
+        name = (run_dir or model_dir).name
+        record = {"name": name, "model_dir": str(model_dir) if model_dir else None,
+                  "run_dir": str(run_dir) if run_dir else None, "checkpoint": args.checkpoint or "export",
+                  "attention": model.config.attention, "parameters": sum(p.numel() for p in model.parameters())}
+        for split in (("val", "test") if args.split == "all" else (args.split,)) if args.data_dir else ():
+            record.update(validation_loss(model, args.data_dir, model.config.n_positions, args.val_tokens,
+                                          args.batch_size, device, split))
+        record["tasks"], record["skipped_tasks"] = {}, prepared.skipped
+        if prepared.runnable:
+            tokenizer = load_hf_tokenizer(model_dir, args.tokenizer, tokenizer_spec)
+            limit = int(args.limit) if args.limit and args.limit >= 1 else args.limit
+            record["tasks"] = run_lm_eval(model, tokenizer, prepared, manager, args.batch_size,
+                                          limit, device, args.bootstrap_iters)
+        (out_dir / name).mkdir(exist_ok=True)
+        (out_dir / name / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+        results.append(record)
+        print(f"{name} ({record['attention']}): " + json.dumps({k: v for k, v in record.items() if k != "tasks"}
+                                                                | {"tasks": record["tasks"]}), flush=True)
     md, csv_path = write_comparison(results, prepared.runnable, out_dir)
     plot = plot_val_curves(results, out_dir / "val_loss.png")
     print(md.read_text())

@@ -19,7 +19,7 @@ saved in the checkpoint, so a resumed run continues the exact stream.
 The run directory gets config.json, metrics.jsonl (train loss, lr, tokens/s, MFU, val
 loss / perplexity), checkpoints/ (krause.training's DCP step directories, the best by val
 loss in best/), figures/ and, at the end, hf/ (save_pretrained + tokenizer) for ``language_models_100m.evaluate``. SIGTERM /
-SIGUSR1 save last.pt and exit 0; rerun with --resume. Resuming a checkpoint of another
+SIGUSR1 save a step checkpoint and exit 0; rerun with --resume. Resuming a checkpoint of another
 config or attention type is refused with one line.
 """
 
@@ -29,8 +29,6 @@ import argparse
 import contextlib
 import json
 import math
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -38,23 +36,16 @@ import torch
 import torch.nn.functional as F
 
 from krause.dispatch import IMPLS
-from krause.training.checkpoint import CheckpointError
-from krause.training.checkpointer import AppState, Checkpointer
-from krause.training.config import RUNTIME_KEYS
-from krause.training.distributed import all_reduce_sum, cleanup, init_distributed, is_main_process, wrap_ddp
-from krause.training.errors import UsageError, one_line
-from krause.training.fsdp import apply_fsdp, build_mesh, mixed_precision
-from krause.training.loop import LoopSettings, TrainHooks, TrainLoop
 from krause.training.accumulation import BatchPlan
-from krause.training.metrics import MetricsLogger, close_logging, setup_logging
-from krause.training.optim import build_adamw
+from krause.training.checkpointer import seal_directory
+from krause.training.config import RUNTIME_KEYS
+from krause.training.distributed import all_reduce_sum, get_world_size, is_main_process
+from krause.training.entry import entry_point
+from krause.training.errors import UsageError, one_line
+from krause.training.loop import LoopSettings, TrainHooks
 from krause.training.plotting import plot_curves
-from krause.training.preemption import PreemptionHandler
-from krause.training.run_dir import RunDirError, prepare_run_dir
-from krause.training.schedule import warmup_cosine_scheduler, warmup_steps
-from krause.training.seed import seed_everything
-from krause.training.state import TrainState
-from krause.training.throughput import Throughput, known_peak_flops
+from krause.training.recipe import OptimSpec, Recipe, run_recipe
+from krause.training.throughput import known_peak_flops
 
 from .model import ATTENTIONS
 from .presets import PRESETS, build_model, model_config
@@ -94,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("execution")
     g.add_argument("--out_dir", required=True)
     g.add_argument("--resume", action="store_true")
+    g.add_argument("--resume_step", type=int, default=None,
+                   help="with --resume: continue from this step's checkpoint instead of the latest")
     g.add_argument("--overwrite", action="store_true")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 on GPU")
@@ -127,6 +120,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UsageError("--warmup and --dropout must be in [0, 1), --min_lr_ratio in [0, 1]")
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
+    if args.resume_step is not None and (not args.resume or args.resume_step < 1):
+        raise UsageError(f"--resume_step needs --resume and a step >= 1, got {args.resume_step}")
     return args
 
 
@@ -192,16 +187,17 @@ def export_hf(model, cfg, manifest: dict, out: Path, log) -> None:
     except Exception as e:  # noqa: BLE001 - the model is exported either way
         log.warning(f"tokenizer {manifest.get('tokenizer')!r} not saved with the model ({one_line(e)}); "
                     "pass --tokenizer to evaluate")
+    seal_directory(out)  # sizes and CRC-32s that evaluate checks before loading
 
 
 class LMHooks(TrainHooks):
     """The family's part of krause.training's loop: batches from the token stream, the
     next-token loss, validation, and the records."""
 
-    def __init__(self, *, model, sampler: WindowSampler, val_stream: TokenStream, plan: BatchPlan, block: int,
-                 args, env, autocast, metrics: MetricsLogger, log):
-        self.model, self.sampler, self.val_stream, self.plan, self.block = model, sampler, val_stream, plan, block
-        self.args, self.env, self.autocast, self.metrics, self.log = args, env, autocast, metrics, log
+    def __init__(self, ctx, *, sampler: WindowSampler, val_stream: TokenStream, plan: BatchPlan, block: int, args,
+                 autocast):
+        self.model, self.sampler, self.val_stream, self.plan, self.block = ctx.train_model, sampler, val_stream, plan, block
+        self.args, self.env, self.autocast, self.metrics, self.log = args, ctx.env, autocast, ctx.metrics, ctx.log
 
     def batches(self, epoch, start):
         """Step s reads windows s * global_batch .. + global_batch - 1; this rank takes its slice."""
@@ -254,33 +250,14 @@ class LMHooks(TrainHooks):
         self.log.info(f"stopped ({reason}) at step {state.step}, checkpoint saved; rerun with --resume")
 
 
+@entry_point
 def main(argv=None) -> int:
-    try:
-        args = parse_args(argv)
-    except UsageError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
-    env = init_distributed(None if args.device == "auto" else args.device)
-    finished = False
-    try:
-        code = _train(args, env)
-        finished = True
-        return code
-    except (UsageError, RunDirError, CheckpointError) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        finished = True
-        return 2
-    finally:
-        close_logging()
-        cleanup(synchronize=finished)
-
-
-def _train(args, env) -> int:
-    device, rank, world = env.device, env.rank, env.world_size
+    args = parse_args(argv)
     manifest = read_manifest(args.data_dir)
     vocab = args.vocab_size or int(manifest["vocab_size"])
     if vocab < int(manifest["vocab_size"]):
         raise UsageError(f"--vocab_size {vocab} is smaller than the build's vocabulary {manifest['vocab_size']}")
+    world = get_world_size()
     try:
         cfg = model_config(args.config, args.attention, dropout=args.dropout, vocab_size=vocab,
                            eos_token_id=manifest.get("eos_id"), bos_token_id=manifest.get("eos_id"),
@@ -300,67 +277,57 @@ def _train(args, env) -> int:
                   total_steps=total_steps, tokens_per_step=tokens_per_step)
     sampler = WindowSampler(TokenStream(split_shards(args.data_dir, "train")), block)
     val_stream = TokenStream(split_shards(args.data_dir, "val"))
-    run = prepare_run_dir(args.out_dir, config, resume=args.resume, overwrite=args.overwrite, ignore=IGNORED_KEYS)
-    log = setup_logging(run.log_path, name="language_models_100m")
-
-    seed_everything(args.seed)  # identical initial weights on every rank
-    model = build_model(cfg).to(device)
+    test_shards = sorted(Path(args.data_dir).expanduser().glob("*_test_*.bin"))  # builds before the test split: none
+    test_stream = TokenStream(test_shards) if test_shards else None
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     use_bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-    n_params = sum(p.numel() for p in model.parameters())
-    flops_per_token = train_flops_per_token(model, block, device)
-    if args.dist == "fsdp":
-        apply_fsdp(model, build_mesh(device.type), blocks="transformer.h",
-                   mp_policy=mixed_precision("bf16") if use_bf16 else None, compile_blocks=args.compile)
-        train_model = model
+    if args.dist == "fsdp" or not use_bf16:
         autocast = contextlib.nullcontext  # FSDP2 casts parameters itself
     else:
-        if args.compile:
-            model.compile()  # in place: DDP's no_sync and the state-dict keys stay those of the plain model
-        train_model = wrap_ddp(model, env)
-        autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
-    optimizer = build_adamw(model, lr=args.lr, weight_decay=args.weight_decay, betas=(args.beta1, args.beta2))
-    scheduler = warmup_cosine_scheduler(optimizer, total_steps, warmup_steps(total_steps, fraction=args.warmup),
-                                        args.min_lr_ratio)
-    state = TrainState()
-    app = AppState(model=train_model, optimizer=optimizer, scheduler=scheduler, train_state=state)
-    ckpt = Checkpointer(run.checkpoint_dir, config=config, config_ignore=IGNORED_KEYS, mode="min")
-    resumed = ckpt.load(app) if args.resume else None
-    if resumed is None:
-        seed_everything(args.seed, rank)  # per-rank dropout streams
-    else:
-        log.info(f"resumed at step {state.step}, train window {state.extra.get('next_window')}")
-    log.info(f"{args.config}/{cfg.attention}: {n_params:,} parameters; {world} process(es) x {plan.accum_steps} "
-             f"micro-batch(es) x {plan.micro_batch} sequences x {block} tokens = {tokens_per_step:,} tokens per "
-             f"step (global batch {args.global_batch}); {total_steps} steps = {total_steps * tokens_per_step:,} "
-             f"tokens; {flops_per_token / 1e6:.2f} MFLOPs/token; {args.dist}, {'bf16' if use_bf16 else 'fp32'} "
-             f"on {device}")
-    metrics = MetricsLogger(run.metrics_path, resume_step=state.step if resumed is not None else None)
-    if resumed is None:
-        metrics.log(step=0, params=n_params, world_size=world, accum_steps=plan.accum_steps,
-                    micro_batch=plan.micro_batch, global_batch=args.global_batch, block_size=block,
-                    tokens_per_step=tokens_per_step, total_steps=total_steps, flops_per_token=flops_per_token)
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else known_peak_flops(device)
-    settings = LoopSettings(total_steps=total_steps, steps_per_epoch=total_steps, log_every=args.log_every,
-                            eval_every=args.eval_every, save_every=args.save_every, grad_clip=args.grad_clip,
-                            samples_per_step=args.global_batch, tokens_per_sample=block,
-                            preempt_at_step=args.sigterm_at_step)
-    hooks = LMHooks(model=train_model, sampler=sampler, val_stream=val_stream, plan=plan, block=block, args=args,
-                    env=env, autocast=autocast, metrics=metrics, log=log)
-    model.train()
-    with PreemptionHandler() as preempt, metrics:
-        outcome = TrainLoop(settings, model=train_model, optimizer=optimizer, scheduler=scheduler, checkpointer=ckpt,
-                            app_state=app, train_state=state, metrics=metrics, hooks=hooks, preempt=preempt,
-                            throughput=Throughput(flops_per_sample=flops_per_token * block, peak_flops=peak,
-                                                  world_size=world),
-                            world_size=world).run()
-    ckpt.close()
-    if outcome == "finished":
-        export_hf(model, cfg, manifest, run.root / "hf", log)
+        autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
+
+    def start(ctx):
+        flops = ctx.flops_per_sample / block
+        ctx.log.info(f"{args.config}/{cfg.attention}: {ctx.n_params:,} parameters; {world} process(es) x "
+                     f"{plan.accum_steps} micro-batch(es) x {plan.micro_batch} sequences x {block} tokens = "
+                     f"{tokens_per_step:,} tokens per step (global batch {args.global_batch}); {total_steps} steps = "
+                     f"{total_steps * tokens_per_step:,} tokens; {flops / 1e6:.2f} MFLOPs/token; {args.dist}, "
+                     f"{'bf16' if use_bf16 else 'fp32'} on {device}")
+        if ctx.resumed is None:
+            ctx.metrics.log(step=0, params=ctx.n_params, world_size=world, accum_steps=plan.accum_steps,
+                            micro_batch=plan.micro_batch, global_batch=args.global_batch, block_size=block,
+                            tokens_per_step=tokens_per_step, total_steps=total_steps, flops_per_token=flops)
+
+    def finish(ctx):
+        test = {}
+        if test_stream is not None and len(test_stream) > block:  # the first release's end-of-training score
+            test = {k.replace("val_", "test_"): v for k, v in validation(
+                ctx.train_model, test_stream, block, args.val_tokens, args.eval_batch or plan.micro_batch,
+                ctx.env.rank, world, ctx.env.device, autocast).items()}
+            ctx.metrics.log(test, step=ctx.state.step, tokens_seen=ctx.state.tokens_seen)
+        export_hf(ctx.model, cfg, manifest, ctx.run.root / "hf", ctx.log)
         if is_main_process():
-            plot_curves(run.metrics_path, run.figures_dir / "loss.png", x="step",
+            plot_curves(ctx.run.metrics_path, ctx.run.figures_dir / "loss.png", x="step",
                         panels={"loss": ["train_loss", "val_loss"], "lr": ["lr"]})
-            log.info(f"done: {state.step} steps, {state.tokens_seen:,} tokens; model in {run.root / 'hf'}")
-    return 1 if outcome == "diverged" else 0
+            scored = (f"test loss {test['test_loss']:.4f}, ppl {test['test_ppl']:.2f} ({test['test_tokens']:,} "
+                      "tokens); " if test else "no test split to score; ")
+            ctx.log.info(f"done: {ctx.state.step} steps, {ctx.state.tokens_seen:,} tokens; {scored}model in "
+                         f"{ctx.run.root / 'hf'}")
+
+    return run_recipe(Recipe(
+        name="language_models_100m", args=args, config=config, ignore=IGNORED_KEYS, build_model=lambda: build_model(cfg),
+        make_hooks=lambda ctx: LMHooks(ctx, sampler=sampler, val_stream=val_stream, plan=plan, block=block, args=args,
+                                       autocast=autocast),
+        settings=LoopSettings(total_steps=total_steps, steps_per_epoch=total_steps, log_every=args.log_every,
+                              eval_every=args.eval_every, save_every=args.save_every, grad_clip=args.grad_clip,
+                              samples_per_step=args.global_batch, tokens_per_sample=block,
+                              preempt_at_step=args.sigterm_at_step),
+        optim=OptimSpec(lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup, min_lr_ratio=args.min_lr_ratio,
+                        betas=(args.beta1, args.beta2)),
+        dist=args.dist, fsdp_blocks="transformer.h", bf16=use_bf16, compile=args.compile,
+        peak_flops=args.peak_tflops * 1e12 if args.peak_tflops else known_peak_flops(device),
+        flops_per_sample=lambda model: train_flops_per_token(model, block, device) * block,
+        on_start=start, on_finish=finish), None if args.device == "auto" else args.device)
 
 
 if __name__ == "__main__":

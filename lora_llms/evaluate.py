@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from krause.evaluation import download_command, hub_offline, prepare_tasks
+from krause.training.entry import entry_point
 
 log = logging.getLogger("lora_llms.evaluate")
 
@@ -64,6 +65,9 @@ def load_for_eval(model_path, adapter=None, dtype="bfloat16", attn_implementatio
 
     kind = "base"
     if adapter is not None:
+        from krause.training.checkpointer import verify_sealed
+
+        verify_sealed(adapter, required=False)  # lora_llms.train seals its adapters: sizes and CRC-32s
         kind = "krause" if read_krause_config(adapter).get("patch") else "lora"
     tokenizer = AutoTokenizer.from_pretrained(adapter if adapter and _has_tokenizer(adapter) else model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype),
@@ -126,22 +130,19 @@ def evaluate(model, tokenizer, tasks, *, manager, batch_size="1", max_length=Non
                                limit=limit, log_samples=log_samples, bootstrap_iters=0)
 
 
+@entry_point
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     tasks_named = args.tasks is not None
     tasks = [t.strip() for t in (args.tasks if tasks_named else ",".join(PAPER_TASKS)).split(",") if t.strip()]
-    try:
-        manager = task_manager(args.include_path, include_defaults=not args.no_default_tasks)
-        check_tasks(manager, tasks)
-        prepared = prepare_tasks(tasks, manager, strict=tasks_named, include_paths=[TASKS_DIR, *args.include_path])
-        if not prepared.runnable:
-            raise ValueError(f"tasks: none of {', '.join(tasks)} has its data here; pre-download with "
-                             f"`{download_command(tasks, [TASKS_DIR, *args.include_path])}`")
-        tasks = prepared.runnable
-    except ValueError as err:
-        print(err, file=sys.stderr)
-        return 2
+    manager = task_manager(args.include_path, include_defaults=not args.no_default_tasks)
+    check_tasks(manager, tasks)  # before the model is loaded
+    prepared = prepare_tasks(tasks, manager, strict=tasks_named, include_paths=[TASKS_DIR, *args.include_path])
+    if not prepared.runnable:
+        raise ValueError(f"tasks: none of {', '.join(tasks)} has its data here; pre-download with "
+                         f"`{download_command(tasks, [TASKS_DIR, *args.include_path])}`")
+    tasks = prepared.runnable
     model, tokenizer, kind = load_for_eval(args.model, args.adapter, args.dtype, args.attn_implementation,
                                            args.device)
     label = args.label or kind

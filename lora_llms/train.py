@@ -11,12 +11,19 @@ but never on sigma, bf16, gradient checkpointing, max length 2048, batch 4 x acc
 per GPU). Training runs on transformers' ``Trainer`` (DDP under torchrun; ``--fsdp`` passes
 Trainer's FSDP options).
 
-The run directory holds ``config.json`` (resolved settings), ``data_stats.json``,
-``metrics.jsonl`` (every log line, with sigma per layer), ``checkpoints/checkpoint-N``
-(Trainer checkpoints, each with ``krause_config.json``), ``adapter/`` (the final adapter,
-loadable with ``krause.hf.load``) and ``figures/``. ``--resume`` continues from the last
-checkpoint (a first launch simply starts). SIGTERM / SIGUSR1 / Ctrl-C save a checkpoint at
-the next optimizer step and exit 0.
+The output directory is a krause.training run directory (``prepare_run_dir``): ``.lock``
+(one trainer at a time: a second one is refused in one line), ``config.json`` (the resolved
+settings; another config in the same directory is refused), ``launches.jsonl``,
+``data_stats.json``, ``metrics.jsonl`` (every Trainer log line, with sigma per layer),
+``checkpoints/checkpoint-N`` (Trainer checkpoints, each with ``krause_config.json`` and
+``krause_integrity.json``: sizes and CRC-32s), ``adapter/`` (the final adapter, loadable with
+``krause.hf.load``, sealed the same way) and ``figures/``. ``--resume`` continues from the
+newest complete checkpoint after verifying it (a first launch simply starts). SIGTERM /
+SIGUSR1 / Ctrl-C save a checkpoint at the next optimizer step and exit 0.
+
+``--seed`` seeds the process before the model is loaded, so the LoRA matrices and the Krause
+gate start from the same values in every run with that seed; the Trainer's data order and
+dropout follow from it, and a resumed run continues the uninterrupted one exactly.
 """
 
 from __future__ import annotations
@@ -26,8 +33,13 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 from pathlib import Path
+
+from krause.training.config import RUNTIME_KEYS
+from krause.training.entry import entry_point
+from krause.training.errors import UsageError
 
 log = logging.getLogger("lora_llms.train")
 
@@ -77,7 +89,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save_total_limit", type=int, default=3)
     p.add_argument("--num_workers", type=int, default=2)
     p.add_argument("--num_proc", type=int, default=None, help="processes for tokenization")
+    p.add_argument("--kill_at_step", type=int, default=None, help=argparse.SUPPRESS)  # tests: SIGKILL self
     args = p.parse_args(argv)
+    if not math.isfinite(args.epochs) or args.epochs <= 0:
+        p.error(f"--epochs must be > 0, got {args.epochs}")
+    if args.lora_alpha < 1:
+        p.error(f"--lora_alpha must be >= 1, got {args.lora_alpha}")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        p.error(f"--weight_decay must be >= 0, got {args.weight_decay}")
+    if args.seed < 0:
+        p.error(f"--seed must be >= 0, got {args.seed}")
     for name in ("num_train", "max_length", "batch_size", "grad_accum", "lora_r", "window", "top_k",
                  "logging_steps", "eval_steps", "save_steps"):
         if getattr(args, name) < 1:
@@ -93,12 +114,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _callbacks(out_dir: Path):
-    """Trainer callbacks: graceful stop on signals, krause_config.json in checkpoints, metrics JSONL."""
+def _callbacks(metrics, kill_at_step=None):
+    """Trainer callbacks: graceful stop on signals, krause_config.json and the integrity record in
+    checkpoints, metrics JSONL (through krause.training's MetricsLogger)."""
     from transformers import TrainerCallback
 
     from krause.hf.lora import write_krause_config
     from krause.training import PreemptionHandler
+    from krause.training.checkpointer import seal_directory
 
     class PreemptionCallback(TrainerCallback):
         """Saves a checkpoint at the next optimizer step after SIGTERM / SIGUSR1 / Ctrl-C, then stops."""
@@ -111,6 +134,8 @@ def _callbacks(out_dir: Path):
             self.handler.install()
 
         def on_step_end(self, args, state, control, **kwargs):
+            if kill_at_step == state.global_step:  # tests: die without any cleanup
+                os.kill(os.getpid(), signal.SIGKILL)
             if self.handler.should_stop():
                 control.should_save = True
                 control.should_training_stop = True
@@ -126,6 +151,7 @@ def _callbacks(out_dir: Path):
                 ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 if ckpt.is_dir():
                     write_krause_config(model, ckpt)
+                    seal_directory(ckpt)  # last: a checkpoint without its seal is an unfinished save
 
     class MetricsCallback(TrainerCallback):
         """Every Trainer log line (plus sigma per layer) appended to metrics.jsonl on rank 0."""
@@ -133,12 +159,11 @@ def _callbacks(out_dir: Path):
         def on_log(self, args, state, control, logs=None, model=None, **kwargs):
             if not state.is_world_process_zero or not logs:
                 return
-            record = {"step": state.global_step, "epoch": state.epoch, **logs}
+            record = {k: v for k, v in logs.items() if k not in ("step", "epoch", "time")}
             sigmas = sigma_per_layer(model) if model is not None else []
             if sigmas:
                 record["sigma"] = sigmas
-            with open(out_dir / "metrics.jsonl", "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+            metrics.log(record, step=state.global_step, epoch=state.epoch)
 
     return PreemptionCallback(), KrauseConfigCallback(), MetricsCallback()
 
@@ -182,25 +207,58 @@ def load_model(args):
     return model
 
 
+# settings that do not change what is trained: a resumed launch may change them
+IGNORED_KEYS = (*RUNTIME_KEYS, "kill_at_step", "num_proc", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
+                "world_size")
+
+
+def resume_point(ckpt_dir: Path) -> Path | None:
+    """The newest Trainer checkpoint whose save finished (it carries its integrity record), after
+    checking its sizes and CRC-32s; None when there is none. An unsealed newer one (a save cut
+    short) is passed over; a damaged sealed one is refused in one line naming the older one."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    from krause.training.checkpointer import SEAL, verify_sealed
+    from krause.training.errors import CorruptCheckpointError
+
+    found = sorted((p for p in ckpt_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir()
+                    and p.name.split("-")[-1].isdigit()), key=lambda p: int(p.name.split("-")[-1]))
+    sealed = [p for p in found if (p / SEAL).is_file()]
+    for skipped in found[found.index(sealed[-1]) + 1:] if sealed else found:
+        log.warning("%s has no %s (its save did not finish): not resumed from", skipped, SEAL)
+    if not sealed:
+        return None
+    try:
+        verify_sealed(sealed[-1])
+    except CorruptCheckpointError as e:
+        older = (f"the previous complete checkpoint is {sealed[-2]} (delete the damaged one to resume from it)"
+                 if len(sealed) > 1 else "no older complete checkpoint exists")
+        raise CorruptCheckpointError(f"{e}; {older}") from None
+    return sealed[-1]
+
+
+@entry_point
 def main(argv=None, extra_callbacks=()) -> int:
     """Runs training; ``extra_callbacks`` are added to the Trainer's (tests, custom logging)."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    from transformers import AutoTokenizer, TrainingArguments
-    from transformers.trainer_utils import get_last_checkpoint
+    from transformers import AutoTokenizer
 
     import krause.hf
+    from krause.training.checkpointer import seal_directory
+    from krause.training.metrics import MetricsLogger
+    from krause.training.run_dir import prepare_run_dir
+    from krause.training.seed import seed_everything
     from lora_llms import data
 
-    out_dir = Path(args.out_dir).resolve()
+    out_dir = Path(args.out_dir).expanduser().resolve()
     ckpt_dir = out_dir / "checkpoints"
-    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
-    if last and not args.resume:
-        print(f"out_dir: {out_dir} already has checkpoints ({last}); pass --resume or use a new out_dir",
-              file=sys.stderr)
-        return 2
-    (out_dir / "figures").mkdir(parents=True, exist_ok=True)
+    if not args.resume and ckpt_dir.is_dir() and any(ckpt_dir.glob("checkpoint-*")):
+        raise UsageError(f"out_dir: {out_dir} already has checkpoints; pass --resume or use a new out_dir")
+    resume = resume_point(ckpt_dir) if args.resume and ckpt_dir.is_dir() else None  # verified before any write
 
+    # before anything random is built: the LoRA matrices and the Krause gate are initialised from it
+    seed_everything(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     data.choose_pad_token(tokenizer)
     train_ds, eval_ds, stats = data.build_datasets(
@@ -210,17 +268,58 @@ def main(argv=None, extra_callbacks=()) -> int:
     model = load_model(args)
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and args.max_length > limit:
-        print(f"max_length: {args.max_length} is longer than the model allows ({limit} positions)", file=sys.stderr)
-        return 2
+        raise UsageError(f"max_length: {args.max_length} is longer than the model allows ({limit} positions)")
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     peft_model = krause.hf.lora_model(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
+    training_args = _training_args(args, model, ckpt_dir, eval_ds is not None)
+    world_size = training_args.world_size  # sets up the process group under torchrun (the run dir broadcasts)
+
+    resolved = {**vars(args), "out_dir": str(out_dir), "world_size": world_size,
+                "patch": krause.hf.lora.patch_config_of(model).to_dict() if args.mode == "krause" else None}
+    run = prepare_run_dir(out_dir, resolved, resume=False, ignore=IGNORED_KEYS)  # lock; another config refused
+    resume_step = int(resume.name.split("-")[-1]) if resume is not None else None
+    metrics = MetricsLogger(run.metrics_path, resume_step=resume_step)
+    try:
+        preempt, krause_cfg_cb, metrics_cb = _callbacks(metrics, args.kill_at_step)
+        trainer = build_trainer_class()(
+            model=peft_model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
+            data_collator=data.collator(tokenizer), processing_class=tokenizer,
+            callbacks=[preempt, krause_cfg_cb, metrics_cb, *extra_callbacks],
+        )
+        if trainer.is_world_process_zero():
+            _write_json(out_dir / "data_stats.json", stats)
+            peft_model.print_trainable_parameters()
+    except BaseException:
+        metrics.close()
+        run.undo_start()  # nothing trained: the corrected retry must not be refused as another run
+        raise
+    with metrics:
+        trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+
+    if preempt.stopped_at is not None:
+        if trainer.is_world_process_zero():
+            print(f"stopped by {preempt.handler.reason} at step {preempt.stopped_at}; checkpoint saved, "
+                  "run again with --resume", flush=True)
+        run.release()
+        return 0
+    if trainer.is_world_process_zero():
+        krause.hf.save(peft_model, out_dir / "adapter")
+        seal_directory(out_dir / "adapter")
+        _plots(out_dir)
+        print(f"adapter saved to {out_dir / 'adapter'}", flush=True)
+    run.release()
+    return 0
+
+
+def _training_args(args, model, ckpt_dir: Path, has_eval: bool):
+    from transformers import TrainingArguments
 
     fsdp_config = None
     if args.fsdp:
         layer_cls = type(model.model.layers[0]).__name__
         fsdp_config = {"transformer_layer_cls_to_wrap": [layer_cls], "use_orig_params": True}
-    training_args = TrainingArguments(
+    return TrainingArguments(
         output_dir=str(ckpt_dir),
         per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size,
@@ -236,7 +335,7 @@ def main(argv=None, extra_callbacks=()) -> int:
         activation_checkpointing=not args.no_gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=args.logging_steps,
-        eval_strategy="steps" if eval_ds is not None else "no",
+        eval_strategy="steps" if has_eval else "no",
         eval_steps=args.eval_steps,
         save_strategy="steps",
         save_steps=args.save_steps,
@@ -251,30 +350,6 @@ def main(argv=None, extra_callbacks=()) -> int:
         report_to="none",
         use_cpu=not _has_accelerator(),
     )
-    preempt, krause_cfg_cb, metrics_cb = _callbacks(out_dir)
-    trainer = build_trainer_class()(
-        model=peft_model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
-        data_collator=data.collator(tokenizer), processing_class=tokenizer,
-        callbacks=[preempt, krause_cfg_cb, metrics_cb, *extra_callbacks],
-    )
-    if trainer.is_world_process_zero():
-        resolved = {**vars(args), "out_dir": str(out_dir), "world_size": training_args.world_size,
-                    "patch": krause.hf.lora.patch_config_of(model).to_dict() if args.mode == "krause" else None}
-        _write_json(out_dir / "config.json", resolved)
-        _write_json(out_dir / "data_stats.json", stats)
-        peft_model.print_trainable_parameters()
-    trainer.train(resume_from_checkpoint=last if args.resume else None)
-
-    if preempt.stopped_at is not None:
-        if trainer.is_world_process_zero():
-            print(f"stopped by {preempt.handler.reason} at step {preempt.stopped_at}; checkpoint saved, "
-                  "run again with --resume", flush=True)
-        return 0
-    if trainer.is_world_process_zero():
-        krause.hf.save(peft_model, out_dir / "adapter")
-        _plots(out_dir)
-        print(f"adapter saved to {out_dir / 'adapter'}", flush=True)
-    return 0
 
 
 def _has_accelerator() -> bool:

@@ -223,6 +223,30 @@ def test_bad_input_one_line_errors_and_nothing_written(tmp_path, capsys):
     _fails(complete.main, ["--checkpoint", str(tmp_path / "x.pt")], capsys, "does not exist")
 
 
+def _zeros_inside_the_weights(step_dir: Path, n: int = 4096) -> None:
+    """4 KiB of zeros over the middle of the largest shard: the size stays, torch.load reads it happily."""
+    shard = max((p for p in step_dir.iterdir() if p.name.endswith(".distcp")), key=lambda p: p.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    start = max(0, len(data) // 2 - n // 2)
+    data[start:start + n] = b"\0" * min(n, len(data) - start)
+    shard.write_bytes(bytes(data))
+
+
+def test_every_reading_tool_refuses_a_damaged_checkpoint(tmp_path, capsys):
+    """evaluate, generate and complete verify what they load (sizes and CRC-32s), as resume does."""
+    out = tmp_path / "run"
+    assert train.main(TINY + ["--max_steps", "2", "--out_dir", str(out), "--log_every", "1"]) == 0
+    best = out / "checkpoints" / "best"
+    _zeros_inside_the_weights(best)
+    before = sorted(p for p in out.rglob("*"))
+    cpu = ["--run_dir", str(out), "--device", "cpu", "--no_progress"]
+    for main, extra in ((evaluate.main, []), (generate.main, ["--num_samples", "1", "--batch_size", "1"]),
+                        (complete.main, ["--num_images", "1", "--num_samples", "1"])):
+        err = _fails(main, cpu + extra, capsys, "CRC-32 mismatch")
+        assert str(best) in err, err
+    assert sorted(p for p in out.rglob("*")) == before  # nothing written
+
+
 @pytest.mark.slow
 def test_resume_with_another_config_is_refused_untouched(tmp_path, capsys):
     out = tmp_path / "run"

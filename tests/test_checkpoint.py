@@ -140,7 +140,7 @@ def test_each_corruption_kind_is_detected_naming_the_step_and_the_older_one(tmp_
     with pytest.raises(kt.CorruptCheckpointError) as err:
         kt.Checkpointer(tmp_path).load(_app(*_build(), kt.TrainState()))
     msg = str(err.value)
-    assert "step-000002" in msg and words in msg and "previous complete checkpoint is" in msg and "step=1" in msg, msg
+    assert "step-000002" in msg and words in msg and "previous complete checkpoint is" in msg and "--resume_step 1" in msg, msg
     state = kt.TrainState()
     assert kt.Checkpointer(tmp_path).load(_app(*_build(), state), step=1) == 1 and state.step == 1
 
@@ -216,3 +216,173 @@ def test_trainable_only_saves_and_restores_just_the_trainable_parameters(tmp_pat
     kt.Checkpointer(tmp_path).load(kt.AppState(other, opt2, trainable_only=True))
     assert torch.equal(other[0].weight, frozen_before)  # frozen base untouched
     assert torch.equal(other[4].weight, model[4].weight) and torch.equal(other.log_sigma, model.log_sigma)
+
+
+# ----------------------------------------------------------------------------- ported from the single-file format's tests
+
+
+def _seed_all(seed):
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _noisy_steps(model, opt, sched, scaler, n):
+    """Every random source is used: torch (data, dropout), numpy and python (noise scales)."""
+    import random
+
+    import numpy as np
+
+    for _ in range(n):
+        x = torch.randn(8, 6) * float(np.random.uniform(0.5, 1.5)) + random.gauss(0.0, 0.1)
+        loss = model(x).pow(2).mean() / model.log_sigma.exp()
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+
+
+def test_every_rng_and_the_grad_scaler_come_back(tmp_path):
+    def build(seed):
+        model, opt, sched = _build(seed)
+        return model, opt, sched, torch.amp.GradScaler("cpu", init_scale=256.0, growth_interval=2)
+
+    a = build(0)
+    _seed_all(123)
+    _noisy_steps(*a, 10)
+    rng_a = kt.capture_rng_state()
+
+    b = build(0)
+    _seed_all(123)
+    _noisy_steps(*b, 5)
+    kt.Checkpointer(tmp_path).save(5, kt.AppState(*b))
+    c = build(99)
+    _seed_all(999)  # scrambled: the checkpoint must restore python, numpy and torch
+    kt.Checkpointer(tmp_path).load(kt.AppState(*c))
+    _noisy_steps(*c, 5)
+    for (name, pa), pc in zip(a[0].named_parameters(), c[0].parameters()):
+        assert torch.equal(pa, pc), name
+    assert a[3].get_scale() == c[3].get_scale() and a[2].get_last_lr() == c[2].get_last_lr()
+    rng_c = kt.capture_rng_state()
+    assert torch.equal(rng_a["torch"], rng_c["torch"]) and rng_a["python"] == rng_c["python"]
+    assert torch.equal(torch.as_tensor(rng_a["numpy"]["key"]), torch.as_tensor(rng_c["numpy"]["key"]))
+
+    _seed_all(6)  # restore_rng=False leaves the caller's generators alone
+    kt.Checkpointer(tmp_path).load(kt.AppState(*build(1), restore_rng=False))
+    import random
+
+    expected = random.random()
+    _seed_all(6)
+    assert random.random() == expected
+
+
+def test_compile_wrapper_is_stripped_and_a_plain_model_loads_it(tmp_path):
+    model, opt, sched = _build(0)
+    kt.Checkpointer(tmp_path).save(1, kt.AppState(torch.compile(model), opt, sched))
+    plain, *_ = _build(1)
+    meta = kt.load_model_weights(plain, tmp_path / "step-000001")
+    assert meta["step"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), plain.state_dict().values()))
+
+
+def test_a_checkpoint_of_another_model_is_refused_in_one_line(tmp_path):
+    model, opt, sched = _build(0)
+    kt.Checkpointer(tmp_path).save(1, _app(model, opt, sched, kt.TrainState(step=1)))
+    wider = nn.Sequential(nn.Linear(6, 12), nn.LayerNorm(12), nn.GELU(), nn.Dropout(0.2), nn.Linear(12, 5))
+    wider.log_sigma = nn.Parameter(torch.zeros(()))
+    with pytest.raises(kt.CheckpointMismatchError, match="does not fit") as err:
+        kt.Checkpointer(tmp_path).load(kt.AppState(wider))
+    assert "\n" not in str(err.value)
+    with pytest.raises(kt.CheckpointMismatchError, match="does not fit this model"):
+        kt.load_model_weights(wider, tmp_path / "step-000001")
+    # a trainable-only checkpoint cannot fill a model whose every parameter is expected
+    frozen, *_ = _build(0)
+    frozen[0].requires_grad_(False)
+    kt.Checkpointer(tmp_path / "lora").save(1, kt.AppState(frozen, trainable_only=True))
+    with pytest.raises(kt.CheckpointMismatchError, match="does not fit"):
+        kt.Checkpointer(tmp_path / "lora").load(kt.AppState(_build(2)[0]))
+
+
+def test_nan_metric_is_never_best():
+    ck = kt.Checkpointer("unused", mode="max")
+    assert ck.is_better(0.1) and not ck.is_better(float("nan"))
+    ck.best_metric = 3.0
+    assert ck.is_better(3.1) and not ck.is_better(2.9)
+
+
+# ----------------------------------------------------------------------------- the verified reader
+
+
+def _zeros_inside_the_weights(step_dir: Path, n: int = 4096) -> Path:
+    """4 KiB of zeros written over the middle of the largest shard: same size, torch reads it happily."""
+    shard = max((p for p in step_dir.iterdir() if p.name.endswith(".distcp")), key=lambda p: p.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    start = max(0, len(data) // 2 - n // 2)
+    data[start:start + n] = b"\0" * min(n, len(data) - start)
+    shard.write_bytes(bytes(data))
+    return shard
+
+
+def _big_model_step(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64))  # > 4 KiB of weights
+    ck = kt.Checkpointer(tmp_path / "ck")
+    ck.save(1, kt.AppState(model), metric=1.0)
+    return model, ck
+
+
+def test_every_reader_refuses_zeros_written_inside_the_weights(tmp_path):
+    model, ck = _big_model_step(tmp_path)
+    _zeros_inside_the_weights(ck.best_dir)
+    # best/ holds hard links of step-000001: both are damaged now
+    fresh = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64))
+    before = [p.clone() for p in fresh.parameters()]
+    for path in (ck.best_dir, ck.step_dir(1)):
+        with pytest.raises(kt.CorruptCheckpointError, match="CRC-32 mismatch") as err:
+            kt.load_model_weights(fresh, path)
+        assert str(path) in str(err.value) and "\n" not in str(err.value)
+        with pytest.raises(kt.CorruptCheckpointError, match="CRC-32 mismatch"):
+            kt.verify_checkpoint(path)
+    assert all(torch.equal(a, b) for a, b in zip(before, fresh.parameters()))  # nothing loaded
+    with pytest.raises(kt.CorruptCheckpointError, match="CRC-32 mismatch"):  # export reads it too
+        kt.export_checkpoint(ck.step_dir(1), tmp_path / "out.pt")
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_exported_file_is_checked_on_every_read(tmp_path):
+    model, ck = _big_model_step(tmp_path)
+    out = ck.export(tmp_path / "model.pt")
+    plain = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64))
+    assert kt.load_model_weights(plain, out)["step"] == 1
+    assert torch.equal(plain[0].weight, model[0].weight)
+    data = out.read_bytes()
+
+    needle = model[0].weight.detach()[7, :4].numpy().tobytes()  # bytes inside tensor data
+    pos = data.find(needle)
+    assert pos > 0
+    flipped = bytearray(data)
+    flipped[pos + 1] ^= 0x40
+    bad = tmp_path / "flipped.pt"
+    bad.write_bytes(bytes(flipped))
+    torch.load(bad, weights_only=False)  # unnoticed by torch itself
+    cases = {
+        bad: "checksum mismatch",
+        tmp_path / "truncated.pt": "truncated, corrupted or not a torch checkpoint",
+        tmp_path / "garbage.pt": "truncated, corrupted or not a torch checkpoint",
+        tmp_path / "foreign.pt": "is not an exported",
+        tmp_path / "missing.pt": "does not exist",
+    }
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint at all")
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "foreign.pt")
+    for path, words in cases.items():
+        with pytest.raises(kt.CorruptCheckpointError, match=words):
+            kt.load_model_weights(plain, path)
+        with pytest.raises(kt.CorruptCheckpointError, match=words):
+            kt.checkpoint_meta(path)
+    assert kt.verify_checkpoint(out)["step"] == 1  # the original is intact

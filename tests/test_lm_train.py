@@ -64,6 +64,10 @@ def test_loss_falls_and_tokens_per_step_is_the_global_batch(baseline):
     marker = json.loads((baseline / "checkpoints" / "step-000006" / "checkpoint.json").read_text())
     assert marker["step"] == STEPS
     assert (baseline / "hf" / "config.json").is_file() and (baseline / "hf" / "tokenizer.json").is_file()
+    # the test split is scored once, at the end of training (the first release's reported number)
+    (test,) = [r for r in recs if "test_loss" in r]
+    assert test["step"] == STEPS and test["test_tokens"] > 0 and test["test_ppl"] == pytest.approx(
+        __import__("math").exp(test["test_loss"]))
 
 
 def test_evaluate_reads_the_best_checkpoint_and_the_export(data_dir, baseline, tmp_path):
@@ -80,6 +84,66 @@ def test_evaluate_reads_the_best_checkpoint_and_the_export(data_dir, baseline, t
         # process; inside the test process the Krause op differs in the 4th digit after training, so 1e-3 --
         # the step-3 checkpoint would be 3% off).
         assert result["val_loss"] == pytest.approx(final_val, rel=1e-3), (extra, result["val_loss"], final_val)
+    # --split all scores the test shards too, as training did at its end
+    final_test = [r for r in records(baseline) if "test_loss" in r][-1]["test_loss"]
+    out = tmp_path / "all"
+    assert evaluate.main(["--model", str(baseline), "--out_dir", str(out), "--tasks", "", "--split", "all",
+                          "--data_dir", str(data_dir), "--val_tokens", "256", "--device", "cpu", "--batch_size", "2"]) == 0
+    result = json.loads((out / "baseline" / "results.json").read_text())
+    assert result["val_loss"] == pytest.approx(final_val, rel=1e-3)
+    assert result["test_loss"] == pytest.approx(final_test, rel=1e-3), (result["test_loss"], final_test)
+    assert (out / "comparison.csv").read_text().startswith("model,attention,val_loss,val_ppl,test_loss,test_ppl")
+
+
+def _zeros_inside(path: Path, n: int = 4096) -> None:
+    """4 KiB of zeros over the middle of a file: the size stays, torch / safetensors read it happily."""
+    data = bytearray(path.read_bytes())
+    start = max(0, len(data) // 2 - n // 2)
+    data[start:start + n] = b"\0" * min(n, len(data) - start)
+    path.write_bytes(bytes(data))
+
+
+def test_evaluate_refuses_a_damaged_checkpoint_or_export(data_dir, baseline, tmp_path, capsys):
+    import shutil
+
+    from language_models_100m import evaluate
+
+    run = tmp_path / "copy"
+    shutil.copytree(baseline, run)
+    shard = max((p for p in (run / "checkpoints" / "best").iterdir() if p.suffix == ".distcp"),
+                key=lambda p: p.stat().st_size)
+    _zeros_inside(shard)
+    _zeros_inside(run / "hf" / "model.safetensors")
+    for extra, damaged in ((["--checkpoint", "best"], shard.name), ([], "model.safetensors")):
+        out = tmp_path / ("out" + "".join(extra))
+        assert evaluate.main(["--model", str(run), *extra, "--out_dir", str(out), "--tasks", "",
+                              "--data_dir", str(data_dir), "--val_tokens", "256", "--device", "cpu"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "CRC-32 mismatch" in err and damaged in err, err
+        assert not (out / "copy").exists()
+
+
+def test_a_damaged_latest_checkpoint_names_resume_step_and_it_resumes_exactly(data_dir, baseline, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "damaged"
+    shutil.copytree(baseline, out)
+    shutil.rmtree(out / "hf")
+    latest = out / "checkpoints" / "step-000006"
+    shard = max((p for p in latest.iterdir() if p.suffix == ".distcp"), key=lambda p: p.stat().st_size)
+    _zeros_inside(shard)
+    assert train.main(args(data_dir, out, "--resume")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "CRC-32 mismatch" in err and "--resume_step 4" in err, err
+    assert train.main(args(data_dir, out, "--resume_step", "4")) == 2  # needs --resume
+    assert "--resume_step needs --resume" in capsys.readouterr().err
+    assert train.main(args(data_dir, out, "--resume", "--resume_step", "5")) == 2  # not a complete step
+    assert "no complete step 5 (complete steps: 4, 6)" in capsys.readouterr().err
+    assert train.main(args(data_dir, out, "--resume", "--resume_step", "4")) == 0
+    want, got = losses(baseline), losses(out)
+    assert sorted(got) == sorted(want)
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), step
 
 
 def test_kill_9_and_resume_continue_the_same_stream_and_losses(data_dir, baseline, tmp_path):

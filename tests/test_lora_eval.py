@@ -102,6 +102,26 @@ def test_a_lora_baseline_adapter_loads_unpatched(env):
     assert not any("lora_" in n for n, _ in model.named_parameters())  # merged
 
 
+def test_a_damaged_adapter_is_refused_in_one_line(env, capsys):
+    from krause.training.checkpointer import seal_directory
+
+    root, model_dir, tasks = env
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    adapter = root / "sealed_adapter"
+    krause.hf.save(krause.hf.lora_model(krause.hf.patch_model(base, window=4, top_k=2)), adapter)
+    seal_directory(adapter)  # as lora_llms.train does
+    assert ev.load_for_eval(model_dir, adapter, dtype="float32")[2] == "krause"
+    weights = adapter / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-64:] = bytes(b ^ 0xFF for b in data[-64:])  # the tail: LoRA B is all zeros, a zero fill may change nothing
+    weights.write_bytes(bytes(data))
+    rc = ev.main(["--model", str(model_dir), "--adapter", str(adapter), "--include_path", str(tasks),
+                  "--tasks", "boolq_local", "--no_default_tasks", "--dtype", "float32", "--out_dir", str(root / "d")])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and last.startswith("error:") and "CRC-32 mismatch" in last and "adapter_model" in last, last
+    assert not (root / "d").exists()
+
+
 def test_unknown_tasks_fail_before_loading(env, capsys):
     root, model_dir, tasks = env
     rc = ev.main(["--model", "/nonexistent", "--tasks", "boolq_local,no_such_task", "--include_path", str(tasks),

@@ -178,194 +178,7 @@ def _build(seed: int):
     return model, opt, sched, scaler
 
 
-def _train_steps(model, opt, sched, scaler, n):
-    """Every random source is used: torch (data, dropout), numpy and python (noise scales)."""
-    for _ in range(n):
-        x = torch.randn(8, 6)
-        y = torch.randint(0, 3, (8,))
-        x = x * float(np.random.uniform(0.5, 1.5)) + random.gauss(0.0, 0.1)
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        sched.step()
-
-
-def _seed_all(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def test_checkpoint_round_trip_continues_bit_identically(tmp_path):
-    config = {"model": "mlp", "lr": 1e-2, "out_dir": str(tmp_path)}
-    # uninterrupted: 10 steps
-    model_a, opt_a, sched_a, scaler_a = _build(seed=0)
-    _seed_all(123)
-    _train_steps(model_a, opt_a, sched_a, scaler_a, 10)
-    rng_a = kt.capture_rng_state()
-
-    # interrupted after 5 steps, everything rebuilt from scratch, resumed for 5 more
-    model_b, opt_b, sched_b, scaler_b = _build(seed=0)
-    _seed_all(123)
-    _train_steps(model_b, opt_b, sched_b, scaler_b, 5)
-    path = kt.save_checkpoint(
-        tmp_path / "ckpt" / "last.pt", model=model_b, optimizer=opt_b, scheduler=sched_b, scaler=scaler_b,
-        step=5, epoch=0, best_metric=0.25, config=config, extra={"note": "mid-run", "seen": [1, 2]},
-    )
-    assert path.is_file() and not [p for p in path.parent.iterdir() if p.name != "last.pt"]  # no temp files left
-    del model_b, opt_b, sched_b, scaler_b
-    model_c, opt_c, sched_c, scaler_c = _build(seed=99)  # different init, fresh optimizer state
-    _seed_all(999)  # and scrambled RNGs: the checkpoint must restore them
-    state = kt.load_checkpoint(
-        path, model=model_c, optimizer=opt_c, scheduler=sched_c, scaler=scaler_c,
-        config={**config, "out_dir": "/elsewhere"},  # runtime keys do not matter
-    )
-    assert (state.step, state.epoch, state.best_metric) == (5, 0, 0.25)
-    assert state.extra == {"note": "mid-run", "seen": [1, 2]} and state.config["model"] == "mlp"
-    _train_steps(model_c, opt_c, sched_c, scaler_c, 5)
-
-    for (name, pa), (_, pc) in zip(model_a.named_parameters(), model_c.named_parameters()):
-        assert torch.equal(pa, pc), name
-    for sa, sc in zip(opt_a.state.values(), opt_c.state.values()):
-        for key in sa:
-            assert torch.equal(torch.as_tensor(sa[key]), torch.as_tensor(sc[key])), key
-    assert sched_a.get_last_lr() == sched_c.get_last_lr()
-    assert scaler_a.get_scale() == scaler_c.get_scale()
-    # and every RNG ends in the same place
-    rng_c = kt.capture_rng_state()
-    assert torch.equal(rng_a["torch"], rng_c["torch"]) and rng_a["python"] == rng_c["python"]
-    assert torch.equal(rng_a["numpy"]["key"], rng_c["numpy"]["key"]) and rng_a["numpy"]["pos"] == rng_c["numpy"]["pos"]
-
-
-def test_checkpoint_restores_every_rng(tmp_path):
-    model, opt, sched, scaler = _build(0)
-    _seed_all(5)
-    kt.save_checkpoint(tmp_path / "c.pt", model=model, step=0)
-    expected = (random.random(), float(np.random.rand()), torch.rand(3))
-    _seed_all(6)
-    kt.load_checkpoint(tmp_path / "c.pt", model=model)
-    got = (random.random(), float(np.random.rand()), torch.rand(3))
-    assert expected[0] == got[0] and expected[1] == got[1] and torch.equal(expected[2], got[2])
-    _seed_all(6)
-    kt.load_checkpoint(tmp_path / "c.pt", model=model, restore_rng=False)
-    assert random.random() != expected[0]
-
-
-def test_checkpoint_strips_ddp_and_compile_wrappers(tmp_path):
-    model = _MLP(0)
-    kt.save_checkpoint(tmp_path / "c.pt", model=torch.compile(model), step=1)
-    keys = set(kt.read_checkpoint(tmp_path / "c.pt")["model"])
-    assert keys == set(model.state_dict()) and not any("_orig_mod" in k for k in keys)
-    plain = _MLP(1)
-    kt.load_checkpoint(tmp_path / "c.pt", model=plain)
-    assert torch.equal(plain.fc1.weight, model.fc1.weight)
-    # a plain torch.load opens it too
-    assert torch.load(tmp_path / "c.pt", weights_only=True)["step"] == 1
-
-
-def test_corrupted_checkpoint_gives_a_clear_error(tmp_path):
-    model = _MLP(0)
-    with torch.no_grad():
-        model.fc1.weight.fill_(1.2345)
-    path = kt.save_checkpoint(tmp_path / "last.pt", model=model, step=3)
-    data = path.read_bytes()
-
-    truncated = tmp_path / "truncated.pt"
-    truncated.write_bytes(data[: len(data) // 2])
-    with pytest.raises(kt.CorruptCheckpointError, match="truncated, corrupted or not a torch checkpoint"):
-        kt.load_checkpoint(truncated, model=_MLP(0))
-
-    # a flipped byte inside tensor data: torch.load reads it without complaint, the checksum does not
-    needle = np.full(4, 1.2345, dtype=np.float32).tobytes()
-    pos = data.find(needle)
-    assert pos > 0
-    flipped = bytearray(data)
-    flipped[pos + 1] ^= 0x40
-    bad = tmp_path / "flipped.pt"
-    bad.write_bytes(bytes(flipped))
-    torch.load(bad, weights_only=True)  # unnoticed by torch itself
-    with pytest.raises(kt.CorruptCheckpointError, match="checksum"):
-        kt.load_checkpoint(bad, model=_MLP(0))
-
-    garbage = tmp_path / "garbage.pt"
-    garbage.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(kt.CorruptCheckpointError):
-        kt.load_checkpoint(garbage, model=_MLP(0))
-    foreign = tmp_path / "foreign.pt"
-    torch.save({"state_dict": model.state_dict()}, foreign)
-    with pytest.raises(kt.CorruptCheckpointError, match="is not a krause.training.checkpoint"):
-        kt.load_checkpoint(foreign, model=_MLP(0))
-    with pytest.raises(kt.CorruptCheckpointError, match="does not exist"):
-        kt.load_checkpoint(tmp_path / "missing.pt", model=_MLP(0))
-    # the original is intact and loads
-    assert kt.load_checkpoint(path, model=_MLP(0)).step == 3
-
-
-def test_checkpoint_of_another_config_or_model_is_refused(tmp_path):
-    config = argparse.Namespace(depth=2, lr=1e-3, out_dir="a", num_workers=4)
-    path = kt.save_checkpoint(tmp_path / "c.pt", model=_MLP(0), step=1, config=config)
-    other = argparse.Namespace(depth=2, lr=2e-3, out_dir="b", num_workers=8)
-    with pytest.raises(kt.CheckpointMismatchError, match=r"lr: 0\.001 -> 0\.002") as info:
-        kt.load_checkpoint(path, model=_MLP(0), config=other)
-    assert "out_dir:" not in str(info.value) and "num_workers:" not in str(info.value)
-    # only runtime keys differ: accepted
-    kt.load_checkpoint(path, model=_MLP(0), config=argparse.Namespace(depth=2, lr=1e-3, out_dir="c", num_workers=0))
-    # an explicit override only warns
-    with pytest.warns(UserWarning, match="different config"):
-        kt.load_checkpoint(path, model=_MLP(0), config=other, strict_config=False)
-
-    class Wider(_MLP):
-        def __init__(self):
-            super().__init__(0)
-            self.fc2 = nn.Linear(16, 5)
-
-    with pytest.raises(kt.CheckpointMismatchError, match="(?s)does not fit this model.*size mismatch for fc2.weight"):
-        kt.load_checkpoint(path, model=Wider())
-    with pytest.raises(kt.CheckpointMismatchError, match="no optimizer state"):
-        m = _MLP(0)
-        kt.load_checkpoint(path, model=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1))
-
-
-def test_trainable_only_checkpoint_for_a_frozen_base_model(tmp_path):
-    model = _MLP(0)
-    model.fc1.requires_grad_(False)  # frozen "base"; fc2, norm and log_sigma train
-    opt = kt.build_adamw(model, lr=1e-2, weight_decay=0.1)
-    path = kt.save_checkpoint(tmp_path / "lora.pt", model=model, optimizer=opt, step=2, trainable_only=True)
-    stored = kt.read_checkpoint(path)
-    assert stored["model_subset"] == "trainable"
-    assert set(stored["model"]) == {"norm.weight", "norm.bias", "fc2.weight", "fc2.bias", "log_sigma"}
-    other = _MLP(1)
-    other.fc1.requires_grad_(False)
-    kt.load_checkpoint(path, model=other, optimizer=kt.build_adamw(other, lr=1e-2, weight_decay=0.1))
-    assert torch.equal(other.fc2.weight, model.fc2.weight)
-    assert not torch.equal(other.fc1.weight, model.fc1.weight)  # the base model is the caller's
-    everything_trains = _MLP(1)
-    with pytest.raises(kt.CheckpointMismatchError, match="trainable but missing.*fc1"):
-        kt.load_checkpoint(path, model=everything_trains)
-
-
-def test_checkpoint_manager_keeps_last_and_best(tmp_path):
-    model, opt, sched, _ = _build(0)
-    mgr = kt.CheckpointManager(tmp_path / "ckpt", config={"x": 1}, mode="max")
-    assert not mgr.has_last() and mgr.load_last(model=model) is None
-    assert mgr.save(model=model, optimizer=opt, scheduler=sched, step=10, metric=0.5) is True
-    assert mgr.save(model=model, optimizer=opt, scheduler=sched, step=20, metric=0.4) is False
-    assert mgr.save(model=model, optimizer=opt, scheduler=sched, step=25) is False  # preemption save: no metric
-    assert kt.read_checkpoint(mgr.best_path)["step"] == 10
-    assert mgr.save(model=model, optimizer=opt, scheduler=sched, step=30, metric=0.6) is True
-    assert mgr.save(model=model, optimizer=opt, scheduler=sched, step=40, metric=float("nan")) is False
-    assert kt.read_checkpoint(mgr.best_path)["step"] == 30
-    assert sorted(p.name for p in mgr.directory.iterdir()) == ["best.pt", "last.pt"]
-
-    fresh = kt.CheckpointManager(tmp_path / "ckpt", config={"x": 1}, mode="max")
-    state = fresh.load_last(model=model, optimizer=opt, scheduler=sched)
-    assert state.step == 40 and fresh.best_metric == 0.6 and not fresh.is_better(0.59) and fresh.is_better(0.61)
-    assert fresh.load_best(model=model).step == 30
-    low = kt.CheckpointManager(tmp_path / "low", mode="min")
-    low.best_metric = 3.0
-    assert low.is_better(2.9) and not low.is_better(3.1)
+# the single-file format's tests were ported to the DCP checkpointer in test_checkpoint.py
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -540,12 +353,13 @@ def _spawned_worker(rank: int, world_size: int, port: int, out_dir: str) -> None
         # a collective checkpoint: per-rank RNG states, each rank gets its own back
         kt.seed_everything(7, rank=rank)
         model = _MLP(0)
-        path = kt.save_checkpoint(Path(out_dir) / "c.pt", model=kt.wrap_ddp(model), step=4)
+        ckpt = kt.Checkpointer(Path(out_dir) / "ck")
+        ckpt.save(4, kt.AppState(kt.wrap_ddp(model)))
         expected = torch.rand(3)
         torch.manual_seed(12345)
-        kt.load_checkpoint(path, model=model)
+        ckpt.load(kt.AppState(model))
         result["rng_restored"] = torch.equal(torch.rand(3), expected)
-        result["n_rng"] = len(kt.read_checkpoint(path)["rng"])
+        result["n_rng"] = json.loads((ckpt.step_dir(4) / "checkpoint.json").read_text())["world_size"]
         with open(Path(out_dir) / f"rank{rank}.json", "w") as f:
             json.dump(result, f)
     finally:
@@ -593,10 +407,11 @@ def _fsdp_worker(rank: int, port: int, out_dir: str) -> None:
         opt = kt.build_adamw(model, lr=1e-2, weight_decay=0.1)
         for i in range(3):
             _fsdp_step(model, opt, seed=100 * i + rank)
-        path = kt.save_checkpoint(Path(out_dir) / "c.pt", model=model, optimizer=opt, step=3)
+        ckpt = kt.Checkpointer(Path(out_dir) / "ck")
+        ckpt.save(3, kt.AppState(model, opt))
         resumed = _fsdp_model(1)  # other initial weights, empty optimizer state
         opt2 = kt.build_adamw(resumed, lr=1e-2, weight_decay=0.1)
-        kt.load_checkpoint(path, model=resumed, optimizer=opt2)
+        ckpt.load(kt.AppState(resumed, opt2))
         for i in range(3, 5):
             _fsdp_step(model, opt, seed=100 * i + rank)
             _fsdp_step(resumed, opt2, seed=100 * i + rank)
@@ -606,15 +421,17 @@ def _fsdp_worker(rank: int, port: int, out_dir: str) -> None:
         kt.cleanup()
 
 
-def test_fsdp2_checkpoint_is_full_and_resumes_bit_identically(tmp_path):
-    """fully_shard models (language_models_100m) save one full state dict that a plain model loads."""
+def test_fsdp2_checkpoint_resumes_bit_identically_and_exports_in_full(tmp_path):
+    """fully_shard models (language_models_100m): sharded DCP steps that a plain model loads, in one process."""
     mp.start_processes(_fsdp_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True, start_method=_start_method())
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)] == ["True", "True"]
-    payload = kt.read_checkpoint(tmp_path / "c.pt")
-    assert payload["optimizer_keys"] == "fqn" and payload["world_size"] == 2
+    step = tmp_path / "ck" / "step-000003"
+    assert json.loads((step / "checkpoint.json").read_text())["world_size"] == 2
     plain = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.GELU(), nn.Linear(16, 4))
-    plain.load_state_dict(payload["model"])  # unsharded, no wrapper prefixes
-    assert payload["model"]["0.weight"].shape == (16, 8)
+    kt.load_model_weights(plain, step)  # unsharded, no wrapper prefixes
+    payload = kt.read_exported(kt.export_checkpoint(step, tmp_path / "full.pt"))
+    assert payload["app"]["model"]["0.weight"].shape == (16, 8)
+    assert torch.equal(payload["app"]["model"]["0.weight"], plain[0].weight)
 
 
 # ----------------------------------------------------------------------------- run directory, config
@@ -639,10 +456,10 @@ def test_run_dir_writes_config_and_refuses_to_clobber(tmp_path):
     assert json.loads(run.config_path.read_text())["lr"] == 5e-4
     assert json.loads((out / "config.1.json").read_text())["lr"] == 1e-3  # the earlier one is kept
     # a run directory that holds a checkpoint needs resume (or overwrite)
-    kt.save_checkpoint(run.checkpoint_dir / "last.pt", model=_MLP(0), step=1)
+    kt.Checkpointer(run.checkpoint_dir, config=other).save(1, kt.AppState(_MLP(0)))
     with pytest.raises(kt.RunDirError, match="already holds a checkpoint"):
         kt.prepare_run_dir(out, other)
-    assert kt.prepare_run_dir(out, other, resume=True).last_checkpoint == run.checkpoint_dir / "last.pt"
+    assert kt.prepare_run_dir(out, other, resume=True).last_checkpoint == run.checkpoint_dir / "step-000001"
     # an unrelated non-empty folder is not taken over
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "cat.jpg").write_bytes(b"x")
@@ -1052,3 +869,105 @@ def test_progress_bar_writes_whole_lines_when_not_a_terminal():
     default = kt.progress_bar(total=1, file=io.StringIO())
     assert default.mininterval == kt.metrics.NON_TTY_INTERVAL_S  # at most one line per 10 s in a log
     default.close()
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def test_entry_point_turns_expected_errors_into_one_line_and_exit_2(capsys):
+    from krause.training.entry import entry_point
+
+    @entry_point
+    def main(argv=None):
+        kind = argv[0]
+        if kind == "usage":
+            raise kt.UsageError("--lr must be > 0\n(got -1)")
+        if kind == "corrupt":
+            raise kt.CorruptCheckpointError("checkpoint x: f is corrupted (CRC-32 mismatch)")
+        if kind == "missing":
+            open("/nonexistent/krause/file")
+        if kind == "bug":
+            raise KeyError("a bug keeps its traceback")
+        return 0
+
+    assert main(["ok"]) == 0
+    for kind, words in (("usage", "--lr must be > 0 | (got -1)"), ("corrupt", "CRC-32"), ("missing", "No such file")):
+        assert main([kind]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and words in err and len(err.splitlines()) == 1, err
+    with pytest.raises(KeyError):
+        main(["bug"])
+
+
+def test_a_failed_start_is_undone_so_the_corrected_retry_is_not_refused(tmp_path):
+    fresh = tmp_path / "fresh"
+    run = kt.prepare_run_dir(fresh, {"lr": 1.0})
+    run.undo_start()  # the directory did not exist: removed with its lock
+    assert not fresh.exists()
+    kt.prepare_run_dir(fresh, {"lr": 0.5}).release()  # the corrected retry
+    # an existing run directory: the earlier config comes back
+    run = kt.prepare_run_dir(fresh, {"lr": 0.7}, resume=True)
+    assert json.loads((fresh / "config.json").read_text())["lr"] == 0.7
+    run.undo_start()
+    assert json.loads((fresh / "config.json").read_text())["lr"] == 0.5 and not (fresh / ".lock").exists()
+    kt.prepare_run_dir(fresh, {"lr": 0.5}).release()
+    # an existing non-run folder the user pointed at with overwrite: only the new config goes
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("x")
+    kt.prepare_run_dir(other, {"lr": 1.0}, overwrite=True).undo_start()
+    assert sorted(p.name for p in other.iterdir() if p.is_dir() is False) == ["keep.txt", "launches.jsonl"]
+
+
+def _toy_recipe(out_dir, build, resume=False, total=4, stop_at=None):
+    from krause.training.recipe import OptimSpec, Recipe
+
+    args = argparse.Namespace(out_dir=str(out_dir), resume=resume, seed=3)
+
+    class Hooks(kt.TrainHooks):
+        def __init__(self, ctx):
+            self.ctx = ctx
+
+        def batches(self, epoch, start):
+            step = start
+            while True:  # the data of a step depends on the step only
+                yield [torch.randn(4, 6, generator=torch.Generator().manual_seed(step))]
+                step += 1
+
+        def train_step(self, x):
+            return self.ctx.train_model(x).pow(2).sum(), x.shape[0]
+
+        def evaluate(self, state):
+            return {"metric": float(self.ctx.model(torch.ones(2, 6)).pow(2).mean())}
+
+        def selection_metric(self, result):
+            return result["metric"]
+
+    return Recipe(name="toy", args=args, config={"lr": 0.01}, ignore=kt.RUNTIME_KEYS, build_model=build,
+                  make_hooks=Hooks, settings=kt.LoopSettings(total_steps=total, steps_per_epoch=total, log_every=1,
+                                                                preempt_at_step=stop_at),
+                  optim=OptimSpec(lr=0.01, weight_decay=0.0, warmup=0.0, min_lr_ratio=0.1))
+
+
+def test_recipe_runner_undoes_a_failed_start_then_trains_and_resumes(tmp_path):
+    from krause.training.recipe import run_recipe
+
+    out = tmp_path / "toy"
+
+    def broken():
+        raise ValueError("build_model: bad width")
+
+    with pytest.raises(ValueError, match="bad width"):
+        run_recipe(_toy_recipe(out, broken), "cpu")
+    assert not out.exists()  # the failed start left nothing behind
+    assert run_recipe(_toy_recipe(out, lambda: _MLP(0), stop_at=2), "cpu") == 0  # SIGTERM at step 2: saved
+    assert (out / "checkpoints" / "step-000002" / "checkpoint.json").is_file() and not (out / ".lock").exists()
+    assert not (out / "checkpoints" / "step-000004").exists()
+    # resumed to the end, it equals a run trained without the stop
+    assert run_recipe(_toy_recipe(out, lambda: _MLP(0), resume=True), "cpu") == 0
+    whole = tmp_path / "whole"
+    assert run_recipe(_toy_recipe(whole, lambda: _MLP(0), total=4), "cpu") == 0
+    a, b = _MLP(1), _MLP(2)
+    kt.load_model_weights(a, out / "checkpoints" / "step-000004")
+    kt.load_model_weights(b, whole / "checkpoints" / "step-000004")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

@@ -122,7 +122,7 @@ def test_bad_input_gives_one_line_errors_and_overwrites_nothing(tmp_path, capsys
 
     # a checkpoint from another model (the run directory of a KViT resumed as a ViT)
     _one_line_error(capsys, [a if a != "kvit-s" else "vit-s" for a in TINY] + ["--out_dir", str(out), "--resume"],
-                    "another config: epochs: 1 -> 2 model: 'kvit_small_patch4_32' -> 'vit_small_patch4_32'")
+                    "another config: | epochs: 1 -> 2 | model: 'kvit_small_patch4_32' -> 'vit_small_patch4_32'")
     # hyper-parameters out of range
     _one_line_error(capsys, TINY + ["--out_dir", str(out), "--resume", "--top_k", "0"], "--top_k must be >= 1")
     _one_line_error(capsys, TINY + ["--out_dir", str(out), "--resume", "--sigma", "-1"], "--sigma must be")
@@ -239,6 +239,16 @@ def test_compare_runs_side_by_side(tmp_path, capsys):
     assert "not a vision_transformers.train run" in err and len(err.splitlines()) == 1
     assert compare.main([str(tmp_path / "vit-s"), "--out_dir", str(out)]) == 2  # never replaced silently
     assert "--overwrite" in capsys.readouterr().err
+    # a damaged checkpoint is refused by the reader (sizes and CRC-32s, as resume checks them)
+    shard = max((p for p in (tmp_path / "kvit-s" / "checkpoints" / "best").iterdir() if p.suffix == ".distcp"),
+                key=lambda p: p.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 4096] = b"\0" * len(data[len(data) // 2: len(data) // 2 + 4096])
+    shard.write_bytes(bytes(data))
+    assert compare.main([str(tmp_path / "kvit-s"), "--out_dir", str(tmp_path / "cmp4")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "CRC-32 mismatch" in err and shard.name in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "cmp4").exists()
 
 
 def test_a_failed_download_leaves_no_empty_data_folder(tmp_path, capsys, monkeypatch):

@@ -25,7 +25,6 @@ import argparse
 import json
 import math
 import os
-import signal
 import sys
 import time
 from typing import Sequence
@@ -37,43 +36,29 @@ from torch.utils.data import DataLoader
 
 from krause.dispatch import IMPLS
 from krause.training import (
-    AppState,
     BatchPlan,
-    CheckpointError,
-    Checkpointer,
     LoopSettings,
-    MetricsLogger,
-    PreemptionHandler,
-    RunDirError,
     ShardSampler,
-    Throughput,
     TrainHooks,
-    TrainLoop,
-    TrainState,
     UsageError,
     all_reduce_sum,
-    build_adamw,
     cleanup,
     ignore_sigint,
     init_distributed,
     known_peak_flops,
-    prepare_run_dir,
     progress_bar,
     read_metrics,
-    record,
-    seed_everything,
-    setup_logging,
     sigma_per_layer,
     split_micro_batches,
-    warmup_cosine_scheduler,
     warmup_steps,
-    wrap_ddp,
 )
+from krause.training.entry import entry_point
+from krause.training.recipe import OptimSpec, Recipe, run_recipe
 from krause.training.config import RUNTIME_KEYS
 from krause.training.data import ResumableDistributedSampler, reseed
 
 from . import analysis
-from .data import DATASETS, DataError, build_datasets, dataset_info
+from .data import DATASETS, build_datasets, dataset_info
 from .models import MODEL_DEFAULTS, create, resolve_model_name
 
 #: keys that do not change what a run computes: a run may be resumed with other values
@@ -327,36 +312,28 @@ def evaluate(model: nn.Module, loader: DataLoader, device, amp: str, channels_la
 
 
 # --------------------------------------------------------------------------- main
-@record
+@entry_point
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    env = None
+    args = build_parser().parse_args(argv)
     try:
+        resolve_recipe(args)
+        validate(args)
+        if args.threads is not None:
+            _require(args.threads >= 1, f"--threads must be >= 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
+        # Model arguments checked on the meta device (no memory, no init), before any data is read.
+        with torch.device("meta"):
+            create(args.model, **model_kwargs(args, dataset_info(args.dataset, args.img_size)))
+        # before any process group exists: a global batch that does not split over the ranks
+        BatchPlan.from_global(args.batch_size, args.micro_batch_size, int(os.environ.get("WORLD_SIZE", "1") or 1),
+                              name="--batch_size")
         try:
-            resolve_recipe(args)
-            validate(args)
-            if args.threads is not None:
-                _require(args.threads >= 1, f"--threads must be >= 1, got {args.threads}")
-                torch.set_num_threads(args.threads)
-            # Model arguments checked on the meta device (no memory, no init), before any data is read.
-            with torch.device("meta"):
-                create(args.model, **model_kwargs(args, dataset_info(args.dataset, args.img_size)))
-            # before any process group exists: a global batch that does not split over the ranks
-            BatchPlan.from_global(args.batch_size, args.micro_batch_size, int(os.environ.get("WORLD_SIZE", "1") or 1),
-                                  name="--batch_size")
-            try:
-                env = init_distributed(args.device)
-            except RuntimeError as e:
-                raise UsageError(f"could not set up the {args.device or 'default'} device / process group: {e}") from None
-            return _train(args, env)
-        except (ValueError, RunDirError, CheckpointError, UsageError, OSError) as e:
-            message = " ".join(str(e).split()) or type(e).__name__
-            kind = "data" if isinstance(e, DataError) else "error"
-            print(f"{parser.prog}: {kind}: {message}", file=sys.stderr)
-            return 2
+            env = init_distributed(args.device)
+        except RuntimeError as e:
+            raise UsageError(f"could not set up the {args.device or 'default'} device / process group: {e}") from None
+        return _train(args, env)
     finally:
-        cleanup()
+        cleanup()  # a no-op once run_recipe has torn the process group down
 
 
 class VisionHooks(TrainHooks):
@@ -473,7 +450,7 @@ def _train(args: argparse.Namespace, env) -> int:
     if env.device.type != "cuda" and args.amp == "fp16":
         raise UsageError("--amp fp16 needs a CUDA device; use bf16 or none on CPU")
 
-    # Data and model first: bad input fails before the run directory is touched.
+    # Data first: bad input fails before the run directory is touched.
     augment = dict(randaugment=args.randaugment or None, color_jitter=args.color_jitter, re_prob=args.re_prob,
                    enabled=not args.no_augment)
     data_root = os.path.abspath(os.path.expanduser(args.data_path)) if args.data_path else None
@@ -493,103 +470,81 @@ def _train(args: argparse.Namespace, env) -> int:
         raise
     if len(train_set) < args.batch_size:
         raise UsageError(f"--batch_size {args.batch_size} is larger than the {len(train_set)} training images")
-    seed_everything(args.seed, rank=0)  # identical initialisation on every rank
-    model = create(args.model, **model_kwargs(args, info))
-
-    # checks the latest checkpoint against this config (readable diff) before anything is written
-    run = prepare_run_dir(args.out_dir, args, resume=args.resume, overwrite=args.overwrite, ignore=IGNORED_KEYS)
-    log = setup_logging(run.log_path, name="vision_transformers")
-    n_params = analysis.count_params(model)
-    log.info("run %s | %s on %s (%s) | world size %d, device %s", run.root, args.model, args.dataset, info.source,
-             env.world_size, env.device)
-    log.info("%s: %.2fM parameters, %d train / %d test images, %d classes; batch %d = %d micro x %d accum x %d ranks",
-             args.model, n_params / 1e6, info.train_size, info.val_size, info.num_classes, plan.global_batch,
-             plan.micro_batch, plan.accum_steps, env.world_size)
-
-    model.to(env.device)
-    flops = None
-    if not args.no_flops:
-        flops = analysis.flops_per_image(model)
-        log.info("FLOPs per image: %s (%s multiply-adds), attention %s", analysis.format_flops(flops["flops"]),
-                 analysis.format_flops(flops["macs"]), analysis.format_flops(flops["attention_flops"]))
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
 
     sampler = ResumableDistributedSampler(train_set, shuffle=True, seed=args.seed, drop_last=True)
     loader_gen = torch.Generator()
-    pin = env.device.type == "cuda"
-    workers = dict(num_workers=args.num_workers, pin_memory=pin,
+    workers = dict(num_workers=args.num_workers, pin_memory=env.device.type == "cuda",
                    worker_init_fn=ignore_sigint if args.num_workers else None)
     train_loader = DataLoader(train_set, batch_size=plan.per_rank, sampler=sampler, drop_last=True,
                               generator=loader_gen, **workers)
     val_loader = DataLoader(val_set, batch_size=plan.per_rank, sampler=ShardSampler(len(val_set)), **workers)
     steps_per_epoch = len(train_loader)
     total_steps = args.epochs * steps_per_epoch
-
-    optimizer = build_adamw(model, lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = warmup_cosine_scheduler(
-        optimizer, total_steps=total_steps,
-        warmup_steps=warmup_steps(total_steps, epochs=args.warmup_epochs, steps_per_epoch=steps_per_epoch),
-        min_lr_ratio=args.min_lr_ratio,
-    )
-    scaler = torch.amp.GradScaler(env.device.type, enabled=args.amp == "fp16")
-    ckpt = Checkpointer(run.checkpoint_dir, config=args, config_ignore=IGNORED_KEYS, mode="max",
-                        keep_latest_k=args.keep_latest_k)
-
     mixup_fn = None
+    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     if mixing:
         from timm.data import Mixup
+        from timm.loss import SoftTargetCrossEntropy
 
         mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mix_prob,
                          switch_prob=args.cutmix_prob if args.mixup > 0 and args.cutmix > 0 else 0.5,
                          mode="batch", label_smoothing=args.label_smoothing, num_classes=info.num_classes)
-        from timm.loss import SoftTargetCrossEntropy
-
         criterion = SoftTargetCrossEntropy()
-    else:
-        criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    flops: dict = {}
 
-    state = TrainState(extra={"steps_per_epoch": steps_per_epoch})
-    ddp_model = wrap_ddp(model, env)
-    app = AppState(ddp_model, optimizer, scheduler, scaler, train_state=state)
-    resumed = ckpt.load(app) if args.resume else None
-    if resumed is not None:
-        log.info("resumed from %s at step %d (epoch %.2f, best test_acc1 %s)", ckpt.step_dir(resumed), state.step,
-                 state.step / steps_per_epoch, ckpt.best_metric)
-    else:
-        seed_everything(args.seed, rank=env.rank)  # per-rank streams (drop-path, mixing) from here on
-    fwd = torch.compile(ddp_model) if args.compile else ddp_model
-    eval_fwd = torch.compile(model) if args.compile else model
-    metrics = MetricsLogger(run.metrics_path, resume_step=state.step if resumed is not None else None)
-    summary_path = run.root / "summary.json"
-    if env.is_main and resumed is None:
-        summary = dict(model=args.model, dataset=args.dataset, params=n_params, flops_per_image=flops,
-                       world_size=env.world_size, device=str(env.device))
-        summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    def build():
+        model = create(args.model, **model_kwargs(args, info))
+        return model.to(memory_format=torch.channels_last) if args.channels_last else model
 
-    hooks = VisionHooks(args, env, plan, model, fwd, eval_fwd, train_set, sampler, train_loader, loader_gen,
-                        val_loader, mixup_fn, criterion, metrics, log, ckpt, steps_per_epoch)
-    hooks.lr_fn = lambda: scheduler.get_last_lr()[0]
-    settings = LoopSettings(total_steps=total_steps, steps_per_epoch=steps_per_epoch, log_every=args.log_every,
-                            eval_every_epochs=args.eval_every, save_every=args.save_every_steps,
-                            grad_clip=args.grad_clip, samples_per_step=plan.global_batch,
-                            preempt_at_step=args.preempt_at_step)
-    per_image = flops["flops"] * 3 if flops else None  # forward + backward ~ 3x forward
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else known_peak_flops(env.device)
-    with PreemptionHandler() as preempt, metrics:
-        outcome = TrainLoop(settings, model=ddp_model, optimizer=optimizer, scheduler=scheduler, checkpointer=ckpt,
-                            app_state=app, train_state=state, metrics=metrics, hooks=hooks, scaler=scaler,
-                            preempt=preempt, throughput=Throughput(per_image, peak, world_size=env.world_size),
-                            world_size=env.world_size).run()
-        ckpt.close()
-    run.release()
-    if outcome != "finished":
-        return 1 if outcome == "diverged" else 0
-    if env.is_main:
-        finish(run.root, model, val_set, info, args, log, time.time() - t_start)
-    records = read_metrics(run.metrics_path) if env.is_main else []
-    last = next((r for r in reversed(records) if "test_loss" in r), {})
-    return 0 if math.isfinite(last.get("test_loss", 0.0)) else 1
+    def flops_per_sample(model):
+        if args.no_flops:
+            return None
+        flops.update(analysis.flops_per_image(model))
+        return flops["flops"] * 3  # forward + backward ~ 3x forward
+
+    def make_hooks(ctx):
+        hooks = VisionHooks(args, env, plan, ctx.model, ctx.train_model, ctx.eval_model, train_set, sampler,
+                            train_loader, loader_gen, val_loader, mixup_fn, criterion, ctx.metrics, ctx.log,
+                            ctx.checkpointer, steps_per_epoch)
+        hooks.lr_fn = lambda: ctx.scheduler.get_last_lr()[0]
+        return hooks
+
+    def start(ctx):
+        log = ctx.log
+        log.info("run %s | %s on %s (%s) | world size %d, device %s", ctx.run.root, args.model, args.dataset,
+                 info.source, env.world_size, env.device)
+        log.info("%s: %.2fM parameters, %d train / %d test images, %d classes; batch %d = %d micro x %d accum x %d "
+                 "ranks", args.model, ctx.n_params / 1e6, info.train_size, info.val_size, info.num_classes,
+                 plan.global_batch, plan.micro_batch, plan.accum_steps, env.world_size)
+        if flops:
+            log.info("FLOPs per image: %s (%s multiply-adds), attention %s", analysis.format_flops(flops["flops"]),
+                     analysis.format_flops(flops["macs"]), analysis.format_flops(flops["attention_flops"]))
+        if env.is_main and ctx.resumed is None:
+            summary = dict(model=args.model, dataset=args.dataset, params=analysis.count_params(ctx.model),
+                           flops_per_image=flops or None, world_size=env.world_size, device=str(env.device))
+            (ctx.run.root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    def done(ctx):
+        if env.is_main:
+            finish(ctx.run.root, ctx.model, val_set, info, args, ctx.log, time.time() - t_start)
+        records = read_metrics(ctx.run.metrics_path) if env.is_main else []
+        last = next((r for r in reversed(records) if "test_loss" in r), {})
+        return 0 if math.isfinite(last.get("test_loss", 0.0)) else 1
+
+    return run_recipe(Recipe(
+        name="vision_transformers", args=args, config=vars(args), ignore=IGNORED_KEYS, build_model=build,
+        make_hooks=make_hooks,
+        settings=LoopSettings(total_steps=total_steps, steps_per_epoch=steps_per_epoch, log_every=args.log_every,
+                              eval_every_epochs=args.eval_every, save_every=args.save_every_steps,
+                              grad_clip=args.grad_clip, samples_per_step=plan.global_batch,
+                              preempt_at_step=args.preempt_at_step),
+        optim=OptimSpec(lr=args.lr, weight_decay=args.weight_decay, warmup=0.0, min_lr_ratio=args.min_lr_ratio,
+                        warmup_steps=warmup_steps(total_steps, epochs=args.warmup_epochs,
+                                                  steps_per_epoch=steps_per_epoch)),
+        fp16_scaler=args.amp == "fp16", compile=args.compile, keep_latest_k=args.keep_latest_k, mode="max",
+        peak_flops=args.peak_tflops * 1e12 if args.peak_tflops else known_peak_flops(env.device),
+        flops_per_sample=flops_per_sample, state_extra={"steps_per_epoch": steps_per_epoch},
+        on_start=start, on_finish=done), args.device)
 
 
 def _remove_empty_dirs(root: str) -> None:

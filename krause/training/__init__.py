@@ -7,15 +7,15 @@ Modules (each small and usable alone):
     config       resolved config -> JSON dict, fingerprint, diff
     run_dir      one directory per run: config.json, metrics, checkpoints/, figures/
     metrics      JSON-lines metrics logger and reader, rank-0 tqdm, text logging
-    checkpointer DCP checkpoints of a Stateful AppState: step dirs, latest, best, async, resharding, export
-    checkpoint   the single-file format (export, small tools): atomic, CRC-checked
+    checkpointer DCP checkpoints of a Stateful AppState: step dirs, latest, best, async, resharding,
+                 export; verify_checkpoint / load_model_weights: the verified reader of every tool
     state        TrainState: step, epoch, position, running sums (Stateful)
     loop         TrainLoop + TrainHooks: the one loop shape (train_step / evaluate hooks)
     accumulation BatchPlan (global = micro x accum x world), accumulate_gradients (no_sync / FSDP2)
     fsdp         apply_fsdp: per-block fully_shard, MixedPrecisionPolicy, activation checkpointing, compile
     throughput   samples / tokens per second and MFU (FlopCounterMode or a formula)
     lock         one writer per run directory (host, pid, start time; stale locks taken over)
-    errors       UsageError and one-line reporting
+    errors       UsageError, the checkpoint errors and one-line reporting
     launch       torchrun with one-line failures (python -m krause.training.launch ...)
     sigma        sigma_per_layer
     preemption   SIGTERM / SIGUSR1 -> flag -> save `last` and exit cleanly
@@ -23,21 +23,13 @@ Modules (each small and usable alone):
     schedule     per-step linear warmup + cosine decay to a floor (LambdaLR)
     optim        AdamW parameter groups without decay on norms, biases, embeddings, log_sigma
     plotting     PNG figures from metrics files, comparison of runs
+    recipe       run_recipe(Recipe(...)): the one assembly of a training run (seed, run dir, lock,
+                 process group, wrap then compile, optimizer, schedule, checkpointer, resume,
+                 metrics, preemption, throughput); families supply config, model, data, hooks
+    entry        @entry_point: torch elastic's record + bad input as one line, exit 2
     example      a complete minimal train loop using all of the above (`python -m krause.training.example`)
 """
 
-from .checkpoint import (
-    CheckpointError,
-    CheckpointManager,
-    CheckpointMismatchError,
-    CheckpointState,
-    CorruptCheckpointError,
-    atomic_torch_save,
-    load_checkpoint,
-    model_state_dict,
-    read_checkpoint,
-    save_checkpoint,
-)
 from .accumulation import AccumulationResult, BatchPlan, accumulate_gradients, grad_sync
 from .checkpointer import (
     AppState,
@@ -47,9 +39,20 @@ from .checkpointer import (
     export_checkpoint,
     find_checkpoint,
     load_model_weights,
+    read_exported,
+    seal_directory,
+    verify_checkpoint,
+    verify_sealed,
 )
 from .data import ResumableDistributedSampler, ShardSampler, derive_seed, eval_shard, reseed
-from .errors import UsageError, one_line, report_usage_errors
+from .errors import (
+    CheckpointError,
+    CheckpointMismatchError,
+    CorruptCheckpointError,
+    UsageError,
+    one_line,
+    report_usage_errors,
+)
 from .fsdp import apply_fsdp, build_mesh, find_blocks, mixed_precision
 from .lock import RunLock, RunLockError
 from .loop import LoopSettings, TrainHooks, TrainLoop, split_micro_batches
@@ -82,6 +85,8 @@ from .metrics import MetricsLogger, close_logging, progress_bar, read_metrics, s
 from .optim import NO_DECAY_KEYWORDS, build_adamw, param_groups
 from .plotting import plot_comparison, plot_curves, plot_run, plot_series
 from .preemption import PreemptionHandler, ignore_sigint
+from .entry import entry_point, run_one_line
+from .recipe import OptimSpec, Recipe, RunContext, run_recipe, wrap_model
 from .run_dir import RunDir, RunDirError, prepare_run_dir
 from .schedule import WarmupCosine, warmup_cosine_scheduler, warmup_steps
 from .seed import capture_rng_state, restore_rng_state, seed_everything, set_deterministic
@@ -89,22 +94,16 @@ from .seed import capture_rng_state, restore_rng_state, seed_everything, set_det
 __all__ = [
     "AccumulationResult", "BatchPlan", "accumulate_gradients", "grad_sync",
     "AppState", "Checkpointer", "SaveInfo", "export_checkpoint", "find_checkpoint", "checkpoint_meta",
-    "load_model_weights",
+    "load_model_weights", "verify_checkpoint", "read_exported", "seal_directory", "verify_sealed",
+    "entry_point", "run_one_line", "OptimSpec", "Recipe", "RunContext", "run_recipe", "wrap_model",
     "ShardSampler", "eval_shard", "UsageError", "one_line", "report_usage_errors",
     "apply_fsdp", "build_mesh", "find_blocks", "mixed_precision", "RunLock", "RunLockError",
     "LoopSettings", "TrainHooks", "TrainLoop", "split_micro_batches", "sigma_per_layer", "TrainState",
     "Throughput", "count_flops", "known_peak_flops", "train_flops_per_sample",
     "die_with_parent", "record", "ignore_sigint",
     "CheckpointError",
-    "CheckpointManager",
     "CheckpointMismatchError",
-    "CheckpointState",
     "CorruptCheckpointError",
-    "atomic_torch_save",
-    "load_checkpoint",
-    "model_state_dict",
-    "read_checkpoint",
-    "save_checkpoint",
     "RUNTIME_KEYS",
     "config_diff",
     "config_fingerprint",

@@ -46,15 +46,18 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .atomic import fsync_dir
-from .checkpoint import CheckpointError, CheckpointMismatchError, CorruptCheckpointError
 from .config import RUNTIME_KEYS, config_diff, config_fingerprint, config_to_dict, format_config_diff
+from .errors import CheckpointError, CheckpointMismatchError, CorruptCheckpointError
 from .distributed import all_gather_object, barrier, broadcast_object, get_rank, get_world_size, is_distributed
 from .seed import capture_rng_state, restore_rng_state
 
 __all__ = ["AppState", "Checkpointer", "SaveInfo", "export_checkpoint", "find_checkpoint", "checkpoint_meta",
-           "load_model_weights", "MARKER", "FORMAT"]
+           "load_model_weights", "verify_checkpoint", "read_exported", "seal_directory", "verify_sealed",
+           "MARKER", "FORMAT", "EXPORT_FORMAT", "SEAL"]
 
 FORMAT = "krause.training.dcp/1"
+EXPORT_FORMAT = "krause.training.export/1"
+SEAL = "krause_integrity.json"  # sizes and CRC-32s of an exported folder (hf/, adapter/)
 MARKER = "checkpoint.json"
 LATEST = "latest"
 BEST = "best"
@@ -187,10 +190,89 @@ def _quiet_single_process():
         yield
 
 
+def _dcp_errors() -> tuple[type[BaseException], ...]:
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return (Exception, CheckpointException)
+
+
+_DCP_ERRORS = _dcp_errors()
+
+
+def _load_error_text(e: BaseException, limit: int) -> str:
+    """One line: the first rank's underlying error of a DCP CheckpointException, else `e` itself."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = failures[min(failures)]  # (exception, stack summary)
+        e = first[0] if isinstance(first, tuple) else first
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"[:limit]
+
+
 def _collective_status(status: tuple[str, str]) -> tuple[str, str]:
     """The first error of any rank, on every rank (a rank that failed must not leave the others hanging)."""
     statuses = all_gather_object(status)
     return next((s for s in statuses if s[0] != "ok"), ("ok", ""))
+
+
+def verify_step_dir(path: str | os.PathLike, *, crc: bool = True, share: bool = False) -> dict[str, Any]:
+    """Check one step directory (or `best/`) against its marker: every listed file present with
+    its size and (crc=True) CRC-32, and readable DCP metadata; return the marker.
+    CorruptCheckpointError (one line, naming the directory and the file) otherwise.
+    share: each rank checksums only its share of the files (the caller gathers the verdicts)."""
+    path = Path(path)
+    where = f"checkpoint {path}"
+    if not path.is_dir():
+        raise CorruptCheckpointError(f"{where} does not exist")
+    try:
+        meta = json.loads((path / MARKER).read_text())
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"{where} is incomplete (no {MARKER}: the save did not finish)") from None
+    except (OSError, ValueError) as e:
+        raise CorruptCheckpointError(f"{where} has an unreadable {MARKER} ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CorruptCheckpointError(f"{where} is not a {FORMAT} checkpoint (format: {found!r})")
+    files = meta.get("files") or {}
+    if ".metadata" not in files:
+        raise CorruptCheckpointError(f"{where} lists no .metadata file")
+    for i, (name, want) in enumerate(sorted(files.items())):
+        p = path / name
+        if not p.is_file():
+            raise CorruptCheckpointError(f"{where} is missing {name}")
+        if p.stat().st_size != want["size"]:
+            raise CorruptCheckpointError(f"{where}: {name} has {p.stat().st_size} bytes, "
+                                         f"{want['size']} were written (truncated or replaced)")
+        mine = not share or i % get_world_size() == get_rank()
+        if crc and mine and _crc32_file(p) != want["crc32"]:
+            raise CorruptCheckpointError(f"{where}: {name} is corrupted (CRC-32 mismatch)")
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        FileSystemReader(str(path)).read_metadata()
+    except Exception as e:
+        raise CorruptCheckpointError(f"{where}: unreadable DCP metadata ({type(e).__name__}: {str(e)[:200]})") from None
+    return meta
+
+
+def _tree_crc32(obj: Any, crc: int = 0) -> int:
+    """CRC-32 over a nested structure: tensor dtype, shape and bytes; repr of other leaves (keys sorted)."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        crc = zlib.crc32(f"T{t.dtype}{tuple(t.shape)}".encode(), crc)
+        if t.numel():
+            crc = zlib.crc32(t.reshape(-1).view(torch.uint8).numpy().data, crc)
+        return crc
+    if isinstance(obj, dict):
+        crc = zlib.crc32(b"{", crc)
+        for k in sorted(obj, key=repr):
+            crc = _tree_crc32(obj[k], zlib.crc32(repr(k).encode(), crc))
+        return zlib.crc32(b"}", crc)
+    if isinstance(obj, (list, tuple)):
+        crc = zlib.crc32(b"[", crc)
+        for v in obj:
+            crc = _tree_crc32(v, crc)
+        return zlib.crc32(b"]", crc)
+    return zlib.crc32(repr(obj).encode(), crc)
 
 
 # ----------------------------------------------------------------------------- checkpointer
@@ -284,8 +366,8 @@ class Checkpointer:
 
     def _older_than(self, step: int) -> str:
         older = [s for s in self.steps() if s < step]
-        return (f"the previous complete checkpoint is {self.step_dir(older[-1])} (load step={older[-1]}, "
-                f"or delete the damaged directory)" if older else "no older complete checkpoint exists")
+        return (f"the previous complete checkpoint is {self.step_dir(older[-1])} (resume from it with "
+                f"--resume_step {older[-1]}, or delete the damaged directory)" if older else "no older complete checkpoint exists")
 
     def read_marker(self, step: int | str | None = None) -> dict[str, Any]:
         """The marker (checkpoint.json) of a step, 'best' or the latest; CorruptCheckpointError if unsound."""
@@ -342,27 +424,8 @@ class Checkpointer:
         path = self._resolve(step)
         status, meta = ("ok", ""), {}
         try:
-            meta = self.read_marker(step)
-            files = meta.get("files") or {}
-            if ".metadata" not in files:
-                raise CorruptCheckpointError(f"checkpoint {path} lists no .metadata file")
-            for i, (name, want) in enumerate(sorted(files.items())):
-                p = path / name
-                if not p.is_file():
-                    raise CorruptCheckpointError(f"checkpoint {path} is missing {name}")
-                if p.stat().st_size != want["size"]:
-                    raise CorruptCheckpointError(f"checkpoint {path}: {name} has {p.stat().st_size} bytes, "
-                                                 f"{want['size']} were written (truncated or replaced)")
-                mine = not share or i % get_world_size() == get_rank()
-                if crc and mine and _crc32_file(p) != want["crc32"]:
-                    raise CorruptCheckpointError(f"checkpoint {path}: {name} is corrupted (CRC-32 mismatch)")
-            from torch.distributed.checkpoint import FileSystemReader
-
-            try:
-                FileSystemReader(str(path)).read_metadata()
-            except Exception as e:
-                raise CorruptCheckpointError(f"checkpoint {path}: unreadable DCP metadata "
-                                             f"({type(e).__name__}: {str(e)[:200]})") from None
+            self.read_marker(step)  # an incomplete step is named with the older one
+            meta = verify_step_dir(path, crc=crc, share=share)
         except CheckpointError as e:
             msg = str(e)
             if "previous complete checkpoint" not in msg and "no older complete" not in msg:
@@ -418,8 +481,8 @@ class Checkpointer:
                     dcp.save(state, checkpoint_id=str(tmp), no_dist=not is_distributed())
                 files = _file_table(_own_files(tmp, get_rank()))
                 status = ("ok", "")
-            except Exception as e:  # reported on every rank
-                files, status = {}, ("error", f"could not write {tmp}: {type(e).__name__}: {e}")
+            except _DCP_ERRORS as e:  # reported on every rank
+                files, status = {}, ("error", f"could not write {tmp}: {_load_error_text(e, 600)}")
             pending["files_done"] = files
             self._finalise(pending, status)
             blocking = time.perf_counter() - t0
@@ -457,8 +520,8 @@ class Checkpointer:
         try:
             pending["files_done"] = pending["files"].result()
             status = ("ok", "")
-        except Exception as e:
-            pending["files_done"], status = {}, ("error", f"could not write {pending['tmp']}: {type(e).__name__}: {e}")
+        except _DCP_ERRORS as e:
+            pending["files_done"], status = {}, ("error", f"could not write {pending['tmp']}: {_load_error_text(e, 600)}")
         self._finalise(pending, status)
 
     def _finalise(self, pending: dict[str, Any], status: tuple[str, str]) -> None:
@@ -546,10 +609,9 @@ class Checkpointer:
         try:
             with _quiet_single_process():
                 dcp.load({"app": app_state}, checkpoint_id=str(path), no_dist=not is_distributed())
-        except Exception as e:
-            msg = " ".join(str(e).split())[:600]
+        except _DCP_ERRORS as e:  # DCP's CheckpointException is a BaseException
             raise CheckpointMismatchError(f"checkpoint {path} does not fit this model / optimizer "
-                                          f"({type(e).__name__}: {msg})") from e
+                                          f"({_load_error_text(e, 600)})") from None
         self.best_metric = meta.get("best_metric")
         return int(meta["step"])
 
@@ -572,29 +634,99 @@ class Checkpointer:
 
 def export_checkpoint(step_dir: str | os.PathLike, out_file: str | os.PathLike,
                       safetensors_file: str | os.PathLike | None = None) -> Path:
-    """Consolidate a DCP step directory into one `torch.save` file (no process group needed).
+    """Consolidate a DCP step directory (verified first) into one `torch.save` file (no process group).
 
-    The file holds {"app": {"model": ..., "optimizer": ..., ...}, "meta": <checkpoint.json>};
-    `safetensors_file` also writes the model weights alone as safetensors (for sharing)."""
+    The file holds {"format", "app": {"model": ..., "optimizer": ..., ...}, "meta": <checkpoint.json>,
+    "checksum"}: a CRC-32 over app and meta that every reader checks (`read_exported`), since
+    torch.load alone does not notice bytes changed inside tensor data. `safetensors_file` also
+    writes the model weights alone as safetensors (for sharing)."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     step_dir = Path(step_dir)
+    meta = verify_step_dir(step_dir)
     out_file = Path(out_file).expanduser().resolve()
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_name(f".{out_file.name}.tmp")
-    dcp_to_torch_save(str(step_dir), str(tmp))
+    with _quiet_single_process():
+        dcp_to_torch_save(str(step_dir), str(tmp))
     payload = torch.load(tmp, map_location="cpu", weights_only=False)
-    marker = step_dir / MARKER
-    payload["meta"] = json.loads(marker.read_text()) if marker.is_file() else {}
     payload["app"].pop("rng", None)
+    payload = {"format": EXPORT_FORMAT, "app": payload["app"], "meta": meta}
+    payload["checksum"] = _tree_crc32({"app": payload["app"], "meta": payload["meta"]})
     torch.save(payload, tmp)
     os.replace(tmp, out_file)
+    fsync_dir(out_file.parent)
     if safetensors_file is not None:
         from safetensors.torch import save_file
 
         weights = {k: v.contiguous().clone() for k, v in payload["app"]["model"].items() if isinstance(v, torch.Tensor)}
-        save_file(weights, str(safetensors_file), metadata={"step": str(payload["meta"].get("step", ""))})
+        save_file(weights, str(safetensors_file), metadata={"step": str(meta.get("step", ""))})
     return out_file
+
+
+def read_exported(path: str | os.PathLike) -> dict[str, Any]:
+    """An exported file's payload after checking its format and checksum; CorruptCheckpointError otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise CorruptCheckpointError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CorruptCheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}): the file is "
+                                     "truncated, corrupted or not a torch checkpoint") from None
+    if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise CorruptCheckpointError(f"{path} is not an exported {EXPORT_FORMAT} checkpoint (format: {found!r})")
+    if _tree_crc32({"app": payload.get("app"), "meta": payload.get("meta")}) != payload.get("checksum"):
+        raise CorruptCheckpointError(f"checkpoint {path} is corrupted (checksum mismatch)")
+    return payload
+
+
+def seal_directory(directory: str | os.PathLike) -> Path:
+    """Write `directory`/krause_integrity.json: the size and CRC-32 of every file in it (a
+    save_pretrained export, an adapter), so that readers can check it as resume checks a step."""
+    directory = Path(directory)
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != SEAL)
+    table = {str(p.relative_to(directory)): {"size": p.stat().st_size, "crc32": _crc32_file(p)} for p in files}
+    _atomic_write_text(directory / SEAL, json.dumps({"format": EXPORT_FORMAT, "files": table}, indent=1,
+                                                    sort_keys=True) + "\n")
+    return directory / SEAL
+
+
+def verify_sealed(directory: str | os.PathLike, *, required: bool = True) -> bool:
+    """Check a sealed folder's files against its krause_integrity.json (CorruptCheckpointError naming
+    the file). Without a seal: CorruptCheckpointError when `required`, else False (not checked)."""
+    directory = Path(directory)
+    where = f"{directory}"
+    try:
+        record = json.loads((directory / SEAL).read_text())
+    except FileNotFoundError:
+        if required:
+            raise CorruptCheckpointError(f"{where} has no {SEAL} (an incomplete export, or not written by "
+                                         "krause.training): export it again") from None
+        return False
+    except (OSError, ValueError) as e:
+        raise CorruptCheckpointError(f"{where} has an unreadable {SEAL} ({e})") from None
+    if not isinstance(record, dict) or record.get("format") != EXPORT_FORMAT:
+        raise CorruptCheckpointError(f"{where}/{SEAL} is not a {EXPORT_FORMAT} record")
+    for name, want in sorted((record.get("files") or {}).items()):
+        p = directory / name
+        if not p.is_file():
+            raise CorruptCheckpointError(f"{where} is missing {name}")
+        if p.stat().st_size != want["size"]:
+            raise CorruptCheckpointError(f"{where}: {name} has {p.stat().st_size} bytes, {want['size']} were "
+                                         "written (truncated or replaced)")
+        if _crc32_file(p) != want["crc32"]:
+            raise CorruptCheckpointError(f"{where}: {name} is corrupted (CRC-32 mismatch)")
+    return True
+
+
+def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The one check every reader makes: a step directory (sizes, CRC-32s, DCP metadata) or an
+    exported file (format, checksum). Returns the checkpoint's marker; CorruptCheckpointError
+    (one line naming the file) when anything is damaged."""
+    path = Path(path)
+    return verify_step_dir(path) if path.is_dir() else read_exported(path)["meta"]
 
 
 # ----------------------------------------------------------------------------- trained models (tools)
@@ -625,39 +757,40 @@ def find_checkpoint(run_dir: str | os.PathLike | None, which: str = "best") -> P
 
 
 def checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """The marker of a step directory, or the "meta" of an exported file (config, step, ...)."""
+    """The marker of a step directory, or the "meta" of an exported file (config, step, ...).
+
+    Reads the marker only (a step directory's files are checked when its weights are loaded)."""
     path = Path(path)
     if path.is_dir():
         try:
-            return json.loads((path / MARKER).read_text())
+            meta = json.loads((path / MARKER).read_text())
         except (OSError, ValueError) as e:
             raise CorruptCheckpointError(f"checkpoint {path} has no readable {MARKER} ({e})") from None
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise CorruptCheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__})") from None
-    if not isinstance(payload, dict) or "app" not in payload:
-        raise CorruptCheckpointError(f"{path} is not an exported krause.training checkpoint")
-    return payload.get("meta") or {}
+        if not isinstance(meta, dict):
+            raise CorruptCheckpointError(f"checkpoint {path} has no readable {MARKER}")
+        return meta
+    return read_exported(path)["meta"]
 
 
 def load_model_weights(model: nn.Module, path: str | os.PathLike, strict: bool = True) -> dict[str, Any]:
     """Load only the model weights of a step directory or exported file into a plain `model`
-    (one process, no optimizer); returns the checkpoint's marker. CheckpointMismatchError
-    (one line) when the weights do not fit."""
+    (one process, no optimizer), after `verify_checkpoint`; returns the checkpoint's marker.
+    CorruptCheckpointError when a file is damaged, CheckpointMismatchError (one line) when
+    the weights do not fit."""
     path = Path(path)
-    meta = checkpoint_meta(path)
-    sd = model.state_dict()
+    if path.is_dir():
+        meta = verify_step_dir(path)
+        sd = model.state_dict()
+    else:
+        payload = read_exported(path)
+        meta, sd = payload["meta"], payload["app"]["model"]
     try:
         if path.is_dir():
             import torch.distributed.checkpoint as dcp
 
             with _quiet_single_process():
                 dcp.load({"app": {"model": sd}}, checkpoint_id=str(path), no_dist=True)
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=False)["app"]["model"]
         model.load_state_dict(sd, strict=strict)
-    except Exception as e:
-        first = " ".join(str(e).split())[:300]
-        raise CheckpointMismatchError(f"checkpoint {path} does not fit this model ({first})") from None
+    except _DCP_ERRORS as e:
+        raise CheckpointMismatchError(f"checkpoint {path} does not fit this model ({_load_error_text(e, 300)})") from None
     return meta

@@ -35,6 +35,7 @@ RUNTIME_KEYS: frozenset[str] = frozenset(
     {
         "out_dir",
         "resume",
+        "resume_step",
         "overwrite",
         "num_workers",
         "workers",

@@ -1,17 +1,30 @@
-"""One `UsageError` for every entry point, and the one-line reporting of bad input."""
+"""One `UsageError` for every entry point, the checkpoint errors, and the one-line reporting of bad input."""
 
 from __future__ import annotations
 
 import sys
 from typing import Callable, Sequence
 
-__all__ = ["UsageError", "one_line", "report_usage_errors", "USAGE_EXIT_CODE"]
+__all__ = ["UsageError", "CheckpointError", "CorruptCheckpointError", "CheckpointMismatchError",
+           "one_line", "report_usage_errors", "USAGE_EXIT_CODE"]
 
 USAGE_EXIT_CODE = 2
 
 
 class UsageError(ValueError):
     """Bad input (an argument, a path, a run directory): reported as one line, exit code 2."""
+
+
+class CheckpointError(RuntimeError):
+    """Base class of checkpoint problems."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint is missing, incomplete, truncated, not a checkpoint, or its checksums do not match."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint belongs to another config or model."""
 
 
 def one_line(e: BaseException) -> str:

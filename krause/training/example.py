@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from .accumulation import BatchPlan
-from .checkpoint import CheckpointError
+from .errors import CheckpointError
 from .checkpointer import AppState, Checkpointer
 from .config import RUNTIME_KEYS
 from .data import ResumableDistributedSampler, ShardSampler, reseed

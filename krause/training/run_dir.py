@@ -27,7 +27,7 @@ from typing import Any, Iterable
 import torch
 
 from .atomic import FILE_MODE, atomic_file  # noqa: F401  (FILE_MODE re-exported)
-from .checkpoint import CheckpointError
+from .errors import CheckpointError
 from .config import RUNTIME_KEYS, config_diff, config_to_dict, format_config_diff
 from .distributed import barrier, broadcast_object, get_world_size, is_main_process
 from .lock import RunLock, RunLockError
@@ -61,6 +61,28 @@ class RunDir:
     def __init__(self, out_dir: str | os.PathLike):
         self.root = Path(out_dir).expanduser().resolve()
         self.lock: RunLock | None = None
+        # what this launch created, so that a failed start can be undone (undo_start)
+        self._created_root = False
+        self._config_before: str | None = None  # "absent", or the name the earlier config was moved to
+
+    def undo_start(self) -> None:
+        """Undo what prepare_run_dir wrote for a launch that failed before training began (rank 0;
+        a no-op elsewhere): a directory it created is removed; otherwise the earlier config.json is
+        restored (or the new one removed), so the corrected retry is not refused as another run."""
+        if not is_main_process():
+            return
+        import shutil
+
+        if self._created_root:
+            self.release()
+            shutil.rmtree(self.root, ignore_errors=True)
+            return
+        if self._config_before == "absent":
+            self.config_path.unlink(missing_ok=True)
+        elif self._config_before is not None:
+            os.replace(self.root / self._config_before, self.config_path)
+        self._config_before = None
+        self.release()
 
     def release(self) -> None:
         """Release the run-directory lock (also done at interpreter exit)."""
@@ -102,21 +124,19 @@ class RunDir:
 
     @property
     def last_checkpoint(self) -> Path | None:
-        """The resume point: the latest complete DCP step directory, else a legacy checkpoints/last.pt."""
+        """The resume point: the latest complete DCP step directory, or None."""
         from .checkpointer import Checkpointer
 
-        step = Checkpointer(self.checkpoint_dir).latest_step()
-        if step is not None:
-            return Checkpointer(self.checkpoint_dir).step_dir(step)
-        p = self.checkpoint_dir / "last.pt"
-        return p if p.is_file() else None
+        ck = Checkpointer(self.checkpoint_dir)
+        step = ck.latest_step()
+        return None if step is None else ck.step_dir(step)
 
     def started(self) -> str | None:
         """Why this directory looks like a run that trained (a checkpoint trace or logged steps), or None."""
         from .checkpointer import Checkpointer
 
         ck = Checkpointer(self.checkpoint_dir)
-        if ck.best_dir.is_dir() or (self.checkpoint_dir / "best.pt").is_file():
+        if ck.best_dir.is_dir():
             return "a best checkpoint"
         if [p for p in ck.incomplete_dirs() if not p.name.startswith(".tmp-")]:
             return "an incomplete checkpoint"
@@ -154,12 +174,15 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def _check_resume(run: RunDir, cfg: dict[str, Any], ignore: Iterable[str]) -> str | None:
+def _check_resume(run: RunDir, cfg: dict[str, Any], ignore: Iterable[str], resume_step: int | None = None) -> str | None:
     """Read-only checks of a resume target; the error message, or None when it may proceed."""
     from .checkpointer import Checkpointer
 
     ck = Checkpointer(run.checkpoint_dir, config_ignore=ignore)
-    step = ck.latest_step()
+    step = ck.latest_step() if resume_step is None else int(resume_step)
+    if resume_step is not None and step not in ck.steps():
+        have = ", ".join(str(s) for s in ck.steps()) or "none"
+        return f"--resume_step {step}: {run.checkpoint_dir} has no complete step {step} (complete steps: {have})"
     if step is not None:
         try:
             ck.verify(step, collective=False)  # a damaged step is named (with the older one) before any write
@@ -175,7 +198,8 @@ def _check_resume(run: RunDir, cfg: dict[str, Any], ignore: Iterable[str]) -> st
 
 
 def _prepare_on_main(
-    run: RunDir, cfg: dict[str, Any], resume: bool, overwrite: bool, ignore: Iterable[str], lock: bool = True
+    run: RunDir, cfg: dict[str, Any], resume: bool, overwrite: bool, ignore: Iterable[str], lock: bool = True,
+    resume_step: int | None = None,
 ) -> tuple[str, str]:
     """Checks (read-only), then the lock, then writes, on rank 0. Returns ("ok"|"error", message)."""
     if run.root.exists() and not run.root.is_dir():
@@ -187,9 +211,10 @@ def _prepare_on_main(
             "directory. Choose a new or empty out_dir (or pass overwrite to use it anyway)."
         )
     diff = config_diff(old, cfg, ignore) if old is not None else []
+    run._created_root = not run.root.exists()
     if old is not None and not overwrite:
         if resume:
-            problem = _check_resume(run, cfg, ignore)
+            problem = _check_resume(run, cfg, ignore, resume_step)
             if problem:
                 return "error", problem
         elif diff:
@@ -214,6 +239,9 @@ def _prepare_on_main(
         while (run.root / f"config.{n}.json").exists():
             n += 1
         os.replace(run.config_path, run.root / f"config.{n}.json")
+        run._config_before = f"config.{n}.json"
+    elif old is None:
+        run._config_before = "absent"
     if overwrite and run.checkpoint_dir.is_dir() and any(run.checkpoint_dir.iterdir()):
         # the new run must never resume from or prune the old run's steps: set them aside
         aside = run.root / "checkpoints.replaced"
@@ -248,6 +276,7 @@ def prepare_run_dir(
     overwrite: bool = False,
     ignore: Iterable[str] = RUNTIME_KEYS,
     lock: bool = True,
+    resume_step: int | None = None,
 ) -> RunDir:
     """Create (or reopen) the run directory and write the resolved config. Call on every rank.
 
@@ -260,6 +289,8 @@ def prepare_run_dir(
     overwrite: reuse `out_dir` for a new run even though it holds another one. The old
         checkpoints are moved to checkpoints.replaced/; metrics are replaced.
     lock: take the run-directory lock (lock.py) on rank 0, so a second trainer refuses.
+    resume_step: with resume, the step to continue from instead of the latest (the one a
+        damaged latest checkpoint's message names); it is checked instead of the latest.
     Without either flag an existing run directory is refused when its config differs
     or when it already holds a checkpoint, so a run is never silently clobbered.
     """
@@ -268,7 +299,7 @@ def prepare_run_dir(
     status, message = ("ok", "")
     if is_main_process():
         try:
-            status, message = _prepare_on_main(run, cfg, resume, overwrite, ignore, lock)
+            status, message = _prepare_on_main(run, cfg, resume, overwrite, ignore, lock, resume_step)
         except OSError as e:
             status, message = "error", f"cannot prepare out_dir {run.root}: {e}"
     status, message = broadcast_object((status, message))
