@@ -8,7 +8,7 @@ from .baselines import SlidingWindowAttention, TopKAttention, topk_causal_attent
 from .causal import CausalKrauseAttention, CausalProjections, CausalSelfAttention
 from .config import KrauseConfig
 from .factory import TWINS, build_attention
-from .gated import GatedCache, GatedKrauseAttention, gated_mix, init_gate
+from .gated import GatedKrauseAttention, gated_mix, init_gate
 from .swin import (
     WindowAttention,
     WindowKrauseAttention,
@@ -23,7 +23,6 @@ __all__ = [
     "CausalKrauseAttention",
     "CausalProjections",
     "CausalSelfAttention",
-    "GatedCache",
     "GatedKrauseAttention",
     "KrauseConfig",
     "LocalKrauseAttention2d",
