@@ -142,22 +142,36 @@ def _prompts():
     return [torch.randint(1, VOCAB, (n,), generator=g) for n in (9, 4, 1)]
 
 
+COMMON = dict(pad_token_id=PAD, eos_token_id=None)
+
+
+@pytest.mark.parametrize("mode", ["greedy", "beam"])
 @pytest.mark.parametrize("attention", ATTENTIONS)
-def test_left_padded_batch_generates_like_each_row_alone(attention):
+def test_left_padded_batch_generates_like_each_row_alone(attention, mode):
     """Greedy and beam search over a left-padded batch give each row its own unpadded run
-    (20 new tokens: every window of 8 is passed)."""
+    (prompts of 9, 4 and 1 tokens, 10 new ones: the windows of 8 are passed)."""
     model = tiny(attention).eval()
     rows = _prompts()
     ids, mask = _left_padded(rows)
-    common = dict(max_new_tokens=20, pad_token_id=PAD, eos_token_id=None)
+    kwargs = dict(do_sample=False, max_new_tokens=10, num_beams=1 if mode == "greedy" else 2, **COMMON)
     with torch.no_grad():
-        for kwargs in (dict(do_sample=False), dict(do_sample=False, num_beams=3)):
-            batched = model.generate(ids, attention_mask=mask, **kwargs, **common)
-            uncached = model.generate(ids, attention_mask=mask, use_cache=False, **kwargs, **common)
-            assert torch.equal(batched, uncached), kwargs
-            for i, r in enumerate(rows):
-                alone = model.generate(r[None], **kwargs, **common)
-                assert torch.equal(batched[i, ids.shape[1]:], alone[0, len(r):]), (kwargs, i)
+        batched = model.generate(ids, attention_mask=mask, **kwargs)
+        for i, r in enumerate(rows):
+            alone = model.generate(r[None], **kwargs)
+            assert torch.equal(batched[i, ids.shape[1]:], alone[0, len(r):]), i
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_left_padded_batch_cached_equals_uncached(attention):
+    model = tiny(attention).eval()
+    ids, mask = _left_padded(_prompts())
+    with torch.no_grad():
+        for beams in (1, 3):
+            kwargs = dict(do_sample=False, max_new_tokens=20, num_beams=beams, **COMMON)
+            cached = model.generate(ids, attention_mask=mask, **kwargs)
+            uncached = model.generate(ids, attention_mask=mask, use_cache=False, **kwargs)
+            assert torch.equal(cached, uncached), beams
 
 
 @pytest.mark.parametrize("attention", ATTENTIONS)
@@ -214,7 +228,6 @@ def test_window_layers_never_exceed_the_window_while_generating(attention):
     ids, mask = _left_padded(_prompts())
     handle = model.transformer.h[0].register_forward_hook(spy)
     with torch.no_grad():
-        model.generate(ids, attention_mask=mask, max_new_tokens=30, past_key_values=cache, do_sample=False,
-                       pad_token_id=PAD, eos_token_id=None)
+        model.generate(ids, attention_mask=mask, max_new_tokens=20, past_key_values=cache, do_sample=False, **COMMON)
     handle.remove()
-    assert len(seen) == 30 and max(max(s) for s in seen) == window
+    assert len(seen) == 20 and max(max(s) for s in seen) == window
