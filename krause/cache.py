@@ -139,6 +139,11 @@ class _TokenLayer(DynamicLayer):
         return -1 if self.keys is None else self.keys.shape[0]
 
     @property
+    def num_cached(self) -> int:
+        """Tokens held (padding included)."""
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    @property
     def nbytes(self) -> int:
         """Bytes of key/value storage held."""
         if self.keys is None:
@@ -308,10 +313,6 @@ class WindowCacheLayer(_TokenLayer):
 
     def activate_past_recording(self) -> None:
         self.record_past = True
-
-    @property
-    def num_cached(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[2]
 
     def append(self, key_states, value_states, valid=None):
         flags = self._flags(key_states, value_states, valid)
