@@ -4,8 +4,8 @@
 the same q/k/v/o projections (``krause.nn.CausalProjections``: same names, shapes and
 init) in all three:
 
-- krause  -> ``krause.nn.CausalKrauseAttention`` (decodes with the ring-buffer
-  ``krause.cache.KrauseWindowCache``: constant memory and time per step);
+- krause  -> ``krause.nn.CausalKrauseAttention`` (decodes with
+  ``krause.cache.KrauseWindowLayer``, the last W keys/values: constant memory and time per step);
 - vanilla -> ``krause.nn.CausalSelfAttention`` (SDPA; decodes with a growing KV cache);
 - linear  -> ``CausalLinearAttention`` below: causal linear attention with elu+1 feature
   maps (Katharopoulos et al., 2020), decoding with its recurrent state.
