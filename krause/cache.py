@@ -127,14 +127,6 @@ class _TokenLayer(DynamicLayer):
             setattr(self, name, fn(getattr(self, name)))
 
     @property
-    def is_initialized(self) -> bool:
-        return self.keys is not None
-
-    @is_initialized.setter
-    def is_initialized(self, value) -> None:  # CacheLayerMixin.__init__ assigns it; the keys decide
-        pass
-
-    @property
     def batch_size(self) -> int:
         return -1 if self.keys is None else self.keys.shape[0]
 
@@ -191,6 +183,7 @@ class _TokenLayer(DynamicLayer):
         for name in self._tensors():
             setattr(self, name, None)
         self.has_padding = False
+        self.is_initialized = False
         self.seen = 0
 
     def offload(self):
@@ -253,7 +246,7 @@ class KVCacheLayer(_TokenLayer):
             self._buffers = [key_states.new_zeros(b, h, capacity, d, dtype=dtype),
                              key_states.new_zeros(b, h, capacity, d, dtype=dtype),
                              torch.zeros(b, capacity, dtype=torch.bool, device=key_states.device)]
-            self.device = key_states.device
+            self.device, self.is_initialized = key_states.device, True
         elif end > self.capacity:
             capacity = self.capacity
             while capacity < end:
@@ -319,7 +312,7 @@ class WindowCacheLayer(_TokenLayer):
         key_states, value_states = self._stored(key_states), self._stored(value_states)
         if self.keys is None:
             keys, values = key_states, value_states
-            self.device = key_states.device
+            self.device, self.is_initialized = key_states.device, True
         else:
             keys = torch.cat([self.keys, key_states], dim=2)
             values = torch.cat([self.values, value_states], dim=2)
@@ -353,8 +346,7 @@ class WindowCacheLayer(_TokenLayer):
             self._keep_last(self.keys, self.values, self.valid)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        cached = min(self.num_cached, self.seen)
-        return cached + query_length, self.seen - cached
+        return self.num_cached + query_length, self.seen - self.num_cached
 
     def get_max_length(self) -> int:
         return self.window
@@ -445,6 +437,10 @@ class GatedCacheLayer(CacheLayerMixin):
     @property
     def seen(self) -> int:
         return self.get_seq_length()
+
+    @property
+    def has_padding(self) -> bool:
+        return any(getattr(part, "has_padding", False) for part in self._parts())
 
     @property
     def nbytes(self) -> int:

@@ -285,6 +285,8 @@ class KrauseLMModel(KrauseLMPreTrainedModel):
         if start + t > self.config.n_positions:
             raise ValueError(f"input_ids: positions {start}..{start + t - 1} exceed the model's "
                              f"n_positions={self.config.n_positions}")
+        if attention_mask is None and layers is not None and any(layer.has_padding for layer in layers):
+            raise ValueError("attention_mask is required: the cache holds padded rows, whose positions it sets")
         valid, pos = _padding_and_positions(attention_mask, b, start, t, input_ids.device, cached=layers is not None)
         if valid is not None and layers is None:
             layers = self.new_cache_layers()  # padding a real token would see: the cached path masks it

@@ -112,6 +112,10 @@ def test_bad_arguments_are_one_line_value_errors():
         model(torch.zeros(2, 5, dtype=torch.long), attention_mask=torch.tensor([[0, 1, 1, 1]] * 2), use_cache=False)
     with pytest.raises(ValueError, match="^past_key_values must be a transformers Cache"):
         model(torch.zeros(1, 5, dtype=torch.long), past_key_values=[])
+    padded = model.eval()(torch.ones(2, 3, dtype=torch.long), attention_mask=torch.tensor([[1, 1, 1], [0, 1, 1]]),
+                   use_cache=True).past_key_values
+    with pytest.raises(ValueError, match="^attention_mask is required: the cache holds padded rows"):
+        model(torch.ones(2, 1, dtype=torch.long), past_key_values=padded)
 
 
 @pytest.mark.parametrize("attention", ["gated", "krause"])
