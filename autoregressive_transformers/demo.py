@@ -1,5 +1,5 @@
 """A few-minute CPU demo on the embedded MNIST digits: train a small KARM, then sample
-and complete digits with its ring-buffer cache.
+and complete digits with its window cache.
 
     python -m autoregressive_transformers.demo --out_dir runs/ar_demo
 

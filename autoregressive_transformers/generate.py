@@ -2,7 +2,7 @@
 
     python -m autoregressive_transformers.generate --run_dir runs/karm_mnist --num_samples 64
 
-KARM decodes with the Krause ring buffer (the last W keys/values per layer: constant
+KARM decodes with the Krause window cache (the last W keys/values per layer: constant
 memory and time per token), ARM with a growing KV cache, LARM with its recurrent state.
 Every pixel, the first included, is sampled (from the start token) at --temperature.
 

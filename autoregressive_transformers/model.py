@@ -122,11 +122,11 @@ class PixelTransformer(nn.Module):
 
     # ------------------------------------------------------------------ decoding
     def new_state(self, batch_size: int, device=None, dtype=None) -> DecodeState:
-        """Empty decoding caches: Krause ring buffers (W keys/values per layer), softmax KV
+        """Empty decoding caches: Krause windows (W keys/values per layer), softmax KV
         caches, or linear-attention recurrent states."""
         device = device if device is not None else self.pos_emb.device
         # The sequence length is known: growing caches are sized once (CIFAR-10's 3,072
-        # tokens would otherwise double 256 -> 4096 slots); rings and states ignore it.
+        # tokens would otherwise double 256 -> 4096 slots); windows and states ignore it.
         caches = [blk.attn.new_cache(batch_size, device=device, dtype=dtype, capacity=self.cfg.seq_len)
                   for blk in self.blocks]
         return DecodeState(caches, batch_size)

@@ -18,8 +18,8 @@ batch 256): krause_triton, krause_flex, krause_engine and unmasked SDPA (what a 
 
 Decode (B=64, H=32, Hkv=8, D=128, W=32, top_k=16), one step at several positions:
   krause_triton   decode_krause_attention_triton on the W-slot ring buffer
-  krause_torch    the torch decode step of krause.cache.KrauseWindowCache
-                  (krause.dense.krause_attention_grouped over the same ring)
+  krause_torch    a dense torch decode step over the same ring
+                  (krause.dense.krause_attention_grouped)
   sdpa_cache      SDPA of one query over a standard KV cache of `position` tokens
 
 Timing: benchmarks/_timing.time_interleaved (median of interleaved rounds, after an

@@ -5,7 +5,7 @@
     python benchmarks/generation.py --device cuda --batch 64
 
 For each shape (MNIST: 784 tokens, CIFAR-10: 3,072 tokens) and attention
-(krause = KARM with its ring-buffer cache, vanilla = ARM with a KV cache, linear = LARM
+(krause = KARM with its window cache (the last W keys/values), vanilla = ARM with a KV cache, linear = LARM
 with its recurrent state), all with the same model size and batch:
 
   decode     images/s and tokens/s of sampling whole images (every pixel, from the start

@@ -7,11 +7,11 @@ Functional ops (docs/api.md), linear-time on every device:
 ``krause.dense`` holds the one dense formula, ``krause.dispatch`` chooses the implementation.
 
 Modules with standard-attention twins live in ``krause.nn``, decoding caches in
-``krause.cache``, the shared training machinery in ``krause.training``.
+``krause.cache`` (transformers cache layers: imported on first use, so ``import krause``
+stays torch-only), the shared training machinery in ``krause.training``.
 """
 
 from . import nn
-from .cache import KrauseWindowCache, RingKVCache, SlidingWindowCache, StandardKVCache
 from .nn import KrauseConfig, topk_schedule
 from .ops import causal_krause_attention, local_krause_attention_2d
 from .reference import causal_krause_attention_reference, local_krause_attention_2d_reference
@@ -24,8 +24,19 @@ __all__ = [
     "topk_schedule",
     "KrauseConfig",
     "nn",
-    "KrauseWindowCache",
-    "RingKVCache",
-    "SlidingWindowCache",
-    "StandardKVCache",
+    "GatedCacheLayer",
+    "KVCacheLayer",
+    "KrauseWindowLayer",
+    "SlidingWindowLayer",
+    "WindowCacheLayer",
 ]
+
+_CACHE_NAMES = {"GatedCacheLayer", "KVCacheLayer", "KrauseWindowLayer", "SlidingWindowLayer", "WindowCacheLayer"}
+
+
+def __getattr__(name):
+    if name in _CACHE_NAMES:
+        from . import cache
+
+        return getattr(cache, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,41 +1,65 @@
-"""Decoding caches for one attention layer.
+"""Decoding caches: one contract for every family, on transformers' cache-layer classes.
 
-``KrauseWindowCache``: causal-window Krause attention lets token i see only the keys
-i - W < j <= i, so a decoder needs the last W keys/values and nothing older. They live in
-a ring buffer of fixed shape (B, Hkv, capacity, D) (capacity = W by default), token p in
-slot p % capacity: memory and the cost of a decoding step do not grow with the number of
-tokens generated, and a step writes one slot in place (no roll, no new buffer).
+A decoder feeds one cache layer per attention layer the keys/values of its next tokens (a
+prompt, a chunk or one token) and attends from those tokens to what the layer returns.
+Every layer here is a transformers ``CacheLayerMixin``, so a ``transformers.Cache`` holding
+them serves ``generate()`` as it is: ``reorder_cache`` (beam search),
+``batch_select_indices``, ``batch_repeat_interleave``, ``crop`` (assisted decoding, with
+``activate_past_recording`` to roll a window back) and ``reset``.
 
-``SlidingWindowCache``: the same ring buffer for sliding-window softmax attention.
+- ``KVCacheLayer``: the whole history of a softmax layer (standard, top-k), in storage that
+  doubles when full (amortised O(1) copies per token; ``capacity`` sizes it up front).
+- ``WindowCacheLayer``: only the last ``window`` tokens of a causal-window layer (Krause,
+  sliding-window softmax): memory O(W) whatever the length, a step copies O(W).
+  ``KrauseWindowLayer`` and ``SlidingWindowLayer`` add the attention they decode.
+- ``GatedCacheLayer``: a full softmax KV (``standard``, any cache layer: ``krause.hf`` keeps
+  the one transformers made) plus a Krause window (``krause``) for the gated mix; every
+  cache operation goes to both parts.
 
-``StandardKVCache``: the growing key/value cache of softmax attention, same interface.
+``append(k, v, valid=None)`` stores the (B, Hkv, T, D) keys/values of T new tokens and
+their (B, T) validity (True = real token; False = padding: the left padding of a batch
+of prompts, a finished row) and returns (keys, values, key_padding_mask): the cached keys
+followed by the new ones, the new tokens' queries end-aligned to them (query i sits at
+key Tk - T + i, as ``krause.causal_krause_attention`` takes them). The mask is None while
+no padding was ever given, so unpadded decoding keeps the unmasked fast paths. Padding is
+stored but never attended; each row decodes as it would alone.
 
-All are built empty for a batch and fed with ``attend(q, k, v, ..., key_padding_mask=None)``
-— the queries, keys and values of the next T tokens of every row, returning their
-attention outputs exactly as the full causal forward over the whole (padded) sequence
-would. Rows share one timeline of ``pos`` tokens but may hold different numbers of real
-tokens: a (B, T) bool ``key_padding_mask`` (True = real token) marks the padding of the
-new tokens (left padding of a batch of prompts, finished rows), which is stored but never
-a candidate; ``lengths`` counts each row's real tokens. ``reorder(index)`` (beam search)
-and ``select(index)`` (batch pruning) index the rows; ``reset()`` empties the cache.
-They are inference state: run them under ``torch.no_grad()`` / ``torch.inference_mode()``.
+``attend(q, k, v, ...)`` is append followed by the layer's attention. Inference state: run
+under ``torch.no_grad()`` / ``torch.inference_mode()``.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 from . import _validation as V
-from .dense import krause_attention_grouped
+from .masks import end_aligned_mask, masked_sdpa
 from .ops import causal_krause_attention
+
+__all__ = [
+    "DEFAULT_CAPACITY",
+    "GatedCacheLayer",
+    "KVCacheLayer",
+    "KrauseWindowLayer",
+    "SlidingWindowLayer",
+    "WindowCacheLayer",
+    "end_aligned_mask",
+    "install_layers",
+    "masked_sdpa",
+]
+
+DEFAULT_CAPACITY = 256  # initial slots of a growing cache whose sequence length is not known
 
 
 def _check_rows(name: str, index, batch_size: int) -> torch.Tensor:
-    """A non-empty 1-D integer tensor of rows in [0, batch_size)."""
-    if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.dtype not in (
-        torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8
-    ):
+    """A non-empty 1-D integer tensor of rows in [0, batch_size), or a (batch_size,) bool mask -> row indices."""
+    if isinstance(index, torch.Tensor) and index.dtype == torch.bool:
+        if tuple(index.shape) != (batch_size,):
+            raise ValueError(f"{name} as a bool mask must have shape ({batch_size},), got {tuple(index.shape)}")
+        index = index.nonzero().flatten()
+    if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.is_floating_point() or index.is_complex():
         what = f"{index.dtype} tensor of shape {tuple(index.shape)}" if isinstance(index, torch.Tensor) else type(index).__name__
         raise ValueError(f"{name} must be a 1-D integer (Long) tensor of batch rows, got a {what}")
     if index.numel() == 0:
@@ -46,292 +70,467 @@ def _check_rows(name: str, index, batch_size: int) -> torch.Tensor:
     return index.long()
 
 
-class _LayerCache:
-    """(B, Hkv, capacity, D) key/value storage, per-slot validity, shape checks and the
-    batch-row operations shared by the caches."""
+class _TokenLayer(DynamicLayer):
+    """Keys/values of the cached tokens plus their validity, and the batch-row operations.
 
-    def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, device, dtype, capacity: int):
-        self.batch_size = V.check_positive_int("batch_size", batch_size)
-        self.num_kv_heads = V.check_positive_int("num_kv_heads", num_kv_heads)
-        self.head_dim = V.check_positive_int("head_dim", head_dim)
-        V.check_positive_int("capacity", capacity)
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.dtype = dtype or torch.get_default_dtype()
-        shape = (batch_size, num_kv_heads, capacity, head_dim)
-        self.keys = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        self.values = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        self.valid = torch.zeros(batch_size, capacity, device=self.device, dtype=torch.bool)  # slot holds a real token
-        self.lengths = torch.zeros(batch_size, device=self.device, dtype=torch.long)  # real tokens per row
-        self.pos = 0  # tokens per row so far (padding included): the shared timeline
-        # Whether any key_padding_mask was ever given: without one, the unmasked fast paths hold.
-        self.padded = False
-
-    @property
-    def capacity(self) -> int:
-        return self.keys.shape[2]
-
-    def reset(self) -> None:
-        """Forgets every token; the buffers are kept and overwritten."""
-        self.pos = 0
-        self.valid.zero_()
-        self.lengths.zero_()
-        self.padded = False
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the key/value storage."""
-        return self.keys.untyped_storage().nbytes() + self.values.untyped_storage().nbytes()
-
-    def check_inputs(self, q, k, v, key_padding_mask=None):
-        """Checks the next tokens' q (B, H, T, D), k/v (B, Hkv, T, D) and optional (B, T)
-        bool key_padding_mask against the cache; returns (H, T, mask)."""
-        b, h, _, t, d = V.check_qkv(q, k, v)
-        if b != self.batch_size:
-            raise ValueError(f"q batch size {b} does not match the cache's {self.batch_size}")
-        if k.shape[1] != self.num_kv_heads:
-            raise ValueError(f"k has {k.shape[1]} heads but the cache holds {self.num_kv_heads}")
-        if d != self.head_dim:
-            raise ValueError(f"q head_dim {d} does not match the cache's {self.head_dim}")
-        if k.device != self.device:
-            raise ValueError(f"k is on {k.device} but the cache is on {self.device}")
-        mask = V.check_key_padding_mask(key_padding_mask, b, t, q)
-        return h, t, mask
-
-    def _count(self, t: int, mask) -> None:
-        self.pos += t
-        if mask is None:
-            self.lengths += t
-        else:
-            self.lengths += mask.sum(-1)
-            self.padded = True
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keeps the rows ``index`` (a LongTensor over the batch, repeats allowed, any
-        length), in that order: beam search's reordering of its hypotheses."""
-        index = _check_rows("index", index, self.batch_size).to(self.device)
-        self.keys = self.keys.index_select(0, index)
-        self.values = self.values.index_select(0, index)
-        self.valid = self.valid.index_select(0, index)
-        self.lengths = self.lengths.index_select(0, index)
-        self.batch_size = index.numel()
-
-    def select(self, index: torch.Tensor) -> None:
-        """Keeps only some rows (batch pruning): ``index`` is a (B,) bool tensor of the rows
-        to keep, or a LongTensor of distinct rows."""
-        if isinstance(index, torch.Tensor) and index.dtype == torch.bool:
-            if tuple(index.shape) != (self.batch_size,):
-                raise ValueError(f"index as a bool mask must have shape ({self.batch_size},), got {tuple(index.shape)}")
-            index = index.nonzero().flatten()
-        index = _check_rows("index", index, self.batch_size)
-        if index.unique().numel() != index.numel():
-            raise ValueError("index must not repeat rows in select (use reorder to duplicate rows)")
-        self.reorder(index)
-
-
-class RingKVCache(_LayerCache):
-    """Ring buffer of the last keys/values of one sliding-window layer.
-
-    Fixed shape (B, Hkv, capacity, D), capacity >= window (the window by default); token
-    p of the shared timeline lives in slot p % capacity. Subclasses decide how the new
-    queries attend to it.
+    ``seen`` counts every token appended (padding included): the absolute position of the
+    next one on the rows' shared timeline. ``dtype`` (default: the first keys') is the
+    storage dtype.
     """
 
-    def __init__(self, batch_size, num_kv_heads, head_dim, window, device=None, dtype=None, capacity=None):
-        window = V.check_positive_int("window", window)
-        capacity = window if capacity is None else V.check_positive_int("capacity", capacity)
-        if capacity < window:
-            raise ValueError(f"capacity must be >= window ({window}) for a ring buffer, got {capacity}")
-        super().__init__(batch_size, num_kv_heads, head_dim, device, dtype, capacity)
-        self.window = window
+    is_compileable = False
+    supports_early_init = False  # storage is allocated by the first append
+
+    def __init__(self, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.storage_dtype = dtype
+        self.valid: torch.Tensor | None = None  # (B, cached tokens) bool
+        self.has_padding = False  # any validity mask ever given: then the mask is returned
+        self.seen = 0
+
+    # ------------------------------------------------------------------ shared helpers
+    def _flags(self, key_states, value_states, valid) -> torch.Tensor:
+        if not isinstance(key_states, torch.Tensor) or key_states.dim() != 4:
+            raise ValueError(f"key_states must be a (batch, kv_heads, tokens, head_dim) tensor, got "
+                             f"{tuple(key_states.shape) if isinstance(key_states, torch.Tensor) else type(key_states).__name__}")
+        if value_states.shape != key_states.shape:
+            raise ValueError(f"value_states shape {tuple(value_states.shape)} does not match key_states "
+                             f"{tuple(key_states.shape)}")
+        b, _, t, _ = key_states.shape
+        if self.keys is not None and self.keys.shape[0] != b:
+            raise ValueError(f"key_states batch size {b} does not match the cache's {self.keys.shape[0]}")
+        if self.keys is not None and self.keys.shape[1:2] + self.keys.shape[3:] != key_states.shape[1:2] + key_states.shape[3:]:
+            raise ValueError(f"key_states heads/head_dim {tuple(key_states.shape[1::2])} do not match the cache's "
+                             f"{tuple(self.keys.shape[1::2])}")
+        if valid is None:
+            return torch.ones(b, t, dtype=torch.bool, device=key_states.device)
+        valid = V.check_key_padding_mask(valid, b, t, key_states)
+        self.has_padding = True
+        return valid
+
+    def _padding(self, flags: torch.Tensor) -> torch.Tensor | None:
+        return flags if self.has_padding else None
+
+    def _stored(self, x: torch.Tensor) -> torch.Tensor:
+        if self.storage_dtype is None:
+            self.storage_dtype = x.dtype
+        return x.to(self.storage_dtype)
+
+    def _tensors(self) -> list[str]:
+        """Names of the attributes holding (batch, ...) tensors."""
+        return ["keys", "values", "valid"]
+
+    def _map_rows(self, fn) -> None:
+        if self.keys is None:
+            return
+        for name in self._tensors():
+            setattr(self, name, fn(getattr(self, name)))
+
+    @property
+    def batch_size(self) -> int:
+        return -1 if self.keys is None else self.keys.shape[0]
 
     @property
     def num_cached(self) -> int:
-        """Tokens per row held in the ring (padding included)."""
-        return min(self.pos, self.capacity)
+        """Tokens held (padding included)."""
+        return 0 if self.keys is None else self.keys.shape[2]
 
-    def _slots(self, start: int, end: int) -> torch.Tensor:
-        return torch.arange(start, end, device=self.device) % self.capacity
+    @property
+    def nbytes(self) -> int:
+        """Bytes of key/value storage held."""
+        if self.keys is None:
+            return 0
+        return sum(getattr(self, n).untyped_storage().nbytes() for n in self._tensors()[:2])
 
-    def _recent(self, n: int):
-        """Keys, values (B, Hkv, n, D) and validity (B, n) of the last n stored tokens, oldest first."""
-        if self.pos <= self.capacity:  # the ring has not wrapped: slots hold positions in order
-            lo = self.pos - n
-            return self.keys[:, :, lo:self.pos], self.values[:, :, lo:self.pos], self.valid[:, lo:self.pos]
-        slots = self._slots(self.pos - n, self.pos)
-        return self.keys.index_select(2, slots), self.values.index_select(2, slots), self.valid.index_select(1, slots)
+    def lazy_initialization(self, key_states, value_states) -> None:
+        pass
 
-    def past(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The kept keys and values, oldest first: (B, Hkv, min(pos, capacity), D) each."""
-        keys, values, _ = self._recent(self.num_cached)
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        """transformers' entry point: append without padding flags; returns (keys, values)."""
+        keys, values, _ = self.append(key_states, value_states)
         return keys, values
 
-    def _store(self, k, v, mask) -> None:
-        """Writes the T new tokens (only the last ``capacity`` of them survive) in place."""
-        t = k.shape[2]
-        if t == 1:
-            slot = self.pos % self.capacity
-            self.keys[:, :, slot] = k[:, :, 0]
-            self.values[:, :, slot] = v[:, :, 0]
-            self.valid[:, slot] = True if mask is None else mask[:, 0]
-        else:
-            n = min(t, self.capacity)
-            slots = self._slots(self.pos + t - n, self.pos + t)
-            self.keys.index_copy_(2, slots, k[:, :, t - n:].to(self.dtype))
-            self.values.index_copy_(2, slots, v[:, :, t - n:].to(self.dtype))
-            fresh = torch.ones(self.batch_size, n, dtype=torch.bool, device=self.device) if mask is None else mask[:, t - n:]
-            self.valid.index_copy_(1, slots, fresh)
-        self._count(t, mask)
+    def append(self, key_states, value_states, valid=None):
+        raise NotImplementedError
 
-    def _step_candidates(self) -> torch.Tensor:
-        """(B, 1, 1, capacity) bool: the slots the newest token (position pos - 1) may see."""
-        if self.capacity == self.window:  # every written slot is within the window
-            return self.valid[:, None, None, :]
-        age = (self.pos - 1 - torch.arange(self.capacity, device=self.device)) % self.capacity
-        return (self.valid & (age < self.window))[:, None, None, :]
+    # ------------------------------------------------------------------ batch rows
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Keeps the rows ``beam_idx`` (repeats allowed, any number), in that order: beam search."""
+        if self.keys is None:
+            return
+        index = _check_rows("beam_idx", beam_idx, self.batch_size).to(self.keys.device)
+        self._map_rows(lambda x: x.index_select(0, index))
 
-    def _with_context(self, k, v, mask):
-        """Keys, values (B, Hkv, c + T, D) and padding mask (B, c + T) or None of the
-        c = min(pos, W - 1) most recent past tokens (all the oldest new query can see)
-        followed by the T new ones. Call before ``_store``."""
-        context = min(self.pos, self.window - 1)
-        past_k, past_v, past_valid = self._recent(context)
-        keys = torch.cat([past_k.to(k.dtype), k], dim=2)
-        values = torch.cat([past_v.to(v.dtype), v], dim=2)
-        padding = None
-        if self.padded or mask is not None:
-            new = mask if mask is not None else torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
-            padding = torch.cat([past_valid, new], dim=1)
-        return keys, values, padding
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keeps only the rows ``indices`` (a bool mask or distinct row indices): batch pruning."""
+        if self.keys is None:
+            return
+        index = _check_rows("indices", indices, self.batch_size)
+        if index.unique().numel() != index.numel():
+            raise ValueError("indices must not repeat rows (use reorder_cache to duplicate rows)")
+        index = index.to(self.keys.device)
+        self._map_rows(lambda x: x.index_select(0, index))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        V.check_positive_int("repeats", repeats)
+        self._map_rows(lambda x: x.repeat_interleave(repeats, dim=0))
+
+    def reset(self) -> None:
+        """Forgets every token (storage is dropped)."""
+        for name in self._tensors():
+            setattr(self, name, None)
+        self.has_padding = False
+        self.is_initialized = False
+        self.seen = 0
+
+    def offload(self):
+        self._map_rows(lambda x: x.to("cpu", non_blocking=True))
+
+    def prefetch(self):
+        device = getattr(self, "device", None)
+        if self.keys is not None and device is not None:
+            self._map_rows(lambda x: x.to(device, non_blocking=True))
+
+    def _check_crop(self, tokens_to_remove: int) -> int:
+        if isinstance(tokens_to_remove, bool) or not isinstance(tokens_to_remove, int) or tokens_to_remove > 0:
+            raise ValueError(f"tokens_to_remove must be an int <= 0 (minus the tokens to drop), got {tokens_to_remove!r}")
+        n = -tokens_to_remove
+        if n > self.seen:
+            raise ValueError(f"tokens_to_remove: cannot drop {n} tokens from a cache holding {self.seen}")
+        return n
 
 
-class KrauseWindowCache(RingKVCache):
-    """Decoding cache of one causal-window Krause layer (constant memory and step cost).
+class KVCacheLayer(_TokenLayer):
+    """The whole key/value history of one causal softmax layer (standard, top-k).
 
-    ``attend`` with one token scores its query against the ring's slots directly with the
-    dense Krause formula (``krause.dense``, O(capacity D), GQA without copying keys), the
-    candidates being the valid slots within the window; with several tokens (prefill, or
-    extending a prompt) it runs ``krause.causal_krause_attention`` with end-aligned
-    queries over [up to W - 1 kept past keys, new keys].
+    ``capacity`` slots (the expected sequence length; default ``DEFAULT_CAPACITY``) are
+    allocated by the first append and double when full; ``keys``/``values``/``valid`` are
+    views of the filled part.
     """
 
-    def __init__(self, batch_size, num_kv_heads, head_dim, window, top_k, device=None, dtype=None, capacity=None,
-                 impl: str = "auto"):
-        super().__init__(batch_size, num_kv_heads, head_dim, window, device, dtype, capacity)
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(self, capacity: int | None = None, dtype: torch.dtype | None = None):
+        super().__init__(dtype)
+        self.capacity_hint = DEFAULT_CAPACITY if capacity is None else V.check_positive_int("capacity", capacity)
+        self._buffers: list[torch.Tensor] | None = None  # keys, values, valid at full capacity
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self._buffers is None else self._buffers[0].shape[2]
+
+    def _views(self) -> None:
+        k, v, m = self._buffers
+        self.keys, self.values, self.valid = k[:, :, : self.seen], v[:, :, : self.seen], m[:, : self.seen]
+
+    def _map_rows(self, fn) -> None:
+        if self._buffers is not None:
+            self._buffers = [fn(x) for x in self._buffers]
+            self._views()
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self._buffers is None else sum(x.untyped_storage().nbytes() for x in self._buffers[:2])
+
+    def append(self, key_states, value_states, valid=None):
+        flags = self._flags(key_states, value_states, valid)
+        b, h, t, d = key_states.shape
+        end = self.seen + t
+        if self._buffers is None:
+            capacity = max(self.capacity_hint, end)
+            dtype = self._stored(key_states).dtype
+            self._buffers = [key_states.new_zeros(b, h, capacity, d, dtype=dtype),
+                             key_states.new_zeros(b, h, capacity, d, dtype=dtype),
+                             torch.zeros(b, capacity, dtype=torch.bool, device=key_states.device)]
+            self.device, self.is_initialized = key_states.device, True
+        elif end > self.capacity:
+            capacity = self.capacity
+            while capacity < end:
+                capacity *= 2
+            grow = capacity - self.capacity
+            k, v, m = self._buffers
+            self._buffers = [F.pad(k, (0, 0, 0, grow)), F.pad(v, (0, 0, 0, grow)), F.pad(m, (0, grow))]
+        k, v, m = self._buffers
+        k[:, :, self.seen:end] = key_states
+        v[:, :, self.seen:end] = value_states
+        m[:, self.seen:end] = flags
+        self.seen = end
+        self._views()
+        return self.keys, self.values, self._padding(self.valid)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drops the last ``-tokens_to_remove`` tokens (transformers' convention: a negative count)."""
+        self.seen -= self._check_crop(tokens_to_remove)
+        if self._buffers is not None:
+            self._views()
+
+    def reset(self) -> None:
+        super().reset()
+        self._buffers = None
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def attend(self, q, k, v, scale: float | None = None, dropout_p: float = 0.0, *, key_padding_mask=None):
+        """Causal softmax over the whole history: q (B, H, T, D), k/v (B, Hkv, T, D) -> (B, H, T, D)."""
+        start = self.seen
+        keys, values, padding = self.append(k, v, key_padding_mask)
+        t = q.shape[2]
+        if padding is not None or (t > 1 and start > 0):  # new query i sits at start + i
+            return masked_sdpa(q, keys, values, end_aligned_mask(t, self.seen, None, padding, q.device), scale,
+                               dropout_p)
+        return F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), is_causal=t > 1,
+                                              dropout_p=dropout_p, scale=scale, enable_gqa=True)
+
+
+class WindowCacheLayer(_TokenLayer):
+    """The last ``window`` keys/values of one causal-window layer and their validity.
+
+    Trimmed tensors rather than a ring buffer: a beam reorder or batch selection stays one
+    ``index_select`` and the stored keys are in order; a step copies O(W), never O(T).
+    ``activate_past_recording()`` keeps every token until the next ``crop`` (assisted
+    decoding rolls back past the window).
+    """
+
+    is_sliding = True
+    is_croppable = True
+
+    def __init__(self, window: int, dtype: torch.dtype | None = None):
+        super().__init__(dtype)
+        self.window = V.check_positive_int("window", window)
+        self.record_past = False
+
+    def activate_past_recording(self) -> None:
+        self.record_past = True
+
+    def append(self, key_states, value_states, valid=None):
+        flags = self._flags(key_states, value_states, valid)
+        key_states, value_states = self._stored(key_states), self._stored(value_states)
+        if self.keys is None:
+            keys, values = key_states, value_states
+            self.device, self.is_initialized = key_states.device, True
+        else:
+            keys = torch.cat([self.keys, key_states], dim=2)
+            values = torch.cat([self.values, value_states], dim=2)
+            flags = torch.cat([self.valid, flags], dim=1)
+        self.seen += key_states.shape[2]
+        if self.record_past:
+            self.keys, self.values, self.valid = keys, values, flags
+        else:
+            self._keep_last(keys, values, flags)
+        return keys, values, self._padding(flags)
+
+    def _keep_last(self, keys, values, flags) -> None:
+        # A copy, so the trimmed window does not keep a whole prefill tensor alive.
+        self.keys = keys[:, :, -self.window:].clone()
+        self.values = values[:, :, -self.window:].clone()
+        self.valid = flags[:, -self.window:].clone()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drops the last ``-tokens_to_remove`` tokens, then trims back to the window."""
+        n = self._check_crop(tokens_to_remove)
+        if n and self.keys is not None:
+            kept = self.num_cached - n
+            # After the rollback the window must still hold the W tokens (or all tokens) before the new end.
+            if kept < min(self.window, self.seen - n):
+                raise RuntimeError(
+                    f"crop: the window holds only the last {self.num_cached} tokens and cannot drop {n}; call "
+                    "activate_past_recording() on the cache before generating to make rollbacks possible")
+            self.keys, self.values, self.valid = self.keys[:, :, :kept], self.values[:, :, :kept], self.valid[:, :kept]
+        self.seen -= n
+        if self.keys is not None:
+            self._keep_last(self.keys, self.values, self.valid)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.num_cached + query_length, self.seen - self.num_cached
+
+    def get_max_length(self) -> int:
+        return self.window
+
+
+class KrauseWindowLayer(WindowCacheLayer):
+    """Decoding cache of one causal-window Krause layer: ``attend`` runs
+    ``krause.causal_krause_attention`` with the new queries end-aligned to [window, new keys]."""
+
+    def __init__(self, window: int, top_k: int, impl: str = "auto", dtype: torch.dtype | None = None):
+        super().__init__(window, dtype)
         self.top_k = V.check_positive_int("top_k", top_k)
         self.impl = impl
 
     def attend(self, q, k, v, log_sigma, *, key_padding_mask=None) -> torch.Tensor:
         """q (B, H, T, D), k/v (B, Hkv, T, D) of the next T tokens -> their outputs (B, H, T, D)."""
-        h, t, mask = self.check_inputs(q, k, v, key_padding_mask)
-        log_sigma = V.check_log_sigma(log_sigma, h, q)
-        if t == 1:
-            self._store(k, v, mask)
-            return krause_attention_grouped(q, self.keys, self.values, log_sigma, self._step_candidates(), self.top_k)
-        keys, values, padding = self._with_context(k, v, mask)
-        self._store(k, v, mask)
-        return causal_krause_attention(q, keys, values, log_sigma, self.window, self.top_k,
+        keys, values, padding = self.append(k, v, key_padding_mask)
+        return causal_krause_attention(q, keys.to(q.dtype), values.to(q.dtype), log_sigma, self.window, self.top_k,
                                        key_padding_mask=padding, impl=self.impl)
 
 
-class SlidingWindowCache(RingKVCache):
-    """Decoding cache of causal sliding-window softmax attention (constant memory)."""
+class SlidingWindowLayer(WindowCacheLayer):
+    """Decoding cache of causal sliding-window softmax attention (the last ``window`` tokens)."""
 
-    def attend(self, q, k, v, scale: float | None = None, dropout_p: float = 0.0, *,
-               key_padding_mask=None) -> torch.Tensor:
-        """q (B, H, T, D), k/v (B, Hkv, T, D) of the next T tokens -> their outputs (B, H, T, D)."""
-        _, t, mask = self.check_inputs(q, k, v, key_padding_mask)
-        if t == 1:
-            self._store(k, v, mask)
-            keys, values, allowed = self.keys, self.values, self._step_candidates()
-        else:
-            keys, values, padding = self._with_context(k, v, mask)
-            self._store(k, v, mask)
-            allowed = end_aligned_mask(t, keys.shape[2], self.window, padding, q.device)
+    def attend(self, q, k, v, scale: float | None = None, dropout_p: float = 0.0, *, key_padding_mask=None):
+        keys, values, padding = self.append(k, v, key_padding_mask)
+        allowed = end_aligned_mask(q.shape[2], keys.shape[2], self.window, padding, q.device)
         return masked_sdpa(q, keys, values, allowed, scale, dropout_p)
 
 
-def end_aligned_mask(num_queries: int, num_keys: int, window: int | None, padding, device) -> torch.Tensor:
-    """(1 or B, 1, Tq, Tk) bool: query i at position Tk - Tq + i sees keys in (pos - window, pos]
-    (window None: all of them) that are not padding."""
-    query_pos = torch.arange(num_keys - num_queries, num_keys, device=device)[:, None]
-    key_pos = torch.arange(num_keys, device=device)[None, :]
-    allowed = key_pos <= query_pos
-    if window is not None:
-        allowed = allowed & (key_pos > query_pos - window)
-    allowed = allowed[None, None]
-    return allowed if padding is None else allowed & padding[:, None, None, :]
+class GatedCacheLayer(CacheLayerMixin):
+    """One gated layer's cache: a full softmax KV (``standard``) plus a Krause window (``krause``).
 
-
-def masked_sdpa(q, keys, values, allowed, scale, dropout_p) -> torch.Tensor:
-    """SDPA under a bool mask; queries that may see no key get zeros (not NaN)."""
-    out = F.scaled_dot_product_attention(
-        q, keys.to(q.dtype), values.to(q.dtype), attn_mask=allowed, dropout_p=dropout_p, scale=scale, enable_gqa=True
-    )
-    return out.masked_fill(~allowed.any(-1, keepdim=True), 0.0)
-
-
-DEFAULT_CAPACITY = 256  # initial slots of a growing cache whose sequence length is not known
-
-
-class StandardKVCache(_LayerCache):
-    """Growing key/value cache for causal softmax attention (the twin of KrauseWindowCache).
-
-    ``capacity`` slots are allocated up front (size it to the expected sequence length);
-    storage doubles when full, so appending is amortised O(1) copies per token; a step
-    still costs O(pos) like any softmax decoder.
+    Every ``CacheLayerMixin`` query (``update``, ``get_seq_length``, ``get_mask_sizes``, ...)
+    answers for the standard part, so a softmax branch cannot tell it from a plain layer;
+    ``reset``, ``reorder_cache``, ``crop``, ``batch_repeat_interleave`` and
+    ``batch_select_indices`` go to both parts. ``standard`` may be any transformers cache
+    layer (default ``KVCacheLayer()``); ``krause`` a ``WindowCacheLayer`` or the window size.
+    With ``standalone=True`` there is no standard part (a Krause-only model inside a
+    transformers model): the Krause part then answers as a dynamic full-attention layer.
     """
 
-    def __init__(self, batch_size, num_kv_heads, head_dim, device=None, dtype=None, capacity: int = DEFAULT_CAPACITY):
-        super().__init__(batch_size, num_kv_heads, head_dim, device, dtype, capacity)
+    is_compileable = False
+
+    def __init__(self, standard: CacheLayerMixin | None = None, krause: WindowCacheLayer | int = 32, *,
+                 standalone: bool = False):
+        # CacheLayerMixin.__init__ is skipped on purpose: keys/values live in the parts.
+        if standalone and standard is not None:
+            raise ValueError("standard must be None for a standalone (Krause-only) cache layer")
+        if not standalone and standard is None:
+            standard = KVCacheLayer()
+        if not isinstance(krause, WindowCacheLayer):
+            krause = WindowCacheLayer(krause)
+        self.standard = standard
+        self.krause = krause
+        self.standalone = standalone
+
+    def __repr__(self):
+        inner = "standalone" if self.standalone else repr(self.standard)
+        return f"{type(self).__name__}({inner}, window={self.krause.window})"
+
+    def __getattr__(self, name):
+        # Attributes a specific standard layer class carries (max_cache_len, cumulative_length, ...).
+        standard = self.__dict__.get("standard")
+        if standard is None:
+            raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+        return getattr(standard, name)
+
+    # ------------------------------------------------------------------ the Krause part
+    @property
+    def krause_seen(self) -> int:
+        """Tokens the Krause part has seen: the absolute position of the next token."""
+        return self.krause.seen
+
+    def update_krause(self, key_states, value_states, valid=None):
+        """Appends the Krause branch's new keys/values; returns (keys, values, key_padding_mask or None)."""
+        return self.krause.append(key_states, value_states, valid)
+
+    # ------------------------------------------------------------------ the layer, for transformers
+    @property
+    def keys(self):
+        return self.krause.keys if self.standalone else self.standard.keys
 
     @property
-    def num_cached(self) -> int:
-        return self.pos
+    def values(self):
+        return self.krause.values if self.standalone else self.standard.values
 
-    def past(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.keys[:, :, : self.pos], self.values[:, :, : self.pos]
+    @property
+    def seen(self) -> int:
+        return self.get_seq_length()
 
-    def past_mask(self) -> torch.Tensor:
-        """(B, pos) bool: which cached tokens are real (not padding)."""
-        return self.valid[:, : self.pos]
+    @property
+    def has_padding(self) -> bool:
+        return any(getattr(part, "has_padding", False) for part in self._parts())
 
-    def _reserve(self, length: int) -> None:
-        capacity = self.capacity
-        if length <= capacity:
-            return
-        while capacity < length:
-            capacity *= 2
-        grow = capacity - self.capacity
-        self.keys = F.pad(self.keys, (0, 0, 0, grow))
-        self.values = F.pad(self.values, (0, 0, 0, grow))
-        self.valid = F.pad(self.valid, (0, grow))
+    @property
+    def nbytes(self) -> int:
+        return self.krause.nbytes + (0 if self.standalone else getattr(self.standard, "nbytes", 0))
 
-    def update(self, k, v, key_padding_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Appends the keys/values (B, Hkv, T, D) of T new tokens (and their optional (B, T)
-        padding mask); returns every cached key and value."""
-        if key_padding_mask is not None:
-            key_padding_mask = V.check_key_padding_mask(key_padding_mask, self.batch_size, k.shape[2], k)
-        start, end = self.pos, self.pos + k.shape[2]
-        self._reserve(end)
-        self.keys[:, :, start:end] = k
-        self.values[:, :, start:end] = v
-        self.valid[:, start:end] = True if key_padding_mask is None else key_padding_mask
-        self._count(end - start, key_padding_mask)
-        return self.past()
+    @property
+    def is_initialized(self) -> bool:
+        return self.krause.is_initialized if self.standalone else self.standard.is_initialized
 
-    def attend(self, q, k, v, scale: float | None = None, dropout_p: float = 0.0, *,
-               key_padding_mask=None) -> torch.Tensor:
-        """q (B, H, T, D), k/v (B, Hkv, T, D) of the next T tokens -> their outputs (B, H, T, D)."""
-        _, t, mask = self.check_inputs(q, k, v, key_padding_mask)
-        start = self.pos
-        keys, values = self.update(k, v, mask)
-        if self.padded:
-            allowed = end_aligned_mask(t, self.pos, None, self.past_mask(), q.device)
-            return masked_sdpa(q, keys, values, allowed, scale, dropout_p)
-        attn_mask = None
-        if t > 1 and start > 0:  # new query i sits at start + i and sees keys 0..start + i
-            attn_mask = end_aligned_mask(t, self.pos, None, None, q.device)
-        return F.scaled_dot_product_attention(
-            q, keys.to(q.dtype), values.to(q.dtype), attn_mask=attn_mask, is_causal=t > 1 and start == 0,
-            dropout_p=dropout_p, scale=scale, enable_gqa=True,
-        )
+    @property
+    def is_sliding(self) -> bool:
+        return False if self.standalone else getattr(self.standard, "is_sliding", False)
+
+    @property
+    def is_croppable(self) -> bool:
+        return True if self.standalone else getattr(self.standard, "is_croppable", False)
+
+    @property
+    def supports_early_init(self) -> bool:
+        return False if self.standalone else getattr(self.standard, "supports_early_init", True)
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        if not self.standalone:
+            self.standard.lazy_initialization(key_states, value_states)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.standalone:
+            # attn_implementation="krause": the model's own update call feeds the window (padding comes from the mask)
+            keys, values, _ = self.krause.append(key_states, value_states)
+            return keys, values
+        return self.standard.update(key_states, value_states, *args, **kwargs)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.standalone:
+            return self.krause.seen + query_length, 0
+        return self.standard.get_mask_sizes(query_length)
+
+    def get_seq_length(self) -> int:
+        return self.krause.seen if self.standalone else self.standard.get_seq_length()
+
+    def get_max_length(self) -> int:
+        return -1 if self.standalone else self.standard.get_max_length()
+
+    def _parts(self):
+        return (self.krause,) if self.standalone else (self.standard, self.krause)
+
+    def offload(self):
+        for part in self._parts():
+            part.offload()
+
+    def prefetch(self):
+        for part in self._parts():
+            part.prefetch()
+
+    def reset(self) -> None:
+        for part in self._parts():
+            part.reset()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        for part in self._parts():
+            part.reorder_cache(beam_idx)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        for part in self._parts():
+            part.crop(tokens_to_remove)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        for part in self._parts():
+            part.batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        for part in self._parts():
+            part.batch_select_indices(indices)
+
+    def activate_past_recording(self):
+        for part in self._parts():
+            if hasattr(part, "activate_past_recording"):
+                part.activate_past_recording()
+
+
+def install_layers(cache: Cache, make_layers) -> list:
+    """The contract's layers inside ``cache`` (a transformers ``Cache``, e.g. the one
+    ``generate()`` created): ``make_layers()`` fills a cache that holds no token yet; a
+    cache already filled must hold the layers made before. Returns ``cache.layers``."""
+    if not isinstance(cache, Cache):
+        raise ValueError(f"past_key_values must be a transformers Cache, got {type(cache).__name__}")
+    if cache.layers and all(isinstance(layer, (_TokenLayer, GatedCacheLayer)) for layer in cache.layers):
+        return cache.layers
+    if any(layer.get_seq_length() > 0 for layer in cache.layers if isinstance(layer, CacheLayerMixin)):
+        raise ValueError("past_key_values already holds tokens in layers this model did not make; pass a fresh cache")
+    cache.layers = list(make_layers())
+    cache.layer_class_to_replicate = None
+    return cache.layers

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 
 
 def causal_window_mask(num_tokens: int, window: int, device=None) -> torch.Tensor:
@@ -52,3 +53,23 @@ def grid_candidate_mask(grid, radius: int, metric: str, num_prefix_tokens: int =
     """
     rows, cols = grid
     return _grid_candidate_mask_cpu(rows, cols, radius, metric, num_prefix_tokens).to(device)
+
+
+def end_aligned_mask(num_queries: int, num_keys: int, window: int | None, padding, device) -> torch.Tensor:
+    """(1 or B, 1, Tq, Tk) bool: query i at position Tk - Tq + i sees keys in (pos - window, pos]
+    (window None: all of them) that are not padding."""
+    query_pos = torch.arange(num_keys - num_queries, num_keys, device=device)[:, None]
+    key_pos = torch.arange(num_keys, device=device)[None, :]
+    allowed = key_pos <= query_pos
+    if window is not None:
+        allowed = allowed & (key_pos > query_pos - window)
+    allowed = allowed[None, None]
+    return allowed if padding is None else allowed & padding[:, None, None, :]
+
+
+def masked_sdpa(q, keys, values, allowed, scale, dropout_p) -> torch.Tensor:
+    """SDPA under a bool mask; queries that may see no key get zeros (not NaN)."""
+    out = F.scaled_dot_product_attention(
+        q, keys.to(q.dtype), values.to(q.dtype), attn_mask=allowed, dropout_p=dropout_p, scale=scale, enable_gqa=True
+    )
+    return out.masked_fill(~allowed.any(-1, keepdim=True), 0.0)

@@ -12,7 +12,7 @@ Entry points: ``python -m language_models_100m.build_fwe10bt``, ``.train``, ``.e
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .model import ATTENTIONS, KrauseLMCache, KrauseLMConfig, KrauseLMForCausalLM, KrauseLMModel
+from .model import ATTENTIONS, KrauseLMConfig, KrauseLMForCausalLM, KrauseLMModel
 from .presets import PRESETS, build_model, model_config
 
 AutoConfig.register(KrauseLMConfig.model_type, KrauseLMConfig, exist_ok=True)
@@ -22,7 +22,6 @@ AutoModelForCausalLM.register(KrauseLMConfig, KrauseLMForCausalLM, exist_ok=True
 __all__ = [
     "ATTENTIONS",
     "PRESETS",
-    "KrauseLMCache",
     "KrauseLMConfig",
     "KrauseLMForCausalLM",
     "KrauseLMModel",

@@ -18,8 +18,11 @@ Attention dropout is 0 for every kind (the Krause op never forms its weights, so
 none to drop; the baselines go without it too so that they differ in attention alone).
 
 The model is a transformers ``PreTrainedModel`` with ``GenerationMixin``: generate()
-runs with ``KrauseLMCache``, whose Krause and sliding-window layers keep only the last
-``window`` keys/values (constant memory), the standard and top-k layers a growing cache.
+fills its transformers ``Cache`` with the layers of ``krause.cache`` (Krause and
+sliding-window layers keep only the last ``window`` keys/values, the standard and top-k
+layers a growing cache, gated layers both), so beam search, ``crop`` and left-padded
+batches work: each row of a left-padded batch decodes as it would alone (positions count
+its real tokens only; padding is never attended).
 """
 
 from __future__ import annotations
@@ -35,9 +38,10 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from krause.nn import CausalKrauseAttention, GatedCache, KrauseConfig, attention_names, build_attention, init_gate
+from krause.nn import CausalKrauseAttention, KrauseConfig, attention_names, build_attention, init_gate
 from krause.nn import resolve_name
 from krause.nn.config import config_from_fields
+from krause.cache import install_layers
 
 #: The family's names (CLI ``--attention``): the registry's causal attentions, softmax under its name here.
 FIRST_FIVE = ("gated", "krause", "standard", "sliding_window", "topk")
@@ -154,61 +158,9 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x, cache=None):
-        x = x + self.drop(self.attn(self.ln_1(x), cache))
+    def forward(self, x, cache=None, key_padding_mask=None):
+        x = x + self.drop(self.attn(self.ln_1(x), cache, key_padding_mask))
         return x + self.drop(self.mlp(self.ln_2(x)))
-
-
-def _cache_tensors(layer_cache):
-    """The krause.cache objects inside one layer's cache (two for the gated mix)."""
-    if isinstance(layer_cache, GatedCache):
-        return (layer_cache.standard, layer_cache.krause)
-    return layer_cache if isinstance(layer_cache, tuple) else (layer_cache,)
-
-
-class KrauseLMCache(Cache):
-    """transformers ``Cache`` holding one ``krause.cache`` object per layer (two for the
-    gated mix), created on the first forward for that batch: ``KrauseWindowCache`` /
-    ``SlidingWindowCache`` rings of the last W keys/values, ``StandardKVCache`` otherwise.
-    """
-
-    def __init__(self):
-        super().__init__(layers=[])
-
-    @property
-    def is_compileable(self) -> bool:
-        return False
-
-    @property
-    def batch_size(self) -> int:
-        return _cache_tensors(self.layers[0])[0].batch_size if self.layers else -1
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return _cache_tensors(self.layers[0])[0].pos if self.layers else 0
-
-    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
-
-    def reset(self) -> None:
-        for layer in self.layers:
-            for c in _cache_tensors(layer):
-                c.reset()
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        """Keeps (and reorders) the batch rows ``indices`` of every layer (beam search)."""
-        for layer in self.layers:
-            for c in _cache_tensors(layer):
-                c.reorder(indices)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self.batch_select_indices(beam_idx)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        rows = torch.arange(self.batch_size).repeat_interleave(repeats)
-        self.batch_select_indices(rows.to(_cache_tensors(self.layers[0])[0].keys.device))
-
-    def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("KrauseLMCache cannot drop tokens (ring buffers forget the evicted ones)")
 
 
 class KrauseLMPreTrainedModel(PreTrainedModel):
@@ -259,20 +211,52 @@ class KrauseLMModel(KrauseLMPreTrainedModel):
     def set_input_embeddings(self, value):
         self.wte = value
 
-    def forward(self, input_ids, past_key_values: KrauseLMCache | None = None):
+    def new_cache_layers(self) -> list:
+        """One ``krause.cache`` layer per block: what a transformers ``Cache`` is filled with."""
+        return [block.attn.new_cache() for block in self.h]
+
+    def forward(self, input_ids, past_key_values: Cache | None = None, attention_mask=None):
         b, t = input_ids.shape
-        start = past_key_values.get_seq_length() if past_key_values is not None else 0
+        layers, start = None, 0
+        if past_key_values is not None:
+            layers = install_layers(past_key_values, self.new_cache_layers)
+            start = past_key_values.get_seq_length()
         if start + t > self.config.n_positions:
             raise ValueError(f"input_ids: positions {start}..{start + t - 1} exceed the model's "
                              f"n_positions={self.config.n_positions}")
-        if past_key_values is not None and not past_key_values.layers:
-            dtype = self.wte.weight.dtype
-            past_key_values.layers = [blk.attn.new_cache(b, input_ids.device, dtype) for blk in self.h]
-        pos = torch.arange(start, start + t, device=input_ids.device)
+        if attention_mask is None and layers is not None and any(layer.has_padding for layer in layers):
+            raise ValueError("attention_mask is required: the cache holds padded rows, whose positions it sets")
+        valid, pos = _padding_and_positions(attention_mask, b, start, t, input_ids.device, cached=layers is not None)
+        if valid is not None and layers is None:
+            layers = self.new_cache_layers()  # padding a real token would see: the cached path masks it
         x = self.drop(self.wte(input_ids) + self.wpe(pos))
         for i, block in enumerate(self.h):
-            x = block(x, past_key_values.layers[i] if past_key_values is not None else None)
+            x = block(x, layers[i] if layers is not None else None, valid)
         return self.ln_f(x)
+
+
+def _padding_and_positions(attention_mask, batch: int, past: int, length: int, device, cached: bool):
+    """The (B, T) validity of the new tokens (None: no padding to mask) and their positions.
+
+    ``attention_mask`` covers every token so far (B, past + T), 1 = real, as generate()
+    passes it. A row's real tokens take positions 0, 1, ... whatever padding precedes
+    them, so a left-padded row decodes as it would alone. Right padding without a cache
+    needs no mask: a causal model's real tokens never see it.
+    """
+    positions = torch.arange(past, past + length, device=device)
+    if attention_mask is None:
+        return None, positions
+    if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (batch, past + length):
+        got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        raise ValueError(f"attention_mask must have shape ({batch}, {past + length}) (one column per token so far, "
+                         f"1 = real token), got {got}")
+    mask = attention_mask.to(device).bool()
+    if bool(mask.all()):
+        return None, positions
+    if not cached and bool((mask.int().diff(dim=-1) <= 0).all()):  # ones then zeros: right padding
+        return None, positions
+    real_before = mask.long().cumsum(-1) - 1
+    return mask[:, past:], real_before[:, past:].clamp_min(0)
 
 
 class KrauseLMForCausalLM(KrauseLMPreTrainedModel, GenerationMixin):
@@ -280,8 +264,9 @@ class KrauseLMForCausalLM(KrauseLMPreTrainedModel, GenerationMixin):
 
     ``forward(input_ids, labels=None, past_key_values=None, use_cache=None,
     attention_mask=None)``: labels are shifted inside (HF convention, -100 ignored).
-    ``attention_mask`` may only mark right padding without a cache (a causal model's real
-    tokens never see it); left-padded batches are refused.
+    ``attention_mask`` (B, past + T) marks padding anywhere (left-padded prompts for
+    batched generation included); ``past_key_values`` is any transformers ``Cache``, filled
+    with ``krause.cache`` layers on first use (a fresh ``DynamicCache`` when none is given).
     """
 
     _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
@@ -315,16 +300,11 @@ class KrauseLMForCausalLM(KrauseLMPreTrainedModel, GenerationMixin):
         if input_ids is None:
             raise ValueError("input_ids is required (inputs_embeds are not supported)")
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None and not self.training:
-            past_key_values = KrauseLMCache()
-        if isinstance(past_key_values, DynamicCache) and past_key_values.get_seq_length() == 0:
-            past_key_values = KrauseLMCache()  # generate()'s default: swapped for ours before first use
-        if past_key_values is not None and not isinstance(past_key_values, KrauseLMCache):
-            raise ValueError(f"past_key_values must be a KrauseLMCache, got {type(past_key_values).__name__}")
         if not use_cache:
             past_key_values = None
-        _check_attention_mask(attention_mask, input_ids, past_key_values)
-        hidden = self.transformer(input_ids, past_key_values)
+        elif past_key_values is None and not self.training:
+            past_key_values = DynamicCache()
+        hidden = self.transformer(input_ids, past_key_values, attention_mask)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
@@ -333,14 +313,3 @@ class KrauseLMForCausalLM(KrauseLMPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
 
-
-def _check_attention_mask(attention_mask, input_ids, cache) -> None:
-    if attention_mask is None:
-        return
-    mask = attention_mask.bool()
-    if bool(mask.all()):
-        return
-    ones_then_zeros = bool((mask.int().diff(dim=-1) <= 0).all())
-    if cache is not None or not ones_then_zeros:
-        raise ValueError("attention_mask: only right padding without a cache is supported "
-                         "(left-padded or cached padded batches are not; run them one prompt at a time)")

@@ -133,6 +133,23 @@ def test_sampling_is_seeded_and_keeps_prefix():
         model.sample(prefix=torch.zeros(1, 100, dtype=torch.long))
 
 
+@pytest.mark.parametrize("attn", ATTNS)
+def test_cached_sampling_equals_sampling_from_full_forwards(attn):
+    """The decoding caches (krause.cache layers, the linear state) change no sample: the same
+    generator drawing from the full forward's logits at every step gives the same images."""
+    from autoregressive_transformers.model import _sample_logits
+
+    model = tiny(attn)
+    cached = model.sample(2, 1.0, generator=torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)
+    ids = torch.full((2, 1), model.start_token)
+    with torch.no_grad():
+        for _ in range(model.cfg.seq_len):
+            nxt = _sample_logits(model._run(ids, 0, None)[:, -1], 1.0, g)
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+    assert torch.equal(cached, ids[:, 1:])
+
+
 def test_linear_attention_chunked_equals_naive_and_carries_state():
     g = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(2, 3, 50, 8, generator=g) for _ in range(3))

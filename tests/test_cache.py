@@ -1,5 +1,6 @@
-"""Decoding caches: incremental outputs equal the full causal forward; the Krause ring
-buffer keeps constant memory and constant work per step."""
+"""Decoding caches (krause.cache, one contract on transformers' cache layers): incremental
+outputs equal the full causal forward; the Krause window keeps O(W) memory and constant
+work per step; crop, beam reorder and batch selection equal recomputation."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import krause
-from krause.cache import KrauseWindowCache, StandardKVCache
+from krause.cache import GatedCacheLayer, KrauseWindowLayer, KVCacheLayer, WindowCacheLayer
 from krause.nn import (
     CausalKrauseAttention,
     CausalSelfAttention,
@@ -32,7 +33,7 @@ def _decode(mod, x, chunks):
         for size in chunks:
             outs.append(mod(x[:, start:start + size], cache))
             start += size
-    assert start == x.shape[1] and cache.pos == x.shape[1]
+    assert start == x.shape[1] and cache.seen == x.shape[1]
     return torch.cat(outs, dim=1), cache
 
 
@@ -83,7 +84,7 @@ def test_krause_cache_functional_matches_reference_op(name):
     q, k, v = _randn(b, h, t, 4, seed=2), _randn(b, hkv, t, 4, seed=3), _randn(b, hkv, t, 4, seed=4)
     log_sigma = torch.linspace(-0.2, 0.6, h)
     expected = krause.causal_krause_attention_reference(q, k, v, log_sigma, w, top_k)
-    cache = KrauseWindowCache(b, hkv, 4, w, top_k)
+    cache = KrauseWindowLayer(w, top_k)
     got = torch.cat([cache.attend(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1], log_sigma)
                      for i in range(t)], dim=2)
     torch.testing.assert_close(got, expected, rtol=0, atol=ATOL)
@@ -91,18 +92,16 @@ def test_krause_cache_functional_matches_reference_op(name):
 
 def test_krause_cache_keeps_the_last_window_in_order():
     w = 5
-    cache = KrauseWindowCache(1, 1, 2, w, top_k=2)
+    cache = KrauseWindowLayer(w, top_k=2)
     k = torch.arange(26.0).view(1, 1, 13, 2)
     with torch.no_grad():
         cache.attend(k[:, :, :4], k[:, :, :4], k[:, :, :4], 0.0)
-        keys, _ = cache.past()
-        torch.testing.assert_close(keys, k[:, :, :4])
+        torch.testing.assert_close(cache.keys, k[:, :, :4])
         for i in range(4, 11):
             cache.attend(k[:, :, i:i + 1], k[:, :, i:i + 1], k[:, :, i:i + 1], 0.0)
         cache.attend(k[:, :, 11:], k[:, :, 11:], k[:, :, 11:], 0.0)
-    keys, values = cache.past()
-    torch.testing.assert_close(keys, k[:, :, -w:])
-    torch.testing.assert_close(values, k[:, :, -w:])
+    torch.testing.assert_close(cache.keys, k[:, :, -w:])
+    torch.testing.assert_close(cache.values, k[:, :, -w:])
 
 
 class _WorkCounter(TorchDispatchMode):
@@ -123,32 +122,31 @@ class _WorkCounter(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("cls", [CausalKrauseAttention, SlidingWindowAttention])
-def test_ring_cache_memory_and_step_work_are_constant(cls):
-    mod = cls(16, 4, 2, **_knobs(cls, window=8, top_k=3))
+def test_window_cache_memory_is_o_window_and_step_work_constant(cls):
+    w = 8
+    mod = cls(16, 4, 2, **_knobs(cls, window=w, top_k=3))
     cache = mod.new_cache(2)
-    shapes = (cache.keys.shape, cache.values.shape)
-    pointers = (cache.keys.data_ptr(), cache.values.data_ptr())
-    nbytes = cache.nbytes
-    assert nbytes == 2 * 2 * 2 * 8 * 4 * 4  # keys + values, (B, Hkv, W, D) fp32
 
     def step_work():
         counter = _WorkCounter()
         with torch.no_grad(), counter:
-            mod(_randn(2, 1, 16, seed=cache.pos), cache)
+            mod(_randn(2, 1, 16, seed=cache.seen), cache)
         return counter.elements, counter.largest
 
     with torch.no_grad():
-        mod(_randn(2, 20, 16, seed=99), cache)  # a prefill, then many single steps
+        mod(_randn(2, 20, 16, seed=99), cache)  # a prefill longer than the window, then many single steps
+    assert cache.keys.shape == cache.values.shape == (2, 2, w, 4)
     early = step_work()
+    longest = 0
     with torch.no_grad():
         for i in range(300):
             mod(_randn(2, 1, 16, seed=i), cache)
+            longest = max(longest, cache.keys.shape[2], cache.values.shape[2], cache.valid.shape[1])
     late = step_work()
-    assert cache.pos == 20 + 1 + 300 + 1
+    assert cache.seen == 20 + 1 + 300 + 1
+    assert longest == w  # the cache's key length never exceeds the window
     assert early == late
-    assert (cache.keys.shape, cache.values.shape) == shapes
-    assert (cache.keys.data_ptr(), cache.values.data_ptr()) == pointers
-    assert cache.nbytes == nbytes
+    assert cache.nbytes == 2 * 2 * 2 * w * 4 * 4  # keys + values, (B, Hkv, W, D) fp32
 
 
 def test_krause_cache_reset_and_inference_mode():
@@ -165,15 +163,18 @@ def test_krause_cache_reset_and_inference_mode():
 
 
 def test_krause_cache_rejects_mismatched_inputs():
-    cache = KrauseWindowCache(2, 2, 4, window=4, top_k=2)
+    cache = KrauseWindowLayer(window=4, top_k=2)
+    cache.attend(_randn(2, 4, 1, 4), _randn(2, 2, 1, 4), _randn(2, 2, 1, 4), 0.0)
     q = _randn(1, 4, 1, 4)
     kv = _randn(1, 2, 1, 4)
-    with pytest.raises(ValueError, match="batch"):
+    with pytest.raises(ValueError, match="^key_states batch size 1 does not match the cache's 2"):
         cache.attend(q, kv, kv, 0.0)
     with pytest.raises(ValueError, match="heads"):
         cache.attend(_randn(2, 4, 1, 4), _randn(2, 1, 1, 4), _randn(2, 1, 1, 4), 0.0)
-    with pytest.raises(ValueError, match="window"):
-        KrauseWindowCache(1, 1, 4, window=0, top_k=2)
+    with pytest.raises(ValueError, match="^window must be"):
+        KrauseWindowLayer(window=0, top_k=2)
+    with pytest.raises(ValueError, match="^top_k must be"):
+        KrauseWindowLayer(window=2, top_k=0)
 
 
 def test_krause_cache_stores_in_its_own_dtype():
@@ -194,17 +195,17 @@ def test_standard_cache_decoding_equals_full_forward(hkv):
     for chunks in ([1] * 23, [7] + [1] * 16, [3, 5, 1, 9, 5]):
         out, cache = _decode(mod, x, chunks)
         torch.testing.assert_close(out, full, rtol=0, atol=ATOL)
-    assert cache.keys.shape[2] >= 23
+    assert cache.keys.shape[2] == 23 and cache.capacity >= 23
 
 
 def test_standard_cache_grows_from_a_small_capacity():
     q, k, v = _randn(1, 2, 10, 4, seed=7), _randn(1, 2, 10, 4, seed=8), _randn(1, 2, 10, 4, seed=9)
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-    cache = StandardKVCache(1, 2, 4, capacity=2)
+    cache = KVCacheLayer(capacity=2)
     got = torch.cat([cache.attend(q[:, :, i:i + 1], k[:, :, i:i + 1], v[:, :, i:i + 1]) for i in range(10)], 2)
     torch.testing.assert_close(got, expected, rtol=0, atol=ATOL)
-    assert cache.keys.shape[2] == 16 and cache.num_cached == 10
-    torch.testing.assert_close(cache.past()[0], k)
+    assert cache.capacity == 16 and cache.get_seq_length() == 10
+    torch.testing.assert_close(cache.keys, k)
 
 
 def test_gated_cache_decoding_equals_full_forward():
@@ -215,7 +216,9 @@ def test_gated_cache_decoding_equals_full_forward():
     for chunks in ([1] * 14, [6] + [1] * 8, [2, 5, 7]):
         out, cache = _decode(mod, x, chunks)
         torch.testing.assert_close(out, full, rtol=0, atol=ATOL)
-    assert cache.standard.pos == cache.krause.pos == 14
+    assert isinstance(cache, GatedCacheLayer)
+    assert cache.standard.seen == cache.krause.seen == cache.get_seq_length() == 14
+    assert cache.standard.keys.shape[2] == 14 and cache.krause.keys.shape[2] == 4
 
 
 @pytest.mark.parametrize("cls", [SlidingWindowAttention, TopKAttention])
@@ -270,7 +273,7 @@ def test_left_padded_batch_decodes_like_each_row_alone(name):
         full_masked = mod(x, key_padding_mask=mask)
     for schedule, chunks in _schedules(t, 4).items():
         out, cache = _decode_masked(mod, x, mask, chunks)
-        assert cache.lengths.tolist() == lengths and cache.pos == t
+        assert cache.seen == t
         for row, n in enumerate(lengths):
             alone, _ = _decode(mod, x[row:row + 1, t - n:], [1] * n)
             torch.testing.assert_close(out[row:row + 1, t - n:], alone, rtol=0, atol=ATOL, msg=f"{schedule}/{row}")
@@ -303,8 +306,9 @@ def test_beam_reorder_and_select_equal_recomputation(name, padded):
     prefix, more = 7, 5
     x, mask = _left_padded([7, 4, 2], prefix, seed=23) if padded else (_randn(3, prefix, 32, seed=23), None)
     mask = torch.ones(3, prefix, dtype=torch.bool) if mask is None else mask
-    for op, index in (("reorder", torch.tensor([2, 0, 0, 1])), ("reorder", torch.tensor([1])),
-                      ("select", torch.tensor([True, False, True])), ("select", torch.tensor([2, 1]))):
+    for op, index in (("reorder_cache", torch.tensor([2, 0, 0, 1])), ("reorder_cache", torch.tensor([1])),
+                      ("batch_select_indices", torch.tensor([True, False, True])),
+                      ("batch_select_indices", torch.tensor([2, 1]))):
         rows = index.nonzero().flatten() if index.dtype == torch.bool else index
         y = _randn(len(rows), more, 32, seed=24)
         _, cache = _decode_masked(mod, x, mask, [3, 1, 1, 2])
@@ -314,67 +318,71 @@ def test_beam_reorder_and_select_equal_recomputation(name, padded):
             whole_mask = torch.cat([mask[rows], torch.ones(len(rows), more, dtype=torch.bool)], dim=1)
             expected = mod(torch.cat([x[rows], y], dim=1), key_padding_mask=whole_mask)[:, prefix:]
         torch.testing.assert_close(got, expected, rtol=0, atol=ATOL, msg=f"{op} {index.tolist()}")
-        assert cache.pos == prefix + more and cache.lengths.tolist() == mask[rows].sum(-1).add(more).tolist()
+        assert cache.get_seq_length() == prefix + more
 
 
 def test_reorder_and_select_reject_bad_indices():
-    cache = KrauseWindowCache(3, 2, 4, window=4, top_k=2)
-    with pytest.raises(ValueError, match="^index holds rows 0..3"):
-        cache.reorder(torch.tensor([0, 3]))
-    with pytest.raises(ValueError, match="^index holds rows -1"):
-        cache.reorder(torch.tensor([-1]))
-    with pytest.raises(ValueError, match="^index must be a 1-D integer"):
-        cache.reorder(torch.tensor([0.0, 1.0]))
-    with pytest.raises(ValueError, match="^index must not repeat"):
-        cache.select(torch.tensor([1, 1]))
-    with pytest.raises(ValueError, match=r"^index as a bool mask must have shape \(3,\)"):
-        cache.select(torch.tensor([True, False]))
-    with pytest.raises(ValueError, match="^index must select at least one row"):
-        StandardKVCache(2, 2, 4).select(torch.tensor([False, False]))
+    cache = KrauseWindowLayer(window=4, top_k=2)
+    cache.append(_randn(3, 2, 5, 4), _randn(3, 2, 5, 4))
+    with pytest.raises(ValueError, match="^beam_idx holds rows 0..3"):
+        cache.reorder_cache(torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="^beam_idx holds rows -1"):
+        cache.reorder_cache(torch.tensor([-1]))
+    with pytest.raises(ValueError, match="^beam_idx must be a 1-D integer"):
+        cache.reorder_cache(torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="^indices must not repeat"):
+        cache.batch_select_indices(torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match=r"^indices as a bool mask must have shape \(3,\)"):
+        cache.batch_select_indices(torch.tensor([True, False]))
+    full = KVCacheLayer()
+    full.append(_randn(2, 2, 3, 4), _randn(2, 2, 3, 4))
+    with pytest.raises(ValueError, match="^indices must select at least one row"):
+        full.batch_select_indices(torch.tensor([False, False]))
     assert cache.batch_size == 3 and cache.keys.shape[0] == 3
 
 
-def test_caches_reject_bad_padding_masks_and_capacities():
-    cache = KrauseWindowCache(2, 2, 4, window=4, top_k=2)
+def test_caches_reject_bad_padding_masks_and_sizes():
+    cache = KrauseWindowLayer(window=4, top_k=2)
     q, kv = _randn(2, 4, 3, 4), _randn(2, 2, 3, 4)
     with pytest.raises(ValueError, match=r"^key_padding_mask must have shape \(2, 3\)"):
         cache.attend(q, kv, kv, 0.0, key_padding_mask=torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="^key_padding_mask must be a bool tensor"):
         cache.attend(q, kv, kv, 0.0, key_padding_mask=torch.ones(2, 3))
-    with pytest.raises(ValueError, match="^capacity must be >= window"):
-        KrauseWindowCache(1, 1, 4, window=4, top_k=2, capacity=3)
     with pytest.raises(ValueError, match="^capacity"):
-        StandardKVCache(1, 1, 4, capacity=0)
+        KVCacheLayer(capacity=0)
+    with pytest.raises(ValueError, match="^tokens_to_remove must be an int <= 0"):
+        cache.crop(2)
+    with pytest.raises(ValueError, match="^tokens_to_remove: cannot drop 1 tokens from a cache holding 0"):
+        KVCacheLayer().crop(-1)
 
 
-@pytest.mark.parametrize("capacity", [5, 9, 16])
-def test_ring_with_spare_capacity_matches_reference(capacity):
+def test_padded_chunks_match_the_reference_op():
     b, h, hkv, w, top_k, t = 2, 4, 2, 5, 3, 24
     q, k, v = _randn(b, h, t, 4, seed=30), _randn(b, hkv, t, 4, seed=31), _randn(b, hkv, t, 4, seed=32)
     mask = torch.rand(b, t, generator=torch.Generator().manual_seed(33)) > 0.3
     log_sigma = torch.linspace(-0.2, 0.6, h)
     expected = krause.causal_krause_attention_reference(q, k, v, log_sigma, w, top_k, key_padding_mask=mask)
-    cache = KrauseWindowCache(b, hkv, 4, w, top_k, capacity=capacity)
+    cache = KrauseWindowLayer(w, top_k)
     got, start = [], 0
     for size in [4, 1, 1, 6, 1, 1, 1, 7, 1, 1]:
         sl = slice(start, start + size)
         got.append(cache.attend(q[:, :, sl], k[:, :, sl], v[:, :, sl], log_sigma, key_padding_mask=mask[:, sl]))
         start += size
+        assert cache.keys.shape[2] <= w
     torch.testing.assert_close(torch.cat(got, 2), expected, rtol=0, atol=ATOL)
-    assert cache.keys.shape[2] == capacity and cache.lengths.tolist() == mask.sum(-1).tolist()
+    torch.testing.assert_close(cache.valid, mask[:, -w:])
 
 
 @pytest.mark.parametrize("cls", [CausalKrauseAttention, SlidingWindowAttention])
 def test_padded_steps_keep_memory_and_work_constant(cls):
     mod = cls(16, 4, 2, **_knobs(cls, window=8, top_k=3))
     cache = mod.new_cache(2)
-    pointers = (cache.keys.data_ptr(), cache.values.data_ptr(), cache.valid.data_ptr())
     step_mask = torch.tensor([[True], [False]])
 
     def step_work():
         counter = _WorkCounter()
         with torch.no_grad(), counter:
-            mod(_randn(2, 1, 16, seed=cache.pos), cache, key_padding_mask=step_mask)
+            mod(_randn(2, 1, 16, seed=cache.seen), cache, key_padding_mask=step_mask)
         return counter.elements, counter.largest
 
     with torch.no_grad():
@@ -384,5 +392,73 @@ def test_padded_steps_keep_memory_and_work_constant(cls):
         for i in range(100):
             mod(_randn(2, 1, 16, seed=i), cache, key_padding_mask=step_mask)
     assert step_work() == early
-    assert (cache.keys.data_ptr(), cache.values.data_ptr(), cache.valid.data_ptr()) == pointers
-    assert cache.lengths.tolist() == [12 - 3 + 102, 12 - 3]
+    assert cache.keys.shape[2] == 8 and cache.valid.tolist() == [[True] * 8, [False] * 8]
+
+
+# ----------------------------------------------------------------------------- crop, transformers' Cache
+@pytest.mark.parametrize("name", sorted(PADDED_MODULES))
+def test_crop_then_decode_equals_recomputation(name):
+    """Assisted decoding's rollback: drop the last tokens, feed others, get the full forward's outputs."""
+    torch.manual_seed(0)
+    mod = PADDED_MODULES[name]()
+    x, y = _randn(2, 9, 32, seed=40), _randn(2, 4, 32, seed=41)
+    cache = mod.new_cache(2)
+    if hasattr(cache, "activate_past_recording"):  # window layers keep everything until the crop
+        cache.activate_past_recording()
+    window = getattr(cache, "krause", cache)
+    with torch.no_grad():
+        mod(x, cache)
+        cache.crop(-3)  # forget x[:, 6:]
+        assert cache.get_seq_length() == 6
+        if isinstance(window, WindowCacheLayer):
+            assert window.keys.shape[2] == window.window  # crop trims a recording window back
+        got = torch.cat([mod(y[:, i:i + 1], cache) for i in range(4)], dim=1)
+        expected = mod(torch.cat([x[:, :6], y], dim=1))[:, 6:]
+    torch.testing.assert_close(got, expected, rtol=0, atol=ATOL)
+
+
+def test_window_crop_without_recording_refuses_past_the_window():
+    cache = WindowCacheLayer(4)
+    k = _randn(1, 2, 6, 4)
+    cache.append(k, k)
+    cache.crop(0)  # nothing to drop: fine
+    with pytest.raises(RuntimeError, match="activate_past_recording"):
+        cache.crop(-1)
+    short = WindowCacheLayer(8)
+    short.append(k, k)  # fewer tokens than the window: everything is still there
+    short.crop(-2)
+    assert short.seen == 4
+    torch.testing.assert_close(short.keys, k[:, :, :4])
+
+
+def test_layers_serve_a_transformers_cache():
+    from transformers.cache_utils import DynamicCache
+
+    from krause.cache import install_layers
+
+    torch.manual_seed(0)
+    mods = [GatedKrauseAttention(32, 4, 2, window=3, top_k=2), CausalKrauseAttention(32, 4, 2, window=3, top_k=2)]
+    cache = DynamicCache()
+    layers = install_layers(cache, lambda: [m.new_cache() for m in mods])
+    assert install_layers(cache, lambda: []) is layers  # a filled cache keeps its layers
+    x = _randn(2, 7, 32, seed=42)
+    with torch.no_grad():
+        for m, layer in zip(mods, layers):
+            m(x, layer)
+    assert cache.get_seq_length() == 7 and cache.batch_size == 2
+    before = [layers[0].standard.keys.clone(), layers[0].krause.keys.clone(), layers[1].keys.clone()]
+    cache.batch_repeat_interleave(2)  # rows 0 0 1 1
+    cache.reorder_cache(torch.tensor([3, 0, 1, 2]))  # rows 1 0 0 1
+    cache.batch_select_indices(torch.tensor([0, 2]))  # rows 1 0
+    after = [layers[0].standard.keys, layers[0].krause.keys, layers[1].keys]
+    for old, new in zip(before, after):
+        torch.testing.assert_close(new, old[[1, 0]], rtol=0, atol=0)
+    cache.crop(0)
+    cache.reset()
+    assert cache.get_seq_length() == 0 and layers[0].krause.keys is None
+    used = DynamicCache()
+    used.update(_randn(1, 2, 3, 4), _randn(1, 2, 3, 4), 0)
+    with pytest.raises(ValueError, match="already holds tokens"):
+        install_layers(used, lambda: [m.new_cache() for m in mods])
+    with pytest.raises(ValueError, match="must be a transformers Cache"):
+        install_layers([], lambda: [])

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import krause.hf
-from krause.hf.cache import KrauseCacheLayer, KrauseWindow, krause_cache_layer
+from krause.cache import WindowCacheLayer
+from krause.hf.cache import KrauseCacheLayer, krause_cache_layer
 from krause.hf.patch import patched_attention_modules
 from lora_llms.testing import tiny_config
 
@@ -102,11 +103,12 @@ def test_cache_keeps_only_the_window(models):
 
 def _window(batch=3, t=6, seed=0):
     g = torch.Generator().manual_seed(seed)
-    win = KrauseWindow(4)
+    win = WindowCacheLayer(4)
     k = torch.randn(batch, 2, t, 8, generator=g)
     valid = torch.ones(batch, t, dtype=torch.bool)
     valid[0, :2] = False
-    keys, values, flags = win.update(k, k + 1, valid)
+    keys, values, flags = win.append(k, k + 1, valid)
+    assert torch.equal(keys, k) and torch.equal(flags, valid)
     return win, k
 
 
@@ -114,18 +116,18 @@ def test_window_reorder_select_repeat_crop_reset():
     win, k = _window()
     assert win.keys.shape == (3, 2, 4, 8) and win.seen == 6 and win.has_padding
     torch.testing.assert_close(win.keys, k[:, :, -4:])
-    win.reorder(torch.tensor([2, 0, 0]))
+    win.reorder_cache(torch.tensor([2, 0, 0]))
     torch.testing.assert_close(win.keys[1], k[0, :, -4:])
-    win.select(torch.tensor([True, False, True]))
+    win.batch_select_indices(torch.tensor([True, False, True]))
     assert win.keys.shape[0] == 2
-    win.repeat_interleave(2)
+    win.batch_repeat_interleave(2)
     assert win.keys.shape[0] == 4
     with pytest.raises(RuntimeError, match="activate_past_recording"):
         win.crop(-1)  # the window already dropped the key needed after the rollback
     win.reset()
     assert win.keys is None and win.seen == 0 and not win.has_padding
-    win.record_past = True  # assisted decoding: rollback possible
-    win.update(k, k, None)
+    win.activate_past_recording()  # assisted decoding: rollback possible
+    win.append(k, k, None)
     win.crop(-2)
     assert win.seen == 4 and win.keys.shape[-2] == 4
     torch.testing.assert_close(win.keys, k[:, :, :4])

@@ -92,8 +92,8 @@ def test_krause_decoding_keeps_only_the_window():
     x = torch.randint(0, VOCAB, (1, 50))
     with torch.no_grad():
         out = model(x, use_cache=True)
-    ring = out.past_key_values.layers[0]
-    assert ring.keys.shape[2] == model.config.attn_window and ring.pos == 50
+    window = out.past_key_values.layers[0]
+    assert window.keys.shape[2] == model.config.attn_window and window.seen == 50
 
 
 @pytest.mark.parametrize("attention", ATTENTIONS)
@@ -124,9 +124,14 @@ def test_bad_arguments_are_one_line_value_errors():
     model = tiny("standard")
     with pytest.raises(ValueError, match="n_positions"):
         model(torch.zeros(1, 65, dtype=torch.long), use_cache=False)
-    with pytest.raises(ValueError, match="attention_mask"):
-        model(torch.zeros(2, 5, dtype=torch.long), attention_mask=torch.tensor([[0, 1, 1, 1, 1]] * 2),
-              use_cache=False)
+    with pytest.raises(ValueError, match=r"^attention_mask must have shape \(2, 5\)"):
+        model(torch.zeros(2, 5, dtype=torch.long), attention_mask=torch.tensor([[0, 1, 1, 1]] * 2), use_cache=False)
+    with pytest.raises(ValueError, match="^past_key_values must be a transformers Cache"):
+        model(torch.zeros(1, 5, dtype=torch.long), past_key_values=[])
+    padded = model.eval()(torch.ones(2, 3, dtype=torch.long), attention_mask=torch.tensor([[1, 1, 1], [0, 1, 1]]),
+                   use_cache=True).past_key_values
+    with pytest.raises(ValueError, match="^attention_mask is required: the cache holds padded rows"):
+        model(torch.ones(2, 1, dtype=torch.long), past_key_values=padded)
 
 
 @pytest.mark.parametrize("attention", ["gated", "krause"])
@@ -136,3 +141,113 @@ def test_beam_search_reorders_the_cache(attention):
     cached = model.generate(x, max_new_tokens=12, num_beams=3, do_sample=False)
     uncached = model.generate(x, max_new_tokens=12, num_beams=3, do_sample=False, use_cache=False)
     assert torch.equal(cached, uncached)
+
+
+# ----------------------------------------------------------------------------- the krause.cache contract
+PAD = 0
+
+
+def _left_padded(rows):
+    """A left-padded batch (ids, attention_mask) of the given prompts."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), PAD, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+    return ids, mask
+
+
+def _prompts():
+    g = torch.Generator().manual_seed(3)
+    return [torch.randint(1, VOCAB, (n,), generator=g) for n in (9, 4, 1)]
+
+
+COMMON = dict(pad_token_id=PAD, eos_token_id=None)
+
+
+@pytest.mark.parametrize("mode", ["greedy", "beam"])
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_left_padded_batch_generates_like_each_row_alone(attention, mode):
+    """Greedy and beam search over a left-padded batch give each row its own unpadded run
+    (prompts of 9, 4 and 1 tokens, 10 new ones: the windows of 8 are passed)."""
+    model = tiny(attention).eval()
+    rows = _prompts()
+    ids, mask = _left_padded(rows)
+    kwargs = dict(do_sample=False, max_new_tokens=10, num_beams=1 if mode == "greedy" else 2, **COMMON)
+    with torch.no_grad():
+        batched = model.generate(ids, attention_mask=mask, **kwargs)
+        for i, r in enumerate(rows):
+            alone = model.generate(r[None], **kwargs)
+            assert torch.equal(batched[i, ids.shape[1]:], alone[0, len(r):]), i
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_left_padded_batch_cached_equals_uncached(attention):
+    model = tiny(attention).eval()
+    ids, mask = _left_padded(_prompts())
+    with torch.no_grad():
+        for beams in (1, 3):
+            kwargs = dict(do_sample=False, max_new_tokens=20, num_beams=beams, **COMMON)
+            cached = model.generate(ids, attention_mask=mask, **kwargs)
+            uncached = model.generate(ids, attention_mask=mask, use_cache=False, **kwargs)
+            assert torch.equal(cached, uncached), beams
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_padded_forward_equals_each_row_alone(attention):
+    """The logits of a left-padded batch, cached or not, are each row's own logits."""
+    model = tiny(attention).eval()
+    rows = _prompts()
+    ids, mask = _left_padded(rows)
+    with torch.no_grad():
+        uncached = model(ids, attention_mask=mask, use_cache=False).logits
+        cached = model(ids, attention_mask=mask, use_cache=True).logits
+        for i, r in enumerate(rows):
+            alone = model(r[None], use_cache=False).logits[0]
+            torch.testing.assert_close(uncached[i, -len(r):], alone, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(cached[i, -len(r):], alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_cache_crop_and_reorder_equal_recomputation(attention):
+    from transformers import Cache
+
+    model = tiny(attention).eval()
+    x = torch.randint(1, VOCAB, (3, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = model(x, use_cache=False).logits
+        cache = Cache(layers=model.transformer.new_cache_layers())
+        cache.activate_past_recording()  # window layers keep every token until the next crop
+        model(x[:, :12], past_key_values=cache)
+        model(x[:, 12:14], past_key_values=cache)
+        cache.crop(-4)  # back to 10 tokens
+        assert cache.get_seq_length() == 10
+        cropped = model(x[:, 10:], past_key_values=cache).logits
+        torch.testing.assert_close(cropped, full[:, 10:], atol=1e-5, rtol=1e-5)
+        cache.crop(-2)  # back to 14 tokens
+        cache.reorder_cache(torch.tensor([2, 0, 0]))
+        reordered = model(x[[2, 0, 0], 14:], past_key_values=cache).logits
+        torch.testing.assert_close(reordered, full[[2, 0, 0], 14:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["krause", "sliding_window", "gated"])
+def test_window_layers_never_exceed_the_window_while_generating(attention):
+    from transformers import DynamicCache
+
+    model = tiny(attention).eval()
+    window = model.config.attn_window
+    cache = DynamicCache()
+    seen = []
+
+    def spy(module, args, output):
+        layer = cache.layers[0]
+        part = getattr(layer, "krause", layer)
+        seen.append((part.keys.shape[2], part.values.shape[2], part.valid.shape[1]))
+
+    ids, mask = _left_padded(_prompts())
+    handle = model.transformer.h[0].register_forward_hook(spy)
+    with torch.no_grad():
+        model.generate(ids, attention_mask=mask, max_new_tokens=20, past_key_values=cache, do_sample=False, **COMMON)
+    handle.remove()
+    assert len(seen) == 20 and max(max(s) for s in seen) == window

@@ -598,9 +598,25 @@ def test_causal_attention_weights_reproduce_the_forward(make):
 
 
 def test_new_cache_capacity():
-    assert CausalSelfAttention(16, 2).new_cache(2, capacity=50).keys.shape[2] == 50
-    assert TopKAttention(16, 2, top_k=2).new_cache(2, capacity=30).keys.shape[2] == 30
-    assert CausalKrauseAttention(16, 2, window=4, top_k=2).new_cache(2, capacity=50).keys.shape[2] == 4
-    assert SlidingWindowAttention(16, 2, window=5).new_cache(2, capacity=50).keys.shape[2] == 5
+    """Growing caches allocate ``capacity`` slots with the first tokens; window caches keep W tokens whatever it is."""
+    kv = torch.zeros(2, 2, 3, 8)
+
+    def filled(cache):
+        cache.append(kv, kv)
+        return cache
+
+    assert filled(CausalSelfAttention(16, 2).new_cache(2, capacity=50)).capacity == 50
+    assert filled(TopKAttention(16, 2, top_k=2).new_cache(2, capacity=30)).capacity == 30
+    long = torch.zeros(2, 2, 60, 8)
+    krause_cache = CausalKrauseAttention(16, 2, window=4, top_k=2).new_cache(2, capacity=50)
+    krause_cache.append(long, long)
+    assert krause_cache.keys.shape[2] == 4
+    window_cache = SlidingWindowAttention(16, 2, window=5).new_cache(2, capacity=50)
+    window_cache.append(long, long)
+    assert window_cache.keys.shape[2] == 5
     gated = GatedKrauseAttention(16, 2, window=4, top_k=2).new_cache(1, capacity=40)
-    assert (gated.standard.keys.shape[2], gated.krause.keys.shape[2]) == (40, 4)
+    gated.standard.append(kv[:1], kv[:1])
+    assert gated.standard.capacity == 40
+    gated.standard.append(long[:1], long[:1])  # 63 tokens: the storage doubles
+    gated.update_krause(long[:1], long[:1])
+    assert (gated.standard.capacity, gated.standard.keys.shape[2], gated.krause.keys.shape[2]) == (80, 63, 4)

@@ -179,14 +179,15 @@ def test_decode_matches_rule_with_ring_and_left_padding():
     torch.testing.assert_close(half.cpu().double(), ref_half[:, :, 0], atol=2e-2, rtol=0)
 
 
-def test_decode_equals_krause_window_cache_steps():
-    """Against the decoding cache: capacity > window, per-slot padding, a wrapped ring."""
-    from krause.cache import KrauseWindowCache
+def test_decode_equals_krause_window_layer_steps():
+    """Against the decoding cache (krause.cache.KrauseWindowLayer), its window laid out as a
+    ring of capacity > window: per-slot padding, a wrapped ring."""
+    from krause.cache import KrauseWindowLayer
 
     b, h, hkv, d, window, capacity, top_k = 2, 4, 2, 16, 6, 8, 3
     g = torch.Generator().manual_seed(14)
     ls = (0.3 * torch.randn(h, generator=g) + 0.8).to(DEVICE)
-    cache = KrauseWindowCache(b, hkv, d, window, top_k, device=DEVICE, capacity=capacity)
+    cache = KrauseWindowLayer(window, top_k)
     prompt = 5
     mask = torch.ones(b, prompt, dtype=torch.bool)
     mask[1, :3] = False  # row 1 is left-padded
@@ -195,8 +196,12 @@ def test_decode_equals_krause_window_cache_steps():
     for _ in range(7):  # single-token steps until the ring has wrapped
         q, k, v = (torch.randn(b, n, 1, d, generator=g).to(DEVICE) for n in (h, hkv, hkv))
         want = cache.attend(q, k, v, ls)
-        got = kernels.decode_krause_attention_triton(q, cache.keys, cache.values, ls, None, top_k, pos=cache.pos,
-                                                    window=window, valid=cache.valid)
+        slots = (torch.arange(cache.seen - cache.num_cached, cache.seen) % capacity).to(DEVICE)
+        k_ring, v_ring = (torch.zeros(b, hkv, capacity, d, device=DEVICE) for _ in range(2))
+        valid = torch.zeros(b, capacity, dtype=torch.bool, device=DEVICE)
+        k_ring[:, :, slots], v_ring[:, :, slots], valid[:, slots] = cache.keys, cache.values, cache.valid
+        got = kernels.decode_krause_attention_triton(q, k_ring, v_ring, ls, None, top_k, pos=cache.seen,
+                                                    window=window, valid=valid)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 

@@ -114,7 +114,7 @@ def local_krause_attention_2d_triton(q, k, v, log_sigma, grid, radius: int, metr
 def decode_krause_attention_triton(q, k_ring, v_ring, log_sigma, lengths, top_k: int, pos: int | None = None, *,
                                    window: int | None = None, valid=None):
     """One decoding step: q (B, H, D) or (B, H, 1, D) against a ring buffer k_ring, v_ring
-    (B, Hkv, C, D) laid out as ``krause.cache.RingKVCache`` (token p in slot p % C).
+    (B, Hkv, C, D) laid out as a ring buffer (token p in slot p % C).
 
     ``pos``: tokens written to the ring so far, the new one included (default
     ``lengths.max()``). ``lengths`` (B,) or None: real tokens of each row; a row's real

@@ -10,7 +10,7 @@ from ._common import krause_attention_probs
 from .baselines import SlidingWindowAttention, TopKAttention, topk_causal_attention
 from .causal import CausalKrauseAttention, CausalProjections, CausalSelfAttention
 from .config import KrauseConfig, check_sigma
-from .gated import GatedCache, GatedKrauseAttention, gate_weights, gated_mix, init_gate
+from .gated import GatedKrauseAttention, gate_weights, gated_mix, init_gate
 from .linear import CausalLinearAttention, LinearAttentionState, causal_linear_attention, elu_feature_map
 from .longformer import LongformerAttention, longformer_mask
 from .routing import RoutingAttention, nearest_cluster, routing_attention, routing_mask
@@ -44,7 +44,6 @@ __all__ = [
     "CausalKrauseAttention",
     "CausalProjections",
     "CausalSelfAttention",
-    "GatedCache",
     "GatedKrauseAttention",
     "KrauseConfig",
     "LocalKrauseAttention2d",

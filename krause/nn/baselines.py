@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _validation as V
-from ..cache import DEFAULT_CAPACITY, SlidingWindowCache, StandardKVCache, end_aligned_mask, masked_sdpa
-from ..masks import causal_window_mask
+from ..masks import causal_window_mask, end_aligned_mask, masked_sdpa
 from ..reference import repeat_kv
 from .causal import CausalProjections
 from .config import KrauseConfig
@@ -69,7 +68,7 @@ class SlidingWindowAttention(CausalProjections):
         super().__init__(dim, num_heads, num_kv_heads, bias=bias, attn_drop=attn_drop, proj_drop=proj_drop)
         self.window = V.check_positive_int("window", window)
 
-    def forward(self, x: torch.Tensor, cache: SlidingWindowCache | None = None, key_padding_mask=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache=None, key_padding_mask=None) -> torch.Tensor:
         q, k, v = self.project(x)
         drop = self.attn_drop if self.training else 0.0
         if cache is not None:
@@ -82,10 +81,12 @@ class SlidingWindowAttention(CausalProjections):
             out = masked_sdpa(q, k, v, allowed, None, drop)
         return self.merge(out)
 
-    def new_cache(self, batch_size: int, device=None, dtype=None, capacity: int | None = None) -> SlidingWindowCache:
-        """A ring of ``window`` slots, whatever the expected sequence length ``capacity``."""
-        device, dtype = self.cache_placement(device, dtype)
-        return SlidingWindowCache(batch_size, self.num_kv_heads, self.head_dim, self.window, device, dtype)
+    def new_cache(self, batch_size: int | None = None, device=None, dtype=None, capacity: int | None = None):
+        """A ``krause.cache.SlidingWindowLayer`` of the last ``window`` tokens, whatever the
+        expected sequence length ``capacity``."""
+        from ..cache import SlidingWindowLayer
+
+        return SlidingWindowLayer(self.window, dtype=dtype)
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, window={self.window}"
@@ -99,21 +100,20 @@ class TopKAttention(CausalProjections):
         super().__init__(dim, num_heads, num_kv_heads, bias=bias, attn_drop=attn_drop, proj_drop=proj_drop)
         self.top_k = V.check_positive_int("top_k", top_k)
 
-    def forward(self, x: torch.Tensor, cache: StandardKVCache | None = None, key_padding_mask=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache=None, key_padding_mask=None) -> torch.Tensor:
         q, k, v = self.project(x)
         drop = self.attn_drop if self.training else 0.0
         if cache is not None:
-            _, _, mask = cache.check_inputs(q, k, v, key_padding_mask)
-            k, v = cache.update(k, v, mask)
-            key_padding_mask = cache.past_mask() if cache.padded else None
+            k, v, key_padding_mask = cache.append(k, v, key_padding_mask)
         out = topk_causal_attention(q, k, v, self.top_k, dropout_p=drop, key_padding_mask=key_padding_mask)
         return self.merge(out)
 
-    def new_cache(self, batch_size: int, device=None, dtype=None, capacity: int | None = None) -> StandardKVCache:
-        """A growing cache, ``capacity`` (the expected sequence length) slots up front."""
-        device, dtype = self.cache_placement(device, dtype)
-        return StandardKVCache(batch_size, self.num_kv_heads, self.head_dim, device, dtype,
-                               capacity=DEFAULT_CAPACITY if capacity is None else capacity)
+    def new_cache(self, batch_size: int | None = None, device=None, dtype=None, capacity: int | None = None):
+        """A growing ``krause.cache.KVCacheLayer``, ``capacity`` (the expected sequence length)
+        slots allocated by the first tokens."""
+        from ..cache import KVCacheLayer
+
+        return KVCacheLayer(capacity, dtype=dtype)
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, top_k={self.top_k}"

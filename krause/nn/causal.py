@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cache import DEFAULT_CAPACITY, KrauseWindowCache, StandardKVCache, end_aligned_mask, masked_sdpa
 from ..dense import causal_candidates
+from ..masks import end_aligned_mask, masked_sdpa
 from ..ops import causal_krause_attention
 from ._common import check_dropout, check_heads, krause_attention_probs, log_sigma_parameter
 from .config import KrauseConfig, resolve_config
@@ -86,7 +86,7 @@ class CausalKrauseAttention(CausalProjections):
     top_k = property(lambda self: self.config.top_k)
     impl = property(lambda self: self.config.impl)
 
-    def forward(self, x: torch.Tensor, cache: KrauseWindowCache | None = None, key_padding_mask=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache=None, key_padding_mask=None) -> torch.Tensor:
         q, k, v = self.project(x)
         if cache is None:
             out = causal_krause_attention(q, k, v, self.log_sigma, self.window, self.top_k,
@@ -101,12 +101,13 @@ class CausalKrauseAttention(CausalProjections):
         candidates = causal_candidates(q.shape[2], k.shape[2], self.window, key_padding_mask, q.device)
         return krause_attention_probs(q, k, self.log_sigma, candidates, self.top_k)
 
-    def new_cache(self, batch_size: int, device=None, dtype=None, capacity: int | None = None) -> KrauseWindowCache:
-        """A ring of ``window`` slots: enough whatever the sequence length (``capacity``,
-        the expected length, only matters to growing caches)."""
-        device, dtype = self.cache_placement(device, dtype)
-        return KrauseWindowCache(batch_size, self.num_kv_heads, self.head_dim, self.window, self.top_k, device, dtype,
-                                 impl=self.impl)
+    def new_cache(self, batch_size: int | None = None, device=None, dtype=None, capacity: int | None = None):
+        """A ``krause.cache.KrauseWindowLayer`` of the last ``window`` tokens: enough whatever
+        the sequence length (``capacity``, the expected length, only matters to growing caches;
+        batch size and device come with the first tokens)."""
+        from ..cache import KrauseWindowLayer
+
+        return KrauseWindowLayer(self.window, self.top_k, self.impl, dtype=dtype)
 
     def extra_repr(self) -> str:
         return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, window={self.window}, top_k={self.top_k}, "
@@ -117,7 +118,7 @@ class CausalSelfAttention(CausalProjections):
     """Causal softmax attention over the whole prefix, the twin of ``CausalKrauseAttention``
     (same projections, no Krause settings)."""
 
-    def forward(self, x: torch.Tensor, cache: StandardKVCache | None = None, key_padding_mask=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache=None, key_padding_mask=None) -> torch.Tensor:
         q, k, v = self.project(x)
         drop = self.attn_drop if self.training else 0.0
         if cache is not None:
@@ -137,11 +138,12 @@ class CausalSelfAttention(CausalProjections):
         scores = (q.float() @ k.float().transpose(-1, -2)) * self.head_dim**-0.5
         return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
 
-    def new_cache(self, batch_size: int, device=None, dtype=None, capacity: int | None = None) -> StandardKVCache:
-        """A growing cache, ``capacity`` (the expected sequence length) slots up front."""
-        device, dtype = self.cache_placement(device, dtype)
-        return StandardKVCache(batch_size, self.num_kv_heads, self.head_dim, device, dtype,
-                               capacity=DEFAULT_CAPACITY if capacity is None else capacity)
+    def new_cache(self, batch_size: int | None = None, device=None, dtype=None, capacity: int | None = None):
+        """A growing ``krause.cache.KVCacheLayer``, ``capacity`` (the expected sequence length)
+        slots allocated by the first tokens."""
+        from ..cache import KVCacheLayer
+
+        return KVCacheLayer(capacity, dtype=dtype)
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}"

@@ -14,12 +14,10 @@ The gate starts near ``gate_init`` on the standard branch (weight N(0, 0.01), bi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..cache import KrauseWindowCache, StandardKVCache
 from ._common import check_dropout
 from .causal import CausalKrauseAttention, CausalSelfAttention
 from .config import KrauseConfig, resolve_config
@@ -52,40 +50,6 @@ def init_gate(gate: nn.Linear, gate_init: float) -> None:
         gate.bias.copy_(torch.tensor([math.log(gate_init / (1.0 - gate_init)), 0.0]))
 
 
-@dataclass
-class GatedCache:
-    """Decoding state of a gated layer: one cache per branch."""
-
-    standard: StandardKVCache
-    krause: KrauseWindowCache
-
-    @property
-    def pos(self) -> int:
-        return self.krause.pos
-
-    @property
-    def lengths(self) -> torch.Tensor:
-        return self.krause.lengths
-
-    @property
-    def nbytes(self) -> int:
-        return self.standard.nbytes + self.krause.nbytes
-
-    def reset(self) -> None:
-        self.standard.reset()
-        self.krause.reset()
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Beam search: keeps the rows ``index`` of both branches, in that order."""
-        self.standard.reorder(index)
-        self.krause.reorder(index)
-
-    def select(self, index: torch.Tensor) -> None:
-        """Batch pruning: keeps the rows ``index`` (bool mask or distinct rows) of both branches."""
-        self.standard.select(index)
-        self.krause.select(index)
-
-
 class GatedKrauseAttention(nn.Module):
     """Standard causal attention and causal-window Krause attention, gated per token.
 
@@ -110,7 +74,7 @@ class GatedKrauseAttention(nn.Module):
     def config(self) -> KrauseConfig:
         return self.krause.config
 
-    def forward(self, x: torch.Tensor, cache: GatedCache | None = None, key_padding_mask=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache=None, key_padding_mask=None) -> torch.Tensor:
         out_std = self.standard(x, cache.standard if cache is not None else None, key_padding_mask)
         out_krause = self.krause(x, cache.krause if cache is not None else None, key_padding_mask)
         return self.proj_drop(gated_mix(out_std, out_krause, self.gate))
@@ -121,8 +85,9 @@ class GatedKrauseAttention(nn.Module):
         out_krause = self.krause(x, key_padding_mask=key_padding_mask)
         return gated_mix(out_std, out_krause, self.gate, return_gate=True)[1]
 
-    def new_cache(self, batch_size: int, device=None, dtype=None, capacity: int | None = None) -> GatedCache:
-        return GatedCache(
-            self.standard.new_cache(batch_size, device, dtype, capacity),
-            self.krause.new_cache(batch_size, device, dtype, capacity),
-        )
+    def new_cache(self, batch_size: int | None = None, device=None, dtype=None, capacity: int | None = None):
+        """A ``krause.cache.GatedCacheLayer``: the standard branch's full KV and the Krause window."""
+        from ..cache import GatedCacheLayer
+
+        return GatedCacheLayer(self.standard.new_cache(batch_size, device, dtype, capacity),
+                               self.krause.new_cache(batch_size, device, dtype, capacity))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .. import _validation as V
-from ..cache import DEFAULT_CAPACITY, StandardKVCache, end_aligned_mask, masked_sdpa
+from ..masks import end_aligned_mask, masked_sdpa
 from .causal import CausalProjections
 from .config import KrauseConfig
 
@@ -44,25 +44,23 @@ class LongformerAttention(CausalProjections):
         self.window = V.check_positive_int("window", window)
         self.global_tokens = V.check_nonnegative_int("global_tokens", global_tokens)
 
-    def forward(self, x: torch.Tensor, cache: StandardKVCache | None = None, key_padding_mask=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache=None, key_padding_mask=None) -> torch.Tensor:
         q, k, v = self.project(x)
         if cache is None and self.training and q.shape[2] < self.global_tokens:
             raise ValueError(f"global_tokens {self.global_tokens} is more than the {q.shape[2]} tokens of the block")
         drop = self.attn_drop if self.training else 0.0
         if cache is not None:
-            _, _, mask = cache.check_inputs(q, k, v, key_padding_mask)
-            k, v = cache.update(k, v, mask)
-            key_padding_mask = cache.past_mask() if cache.padded else None
+            k, v, key_padding_mask = cache.append(k, v, key_padding_mask)
         else:
             key_padding_mask = V.check_key_padding_mask(key_padding_mask, q.shape[0], k.shape[2], q)
         allowed = longformer_mask(q.shape[2], k.shape[2], self.window, self.global_tokens, key_padding_mask, q.device)
         return self.merge(masked_sdpa(q, k, v, allowed, None, drop))
 
-    def new_cache(self, batch_size: int, device=None, dtype=None, capacity: int | None = None) -> StandardKVCache:
+    def new_cache(self, batch_size: int | None = None, device=None, dtype=None, capacity: int | None = None):
         """A growing cache (the global keys sit at its start), ``capacity`` slots up front."""
-        device, dtype = self.cache_placement(device, dtype)
-        return StandardKVCache(batch_size, self.num_kv_heads, self.head_dim, device, dtype,
-                               capacity=DEFAULT_CAPACITY if capacity is None else capacity)
+        from ..cache import KVCacheLayer
+
+        return KVCacheLayer(capacity, dtype=dtype)
 
     def extra_repr(self) -> str:
         return (f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, window={self.window}, "

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .. import _validation as V
-from ..cache import DEFAULT_CAPACITY, StandardKVCache, end_aligned_mask, masked_sdpa
+from ..masks import end_aligned_mask, masked_sdpa
 from ..reference import repeat_kv
 from .causal import CausalProjections
 from .config import KrauseConfig
@@ -73,15 +73,13 @@ class RoutingAttention(CausalProjections):
         self.decay = float(decay)
         self.register_buffer("centroids", F.normalize(torch.randn(num_heads, num_clusters, self.head_dim), dim=-1))
 
-    def forward(self, x: torch.Tensor, cache: StandardKVCache | None = None, key_padding_mask=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache=None, key_padding_mask=None) -> torch.Tensor:
         q, k, v = self.project(x)
         if cache is None and self.training and q.shape[2] < self.num_clusters:
             raise ValueError(f"num_clusters {self.num_clusters} is more than the {q.shape[2]} tokens of the block")
         drop = self.attn_drop if self.training else 0.0
         if cache is not None:
-            _, _, mask = cache.check_inputs(q, k, v, key_padding_mask)
-            k_all, v_all = cache.update(k, v, mask)
-            padding = cache.past_mask() if cache.padded else None
+            k_all, v_all, padding = cache.append(k, v, key_padding_mask)
         else:
             k_all, v_all = k, v
             padding = V.check_key_padding_mask(key_padding_mask, q.shape[0], k.shape[2], q)
@@ -111,11 +109,11 @@ class RoutingAttention(CausalProjections):
         onehot = F.one_hot(nearest_cluster(q, self.centroids), self.num_clusters).float()
         return onehot.mean((0, 2))
 
-    def new_cache(self, batch_size: int, device=None, dtype=None, capacity: int | None = None) -> StandardKVCache:
+    def new_cache(self, batch_size: int | None = None, device=None, dtype=None, capacity: int | None = None):
         """A growing cache, ``capacity`` slots up front (keys are routed again at each step)."""
-        device, dtype = self.cache_placement(device, dtype)
-        return StandardKVCache(batch_size, self.num_kv_heads, self.head_dim, device, dtype,
-                               capacity=DEFAULT_CAPACITY if capacity is None else capacity)
+        from ..cache import KVCacheLayer
+
+        return KVCacheLayer(capacity, dtype=dtype)
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, num_clusters={self.num_clusters}"
