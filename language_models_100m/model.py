@@ -10,7 +10,6 @@ one is built by ``krause.nn.build_attention`` (the one registry; no attention ma
     standard        causal softmax over the whole prefix (the registry's "softmax")
     sliding_window  causal softmax over the last ``window`` tokens
     topk            causal softmax over the ``top_k`` highest-scoring earlier tokens
-    linear          causal linear attention (elu+1 features)
     longformer      causal softmax over the last ``window`` tokens and the first ``global_tokens``
     routing         causal softmax within online k-means clusters of queries and keys (Roy et al.)
 
@@ -45,7 +44,8 @@ from krause.cache import install_layers
 
 #: The family's names (CLI ``--attention``): the registry's causal attentions, softmax under its name here.
 FIRST_FIVE = ("gated", "krause", "standard", "sliding_window", "topk")
-ATTENTIONS = FIRST_FIVE + tuple(n for n in attention_names("causal") if n not in FIRST_FIVE and n != "softmax")
+#: ``linear`` stays the pixel models' baseline: its recurrent state has no transformers cache layer yet.
+ATTENTIONS = FIRST_FIVE + tuple(n for n in attention_names("causal") if n not in FIRST_FIVE + ("softmax", "linear"))
 
 #: The family's Krause settings: KrauseConfig's defaults but the paper's window 32 / top-k 16.
 KRAUSE_PRESET = KrauseConfig().replace(window=32, top_k=16)
@@ -107,7 +107,10 @@ class KrauseLMConfig(PreTrainedConfig):
     def validate_architecture(self):
         """Part of ``@strict`` validation: one line naming the bad field."""
         if self.attention not in ATTENTIONS:
-            resolve_name(self.attention, "causal")  # a registry name ("softmax") passes; else the list
+            name = resolve_name(self.attention, "causal")  # a registry name ("softmax") passes; else the list
+            if name not in {resolve_name(a, "causal") for a in ATTENTIONS}:
+                raise ValueError(f"attention {self.attention!r} is not one of this family's: {', '.join(ATTENTIONS)} "
+                                 "(its recurrent state has no decoding cache layer here)")
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -133,7 +133,15 @@ CAUSAL = attention_names("causal")
 TWO_D = [n for n in REGISTRY if n not in CAUSAL]
 
 
-@pytest.mark.parametrize("name", CAUSAL)
+def test_language_models_take_every_causal_name_but_linear():
+    from language_models_100m import ATTENTIONS, build_model
+
+    assert {resolve_name(a, "causal") for a in ATTENTIONS} == set(CAUSAL) - {"linear"}
+    with pytest.raises(ValueError, match="not one of this family's"):
+        build_model("tiny", "linear", vocab_size=64)
+
+
+@pytest.mark.parametrize("name", [n for n in CAUSAL if n != "linear"])
 def test_language_model_trains_with_every_causal_attention(name):
     from language_models_100m import build_model
 
