@@ -27,7 +27,7 @@ def smoke_commands(readme_text: str) -> list[str]:
     """The commands of every smoke block: continuation lines joined, comments and blanks dropped."""
     commands = []
     for block in SMOKE_BLOCK.findall(readme_text):
-        joined = re.sub(r"\\\n\s*", " ", block)
+        joined = re.sub(r"\s*\\\n\s*", " ", block)
         for line in joined.splitlines():
             line = line.split(" # ")[0].strip()
             if line and not line.startswith("#"):
