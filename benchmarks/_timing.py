@@ -37,6 +37,8 @@ from typing import Any
 
 import torch
 
+from krause.training.throughput import cpu_model
+
 
 # --------------------------------------------------------------------------- timing
 def synchronize(device: torch.device | str) -> None:
@@ -162,17 +164,6 @@ MEMORY_METHOD = {
 
 
 # --------------------------------------------------------------------------- machine
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def load_average() -> list[float] | None:
     """1, 5 and 15 minute load averages (how busy a shared machine was), where available."""
     try:
@@ -185,7 +176,7 @@ def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
     device = torch.device(device)
     info: dict[str, Any] = {
         "device": str(device),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -84,19 +83,10 @@ def pm(values: Sequence[float], fmt: str = ".3f", scale: float = 1.0) -> str:
     return f"{m:{fmt}} ± {s:{fmt}}"
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine() -> str:
     import torch
+
+    from ..training.throughput import cpu_model
 
     return f"{cpu_model()}, {os.cpu_count()} logical CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 

@@ -13,6 +13,7 @@ flag), with `known_peak_flops` for a few accelerators' dense bf16 numbers.
 
 from __future__ import annotations
 
+import platform
 import time
 from typing import Any, Callable
 
@@ -23,6 +24,18 @@ __all__ = ["Throughput", "count_flops", "train_flops_per_sample", "known_peak_fl
 
 #: dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets
 _PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "V100": 125e12}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (named beside every benchmark table: ratios shift between CPUs)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def known_peak_flops(device: torch.device | str | None = None) -> float | None:
