@@ -251,22 +251,8 @@ def _local_fwd_engine(
 
 
 # Saved tensors: the engine's (probs, dist) per part, an empty pair for the dense path;
-# the compiled CPU kernel's (probs, dist, kept int32, empty).
-@torch.library.custom_op("krause::local2d_fwd", mutates_args=())
-def _local_fwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    log_sigma: torch.Tensor,
-    rows: int,
-    cols: int,
-    radius: int,
-    metric: str,
-    top_k: int,
-    num_prefix: int,
-    dense: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _local_fwd_engine(q, k, v, log_sigma, rows, cols, radius, metric, top_k, num_prefix, dense)
+# the compiled CPU kernel's (probs, dist, kept int32, empty). The engine is the op's default kernel.
+_local_fwd = torch.library.custom_op("krause::local2d_fwd", mutates_args=())(_local_fwd_engine)
 
 
 @_local_fwd.register_kernel("cpu")
@@ -334,27 +320,7 @@ def _local_bwd_engine(
     return dq, dk, dv, _dlog_sigma(dcoef, log_sigma)
 
 
-@torch.library.custom_op("krause::local2d_bwd", mutates_args=())
-def _local_bwd(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    log_sigma: torch.Tensor,
-    probs_a: torch.Tensor,
-    dist_a: torch.Tensor,
-    probs_b: torch.Tensor,
-    dist_b: torch.Tensor,
-    rows: int,
-    cols: int,
-    radius: int,
-    metric: str,
-    top_k: int,
-    num_prefix: int,
-    dense: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _local_bwd_engine(grad_out, q, k, v, log_sigma, probs_a, dist_a, probs_b, dist_b, rows, cols, radius,
-                             metric, top_k, num_prefix, dense)
+_local_bwd = torch.library.custom_op("krause::local2d_bwd", mutates_args=())(_local_bwd_engine)
 
 
 @_local_bwd.register_kernel("cpu")
