@@ -23,6 +23,8 @@ from krause import cpu
 from krause.masks import grid_candidate_mask
 from krause.reference import repeat_kv
 
+from dense_oracle import dense_rule
+
 try:
     import triton  # noqa: F401
 
@@ -35,20 +37,7 @@ IMPLEMENTATIONS = ("reference", "engine", "compiled", "flex", "triton")
 
 def oracle(q, k, v, log_sigma, cand, top_k):
     """float64 Krause attention over cand (B|1, Tq, Tk), ties to the lower key index."""
-    h = q.shape[1]
-    qd, kd, vd = q.double(), repeat_kv(k, h).double(), repeat_kv(v, h).double()
-    dist = (qd.pow(2).sum(-1)[..., :, None] + kd.pow(2).sum(-1)[..., None, :] - 2 * qd @ kd.transpose(-1, -2))
-    dist = dist.clamp_min(0.0)
-    cand = cand[:, None].expand_as(dist)
-    with torch.no_grad():
-        order = dist.masked_fill(~cand, float("inf")).sort(dim=-1, stable=True).indices
-        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(dist.shape[-1]).expand_as(order).contiguous())
-        keep = cand & (rank < top_k)
-    coef = 0.5 * torch.exp(-2.0 * log_sigma.double())
-    coef = coef[:, None, None] if coef.dim() == 1 else coef
-    logits = (-dist * coef).masked_fill(~keep, float("-inf"))
-    probs = torch.where(keep.any(-1, keepdim=True), torch.softmax(logits, -1), 0.0).nan_to_num(0.0)
-    return probs @ vd
+    return dense_rule(q, k, v, log_sigma, cand, top_k)[0]
 
 
 def near_tie_rows(q, k, cand, top_k, gap=1e-4):
