@@ -157,10 +157,17 @@ def prepare_tasks(names, manager, *, strict: bool, network: bool | None = None, 
     return prepared
 
 
-def task_manager(include_paths=()):
+def task_manager(include_paths=(), include_defaults: bool = True):
+    """lm-eval's TaskManager over its own tasks (unless ``include_defaults`` is False) and ``include_paths``."""
+    from pathlib import Path
+
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=[str(p) for p in include_paths] or None)
+    paths = [str(Path(p).resolve()) for p in include_paths]
+    for path in paths:
+        if not Path(path).is_dir():
+            raise ValueError(f"include_path: {path} is not a directory")
+    return TaskManager(include_path=paths or None, include_defaults=include_defaults)
 
 
 def main(argv=None) -> int:

@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from krause.evaluation import download_command, hub_offline, prepare_tasks
+from krause.evaluation import task_manager as shared_task_manager
 from krause.training.entry import entry_point
 
 log = logging.getLogger("lora_llms.evaluate")
@@ -86,14 +87,8 @@ def _has_tokenizer(path) -> bool:
 
 
 def task_manager(include_paths=(), include_defaults: bool = True):
-    """lm-eval's TaskManager over its own tasks (unless ``include_defaults`` is False), ours and ``include_paths``."""
-    from lm_eval.tasks import TaskManager
-
-    paths = [str(TASKS_DIR)] + [str(Path(p).resolve()) for p in include_paths]
-    for p in paths:
-        if not Path(p).is_dir():
-            raise ValueError(f"include_path: {p} is not a directory")
-    return TaskManager(include_path=paths, include_defaults=include_defaults)
+    """``krause.evaluation.task_manager`` over lora_llms/tasks and ``include_paths``."""
+    return shared_task_manager([TASKS_DIR, *include_paths], include_defaults=include_defaults)
 
 
 def check_tasks(manager, tasks: list[str]) -> None:
