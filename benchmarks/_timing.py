@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from krause.training.atomic import atomic_file
 from krause.training.throughput import cpu_model
 
 
@@ -212,7 +213,7 @@ def write_json(path: str, payload: Any) -> None:
     directory = os.path.dirname(path)
     if directory:
         os.makedirs(directory, exist_ok=True)
-    with open(path, "w") as f:
+    with atomic_file(path, "w") as f:  # a killed run never leaves half a JSON file
         json.dump(payload, f, indent=2, sort_keys=False)
         f.write("\n")
 

@@ -1,9 +1,9 @@
 """GPU benchmark of the fused Triton Krause kernels against the other implementations
 and the softmax baselines, side by side in one run (bf16).
 
-    python benchmarks/attention_cuda.py --out results/attention_cuda.json
-    python benchmarks/attention_cuda.py --quick          # smoke run, ~1-2 min
-    python benchmarks/attention_scaling.py --device cuda # hands over to this module
+    python -m benchmarks.attention_cuda --out results/attention_cuda.json
+    python -m benchmarks.attention_cuda --quick          # smoke run, ~1-2 min
+    python -m benchmarks.attention_scaling --device cuda # hands over to this module
 
 Causal (LLM shapes): B=1, H=32, Hkv=8, D=128, W=32, top_k=16, T = 4k ... 64k:
   krause_triton   krause.kernels.causal_krause_attention_triton (fused, GQA read in place)
@@ -38,12 +38,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import _timing as T  # noqa: E402
+from benchmarks import _timing as T
 
-import krause  # noqa: E402
-from krause import kernels  # noqa: E402
+import krause
+from krause import kernels
 
 CAUSAL = dict(batch=1, heads=32, kv_heads=8, head_dim=128, window=32, top_k=16)
 CAUSAL_T = [4096, 8192, 16384, 32768, 65536]

@@ -1,11 +1,11 @@
 """Forward+backward time and peak memory of Krause attention against its dense
 reference and standard attention, side by side in one run.
 
-    python benchmarks/attention_scaling.py                 # full run (2-core CPU: ~10 min)
-    python benchmarks/attention_scaling.py --quick         # smoke test, < 1 min
-    python benchmarks/attention_scaling.py --threads 1     # every implementation on one core
-    python benchmarks/attention_scaling.py --device cuda   # GPU run: hands over to attention_cuda.py
-    python benchmarks/attention_scaling.py --tune --threads 1
+    python -m benchmarks.attention_scaling                 # full run (2-core CPU: ~10 min)
+    python -m benchmarks.attention_scaling --quick         # smoke test, < 1 min
+    python -m benchmarks.attention_scaling --threads 1     # every implementation on one core
+    python -m benchmarks.attention_scaling --device cuda   # GPU run: hands over to attention_cuda.py
+    python -m benchmarks.attention_scaling --tune --threads 1
         # the sweeps behind neighbourhoods.band_block_size, CHUNK_SCORES,
         # BAND_CHUNK_SCORES, DENSE_CHUNK_SCORES and ops.DENSE_2D_MAX_TOKENS
 
@@ -37,19 +37,16 @@ row goes into the JSON: on a shared machine, compare rows measured at similar lo
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import _timing as T  # noqa: E402
+from benchmarks import _timing as T
 
-import krause  # noqa: E402
-from krause import engine, neighbourhoods, ops  # noqa: E402
+import krause
+from krause import engine, neighbourhoods, ops
 
 CAUSAL = dict(heads=8, head_dim=64, window=32, top_k=16, batch=1)
 CAUSAL_T_FULL = [1024, 2048, 4096, 8192, 16384, 32768]

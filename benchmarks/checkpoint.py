@@ -1,7 +1,7 @@
 """Checkpoint save / load / verify time and peak host memory of the DCP checkpointer (sync, async).
 
-    python benchmarks/checkpoint.py            # ~100M parameters + AdamW state, 1 and 2 ranks (gloo)
-    python benchmarks/checkpoint.py --quick    # ~25M parameters, one repeat
+    python -m benchmarks.checkpoint            # ~100M parameters + AdamW state, 1 and 2 ranks (gloo)
+    python -m benchmarks.checkpoint --quick    # ~25M parameters, one repeat
 
 A model of `--blocks` MLP blocks (d -> 4d -> d, ~8 d^2 parameters each) with AdamW state
 (two moments: the checkpoint holds ~3x the parameters) is saved and loaded with
@@ -40,8 +40,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _timing as T  # noqa: E402
+from benchmarks import _timing as T
 
 
 class Block(nn.Module):

@@ -1,8 +1,8 @@
 """Pixel-model decoding and training speed: KARM vs ARM vs LARM, side by side.
 
-    python benchmarks/generation.py                  # paper models (CPU: ~15-20 min; GPU: minutes)
-    python benchmarks/generation.py --quick          # small models, same sequence shapes, < 2 min on CPU
-    python benchmarks/generation.py --device cuda --batch 64
+    python -m benchmarks.generation                  # paper models (CPU: ~15-20 min; GPU: minutes)
+    python -m benchmarks.generation --quick          # small models, same sequence shapes, < 2 min on CPU
+    python -m benchmarks.generation --device cuda --batch 64
 
 For each shape (MNIST: 784 tokens, CIFAR-10: 3,072 tokens) and attention
 (krause = KARM with its window cache (the last W keys/values), vanilla = ARM with a KV cache, linear = LARM
@@ -28,18 +28,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import _timing as T  # noqa: E402
+from benchmarks import _timing as T
 
-from autoregressive_transformers import PixelTransformer, model_config  # noqa: E402
-from autoregressive_transformers.common import autocast  # noqa: E402
+from autoregressive_transformers import PixelTransformer, model_config
+from autoregressive_transformers.common import autocast
 
 ATTNS = ("krause", "vanilla", "linear")
 NAMES = {"krause": "KARM", "vanilla": "ARM", "linear": "LARM"}

@@ -1,8 +1,8 @@
 """Cost of Krause attention in a causal LM: prefill and decode time, memory, parameters.
 
-    python benchmarks/llm_overhead.py                 # small Llama-style config, T = 512, 2048, 8192
-    python benchmarks/llm_overhead.py --quick         # smaller model, T = 256, 1024 (a pipeline check)
-    python benchmarks/llm_overhead.py --device cuda
+    python -m benchmarks.llm_overhead                 # small Llama-style config, T = 512, 2048, 8192
+    python -m benchmarks.llm_overhead --quick         # smaller model, T = 256, 1024 (a pipeline check)
+    python -m benchmarks.llm_overhead --device cuda
 
 Three models with the same weights, side by side in one run, for each prompt length T (batch 1):
 
@@ -34,15 +34,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import statistics
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import (  # noqa: E402
+from benchmarks._timing import (
     MEMORY_METHOD, describe_machine, fmt_bytes, fmt_ratio, fmt_time, machine_info, peak_memory, synchronize, table,
     time_interleaved, write_json,
 )

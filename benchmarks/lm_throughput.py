@@ -1,8 +1,8 @@
 """Training throughput, peak memory and MFU of the language model per attention type, side by side.
 
-    python benchmarks/lm_throughput.py                  # CPU: blocks 1024 and 4096, small config
-    python benchmarks/lm_throughput.py --quick          # smoke run (blocks 256 and 1024, one round)
-    python benchmarks/lm_throughput.py --device cuda --batch 8 --precision bf16 --config 100m
+    python -m benchmarks.lm_throughput                  # CPU: blocks 1024 and 4096, small config
+    python -m benchmarks.lm_throughput --quick          # smoke run (blocks 256 and 1024, one round)
+    python -m benchmarks.lm_throughput --device cuda --batch 8 --precision bf16 --config 100m
 
 A train step is what language_models_100m.train runs per micro-batch: forward, next-token
 cross-entropy, backward and an AdamW step, on random tokens. The five models share every
@@ -21,19 +21,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import _timing as T  # noqa: E402
+from benchmarks import _timing as T
 
-from krause.training.throughput import count_flops, known_peak_flops  # noqa: E402
-from language_models_100m import ATTENTIONS, build_model  # noqa: E402
+from krause.training.throughput import count_flops, known_peak_flops
+from language_models_100m import ATTENTIONS, build_model
 
 SMALL = dict(n_embd=128, n_layer=2, n_head=2, n_inner=512, vocab_size=4096)
 

@@ -28,18 +28,16 @@ import json
 import math
 import os
 import re
-import sys
 
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import _timing as T  # noqa: E402
+from benchmarks import _timing as T
 
-import krause  # noqa: E402
-from krause import cpu  # noqa: E402
+import krause
+from krause import cpu
 
 README_BEGIN, README_END = "<!-- targets -->", "<!-- /targets -->"
 CAUSAL = dict(batch=1, heads=8, head_dim=64, window=32, top_k=16)

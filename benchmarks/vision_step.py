@@ -1,9 +1,9 @@
 """Train-step time, peak memory and FLOPs per image: KViT vs its ViT twin, side by side.
 
-    python benchmarks/vision_step.py                    # CPU: ViT-S/KViT-S at CIFAR (N=65) and ImageNet (N=197) shapes
-    python benchmarks/vision_step.py --quick            # smoke run, well under a minute
-    python benchmarks/vision_step.py --device cuda      # GPU, larger batches; add --amp bf16
-    python benchmarks/vision_step.py --out results/vision_step.json
+    python -m benchmarks.vision_step                    # CPU: ViT-S/KViT-S at CIFAR (N=65) and ImageNet (N=197) shapes
+    python -m benchmarks.vision_step --quick            # smoke run, well under a minute
+    python -m benchmarks.vision_step --device cuda      # GPU, larger batches; add --amp bf16
+    python -m benchmarks.vision_step --out results/vision_step.json
 
 Cases (full-size models from the registry, random data):
   CIFAR     vit_small_patch4_32 vs kvit_small_patch4_32: 32x32 images, 4x4 patches, N = 65 tokens
@@ -27,13 +27,11 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import _timing as T  # noqa: E402
+from benchmarks import _timing as T
 
-from vision_transformers import analysis  # noqa: E402
-from vision_transformers.models import create  # noqa: E402
+from vision_transformers import analysis
+from vision_transformers.models import create
 
 SHAPES = {
     "cifar": dict(label="CIFAR 32/4 (N=65)", vit="vit_small_patch4_32", kvit="kvit_small_patch4_32"),

@@ -63,7 +63,7 @@ REGISTRY: tuple[GalleryEntry, ...] = (
         ("benchmark_causal.png",),
         "causal Krause attention vs its dense reference and SDPA: forward + backward time and peak memory "
         "against sequence length",
-        "python benchmarks/attention_scaling.py"),
+        "python -m benchmarks.attention_scaling"),
     GalleryEntry(
         "attention_sinks", "lora_llms.gallery:attention_sinks",
         ("attention_sinks.png",),

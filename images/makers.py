@@ -102,13 +102,13 @@ def _benchmark_source(work_dir: Path, quick: bool) -> tuple[Path, str]:
 
     out = work_dir / "attention_scaling_quick.json"
     extra = ["--causal-tokens", "128", "256", "--repeats", "1", "--skip-memory"] if quick else []
-    cmd = [sys.executable, str(CHECKOUT / "benchmarks" / "attention_scaling.py"), "--quick", "--only", "causal",
+    cmd = [sys.executable, "-m", "benchmarks.attention_scaling", "--quick", "--only", "causal",
            "--out", str(out), *extra]
     proc = subprocess.run(cmd, cwd=CHECKOUT, capture_output=True, text=True)
     if proc.returncode:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise RuntimeError(f"benchmarks/attention_scaling.py exited with status {proc.returncode}: {tail[0]}")
-    return out, "from a fresh `benchmarks/attention_scaling.py --quick --only causal` run"
+    return out, "from a fresh `python -m benchmarks.attention_scaling --quick --only causal` run"
 
 
 def benchmark(out_dir: Path, work_dir: Path, quick: bool) -> str:

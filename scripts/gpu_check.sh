@@ -90,7 +90,7 @@ timeout 120 "$py" -m krause.kernels.verify --out "$out/verification.json" --test
 bench() {  # SECTION BUDGET_S EXTRA_ARGS...
     local section=$1 budget=$2
     shift 2
-    timeout $((budget + 60)) "$py" benchmarks/attention_cuda.py --only "$section" --repeats 3 \
+    timeout $((budget + 60)) "$py" -m benchmarks.attention_cuda --only "$section" --repeats 3 \
         --budget-s "$budget" --out "$out/attention_cuda_$section.json" "$@" 2>&1 | tee "$out/bench_$section.log"
 }
 bench causal 120 --causal-tokens 16384 4096 65536 8192 32768

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from krause.training.atomic import atomic_file
+
 AGREE, DISAGREE, SKIPPED = "agree", "disagree", "skipped"
 
 
@@ -135,9 +137,8 @@ def _short(v: Any) -> str:
 
 def write_json(path: Path, payload: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n")
-    os.replace(tmp, path)
+    with atomic_file(path, "w") as f:
+        f.write(json.dumps(payload, indent=2, default=_jsonable) + "\n")
     return path
 
 

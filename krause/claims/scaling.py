@@ -50,12 +50,12 @@ def run(ctx: Context):
     s = TINY if ctx.tiny else FULL
     script = benchmark_script()
     out_json = ctx.out_dir / "attention_scaling.json"
-    cmd = [sys.executable, str(script), "--only", "causal", "--causal-tokens", *map(str, s["tokens"]),
+    cmd = [sys.executable, "-m", "benchmarks.attention_scaling", "--only", "causal", "--causal-tokens", *map(str, s["tokens"]),
            "--repeats", str(s["repeats"]), "--max-seconds-per-case", str(s["max_seconds"]),
            "--reference-memory-fraction", "0", "--out", str(out_json),  # the dense reference is not this claim's
            "--threads", str(torch.get_num_threads())]  # the runner's thread count
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(script.parents[1]), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=script.parents[1])
     if proc.returncode != 0:
         raise RuntimeError(f"{script.name} failed ({proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
     payload = json.loads(out_json.read_text())

@@ -117,10 +117,10 @@ def install(rec: dict, path: str) -> None:
         records = []
     records = [r for r in records if (r.get("device"), r.get("triton")) != (rec["device"], rec["triton"])]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
+    from krause.training.atomic import atomic_file
+
+    with atomic_file(path, "w") as f:
         json.dump({"records": [*records, rec]}, f, indent=2)
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:

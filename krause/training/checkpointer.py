@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .atomic import fsync_dir
+from .atomic import atomic_file, fsync_dir
 from .config import RUNTIME_KEYS, config_diff, config_fingerprint, config_to_dict, format_config_diff
 from .errors import CheckpointError, CheckpointMismatchError, CorruptCheckpointError
 from .distributed import all_gather_object, barrier, broadcast_object, get_rank, get_world_size, is_distributed
@@ -161,13 +161,8 @@ def _crc32_file(path: Path, chunk: int = 16 << 20) -> int:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(path, "w", encoding="utf-8") as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def _own_files(directory: Path, rank: int) -> list[Path]:

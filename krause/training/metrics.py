@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .atomic import atomic_file
 from .distributed import is_main_process
 
 __all__ = ["MetricsLogger", "read_metrics", "series", "progress_bar", "setup_logging", "close_logging"]
@@ -88,13 +89,9 @@ class MetricsLogger:
 
     def _truncate_after(self, step: int) -> None:
         kept = [r for r in read_metrics(self.path) if not (isinstance(r.get("step"), (int, float)) and r["step"] > step)]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_file(self.path, "w", encoding="utf-8") as f:
             for r in kept:
                 f.write(json.dumps(r) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
 
     def log(self, metrics: Mapping[str, Any] | None = None, *, step: int, epoch: float | None = None, **kwargs: Any) -> dict | None:
         """Write one record; returns it (None on ranks that do not write)."""
