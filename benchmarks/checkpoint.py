@@ -208,11 +208,13 @@ def main(argv=None) -> int:
         run["async_blocking_over_sync_save"] = ratio
         verdicts.append(f"{run['world_size']} rank(s): async blocking / sync save = {ratio:.2f} "
                         f"({'met' if ratio <= 0.3 else 'missed'}: target <= 0.30)")
+    machine = T.machine_info("cpu")
+    print(T.describe_machine(machine))
     print(f"{runs[0]['params'] / 1e6:.1f}M parameters + AdamW state, {args.repeats} repeat(s)")
     print(T.table(["ranks", "case", "time", "blocking", "peak host memory"], rows))
     for v in verdicts:
         print(v)
-    payload = {"settings": vars(args), "machine": T.machine_info("cpu"), "runs": runs}
+    payload = {"settings": vars(args), "machine": machine, "runs": runs}
     T.write_json(out, payload)
     print(f"wrote {out}")
     return 0

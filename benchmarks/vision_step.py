@@ -54,6 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", default=None, help="JSON output path (default: results/vision_step[_quick].json)")
     p.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    p.add_argument("--depth", type=int, default=None, help="override the ViT depth (a smoke run of the plumbing)")
     return p.parse_args(argv)
 
 
@@ -83,7 +84,7 @@ def bench_shape(name: str, args, device: torch.device) -> dict:
     models, steps, flops = {}, {}, {}
     for kind in ("vit", "kvit"):
         torch.manual_seed(0)  # twins: identical shared weights
-        models[kind] = create(spec[kind]).to(device).train()
+        models[kind] = create(spec[kind], **({"depth": args.depth} if args.depth else {})).to(device).train()
         flops[kind] = analysis.flops_per_image(models[kind], device, backward=True)
     c, h, w = models["vit"].pretrained_cfg["input_size"]
     x = torch.randn(batch, c, h, w, device=device)

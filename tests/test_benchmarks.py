@@ -41,3 +41,40 @@ def test_target_table_runs_and_prints_a_clean_table(tmp_path):
     text = readme.read_text()
     assert text.startswith("before\n<!-- targets -->") and text.endswith("<!-- /targets -->\nafter\n")
     assert "old" not in text and "| measure |" in text and data["machine"]["cpu_model"] in text
+
+
+# Every benchmark runs end to end at a tiny size, as `python -m benchmarks.NAME`, so none rots.
+# (benchmarks.targets is run above and benchmarks.generation in test_autoregressive_benchmark.py.)
+TINY_RUNS = {
+    "attention_scaling": ["--quick", "--only", "causal", "--causal-tokens", "128", "256", "--repeats", "1",
+                          "--skip-memory"],
+    "checkpoint": ["--quick", "--dim", "64", "--blocks", "2", "--worlds", "1"],
+    "llm_overhead": ["--quick", "--lengths", "64", "--repeats", "1", "--decode_steps", "2"],
+    "lm_throughput": ["--quick", "--blocks", "64", "--repeats", "1"],
+    "vision_step": ["--quick", "--shapes", "cifar", "--batch", "2", "--repeats", "1", "--depth", "1", "--threads", "1"],
+    # the GPU benchmark's plumbing, on CPU under the Triton interpreter (the decode section is the cheapest)
+    "attention_cuda": ["--device", "cpu", "--quick", "--only", "decode", "--repeats", "1", "--decode-positions", "16",
+                       "--skip-memory"],
+}
+
+
+def test_every_benchmark_module_is_covered():
+    names = {f[:-3] for f in os.listdir(os.path.join(ROOT, "benchmarks")) if f.endswith(".py") and not f.startswith("_")}
+    assert names == set(TINY_RUNS) | {"targets", "generation"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(TINY_RUNS))
+def test_benchmark_runs_at_a_tiny_size(name, tmp_path):
+    out = tmp_path / f"{name}.json"
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    if name == "attention_cuda":
+        env["TRITON_INTERPRET"] = "1"
+    res = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", *TINY_RUNS[name], "--out", str(out)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    payload = json.loads(out.read_text())
+    assert payload, f"{name} wrote an empty result"
+    assert "AMD" in res.stdout or "Intel" in res.stdout or "cpu" in res.stdout.lower()  # the machine line
+    for noise in ("profiler_start", "gpuGetDeviceCount"):
+        assert noise not in res.stdout + res.stderr
