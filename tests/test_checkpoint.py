@@ -374,7 +374,7 @@ def test_exported_file_is_checked_on_every_read(tmp_path):
         bad: "checksum mismatch",
         tmp_path / "truncated.pt": "truncated, corrupted or not a torch checkpoint",
         tmp_path / "garbage.pt": "truncated, corrupted or not a torch checkpoint",
-        tmp_path / "foreign.pt": "is not an exported",
+        tmp_path / "foreign.pt": "is not a krause.training.export/1 record",
         tmp_path / "missing.pt": "does not exist",
     }
     (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
@@ -386,3 +386,33 @@ def test_exported_file_is_checked_on_every_read(tmp_path):
         with pytest.raises(kt.CorruptCheckpointError, match=words):
             kt.checkpoint_meta(path)
     assert kt.verify_checkpoint(out)["step"] == 1  # the original is intact
+
+
+def _bump_format(path: Path, to: str) -> None:
+    record = json.loads(path.read_text())
+    record["format"] = to
+    path.write_text(json.dumps(record))
+
+
+def test_another_integrity_record_version_is_named_as_such_by_every_reader(tmp_path):
+    step_dir = _two_steps(tmp_path / "ck")
+    _bump_format(step_dir / MARKER, "krause.training.dcp/2")
+    for read in (lambda: kt.Checkpointer(tmp_path / "ck").load(_app(*_build(), kt.TrainState()), step=2),
+                 lambda: kt.verify_checkpoint(step_dir)):
+        with pytest.raises(kt.CorruptCheckpointError) as err:
+            read()
+        msg = str(err.value)
+        assert "\n" not in msg and "version 2 of the integrity record" in msg and "reads version 1" in msg, msg
+    # a sealed folder (HF export, adapter) of another record version
+    sealed = tmp_path / "export"
+    sealed.mkdir()
+    (sealed / "weights.bin").write_bytes(b"x" * 10)
+    kt.seal_directory(sealed)
+    from krause.training.checkpointer import SEAL, verify_sealed
+
+    _bump_format(sealed / SEAL, "krause.training.export/9")
+    with pytest.raises(kt.CorruptCheckpointError, match="version 9 of the integrity record"):
+        verify_sealed(sealed)
+    _bump_format(sealed / SEAL, "someone.else/1")  # not ours at all: the plain message
+    with pytest.raises(kt.CorruptCheckpointError, match="is not a krause.training.export/1 record"):
+        verify_sealed(sealed)

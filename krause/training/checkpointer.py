@@ -224,9 +224,7 @@ def verify_step_dir(path: str | os.PathLike, *, crc: bool = True, share: bool = 
         raise CorruptCheckpointError(f"{where} is incomplete (no {MARKER}: the save did not finish)") from None
     except (OSError, ValueError) as e:
         raise CorruptCheckpointError(f"{where} has an unreadable {MARKER} ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise CorruptCheckpointError(f"{where} is not a {FORMAT} checkpoint (format: {found!r})")
+    check_format(meta, FORMAT, where)
     files = meta.get("files") or {}
     if ".metadata" not in files:
         raise CorruptCheckpointError(f"{where} lists no .metadata file")
@@ -377,8 +375,7 @@ class Checkpointer:
         except (OSError, ValueError) as e:
             raise CorruptCheckpointError(f"{where} has an unreadable {MARKER} ({e}); "
                                          f"{self._older_than(self._step_of(path))}") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise CorruptCheckpointError(f"{where} is not a {FORMAT} checkpoint")
+        check_format(meta, FORMAT, where)
         return meta
 
     def _step_of(self, path: Path) -> int:
@@ -659,6 +656,21 @@ def export_checkpoint(step_dir: str | os.PathLike, out_file: str | os.PathLike,
     return out_file
 
 
+def check_format(record: Any, expected: str, where: str) -> None:
+    """CorruptCheckpointError unless `record` carries `expected` ("<kind>/<version>"); another version
+    of the same kind gets its own message (it is not damaged, this krause cannot read it)."""
+    found = record.get("format") if isinstance(record, dict) else None
+    if found == expected:
+        return
+    kind, _, version = expected.rpartition("/")
+    if isinstance(found, str) and found.rpartition("/")[0] == kind:
+        raise CorruptCheckpointError(
+            f"{where} was written with version {found.rpartition('/')[2]} of the integrity record ({found}); this "
+            f"krause reads version {version} only: read it with the krause version that wrote it")
+    shown = found if found is not None else type(record).__name__ if not isinstance(record, dict) else "none"
+    raise CorruptCheckpointError(f"{where} is not a {expected} record (format: {shown!r})")
+
+
 def read_exported(path: str | os.PathLike) -> dict[str, Any]:
     """An exported file's payload after checking its format and checksum; CorruptCheckpointError otherwise."""
     path = Path(path)
@@ -669,9 +681,7 @@ def read_exported(path: str | os.PathLike) -> dict[str, Any]:
     except Exception as e:
         raise CorruptCheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}): the file is "
                                      "truncated, corrupted or not a torch checkpoint") from None
-    if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
-        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
-        raise CorruptCheckpointError(f"{path} is not an exported {EXPORT_FORMAT} checkpoint (format: {found!r})")
+    check_format(payload, EXPORT_FORMAT, f"checkpoint {path}")
     if _tree_crc32({"app": payload.get("app"), "meta": payload.get("meta")}) != payload.get("checksum"):
         raise CorruptCheckpointError(f"checkpoint {path} is corrupted (checksum mismatch)")
     return payload
@@ -702,8 +712,7 @@ def verify_sealed(directory: str | os.PathLike, *, required: bool = True) -> boo
         return False
     except (OSError, ValueError) as e:
         raise CorruptCheckpointError(f"{where} has an unreadable {SEAL} ({e})") from None
-    if not isinstance(record, dict) or record.get("format") != EXPORT_FORMAT:
-        raise CorruptCheckpointError(f"{where}/{SEAL} is not a {EXPORT_FORMAT} record")
+    check_format(record, EXPORT_FORMAT, f"{where}/{SEAL}")
     for name, want in sorted((record.get("files") or {}).items()):
         p = directory / name
         if not p.is_file():
