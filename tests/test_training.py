@@ -971,3 +971,25 @@ def test_recipe_runner_undoes_a_failed_start_then_trains_and_resumes(tmp_path):
     kt.load_model_weights(a, out / "checkpoints" / "step-000004")
     kt.load_model_weights(b, whole / "checkpoints" / "step-000004")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_a_symlink_out_of_the_run_dir_is_refused_before_anything_is_written(tmp_path):
+    out = tmp_path / "run"
+    cfg = argparse.Namespace(lr=1e-3, out_dir=str(out))
+    run = kt.prepare_run_dir(out, cfg)
+    run.release()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.rmtree(out / "figures")
+    (out / "figures").symlink_to(elsewhere, target_is_directory=True)
+    before = {p: p.stat().st_mtime_ns for p in out.iterdir() if not p.is_symlink()}
+    for resume in (False, True):
+        with pytest.raises(kt.RunDirError) as err:
+            kt.prepare_run_dir(out, cfg, resume=resume)
+        msg = str(err.value)
+        assert "\n" not in msg and "symlink that points outside" in msg and "figures" in msg, msg
+    assert {p: p.stat().st_mtime_ns for p in out.iterdir() if not p.is_symlink()} == before
+    assert not any(elsewhere.iterdir())
+    (out / "figures").unlink()
+    (out / "figures").symlink_to(out / "checkpoints", target_is_directory=True)  # inside: allowed
+    kt.prepare_run_dir(out, cfg, resume=True).release()

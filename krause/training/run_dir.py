@@ -31,6 +31,7 @@ from .errors import CheckpointError
 from .config import RUNTIME_KEYS, config_diff, config_to_dict, format_config_diff
 from .distributed import barrier, broadcast_object, get_world_size, is_main_process
 from .lock import RunLock, RunLockError
+from .paths import escaping_symlinks
 
 __all__ = ["RunDir", "RunDirError", "prepare_run_dir", "atomic_write_text", "FILE_MODE"]
 
@@ -204,6 +205,11 @@ def _prepare_on_main(
     """Checks (read-only), then the lock, then writes, on rank 0. Returns ("ok"|"error", message)."""
     if run.root.exists() and not run.root.is_dir():
         return "error", f"out_dir {run.root} exists and is not a directory"
+    escaping = escaping_symlinks(run.root) if run.root.is_dir() else []
+    if escaping:  # a run writes only inside its directory: following such a link would write elsewhere
+        link = escaping[0]
+        return "error", (f"out_dir {run.root} holds a symlink that points outside it ({link.relative_to(run.root.resolve())} "
+                         f"-> {link.resolve()}); remove it (a run writes only inside its own directory)")
     old = run.read_config() if run.root.is_dir() else None
     if old is None and run.root.is_dir() and any(p.name != RunDir.LOCK for p in run.root.iterdir()) and not overwrite:
         return "error", (
