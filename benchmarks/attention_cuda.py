@@ -10,17 +10,27 @@ Causal (LLM shapes): B=1, H=32, Hkv=8, D=128, W=32, top_k=16, T = 4k ... 64k:
   krause_flex     causal_krause_attention(impl="flex"): FlexAttention + top-k threshold
   krause_engine   causal_krause_attention(impl="fast"): the chunked linear-time engine
   flex_sliding    FlexAttention sliding-window softmax, same W, no top-k (compiled)
+  flash_window    FlashAttention-2 flash_attn_func(causal, window_size=(W-1, 0)), when installed
+  natten_causal   NATTEN na1d(kernel_size=W, is_causal=True), when installed (K/V heads expanded)
   sdpa_causal     F.scaled_dot_product_attention(is_causal=True): full causal softmax
-each forward+backward (of sum(out * g)) and forward only.
+each forward+backward (of sum(out * g)) and forward only. The peers a user would pick
+instead of Krause's window are the sliding-window softmaxes (flex, flash, natten).
 
 2-D (ViT-S/16: H=6, ViT-B/16: H=12; D=64, 14x14 patches + CLS, Chebyshev r=2, top_k 8,
-batch 256): krause_triton, krause_flex, krause_engine and unmasked SDPA (what a ViT runs).
+batch 256): krause_triton, krause_flex, krause_engine, unmasked SDPA (what a ViT runs) and,
+when installed, NATTEN na2d with a 5x5 neighbourhood (radius 2) on the 14x14 patches (no CLS).
 
 Decode (B=64, H=32, Hkv=8, D=128, W=32, top_k=16), one step at several positions:
   krause_triton   decode_krause_attention_triton on the W-slot ring buffer
   krause_torch    a dense torch decode step over the same ring
                   (krause.dense.krause_attention_grouped)
   sdpa_cache      SDPA of one query over a standard KV cache of `position` tokens
+
+Bandwidth: every case is also reported as % of the device's memory bandwidth
+(krause.training.throughput.known_peak_bandwidth, or --peak-gbps): the bytes it must move
+at least (each input read once, each output written once: q, k, v, out forward; plus out,
+its gradient, q, k, v and their gradients backward; a decode step reads only what it
+attends to) over its time. 100 % is the memory roofline; far below it is headroom.
 
 Timing: benchmarks/_timing.time_interleaved (median of interleaved rounds, after an
 untimed warm-up call that also compiles); peak memory from a separate call. A case that
@@ -43,6 +53,7 @@ from benchmarks import _timing as T
 
 import krause
 from krause import kernels
+from krause.training.throughput import known_peak_bandwidth
 
 CAUSAL = dict(batch=1, heads=32, kv_heads=8, head_dim=128, window=32, top_k=16)
 CAUSAL_T = [4096, 8192, 16384, 32768, 65536]
@@ -81,6 +92,49 @@ def _flex_sliding(window, n, device):
     block_mask = create_block_mask(sliding, None, None, n, n, device=device)
     compiled = torch.compile(flex_attention, dynamic=False)
     return lambda q, k, v: compiled(q, k, v, block_mask=block_mask, enable_gqa=True)
+
+
+def _optional(module: str):
+    """The module, or an exception saying it is not installed (recorded as that case's error)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except Exception as exc:  # noqa: BLE001 - not installed or built for another CUDA: recorded
+        return ModuleNotFoundError(f"{module} is not installed here ({type(exc).__name__})")
+
+
+def _bshd(*tensors, grad: bool):
+    """(B, H, T, D) -> contiguous (B, T, H, D) leaves, the layout flash-attn and NATTEN take."""
+    return [t.detach().transpose(1, 2).contiguous().requires_grad_(grad) for t in tensors]
+
+
+def _peer_causal(name, q, k, v, g, window):
+    """(fn, leaves, grad_out) of a peer library's causal sliding-window softmax, or a raiser."""
+    lib = _optional({"flash_window": "flash_attn", "natten_causal": "natten"}[name])
+    if isinstance(lib, Exception):
+        return _raiser(lib), [], None
+    rep = q.shape[1] // k.shape[1]
+    if name == "flash_window":  # GQA read in place
+        qt, kt, vt = _bshd(q, k, v, grad=True)
+        fn = lambda: lib.flash_attn_func(qt, kt, vt, causal=True, window_size=(window - 1, 0))  # noqa: E731
+    else:  # NATTEN takes equal head counts: the K/V heads are expanded (its traffic is counted as such)
+        qt, kt, vt = _bshd(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), grad=True)
+        fn = lambda: lib.functional.na1d(qt, kt, vt, kernel_size=window, is_causal=True)  # noqa: E731
+    return fn, [qt, kt, vt], g.detach().transpose(1, 2).contiguous()
+
+
+def _nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _add_bandwidth(results: dict, moved: dict, peak: float | None) -> None:
+    """results[name]["pct_bandwidth"] = bytes moved at least / time / peak (where all are known)."""
+    for name, r in results.items():
+        need = moved.get(name)
+        r["min_bytes"] = need
+        if peak and need and r.get("median_s"):
+            r["pct_bandwidth"] = 100.0 * need / r["median_s"] / peak
 
 
 def _measure(cases, device, args, memory=True):
@@ -149,6 +203,9 @@ def bench_causal(args, device, deadline) -> list[dict]:
             base_fns["flex_sliding"] = lambda: flex(q, k, v)
         except Exception as exc:  # noqa: BLE001
             base_fns["flex_sliding"] = _raiser(exc)
+        peers = {name: _peer_causal(name, q, k, v, g, w) for name in ("flash_window", "natten_causal")}
+        io = _nbytes(q, k, v) + _nbytes(q)  # q, k, v in, out (q's shape) written
+        moved = {"fwd": io, "fwd_bwd": io + (io + _nbytes(q)) + _nbytes(q, k, v)}  # + out, dout, q, k, v; dq, dk, dv
         row = {"tokens": n}
         try:  # the kernels agree with the engine here (same top-k rule up to exact ties)
             with torch.no_grad():
@@ -158,7 +215,10 @@ def bench_causal(args, device, deadline) -> list[dict]:
         for backward, label in ((True, "fwd_bwd"), (False, "fwd")):
             cases = {name: _step(fn, [q, k, v, ls], g, backward) for name, fn in krause_fns.items()}
             cases.update({name: _step(fn, [q, k, v], g, backward) for name, fn in base_fns.items()})
+            cases.update({name: _step(fn, leaves, gt, backward) if leaves else fn
+                          for name, (fn, leaves, gt) in peers.items()})
             row[label] = _measure(cases, device, args, memory=backward and not args.skip_memory)
+            _add_bandwidth(row[label], dict.fromkeys(cases, moved[label]), args.peak_bandwidth)
         rows.append(row)
         _print_row(f"causal T={n}", row)
         del q, k, v, g
@@ -187,6 +247,17 @@ def bench_2d(args, device, deadline) -> list[dict]:
             "krause_engine": lambda: krause.local_krause_attention_2d(q, k, v, ls, *spec, impl="fast"),
         }
         sdpa = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
+        natten = _optional("natten")
+        if isinstance(natten, Exception):
+            natten_case = (_raiser(natten), [], None)
+        else:  # the patch grid only (NATTEN has no prefix token): (B, 14, 14, H, D)
+            gh, gw = gcfg["grid"]
+            grid = [t[:, :, gcfg["prefix"]:].detach().transpose(1, 2).reshape(args.vit_batch, gh, gw, heads, -1)
+                    .contiguous().requires_grad_(True) for t in (q, k, v)]
+            g_grid = g[:, :, gcfg["prefix"]:].transpose(1, 2).reshape(grid[0].shape).contiguous()
+            natten_case = (lambda: natten.functional.na2d(*grid, kernel_size=2 * gcfg["radius"] + 1), grid, g_grid)
+        io = 4 * _nbytes(q)
+        moved = {"fwd": io, "fwd_bwd": io + 5 * _nbytes(q) + 3 * _nbytes(q)}
         row = {"model": name, "batch": args.vit_batch, "heads": heads, "tokens": n}
         try:
             with torch.no_grad():
@@ -196,7 +267,10 @@ def bench_2d(args, device, deadline) -> list[dict]:
         for backward, label in ((True, "fwd_bwd"), (False, "fwd")):
             cases = {nm: _step(fn, [q, k, v, ls], g, backward) for nm, fn in krause_fns.items()}
             cases["sdpa"] = _step(sdpa, [q, k, v], g, backward)
+            fn, leaves, gt = natten_case
+            cases["natten_2d"] = _step(fn, leaves, gt, backward) if leaves else fn
             row[label] = _measure(cases, device, args, memory=backward and not args.skip_memory)
+            _add_bandwidth(row[label], dict.fromkeys(cases, moved[label]), args.peak_bandwidth)
         rows.append(row)
         _print_row(f"2-D {name}", row)
         del q, k, v, g
@@ -232,6 +306,10 @@ def bench_decode(args, device, deadline) -> list[dict]:
             cases["sdpa_cache"] = lambda: F.scaled_dot_product_attention(q[:, :, None], k_cache, v_cache, enable_gqa=True)
         except torch.OutOfMemoryError as exc:
             cases["sdpa_cache"] = _raiser(exc)
+        attended = min(pos, w)  # a Krause step reads the ring's filled slots, SDPA the whole cache
+        ring = _nbytes(q) * 2 + 2 * b * hkv * attended * d * q.element_size()
+        moved = {"krause_triton": ring, "krause_torch": ring,
+                 "sdpa_cache": _nbytes(q) * 2 + 2 * b * hkv * pos * d * q.element_size()}
         row = {"position": pos}
         with torch.no_grad():
             try:
@@ -239,6 +317,7 @@ def bench_decode(args, device, deadline) -> list[dict]:
             except Exception as exc:  # noqa: BLE001
                 row["check_error"] = str(exc)[:200]
             row["step"] = _measure(cases, device, args, memory=False)
+            _add_bandwidth(row["step"], moved, args.peak_bandwidth)
         rows.append(row)
         _print_row(f"decode position {pos}", row)
         k_cache = v_cache = None
@@ -257,10 +336,11 @@ def _print_row(title, row):
         if label not in row:
             continue
         res = row[label]
-        lines = [[name, T.fmt_time(r.get("median_s")), T.fmt_bytes(r.get("peak_bytes")), r.get("error", "")]
+        lines = [[name, T.fmt_time(r.get("median_s")), T.fmt_bytes(r.get("peak_bytes")),
+                  "—" if r.get("pct_bandwidth") is None else f"{r['pct_bandwidth']:.1f}%", r.get("error", "")]
                  for name, r in res.items()]
         print(f"\n{title} [{label}]")
-        print(T.table(["case", "median", "peak memory", "error"], lines), flush=True)
+        print(T.table(["case", "median", "peak memory", "% of bandwidth", "error"], lines), flush=True)
 
 
 def _ratio(a, b):
@@ -306,6 +386,8 @@ def main(argv=None) -> int:
     p.add_argument("--decode-positions", type=int, nargs="*", default=None)
     p.add_argument("--vit-batch", type=int, default=None, help="2-D batch (default 256, quick 32)")
     p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--peak-gbps", type=float, default=None,
+                   help="device memory bandwidth in GB/s for the %% column (default: known GPUs by name)")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
@@ -320,6 +402,7 @@ def main(argv=None) -> int:
         print(f"triton kernels unavailable: {why}", file=sys.stderr)
         return 2
     args.dtype = getattr(torch, args.dtype)
+    args.peak_bandwidth = args.peak_gbps * 1e9 if args.peak_gbps else known_peak_bandwidth(device)
     args.repeats = args.repeats or (2 if args.quick else 5)
     args.causal_tokens = args.causal_tokens or (CAUSAL_T_QUICK if args.quick else CAUSAL_T)
     args.decode_positions = args.decode_positions or (DECODE_POSITIONS_QUICK if args.quick else DECODE_POSITIONS)
@@ -329,11 +412,13 @@ def main(argv=None) -> int:
 
     info = T.machine_info(device)
     print("machine:", T.describe_machine(info), flush=True)
+    print("memory bandwidth for the % column:", "unknown (give --peak-gbps)" if not args.peak_bandwidth
+          else f"{args.peak_bandwidth / 1e9:,.0f} GB/s", flush=True)
     import triton
 
     payload = {"benchmark": "attention_cuda", "machine": info, "triton": triton.__version__,
                "dtype": str(args.dtype), "quick": args.quick, "repeats": args.repeats,
-               "memory_method": T.MEMORY_METHOD.get("cuda"), "causal_config": CAUSAL, "grid_config": GRID,
+               "memory_method": T.MEMORY_METHOD.get("cuda"), "peak_bandwidth_bytes_per_s": args.peak_bandwidth, "causal_config": CAUSAL, "grid_config": GRID,
                "decode_config": DECODE, "causal": [], "grid_2d": [], "decode": [], "targets": []}
     sections = [("causal", bench_causal), ("grid_2d", bench_2d), ("decode", bench_decode)]
     for key, fn in sections:

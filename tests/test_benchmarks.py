@@ -78,3 +78,39 @@ def test_benchmark_runs_at_a_tiny_size(name, tmp_path):
     assert "AMD" in res.stdout or "Intel" in res.stdout or "cpu" in res.stdout.lower()  # the machine line
     for noise in ("profiler_start", "gpuGetDeviceCount"):
         assert noise not in res.stdout + res.stderr
+
+
+def test_gpu_benchmark_peers_and_bandwidth_column(monkeypatch):
+    """The peer libraries' rows (flash-attn / NATTEN, absent here) and the % of bandwidth figures."""
+    import types
+
+    import torch.nn.functional as F
+
+    from benchmarks import attention_cuda as A
+
+    def window_softmax(q, k, v, causal, window_size):  # a stand-in flash_attn_func: (B, T, H, D)
+        n = q.shape[1]
+        i = torch.arange(n)
+        mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] <= window_size[0])
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                             enable_gqa=True)
+        return out.transpose(1, 2)
+
+    fake = types.SimpleNamespace(flash_attn_func=window_softmax)
+    monkeypatch.setattr(A, "_optional", lambda name: fake if name == "flash_attn" else ModuleNotFoundError("natten x"))
+    q, k, v = torch.randn(1, 4, 16, 8), torch.randn(1, 2, 16, 8), torch.randn(1, 2, 16, 8)
+    g = torch.randn_like(q)
+    fn, leaves, gt = A._peer_causal("flash_window", q, k, v, g, window=4)
+    out = fn()
+    assert out.shape == (1, 16, 4, 8) and len(leaves) == 3 and gt.shape == out.shape
+    A._step(fn, leaves, gt, backward=True)()
+    assert all(t.grad is None for t in leaves)  # autograd.grad, not .backward: the leaves stay clean
+    missing, leaves, _ = A._peer_causal("natten_causal", q, k, v, g, window=4)
+    assert leaves == []
+    with pytest.raises(ModuleNotFoundError, match="natten"):
+        missing()
+    res = {"a": {"median_s": 2.0}, "b": {"error": "x"}}
+    A._add_bandwidth(res, {"a": 1e9, "b": 1e9}, peak=1e9)
+    assert res["a"]["pct_bandwidth"] == pytest.approx(50.0) and "pct_bandwidth" not in res["b"]
+    A._add_bandwidth(res, {"a": 1e9}, peak=None)  # unknown device: no figure rather than a wrong one
+    assert res["a"]["min_bytes"] == 1e9

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-__all__ = ["Throughput", "count_flops", "train_flops_per_sample", "known_peak_flops"]
+__all__ = ["Throughput", "count_flops", "train_flops_per_sample", "known_peak_flops", "known_peak_bandwidth"]
 
 #: dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets
 _PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "V100": 125e12}
@@ -45,6 +45,21 @@ def known_peak_flops(device: torch.device | str | None = None) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in _PEAKS.items() if k in name), None)
+
+
+#: peak device-memory bandwidth (bytes/s) from the vendors' data sheets; the first name match wins
+_BANDWIDTHS = (("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("A100-SXM4-80GB", 2.039e12),
+               ("A100 80GB PCIe", 1.935e12), ("A100", 1.555e12), ("L40S", 0.864e12), ("A10G", 0.6e12),
+               ("V100", 0.9e12))
+
+
+def known_peak_bandwidth(device: torch.device | str | None = None) -> float | None:
+    """The memory bandwidth (bytes/s) of a known CUDA device (by name), else None."""
+    device = torch.device(device) if device is not None else None
+    if not torch.cuda.is_available() or (device is not None and device.type != "cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in _BANDWIDTHS if k in name), None)
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
