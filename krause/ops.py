@@ -406,6 +406,10 @@ def causal_krause_attention(
     (sigma_h = exp(log_sigma[h])); it keeps the ``min(top_k, #valid candidates)`` nearest
     and takes the softmax over them. A query with no valid candidate returns zeros.
 
+    NaN policy (docs/api.md): the output row of a query is all NaN when its q, or the key or
+    value of one of its valid candidates, holds a NaN or an infinity (padding and keys
+    outside the window never count); backward passes no gradient through such a row.
+
     Args:
         q: (B, H, Tq, D) queries.
         k, v: (B, Hkv, Tk, D) keys and values, Tq <= Tk, H % Hkv == 0 (grouped-query attention).
@@ -469,7 +473,8 @@ def local_krause_attention_2d(
     ``radius`` of it under ``metric`` ("manhattan" or "chebyshev"; itself included) plus
     every prefix token; a prefix query's candidates are all tokens. Of these the
     ``min(top_k, #candidates)`` nearest in ``||q - k||`` are kept and softmax-weighted
-    by ``-||q - k||^2 / (2 sigma_h^2)``.
+    by ``-||q - k||^2 / (2 sigma_h^2)``. NaN policy as ``causal_krause_attention``: a query
+    whose q, or a candidate's key or value, holds a NaN or an infinity gets an all-NaN row.
 
     Args:
         q: (B, H, N, D); k, v: (B, Hkv, N, D) with N = num_prefix_tokens + rows * cols.
