@@ -71,6 +71,10 @@ we therefore call that op the way ``flex_attention`` itself does in eager mode
 device check. This uses private torch APIs (checked against torch 2.14) and exists so CPU
 tests can hold the flex path's gradients to the reference.
 
+Non-finite inputs (docs/api.md): the kernel runs on q, k, v with their NaN/Inf entries read
+as 0, and the rows the NaN policy names (``krause.nonfinite``) are set to NaN afterwards (no
+gradient passes through them).
+
 NOTE: the CUDA path has not been run on a GPU by its author. The CPU tests run the same
 augmented vectors, score_mod and mask_mods through the eager implementation (outputs and
 gradients), check the causal BlockMask against ``create_block_mask``, and (slow test) run

@@ -135,9 +135,10 @@ def _sq_norms(x: torch.Tensor) -> torch.Tensor:
 
 
 def _key_sq_norms(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """|k_j|^2, NaN where k_j or v_j holds a NaN or an infinity (v * 0 is 0 or NaN): the
-    kernels make the output row of a query NaN when a candidate's distance is not finite."""
-    return k.pow(2).sum(-1).add_(v.mul(0.0).sum(-1)).contiguous()
+    """|k_j|^2, not finite where k_j or v_j holds a NaN or an infinity (sum(v_j) * 0 is 0 or
+    NaN, one pass over v, no temporary of its size): the kernels make the output row of a
+    query NaN when a candidate's distance is not finite."""
+    return k.pow(2).sum(-1).add_(v.sum(-1).mul_(0.0)).contiguous()
 
 
 def causal_saved_slots(num_queries: int, num_keys: int, window: int, top_k: int) -> int:
