@@ -264,10 +264,10 @@ class PixelHooks(TrainHooks):
         self.log.info(f"{label}: test bpd {record['bpd']:.4f} ({record['num_images']} images)"
                       f"{' (best)' if is_best else ''}")
 
+    def on_diverged(self, state, message):
+        self.log.error(message)
+
     def on_stop(self, state, reason):
-        if reason == "non-finite loss":
-            self.log.error(f"non-finite training loss at step {state.step}; stopping (the last checkpoint is older)")
-            return
         self.metrics.log(step=state.step, event=f"stopped by {reason}")
         self.log.info(f"signal received: saved step {state.step} in {self.run.checkpoint_dir}; rerun with --resume")
 

@@ -6,12 +6,18 @@
 
 Everything that needs Krause weights densely calls these functions: the reference ops,
 the modules' attention maps, the decoding step, the Swin window logits and the flex
-top-k threshold. A query with no candidate gets all-zero weights (never NaN).
+top-k threshold. A query with no candidate gets all-zero weights.
+
+Non-finite inputs (``krause.nonfinite``): a query row whose q, or the key or value of one
+of its candidates, holds a NaN or an infinity gets NaN weights and a NaN output row; the
+other rows are computed from the finite entries only (non-finite ones read as 0).
 """
 
 from __future__ import annotations
 
 import torch
+
+from .nonfinite import finite_or_zero, nonfinite_rows
 
 _INF = float("inf")
 
@@ -79,8 +85,20 @@ def krause_weights(q, k, log_sigma: torch.Tensor, candidates: torch.Tensor, top_
     bool broadcastable to (B, H, Nq, Nk). O(Nq Nk) memory: for references, analysis,
     decoding against a short window and small inputs.
     """
-    dist = squared_distances(q, repeat_kv(k, q.shape[1]))
-    return weights_from_distances(dist, candidates, head_coefficient(log_sigma), top_k)
+    h = q.shape[1]
+    dist = squared_distances(finite_or_zero(q), repeat_kv(finite_or_zero(k), h))
+    probs = weights_from_distances(dist, candidates, head_coefficient(log_sigma), top_k)
+    return probs.masked_fill(poisoned_rows(candidates, q, k)[..., None], float("nan"))
+
+
+def poisoned_rows(candidates: torch.Tensor, q: torch.Tensor, *keyed: torch.Tensor) -> torch.Tensor:
+    """(B, H, Nq) bool: rows with a candidate whose q row, or whose candidates' rows of any
+    of ``keyed`` (k, v: (B, Hkv, Nk, D)), hold a NaN or an infinity (the NaN policy)."""
+    h = q.shape[1]
+    bad_keys = torch.zeros((), dtype=torch.bool, device=q.device)
+    for x in keyed:
+        bad_keys = bad_keys | repeat_kv(nonfinite_rows(x)[..., None], h)[..., 0]
+    return (candidates & (nonfinite_rows(q)[..., :, None] | bad_keys[..., None, :])).any(-1)
 
 
 def krause_attention_grouped(q, k, v, log_sigma: torch.Tensor, candidates: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -93,18 +111,24 @@ def krause_attention_grouped(q, k, v, log_sigma: torch.Tensor, candidates: torch
     b, h, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     group = h // hkv
+    bad = poisoned_rows(candidates, q, k, v)
+    q, k, v = finite_or_zero(q), finite_or_zero(k), finite_or_zero(v)
     dist = squared_distances(q.reshape(b, hkv, group * nq, d), k).view(b, hkv, group, nq, nk)
     coef = sigma_coefficient(log_sigma)
     coef = coef.reshape(1, hkv, group, 1, 1) if coef.dim() == 1 else coef
     candidates = candidates.expand(b, 1, nq, nk)[:, :, None]  # (B, 1, 1, Nq, Nk): shared by every head
     probs = weights_from_distances(dist, candidates, coef, top_k)
-    return (probs @ v.float()[:, :, None]).reshape(b, h, nq, d).to(q.dtype)
+    out = (probs @ v.float()[:, :, None]).reshape(b, h, nq, d)
+    return out.masked_fill(bad[..., None], float("nan")).to(q.dtype)
 
 
 def krause_attention_dense(q, k, v, log_sigma: torch.Tensor, candidates: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Krause attention over an explicit candidate mask: ``krause_weights`` @ v, in v's dtype."""
-    probs = krause_weights(q, k, log_sigma, candidates, top_k)
-    return (probs @ repeat_kv(v, q.shape[1]).float()).to(v.dtype)
+    """Krause attention over an explicit candidate mask: ``krause_weights`` @ v, in v's dtype
+    (NaN rows by the NaN policy, see the module docstring)."""
+    bad = poisoned_rows(candidates, q, k, v)
+    probs = krause_weights(finite_or_zero(q), finite_or_zero(k), log_sigma, candidates, top_k)
+    out = probs @ repeat_kv(finite_or_zero(v), q.shape[1]).float()
+    return out.masked_fill(bad[..., None], float("nan")).to(v.dtype)
 
 
 def causal_candidates(num_queries: int, num_keys: int, window: int, key_padding_mask=None, device=None):

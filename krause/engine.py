@@ -299,7 +299,11 @@ def forward(nbr, q, k, v, coef, top_k: int, key_valid: torch.Tensor | None = Non
 
 
 def backward(nbr, grad_out, q, k, v, coef, probs, dist):
-    """Returns dq (query layout), dk, dv (B, H, Nk, D) and dcoef (H,) — all fp32."""
+    """Returns dq (query layout), dk, dv (B, H, Nk, D) and dcoef (H,) — all fp32.
+
+    Rows that kept nothing (no candidate, or NaN rows: see krause.nonfinite) pass no
+    gradient: their upstream gradient, possibly NaN, is read as 0."""
+    grad_out = grad_out.masked_fill(probs.amax(-1, keepdim=True) == 0, 0.0)
     if isinstance(nbr, DenseNeighbourhood):
         return _dense_backward(nbr, grad_out, q, k, v, coef, probs, dist)
     b, h = q.shape[:2]

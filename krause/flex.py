@@ -71,6 +71,10 @@ we therefore call that op the way ``flex_attention`` itself does in eager mode
 device check. This uses private torch APIs (checked against torch 2.14) and exists so CPU
 tests can hold the flex path's gradients to the reference.
 
+Non-finite inputs (docs/api.md): the kernel runs on q, k, v with their NaN/Inf entries read
+as 0, and the rows the NaN policy names (``krause.nonfinite``) are set to NaN afterwards (no
+gradient passes through them).
+
 NOTE: the CUDA path has not been run on a GPU by its author. The CPU tests run the same
 augmented vectors, score_mod and mask_mods through the eager implementation (outputs and
 gradients), check the causal BlockMask against ``create_block_mask``, and (slow test) run
@@ -88,6 +92,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 from .masks import grid_candidate_mask
 from .neighbourhoods import BandNeighbourhood, DenseNeighbourhood, GridNeighbourhood
 from .dense import distances_from_parts, repeat_kv, sigma_coefficient
+from .nonfinite import causal_poisoned_rows, fill_nan_rows, finite_or_zero, grid_poisoned_rows
 
 # Up to this many tokens the 2-D threshold uses one dense masked (N, N) distance matrix
 # instead of per-offset products (same cut-over as ops.DENSE_2D_MAX_TOKENS).
@@ -419,6 +424,8 @@ def causal_krause_attention_flex(q, k, v, log_sigma, window: int, top_k: int, ke
     ``krause.causal_krause_attention`` with Tq == Tk; log_sigma already a () or (H,) tensor).
     Queries with no valid key (all padding) return zeros."""
     t = q.shape[2]
+    poisoned = causal_poisoned_rows(q, k, v, window, key_padding_mask)  # the NaN policy (krause.nonfinite)
+    q, k, v = finite_or_zero(q), finite_or_zero(k), finite_or_zero(v)
     q_aug, k_aug, v_aug, scale = _prepare(q, k, v, log_sigma)
     threshold = _causal_threshold(q, k, window, top_k, key_padding_mask)
     block_mask = causal_block_mask(t, window, causal_block_size(window), _device_key(q.device))
@@ -429,7 +436,7 @@ def causal_krause_attention_flex(q, k, v, log_sigma, window: int, top_k: int, ke
         starts = torch.arange(t, device=q.device) - window
         first = torch.where(starts >= 0, nk.gather(-1, starts.clamp_min(0).expand_as(nk)), torch.zeros_like(nk))
         out = out * ((nk - first) > 0)[:, None, :, None].to(out.dtype)
-    return out
+    return fill_nan_rows(out, poisoned)
 
 
 def local_krause_attention_2d_flex(
@@ -438,8 +445,10 @@ def local_krause_attention_2d_flex(
     """2-D local Krause attention on FlexAttention (arguments as
     ``krause.local_krause_attention_2d``; log_sigma already a () or (H,) tensor)."""
     rows, cols = grid
+    poisoned = grid_poisoned_rows(q, k, v, (rows, cols), radius, metric, num_prefix_tokens)  # the NaN policy
+    q, k, v = finite_or_zero(q), finite_or_zero(k), finite_or_zero(v)
     q_aug, k_aug, v_aug, scale = _prepare(q, k, v, log_sigma)
     threshold = _local_threshold(q, k, (rows, cols), radius, metric, top_k, num_prefix_tokens)
     block_mask = grid_block_mask(rows, cols, radius, metric, num_prefix_tokens, _device_key(q.device))
     out = _run_flex(q_aug, k_aug, v_aug, _krause_score_mod(threshold, scale), block_mask)
-    return out[..., : v.shape[-1]].to(q.dtype)
+    return fill_nan_rows(out[..., : v.shape[-1]].to(q.dtype), poisoned)

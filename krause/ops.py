@@ -23,6 +23,7 @@ from .dense import repeat_kv, sigma_coefficient
 from .dispatch import DENSE_2D_MAX_TOKENS, IMPLS, backend_for, keys_in_one_span  # noqa: F401  (IMPLS, DENSE_2D_MAX_TOKENS re-exported)
 from .masks import grid_candidate_mask, grid_offsets
 from .neighbourhoods import BandNeighbourhood, DenseNeighbourhood, GridNeighbourhood, band_block_size
+from .nonfinite import causal_poisoned_rows, fill_nan_rows, finite_or_zero, grid_poisoned_rows
 from .reference import causal_krause_attention_reference, local_krause_attention_2d_reference
 
 
@@ -74,12 +75,16 @@ def _no_kept(q):
 
 
 def _causal_fwd_engine(q, k, v, log_sigma, key_valid, window, top_k):
+    poisoned = causal_poisoned_rows(q, k, v, window, key_valid)  # the NaN policy: computed on finite inputs, then marked
+    q, k, v = finite_or_zero(q), finite_or_zero(k), finite_or_zero(v)
     qa, k, v, key_valid, offset = _end_align(q, k, v, key_valid, window)
     nbr = _band(qa, k, window)
     coef = engine.sigma_coef(log_sigma, q.shape[1], 3)
     # GQA: the group's query heads share their key/value head's spans (no repeat_kv).
     out, probs, dist = engine.forward(nbr, nbr.to_query_layout(qa.float()), k.float(), v.float(), coef, top_k, key_valid)
-    out = nbr.from_query_layout(out)[:, :, offset:]
+    # a NaN row saves no probabilities: it passes no gradient, like a row with no candidate
+    probs.masked_fill_(nbr.to_query_layout(tnf.pad(poisoned[..., None].float(), (0, 0, offset, 0))) > 0, 0.0)
+    out = fill_nan_rows(nbr.from_query_layout(out)[:, :, offset:], poisoned)
     return out.to(q.dtype).contiguous(), probs, dist, _no_kept(q)
 
 
@@ -118,6 +123,7 @@ def _(q, k, v, log_sigma, key_valid, window, top_k):
 
 def _causal_bwd_engine(grad_out, q, k, v, log_sigma, probs, dist, window):
     tk = k.shape[2]
+    q, k, v = finite_or_zero(q), finite_or_zero(k), finite_or_zero(v)
     qa, ka, va, _, offset = _end_align(q, k, v, None, window)
     nbr = _band(qa, ka, window)
     coef = engine.sigma_coef(log_sigma, q.shape[1], 3)
@@ -235,18 +241,20 @@ def _local_fwd_engine(
     dense: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     h = q.shape[1]
+    poisoned = grid_poisoned_rows(q, k, v, (rows, cols), radius, metric, num_prefix)  # the NaN policy
     coef = engine.sigma_coef(log_sigma, h, 2)
-    qf = q.float()
-    kf = repeat_kv(k, h).float()
-    vf = repeat_kv(v, h).float()
+    qf = finite_or_zero(q).float()
+    kf = repeat_kv(finite_or_zero(k), h).float()
+    vf = repeat_kv(finite_or_zero(v), h).float()
     outs, saved = [], []
     for nbr, rows_of_q in _local_parts(q, rows, cols, radius, metric, num_prefix, dense):
         out, probs, dist = engine.forward(nbr, qf[:, :, rows_of_q], kf, vf, coef, top_k)
+        probs.masked_fill_(poisoned[:, :, rows_of_q, None], 0.0)  # a NaN row passes no gradient
         outs.append(out)
         saved += [probs, dist]
     while len(saved) < 4:  # the dense path has one part; pad the fixed-arity output
         saved += [q.new_empty(0, dtype=torch.float32)]
-    out = torch.cat(outs, dim=2).to(q.dtype)
+    out = fill_nan_rows(torch.cat(outs, dim=2), poisoned).to(q.dtype)
     return (out, *saved)
 
 
@@ -305,9 +313,9 @@ def _local_bwd_engine(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     h, hkv = q.shape[1], k.shape[1]
     coef = engine.sigma_coef(log_sigma, h, 2)
-    qf, gf = q.float(), grad_out.float()
-    kf = repeat_kv(k, h).float()
-    vf = repeat_kv(v, h).float()
+    qf, gf = finite_or_zero(q).float(), grad_out.float()
+    kf = repeat_kv(finite_or_zero(k), h).float()
+    vf = repeat_kv(finite_or_zero(v), h).float()
     saved = [(probs_a, dist_a), (probs_b, dist_b)]
     dqs, dk, dv, dcoef = [], 0.0, 0.0, 0.0
     for (nbr, rows_of_q), (probs, dist) in zip(_local_parts(q, rows, cols, radius, metric, num_prefix, dense), saved):
@@ -398,6 +406,10 @@ def causal_krause_attention(
     (sigma_h = exp(log_sigma[h])); it keeps the ``min(top_k, #valid candidates)`` nearest
     and takes the softmax over them. A query with no valid candidate returns zeros.
 
+    NaN policy (docs/api.md): the output row of a query is all NaN when its q, or the key or
+    value of one of its valid candidates, holds a NaN or an infinity (padding and keys
+    outside the window never count); backward passes no gradient through such a row.
+
     Args:
         q: (B, H, Tq, D) queries.
         k, v: (B, Hkv, Tk, D) keys and values, Tq <= Tk, H % Hkv == 0 (grouped-query attention).
@@ -461,7 +473,8 @@ def local_krause_attention_2d(
     ``radius`` of it under ``metric`` ("manhattan" or "chebyshev"; itself included) plus
     every prefix token; a prefix query's candidates are all tokens. Of these the
     ``min(top_k, #candidates)`` nearest in ``||q - k||`` are kept and softmax-weighted
-    by ``-||q - k||^2 / (2 sigma_h^2)``.
+    by ``-||q - k||^2 / (2 sigma_h^2)``. NaN policy as ``causal_krause_attention``: a query
+    whose q, or a candidate's key or value, holds a NaN or an infinity gets an all-NaN row.
 
     Args:
         q: (B, H, N, D); k, v: (B, Hkv, N, D) with N = num_prefix_tokens + rows * cols.

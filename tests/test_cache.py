@@ -462,3 +462,31 @@ def test_layers_serve_a_transformers_cache():
         install_layers(used, lambda: [m.new_cache() for m in mods])
     with pytest.raises(ValueError, match="must be a transformers Cache"):
         install_layers([], lambda: [])
+
+
+@pytest.mark.parametrize("impl", ["reference", "fast", "engine"])
+def test_a_nan_key_poisons_decoding_while_in_the_window_only(impl):
+    """The NaN policy through the decoding cache: a NaN key of token 4 makes every step NaN
+    while token 4 is in the window and no step after it slides out; a NaN in a padded
+    token's value never shows; a NaN query makes its own head's row NaN for that step."""
+    from krause import cpu
+
+    b, h, hkv, d, window, top_k, steps = 2, 2, 1, 8, 3, 2, 10
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(b, n, steps, d, generator=g) for n in (h, hkv, hkv))
+    k[0, 0, 4, 1] = float("nan")
+    v[1, 0, 0, 2] = float("inf")  # row 1's token 0 is padding
+    q[1, 1, 7, 0] = float("nan")
+    valid = torch.ones(b, steps, dtype=torch.bool)
+    valid[1, 0] = False
+    cache = KrauseWindowLayer(window, top_k, impl="fast" if impl == "engine" else impl)
+    with cpu.use_engine(impl == "engine"):
+        outs = [cache.attend(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], 0.3,
+                             key_padding_mask=valid[:, t:t + 1]) for t in range(steps)]
+    out = torch.cat(outs, dim=2)  # (B, H, steps, D)
+    nan_rows = out.isnan().any(-1)
+    assert (out.isnan() == nan_rows[..., None]).all()  # whole rows or nothing
+    want = torch.zeros(b, h, steps, dtype=torch.bool)
+    want[0, :, 4:4 + window] = True  # token 4 is a candidate of steps 4, 5, 6
+    want[1, 1, 7] = True
+    assert torch.equal(nan_rows, want)

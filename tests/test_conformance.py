@@ -208,3 +208,161 @@ def test_the_tie_cases_have_exact_ties_at_the_boundary():
     low = oracle(q, k, v, ls, cand, top_k)
     flipped = oracle(q, k.flip(2), v.flip(2), ls, cand.flip(-1), top_k)  # the same keys, tie order reversed
     assert not torch.allclose(low, flipped)
+
+
+# --------------------------------------------------------------------------- non-finite inputs
+# The NaN policy (krause/nonfinite.py, docs/api.md): output row i is all NaN when query i has
+# a valid candidate and q_i, or the key or value of one of its valid candidates, holds a NaN
+# or an infinity; a query with no valid candidate returns zeros; every other row is the
+# oracle on the finite entries. Backward: a NaN row's upstream gradient (here NaN itself) is
+# ignored and non-finite entries get gradient 0, the rest is the finite computation's.
+NAN, INF = float("nan"), float("inf")
+
+
+def poison(q, k, v, kind):
+    """Copies of q, k, v with non-finite entries: "q" (a NaN and a -inf query, and one in
+    the first query of batch 0, which has no candidate under left or empty-row padding),
+    "k" / "v" (a NaN and a +inf key/value row, and a NaN in key 0: padded, outside every
+    window when end-aligned, or a candidate)."""
+    q, k, v = q.clone(), k.clone(), v.clone()
+    tq, tk = q.shape[2], k.shape[2]
+    if kind == "q":
+        q[0, 0, tq // 2, 1] = NAN
+        q[-1, -1, tq - 1, 0] = -INF
+        q[0, :, 0, 0] = NAN
+    else:
+        x = k if kind == "k" else v
+        x[0, 0, tk // 2, 1] = NAN
+        x[-1, -1, tk - 1, 0] = INF
+        x[0, 0, 0, 2] = NAN
+    return q, k, v
+
+
+def poisoned_rows(q, k, v, cand):
+    """The rule, on the dense candidate mask cand (B|1, Tq, Tk): (B, H, Tq) bool."""
+    h = q.shape[1]
+    bad_q = ~q.isfinite().all(-1)
+    bad_kv = repeat_kv(~(k.isfinite().all(-1) & v.isfinite().all(-1))[..., None], h)[..., 0]
+    c = cand[:, None]
+    return (c & (bad_q[..., None] | bad_kv[..., None, :])).any(-1)
+
+
+def check_nonfinite(impl, fn, leaves, go, cand, top_k, dtype, near):
+    q, k, v, ls = (t.detach().clone().to(dtype if i < 3 else t.dtype).requires_grad_(True) for i, t in enumerate(leaves))
+    bad = poisoned_rows(q.detach(), k.detach(), v.detach(), cand)
+    empty = ~cand.any(-1)[:, None].expand_as(bad)
+    assert bad.any()
+    out = call(impl, lambda name: fn(q, k, v, ls, name))
+    assert out.dtype == dtype and out.shape == q.shape
+    assert out.detach()[bad].isnan().all(), f"{impl}: a row that sees a non-finite input is not NaN"
+    assert out.detach()[~bad].isfinite().all(), f"{impl}: NaN leaked into a row that cannot see it"
+    assert (out.detach()[empty] == 0).all(), f"{impl}: a query with no candidate must return zeros"
+    upstream = go.masked_fill(bad[..., None], NAN).masked_fill(near[..., None], 0.0)
+    grads = torch.autograd.grad(out, (q, k, v, ls), upstream.to(dtype))
+    finite = [torch.where(t.isfinite(), t, 0.0).detach().double().requires_grad_(True) for t in (q, k, v)]
+    ls_ref = ls.detach().double().requires_grad_(True)
+    ref = oracle(*finite, ls_ref, cand, top_k)
+    ref_grads = torch.autograd.grad(ref, (*finite, ls_ref), go.double().masked_fill((bad | near)[..., None], 0.0))
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    clean = ~bad & ~near
+    torch.testing.assert_close(out.detach().double()[clean], ref.detach()[clean], atol=tol, rtol=0,
+                               msg=lambda m: f"{impl} out: {m}")
+    for name, got, want in zip(("dq", "dk", "dv", "dlog_sigma"), grads, ref_grads):
+        scale = max(1.0, want.abs().max().item())
+        torch.testing.assert_close(got.double(), want, atol=tol * scale, rtol=0, msg=lambda m: f"{impl} {name}: {m}")
+
+
+NONFINITE_CAUSAL = ("square", "end-aligned", "decode-step", "left-padding", "holes")
+
+
+@pytest.mark.parametrize("kind", ["q", "k", "v"])
+@pytest.mark.parametrize("case", NONFINITE_CAUSAL)
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_causal_nonfinite(impl, case, kind):
+    b, h, hkv, tq, tk, d, window, top_k, per_head, pad, dup, small = CAUSAL[case]
+    dtype = torch.float32
+    why = runs(impl, dtype, dup, small)
+    if why:
+        pytest.skip(why)
+    q, k, v, ls, go = make_inputs(b, h, hkv, tq, tk, d, per_head, seed=len(case), dup_keys=dup)
+    mask = padding(pad, b, tk)
+    pos = torch.arange(tk - tq, tk)[:, None]
+    j = torch.arange(tk)[None, :]
+    cand = ((j <= pos) & (j > pos - window))[None].expand(b, tq, tk)
+    if mask is not None:
+        cand = cand & mask[:, None, :]
+    near = near_tie_rows(q, k, cand, top_k)
+
+    def fn(q_, k_, v_, ls_, name):
+        return krause.causal_krause_attention(q_, k_, v_, ls_, window, top_k, key_padding_mask=mask, impl=name)
+
+    check_nonfinite(impl, fn, (*poison(q, k, v, kind), ls), go, cand, top_k, dtype, near)
+
+
+NONFINITE_GRID = ("cifar-8x8", "cheb-gqa", "no-prefix")
+
+
+@pytest.mark.parametrize("kind", ["q", "k", "v"])
+@pytest.mark.parametrize("case", NONFINITE_GRID)
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_local2d_nonfinite(impl, case, kind):
+    b, h, hkv, grid, radius, metric, top_k, num_prefix, per_head, dup, small = GRID[case]
+    dtype = torch.float32
+    why = runs(impl, dtype, dup, small)
+    if why:
+        pytest.skip(why)
+    n = num_prefix + grid[0] * grid[1]
+    q, k, v, ls, go = make_inputs(b, h, hkv, n, n, 8, per_head, seed=len(case), dup_keys=dup)
+    cand = grid_candidate_mask(grid, radius, metric, num_prefix)[None]
+    near = near_tie_rows(q, k, cand, top_k)
+
+    def fn(q_, k_, v_, ls_, name):
+        return krause.local_krause_attention_2d(q_, k_, v_, ls_, grid, radius, metric, top_k, num_prefix, impl=name)
+
+    check_nonfinite(impl, fn, (*poison(q, k, v, kind), ls), go, cand, top_k, dtype, near)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_nonfinite_in_low_precision_and_engine_dense_2d(impl, dtype):
+    """The same rule in bf16 and on the engine's dense 2-D path (small grids, impl="auto" off the compiled kernel)."""
+    why = runs(impl, dtype, None, True)
+    if why:
+        pytest.skip(why)
+    b, h, hkv, grid, radius, metric, top_k, num_prefix, per_head, dup, _ = GRID["cifar-8x8"]
+    n = num_prefix + grid[0] * grid[1]
+    q, k, v, ls, go = make_inputs(b, h, hkv, n, n, 8, per_head, seed=3)
+    q, k, v = (t.to(dtype).float() for t in poison(q, k, v, "k"))
+    cand = grid_candidate_mask(grid, radius, metric, num_prefix)[None]
+    near = near_tie_rows(q, k, cand, top_k)
+    name = {"engine": "auto"}.get(impl)
+
+    def fn(q_, k_, v_, ls_, chosen):
+        return krause.local_krause_attention_2d(q_, k_, v_, ls_, grid, radius, metric, top_k, num_prefix,
+                                                impl=name or chosen)
+
+    check_nonfinite(impl, fn, (q, k, v, ls), go, cand, top_k, dtype, near)
+
+
+def test_nonfinite_rule_against_sdpa():
+    """What SDPA (math backend, the same causal window as a bool mask) does with the same
+    inputs: a NaN query gives exactly the same NaN rows; a NaN key or value makes NaN at least
+    every row the rule does (SDPA's masked-out products 0 * NaN spread it to every row)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    b, h, t, d, window = 1, 2, 12, 4, 4
+    pos = torch.arange(t)[:, None]
+    j = torch.arange(t)[None, :]
+    cand = ((j <= pos) & (j > pos - window))[None]
+    for kind in ("q", "k", "v"):
+        q, k, v, _, _ = make_inputs(b, h, h, t, t, d, False, seed=5)
+        q, k, v = (x.nan_to_num(nan=NAN, posinf=NAN, neginf=NAN) for x in poison(q, k, v, kind))
+        with sdpa_kernel(SDPBackend.MATH):
+            sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=cand[:, None])
+        ours = krause.causal_krause_attention(q, k, v, 0.3, window, 2, impl="reference")
+        sdpa_rows, our_rows = sdpa.isnan().any(-1), ours.isnan().any(-1)
+        assert our_rows.any()
+        if kind == "q":
+            assert torch.equal(our_rows, sdpa_rows)
+        else:
+            assert (sdpa_rows | ~our_rows).all()

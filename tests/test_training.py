@@ -993,3 +993,42 @@ def test_a_symlink_out_of_the_run_dir_is_refused_before_anything_is_written(tmp_
     (out / "figures").unlink()
     (out / "figures").symlink_to(out / "checkpoints", target_is_directory=True)  # inside: allowed
     kt.prepare_run_dir(out, cfg, resume=True).release()
+
+
+# ----------------------------------------------------------------------------- a diverging run
+def _log_errors(run_dir: Path) -> list[str]:
+    return [line for line in (run_dir / "train.log").read_text().splitlines() if " ERROR " in line]
+
+
+def test_divergence_before_the_first_checkpoint_says_there_is_none_and_the_retry_works(tmp_path):
+    """A learning rate of 1e30 makes the loss non-finite at step 2, before the first
+    checkpoint (epoch end, step 6): exit 1, no checkpoint, and one error that says there is
+    nothing to resume and how to start again; --resume is refused; the corrected settings
+    with --overwrite train."""
+    run = tmp_path / "run"
+    assert example.main(_example_args(run, "--lr", "1e30")) == 1
+    assert kt.Checkpointer(run / "checkpoints").latest_step() is None
+    (error,) = _log_errors(run)
+    assert "before any checkpoint was written: there is nothing to resume" in error
+    assert "--overwrite" in error and "rerun with --resume" not in error
+    assert example.main(_example_args(run, "--lr", "1e30", "--resume")) == 2
+    assert example.main(_example_args(run, "--overwrite")) == 0
+    assert kt.Checkpointer(run / "checkpoints").latest_step() == 12
+
+
+@pytest.mark.parametrize("save_every, nan_step, kept", [(0, 8, 6), (3, 8, 6), (5, 9, 6)],
+                         ids=["epoch-checkpoint", "periodic-checkpoints", "save-inside-the-log-window"])
+def test_divergence_after_a_checkpoint_keeps_the_last_good_one(tmp_path, save_every, nan_step, kept):
+    """The loss of step nan_step reads NaN (the test hook): the run stops with exit 1, writes no
+    checkpoint after it (with --log_every 4 the periodic save of a later step inside the same log
+    window is refused too) and names the last good checkpoint, from which --resume finishes."""
+    run = tmp_path / "run"
+    extra = ["--log_every", "4", "--save_every", str(save_every), "--keep_latest_k", "5"]
+    args = _example_args(run, *extra)  # the later --log_every wins
+    assert example.main(args + ["--nonfinite_at_step", str(nan_step)]) == 1
+    ck = kt.Checkpointer(run / "checkpoints")
+    assert ck.latest_step() == kept and max(ck.steps()) == kept
+    (error,) = _log_errors(run)
+    assert f"the last checkpoint, step {kept}" in error and "is the last good one" in error and "--resume" in error
+    assert example.main(args + ["--resume"]) == 0
+    assert kt.Checkpointer(run / "checkpoints").latest_step() == 12

@@ -338,3 +338,31 @@ def test_cuda_equals_engine_and_flex_paths():
     for impl in ("fast", "flex"):
         other = krause.local_krause_attention_2d(*leaves, ls, grid, 2, "chebyshev", 8, 1, impl=impl)
         torch.testing.assert_close(out[~skip], other[~skip], atol=2e-4, rtol=0, msg=lambda m: f"2-D {impl}: {m}")
+
+
+def test_decode_nan_policy():
+    """The decode kernel's NaN rule: a NaN key or an infinite value in a real slot makes the
+    rows of its key/value head NaN, a NaN in a padded slot does not, a NaN query makes its own
+    row NaN; every other row is the rule on the finite inputs."""
+    b, h, hkv, w, d, top_k, pos = 3, 4, 2, 8, 16, 3, 11
+    g = torch.Generator().manual_seed(6)
+    k_ring, v_ring = torch.randn(b, hkv, w, d, generator=g), torch.randn(b, hkv, w, d, generator=g)
+    q = torch.randn(b, h, d, generator=g)
+    ls = 0.3 * torch.randn(h, generator=g) + 0.8
+    lengths = torch.tensor([11, 5, 11])  # row 1: tokens 3..5 are padding
+    k_ring[0, 1, 10 % w, 0] = float("nan")  # token 10, real: heads 2, 3 of row 0
+    v_ring[1, 0, 4 % w, 0] = float("nan")  # token 4 of row 1: padding
+    v_ring[2, 0, 9 % w, 3] = float("inf")  # token 9, real: heads 0, 1 of row 2
+    q[1, 3, 2] = float("-inf")
+    out = kernels.decode_krause_attention_triton(q.to(DEVICE), k_ring.to(DEVICE), v_ring.to(DEVICE), ls.to(DEVICE),
+                                                lengths.to(DEVICE), top_k, pos=pos).cpu()
+    bad = torch.zeros(b, h, dtype=torch.bool)
+    bad[0, 2:], bad[2, :2], bad[1, 3] = True, True, True
+    assert out[bad].isnan().all() and out[~bad].isfinite().all()
+    tokens = torch.arange(pos - w, pos)
+    slots = tokens % w
+    finite = [torch.where(x.isfinite(), x, 0.0) for x in (q, k_ring, v_ring)]
+    real = tokens[None, :] >= (pos - lengths)[:, None]
+    ref, _ = dense_rule(finite[0][:, :, None], finite[1][:, :, slots], finite[2][:, :, slots], ls, real[:, None, :],
+                        top_k)
+    torch.testing.assert_close(out.double()[~bad], ref[:, :, 0][~bad], atol=1e-4, rtol=0)

@@ -431,11 +431,10 @@ class VisionHooks(TrainHooks):
                       _fmt(record.get("test_acc1")), _fmt(record.get("test_acc5")), " (best)" if is_best else "",
                       record.get("img_per_s", 0.0), f" | sigma {_fmt_sigma(sig)}" if sig else "")
 
+    def on_diverged(self, state, message):
+        self.log.error(message)
+
     def on_stop(self, state, reason):
-        if reason == "non-finite loss":
-            self.log.error("non-finite training loss at step %d; stopping (the last checkpoint holds an earlier "
-                           "state)", state.step)
-            return
         self.log.info("stop requested (%s): saved step %d in %s, exiting; continue with --resume", reason,
                       state.step, self.ckpt.directory)
 

@@ -4,6 +4,10 @@
 //   dist_ij = max(0, (|q_i|^2 + |k_j|^2) - 2 q_i.k_j)          fp32
 //   S_i     = the min(top_k, |C_i|) smallest dist_ij, ties to the lower key index j
 //   p_ij    = softmax over S_i of -c_h dist_ij;   out_i = sum_j p_ij v_j
+// NaN policy (krause/nonfinite.py): q_sq is non-finite for a query with a NaN/inf entry and
+// k_sq (computed with v by the caller) for such a key or value, so a candidate's distance is
+// then not finite; a query with one such candidate gets an all-NaN output row and keeps
+// nothing (its saved rows are empty: no gradient passes through it).
 // The forward saves, per query, the kept keys (ascending index), their probabilities and
 // distances in (B, H, Nq, Ks) tensors (Ks = most keys a query can keep; unused slots hold
 // key -1 and zeros). The backward reads only those.
@@ -30,6 +34,7 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kLanes = Vec::size();
+constexpr float kInf = std::numeric_limits<float>::infinity();
 
 inline float dot(const float* a, const float* b, int64_t d) {
   Vec acc(0.f);
@@ -158,6 +163,14 @@ inline void softmax_gather(const float* dist, const int32_t* key, int64_t n, int
   }
 }
 
+// The row of a query that sees a non-finite candidate distance: NaN output, nothing kept.
+inline void nan_row(int64_t ks, int64_t d, float* out, float* probs, float* dist_out, int32_t* key_out) {
+  std::fill(out, out + d, std::numeric_limits<float>::quiet_NaN());
+  std::fill(probs, probs + ks, 0.f);
+  std::fill(dist_out, dist_out + ks, 0.f);
+  std::fill(key_out, key_out + ks, -1);
+}
+
 // Per-thread buffers of one query's candidates.
 struct Scratch {
   std::vector<float> dots, dist, tmp, kept_dist;
@@ -224,11 +237,18 @@ std::vector<at::Tensor> causal_forward(const at::Tensor& q, const at::Tensor& k,
           const int64_t p = key_offset + i, lo = std::max<int64_t>(0, p - window + 1), n = p - lo + 1;
           window_dots(qp + row * D, kT.data(), ld, lo - span_lo, n, D, sc.dots.data());
           int64_t cnt = 0;
+          bool finite = true;
           for (int64_t m = 0; m < n; ++m) {
             const int64_t j = lo + m;
             if (padded && !valid[b * Tk + j]) continue;
-            sc.dist[cnt] = std::max((qsq[row] + ksq[bk * Tk + j]) - 2.f * sc.dots[m], 0.f);
+            const float dj = std::max((qsq[row] + ksq[bk * Tk + j]) - 2.f * sc.dots[m], 0.f);  // NaN stays NaN
+            finite &= dj < kInf;
+            sc.dist[cnt] = dj;
             sc.key[cnt++] = static_cast<int32_t>(j);
+          }
+          if (!finite) {
+            nan_row(ks, D, op + row * D, pp + row * ks, dp + row * ks, kp + row * ks);
+            continue;
           }
           const int64_t kk = select_nearest(sc.dist.data(), sc.key.data(), cnt, top_k, sc.tmp.data(),
                                             sc.kept_dist.data(), sc.kept_key.data());
@@ -273,10 +293,17 @@ std::vector<at::Tensor> listed_forward(const at::Tensor& q, const at::Tensor& k,
       const float* qi = qp + row * D;
       const float* k_head = kp_ + hk * Nk * D;
       int64_t cnt = 0;
+      bool finite = true;
       for (int64_t e = ptr[i]; e < ptr[i + 1]; ++e) {
         const int32_t j = idx[e];
-        sc.dist[cnt] = std::max((qsq[row] + ksq[hk * Nk + j]) - 2.f * dot(qi, k_head + j * D, D), 0.f);
+        const float dj = std::max((qsq[row] + ksq[hk * Nk + j]) - 2.f * dot(qi, k_head + j * D, D), 0.f);
+        finite &= dj < kInf;
+        sc.dist[cnt] = dj;
         sc.key[cnt++] = j;
+      }
+      if (!finite) {
+        nan_row(ks, D, op + row * D, pp + row * ks, dp + row * ks, kp + row * ks);
+        continue;
       }
       const int64_t kk = select_nearest(sc.dist.data(), sc.key.data(), cnt, top_k, sc.tmp.data(),
                                         sc.kept_dist.data(), sc.kept_key.data());
@@ -331,7 +358,7 @@ void backward_rows(const BackwardArgs& a, int64_t b, int64_t hkv, int64_t i0, in
         axpy(-2.f * ddist, qi, dkj, D);
         axpy(p[m], go, dvj, D);
       }
-      axpy(2.f * rowsum, qi, dqi, D);
+      if (n) axpy(2.f * rowsum, qi, dqi, D);  // a row that kept nothing (padding, NaN) has dq 0
     }
     dc[g] = acc;
   }

@@ -16,6 +16,13 @@ registers:
 - softmax over the kept, times V. The forward saves the log-sum-exp and the threshold
   key per row; the backward recomputes the scores from them.
 
+NaN policy (krause/nonfinite.py): the norms come in non-finite for a query or key with a
+NaN/inf entry, and the forward flags value rows with one as it loads them; a query with such
+a candidate gets an all-NaN output row and the threshold key -1 ("keeps nothing"), so the
+backward passes no gradient through it. Every tile is loaded with its non-finite entries
+read as 0 (``_load_rows``), so a NaN outside a query's candidates never reaches its
+products (a 0 weight times NaN would be NaN).
+
 The backward is FlashAttention-2 shaped: a query-block pass for dq and the per-head
 dlog_sigma partial sums, and a key-block pass for dk/dv that loops over the query heads
 sharing a key/value head (GQA without expansion) — no atomics anywhere. The backward
@@ -88,10 +95,29 @@ def _candidates(qi, kj, Tq, Tk, W, P, cols, radius, GRID: tl.constexpr, CHEB: tl
 
 
 @triton.jit
-def _load_rows(base, idx, D, BLOCK_D: tl.constexpr, ROWS_OK):
+def _load_raw(base, idx, D, BLOCK_D: tl.constexpr, ROWS_OK):
     d = tl.arange(0, BLOCK_D)
     ptrs = base + idx[:, None] * D + d[None, :]
     return tl.load(ptrs, mask=ROWS_OK[:, None] & (d[None, :] < D), other=0.0)
+
+
+@triton.jit
+def _finite(x):
+    """Elementwise: x is neither NaN nor an infinity."""
+    return tl.abs(x.to(tl.float32)) < float("inf")
+
+
+@triton.jit
+def _load_rows(base, idx, D, BLOCK_D: tl.constexpr, ROWS_OK):
+    """A tile of rows with non-finite entries read as 0."""
+    x = _load_raw(base, idx, D, BLOCK_D, ROWS_OK)
+    return tl.where(_finite(x), x, 0.0).to(x.dtype)
+
+
+@triton.jit
+def _nonfinite_rows(x):
+    """Per row of a raw tile: it holds a NaN or an infinity."""
+    return tl.max(tl.where(_finite(x), 0, 1), axis=1) > 0
 
 
 @triton.jit
@@ -129,7 +155,7 @@ def _kept_backward(dist, cand, kj, qn, kn, thr):
     idx = kj.to(tl.int64)
     near = tl.abs(dist - thr_d[:, None]) <= tol
     kept = (idx == thr_i[:, None]) | (dist < thr_d[:, None] - tol) | (near & (idx < thr_i[:, None]))
-    return cand & (full[:, None] | kept)
+    return cand & (thr >= 0)[:, None] & (full[:, None] | kept)  # thr -1: a NaN row keeps nothing
 
 
 @triton.jit
@@ -174,8 +200,11 @@ def _fwd_kernel(
         real = tl.load(KVALID + b * Tk + kj, mask=k_ok, other=0)
         cand = cand & (real != 0)[None, :]
 
+    vt = _load_raw(V + bk.to(tl.int64) * Tk * D, kj, D, BLOCK_D, k_ok)
+    bad = tl.max(tl.where(cand & ((_finite(raw) == 0) | _nonfinite_rows(vt)[None, :]), 1, 0), axis=1) > 0
+    vt = tl.where(_finite(vt), vt, 0.0).to(vt.dtype)
     key = _select_key(dist, cand, kj[None, :])
-    thr = _threshold(key, n_iter, BLOCK_M)
+    thr = tl.where(bad, -1, _threshold(key, n_iter, BLOCK_M))
     keep = cand & (key <= thr[:, None])
 
     coef = _coef(LS, h, LS_PER_HEAD)
@@ -185,10 +214,9 @@ def _fwd_kernel(
     m = tl.where(has, m, 0.0)
     p = tl.where(keep, tl.exp(s - m[:, None]), 0.0)
     l = tl.sum(p, axis=1)
-    vt = _load_rows(V + bk.to(tl.int64) * Tk * D, kj, D, BLOCK_D, k_ok)
     acc = _mm(p.to(vt.dtype), vt, PREC)
     inv = tl.where(has, 1.0 / tl.where(has, l, 1.0), 0.0)
-    out = acc * inv[:, None]
+    out = tl.where(bad[:, None], float("nan"), acc * inv[:, None])
     lse = tl.where(has, m + tl.log(tl.where(has, l, 1.0)), 0.0)
 
     d = tl.arange(0, BLOCK_D)
@@ -222,11 +250,12 @@ def _bwd_dq_kernel(
     qt = _load_rows(Q + bh.to(tl.int64) * Tq * D, rows, D, BLOCK_D, row_ok)
     kt = _load_rows(K + bk.to(tl.int64) * Tk * D, kj, D, BLOCK_D, k_ok)
     vt = _load_rows(V + bk.to(tl.int64) * Tk * D, kj, D, BLOCK_D, k_ok)
-    dot_ = _load_rows(DO + bh.to(tl.int64) * Tq * D, rows, D, BLOCK_D, row_ok)
+    dot_ = _load_raw(DO + bh.to(tl.int64) * Tq * D, rows, D, BLOCK_D, row_ok)
     qn = tl.load(QN + bh * Tq + rows, mask=row_ok, other=0.0)
     kn = tl.load(KN + bk * Tk + kj, mask=k_ok, other=0.0)
     lse = tl.load(LSE + bh * Tq + rows, mask=row_ok, other=0.0)
     thr = tl.load(THR + bh * Tq + rows, mask=row_ok, other=0)
+    dot_ = tl.where((thr >= 0)[:, None], dot_, 0.0).to(dot_.dtype)  # a NaN row's upstream gradient is ignored
     raw = _distances(qt, kt, qn, kn, PREC)
     dist = tl.where(raw > 0.0, raw, 0.0)
     cand = _candidates(rows[:, None], kj[None, :], Tq, Tk, W, P, cols, radius, GRID, CHEB) & row_ok[:, None]
@@ -243,7 +272,7 @@ def _bwd_dq_kernel(
     delta = tl.sum(p * dp, axis=1)
     tl.store(DELTA + bh * Tq + rows, delta, mask=row_ok)
     ds = p * (dp - delta[:, None])
-    dcoef = tl.sum(tl.sum(-ds * dist, axis=1), axis=0)
+    dcoef = tl.sum(tl.sum(tl.where(keep, -ds * dist, 0.0), axis=1), axis=0)  # dist may be inf off the kept set
     dd = tl.where(raw >= 0.0, -coef * ds, 0.0)  # d loss / d distance (clamp passes raw >= 0)
     dq = 2.0 * tl.sum(dd, axis=1)[:, None] * qt.to(tl.float32) - 2.0 * _mm(dd.to(kt.dtype), kt, PREC)
 
@@ -284,10 +313,11 @@ def _bwd_dkdv_kernel(
             qi = _other_index(n0, c, Tq, Tk, W, P, P_PAD, cols, radius, QMODE, BLOCK_Q)
             q_ok = (qi >= 0) & (qi < Tq)
             qt = _load_rows(Q + bh.to(tl.int64) * Tq * D, qi, D, BLOCK_D, q_ok)
-            dot_ = _load_rows(DO + bh.to(tl.int64) * Tq * D, qi, D, BLOCK_D, q_ok)
+            dot_ = _load_raw(DO + bh.to(tl.int64) * Tq * D, qi, D, BLOCK_D, q_ok)
             qn = tl.load(QN + bh * Tq + qi, mask=q_ok, other=0.0)
             lse = tl.load(LSE + bh * Tq + qi, mask=q_ok, other=0.0)
             thr = tl.load(THR + bh * Tq + qi, mask=q_ok, other=0)
+            dot_ = tl.where((thr >= 0)[:, None], dot_, 0.0).to(dot_.dtype)  # a NaN row's upstream gradient is ignored
             delta = tl.load(DELTA + bh * Tq + qi, mask=q_ok, other=0.0)
             raw = _distances(qt, kt, qn, kn, PREC)  # (queries, keys), as in the forward
             dist = tl.where(raw > 0.0, raw, 0.0)
@@ -335,14 +365,16 @@ def _decode_kernel(
 
     qt = _load_rows(Q + b.to(tl.int64) * H * D, heads, D, BLOCK_D, g_ok)
     kt = _load_rows(K + bk.to(tl.int64) * W * D, slots, D, BLOCK_D, slots < W)
-    vt = _load_rows(V + bk.to(tl.int64) * W * D, slots, D, BLOCK_D, slots < W)
+    vt = _load_raw(V + bk.to(tl.int64) * W * D, slots, D, BLOCK_D, slots < W)
     qn = tl.load(QN + b * H + heads, mask=g_ok, other=0.0)
     kn = tl.load(KN + bk * W + slots, mask=slots < W, other=0.0)
     raw = _distances(qt, kt, qn, kn, PREC)
     dist = tl.where(raw > 0.0, raw, 0.0)
     cand = g_ok[:, None] & s_ok[None, :]
+    bad = tl.max(tl.where(cand & ((_finite(raw) == 0) | _nonfinite_rows(vt)[None, :]), 1, 0), axis=1) > 0
+    vt = tl.where(_finite(vt), vt, 0.0).to(vt.dtype)
     key = _select_key(dist, cand, kpos[None, :])
-    thr = _threshold(key, n_iter, BLOCK_M)
+    thr = tl.where(bad, -1, _threshold(key, n_iter, BLOCK_M))
     keep = cand & (key <= thr[:, None])
     if LS_PER_HEAD:
         ls = tl.load(LS + heads, mask=g_ok, other=0.0).to(tl.float32)
@@ -356,7 +388,7 @@ def _decode_kernel(
     p = tl.where(keep, tl.exp(s - m[:, None]), 0.0)
     l = tl.sum(p, axis=1)
     acc = _mm(p.to(vt.dtype), vt, PREC)
-    out = acc * tl.where(has, 1.0 / tl.where(has, l, 1.0), 0.0)[:, None]
+    out = tl.where(bad[:, None], float("nan"), acc * tl.where(has, 1.0 / tl.where(has, l, 1.0), 0.0)[:, None])
     d = tl.arange(0, BLOCK_D)
     tl.store(O + b.to(tl.int64) * H * D + heads[:, None] * D + d[None, :], out.to(O.dtype.element_ty),
              mask=g_ok[:, None] & (d[None, :] < D))

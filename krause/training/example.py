@@ -74,7 +74,7 @@ def synthetic_data(n: int, d: int, n_classes: int, seed: int, teacher_seed: int)
 
 #: keys that do not change what is computed (the run may resume with other values);
 #: the micro-batch size and parallelism only change how the same global batch is computed
-IGNORED_KEYS = RUNTIME_KEYS | {"preempt_at_step", "preempt_rank", "micro_batch_size", "fsdp", "async_save", "keep_latest_k", "live"}
+IGNORED_KEYS = RUNTIME_KEYS | {"preempt_at_step", "preempt_rank", "nonfinite_at_step", "micro_batch_size", "fsdp", "async_save", "keep_latest_k", "live"}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -107,6 +107,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no_progress", action="store_true")
     p.add_argument("--preempt_at_step", type=int, default=None, help="testing: SIGTERM after this step")
     p.add_argument("--preempt_rank", type=int, default=0, help="testing: the rank that gets the SIGTERM")
+    p.add_argument("--nonfinite_at_step", type=int, default=None, help="testing: the loss of this step reads NaN")
     args = p.parse_args(argv)
     if args.keep_latest_k < 1:
         raise UsageError(f"--keep_latest_k must be >= 1, got {args.keep_latest_k}")
@@ -158,6 +159,9 @@ class ExampleHooks(TrainHooks):
 
     def on_stop(self, state, reason):
         self.log.info("stop requested (%s): saved step %d, exiting; run again with --resume", reason, state.step)
+
+    def on_diverged(self, state, message):
+        self.log.error(message)
 
 
 @record
@@ -230,7 +234,8 @@ def _train(args: argparse.Namespace, env) -> int:
                             live=None if args.live == "none" else args.live)
     settings = LoopSettings(total_steps=total_steps, steps_per_epoch=steps_per_epoch, log_every=args.log_every,
                             save_every=args.save_every, grad_clip=args.grad_clip, samples_per_step=plan.global_batch,
-                            preempt_at_step=args.preempt_at_step if env.rank == args.preempt_rank else None)
+                            preempt_at_step=args.preempt_at_step if env.rank == args.preempt_rank else None,
+                            nonfinite_at_step=args.nonfinite_at_step)
     hooks = ExampleHooks(args, env, train_model, eval_model, train_loader, sampler, loader_gen, test_loader, plan,
                          metrics, log)
     with PreemptionHandler() as preempt, metrics:

@@ -15,7 +15,10 @@ logs every `log_every` steps (mean loss over the window, lr, grad norm, throughp
 MFU), evaluation every `eval_every` steps and / or at the end of every
 `eval_every_epochs` epochs and at the end, checkpoints (periodic, at evaluations with
 the selection metric, on a stop), the graceful stop on SIGTERM / SIGUSR1 / Ctrl-C
-(every rank stops at the same step), and a non-finite loss stopping the run.
+(every rank stops at the same step), and a non-finite loss stopping the run: no checkpoint
+is written once a loss since the last log (or, without a grad scaler, the last gradient
+norm) is non-finite, so the latest checkpoint is the last good one; `hooks.on_diverged`
+gets a message that names it, or says there is none and how to start again.
 The family's hooks add their own numbers to the records (`step_record`,
 `epoch_record`), keep running sums in `state.sums` (`after_step`, synced to every
 rank in `sync_state` before a save), and write their eval records (`on_eval`).
@@ -24,6 +27,7 @@ rank in `sync_state` before a save), and write their eval records (`on_eval`).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import signal
@@ -68,6 +72,7 @@ class LoopSettings:
     samples_per_step: int = 0      # global batch (for throughput); 0: from the accumulated counts
     tokens_per_sample: int = 0     # tokens per sample for tokens/s (0: not a token model)
     preempt_at_step: int | None = None   # tests: SIGTERM this process after that step
+    nonfinite_at_step: int | None = None  # tests: the loss of that step reads NaN (a divergence)
 
     def __post_init__(self) -> None:
         for name in ("total_steps", "steps_per_epoch", "log_every"):
@@ -117,6 +122,15 @@ class TrainHooks:
     def on_stop(self, state, reason: str) -> None:
         """After the stop checkpoint was saved."""
 
+    def on_diverged(self, state, message: str) -> None:
+        """The loss went non-finite: the run stops without a save. `message` says which checkpoint
+        is the last good one, or that there is none, and how to go on (the family logs it)."""
+        logging.getLogger("krause.training").error(message)
+
+
+class _Diverged(Exception):
+    """A non-finite loss (or gradient norm) was seen: stop without saving."""
+
 
 class TrainLoop:
     def __init__(self, settings: LoopSettings, *, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -131,9 +145,32 @@ class TrainLoop:
         self.world_size = world_size
         self.last_eval_step = -1
         self.last_save_step = -1
+        self._unchecked_loss = None  # sum of the losses since the last finiteness check (device)
+        self._grad_norm = None
+
+    def _check_finite(self) -> None:
+        """Raise _Diverged if a loss since the last check, or the last gradient norm (not under a
+        grad scaler, whose skipped steps have infinite norms), is non-finite. Syncs the device."""
+        bad = self._unchecked_loss is not None and not math.isfinite(float(self._unchecked_loss))
+        if self._grad_norm is not None and self.scaler is None and not math.isfinite(float(self._grad_norm)):
+            bad = True
+        if bad:
+            raise _Diverged
+        self._unchecked_loss = None
+
+    def _diverged_message(self) -> str:
+        step, last = self.state.step, self.ckpt.latest_step()
+        if last is None:
+            return (f"non-finite training loss by step {step}, before any checkpoint was written: there is nothing "
+                    "to resume; fix the settings (e.g. a lower learning rate) and start again without --resume, "
+                    "with --overwrite in the same out_dir (or a new out_dir)")
+        return (f"non-finite training loss by step {step}; nothing was saved after it, so the last checkpoint, "
+                f"step {last} ({self.ckpt.step_dir(last)}), is the last good one: rerun with --resume to continue "
+                "from it, or fix the settings and start again with --overwrite")
 
     # ---------------------------------------------------------------- pieces
     def save(self, metric: float | None = None) -> bool:
+        self._check_finite()  # never write a checkpoint after a non-finite loss
         self.hooks.sync_state(self.state)
         if metric is not None and self.ckpt.is_better(float(metric)):
             self.state.best_metric = float(metric)  # the saved TrainState already knows it
@@ -177,6 +214,14 @@ class TrainLoop:
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> str:
+        """"finished", "stopped" (a signal; saved) or "diverged" (a non-finite loss; not saved)."""
+        try:
+            return self._run()
+        except _Diverged:
+            self.hooks.on_diverged(self.state, self._diverged_message())
+            return "diverged"
+
+    def _run(self) -> str:
         s, st, hooks = self.s, self.state, self.hooks
         window_loss, window_n = None, 0
         grad_norm = None
@@ -195,14 +240,16 @@ class TrainLoop:
                 self.meter.update(samples=s.samples_per_step or result.count,
                                   tokens=(s.samples_per_step or result.count) * s.tokens_per_sample)
                 loss = result.loss.detach().double()  # stays on the device until logged
+                if s.nonfinite_at_step == st.step:
+                    loss = loss * float("nan")
                 window_loss = loss if window_loss is None else window_loss + loss
+                self._unchecked_loss = loss if self._unchecked_loss is None else self._unchecked_loss + loss
+                self._grad_norm = grad_norm
                 window_n += 1
                 hooks.after_step(st, result)
                 if st.step % s.log_every == 0 or st.step == s.total_steps:
+                    self._check_finite()
                     mean = float(window_loss) / window_n
-                    if not math.isfinite(mean):
-                        hooks.on_stop(st, "non-finite loss")
-                        return "diverged"
                     window = {"train_loss": mean, "lr": self.scheduler.get_last_lr()[0], **self.meter.rates()}
                     if grad_norm is not None:
                         window["grad_norm"] = float(grad_norm)
