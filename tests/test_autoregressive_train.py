@@ -261,7 +261,7 @@ def test_resume_with_another_config_is_refused_untouched(tmp_path, capsys):
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     for fraction in ("0", "1", "1.5"):
         _fails(complete.main, ["--run_dir", str(out), "--checkpoint", "last", "--fraction", fraction,
-                               "--device", "cpu"], capsys, "--fraction must be in (0, 1)")
+                               "--device", "cpu"], capsys, "--fraction: must be a finite number in (0, 1)")
     # outputs are checked before any work, and never silently replaced
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
@@ -303,7 +303,7 @@ def test_launch_template_passes_a_usage_error_through_as_one_line(tmp_path):
     done = subprocess.run(["bash", str(LAUNCH / "train.sh")], env=env, capture_output=True, text=True, timeout=300,
                           cwd=tmp_path)
     assert done.returncode == 2, done.stderr
-    assert [line for line in done.stderr.splitlines() if line.strip()] == ["error: window must be >= 1, got 0"]
+    assert [line for line in done.stderr.splitlines() if line.strip()] == ["error: argument --window: must be an integer >= 1, got 0"]
     assert not (tmp_path / "run").exists()
 
 
