@@ -34,7 +34,7 @@ from krause.training.config import RUNTIME_KEYS
 from krause.training.distributed import get_world_size, is_main_process
 from krause.training.entry import entry_point
 from krause.training.loop import LoopSettings, TrainHooks
-from krause.training.metrics import read_metrics
+from krause.training.metrics import progress_bar, read_metrics
 from krause.training.plotting import plot_curves, plot_series
 from krause.training.recipe import OptimSpec, Recipe, run_recipe
 from krause.training.run_dir import atomic_write_text
@@ -159,12 +159,23 @@ class PixelHooks(TrainHooks):
         self.device, self.rank, self.world = ctx.env.device, ctx.env.rank, ctx.env.world_size
         self.model, self.train_model, self.eval_model = ctx.model, ctx.train_model, ctx.eval_model
         self.metrics, self.log, self.run = ctx.metrics, ctx.log, ctx.run
+        self.total_steps = ctx.recipe.settings.total_steps
 
     def batches(self, epoch, start):
         batches = train_batches(len(self.train_px), self.args.batch_size, epoch, self.args.seed, self.rank, self.world)
-        for idx in batches[start:]:
-            x = self.train_px[idx].to(self.device, non_blocking=True).long()
-            yield list(x.split(self.plan.micro_batch))
+        # the steps this epoch runs (the last one may end early at --max_steps); a bar line with rate
+        # and ETA at most every 10 s when the output is a file, not a terminal
+        steps = min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
+        epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        bar = progress_bar(total=steps, initial=start, enabled=not self.args.no_progress, unit="step", leave=False,
+                           desc=f"epoch {epoch + 1}/{epochs}")
+        try:
+            for idx in batches[start:steps]:
+                x = self.train_px[idx].to(self.device, non_blocking=True).long()
+                yield list(x.split(self.plan.micro_batch))
+                bar.update(1)
+        finally:
+            bar.close()
 
     def train_step(self, x):
         with autocast(self.device, self.args.precision):

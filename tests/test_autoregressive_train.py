@@ -5,6 +5,7 @@ learning the embedded MNIST digits, generation, completion and bad-input errors.
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -382,3 +383,24 @@ def test_demo_runs_end_to_end_with_an_evaluation_before_the_first_log(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert (out / "figures" / "bpd.png").exists() and (out / "figures" / "sigma.png").exists()
     assert list((out / "samples").glob("*.png")) and list((out / "completions").glob("*.png"))
+
+
+# --------------------------------------------------------------------------- progress
+def test_training_progress_is_whole_lines_with_rate_and_eta_when_not_a_terminal(tmp_path, capsys, monkeypatch):
+    """stderr captured (not a tty): the per-step bar writes whole lines, each with the step count, rate and ETA
+    (the interval is 0 here so that every step writes one; a real log gets one line per 10 s)."""
+    import krause.training.metrics as km
+
+    monkeypatch.setattr(km, "NON_TTY_INTERVAL_S", 0.0)
+    args = [a for a in TINY if a != "--no_progress"] + ["--limit_train", "12", "--epochs", "2", "--max_steps", "5",
+                                                        "--log_every", "10", "--out_dir", str(tmp_path / "run")]
+    assert train.main(args) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith("epoch ")]
+    # 12 images / batch 4 = 3 steps per epoch; --max_steps 5 leaves 2 for the second epoch
+    assert any(line.startswith("epoch 1/2:") and "2/3 [" in line for line in lines), lines
+    assert any(line.startswith("epoch 2/2:") and "1/2 [" in line for line in lines), lines
+    started = [line for line in lines if " 0/" not in line]  # a bar's first line has no rate yet
+    assert started and all(re.search(r"\[\d\d:\d\d<\d\d:\d\d, +[\d.]+ ?(step/s|s/step)\]", line)
+                           for line in started), lines
