@@ -64,7 +64,8 @@ def nll_sums(logits: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def evaluate_bpd(model, pixels: torch.Tensor, batch_size: int, device: torch.device, precision: str = "fp32",
                  progress: bool = True, desc: str = "eval") -> dict:
-    """Bits per dimension of ``model`` on every image of ``pixels`` (N, T).
+    """Bits per dimension of ``model`` on every image of ``pixels`` (N, T) (the first pixel left out
+    when the model does not model it: ``first_pixel="uniform"``, the first release's).
 
     Each rank scores its own images (``eval_shard``: every image exactly once over all
     ranks, no padding), the NLL sums and dimension counts are summed across ranks, then
@@ -74,6 +75,7 @@ def evaluate_bpd(model, pixels: torch.Tensor, batch_size: int, device: torch.dev
     """
     was_training = model.training
     model.eval()
+    first = model.cfg.first_scored  # 1 for the first release's unmodelled first pixel
     idx = eval_shard(len(pixels), get_rank(), get_world_size())
     total = torch.zeros((), dtype=torch.float64)
     bar = progress_bar(range(0, len(idx), batch_size), enabled=progress, desc=desc, leave=False)
@@ -81,11 +83,12 @@ def evaluate_bpd(model, pixels: torch.Tensor, batch_size: int, device: torch.dev
         x = pixels[idx[s:s + batch_size]].to(device, non_blocking=True).long()
         with autocast(device, precision):
             logits = model(x)
-        total += nll_sums(logits, x).sum().cpu()
+        total += nll_sums(logits[:, first:], x[:, first:]).sum().cpu()
     model.train(was_training)
     nll_sum = float(all_reduce_sum(total))
-    dims = int(all_reduce_sum(int(idx.numel()) * pixels.shape[1]))
-    return {"nll_nats": nll_sum / dims, "bpd": nll_sum / (dims * math.log(2.0)), "num_images": dims // pixels.shape[1]}
+    images = int(all_reduce_sum(int(idx.numel())))
+    dims = images * (pixels.shape[1] - first)
+    return {"nll_nats": nll_sum / dims, "bpd": nll_sum / (dims * math.log(2.0)), "num_images": images}
 
 
 # --------------------------------------------------------------------------- trained runs

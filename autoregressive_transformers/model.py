@@ -154,7 +154,8 @@ class PixelTransformer(nn.Module):
                stats: dict | None = None) -> torch.Tensor:
         """Samples whole images (B, T) (int64) with the decoding caches.
 
-        ``prefix`` (B, P): pixels given (completion); the rest is sampled. ``temperature``
+        ``prefix`` (B, P): pixels given (completion); the rest is sampled (``first_pixel="uniform"``:
+        without a prefix the first pixel is drawn uniformly, as the first release did). ``temperature``
         0 takes the most likely value. ``progress`` is an optional callable(n_tokens_done).
         ``stats``, a dict, receives the largest decoding-cache size seen as "cache_bytes".
         """
@@ -166,6 +167,8 @@ class PixelTransformer(nn.Module):
             batch_size, p = prefix.shape
             if not 0 < p < t_total:
                 raise ValueError(f"prefix length must be in [1, {t_total - 1}], got {p}")
+        if prefix is None and self.cfg.first_pixel == "uniform":  # the first release: a uniform first pixel
+            prefix = torch.randint(0, self.cfg.vocab_size, (batch_size, 1), device=device, generator=generator)
         state = self.new_state(batch_size, device, dtype)
         out = torch.empty(batch_size, t_total, dtype=torch.long, device=device)
         if prefix is None:

@@ -191,6 +191,6 @@ def test_command_line_refusal_is_one_line_exit_2_nothing_written(tmp_path, modul
     done = subprocess.run([sys.executable, "-m", f"autoregressive_transformers.{module}", *argv], env=_env(),
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 2, done.stderr
-    assert done.stderr.splitlines() == [f"error: {words}"]
+    assert done.stderr.splitlines() == [f"error: {words} (see python -m autoregressive_transformers.{module} --help)"]
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
 
