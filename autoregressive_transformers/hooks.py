@@ -58,7 +58,7 @@ class PixelHooks(TrainHooks):
     def step_record(self, state, window):
         record = dict(train_loss=window["train_loss"], train_bpd=window["train_loss"] / math.log(2), lr=window["lr"],
                       steps_per_s=window["steps_per_s"], tokens_per_s=window["tokens_per_s"])
-        for key in ("tflops_per_device", "mfu"):
+        for key in ("grad_norm", "tflops_per_device", "mfu"):  # grad_norm: only when clipping
             if key in window:
                 record[key] = window[key]
         sig = sigma_per_layer(self.model)
