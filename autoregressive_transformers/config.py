@@ -7,6 +7,11 @@ attention of the registry (``krause.nn.attention_names("causal")``).
 ``window``, ``top_k``, ``sigma`` and ``attn_impl`` are the fields of the embedded
 ``KrauseConfig`` (``ModelConfig.krause_config``; defaults ``KrauseConfig()``'s); a
 dataset preset's ``krause`` entry overrides them by their KrauseConfig names.
+
+The training command line lives here too (``build_train_parser`` / ``parse_train_args``):
+every numeric flag declares its range once (``krause.training.ranges``), read by the
+parser, by ``check_namespace`` for defaults and preset values, and by ``check_run_config``
+for a config read back from disk; ``PRESETS`` are named flag defaults (``paper``).
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ from krause.nn.config import config_from_fields
 from krause.training.config import RUNTIME_KEYS
 from krause.training.entry import OneLineParser
 from krause.training.errors import UsageError
-from krause.training.ranges import (NONNEGATIVE_FLOAT, POSITIVE_FLOAT, POSITIVE_INT, SEED, Range, check_mapping,
-                                    check_namespace)
+from krause.training.ranges import (NONNEGATIVE_FLOAT, NONNEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED, Range,
+                                    check_mapping, check_namespace)
 
 #: attention name -> model name used in the paper (other registry names are accepted too)
 ATTENTIONS = {"krause": "KARM", "vanilla": "ARM", "linear": "LARM"}
@@ -234,14 +239,17 @@ def build_train_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--eval_batch_size", type=POSITIVE_INT, default=None,
                    help="per process (default: 2x the per-process batch)")
-    g.add_argument("--eval_every", type=Range(int, ge=0), default=0, help="also evaluate every N steps (0: once per epoch)")
+    g.add_argument("--eval_every", type=NONNEGATIVE_INT, default=0,
+                   help="also evaluate every N steps (0: once per epoch)")
     g.add_argument("--log_every", type=POSITIVE_INT, default=50, help="log training loss every N steps")
-    g.add_argument("--save_every", type=Range(int, ge=0), default=1000,
+    g.add_argument("--save_every", type=NONNEGATIVE_INT, default=1000,
                    help="also checkpoint every N steps (0: only at evaluations and on signals)")
-    g.add_argument("--keep_latest_k", type=POSITIVE_INT, default=2, help="step checkpoints kept (the best is kept apart)")
+    g.add_argument("--keep_latest_k", type=POSITIVE_INT, default=2,
+                   help="step checkpoints kept (the best is kept apart)")
     g.add_argument("--no_progress", action="store_true", help="no progress bars")
     g.add_argument("--peak_tflops", type=POSITIVE_FLOAT, default=None,
-                   help="peak TFLOP/s of one device for MFU in the metrics (default: known GPUs' bf16 peak; none on CPU)")
+                   help="peak TFLOP/s of one device for MFU in the metrics (default: known GPUs' bf16 peak; "
+                        "none on CPU)")
     return p
 
 

@@ -10,7 +10,6 @@ half given, 4 completions each). Everything lands in --out_dir.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 

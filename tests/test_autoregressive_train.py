@@ -373,7 +373,8 @@ def test_launch_template_passes_a_usage_error_through_as_one_line(tmp_path):
                           cwd=tmp_path)
     assert done.returncode == 2, done.stderr
     assert [line for line in done.stderr.splitlines() if line.strip()] == [
-        "error: argument --window: must be an integer >= 1, got 0 (see python -m autoregressive_transformers.train --help)"]
+        "error: argument --window: must be an integer >= 1, got 0 "
+        "(see python -m autoregressive_transformers.train --help)"]
     assert not (tmp_path / "run").exists()
 
 
