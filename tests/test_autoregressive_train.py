@@ -89,7 +89,7 @@ def uninterrupted(tmp_path_factory):
 def test_interrupt_then_resume_reproduces_uninterrupted_run(uninterrupted, tmp_path, sig):
     """kill -9 (nothing saved on the way out, the lock stays behind), SIGTERM and Ctrl-C (a clean save and
     exit) at a random step, then --resume: the weights and every logged loss equal the uninterrupted run's."""
-    at_step = random.Random().randint(2, 18)
+    at_step = random.Random().randint(2, 16)  # leaves a few steps for the signal to land before step 24
     parts = tmp_path / "parts"
     proc = subprocess.Popen([sys.executable, "-m", "autoregressive_transformers.train", *FAULT_ARGS,
                              "--out_dir", str(parts)], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
