@@ -19,10 +19,8 @@ from krause.training.distributed import all_reduce_sum, get_rank, get_world_size
 from krause.training.errors import UsageError, one_line
 from krause.training.metrics import progress_bar
 
-from .config import ModelConfig
+from .config import PRECISIONS, ModelConfig, check_run_config
 from .model import PixelTransformer
-
-PRECISIONS = ("fp32", "bf16")
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -33,6 +31,19 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UsageError("device cuda was asked for but CUDA is not available")
     return torch.device(name)
+
+
+def check_attn_impl(cfg: ModelConfig, device: torch.device, flag: str = "--attn_impl") -> None:
+    """The one check of every entry point, before anything is written: the Krause op's implementation
+    `cfg.attn_impl` can run on `device` (e.g. triton needs CUDA); else one line naming `flag`."""
+    if cfg.attn_impl == "auto":
+        return
+    from krause.dispatch import choose_impl
+
+    try:
+        choose_impl("causal", device, cfg.attn_impl, window=cfg.window)
+    except ValueError as e:
+        raise UsageError(f"{flag} {cfg.attn_impl}: {one_line(e)}; pass --attn_impl auto") from None
 
 
 def autocast(device: torch.device, precision: str):
@@ -53,7 +64,8 @@ def nll_sums(logits: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def evaluate_bpd(model, pixels: torch.Tensor, batch_size: int, device: torch.device, precision: str = "fp32",
                  progress: bool = True, desc: str = "eval") -> dict:
-    """Bits per dimension of ``model`` on every image of ``pixels`` (N, T).
+    """Bits per dimension of ``model`` on every image of ``pixels`` (N, T) (the first pixel left out
+    when the model does not model it: ``first_pixel="uniform"``, the first release's).
 
     Each rank scores its own images (``eval_shard``: every image exactly once over all
     ranks, no padding), the NLL sums and dimension counts are summed across ranks, then
@@ -63,6 +75,7 @@ def evaluate_bpd(model, pixels: torch.Tensor, batch_size: int, device: torch.dev
     """
     was_training = model.training
     model.eval()
+    first = model.cfg.first_scored  # 1 for the first release's unmodelled first pixel
     idx = eval_shard(len(pixels), get_rank(), get_world_size())
     total = torch.zeros((), dtype=torch.float64)
     bar = progress_bar(range(0, len(idx), batch_size), enabled=progress, desc=desc, leave=False)
@@ -70,11 +83,12 @@ def evaluate_bpd(model, pixels: torch.Tensor, batch_size: int, device: torch.dev
         x = pixels[idx[s:s + batch_size]].to(device, non_blocking=True).long()
         with autocast(device, precision):
             logits = model(x)
-        total += nll_sums(logits, x).sum().cpu()
+        total += nll_sums(logits[:, first:], x[:, first:]).sum().cpu()
     model.train(was_training)
     nll_sum = float(all_reduce_sum(total))
-    dims = int(all_reduce_sum(int(idx.numel()) * pixels.shape[1]))
-    return {"nll_nats": nll_sum / dims, "bpd": nll_sum / (dims * math.log(2.0)), "num_images": dims // pixels.shape[1]}
+    images = int(all_reduce_sum(int(idx.numel())))
+    dims = images * (pixels.shape[1] - first)
+    return {"nll_nats": nll_sum / dims, "bpd": nll_sum / (dims * math.log(2.0)), "num_images": images}
 
 
 # --------------------------------------------------------------------------- trained runs
@@ -109,10 +123,12 @@ def load_trained(run_dir: str | Path | None, which: str = "best", device: torch.
     config = checkpoint_meta(path).get("config") or {}
     if "model" not in config or not isinstance(config["model"], dict):
         raise UsageError(f"checkpoint {path} has no pixel-model config (not written by autoregressive_transformers.train)")
+    check_run_config(config, f"checkpoint {path}")
     fields = dict(config["model"])
     if attn_impl is not None:
         fields["attn_impl"] = attn_impl
     cfg = ModelConfig.from_dict(fields)
+    check_attn_impl(cfg, torch.device(device), "--attn_impl" if attn_impl is not None else "the run's attn_impl")
     model = PixelTransformer(cfg)
     try:
         load_model_weights(model, path)

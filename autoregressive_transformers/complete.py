@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from krause.training.ranges import NONNEGATIVE_FLOAT, POSITIVE_INT, SEED, Range, check_namespace
 from krause.training.run_dir import atomic_write_text
 
 from krause.dispatch import IMPLS
@@ -31,20 +32,23 @@ from krause.training.entry import entry_point
 
 from .common import (PRECISIONS, UsageError, autocast, check_outputs, checkpoint_path, load_trained, nll_sums,
                      resolve_device, run_main, run_root)
+from .config import OneLineParser
 from .data import image_shape, load_pixels, tokens_to_images
 from .generate import sample_batches
 
+FRACTION = Range(float, gt=0, lt=1)  # of the rows given: something given, something left to sample
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m autoregressive_transformers.complete", description=__doc__.split("\n")[0])
+    p = OneLineParser(prog="python -m autoregressive_transformers.complete", description=__doc__.split("\n")[0])
     p.add_argument("--run_dir", default=None, help="training run directory")
     p.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint path")
-    p.add_argument("--fraction", type=float, default=0.5, help="fraction of the rows given, in (0, 1)")
-    p.add_argument("--num_images", type=int, default=8, help="test images to complete (the first N)")
-    p.add_argument("--num_samples", type=int, default=4, help="completions per image")
-    p.add_argument("--batch_size", type=int, default=64, help="sequences decoded together")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fraction", type=FRACTION, default=0.5, help="fraction of the rows given, in (0, 1)")
+    p.add_argument("--num_images", type=POSITIVE_INT, default=8, help="test images to complete (the first N)")
+    p.add_argument("--num_samples", type=POSITIVE_INT, default=4, help="completions per image")
+    p.add_argument("--batch_size", type=POSITIVE_INT, default=64, help="sequences decoded together")
+    p.add_argument("--temperature", type=NONNEGATIVE_FLOAT, default=1.0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--data_path", default=None, help="default: the training run's")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="fp32", choices=PRECISIONS)
@@ -59,8 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 def given_rows(fraction: float, height: int) -> int:
     """Rows given for a ``fraction`` in (0, 1): round(fraction * height), at least 1 and
     at most height - 1 so something is always given and something left to sample."""
-    if not (isinstance(fraction, (int, float)) and 0.0 < fraction < 1.0):
-        raise UsageError(f"--fraction must be in (0, 1), got {fraction}")
+    FRACTION.check("--fraction", fraction)
     return min(height - 1, max(1, round(fraction * height)))
 
 
@@ -105,14 +108,9 @@ def completion_figure(given: np.ndarray, samples: np.ndarray, truth: np.ndarray,
 
 @entry_point
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    for name in ("num_images", "num_samples", "batch_size"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if not args.temperature >= 0:
-        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
+    parser = build_parser()
+    args = check_namespace(parser.parse_args(argv), parser)
     device = resolve_device(args.device)
-    given_rows(args.fraction, 2)  # the range check, before any work
     tag = args.tag or f"f{args.fraction:g}_t{args.temperature:g}_s{args.seed}"
     if args.run_dir is None and args.checkpoint in ("best", "last"):
         raise UsageError("give --run_dir (a training run directory) or --checkpoint PATH")

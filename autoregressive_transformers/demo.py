@@ -10,31 +10,28 @@ half given, 4 completions each). Everything lands in --out_dir.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 from krause.training.entry import entry_point
+from krause.training.ranges import POSITIVE_INT, check_namespace
 
 from . import complete, generate, train
-from .common import UsageError, run_main
+from .common import run_main
+from .config import OneLineParser
 
 
 @entry_point
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m autoregressive_transformers.demo", description=__doc__.split("\n")[0])
+    p = OneLineParser(prog="python -m autoregressive_transformers.demo", description=__doc__.split("\n")[0])
     p.add_argument("--out_dir", required=True)
     p.add_argument("--attn", default="krause", help="krause, vanilla or linear")
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--limit_test", type=int, default=None,
+    p.add_argument("--steps", type=POSITIVE_INT, default=400)
+    p.add_argument("--limit_test", type=POSITIVE_INT, default=None,
                    help="score the first N test digits only (default: all 1,000; the evaluations dominate short runs)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no_progress", action="store_true")
-    args = p.parse_args(argv)
-    if args.steps < 1:
-        raise UsageError(f"--steps must be >= 1, got {args.steps}")
-    if args.limit_test is not None and args.limit_test < 1:
-        raise UsageError(f"--limit_test must be >= 1, got {args.limit_test}")
+    args = check_namespace(p.parse_args(argv), p)
     out = Path(args.out_dir).expanduser().resolve()
     common = ["--device", args.device] + (["--no_progress"] if args.no_progress else [])
     status = train.main(["--attn", args.attn, "--dim", "64", "--num_layers", "2", "--num_heads", "4",

@@ -20,20 +20,22 @@ from krause.training.run_dir import atomic_write_text
 from krause.dispatch import IMPLS
 
 from krause.training.entry import entry_point
+from krause.training.ranges import POSITIVE_INT, check_namespace
 
 from .common import (PRECISIONS, UsageError, check_output_file, checkpoint_name, checkpoint_path, evaluate_bpd,
                      load_trained, resolve_device, run_main, run_root)
+from .config import OneLineParser
 from .data import load_pixels
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m autoregressive_transformers.evaluate", description=__doc__.split("\n")[0])
+    p = OneLineParser(prog="python -m autoregressive_transformers.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--run_dir", default=None, help="training run directory")
     p.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint path")
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--data_path", default=None, help="default: the training run's")
-    p.add_argument("--limit", type=int, default=None, help="first N images only (default: the training run's limit for test)")
-    p.add_argument("--batch_size", type=int, default=32, help="per process")
+    p.add_argument("--limit", type=POSITIVE_INT, default=None, help="first N images only (default: the training run's limit for test)")
+    p.add_argument("--batch_size", type=POSITIVE_INT, default=32, help="per process")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="fp32", choices=PRECISIONS)
     p.add_argument("--out", default=None, help="JSON output path")
@@ -45,9 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 @entry_point
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.batch_size < 1:
-        raise UsageError(f"--batch_size must be >= 1, got {args.batch_size}")
+    parser = build_parser()
+    args = check_namespace(parser.parse_args(argv), parser)
     device = resolve_device(args.device)
     if args.run_dir is None and args.checkpoint in ("best", "last"):
         raise UsageError("give --run_dir (a training run directory) or --checkpoint PATH")

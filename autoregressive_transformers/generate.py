@@ -21,24 +21,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from krause.training.entry import entry_point
 from krause.training.metrics import progress_bar
+from krause.training.ranges import NONNEGATIVE_FLOAT, POSITIVE_INT, SEED, check_namespace
 from krause.training.run_dir import atomic_write_text
 
 from krause.dispatch import IMPLS
 
 from .common import (PRECISIONS, UsageError, autocast, check_outputs, checkpoint_path, image_grid, load_trained,
                      resolve_device, run_main, run_root, save_png)
+from .config import OneLineParser
 from .data import image_shape, tokens_to_images
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m autoregressive_transformers.generate", description=__doc__.split("\n")[0])
+    p = OneLineParser(prog="python -m autoregressive_transformers.generate", description=__doc__.split("\n")[0])
     p.add_argument("--run_dir", default=None, help="training run directory")
     p.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint path")
-    p.add_argument("--num_samples", type=int, default=64)
-    p.add_argument("--batch_size", type=int, default=64, help="images decoded together")
-    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (0: most likely value)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_samples", type=POSITIVE_INT, default=64)
+    p.add_argument("--batch_size", type=POSITIVE_INT, default=64, help="images decoded together")
+    p.add_argument("--temperature", type=NONNEGATIVE_FLOAT, default=1.0, help="softmax temperature (0: most likely value)")
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="fp32", choices=PRECISIONS)
     p.add_argument("--out_dir", default=None, help="default: <run_dir>/samples")
@@ -93,13 +96,10 @@ def sample_batches(model, num: int, batch_size: int, temperature: float, seed: i
     return torch.cat(out), stats
 
 
+@entry_point
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    for name in ("num_samples", "batch_size"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if not args.temperature >= 0:
-        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
+    parser = build_parser()
+    args = check_namespace(parser.parse_args(argv), parser)
     device = resolve_device(args.device)
     # outputs checked before any work: a file in the way or earlier results are never replaced silently
     if args.run_dir is None and args.checkpoint in ("best", "last"):

@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from transformers.cache_utils import Cache
+
+from krause.cache import install_layers
 from krause.nn import build_attention
 
 from .config import ModelConfig
@@ -47,17 +50,36 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
-class DecodeState:
-    """Per-layer attention caches plus the position of the next token."""
+class DecodeState(Cache):
+    """The decoding cache of one batch: a ``transformers.Cache`` holding one layer of the decoding-cache
+    contract per block (``krause.cache``'s Krause window and KV layers; linear attention's recurrent
+    state, a transformers linear-attention layer), filled by ``krause.cache.install_layers``, plus the
+    position of the next token."""
 
-    def __init__(self, caches: list, batch_size: int):
-        self.caches = caches
-        self.batch_size = batch_size
+    def __init__(self, batch_size: int):
+        super().__init__(layers=[])
+        self.rows = batch_size
         self.pos = 0
 
     @property
+    def batch_size(self) -> int:
+        return self.rows
+
+    @property
+    def caches(self) -> list:
+        return self.layers
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self.rows = len(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self.rows *= repeats
+
+    @property
     def nbytes(self) -> int:
-        return sum(c.nbytes for c in self.caches)
+        return sum(layer.nbytes for layer in self.layers)
 
 
 class PixelTransformer(nn.Module):
@@ -127,9 +149,10 @@ class PixelTransformer(nn.Module):
         device = device if device is not None else self.pos_emb.device
         # The sequence length is known: growing caches are sized once (CIFAR-10's 3,072
         # tokens would otherwise double 256 -> 4096 slots); windows and states ignore it.
-        caches = [blk.attn.new_cache(batch_size, device=device, dtype=dtype, capacity=self.cfg.seq_len)
-                  for blk in self.blocks]
-        return DecodeState(caches, batch_size)
+        state = DecodeState(batch_size)
+        install_layers(state, lambda: [blk.attn.new_cache(batch_size, device=device, dtype=dtype,
+                                                          capacity=self.cfg.seq_len) for blk in self.blocks])
+        return state
 
     @torch.no_grad()
     def decode(self, ids: torch.Tensor, state: DecodeState) -> torch.Tensor:
@@ -154,7 +177,8 @@ class PixelTransformer(nn.Module):
                stats: dict | None = None) -> torch.Tensor:
         """Samples whole images (B, T) (int64) with the decoding caches.
 
-        ``prefix`` (B, P): pixels given (completion); the rest is sampled. ``temperature``
+        ``prefix`` (B, P): pixels given (completion); the rest is sampled (``first_pixel="uniform"``:
+        without a prefix the first pixel is drawn uniformly, as the first release did). ``temperature``
         0 takes the most likely value. ``progress`` is an optional callable(n_tokens_done).
         ``stats``, a dict, receives the largest decoding-cache size seen as "cache_bytes".
         """
@@ -166,6 +190,8 @@ class PixelTransformer(nn.Module):
             batch_size, p = prefix.shape
             if not 0 < p < t_total:
                 raise ValueError(f"prefix length must be in [1, {t_total - 1}], got {p}")
+        if prefix is None and self.cfg.first_pixel == "uniform":  # the first release: a uniform first pixel
+            prefix = torch.randint(0, self.cfg.vocab_size, (batch_size, 1), device=device, generator=generator)
         state = self.new_state(batch_size, device, dtype)
         out = torch.empty(batch_size, t_total, dtype=torch.long, device=device)
         if prefix is None:

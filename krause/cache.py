@@ -524,10 +524,14 @@ class GatedCacheLayer(CacheLayerMixin):
 def install_layers(cache: Cache, make_layers) -> list:
     """The contract's layers inside ``cache`` (a transformers ``Cache``, e.g. the one
     ``generate()`` created): ``make_layers()`` fills a cache that holds no token yet; a
-    cache already filled must hold the layers made before. Returns ``cache.layers``."""
+    cache already filled must hold the layers made before (the contract's, or linear
+    attention's recurrent state, ``krause.nn.LinearAttentionState``). Returns ``cache.layers``."""
     if not isinstance(cache, Cache):
         raise ValueError(f"past_key_values must be a transformers Cache, got {type(cache).__name__}")
-    if cache.layers and all(isinstance(layer, (_TokenLayer, GatedCacheLayer)) for layer in cache.layers):
+    from .nn.linear import LinearAttentionState  # krause.nn imports this module's layers lazily too
+
+    if cache.layers and all(isinstance(layer, (_TokenLayer, GatedCacheLayer, LinearAttentionState))
+                            for layer in cache.layers):
         return cache.layers
     if any(layer.get_seq_length() > 0 for layer in cache.layers if isinstance(layer, CacheLayerMixin)):
         raise ValueError("past_key_values already holds tokens in layers this model did not make; pass a fresh cache")

@@ -323,3 +323,38 @@ def test_attn_impl_reaches_every_krause_layer():
         torch.testing.assert_close(model(x), tiny("krause")(x), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="^attn_impl must be one of"):
         ModelConfig(attn_impl="cuda")
+
+
+# --------------------------------------------------------------------------- one decoding-cache contract
+@pytest.mark.parametrize("attn", ATTNS)
+def test_decode_state_is_a_transformers_cache_of_contract_layers(attn):
+    """DecodeState is a transformers Cache filled by krause.cache.install_layers, for every attention
+    (linear's recurrent state is a transformers linear-attention layer): the Cache's row operations act
+    on every layer, and decoding on after them equals decoding the reordered rows from the start."""
+    from transformers.cache_utils import Cache, LinearAttentionCacheLayerMixin
+
+    from krause.cache import KrauseWindowLayer, KVCacheLayer, install_layers
+
+    model = tiny(attn)
+    expected = {"krause": KrauseWindowLayer, "vanilla": KVCacheLayer, "linear": LinearAttentionCacheLayerMixin}[attn]
+    x = torch.randint(0, 256, (3, 100), generator=torch.Generator().manual_seed(7))
+    state = model.new_state(3)
+    assert isinstance(state, Cache) and len(state) == model.cfg.num_layers
+    assert all(isinstance(layer, expected) for layer in state.layers)
+    model.prefill(x[:, :30], state)
+    layers = list(state.layers)
+    assert install_layers(state, lambda: pytest.fail("a filled cache keeps its layers")) == layers
+    order = torch.tensor([2, 0, 1])
+    state.reorder_cache(order)  # beam search's reorder, through transformers' Cache
+    step = model.decode(x[order, 30:31], state)
+    fresh = model.new_state(3)
+    model.prefill(x[order, :30], fresh)
+    torch.testing.assert_close(step, model.decode(x[order, 30:31], fresh))
+    state.batch_select_indices(torch.tensor([1]))  # keep one row
+    assert state.batch_size == 1
+    torch.testing.assert_close(model.decode(x[order[1:2], 31:32], state),
+                               model.decode(x[order, 31:32], fresh)[1:2])
+    state.batch_repeat_interleave(2)
+    assert state.batch_size == 2
+    torch.testing.assert_close(model.decode(x[order[1:2], 32:33].repeat(2, 1), state),
+                               model.decode(x[order, 32:33], fresh)[1:2].repeat(2, 1, 1))

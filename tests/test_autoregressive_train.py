@@ -5,7 +5,9 @@ learning the embedded MNIST digits, generation, completion and bad-input errors.
 from __future__ import annotations
 
 import json
+import re
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -59,36 +61,103 @@ def _test_bpds(run_dir):
     return [(r["step"], r["test_bpd"]) for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "test_bpd" in r]
 
 
-# --------------------------------------------------------------------------- resume
-@pytest.mark.slow
-def test_kill_9_then_resume_reproduces_uninterrupted_run(tmp_path):
-    args = TINY + ["--epochs", "3", "--log_every", "1", "--save_every", "5"]
-    whole, parts = tmp_path / "whole", tmp_path / "parts"
-    assert train.main(args + ["--out_dir", str(whole)]) == 0
+# --------------------------------------------------------------------------- resume (the fault matrix)
+FAULT_ARGS = TINY + ["--epochs", "3", "--log_every", "1", "--save_every", "5"]  # 8 steps per epoch, 24 in all
+TIMING_KEYS = {"steps_per_s", "tokens_per_s", "tflops_per_device", "mfu", "time", "wall_time", "elapsed_s"}
 
-    proc = subprocess.Popen([sys.executable, "-m", "autoregressive_transformers.train", *args, "--out_dir", str(parts)],
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+def _losses(run_dir):
+    """Every logged train loss and test BPD by step (timings left out: they are not results)."""
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in read_metrics(Path(run_dir) / "metrics.jsonl")
+            if "train_loss" in r or "test_bpd" in r]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run = tmp_path_factory.mktemp("whole") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert train.main(FAULT_ARGS + ["--out_dir", str(run)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_interrupt_then_resume_reproduces_uninterrupted_run(uninterrupted, tmp_path, sig):
+    """kill -9 (nothing saved on the way out, the lock stays behind), SIGTERM and Ctrl-C (a clean save and
+    exit) at a random step, then --resume: the weights and every logged loss equal the uninterrupted run's."""
+    at_step = random.Random().randint(2, 16)  # leaves a few steps for the signal to land before step 24
+    parts = tmp_path / "parts"
+    proc = subprocess.Popen([sys.executable, "-m", "autoregressive_transformers.train", *FAULT_ARGS,
+                             "--out_dir", str(parts)], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     metrics = parts / "metrics.jsonl"
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if Checkpointer(parts / "checkpoints").latest_step() is not None and \
-                any(r.get("step", 0) >= 6 for r in read_metrics(metrics)):
+        if metrics.is_file() and any(r.get("step", 0) >= at_step for r in read_metrics(metrics)) and \
+                (sig != signal.SIGKILL or Checkpointer(parts / "checkpoints").latest_step() is not None):
             break
         time.sleep(0.02)
-    proc.kill()  # SIGKILL: nothing is saved on the way out; the run lock stays behind
-    proc.communicate(timeout=120)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=300)
     stopped = _state(parts)
-    assert 5 <= stopped["step"] < 24, "the kill should land mid-run"
-    assert (parts / ".lock").is_file() and not (parts / "results.json").exists()
+    assert stopped["step"] < 24, f"the {sig.name} at step {at_step} should land mid-run: {out[-2000:]}"
+    assert not (parts / "results.json").exists()
+    if sig == signal.SIGKILL:
+        assert (parts / ".lock").is_file()
+    else:  # a graceful stop: saved where it stopped, exit 0, the lock released
+        assert proc.returncode == 0, out[-3000:]
+        assert "rerun with --resume" in out and not (parts / ".lock").exists()
+        assert stopped["step"] >= at_step
 
-    assert train.main(args + ["--out_dir", str(parts), "--resume"]) == 0
-    a, b = _state(whole), _state(parts)
+    assert train.main(FAULT_ARGS + ["--out_dir", str(parts), "--resume"]) == 0
+    a, b = _state(uninterrupted), _state(parts)
     assert a["step"] == b["step"] == 24
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
-    assert _test_bpds(whole) == _test_bpds(parts)
+    assert _losses(uninterrupted) == _losses(parts)
     assert json.loads((parts / "results.json").read_text())["test_bpd"] == json.loads(
-        (whole / "results.json").read_text())["test_bpd"]
+        (uninterrupted / "results.json").read_text())["test_bpd"]
+
+
+def test_same_seed_twice_gives_identical_weights_and_metrics(tmp_path):
+    """Dropout on, two processes' worth of runs in one: the seed alone decides the run."""
+    args = TINY + ["--max_steps", "3", "--log_every", "1", "--dropout", "0.1"]
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for run in runs:
+        assert train.main(args + ["--out_dir", str(run)]) == 0
+    a, b = (_state(run) for run in runs)
+    assert a["step"] == b["step"] == 3
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert _losses(runs[0]) == _losses(runs[1]) and len(_losses(runs[0])) == 4
+    other = tmp_path / "other_seed"
+    assert train.main(args + ["--out_dir", str(other), "--seed", "1"]) == 0
+    assert _losses(other) != _losses(runs[0])  # the check can fail: the seed matters
+
+
+def test_second_writer_on_a_running_run_dir_is_refused_in_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "autoregressive_transformers.train", *TINY, "--epochs", "100",
+                             "--out_dir", str(out)], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and not (out / "metrics.jsonl").is_file():
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        before = (out / "config.json").read_bytes()
+        for extra in (["--resume"], ["--overwrite"]):
+            err = _fails(train.main, TINY + ["--epochs", "100", "--out_dir", str(out), *extra], capsys,
+                         "is in use by another trainer")
+            assert f"pid {proc.pid}" in err, err
+        assert (out / "config.json").read_bytes() == before
+    finally:
+        proc.kill()
+        proc.communicate(timeout=120)
 
 
 # --------------------------------------------------------------------------- DDP
@@ -261,7 +330,7 @@ def test_resume_with_another_config_is_refused_untouched(tmp_path, capsys):
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     for fraction in ("0", "1", "1.5"):
         _fails(complete.main, ["--run_dir", str(out), "--checkpoint", "last", "--fraction", fraction,
-                               "--device", "cpu"], capsys, "--fraction must be in (0, 1)")
+                               "--device", "cpu"], capsys, "--fraction: must be a finite number in (0, 1)")
     # outputs are checked before any work, and never silently replaced
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
@@ -303,7 +372,9 @@ def test_launch_template_passes_a_usage_error_through_as_one_line(tmp_path):
     done = subprocess.run(["bash", str(LAUNCH / "train.sh")], env=env, capture_output=True, text=True, timeout=300,
                           cwd=tmp_path)
     assert done.returncode == 2, done.stderr
-    assert [line for line in done.stderr.splitlines() if line.strip()] == ["error: window must be >= 1, got 0"]
+    assert [line for line in done.stderr.splitlines() if line.strip()] == [
+        "error: argument --window: must be an integer >= 1, got 0 "
+        "(see python -m autoregressive_transformers.train --help)"]
     assert not (tmp_path / "run").exists()
 
 
@@ -382,3 +453,24 @@ def test_demo_runs_end_to_end_with_an_evaluation_before_the_first_log(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert (out / "figures" / "bpd.png").exists() and (out / "figures" / "sigma.png").exists()
     assert list((out / "samples").glob("*.png")) and list((out / "completions").glob("*.png"))
+
+
+# --------------------------------------------------------------------------- progress
+def test_training_progress_is_whole_lines_with_rate_and_eta_when_not_a_terminal(tmp_path, capsys, monkeypatch):
+    """stderr captured (not a tty): the per-step bar writes whole lines, each with the step count, rate and ETA
+    (the interval is 0 here so that every step writes one; a real log gets one line per 10 s)."""
+    import krause.training.metrics as km
+
+    monkeypatch.setattr(km, "NON_TTY_INTERVAL_S", 0.0)
+    args = [a for a in TINY if a != "--no_progress"] + ["--limit_train", "12", "--epochs", "2", "--max_steps", "5",
+                                                        "--log_every", "10", "--out_dir", str(tmp_path / "run")]
+    assert train.main(args) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith("epoch ")]
+    # 12 images / batch 4 = 3 steps per epoch; --max_steps 5 leaves 2 for the second epoch
+    assert any(line.startswith("epoch 1/2:") and "2/3 [" in line for line in lines), lines
+    assert any(line.startswith("epoch 2/2:") and "1/2 [" in line for line in lines), lines
+    started = [line for line in lines if " 0/" not in line]  # a bar's first line has no rate yet
+    assert started and all(re.search(r"\[\d\d:\d\d<\d\d:\d\d, +[\d.]+ ?(step/s|s/step)\]", line)
+                           for line in started), lines

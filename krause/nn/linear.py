@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from transformers.cache_utils import LinearAttentionLayer
 
 from ..dense import repeat_kv
 from .causal import CausalProjections
@@ -60,14 +61,25 @@ def causal_linear_attention(q, k, v, state=None, chunk: int = LINEAR_CHUNK, eps:
     return out, (s_end, z_end)
 
 
-class LinearAttentionState:
+class LinearAttentionState(LinearAttentionLayer):
     """Recurrent state of causal linear attention for one layer: S = sum phi(k) v^T
-    (B, H, D, D) and z = sum phi(k) (B, H, D), fp32. Constant size whatever the position."""
+    (B, H, D, D) and z = sum phi(k) (B, H, D), fp32. Constant size whatever the position.
+
+    A transformers linear-attention cache layer (its two recurrent states are S and z), so a
+    ``transformers.Cache`` holds it beside ``krause.cache``'s layers: ``reorder_cache`` (beam
+    search), ``batch_select_indices``, ``batch_repeat_interleave`` and ``reset`` work on it;
+    ``crop`` does not (a recurrent sum cannot be rolled back: transformers refuses it too)."""
 
     def __init__(self, batch_size: int, num_heads: int, head_dim: int, device=None):
-        self.s = torch.zeros(batch_size, num_heads, head_dim, head_dim, device=device)
-        self.z = torch.zeros(batch_size, num_heads, head_dim, device=device)
+        super().__init__(number_of_states=2)
+        self.recurrent_states[0] = torch.zeros(batch_size, num_heads, head_dim, head_dim, device=device)
+        self.recurrent_states[1] = torch.zeros(batch_size, num_heads, head_dim, device=device)
+        self.is_recurrent_states_initialized.update({0: True, 1: True})
+        self.device, self.dtype = self.recurrent_states[0].device, torch.float32
         self.pos = 0
+
+    s = property(lambda self: self.recurrent_states[0], lambda self, x: self.recurrent_states.__setitem__(0, x))
+    z = property(lambda self: self.recurrent_states[1], lambda self, x: self.recurrent_states.__setitem__(1, x))
 
     @property
     def batch_size(self) -> int:
@@ -77,13 +89,21 @@ class LinearAttentionState:
     def nbytes(self) -> int:
         return self.s.untyped_storage().nbytes() + self.z.untyped_storage().nbytes()
 
+    def get_seq_length(self) -> int:
+        return self.pos
+
     def reorder(self, index: torch.Tensor) -> None:
-        """Beam search: keeps the rows ``index``, in that order."""
-        self.s, self.z = self.s[index], self.z[index]
+        """Beam search: keeps the rows ``index``, in that order (``reorder_cache`` too)."""
+        self.reorder_cache(index)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.s, self.z = self.s[indices], self.z[indices]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.s, self.z = self.s.repeat_interleave(repeats, 0), self.z.repeat_interleave(repeats, 0)
 
     def reset(self) -> None:
-        self.s.zero_()
-        self.z.zero_()
+        super().reset()
         self.pos = 0
 
     def attend(self, q, k, v) -> torch.Tensor:
