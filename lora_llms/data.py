@@ -112,8 +112,9 @@ def _skip_reason(inputs, targets) -> str | None:
     return None
 
 
-def tokenize_example(tokenizer, inputs, targets, max_length: int):
-    """(features dict, None) for a usable example, (None, reason) otherwise."""
+def tokenize_example(tokenizer, inputs, targets, max_length: int, label_eos: bool = True):
+    """(features dict, None) for a usable example, (None, reason) otherwise; ``label_eos=False``
+    masks the final EOS from the loss (the first release's behaviour)."""
     reason = _skip_reason(inputs, targets)
     if reason:
         return None, reason
@@ -122,7 +123,7 @@ def tokenize_example(tokenizer, inputs, targets, max_length: int):
     ids = list(enc["input_ids"])
     labels = response_labels(ids, enc["offset_mapping"], len(prompt))
     ids.append(tokenizer.eos_token_id)
-    labels.append(tokenizer.eos_token_id)
+    labels.append(tokenizer.eos_token_id if label_eos else IGNORE_INDEX)
     truncated = len(ids) > max_length
     ids, labels = ids[:max_length], labels[:max_length]
     if all(label == IGNORE_INDEX for label in labels):
@@ -130,7 +131,8 @@ def tokenize_example(tokenizer, inputs, targets, max_length: int):
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels, "truncated": truncated}, None
 
 
-def tokenize_dataset(ds, tokenizer, max_length: int = 2048, num_proc: int | None = None, allow_empty: bool = False):
+def tokenize_dataset(ds, tokenizer, max_length: int = 2048, num_proc: int | None = None, allow_empty: bool = False,
+                     label_eos: bool = True):
     """Tokenized ``ds`` (input_ids, attention_mask, labels) and the :class:`TokenizeStats`
     (an empty result raises unless ``allow_empty``)."""
     if not getattr(tokenizer, "is_fast", False):
@@ -141,7 +143,7 @@ def tokenize_dataset(ds, tokenizer, max_length: int = 2048, num_proc: int | None
     def batch_fn(batch):
         out = {"input_ids": [], "attention_mask": [], "labels": [], "truncated": [], "skip": []}
         for inputs, targets in zip(batch["inputs"], batch["targets"]):
-            features, reason = tokenize_example(tokenizer, inputs, targets, max_length)
+            features, reason = tokenize_example(tokenizer, inputs, targets, max_length, label_eos)
             features = features or {"input_ids": [], "attention_mask": [], "labels": [], "truncated": False}
             for key, value in features.items():
                 out[key].append(value)
@@ -188,12 +190,13 @@ def collator(tokenizer, pad_to_multiple_of: int | None = None):
 
 
 def build_datasets(data_dir, tokenizer, *, num_train=50_000, num_eval=5_000, seed=3407, max_length=2048,
-                   num_proc=None):
+                   num_proc=None, label_eos=True):
     """(train, eval, stats) ready for the Trainer."""
     raw = load_raw(data_dir)
     train_raw, eval_raw = split_examples(raw, num_train, num_eval, seed)
-    train, train_stats = tokenize_dataset(train_raw, tokenizer, max_length, num_proc)
-    evals, eval_stats = (tokenize_dataset(eval_raw, tokenizer, max_length, num_proc, allow_empty=True)
+    train, train_stats = tokenize_dataset(train_raw, tokenizer, max_length, num_proc, label_eos=label_eos)
+    evals, eval_stats = (tokenize_dataset(eval_raw, tokenizer, max_length, num_proc, allow_empty=True,
+                                          label_eos=label_eos)
                          if len(eval_raw) else (None, None))
     if evals is not None and len(evals) == 0:
         log.warning("the eval split has no usable examples: training without evaluation")

@@ -28,90 +28,37 @@ dropout follow from it, and a resumed run continues the uninterrupted one exactl
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import math
 import os
 import signal
 import sys
 from pathlib import Path
 
-from krause.training.config import RUNTIME_KEYS
 from krause.training.entry import entry_point
 from krause.training.errors import UsageError
+from lora_llms.config import IGNORED_KEYS, MODES, PRESETS, parse_args  # noqa: F401  (the public names)
 
 log = logging.getLogger("lora_llms.train")
 
-MODES = ("lora", "krause")
 
+def check_before_writing(args) -> None:
+    """What can be refused from the flags and the files alone, before anything is built or written."""
+    from krause.training.ranges import check_mapping
+    from lora_llms import cli
+    from lora_llms.config import build_parser
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="LoRA / Krause-LoRA fine-tuning on FLAN v2")
-    p.add_argument("--mode", choices=MODES, required=True)
-    p.add_argument("--model", required=True, help="pretrained model path or hub id")
-    p.add_argument("--data_dir", required=True, help="folder of FLAN *.jsonl.gz / *.jsonl / *.json / *.parquet")
-    p.add_argument("--out_dir", required=True)
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in out_dir, if any")
-    # data
-    p.add_argument("--num_train", type=int, default=50_000)
-    p.add_argument("--num_eval", type=int, default=5_000)
-    p.add_argument("--shuffle_seed", type=int, default=3407)
-    p.add_argument("--max_length", type=int, default=2048)
-    # Krause patch
-    p.add_argument("--mix", choices=("gated", "krause"), default="gated")
-    p.add_argument("--window", type=int, default=32)
-    p.add_argument("--top_k", type=int, default=16)
-    p.add_argument("--sigma", type=float, default=5.5)
-    p.add_argument("--impl", default="auto", help="core op implementation")
-    # LoRA
-    p.add_argument("--lora_r", type=int, default=16)
-    p.add_argument("--lora_alpha", type=int, default=32)
-    p.add_argument("--lora_dropout", type=float, default=0.1)
-    # optimisation
-    p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--epochs", type=float, default=2.0)
-    p.add_argument("--max_steps", type=int, default=-1, help="stop after this many optimizer steps (-1: epochs)")
-    p.add_argument("--batch_size", type=int, default=4, help="per device")
-    p.add_argument("--grad_accum", type=int, default=8)
-    p.add_argument("--warmup_ratio", type=float, default=0.1)
-    p.add_argument("--weight_decay", type=float, default=0.01)
-    p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16")
-    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
-                   help="dtype the base model is loaded in (default: bf16/fp16 as --precision, else fp32)")
-    p.add_argument("--no_gradient_checkpointing", action="store_true")
-    p.add_argument("--attn_implementation", default="sdpa")
-    p.add_argument("--fsdp", default="", help="Trainer FSDP options, e.g. 'full_shard auto_wrap' ('' = DDP)")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--logging_steps", type=int, default=10)
-    p.add_argument("--eval_steps", type=int, default=500)
-    p.add_argument("--save_steps", type=int, default=500)
-    p.add_argument("--save_total_limit", type=int, default=3)
-    p.add_argument("--num_workers", type=int, default=2)
-    p.add_argument("--num_proc", type=int, default=None, help="processes for tokenization")
-    p.add_argument("--kill_at_step", type=int, default=None, help=argparse.SUPPRESS)  # tests: SIGKILL self
-    args = p.parse_args(argv)
-    if not math.isfinite(args.epochs) or args.epochs <= 0:
-        p.error(f"--epochs must be > 0, got {args.epochs}")
-    if args.lora_alpha < 1:
-        p.error(f"--lora_alpha must be >= 1, got {args.lora_alpha}")
-    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
-        p.error(f"--weight_decay must be >= 0, got {args.weight_decay}")
-    if args.seed < 0:
-        p.error(f"--seed must be >= 0, got {args.seed}")
-    for name in ("num_train", "max_length", "batch_size", "grad_accum", "lora_r", "window", "top_k",
-                 "logging_steps", "eval_steps", "save_steps"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.num_eval < 0:
-        p.error(f"--num_eval must be >= 0, got {args.num_eval}")
-    if not (args.lr > 0 and math.isfinite(args.lr)):
-        p.error(f"--lr must be > 0, got {args.lr}")
-    if not 0 <= args.warmup_ratio < 1:
-        p.error(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
-    if not 0 <= args.lora_dropout < 1:
-        p.error(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
-    return args
+    config = Path(args.out_dir).expanduser() / "config.json"
+    if args.resume and config.is_file():  # a resumed run's saved settings obey today's ranges too
+        try:
+            saved = json.loads(config.read_text())
+        except ValueError as e:
+            raise UsageError(f"out_dir: {config} is not JSON ({e}); restore it or start a new out_dir") from None
+        check_mapping(saved if isinstance(saved, dict) else {}, build_parser())
+    cli.check_model_dir(args.model)
+    cli.check_tokenizer(args.model)
+    if args.mode == "krause":
+        cli.check_impl(args.impl, cli.resolve_device(None), model_dtype(args), window=args.window)
 
 
 def _callbacks(metrics, kill_at_step=None):
@@ -191,13 +138,16 @@ def build_trainer_class():
     return KrauseTrainer
 
 
+def model_dtype(args) -> str:
+    return args.dtype or {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[args.precision]
+
+
 def load_model(args):
     import torch
     from transformers import AutoModelForCausalLM
 
-    dtype_name = args.dtype or {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[args.precision]
     model = AutoModelForCausalLM.from_pretrained(
-        args.model, dtype=getattr(torch, dtype_name), attn_implementation=args.attn_implementation
+        args.model, dtype=getattr(torch, model_dtype(args)), attn_implementation=args.attn_implementation
     )
     if args.mode == "krause":
         import krause.hf
@@ -205,11 +155,6 @@ def load_model(args):
         krause.hf.patch_model(model, mix=args.mix, window=args.window, top_k=args.top_k, sigma=args.sigma,
                               impl=args.impl)
     return model
-
-
-# settings that do not change what is trained: a resumed launch may change them
-IGNORED_KEYS = (*RUNTIME_KEYS, "kill_at_step", "num_proc", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
-                "world_size")
 
 
 def resume_point(ckpt_dir: Path) -> Path | None:
@@ -241,11 +186,11 @@ def resume_point(ckpt_dir: Path) -> Path | None:
 def main(argv=None, extra_callbacks=()) -> int:
     """Runs training; ``extra_callbacks`` are added to the Trainer's (tests, custom logging)."""
     args = parse_args(argv)
+    check_before_writing(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from transformers import AutoTokenizer
 
     import krause.hf
-    from krause.training.checkpointer import seal_directory
     from krause.training.metrics import MetricsLogger
     from krause.training.run_dir import prepare_run_dir
     from krause.training.seed import seed_everything
@@ -263,7 +208,7 @@ def main(argv=None, extra_callbacks=()) -> int:
     data.choose_pad_token(tokenizer)
     train_ds, eval_ds, stats = data.build_datasets(
         args.data_dir, tokenizer, num_train=args.num_train, num_eval=args.num_eval, seed=args.shuffle_seed,
-        max_length=args.max_length, num_proc=args.num_proc,
+        max_length=args.max_length, num_proc=args.num_proc, label_eos=args.label_eos,
     )
     model = load_model(args)
     limit = getattr(model.config, "max_position_embeddings", None)
@@ -272,6 +217,10 @@ def main(argv=None, extra_callbacks=()) -> int:
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     peft_model = krause.hf.lora_model(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
+    if args.freeze_sigma:  # the release's sigma never trained (still saved with the adapter)
+        for name, param in peft_model.named_parameters():
+            if name.endswith("log_sigma"):
+                param.requires_grad_(False)
     training_args = _training_args(args, model, ckpt_dir, eval_ds is not None)
     world_size = training_args.world_size  # sets up the process group under torchrun (the run dir broadcasts)
 
@@ -304,8 +253,7 @@ def main(argv=None, extra_callbacks=()) -> int:
         run.release()
         return 0
     if trainer.is_world_process_zero():
-        krause.hf.save(peft_model, out_dir / "adapter")
-        seal_directory(out_dir / "adapter")
+        krause.hf.save(peft_model, out_dir / "adapter")  # sealed: sizes and CRC-32s that the readers check
         _plots(out_dir)
         print(f"adapter saved to {out_dir / 'adapter'}", flush=True)
     run.release()
@@ -326,6 +274,7 @@ def _training_args(args, model, ckpt_dir: Path, has_eval: bool):
         gradient_accumulation_steps=args.grad_accum,
         learning_rate=args.lr,
         weight_decay=args.weight_decay,
+        max_grad_norm=args.grad_clip,
         num_train_epochs=args.epochs,
         max_steps=args.max_steps,
         lr_scheduler_type="cosine",

@@ -12,16 +12,17 @@ traceback. A family raises; it never prints its own error lines.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 from typing import Callable
 
 from .distributed import record
-from .errors import USAGE_EXIT_CODE, CheckpointError, one_line
+from .errors import USAGE_EXIT_CODE, CheckpointError, UsageError, one_line
 from .lock import RunLockError
 from .run_dir import RunDirError
 
-__all__ = ["entry_point", "EXPECTED_ERRORS", "run_one_line"]
+__all__ = ["entry_point", "EXPECTED_ERRORS", "run_one_line", "OneLineParser"]
 
 # ValueError covers UsageError; OSError covers missing / unreadable paths
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, CheckpointError, RunDirError, RunLockError)
@@ -44,3 +45,11 @@ def entry_point(main: Callable[..., int | None]) -> Callable[..., int]:
         return run_one_line(main, *args, **kwargs)
 
     return record(wrapped)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose bad-argument errors raise UsageError, so that `entry_point` reports them as the
+    one `error: ...` line and exit 2 of every other bad input (argparse prints usage lines first)."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
