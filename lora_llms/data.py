@@ -52,13 +52,18 @@ def load_raw(data_dir, columns=("inputs", "targets")):
     from datasets import Features, Value, concatenate_datasets, load_dataset
 
     parts = []
+    quiet = logging.getLogger("datasets")  # its readers log a traceback before raising: the error below says it
+    level = quiet.level
     for kind, files in find_data_files(data_dir).items():
         try:
+            quiet.setLevel(logging.CRITICAL)
             ds = load_dataset(kind, data_files=files, split="train")
         except Exception as err:  # datasets raises many types for unreadable / mismatched files
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
             raise ValueError(f"data_dir: cannot read the {kind} files under {data_dir} as FLAN examples "
                              f"(fields {', '.join(columns)}): {type(err).__name__}: {first_line}") from err
+        finally:
+            quiet.setLevel(level)
         missing = [c for c in columns if c not in ds.column_names]
         if missing:
             raise ValueError(f"data_dir: {kind} files lack the field(s) {missing} (have {ds.column_names})")
@@ -78,7 +83,9 @@ def split_examples(ds, num_train: int = 50_000, num_eval: int = 5_000, seed: int
                     len(ds), num_train, num_eval, len(ds) - n_eval, n_eval)
     ds = ds.shuffle(seed=seed).select(range(min(total, len(ds))))
     n_train = len(ds) - n_eval
-    return ds.select(range(n_train)), ds.select(range(n_train, len(ds)))
+    # an empty range at the end is refused by datasets' contiguous select: an empty index list is not
+    evals = ds.select(range(n_train, len(ds))) if n_eval else ds.select([])
+    return ds.select(range(n_train)), evals
 
 
 def response_labels(input_ids, offsets, response_start: int) -> list[int]:

@@ -55,6 +55,11 @@ def check_before_writing(args) -> None:
         except ValueError as e:
             raise UsageError(f"out_dir: {config} is not JSON ({e}); restore it or start a new out_dir") from None
         check_mapping(saved if isinstance(saved, dict) else {}, build_parser())
+    lock = Path(args.out_dir).expanduser() / ".lock"
+    if lock.is_file() and int(os.environ.get("RANK", "0")) == 0:  # another trainer: refused now, not after loading
+        from krause.training.lock import RunLock
+
+        RunLock(lock).acquire().release()  # the one lock logic (a stale lock is taken over and dropped)
     cli.check_model_dir(args.model)
     cli.check_tokenizer(args.model)
     if args.mode == "krause":
