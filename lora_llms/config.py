@@ -9,6 +9,9 @@ table), and any flag given on the command line still wins over the preset.
 from __future__ import annotations
 
 import argparse
+import json
+import os
+from pathlib import Path
 
 from krause.dispatch import IMPLS
 from krause.training.config import RUNTIME_KEYS
@@ -109,3 +112,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.top_k > args.window:
         raise UsageError(f"--top_k ({args.top_k}) must be at most --window ({args.window})")
     return args
+
+
+def model_dtype(args) -> str:
+    return args.dtype or {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[args.precision]
+
+
+def check_before_writing(args) -> None:
+    """What can be refused from the flags and the files alone, before anything is built or written."""
+    from krause.training.ranges import check_mapping
+
+    from . import cli
+
+    config = Path(args.out_dir).expanduser() / "config.json"
+    if args.resume and config.is_file():  # a resumed run's saved settings obey today's ranges too
+        try:
+            saved = json.loads(config.read_text())
+        except ValueError as e:
+            raise UsageError(f"out_dir: {config} is not JSON ({e}); restore it or start a new out_dir") from None
+        check_mapping(saved if isinstance(saved, dict) else {}, build_parser())
+    lock = Path(args.out_dir).expanduser() / ".lock"
+    if lock.is_file() and int(os.environ.get("RANK", "0")) == 0:  # another trainer: refused now, not after loading
+        from krause.training.lock import RunLock
+
+        RunLock(lock).acquire().release()  # the one lock logic (a stale lock is taken over and dropped)
+    cli.check_model_dir(args.model)
+    cli.check_tokenizer(args.model)
+    if args.mode == "krause":
+        cli.check_impl(args.impl, cli.resolve_device(None), model_dtype(args), window=args.window)
