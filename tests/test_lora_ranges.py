@@ -110,3 +110,19 @@ def test_the_paper_preset_resolves_to_the_first_releases_choices():
         config.parse_args([*TRAIN_REQUIRED, "--preset", "release"])
     json.dumps(paper)  # the resolved config is what config.json records
 
+
+
+@pytest.mark.parametrize("saved, words", [({"mode": "krause", "lora_alpha": -8}, "--lora_alpha must be an integer >= 1"),
+                                          ("{not json", "is not JSON")])
+def test_a_resumed_runs_config_json_passes_the_same_ranges(tmp_path, capsys, saved, words):
+    from lora_llms import train
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(saved if isinstance(saved, str) else json.dumps(saved))
+    before = (run / "config.json").read_text()
+    argv = ["--mode", "krause", "--model", str(tmp_path / "unused"), "--data_dir", "d", "--out_dir", str(run), "--resume"]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and words in err, err
+    assert sorted(p.name for p in run.iterdir()) == ["config.json"] and (run / "config.json").read_text() == before
