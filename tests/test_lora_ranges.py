@@ -126,3 +126,10 @@ def test_a_resumed_runs_config_json_passes_the_same_ranges(tmp_path, capsys, sav
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and words in err, err
     assert sorted(p.name for p in run.iterdir()) == ["config.json"] and (run / "config.json").read_text() == before
+
+
+def test_help_still_prints_and_exits_0(capsys):
+    """OneLineParser turns only errors into UsageError: --help is argparse's own."""
+    with pytest.raises(SystemExit) as done:
+        config.parse_args(["--help"])
+    assert done.value.code == 0 and "--preset {paper}" in capsys.readouterr().out
