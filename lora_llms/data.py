@@ -52,13 +52,18 @@ def load_raw(data_dir, columns=("inputs", "targets")):
     from datasets import Features, Value, concatenate_datasets, load_dataset
 
     parts = []
+    quiet = logging.getLogger("datasets")  # its readers log a traceback before raising: the error below says it
+    level = quiet.level
     for kind, files in find_data_files(data_dir).items():
         try:
+            quiet.setLevel(logging.CRITICAL)
             ds = load_dataset(kind, data_files=files, split="train")
         except Exception as err:  # datasets raises many types for unreadable / mismatched files
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
             raise ValueError(f"data_dir: cannot read the {kind} files under {data_dir} as FLAN examples "
                              f"(fields {', '.join(columns)}): {type(err).__name__}: {first_line}") from err
+        finally:
+            quiet.setLevel(level)
         missing = [c for c in columns if c not in ds.column_names]
         if missing:
             raise ValueError(f"data_dir: {kind} files lack the field(s) {missing} (have {ds.column_names})")
@@ -78,7 +83,9 @@ def split_examples(ds, num_train: int = 50_000, num_eval: int = 5_000, seed: int
                     len(ds), num_train, num_eval, len(ds) - n_eval, n_eval)
     ds = ds.shuffle(seed=seed).select(range(min(total, len(ds))))
     n_train = len(ds) - n_eval
-    return ds.select(range(n_train)), ds.select(range(n_train, len(ds)))
+    # an empty range at the end is refused by datasets' contiguous select: an empty index list is not
+    evals = ds.select(range(n_train, len(ds))) if n_eval else ds.select([])
+    return ds.select(range(n_train)), evals
 
 
 def response_labels(input_ids, offsets, response_start: int) -> list[int]:
@@ -112,8 +119,9 @@ def _skip_reason(inputs, targets) -> str | None:
     return None
 
 
-def tokenize_example(tokenizer, inputs, targets, max_length: int):
-    """(features dict, None) for a usable example, (None, reason) otherwise."""
+def tokenize_example(tokenizer, inputs, targets, max_length: int, label_eos: bool = True):
+    """(features dict, None) for a usable example, (None, reason) otherwise; ``label_eos=False``
+    masks the final EOS from the loss (the first release's behaviour)."""
     reason = _skip_reason(inputs, targets)
     if reason:
         return None, reason
@@ -122,7 +130,7 @@ def tokenize_example(tokenizer, inputs, targets, max_length: int):
     ids = list(enc["input_ids"])
     labels = response_labels(ids, enc["offset_mapping"], len(prompt))
     ids.append(tokenizer.eos_token_id)
-    labels.append(tokenizer.eos_token_id)
+    labels.append(tokenizer.eos_token_id if label_eos else IGNORE_INDEX)
     truncated = len(ids) > max_length
     ids, labels = ids[:max_length], labels[:max_length]
     if all(label == IGNORE_INDEX for label in labels):
@@ -130,7 +138,8 @@ def tokenize_example(tokenizer, inputs, targets, max_length: int):
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels, "truncated": truncated}, None
 
 
-def tokenize_dataset(ds, tokenizer, max_length: int = 2048, num_proc: int | None = None, allow_empty: bool = False):
+def tokenize_dataset(ds, tokenizer, max_length: int = 2048, num_proc: int | None = None, allow_empty: bool = False,
+                     label_eos: bool = True):
     """Tokenized ``ds`` (input_ids, attention_mask, labels) and the :class:`TokenizeStats`
     (an empty result raises unless ``allow_empty``)."""
     if not getattr(tokenizer, "is_fast", False):
@@ -141,7 +150,7 @@ def tokenize_dataset(ds, tokenizer, max_length: int = 2048, num_proc: int | None
     def batch_fn(batch):
         out = {"input_ids": [], "attention_mask": [], "labels": [], "truncated": [], "skip": []}
         for inputs, targets in zip(batch["inputs"], batch["targets"]):
-            features, reason = tokenize_example(tokenizer, inputs, targets, max_length)
+            features, reason = tokenize_example(tokenizer, inputs, targets, max_length, label_eos)
             features = features or {"input_ids": [], "attention_mask": [], "labels": [], "truncated": False}
             for key, value in features.items():
                 out[key].append(value)
@@ -188,12 +197,13 @@ def collator(tokenizer, pad_to_multiple_of: int | None = None):
 
 
 def build_datasets(data_dir, tokenizer, *, num_train=50_000, num_eval=5_000, seed=3407, max_length=2048,
-                   num_proc=None):
+                   num_proc=None, label_eos=True):
     """(train, eval, stats) ready for the Trainer."""
     raw = load_raw(data_dir)
     train_raw, eval_raw = split_examples(raw, num_train, num_eval, seed)
-    train, train_stats = tokenize_dataset(train_raw, tokenizer, max_length, num_proc)
-    evals, eval_stats = (tokenize_dataset(eval_raw, tokenizer, max_length, num_proc, allow_empty=True)
+    train, train_stats = tokenize_dataset(train_raw, tokenizer, max_length, num_proc, label_eos=label_eos)
+    evals, eval_stats = (tokenize_dataset(eval_raw, tokenizer, max_length, num_proc, allow_empty=True,
+                                          label_eos=label_eos)
                          if len(eval_raw) else (None, None))
     if evals is not None and len(evals) == 0:
         log.warning("the eval split has no usable examples: training without evaluation")

@@ -15,7 +15,6 @@ the paper's zero-shot answer-letter scoring, see lora_llms/tasks/README.md) and 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -23,9 +22,12 @@ import os
 import sys
 from pathlib import Path
 
+from krause.dispatch import IMPLS
 from krause.evaluation import download_command, hub_offline, prepare_tasks
 from krause.evaluation import task_manager as shared_task_manager
 from krause.training.entry import entry_point
+from krause.training.ranges import NONNEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, check_namespace
+from lora_llms import cli
 
 log = logging.getLogger("lora_llms.evaluate")
 
@@ -34,7 +36,7 @@ PAPER_TASKS = ("boolq", "cb", "anli_r1", "anli_r2", "anli_r3", "piqa", "mnli", "
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="lm-eval zero-shot evaluation of base / LoRA / Krause models")
+    p = cli.parser("lora_llms.evaluate", "lm-eval zero-shot evaluation of base / LoRA / Krause models")
     p.add_argument("--model", required=True, help="base model path or hub id")
     p.add_argument("--adapter", default=None, help="adapter dir saved by lora_llms.train (none: the base model)")
     p.add_argument("--label", default=None, help="name of this model in the results (default: its kind)")
@@ -44,46 +46,68 @@ def parse_args(argv=None):
     p.add_argument("--include_path", action="append", default=[], help="extra lm-eval task folder (repeatable)")
     p.add_argument("--no_default_tasks", action="store_true",
                    help="index only lora_llms/tasks and --include_path (skips lm-eval's thousands of task files)")
-    p.add_argument("--num_fewshot", type=int, default=None, help="default: each task's own (0 for the paper's)")
-    p.add_argument("--batch_size", default="1")
-    p.add_argument("--max_length", type=int, default=None)
-    p.add_argument("--limit", type=float, default=None, help="examples per task (for smoke runs)")
-    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    p.add_argument("--num_fewshot", type=NONNEGATIVE_INT, default=None,
+                   help="default: each task's own (0 for the paper's)")
+    p.add_argument("--batch_size", type=cli.batch_size, default="1", help="an integer >= 1, auto or auto:N")
+    p.add_argument("--max_length", type=POSITIVE_INT, default=None)
+    p.add_argument("--limit", type=POSITIVE_FLOAT, default=None,
+                   help="examples per task (for smoke runs; below 1: a fraction of each task)")
+    p.add_argument("--dtype", choices=cli.DTYPES, default="bfloat16")
     p.add_argument("--attn_implementation", default="sdpa")
+    p.add_argument("--impl", choices=IMPLS, default=None,
+                   help="run the Krause op with this implementation (default: the one the adapter was saved with)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--out_dir", required=True)
     p.add_argument("--log_samples", action="store_true")
-    return p.parse_args(argv)
+    return check_namespace(p.parse_args(argv), p)
 
 
-def load_for_eval(model_path, adapter=None, dtype="bfloat16", attn_implementation="sdpa", device=None):
-    """(model, tokenizer, kind) with kind "base", "lora" or "krause"; adapters merged."""
+def check_model_inputs(model: str, adapter: str | None, device: str | None, impl: str | None, dtype: str) -> str:
+    """The model folder, its tokenizer, the adapter (present and intact) and the device, checked
+    before any model loads (evaluate and sinks); returns the resolved device."""
+    from krause.hf.lora import read_krause_config, verify_adapter
+
+    cli.check_model_dir(model)
+    device = cli.resolve_device(device)
+    patch = None
+    if adapter is not None:
+        verify_adapter(adapter)
+        patch = read_krause_config(adapter).get("patch")
+        if patch:  # the saved settings obey the ranges training declares for them
+            from krause.training.ranges import check_mapping
+            from lora_llms.config import build_parser
+
+            check_mapping(patch, build_parser())
+    if not (adapter is not None and cli.has_tokenizer(adapter)):
+        cli.check_tokenizer(model)
+    if impl is not None or patch:
+        cli.check_impl(impl or patch.get("impl", "auto"), device, dtype, window=(patch or {}).get("window"))
+    return device
+
+
+def load_for_eval(model_path, adapter=None, dtype="bfloat16", attn_implementation="sdpa", device=None, impl=None):
+    """(model, tokenizer, kind) with kind "base", "lora" or "krause"; adapters merged (and verified:
+    sizes and checksums, before anything of them is read). ``impl``: the Krause op's implementation."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import krause.hf
-    from krause.hf.lora import read_krause_config
+    from krause.hf.lora import read_krause_config, verify_adapter
 
     kind = "base"
     if adapter is not None:
-        from krause.training.checkpointer import verify_sealed
-
-        verify_sealed(adapter, required=False)  # lora_llms.train seals its adapters: sizes and CRC-32s
+        verify_adapter(adapter)
         kind = "krause" if read_krause_config(adapter).get("patch") else "lora"
-    tokenizer = AutoTokenizer.from_pretrained(adapter if adapter and _has_tokenizer(adapter) else model_path)
+    tokenizer = AutoTokenizer.from_pretrained(adapter if adapter and cli.has_tokenizer(adapter) else model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype),
                                                  attn_implementation=attn_implementation)
     if adapter is not None:
-        model = krause.hf.merge_and_unload(krause.hf.load(model, adapter))
+        model = krause.hf.merge_and_unload(krause.hf.load(model, adapter, verify=False, impl=impl))
     if (kind == "krause") != krause.hf.is_patched(model):
         state = "plain" if kind == "krause" else "Krause-patched"
         raise RuntimeError(f"adapter: loading the {kind} model produced a {state} model")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tokenizer, kind
-
-
-def _has_tokenizer(path) -> bool:
-    return (Path(path) / "tokenizer_config.json").is_file()
 
 
 def task_manager(include_paths=(), include_defaults: bool = True):
@@ -138,8 +162,9 @@ def main(argv=None) -> int:
         raise ValueError(f"tasks: none of {', '.join(tasks)} has its data here; pre-download with "
                          f"`{download_command(tasks, [TASKS_DIR, *args.include_path])}`")
     tasks = prepared.runnable
+    device = check_model_inputs(args.model, args.adapter, args.device, args.impl, args.dtype)
     model, tokenizer, kind = load_for_eval(args.model, args.adapter, args.dtype, args.attn_implementation,
-                                           args.device)
+                                           device, args.impl)
     label = args.label or kind
     results = evaluate(model, tokenizer, tasks, manager=manager, batch_size=args.batch_size,
                        max_length=args.max_length, limit=args.limit, num_fewshot=args.num_fewshot,

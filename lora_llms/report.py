@@ -7,11 +7,13 @@ writes ``comparison.md`` and ``comparison.csv`` (scores in percent, lm-eval's me
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import sys
 from pathlib import Path
+
+from krause.training.entry import OneLineParser, entry_point
+from krause.training.errors import UsageError
 
 
 def _metrics(task_results: dict) -> dict[str, float]:
@@ -28,7 +30,12 @@ def collect(paths) -> tuple[list[str], list[tuple[str, str]], dict]:
     """(labels, [(task, metric)], {(task, metric): {label: value}})."""
     labels, rows, table = [], [], {}
     for path in paths:
-        record = json.loads(Path(path).read_text())
+        try:
+            record = json.loads(Path(path).read_text())
+        except ValueError as e:
+            raise ValueError(f"results: {path} is not JSON ({e})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("results"), dict):
+            raise ValueError(f"results: {path} is not a lora_llms.evaluate result (no 'results' table)")
         label = record.get("label") or Path(path).stem
         if label in labels:
             raise ValueError(f"results: label {label!r} appears twice ({path})")
@@ -62,15 +69,15 @@ def write_tables(paths, out_prefix) -> tuple[Path, Path]:
     return md_path, csv_path
 
 
+@entry_point
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="python -m lora_llms.report", description=__doc__.splitlines()[0])
     p.add_argument("results", nargs="+", help="JSON files written by lora_llms.evaluate")
     p.add_argument("--out", required=True, help="output path prefix (.md and .csv are added)")
     args = p.parse_args(argv)
     missing = [r for r in args.results if not Path(r).is_file()]
     if missing:
-        print(f"results: no such file(s) {missing}", file=sys.stderr)
-        return 2
+        raise UsageError(f"results: no such file(s) {missing}")
     md, csv_path = write_tables(args.results, args.out)
     print(md.read_text(), end="")
     print(f"wrote {md} and {csv_path}")

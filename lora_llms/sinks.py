@@ -21,13 +21,18 @@ analysis (Llama3-8B: mean 0.707 for the baseline, 0.364 for Krause).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from pathlib import Path
 
 import torch
+
+from krause.dispatch import IMPLS
+from krause.training.entry import entry_point
+from krause.training.errors import UsageError
+from krause.training.ranges import POSITIVE_INT, SEED, Range, check_namespace
+from lora_llms import cli
 
 BRANCHES = ("standard", "krause", "effective")
 FLAG_THRESHOLD = 0.05
@@ -157,10 +162,11 @@ def plot(result_paths, out_path) -> Path:
 
 def _analyze(args) -> int:
     from lora_llms.data import eval_texts
-    from lora_llms.evaluate import load_for_eval
+    from lora_llms.evaluate import check_model_inputs, load_for_eval
 
-    model, tokenizer, kind = load_for_eval(args.model, args.adapter, args.dtype, "eager", args.device)
-    texts = eval_texts(args.data_dir, args.num_texts, seed=args.shuffle_seed)
+    device = check_model_inputs(args.model, args.adapter, args.device, args.impl, args.dtype)
+    texts = eval_texts(args.data_dir, args.num_texts, seed=args.shuffle_seed)  # a data problem: before loading
+    model, tokenizer, kind = load_for_eval(args.model, args.adapter, args.dtype, "eager", device, args.impl)
     if len(texts) < args.num_texts:
         print(f"note: the eval split has {len(texts)} usable texts; --num_texts {args.num_texts} uses those {len(texts)}")
     result = {"label": args.label or kind, "kind": kind, "model": args.model, "adapter": args.adapter,
@@ -177,34 +183,38 @@ def _analyze(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="attention-sink analysis (token-0 attention per layer)")
+def parse_args(argv=None):
+    p = cli.parser("lora_llms.sinks", "attention-sink analysis (token-0 attention per layer)")
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("analyze", help="per-layer token-0 attention of one model")
     a.add_argument("--model", required=True)
     a.add_argument("--adapter", default=None)
     a.add_argument("--data_dir", required=True, help="FLAN files; the eval split's texts are used")
-    a.add_argument("--num_texts", type=int, default=500)
-    a.add_argument("--max_length", type=int, default=2048)
-    a.add_argument("--shuffle_seed", type=int, default=3407)
+    a.add_argument("--num_texts", type=POSITIVE_INT, default=500)
+    a.add_argument("--max_length", type=Range(int, ge=2), default=2048, help="tokens per text (>= 2: a query after token 0)")
+    a.add_argument("--shuffle_seed", type=SEED, default=3407)
     a.add_argument("--label", default=None)
-    a.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    a.add_argument("--dtype", choices=cli.DTYPES, default="bfloat16")
+    a.add_argument("--impl", choices=IMPLS, default=None,
+                   help="run the Krause op with this implementation (default: the one the adapter was saved with)")
     a.add_argument("--device", default=None)
     a.add_argument("--out_dir", required=True)
     g = sub.add_parser("plot", help="baseline vs Krause figure from analyze results")
     g.add_argument("results", nargs="+")
     g.add_argument("--out", required=True)
     args = p.parse_args(argv)
+    return check_namespace(args, a) if args.command == "analyze" else args
+
+
+@entry_point
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.command == "plot":
         missing = [r for r in args.results if not Path(r).is_file()]
         if missing:
-            print(f"results: no such file(s) {missing}", file=sys.stderr)
-            return 2
+            raise UsageError(f"results: no such file(s) {missing}")
         print(plot(args.results, args.out))
         return 0
-    if args.num_texts < 1 or args.max_length < 2:
-        print("num_texts must be >= 1 and max_length >= 2", file=sys.stderr)
-        return 2
     return _analyze(args)
 
 

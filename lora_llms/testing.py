@@ -10,11 +10,14 @@ points load them exactly as they load the real models and data.
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import random
+import sys
 from pathlib import Path
+
+from krause.training.entry import OneLineParser, entry_point
+from krause.training.ranges import POSITIVE_INT, check_namespace
 
 WORDS = (
     "the cat dog sat ran on a mat under tree river blue red green big small happy sad yes no maybe "
@@ -142,18 +145,20 @@ def write_tiny_model(out_dir, kind: str = "llama", seed: int = 0, tokenizer=None
     return out
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+@entry_point
+def main(argv=None) -> int:
+    parser = OneLineParser(prog="python -m lora_llms.testing", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
-    parser.add_argument("--examples", type=int, default=120)
-    args = parser.parse_args(argv)
+    parser.add_argument("--examples", type=POSITIVE_INT, default=120)
+    args = check_namespace(parser.parse_args(argv), parser)
     out = Path(args.out_dir)
     tok = train_tokenizer(out / "tokenizer")
     for kind in ("llama", "qwen2"):
         write_tiny_model(out / kind, kind, tokenizer=tok)
     write_flan_dir(out / "flan", args.examples)
     print(out)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,8 +8,11 @@ patches every attention layer with the gated Krause mix (``krause.hf.patch_model
 also adapts the Krause branch's projections while its gate and sigma train in full.
 Defaults are the paper's recipe (lr 5e-5, 2 epochs, cosine, warmup 0.1, weight decay 0.01
 but never on sigma, bf16, gradient checkpointing, max length 2048, batch 4 x accumulation 8
-per GPU). Training runs on transformers' ``Trainer`` (DDP under torchrun; ``--fsdp`` passes
-Trainer's FSDP options).
+per GPU); ``--preset paper`` puts back the first release's choices where they differ (sigma
+frozen, EOS not a label; README). The flags and their ranges are in ``lora_llms/config.py``,
+checked with the files and the device before anything is loaded or written (bad input: one line,
+exit 2); the Trainer's pieces are in ``lora_llms/trainer.py``. Training runs on transformers'
+``Trainer`` (DDP under torchrun; ``--fsdp`` passes Trainer's FSDP options).
 
 The output directory is a krause.training run directory (``prepare_run_dir``): ``.lock``
 (one trainer at a time: a second one is refused in one line), ``config.json`` (the resolved
@@ -28,176 +31,24 @@ dropout follow from it, and a resumed run continues the uninterrupted one exactl
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import math
-import os
-import signal
 import sys
 from pathlib import Path
 
-from krause.training.config import RUNTIME_KEYS
 from krause.training.entry import entry_point
 from krause.training.errors import UsageError
+from lora_llms.config import IGNORED_KEYS, MODES, PRESETS, check_before_writing, model_dtype, parse_args  # noqa: F401
+from lora_llms.trainer import build_trainer_class, callbacks, plots, resume_point, training_arguments, write_json
 
 log = logging.getLogger("lora_llms.train")
-
-MODES = ("lora", "krause")
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="LoRA / Krause-LoRA fine-tuning on FLAN v2")
-    p.add_argument("--mode", choices=MODES, required=True)
-    p.add_argument("--model", required=True, help="pretrained model path or hub id")
-    p.add_argument("--data_dir", required=True, help="folder of FLAN *.jsonl.gz / *.jsonl / *.json / *.parquet")
-    p.add_argument("--out_dir", required=True)
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in out_dir, if any")
-    # data
-    p.add_argument("--num_train", type=int, default=50_000)
-    p.add_argument("--num_eval", type=int, default=5_000)
-    p.add_argument("--shuffle_seed", type=int, default=3407)
-    p.add_argument("--max_length", type=int, default=2048)
-    # Krause patch
-    p.add_argument("--mix", choices=("gated", "krause"), default="gated")
-    p.add_argument("--window", type=int, default=32)
-    p.add_argument("--top_k", type=int, default=16)
-    p.add_argument("--sigma", type=float, default=5.5)
-    p.add_argument("--impl", default="auto", help="core op implementation")
-    # LoRA
-    p.add_argument("--lora_r", type=int, default=16)
-    p.add_argument("--lora_alpha", type=int, default=32)
-    p.add_argument("--lora_dropout", type=float, default=0.1)
-    # optimisation
-    p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--epochs", type=float, default=2.0)
-    p.add_argument("--max_steps", type=int, default=-1, help="stop after this many optimizer steps (-1: epochs)")
-    p.add_argument("--batch_size", type=int, default=4, help="per device")
-    p.add_argument("--grad_accum", type=int, default=8)
-    p.add_argument("--warmup_ratio", type=float, default=0.1)
-    p.add_argument("--weight_decay", type=float, default=0.01)
-    p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16")
-    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
-                   help="dtype the base model is loaded in (default: bf16/fp16 as --precision, else fp32)")
-    p.add_argument("--no_gradient_checkpointing", action="store_true")
-    p.add_argument("--attn_implementation", default="sdpa")
-    p.add_argument("--fsdp", default="", help="Trainer FSDP options, e.g. 'full_shard auto_wrap' ('' = DDP)")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--logging_steps", type=int, default=10)
-    p.add_argument("--eval_steps", type=int, default=500)
-    p.add_argument("--save_steps", type=int, default=500)
-    p.add_argument("--save_total_limit", type=int, default=3)
-    p.add_argument("--num_workers", type=int, default=2)
-    p.add_argument("--num_proc", type=int, default=None, help="processes for tokenization")
-    p.add_argument("--kill_at_step", type=int, default=None, help=argparse.SUPPRESS)  # tests: SIGKILL self
-    args = p.parse_args(argv)
-    if not math.isfinite(args.epochs) or args.epochs <= 0:
-        p.error(f"--epochs must be > 0, got {args.epochs}")
-    if args.lora_alpha < 1:
-        p.error(f"--lora_alpha must be >= 1, got {args.lora_alpha}")
-    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
-        p.error(f"--weight_decay must be >= 0, got {args.weight_decay}")
-    if args.seed < 0:
-        p.error(f"--seed must be >= 0, got {args.seed}")
-    for name in ("num_train", "max_length", "batch_size", "grad_accum", "lora_r", "window", "top_k",
-                 "logging_steps", "eval_steps", "save_steps"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.num_eval < 0:
-        p.error(f"--num_eval must be >= 0, got {args.num_eval}")
-    if not (args.lr > 0 and math.isfinite(args.lr)):
-        p.error(f"--lr must be > 0, got {args.lr}")
-    if not 0 <= args.warmup_ratio < 1:
-        p.error(f"--warmup_ratio must be in [0, 1), got {args.warmup_ratio}")
-    if not 0 <= args.lora_dropout < 1:
-        p.error(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
-    return args
-
-
-def _callbacks(metrics, kill_at_step=None):
-    """Trainer callbacks: graceful stop on signals, krause_config.json and the integrity record in
-    checkpoints, metrics JSONL (through krause.training's MetricsLogger)."""
-    from transformers import TrainerCallback
-
-    from krause.hf.lora import write_krause_config
-    from krause.training import PreemptionHandler
-    from krause.training.checkpointer import seal_directory
-
-    class PreemptionCallback(TrainerCallback):
-        """Saves a checkpoint at the next optimizer step after SIGTERM / SIGUSR1 / Ctrl-C, then stops."""
-
-        def __init__(self):
-            self.handler = PreemptionHandler()
-            self.stopped_at = None
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.handler.install()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if kill_at_step == state.global_step:  # tests: die without any cleanup
-                os.kill(os.getpid(), signal.SIGKILL)
-            if self.handler.should_stop():
-                control.should_save = True
-                control.should_training_stop = True
-                self.stopped_at = state.global_step
-            return control
-
-        def on_train_end(self, args, state, control, **kwargs):
-            self.handler.uninstall()
-
-    class KrauseConfigCallback(TrainerCallback):
-        def on_save(self, args, state, control, model=None, **kwargs):
-            if state.is_world_process_zero and model is not None:
-                ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                if ckpt.is_dir():
-                    write_krause_config(model, ckpt)
-                    seal_directory(ckpt)  # last: a checkpoint without its seal is an unfinished save
-
-    class MetricsCallback(TrainerCallback):
-        """Every Trainer log line (plus sigma per layer) appended to metrics.jsonl on rank 0."""
-
-        def on_log(self, args, state, control, logs=None, model=None, **kwargs):
-            if not state.is_world_process_zero or not logs:
-                return
-            record = {k: v for k, v in logs.items() if k not in ("step", "epoch", "time")}
-            sigmas = sigma_per_layer(model) if model is not None else []
-            if sigmas:
-                record["sigma"] = sigmas
-            metrics.log(record, step=state.global_step, epoch=state.epoch)
-
-    return PreemptionCallback(), KrauseConfigCallback(), MetricsCallback()
-
-
-def sigma_per_layer(model) -> list[float]:
-    """Mean sigma over heads for each patched layer (the trained copy under peft)."""
-    import torch
-
-    values = []
-    for name, param in model.named_parameters():
-        if name.endswith("log_sigma") and "original_module" not in name:
-            values.append(float(torch.exp(param.detach().float()).mean()))
-    return values
-
-
-def build_trainer_class():
-    from transformers import Trainer
-
-    class KrauseTrainer(Trainer):
-        """Trainer whose AdamW never decays sigma (the first release decayed it towards 1)."""
-
-        def get_decay_parameter_names(self, model):
-            return [n for n in super().get_decay_parameter_names(model) if "log_sigma" not in n]
-
-    return KrauseTrainer
 
 
 def load_model(args):
     import torch
     from transformers import AutoModelForCausalLM
 
-    dtype_name = args.dtype or {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[args.precision]
     model = AutoModelForCausalLM.from_pretrained(
-        args.model, dtype=getattr(torch, dtype_name), attn_implementation=args.attn_implementation
+        args.model, dtype=getattr(torch, model_dtype(args)), attn_implementation=args.attn_implementation
     )
     if args.mode == "krause":
         import krause.hf
@@ -207,45 +58,15 @@ def load_model(args):
     return model
 
 
-# settings that do not change what is trained: a resumed launch may change them
-IGNORED_KEYS = (*RUNTIME_KEYS, "kill_at_step", "num_proc", "logging_steps", "eval_steps", "save_steps", "save_total_limit",
-                "world_size")
-
-
-def resume_point(ckpt_dir: Path) -> Path | None:
-    """The newest Trainer checkpoint whose save finished (it carries its integrity record), after
-    checking its sizes and CRC-32s; None when there is none. An unsealed newer one (a save cut
-    short) is passed over; a damaged sealed one is refused in one line naming the older one."""
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-    from krause.training.checkpointer import SEAL, verify_sealed
-    from krause.training.errors import CorruptCheckpointError
-
-    found = sorted((p for p in ckpt_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir()
-                    and p.name.split("-")[-1].isdigit()), key=lambda p: int(p.name.split("-")[-1]))
-    sealed = [p for p in found if (p / SEAL).is_file()]
-    for skipped in found[found.index(sealed[-1]) + 1:] if sealed else found:
-        log.warning("%s has no %s (its save did not finish): not resumed from", skipped, SEAL)
-    if not sealed:
-        return None
-    try:
-        verify_sealed(sealed[-1])
-    except CorruptCheckpointError as e:
-        older = (f"the previous complete checkpoint is {sealed[-2]} (delete the damaged one to resume from it)"
-                 if len(sealed) > 1 else "no older complete checkpoint exists")
-        raise CorruptCheckpointError(f"{e}; {older}") from None
-    return sealed[-1]
-
-
 @entry_point
 def main(argv=None, extra_callbacks=()) -> int:
     """Runs training; ``extra_callbacks`` are added to the Trainer's (tests, custom logging)."""
     args = parse_args(argv)
+    check_before_writing(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from transformers import AutoTokenizer
 
     import krause.hf
-    from krause.training.checkpointer import seal_directory
     from krause.training.metrics import MetricsLogger
     from krause.training.run_dir import prepare_run_dir
     from krause.training.seed import seed_everything
@@ -263,7 +84,7 @@ def main(argv=None, extra_callbacks=()) -> int:
     data.choose_pad_token(tokenizer)
     train_ds, eval_ds, stats = data.build_datasets(
         args.data_dir, tokenizer, num_train=args.num_train, num_eval=args.num_eval, seed=args.shuffle_seed,
-        max_length=args.max_length, num_proc=args.num_proc,
+        max_length=args.max_length, num_proc=args.num_proc, label_eos=args.label_eos,
     )
     model = load_model(args)
     limit = getattr(model.config, "max_position_embeddings", None)
@@ -272,7 +93,11 @@ def main(argv=None, extra_callbacks=()) -> int:
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     peft_model = krause.hf.lora_model(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
-    training_args = _training_args(args, model, ckpt_dir, eval_ds is not None)
+    if args.freeze_sigma:  # the release's sigma never trained (still saved with the adapter)
+        for name, param in peft_model.named_parameters():
+            if name.endswith("log_sigma"):
+                param.requires_grad_(False)
+    training_args = training_arguments(args, model, ckpt_dir, eval_ds is not None)
     world_size = training_args.world_size  # sets up the process group under torchrun (the run dir broadcasts)
 
     resolved = {**vars(args), "out_dir": str(out_dir), "world_size": world_size,
@@ -281,14 +106,14 @@ def main(argv=None, extra_callbacks=()) -> int:
     resume_step = int(resume.name.split("-")[-1]) if resume is not None else None
     metrics = MetricsLogger(run.metrics_path, resume_step=resume_step)
     try:
-        preempt, krause_cfg_cb, metrics_cb = _callbacks(metrics, args.kill_at_step)
+        preempt, krause_cfg_cb, metrics_cb = callbacks(metrics, args.kill_at_step)
         trainer = build_trainer_class()(
             model=peft_model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
             data_collator=data.collator(tokenizer), processing_class=tokenizer,
             callbacks=[preempt, krause_cfg_cb, metrics_cb, *extra_callbacks],
         )
         if trainer.is_world_process_zero():
-            _write_json(out_dir / "data_stats.json", stats)
+            write_json(out_dir / "data_stats.json", stats)
             peft_model.print_trainable_parameters()
     except BaseException:
         metrics.close()
@@ -304,79 +129,11 @@ def main(argv=None, extra_callbacks=()) -> int:
         run.release()
         return 0
     if trainer.is_world_process_zero():
-        krause.hf.save(peft_model, out_dir / "adapter")
-        seal_directory(out_dir / "adapter")
-        _plots(out_dir)
+        krause.hf.save(peft_model, out_dir / "adapter")  # sealed: sizes and CRC-32s that the readers check
+        plots(out_dir)
         print(f"adapter saved to {out_dir / 'adapter'}", flush=True)
     run.release()
     return 0
-
-
-def _training_args(args, model, ckpt_dir: Path, has_eval: bool):
-    from transformers import TrainingArguments
-
-    fsdp_config = None
-    if args.fsdp:
-        layer_cls = type(model.model.layers[0]).__name__
-        fsdp_config = {"transformer_layer_cls_to_wrap": [layer_cls], "use_orig_params": True}
-    return TrainingArguments(
-        output_dir=str(ckpt_dir),
-        per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum,
-        learning_rate=args.lr,
-        weight_decay=args.weight_decay,
-        num_train_epochs=args.epochs,
-        max_steps=args.max_steps,
-        lr_scheduler_type="cosine",
-        warmup_steps=args.warmup_ratio,
-        bf16=args.precision == "bf16",
-        fp16=args.precision == "fp16",
-        activation_checkpointing=not args.no_gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False},
-        logging_steps=args.logging_steps,
-        eval_strategy="steps" if has_eval else "no",
-        eval_steps=args.eval_steps,
-        save_strategy="steps",
-        save_steps=args.save_steps,
-        save_total_limit=args.save_total_limit,
-        seed=args.seed,
-        data_seed=args.seed,
-        dataloader_num_workers=args.num_workers,
-        remove_unused_columns=False,
-        ddp_find_unused_parameters=False,
-        fsdp=args.fsdp,
-        fsdp_config=fsdp_config,
-        report_to="none",
-        use_cpu=not _has_accelerator(),
-    )
-
-
-def _has_accelerator() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def _plots(out_dir: Path) -> None:
-    from krause.training.plotting import plot_curves, plot_series
-
-    metrics = out_dir / "metrics.jsonl"
-    if not metrics.is_file():
-        return
-    try:
-        plot_curves(metrics, out_dir / "figures" / "curves.png",
-                    panels={"loss": ["loss", "eval_loss"], "lr": ["learning_rate"]})
-        if any("sigma" in json.loads(line) for line in metrics.read_text().splitlines() if line.strip()):
-            plot_series(metrics, out_dir / "figures" / "sigma.png", keys=["sigma"], ylabel="sigma (mean over heads)")
-    except ValueError as err:  # too few logged points for a figure
-        log.warning("figures skipped: %s", err)
 
 
 if __name__ == "__main__":

@@ -116,3 +116,46 @@ def test_adapter_on_the_wrong_base_is_refused(trained):
         krause.hf.load(other_size, root / "adapter")
     with pytest.raises(ValueError, match="krause_config.json"):
         krause.hf.load(other_size, root)
+
+
+def _fresh_base(root):
+    return AutoModelForCausalLM.from_pretrained(root / "base", dtype=torch.float32)
+
+
+def test_save_seals_and_load_refuses_a_damaged_or_unsealed_adapter(trained, tmp_path, capsys):
+    """Every adapter krause.hf.save writes is sealed; load checks sizes and CRC-32s before reading it."""
+    import shutil
+
+    from krause.hf.__main__ import main as hf_main
+    from krause.training.checkpointer import SEAL, verify_sealed
+    from krause.training.errors import CorruptCheckpointError
+
+    root = trained["root"]
+    assert verify_sealed(root / "adapter")  # written by save() itself
+    for name, damage, match in (
+        ("flipped", lambda p: p.write_bytes(p.read_bytes()[:-8] + bytes(b ^ 0xFF for b in p.read_bytes()[-8:])), "adapter_model.safetensors is corrupted"),
+        ("truncated", lambda p: p.write_bytes(p.read_bytes()[:50]), "adapter_model.safetensors has 50 bytes"),
+        ("removed", lambda p: p.unlink(), "is missing adapter_model.safetensors"),
+    ):
+        copy = tmp_path / name
+        shutil.copytree(root / "adapter", copy)
+        damage(copy / "adapter_model.safetensors")
+        with pytest.raises(CorruptCheckpointError, match=match):
+            krause.hf.load(_fresh_base(root), copy)
+    other_version = tmp_path / "other_version"
+    shutil.copytree(root / "adapter", other_version)
+    record = json.loads((other_version / SEAL).read_text())
+    (other_version / SEAL).write_text(json.dumps({**record, "format": "krause-integrity-v0"}))
+    with pytest.raises(CorruptCheckpointError, match="is not a .* record"):
+        krause.hf.load(_fresh_base(root), other_version)
+    # an adapter from before adapters were sealed: refused with the command that seals it; sealed, it loads
+    old = tmp_path / "unsealed"
+    shutil.copytree(root / "adapter", old)
+    (old / SEAL).unlink()
+    with pytest.raises(CorruptCheckpointError, match=f"python -m krause.hf seal {old}"):
+        krause.hf.load(_fresh_base(root), old)
+    assert hf_main(["seal", str(old)]) == 0 and f"sealed {old / SEAL}" in capsys.readouterr().out
+    with torch.no_grad():
+        loaded = krause.hf.load(_fresh_base(root), old).eval()
+        torch.testing.assert_close(loaded(input_ids=trained["ids"]).logits,
+                                   trained["peft_model"](input_ids=trained["ids"]).logits, rtol=0, atol=0)

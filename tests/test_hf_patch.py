@@ -221,3 +221,17 @@ def test_import_krause_does_not_import_transformers():
     code = "import sys, krause, krause.hf; assert 'transformers' not in sys.modules; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), True, "5.5"])
+def test_patch_sigma_goes_through_the_one_sigma_check(bad):
+    """KrausePatchConfig refuses sigma with krause.nn.check_sigma's own text (one check in the project)."""
+    import krause.nn
+    from krause.hf.patch import KrausePatchConfig
+
+    with pytest.raises(ValueError) as ours:
+        KrausePatchConfig(sigma=bad)
+    with pytest.raises(ValueError) as shared:
+        krause.nn.check_sigma(bad)
+    assert str(ours.value) == str(shared.value) and str(ours.value).startswith("sigma must be a finite number > 0")
+    assert KrausePatchConfig(sigma=5).sigma == 5.0

@@ -91,3 +91,14 @@ def test_bad_data_dirs_fail_clearly(tmp_path, tokenizer):
     (tmp_path / "x.jsonl").write_text(json.dumps({"inputs": "q", "targets": ""}) + "\n")
     with pytest.raises(ValueError, match="no usable examples"):
         data.tokenize_dataset(data.load_raw(tmp_path), tokenizer)
+
+
+def test_no_eval_split_when_num_eval_is_zero():
+    from datasets import Dataset
+
+    from lora_llms.data import split_examples
+
+    ds = Dataset.from_dict({"inputs": [f"q{i}" for i in range(8)], "targets": ["a"] * 8})
+    for num_train in (8, 100):  # exactly the data, and more than there is
+        train_split, eval_split = split_examples(ds, num_train, 0)
+        assert len(train_split) == 8 and len(eval_split) == 0

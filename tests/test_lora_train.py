@@ -21,10 +21,10 @@ from lora_llms.testing import write_flan_dir, write_tiny_model  # noqa: E402
 
 
 class StopAndInspect(TrainerCallback):
-    """Sends this process SIGTERM after ``stop_at`` optimizer steps; records the optimizer's decay groups."""
+    """Sends this process ``sig`` after ``stop_at`` optimizer steps; records the optimizer's decay groups."""
 
-    def __init__(self, stop_at=None):
-        self.stop_at = stop_at
+    def __init__(self, stop_at=None, sig=signal.SIGTERM):
+        self.stop_at, self.sig = stop_at, sig
         self.decay_of = {}
         self.checkpointing = None
 
@@ -37,7 +37,7 @@ class StopAndInspect(TrainerCallback):
                 for p in group["params"]:
                     self.decay_of[names.get(id(p), "?")] = group["weight_decay"]
         if self.stop_at is not None and state.global_step == self.stop_at:
-            os.kill(os.getpid(), signal.SIGTERM)  # the PreemptionCallback's handler catches it
+            os.kill(os.getpid(), self.sig)  # the PreemptionCallback's handler catches it
 
 
 @pytest.fixture(scope="module")
@@ -93,13 +93,12 @@ def test_train_stop_resume_and_adapter(setup, capsys):
 
 def test_bad_arguments_exit_with_a_clear_error(setup, capsys):
     root, model_dir, flan = setup
-    with pytest.raises(SystemExit) as err:
-        train.parse_args(["--mode", "krause", "--model", "m", "--data_dir", "d", "--out_dir", "o", "--lr", "-1"])
-    assert err.value.code == 2 and "--lr" in capsys.readouterr().err
-    for extra in (["--epochs", "0"], ["--lora_alpha", "-8"], ["--weight_decay", "-1"], ["--seed", "-3"]):
-        with pytest.raises(SystemExit):
-            train.parse_args(["--mode", "krause", "--model", "m", "--data_dir", "d", "--out_dir", "o", *extra])
-        assert extra[0] in capsys.readouterr().err
+    for extra in (["--lr", "-1"], ["--epochs", "0"], ["--lora_alpha", "-8"], ["--weight_decay", "-1"],
+                  ["--seed", "-3"], ["--grad_clip", "nan"]):
+        assert train.main(args_for(model_dir, flan, root / "refused", *extra)) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith(f"error: argument {extra[0]}: must be "), err
+    assert not (root / "refused").exists()
     cases = [(args_for(model_dir, flan, root / "long", "--max_length", "100000"), "max_length"),
              (args_for(model_dir, root / "empty", root / "nodata"), "no usable data files"),
              (args_for(model_dir, model_dir, root / "nodata"), "cannot read the json files")]  # a model folder
@@ -151,11 +150,13 @@ def test_same_seed_twice_gives_identical_adapters_and_losses(setup, uninterrupte
     assert any(not torch.equal(v, _adapter(other)[k]) for k, v in _adapter(uninterrupted).items())
 
 
-def test_sigterm_then_resume_equals_the_uninterrupted_run(setup, uninterrupted, capsys):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stop_signal_then_resume_equals_the_uninterrupted_run(setup, uninterrupted, capsys, sig):
     root, model_dir, flan = setup
-    out = root / "stopped"
-    assert train.main(args_for(model_dir, flan, out, "--save_steps", "2"), extra_callbacks=[StopAndInspect(1)]) == 0
-    assert "stopped by SIGTERM at step 2" in capsys.readouterr().out
+    out = root / f"stopped_{sig.name}"
+    assert train.main(args_for(model_dir, flan, out, "--save_steps", "2"),
+                      extra_callbacks=[StopAndInspect(1, sig)]) == 0
+    assert f"stopped by {sig.name} at step 2" in capsys.readouterr().out
     assert train.main(args_for(model_dir, flan, out, "--save_steps", "2", "--resume")) == 0
     _assert_same_adapter(uninterrupted, out)
     assert _losses(out) == _losses(uninterrupted)
@@ -247,3 +248,27 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(setup, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     _assert_same_adapter(whole, killed)
     assert _losses(killed) == _losses(whole)
+
+
+def test_paper_preset_trains_with_sigma_frozen_and_eos_masked(setup):
+    from safetensors.torch import load_file
+
+    from lora_llms.data import IGNORE_INDEX, tokenize_example
+
+    root, model_dir, flan = setup
+    out = root / "paper"
+    assert train.main(args_for(model_dir, flan, out, "--preset", "paper", "--max_steps", "2")) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["preset"] == "paper" and config["freeze_sigma"] is True and config["label_eos"] is False
+    weights = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    sigmas = [v for k, v in weights.items() if "log_sigma" in k]
+    assert len(sigmas) == 2 and all(torch.allclose(s, torch.full_like(s, math.log(5.5))) for s in sigmas)
+    lora_b = [v for k, v in weights.items() if "lora_B" in k]
+    assert any(v.abs().max() > 0 for v in lora_b)  # the adapter itself did train
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    labelled, _ = tokenize_example(tok, "Say yes.", "yes", 64)
+    masked, _ = tokenize_example(tok, "Say yes.", "yes", 64, label_eos=False)
+    assert labelled["labels"][-1] == tok.eos_token_id and masked["labels"][-1] == IGNORE_INDEX
+    assert masked["labels"][:-1] == labelled["labels"][:-1]

@@ -5,10 +5,14 @@
   model sigma (``krause_sigma``, and the gated mix's ``krause_gate``) is a fully trainable
   ``modules_to_save``.
 - :func:`save` writes the peft adapter (with sigma and gate) and ``krause_config.json``
-  (the patch settings or the ``krause`` config entry, and a fingerprint of the base model).
-- :func:`load` rebuilds that model on a base model: a patched adapter patches the base the
-  same way; an adapter of an ``attn_implementation="krause"`` model needs a base built that
-  way; then it loads the adapter. A base of another architecture or size is refused.
+  (the patch settings or the ``krause`` config entry, and a fingerprint of the base model),
+  then seals the folder (``krause_integrity.json``: the size and CRC-32 of every file).
+- :func:`load` first checks that seal (:func:`verify_adapter`: a damaged file is refused in one
+  line naming it; an unsealed adapter, from before adapters were sealed, is refused with the
+  command that seals it: ``python -m krause.hf seal DIR``), then rebuilds that model on a base
+  model: a patched adapter patches the base the same way; an adapter of an
+  ``attn_implementation="krause"`` model needs a base built that way; then it loads the
+  adapter. A base of another architecture or size is refused.
 - merging: Krause-only models share nothing, so peft's own merge is right as it is. The
   gated mix's Krause projections share the pretrained weights, so :func:`merge_and_unload`
   (and peft's ``merge_and_unload`` / ``merge_adapter`` on a gated model made here) first
@@ -103,12 +107,38 @@ def lora_model(model: nn.Module, r: int = 16, alpha: int = 32, dropout: float = 
 
 
 def save(peft_model, out_dir, **save_kwargs) -> Path:
-    """Writes the adapter (with gate and sigma) and ``krause_config.json`` to ``out_dir``."""
+    """Writes the adapter (with gate and sigma) and ``krause_config.json`` to ``out_dir``, then its
+    integrity record (last: an adapter without one is an unfinished save)."""
+    from ..training.checkpointer import seal_directory
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(str(out_dir), **save_kwargs)
     write_krause_config(peft_model, out_dir)
+    seal_directory(out_dir)
     return out_dir
+
+
+def seal_command(adapter_dir) -> str:
+    return f"python -m krause.hf seal {adapter_dir}"
+
+
+def verify_adapter(adapter_dir) -> None:
+    """The one check of every reader of an adapter: the folder exists, carries ``krause_config.json``
+    and its integrity record, and every file has its recorded size and CRC-32 (one line naming the
+    file otherwise: CorruptCheckpointError, or ValueError for a folder that is not an adapter)."""
+    from ..training.checkpointer import SEAL, verify_sealed
+    from ..training.errors import CorruptCheckpointError
+
+    folder = Path(adapter_dir)
+    if not folder.is_dir():
+        raise ValueError(f"adapter: {adapter_dir} is not a directory")
+    read_krause_config(folder)
+    if not (folder / SEAL).is_file():
+        raise CorruptCheckpointError(
+            f"adapter: {adapter_dir} has no {SEAL} (saved before krause.hf sealed adapters, or its save did not "
+            f"finish); if you trust its files, seal them with `{seal_command(adapter_dir)}` and load it again")
+    verify_sealed(folder)
 
 
 def write_krause_config(model: nn.Module, out_dir) -> Path:
@@ -128,8 +158,14 @@ def write_krause_config(model: nn.Module, out_dir) -> Path:
 def read_krause_config(adapter_dir) -> dict:
     path = Path(adapter_dir) / KRAUSE_CONFIG_FILE
     if not path.is_file():
-        raise ValueError(f"adapter_dir: {adapter_dir} has no {KRAUSE_CONFIG_FILE} (not saved by krause.hf.save)")
-    return json.loads(path.read_text())
+        raise ValueError(f"adapter: {adapter_dir} has no {KRAUSE_CONFIG_FILE} (not saved by krause.hf.save)")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"adapter: {path} is not JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"adapter: {path} is not a krause.hf adapter config")
+    return data
 
 
 def check_base(base: nn.Module, saved_fingerprint: dict) -> None:
@@ -140,18 +176,21 @@ def check_base(base: nn.Module, saved_fingerprint: dict) -> None:
         raise ValueError("base: the adapter was trained on another model (" + "; ".join(diffs) + ")")
 
 
-def load(base: nn.Module, adapter_dir, is_trainable: bool = False):
+def load(base: nn.Module, adapter_dir, is_trainable: bool = False, *, verify: bool = True, impl: str | None = None):
     """Rebuilds the saved model on ``base``: for a patched adapter an unpatched causal LM (patched
-    here with the saved settings); for an ``attn_implementation="krause"`` adapter a model built
-    that way. Then loads the adapter (with sigma and gate)."""
+    here with the saved settings; ``impl`` runs the Krause op with another implementation); for
+    an ``attn_implementation="krause"`` adapter a model built that way. Then loads the adapter
+    (with sigma and gate). ``verify=False`` only where the caller ran :func:`verify_adapter`."""
     from peft import PeftModel
 
+    if verify:
+        verify_adapter(adapter_dir)
     data = read_krause_config(adapter_dir)
     check_base(base, data.get("base", {}))
     if data.get("patch"):
         if is_patched(base):
             raise ValueError("base: pass the unpatched pretrained model; load() applies the saved patch itself")
-        patch_model(base, **data["patch"])
+        patch_model(base, **{**data["patch"], **({"impl": impl} if impl else {})})
     elif data.get("krause"):
         if not krause_attention_modules(base):
             raise ValueError(

@@ -24,13 +24,13 @@
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
+from ..nn.config import check_sigma
 from ..nn.gated import gated_mix, init_gate
 from ..ops import causal_krause_attention
 from .attention import KrauseSigma, use_krause_attention
@@ -66,10 +66,7 @@ class KrausePatchConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if isinstance(self.sigma, bool) or not isinstance(self.sigma, (int, float)) or not (
-            math.isfinite(self.sigma) and self.sigma > 0
-        ):
-            raise ValueError(f"sigma must be a finite number > 0, got {self.sigma!r}")
+        object.__setattr__(self, "sigma", check_sigma(self.sigma))  # the project's one sigma check
         if not isinstance(self.gate_init, (int, float)) or not 0.0 < self.gate_init < 1.0:
             raise ValueError(f"gate_init must be in (0, 1), got {self.gate_init!r}")
         from ..dispatch import IMPLS
