@@ -124,8 +124,8 @@ def test_bad_input_gives_one_line_errors_and_overwrites_nothing(tmp_path, capsys
     _one_line_error(capsys, [a if a != "kvit-s" else "vit-s" for a in TINY] + ["--out_dir", str(out), "--resume"],
                     "another config: | epochs: 1 -> 2 | model: 'kvit_small_patch4_32' -> 'vit_small_patch4_32'")
     # hyper-parameters out of range
-    _one_line_error(capsys, TINY + ["--out_dir", str(out), "--resume", "--top_k", "0"], "--top_k must be >= 1")
-    _one_line_error(capsys, TINY + ["--out_dir", str(out), "--resume", "--sigma", "-1"], "--sigma must be")
+    _one_line_error(capsys, TINY + ["--out_dir", str(out), "--resume", "--top_k", "0"], "--top_k: must be an integer >= 1, got 0")
+    _one_line_error(capsys, TINY + ["--out_dir", str(out), "--resume", "--sigma", "-1"], "--sigma: must be a finite number > 0")
     _one_line_error(capsys, TINY + ["--out_dir", str(out), "--resume", "--warmup_epochs", "9"], "--warmup_epochs")
     # Krause flags on a baseline
     _one_line_error(capsys, ["--model", "vit-s", "--sigma", "2", "--out_dir", str(tmp_path / "x")], "--sigma applies")
@@ -254,13 +254,14 @@ def test_compare_runs_side_by_side(tmp_path, capsys):
 def test_a_failed_download_leaves_no_empty_data_folder(tmp_path, capsys, monkeypatch):
     """torchvision creates the data folder before it downloads; a download that fails must not leave
     an empty data/cifar10/ behind (a folder that existed before is kept)."""
+    from vision_transformers import data as vision_data
     from vision_transformers.data import DataError
 
     def failing_download(name, path, **kwargs):
         os.makedirs(os.path.join(path, "cifar-10-batches-py"), exist_ok=True)
         raise DataError("could not download cifar10: no network")
 
-    monkeypatch.setattr(train, "build_datasets", failing_download)
+    monkeypatch.setattr(vision_data, "build_datasets", failing_download)
     target = tmp_path / "data" / "cifar10"
     base = ["--dataset", "cifar10", "--no_progress", "--num_workers", "0", "--out_dir", str(tmp_path / "run")]
     assert train.main(base + ["--data_path", str(target)]) == 2

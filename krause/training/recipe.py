@@ -53,6 +53,7 @@ class OptimSpec:
     min_lr_ratio: float
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int | None = None  # explicit count (e.g. whole epochs), instead of the fraction
+    decay_everything: bool = False   # no exemptions (the first release; a `paper` preset)
 
 
 @dataclasses.dataclass
@@ -172,7 +173,8 @@ def _assemble(recipe: Recipe, env: DistEnv, run: RunDir) -> RunContext:
     flops = recipe.flops_per_sample(model) if recipe.flops_per_sample is not None else None
     train_model, eval_model = wrap_model(model, env, dist=recipe.dist, compile=recipe.compile,
                                          fsdp_blocks=recipe.fsdp_blocks, bf16=recipe.bf16)
-    optimizer = build_adamw(model, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas)
+    optimizer = build_adamw(model, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas,
+                            decay_everything=o.decay_everything)
     total = recipe.settings.total_steps
     warmup = o.warmup_steps if o.warmup_steps is not None else warmup_steps(total, fraction=o.warmup)
     scheduler = warmup_cosine_scheduler(optimizer, total, warmup, o.min_lr_ratio)
