@@ -190,3 +190,17 @@ def test_verification_record_writer(tmp_path):
     assert set(rec["max_abs_error"]) >= {"causal", "local2d"}
     assert all(0 <= e < 1e-3 for errs in rec["max_abs_error"].values() for e in errs.values())
     assert rec["torch"] == torch.__version__ and "triton" in rec and rec["speed"]
+
+
+def test_build_name_separates_checkouts_sources_and_flags(tmp_path):
+    # one build folder per (checkout, source text, flags): two checkouts never rebuild each other's
+    a, b = tmp_path / "a" / "k.cpp", tmp_path / "b" / "k.cpp"
+    for p in (a, b):
+        p.parent.mkdir()
+        p.write_text("int x;\n")
+    name = cpu.build_name(str(a), "AVX2", ["-O3"])
+    assert name.startswith("krause_cpu_avx2_") and name == cpu.build_name(str(a), "AVX2", ["-O3"])
+    assert name != cpu.build_name(str(b), "AVX2", ["-O3"])
+    assert name != cpu.build_name(str(a), "AVX2", ["-O2"])
+    a.write_text("int y;\n")
+    assert name != cpu.build_name(str(a), "AVX2", ["-O3"])

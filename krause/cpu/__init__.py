@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import os
 import threading
@@ -71,9 +72,20 @@ def _build():
 
     simd = _simd()
     flags = ["-O3", *_SIMD_FLAGS.get(simd, [])]
-    return cpp_extension.load(
-        name=f"krause_cpu_{simd.lower()}", sources=[_SOURCE], extra_cflags=flags, verbose=False
-    )
+    return cpp_extension.load(name=build_name(_SOURCE, simd, flags), sources=[_SOURCE], extra_cflags=flags, verbose=False)
+
+
+def build_name(source: str, simd: str, flags: list[str]) -> str:
+    """The extension's name, one per (checkout, source text, flags).
+
+    torch keys its build folder by name and ninja rebuilds when the command (which holds the
+    source's path) changes, so two checkouts sharing one name would rebuild on every switch."""
+    digest = hashlib.sha256()
+    for part in (os.path.abspath(source), " ".join(flags)):
+        digest.update(part.encode() + b"\0")
+    with open(source, "rb") as f:
+        digest.update(f.read())
+    return f"krause_cpu_{simd.lower()}_{digest.hexdigest()[:12]}"
 
 
 def _first_error(exc: Exception) -> str:
