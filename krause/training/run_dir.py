@@ -204,6 +204,9 @@ def _prepare_on_main(
     """Checks (read-only), then the lock, then writes, on rank 0. Returns ("ok"|"error", message)."""
     if run.root.exists() and not run.root.is_dir():
         return "error", f"out_dir {run.root} exists and is not a directory"
+    busy = RunLock(run.root / RunDir.LOCK).busy() if lock and run.root.is_dir() else None
+    if busy:  # a second writer hears that first, not a later check's advice
+        return "error", busy
     old = run.read_config() if run.root.is_dir() else None
     if old is None and run.root.is_dir() and any(p.name != RunDir.LOCK for p in run.root.iterdir()) and not overwrite:
         return "error", (
