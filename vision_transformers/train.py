@@ -6,11 +6,15 @@
     # preempted or crashed? the same command with --resume continues where it stopped
 
 Every recipe setting defaults to the recipe in docs/recipes.md for the chosen model and dataset
-(see ``RECIPES``; the resolved values are written to <out_dir>/config.json) and is a
-flag. The run directory holds config.json, metrics.jsonl (per logged step: train loss,
-lr, grad norm, img/s; per epoch: train/test loss and accuracy, top-1/top-5, sigma per
-layer, epoch time, throughput), summary.json (params, FLOPs per image, train img/s,
-best accuracy), train.log, checkpoints/{last,best}.pt and figures/.
+(``config.RECIPES``; ``--preset paper`` for the first release's choices; the resolved values are
+written to <out_dir>/config.json) and is a flag. This file is the assembly only: flags, ranges and
+recipes live in ``config.py``, data in ``data.py``, the loop's hooks in ``hooks.py``, the summary
+and figures in ``report.py``, and ``krause.training.recipe`` runs the rest.
+
+The run directory holds config.json, metrics.jsonl (per logged step: train loss, lr, grad
+norm, img/s; per epoch: train/test loss and accuracy, top-1/top-5, sigma per layer, epoch
+time, throughput), summary.json (params, FLOPs per image, train img/s, best accuracy),
+train.log, checkpoints/ (DCP step directories, latest, best/) and figures/.
 
 Fixed defects of the first release: ``DistributedSampler.set_epoch(epoch)`` (not the
 rank); test metrics summed over every rank's shard (no sample counted twice); no weight

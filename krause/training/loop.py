@@ -135,6 +135,9 @@ class TrainLoop:
     # ---------------------------------------------------------------- pieces
     def save(self, metric: float | None = None) -> bool:
         self.hooks.sync_state(self.state)
+        # the loss window since the last log line, so a resume mid-window logs the same mean
+        loss, n = getattr(self, "_window", (None, 0))
+        self.state.extra["log_window"] = [float(loss) if loss is not None else 0.0, n]
         if metric is not None and self.ckpt.is_better(float(metric)):
             self.state.best_metric = float(metric)  # the saved TrainState already knows it
         info = self.ckpt.save(self.state.step, self.app, metric=metric)
@@ -178,7 +181,8 @@ class TrainLoop:
     # ---------------------------------------------------------------- the loop
     def run(self) -> str:
         s, st, hooks = self.s, self.state, self.hooks
-        window_loss, window_n = None, 0
+        saved_loss, window_n = st.extra.pop("log_window", (0.0, 0))  # a resume continues the saved window
+        window_loss = torch.tensor(saved_loss, dtype=torch.float64) if window_n else None
         grad_norm = None
         self.meter.reset()
         while st.step < s.total_steps:
@@ -197,6 +201,7 @@ class TrainLoop:
                 loss = result.loss.detach().double()  # stays on the device until logged
                 window_loss = loss if window_loss is None else window_loss + loss
                 window_n += 1
+                self._window = (window_loss, window_n)
                 hooks.after_step(st, result)
                 if st.step % s.log_every == 0 or st.step == s.total_steps:
                     mean = float(window_loss) / window_n
@@ -210,6 +215,7 @@ class TrainLoop:
                     if record is not None:
                         self.metrics.log(record, step=st.step, epoch=st.epoch + st.batch_in_epoch / s.steps_per_epoch)
                     window_loss, window_n = None, 0
+                    self._window = (None, 0)
                 if s.preempt_at_step == st.step:
                     os.kill(os.getpid(), signal.SIGTERM)
                 end_of_epoch = st.batch_in_epoch >= s.steps_per_epoch
