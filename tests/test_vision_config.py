@@ -119,6 +119,10 @@ def test_paper_preset_resolves_to_the_first_releases_choices():
     assert (mine.norm_placement, mine.sigma, mine.decay_all) == ("pre", 8.0, True)
     plain = config.parse_args(["--out_dir", "x", "--model", "kvit-s"])
     assert (plain.norm_placement, plain.decay_all, plain.preset) == (None, False, None)
+    # the recorded config: the preset's values are there; at their defaults the new keys are not
+    # (run directories made before them still resume)
+    assert config.run_config(kvit)["preset"] == "paper" and config.run_config(kvit)["decay_all"] is True
+    assert "preset" not in config.run_config(plain) and "decay_all" not in config.run_config(plain)
     # the preset's model arguments build: post-norm blocks, no final norm
     from vision_transformers.data import dataset_info
     from vision_transformers.models import PostNormBlock, create

@@ -29,7 +29,7 @@ from .data import DATASETS
 from .models import MODEL_DEFAULTS, resolve_model_name
 
 __all__ = ["RECIPES", "COMMON", "PRESETS", "IGNORED_KEYS", "build_parser", "parse_args", "resolve_recipe",
-           "validate", "model_kwargs", "check_saved_config", "family"]
+           "validate", "model_kwargs", "check_saved_config", "run_config", "family"]
 
 #: keys that do not change what a run computes: a run may be resumed with other values
 IGNORED_KEYS = RUNTIME_KEYS | {"preempt_at_step", "save_every_steps", "no_flops", "figures", "threads", "attn_impl",
@@ -250,6 +250,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The resolved, checked namespace of a training command line (UsageError otherwise)."""
     parser = build_parser()
     return validate(resolve_recipe(parser.parse_args(argv)), parser)
+
+
+#: flags added after runs were made: left out of config.json at their default, so those runs still resume
+LATER_FLAGS = {"preset": None, "decay_all": False}
+
+
+def run_config(args: argparse.Namespace) -> dict:
+    """The resolved config a run directory records (and resume compares)."""
+    return {k: v for k, v in vars(args).items() if not (k in LATER_FLAGS and v == LATER_FLAGS[k])}
 
 
 def check_saved_config(cfg: dict, where) -> dict:

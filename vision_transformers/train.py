@@ -40,7 +40,8 @@ from krause.training.entry import entry_point
 from krause.training.recipe import OptimSpec, Recipe, run_recipe
 
 from . import analysis
-from .config import IGNORED_KEYS, build_parser, model_kwargs, parse_args, read_saved_config, resolve_recipe
+from .config import (IGNORED_KEYS, build_parser, model_kwargs, parse_args, read_saved_config, resolve_recipe,
+                     run_config)
 from .data import build_loaders, dataset_info
 from .hooks import VisionHooks, evaluate
 from .models import create
@@ -118,7 +119,7 @@ def _train(args, env) -> int:
         return 0 if math.isfinite(last.get("test_loss", 0.0)) else 1
 
     return run_recipe(Recipe(
-        name="vision_transformers", args=args, config=vars(args), ignore=IGNORED_KEYS, build_model=build,
+        name="vision_transformers", args=args, config=run_config(args), ignore=IGNORED_KEYS, build_model=build,
         make_hooks=lambda ctx: VisionHooks(args, env, plan, ctx, data),
         settings=LoopSettings(total_steps=total_steps, steps_per_epoch=steps_per_epoch, log_every=args.log_every,
                               eval_every_epochs=args.eval_every, save_every=args.save_every_steps,
