@@ -45,7 +45,6 @@ final norm is then off, since every block already ends in one. It applies to bot
 from __future__ import annotations
 
 import json
-import math
 import pickle
 import zipfile
 from pathlib import Path
