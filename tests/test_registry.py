@@ -216,7 +216,7 @@ ATTENTION_MATH = re.compile(
 #: (file, the matched line's text) that are not attention: sampling a pixel, top-k accuracy.
 NOT_ATTENTION = {
     ("autoregressive_transformers/model.py", "probs = torch.softmax(logits.float() / temperature, dim=-1)"),
-    ("vision_transformers/train.py", "top = logits.topk(k, dim=1).indices"),
+    ("vision_transformers/hooks.py", "top = logits.topk(k, dim=1).indices"),
 }
 
 

@@ -588,6 +588,16 @@ def test_example_loop_preempted_and_resumed_matches_uninterrupted(tmp_path):
     assert (cut / "figures" / "curves.png").stat().st_size > 0 and (cut / "checkpoints" / "best").is_dir()
 
 
+def test_a_resume_inside_a_log_window_logs_the_same_mean_loss(tmp_path):
+    """Preempted at step 4 with a record every 3 steps: the step-6 record still averages
+    steps 4-6 (the window is saved with the checkpoint), as in the uninterrupted run."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert example.main(_example_args(full, "--log_every", "3")) == 0
+    assert example.main(_example_args(cut, "--log_every", "3", "--preempt_at_step", "4")) == 0
+    assert example.main(_example_args(cut, "--log_every", "3", "--resume")) == 0
+    assert _records_without_time(full) == _records_without_time(cut)
+
+
 @pytest.mark.slow
 def test_example_under_torchrun_two_processes_resumes_bit_identically(tmp_path):
     """torchrun, 2 CPU processes (gloo, DDP): SIGTERM reaches rank 1 only; both ranks stop at the same

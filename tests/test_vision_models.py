@@ -5,6 +5,7 @@ pretrained stock checkpoints loaded into the Krause models, bad input."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import timm
@@ -427,6 +428,54 @@ def test_pretrained_file_of_another_architecture_is_refused(tmp_path):
     with pytest.raises(ValueError, match="other shapes for"):
         timm.create_model("kvit_small_patch4_32", pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / "wide.pth")),
                           **SMALL["kvit_small_patch4_32"])
+
+
+def test_a_damaged_pretrained_file_is_refused_in_one_line_naming_it(tmp_path):
+    """The stock file has no integrity record of ours: torch's zip records carry CRC-32s, a
+    safetensors header the sizes; a damaged file never loads silently."""
+    from safetensors.torch import save_file
+
+    stock = timm.create_model("vit_small_patch4_32", **SMALL["kvit_small_patch4_32"])
+    good = tmp_path / "vit.pth"
+    torch.save(stock.state_dict(), good)
+    data = good.read_bytes()
+    mid = len(data) // 2
+    zeroed, truncated, missing = tmp_path / "zeroed.pth", tmp_path / "truncated.pth", tmp_path / "missing.pth"
+    zeroed.write_bytes(data[:mid] + b"\0" * 4096 + data[mid + 4096:])
+    truncated.write_bytes(data[:mid])
+    st = tmp_path / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in stock.state_dict().items()}, str(st))
+    st_cut = tmp_path / "cut.safetensors"
+    st_cut.write_bytes(st.read_bytes()[:-100])
+    for path, words in ((zeroed, "fails its CRC-32 check"), (truncated, "cannot be read"), (missing, "does not exist"),
+                        (st_cut, "does not match its safetensors header")):
+        with pytest.raises(ValueError, match=words) as info:
+            timm.create_model("kvit_small_patch4_32", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                              **SMALL["kvit_small_patch4_32"])
+        assert str(path) in str(info.value) and "\n" not in str(info.value)
+    for path in (good, st):  # the intact files load
+        kvit = timm.create_model("kvit_small_patch4_32", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                                 **SMALL["kvit_small_patch4_32"])
+        assert torch.equal(kvit.blocks[0].attn.qkv.weight, stock.blocks[0].attn.qkv.weight)
+
+
+def test_the_krause_models_build_their_attention_through_the_registry():
+    """No vision code names a Krause module class: the registry's entries are what the models hold."""
+    from krause.nn.registry import REGISTRY, adapt_attention
+
+    source = (Path(__file__).resolve().parents[1] / "vision_transformers" / "models.py").read_text()
+    for cls in ("LocalKrauseAttention2d", "WindowKrauseAttention", "StandardAttention", "from_attention("):
+        assert cls not in source, cls
+    kvit = vt.create("kvit_small_patch4_32", **SMALL["kvit_small_patch4_32"])
+    kswin = vt.create("kswin_tiny_patch4_window4_32", **SMALL["kswin_tiny_patch4_window4_32"])
+    assert all(type(b.attn) is REGISTRY["vision_krause"].cls for b in kvit.blocks)
+    assert all(type(b.attn) is REGISTRY["swin_krause"].cls for s in kswin.layers for b in s.blocks)
+    with pytest.raises(ValueError, match="cannot be built from an existing module; these can: .*vision_krause"):
+        adapt_attention("softmax", kvit.blocks[0].attn)
+    with pytest.raises(ValueError, match="is not registered"):
+        adapt_attention("kvit", kvit.blocks[0].attn)
+    with pytest.raises(ValueError, match="sigma must be a finite number > 0"):
+        vt.create("kvit_small_patch4_32", sigma=float("nan"), **SMALL["kvit_small_patch4_32"])
 
 
 # ----------------------------------------------------------------------------- arguments, bad input

@@ -20,13 +20,15 @@ from typing import Sequence
 import torch
 
 from krause.training import read_metrics
+from krause.training.ranges import POSITIVE_INT, check_namespace
 
 from . import analysis
 from krause.training.checkpointer import Checkpointer, find_checkpoint, load_model_weights
 
 from .data import DATASETS, DataError, build_datasets, dataset_info
 from .models import create
-from .train import build_parser, model_kwargs
+from .config import OneLineParser, check_saved_config, model_kwargs
+from .config import build_parser as train_parser
 
 
 def load_run(run: Path, checkpoint: str = "best", device: str = "cpu"):
@@ -34,9 +36,13 @@ def load_run(run: Path, checkpoint: str = "best", device: str = "cpu"):
     cfg_path = run / "config.json"
     if not cfg_path.is_file():
         raise ValueError(f"{run} is not a run directory (no config.json)")
-    cfg = json.loads(cfg_path.read_text())
-    if not isinstance(cfg.get("model"), str) or cfg.get("dataset") not in DATASETS:
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{cfg_path} is not JSON ({e})") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), str) or cfg.get("dataset") not in DATASETS:
         raise ValueError(f"{run} is not a vision_transformers.train run (its config has no vision model / dataset)")
+    check_saved_config(cfg, cfg_path)
     try:
         ckpt = find_checkpoint(run, checkpoint)
     except ValueError:
@@ -45,24 +51,29 @@ def load_run(run: Path, checkpoint: str = "best", device: str = "cpu"):
     if ckpt is None:
         raise ValueError(f"{run} has no checkpoint yet")
     info = dataset_info(cfg["dataset"], cfg.get("img_size"))
-    fields = {**vars(build_parser().parse_args(["--out_dir", "x"])), **cfg}  # flags added since the run: defaults
+    fields = {**vars(train_parser().parse_args(["--out_dir", "x"])), **cfg}  # flags added since the run: defaults
     model = create(cfg["model"], **model_kwargs(argparse.Namespace(**fields), info))
     load_model_weights(model, ckpt)
     return model.to(device).eval(), cfg
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vision_transformers.compare", description=__doc__.split("\n")[0])
+def build_parser() -> OneLineParser:
+    p = OneLineParser(prog="python -m vision_transformers.compare", description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+", help="run directories")
     p.add_argument("--out_dir", required=True)
     p.add_argument("--labels", default=None, help="comma-separated labels (default: the model names)")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
     p.add_argument("--data_path", default=None, help="override the runs' data path (for the attention images)")
-    p.add_argument("--images", type=int, default=2, help="test images in the attention figure")
+    p.add_argument("--images", type=POSITIVE_INT, default=2, help="test images in the attention figure")
     p.add_argument("--patches", default=None, help="query patches as r,c;r,c (default: centre and a corner-side one)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier comparison in --out_dir")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = build_parser()
     try:
+        args = check_namespace(p.parse_args(argv), p)
         out = Path(args.out_dir).expanduser().resolve()
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out_dir {out} exists and is not a directory")

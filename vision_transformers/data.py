@@ -47,8 +47,10 @@ __all__ = [
     "DataError",
     "DataInfo",
     "EmbeddedMNIST",
+    "Loaders",
     "SeededDataset",
     "build_datasets",
+    "build_loaders",
     "build_transforms",
     "dataset_info",
 ]
@@ -393,3 +395,63 @@ def build_datasets(
     val = SeededDataset(val_base, build_transforms(info, False), seed=None)
     info.train_size, info.val_size = len(train), len(val)
     return train, val, info
+
+
+@dataclass
+class Loaders:
+    """What a training run reads: the datasets, the resumable sampler and its generator, the loaders."""
+
+    train_set: Dataset
+    val_set: Dataset
+    info: DataInfo
+    sampler: Any             # ResumableDistributedSampler over train_set
+    generator: torch.Generator
+    train: Any               # DataLoader
+    val: Any                 # DataLoader over this rank's shard of val_set
+
+
+def build_loaders(args, per_rank: int, pin_memory: bool) -> Loaders:
+    """Datasets and loaders of a training run (``args``: the resolved training namespace).
+
+    A failed load (a download that broke off) leaves no empty data folder behind; a folder
+    that existed before is kept."""
+    from torch.utils.data import DataLoader
+
+    from krause.training import ShardSampler, UsageError, ignore_sigint
+    from krause.training.data import ResumableDistributedSampler
+
+    augment = dict(randaugment=args.randaugment or None, color_jitter=args.color_jitter, re_prob=args.re_prob,
+                   enabled=not args.no_augment)
+    data_root = os.path.abspath(os.path.expanduser(args.data_path)) if args.data_path else None
+    created = data_root  # the topmost folder of data_root that does not exist yet (None: all exist)
+    while created is not None and not os.path.exists(os.path.dirname(created)):
+        created = os.path.dirname(created)
+    existed = data_root is None or os.path.exists(data_root)
+    try:
+        train_set, val_set, info = build_datasets(
+            args.dataset, args.data_path, img_size=args.img_size, download=not args.no_download,
+            verify_checksums=not args.no_checksum, train_subset=args.train_subset, val_subset=args.val_subset,
+            seed=args.seed, augment=augment,
+        )
+    except BaseException:
+        if not existed:
+            _remove_empty_dirs(created)
+        raise
+    if len(train_set) < args.batch_size:
+        raise UsageError(f"--batch_size {args.batch_size} is larger than the {len(train_set)} training images")
+    sampler = ResumableDistributedSampler(train_set, shuffle=True, seed=args.seed, drop_last=True)
+    generator = torch.Generator()
+    workers = dict(num_workers=args.num_workers, pin_memory=pin_memory,
+                   worker_init_fn=ignore_sigint if args.num_workers else None)
+    train = DataLoader(train_set, batch_size=per_rank, sampler=sampler, drop_last=True, generator=generator, **workers)
+    val = DataLoader(val_set, batch_size=per_rank, sampler=ShardSampler(len(val_set)), **workers)
+    return Loaders(train_set, val_set, info, sampler, generator, train, val)
+
+
+def _remove_empty_dirs(root: str) -> None:
+    """Remove `root` and the folders under it when nothing but empty folders is there."""
+    for dirpath, _, _ in sorted(os.walk(root), key=lambda t: -len(t[0])):
+        try:
+            os.rmdir(dirpath)
+        except OSError:
+            return

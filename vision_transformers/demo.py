@@ -28,8 +28,11 @@ from typing import Sequence
 import torch
 
 from krause.training import read_metrics
+from krause.training.entry import entry_point
+from krause.training.ranges import NONNEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED, check_namespace
 
 from . import analysis, train
+from .config import OneLineParser
 from .data import build_datasets
 from .models import create
 
@@ -45,21 +48,21 @@ PAIR = (("KViT", "kvit", "kvit_small_patch4_32"), ("ViT", "vit", "vit_small_patc
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m vision_transformers.demo", description=__doc__.split("\n")[0],
+    p = OneLineParser(prog="python -m vision_transformers.demo", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out_dir", default=str(DEFAULT_OUT), help="where the two runs and the figures go")
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--embed_dim", type=int, default=64)
-    p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--num_heads", type=int, default=4)
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--train_subset", type=int, default=None, help="fewer training digits (default: all 4,000)")
-    p.add_argument("--val_subset", type=int, default=None, help="fewer test digits (default: all 1,000)")
-    p.add_argument("--num_workers", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--epochs", type=POSITIVE_INT, default=8)
+    p.add_argument("--embed_dim", type=POSITIVE_INT, default=64)
+    p.add_argument("--depth", type=POSITIVE_INT, default=4)
+    p.add_argument("--num_heads", type=POSITIVE_INT, default=4)
+    p.add_argument("--batch_size", type=POSITIVE_INT, default=64)
+    p.add_argument("--lr", type=POSITIVE_FLOAT, default=2e-3)
+    p.add_argument("--train_subset", type=POSITIVE_INT, default=None, help="fewer training digits (default: all 4,000)")
+    p.add_argument("--val_subset", type=POSITIVE_INT, default=None, help="fewer test digits (default: all 1,000)")
+    p.add_argument("--num_workers", type=NONNEGATIVE_INT, default=0)
+    p.add_argument("--threads", type=POSITIVE_INT, default=1,
                    help="torch CPU threads (1: small models gain little from more, and it stays fast on a busy CPU)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--no_augment", action="store_true", help="no random crops (learns faster in very short runs)")
     p.add_argument("--resume", action="store_true", help="continue interrupted demo runs instead of starting over")
     p.add_argument("--no_progress", action="store_true")
@@ -121,8 +124,10 @@ def _load_trained(run: Path, model_name: str, args: argparse.Namespace) -> torch
     return model.eval()
 
 
+@entry_point
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = check_namespace(parser.parse_args(argv), parser)
     out = Path(args.out_dir).expanduser().resolve()
     summaries: dict[str, dict] = {}
     for label, sub, model in PAIR:

@@ -3,8 +3,8 @@
 Every baseline is timm's stock ``VisionTransformer`` or ``SwinTransformer``. Its Krause
 twin is the same timm class built from the same arguments, with the attention module of
 every block replaced by the core's Krause module around that block's own projections
-(``LocalKrauseAttention2d.from_attention``, ``WindowKrauseAttention.from_attention``):
-same blocks, norms, initialisation, drop-path schedule and parameter names, plus one
+built by its registered name (``krause.nn.registry.adapt_attention`` with ``"vision_krause"``
+or ``"swin_krause"``; no module class is named here): same blocks, norms, initialisation, drop-path schedule and parameter names, plus one
 ``log_sigma`` per layer (KViT) or per head (KSwin). A pair built from one seed holds
 identical values in every shared parameter, and the parameter counts differ by exactly the
 sigmas (``tests/test_vision_models.py`` checks both).
@@ -44,7 +44,10 @@ final norm is then off, since every block already ends in one. It applies to bot
 
 from __future__ import annotations
 
-import math
+import json
+import pickle
+import zipfile
+from pathlib import Path
 from typing import Any
 
 import timm
@@ -59,10 +62,9 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as _vit_checkpoint_filter
 from torch import nn
 
-from krause.dispatch import IMPLS
-from krause.nn.config import KrauseConfig
-from krause.nn.swin import WindowKrauseAttention
-from krause.nn.vision import LocalKrauseAttention2d, PatchGrid, topk_schedule
+from krause.nn.config import KrauseConfig, check_sigma
+from krause.nn.registry import adapt_attention, attention_class
+from krause.nn.vision import PatchGrid, topk_schedule
 
 __all__ = [
     "VisionTransformer",
@@ -77,6 +79,7 @@ __all__ = [
     "is_krause",
     "krause_layers",
     "sigma_per_layer",
+    "check_pretrained_file",
 ]
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -99,7 +102,7 @@ class PostNormBlock(Block):
 
 
 class KrauseVisionTransformer(VisionTransformer):
-    """timm's ``VisionTransformer`` whose blocks attend with ``LocalKrauseAttention2d``.
+    """timm's ``VisionTransformer`` whose blocks attend with the registered ``vision_krause`` module.
 
     Built as the stock model from ``**kwargs`` (so its twin is ``VisionTransformer(**kwargs)``),
     then every block's ``Attention`` is replaced by the Krause module around its projections.
@@ -119,7 +122,7 @@ class KrauseVisionTransformer(VisionTransformer):
     def __init__(self, *, sigma: float = 2.5, top_k: int = 2, top_k_schedule: str = "linear", radius: int = 1,
                  metric: str = "manhattan", per_head_sigma: bool = False, attn_impl: str = "auto", **kwargs):
         _check_choice("top_k_schedule", top_k_schedule, TOPK_SCHEDULES)
-        config = KrauseConfig(top_k=top_k, sigma=sigma, radius=radius, metric=metric, per_head_sigma=per_head_sigma,
+        config = KrauseConfig(top_k=top_k, sigma=check_sigma(sigma), radius=radius, metric=metric, per_head_sigma=per_head_sigma,
                               impl=attn_impl)
         if kwargs.get("patch_drop_rate", 0.0) > 0:
             raise ValueError("patch_drop_rate: Krause attention needs the whole patch grid; use 0")
@@ -128,8 +131,8 @@ class KrauseVisionTransformer(VisionTransformer):
         depth = len(self.blocks)
         self.top_ks = topk_schedule(top_k, depth) if top_k_schedule == "linear" else [top_k] * depth
         for blk, k in zip(self.blocks, self.top_ks):
-            blk.attn = LocalKrauseAttention2d.from_attention(blk.attn, self.patch_grid, config.replace(top_k=k),
-                                                             num_prefix_tokens=self.num_prefix_tokens)
+            blk.attn = adapt_attention("vision_krause", blk.attn, self.patch_grid, krause=config.replace(top_k=k),
+                                       num_prefix_tokens=self.num_prefix_tokens)
         self.krause_config = config
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,12 +145,13 @@ class KrauseVisionTransformer(VisionTransformer):
 def krause_swin(*, sigma: float = 4.0, per_head_sigma: bool = True, attn_impl: str = "auto",
                 **kwargs) -> SwinTransformer:
     """timm's ``SwinTransformer(**kwargs)`` with every block's window attention replaced by
-    ``WindowKrauseAttention`` around its parameters (sigma per head by default)."""
-    config = WindowKrauseAttention.preset.replace(sigma=sigma, per_head_sigma=per_head_sigma, impl=attn_impl)
+    registered ``swin_krause`` module around its parameters (sigma per head by default)."""
+    config = attention_class("swin_krause").preset.replace(sigma=check_sigma(sigma), per_head_sigma=per_head_sigma,
+                                                           impl=attn_impl)
     model = SwinTransformer(**kwargs)
     for stage in model.layers:
         for blk in stage.blocks:
-            blk.attn = WindowKrauseAttention.from_attention(blk.attn, config)
+            blk.attn = adapt_attention("swin_krause", blk.attn, krause=config)
     return model
 
 
@@ -232,6 +236,35 @@ def _fit_checkpoint(state_dict: dict, model: nn.Module) -> dict:
         if key.endswith("log_sigma") and key not in out:
             out[key] = value.detach().clone()  # sigma starts at the model's initial value
     return out
+
+
+def check_pretrained_file(path) -> Path:
+    """``path`` if it is an intact weights file; otherwise one line naming it. torch's zip
+    format is checked against the CRC-32 of every record, a safetensors file against the sizes
+    its header declares (a stock file has no other integrity record)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ValueError(f"pretrained file {p} does not exist")
+    if zipfile.is_zipfile(p):
+        try:
+            with zipfile.ZipFile(p) as z:
+                bad = z.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            raise ValueError(f"pretrained file {p} is damaged ({e})") from None
+        if bad is not None:
+            raise ValueError(f"pretrained file {p} is damaged: its record {bad} fails its CRC-32 check")
+    elif p.suffix == ".safetensors":
+        with p.open("rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            try:
+                header = json.loads(f.read(n)) if 0 < n < p.stat().st_size else None
+            except ValueError:
+                header = None
+        ends = [v["data_offsets"][1] for k, v in (header or {}).items() if k != "__metadata__"]
+        if header is None or 8 + n + max(ends, default=0) != p.stat().st_size:
+            raise ValueError(f"pretrained file {p} is damaged (its size does not match its safetensors header)")
+    return p
 
 
 def _vit_filter(state_dict: dict, model: nn.Module) -> dict:
@@ -331,6 +364,9 @@ def _build(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
         if placement == "post":
             cfg.update(block_fn=PostNormBlock, final_norm=False)
     _check_arguments(cfg, swin)
+    weights_file = (cfg.get("pretrained_cfg_overlay") or {}).get("file") if pretrained else None
+    if weights_file:
+        check_pretrained_file(weights_file)
     if swin:
         model_cls = krause_swin if krause else SwinTransformer
         feature_cfg = dict(flatten_sequential=True, out_indices=cfg.pop("out_indices", tuple(range(len(cfg["depths"])))))
@@ -344,6 +380,11 @@ def _build(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
                                      feature_cfg=feature_cfg, **cfg)
     except TypeError as e:  # an unknown keyword
         raise ValueError(f"{name}: {e}") from None
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        if not weights_file:
+            raise
+        text = " ".join(str(e).split())[:200]
+        raise ValueError(f"pretrained file {weights_file} cannot be read ({type(e).__name__}: {text})") from None
     # the model's (or its feature wrapper's) patch embedding checks the images it is given; not
     # for TorchScript (timm's set_scriptable), which cannot compile the hook: timm's asserts apply there
     if not is_scriptable():
@@ -358,7 +399,8 @@ def create(name: str, **kwargs) -> nn.Module:
 
 def krause_layers(model: nn.Module) -> list[nn.Module]:
     """The Krause attention modules of a model, in order."""
-    return [m for m in model.modules() if isinstance(m, (LocalKrauseAttention2d, WindowKrauseAttention))]
+    krause = (attention_class("vision_krause"), attention_class("swin_krause"))
+    return [m for m in model.modules() if isinstance(m, krause)]
 
 
 def is_krause(model: nn.Module) -> bool:

@@ -123,3 +123,23 @@ def build_attention(name: str, *args, krause: KrauseConfig | None = None, **shar
         return entry.cls(*args, config=krause, **shared)
     settings = krause if krause is not None else KrauseConfig()
     return entry.cls(*args, **{f: getattr(settings, f) for f in entry.reads}, **shared)
+
+
+def adapt_attention(name: str, attn: nn.Module, *args, krause: KrauseConfig | None = None, **shared) -> nn.Module:
+    """The module registered as ``name`` built around an existing attention module's
+    projections (its class's ``from_attention``): how a family swaps the attention of a
+    model it did not write (timm's ViT / Swin) without naming a module class. ``krause=None``
+    takes the class preset."""
+    if krause is not None and not isinstance(krause, KrauseConfig):
+        raise ValueError(f"krause must be a KrauseConfig or None, got {type(krause).__name__}")
+    entry = REGISTRY[resolve_name(name)]
+    if not hasattr(entry.cls, "from_attention"):
+        adaptable = sorted(n for n, e in REGISTRY.items() if hasattr(e.cls, "from_attention"))
+        raise ValueError(f"attention {name!r} cannot be built from an existing module; these can: "
+                         f"{', '.join(adaptable)}")
+    return entry.cls.from_attention(attn, *args, config=krause, **shared)
+
+
+def attention_class(name: str) -> type[nn.Module]:
+    """The module class registered as ``name`` (e.g. to find a family's Krause layers)."""
+    return REGISTRY[resolve_name(name)].cls

@@ -64,6 +64,25 @@ class RunLock:
         except (OSError, ValueError):
             return None
 
+    def _busy_message(self, holder: dict | None) -> str | None:
+        """Why `holder` (another process) keeps the directory, or None when its lock is stale."""
+        if holder is not None and holder.get("host") != self.info["host"]:
+            return (f"run directory {self.path.parent} is in use by pid {holder.get('pid')} on host "
+                    f"{holder.get('host')} (since {time.ctime(holder.get('locked_at', 0))}); if that job is gone, "
+                    f"delete {self.path}")
+        if holder is not None and _alive(holder):
+            return (f"run directory {self.path.parent} is in use by another trainer (pid {holder.get('pid')}, "
+                    f"started {time.ctime(holder.get('start_time') or 0)}); stop it first or use another out_dir")
+        return None
+
+    def busy(self) -> str | None:
+        """Read-only: the refusal `acquire` would give because another live process holds the
+        lock (so a second writer hears that first, not a later check's advice), else None."""
+        holder = self.holder()
+        if holder is None or (holder.get("pid") == os.getpid() and holder.get("host") == self.info["host"]):
+            return None
+        return self._busy_message(holder)
+
     def acquire(self) -> "RunLock":
         if self.held:
             return self
@@ -79,15 +98,9 @@ class RunLock:
                 if holder is not None and holder.get("pid") == os.getpid() and holder.get("host") == self.info["host"]:
                     self.held = True  # re-entrant within one process
                     return self
-                if holder is not None and holder.get("host") != self.info["host"]:
-                    raise RunLockError(
-                        f"run directory {self.path.parent} is in use by pid {holder.get('pid')} on host "
-                        f"{holder.get('host')} (since {time.ctime(holder.get('locked_at', 0))}); if that job is gone, "
-                        f"delete {self.path}")
-                if holder is not None and _alive(holder):
-                    raise RunLockError(
-                        f"run directory {self.path.parent} is in use by another trainer (pid {holder.get('pid')}, "
-                        f"started {time.ctime(holder.get('start_time') or 0)}); stop it first or use another out_dir")
+                busy = self._busy_message(holder)
+                if busy:
+                    raise RunLockError(busy)
                 try:  # stale: its process is gone
                     self.path.unlink()
                 except FileNotFoundError:

@@ -172,6 +172,9 @@ class TrainLoop:
     def save(self, metric: float | None = None) -> bool:
         self._check_finite()  # never write a checkpoint after a non-finite loss
         self.hooks.sync_state(self.state)
+        # the loss window since the last log line, so a resume mid-window logs the same mean
+        loss, n = getattr(self, "_window", (None, 0))
+        self.state.extra["log_window"] = [float(loss) if loss is not None else 0.0, n]
         if metric is not None and self.ckpt.is_better(float(metric)):
             self.state.best_metric = float(metric)  # the saved TrainState already knows it
         info = self.ckpt.save(self.state.step, self.app, metric=metric)
@@ -223,7 +226,8 @@ class TrainLoop:
 
     def _run(self) -> str:
         s, st, hooks = self.s, self.state, self.hooks
-        window_loss, window_n = None, 0
+        saved_loss, window_n = st.extra.pop("log_window", (0.0, 0))  # a resume continues the saved window
+        window_loss = torch.tensor(saved_loss, dtype=torch.float64) if window_n else None
         grad_norm = None
         self.meter.reset()
         while st.step < s.total_steps:
@@ -246,6 +250,7 @@ class TrainLoop:
                 self._unchecked_loss = loss if self._unchecked_loss is None else self._unchecked_loss + loss
                 self._grad_norm = grad_norm
                 window_n += 1
+                self._window = (window_loss, window_n)
                 hooks.after_step(st, result)
                 if st.step % s.log_every == 0 or st.step == s.total_steps:
                     self._check_finite()
@@ -257,6 +262,7 @@ class TrainLoop:
                     if record is not None:
                         self.metrics.log(record, step=st.step, epoch=st.epoch + st.batch_in_epoch / s.steps_per_epoch)
                     window_loss, window_n = None, 0
+                    self._window = (None, 0)
                 if s.preempt_at_step == st.step:
                     os.kill(os.getpid(), signal.SIGTERM)
                 end_of_epoch = st.batch_in_epoch >= s.steps_per_epoch

@@ -210,6 +210,9 @@ def _prepare_on_main(
         link = escaping[0]
         return "error", (f"out_dir {run.root} holds a symlink that points outside it ({link.relative_to(run.root.resolve())} "
                          f"-> {link.resolve()}); remove it (a run writes only inside its own directory)")
+    busy = RunLock(run.root / RunDir.LOCK).busy() if lock and run.root.is_dir() else None
+    if busy:  # a second writer hears that first, not a later check's advice
+        return "error", busy
     old = run.read_config() if run.root.is_dir() else None
     if old is None and run.root.is_dir() and any(p.name != RunDir.LOCK for p in run.root.iterdir()) and not overwrite:
         return "error", (
