@@ -32,13 +32,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, LinearAttentionLayer
 
 from . import _validation as V
 from .masks import end_aligned_mask, masked_sdpa
+from .nn.linear import LINEAR_EPS, causal_linear_attention, elu_feature_map
+from .dense import repeat_kv
 from .ops import causal_krause_attention
 
 __all__ = [
+    "LinearAttentionState",
     "DEFAULT_CAPACITY",
     "GatedCacheLayer",
     "KVCacheLayer",
@@ -528,7 +531,6 @@ def install_layers(cache: Cache, make_layers) -> list:
     attention's recurrent state, ``krause.nn.LinearAttentionState``). Returns ``cache.layers``."""
     if not isinstance(cache, Cache):
         raise ValueError(f"past_key_values must be a transformers Cache, got {type(cache).__name__}")
-    from .nn.linear import LinearAttentionState  # krause.nn imports this module's layers lazily too
 
     if cache.layers and all(isinstance(layer, (_TokenLayer, GatedCacheLayer, LinearAttentionState))
                             for layer in cache.layers):
@@ -538,3 +540,66 @@ def install_layers(cache: Cache, make_layers) -> list:
     cache.layers = list(make_layers())
     cache.layer_class_to_replicate = None
     return cache.layers
+
+
+class LinearAttentionState(LinearAttentionLayer):
+    """Recurrent state of causal linear attention for one layer: S = sum phi(k) v^T
+    (B, H, D, D) and z = sum phi(k) (B, H, D), fp32. Constant size whatever the position.
+
+    A transformers linear-attention cache layer (its two recurrent states are S and z), so a
+    ``transformers.Cache`` holds it beside ``krause.cache``'s layers: ``reorder_cache`` (beam
+    search), ``batch_select_indices``, ``batch_repeat_interleave`` and ``reset`` work on it;
+    ``crop`` does not (a recurrent sum cannot be rolled back: transformers refuses it too)."""
+
+    def __init__(self, batch_size: int, num_heads: int, head_dim: int, device=None):
+        super().__init__(number_of_states=2)
+        self.recurrent_states[0] = torch.zeros(batch_size, num_heads, head_dim, head_dim, device=device)
+        self.recurrent_states[1] = torch.zeros(batch_size, num_heads, head_dim, device=device)
+        self.is_recurrent_states_initialized.update({0: True, 1: True})
+        self.device, self.dtype = self.recurrent_states[0].device, torch.float32
+        self.pos = 0
+
+    s = property(lambda self: self.recurrent_states[0], lambda self, x: self.recurrent_states.__setitem__(0, x))
+    z = property(lambda self: self.recurrent_states[1], lambda self, x: self.recurrent_states.__setitem__(1, x))
+
+    @property
+    def batch_size(self) -> int:
+        return self.s.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.s.untyped_storage().nbytes() + self.z.untyped_storage().nbytes()
+
+    def get_seq_length(self) -> int:
+        return self.pos
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Beam search: keeps the rows ``index``, in that order (``reorder_cache`` too)."""
+        self.reorder_cache(index)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.s, self.z = self.s[indices], self.z[indices]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.s, self.z = self.s.repeat_interleave(repeats, 0), self.z.repeat_interleave(repeats, 0)
+
+    def reset(self) -> None:
+        super().reset()
+        self.pos = 0
+
+    def attend(self, q, k, v) -> torch.Tensor:
+        t = q.shape[2]
+        if t == 1:  # one recurrent step, no chunk machinery
+            h = q.shape[1]
+            qf = elu_feature_map(q.float())[:, :, 0]
+            kf = elu_feature_map(repeat_kv(k, h).float())[:, :, 0]
+            vf = repeat_kv(v, h).float()[:, :, 0]
+            self.s += kf[..., :, None] * vf[..., None, :]
+            self.z += kf
+            num = (qf[..., None, :] @ self.s)[..., 0, :]
+            den = (qf * self.z).sum(-1, keepdim=True)
+            out = (num / (den + LINEAR_EPS))[:, :, None].to(q.dtype)
+        else:
+            out, (self.s, self.z) = causal_linear_attention(q, k, v, (self.s, self.z))
+        self.pos += t
+        return out

@@ -11,7 +11,7 @@ from .baselines import SlidingWindowAttention, TopKAttention, topk_causal_attent
 from .causal import CausalKrauseAttention, CausalProjections, CausalSelfAttention
 from .config import KrauseConfig, check_sigma
 from .gated import GatedKrauseAttention, gate_weights, gated_mix, init_gate
-from .linear import CausalLinearAttention, LinearAttentionState, causal_linear_attention, elu_feature_map
+from .linear import CausalLinearAttention, causal_linear_attention, elu_feature_map
 from .longformer import LongformerAttention, longformer_mask
 from .routing import RoutingAttention, nearest_cluster, routing_attention, routing_mask
 from .registry import ALIASES, REGISTRY, TWINS, attention_names, build_attention, resolve_name
@@ -65,3 +65,11 @@ __all__ = [
     "window_partition",
     "window_reverse",
 ]
+
+
+def __getattr__(name):
+    if name == "LinearAttentionState":  # a transformers cache layer: transformers is imported on first use only
+        from ..cache import LinearAttentionState
+
+        return LinearAttentionState
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
