@@ -25,9 +25,7 @@ config or attention type is refused with one line.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import math
 from pathlib import Path
 
@@ -35,7 +33,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from krause.dispatch import IMPLS
 from krause.training.accumulation import BatchPlan
 from krause.training.checkpointer import seal_directory
 from krause.training.config import RUNTIME_KEYS
@@ -47,89 +44,15 @@ from krause.training.plotting import plot_curves
 from krause.training.recipe import OptimSpec, Recipe, run_recipe
 from krause.training.throughput import known_peak_flops
 
-from .model import ATTENTIONS
-from .presets import PRESETS, build_model, model_config
+from .cli import (build_parser, check_attn_impl, check_block, check_saved_config, parse_args,  # noqa: F401
+                  read_manifest, resolve_device)
+from .presets import build_model, model_config
 from .shards import TokenStream, WindowSampler, split_shards
 
 # Settings that do not change what is computed per optimizer step: a run may resume with others.
 IGNORED_KEYS = set(RUNTIME_KEYS) | {"micro_batch", "compile", "log_every", "save_every", "no_progress",
-                                    "peak_tflops", "kill_at_step", "sigterm_at_step", "eval_batch", "dist", "attn_impl",
-                                    "krause_impl"}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m language_models_100m.train", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("model")
-    g.add_argument("--config", default="100m", choices=sorted(PRESETS))
-    g.add_argument("--attention", default="gated", choices=ATTENTIONS)
-    g.add_argument("--block_size", type=int, default=None, help="tokens per sequence (default: the model's positions)")
-    g.add_argument("--dropout", type=float, default=0.1)
-    g.add_argument("--vocab_size", type=int, default=None, help="default: the build's vocabulary (may be padded up)")
-    g = p.add_argument_group("data")
-    g.add_argument("--data_dir", required=True, help="build_fwe10bt output (train/val shards, manifest.json)")
-    g.add_argument("--val_tokens", type=int, default=10_485_760, help="validation tokens per evaluation (cap)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--global_batch", type=int, default=512, help="sequences per optimizer step, all processes")
-    g.add_argument("--micro_batch", type=int, default=16, help="sequences per forward on one process")
-    g.add_argument("--max_tokens", type=float, default=10e9, help="training tokens (sets the number of steps)")
-    g.add_argument("--max_steps", type=int, default=None, help="optimizer steps (overrides --max_tokens)")
-    g.add_argument("--lr", type=float, default=6e-4)
-    g.add_argument("--min_lr_ratio", type=float, default=0.1)
-    g.add_argument("--warmup", type=float, default=0.05, help="fraction of the steps")
-    g.add_argument("--weight_decay", type=float, default=0.1)
-    g.add_argument("--beta1", type=float, default=0.9)
-    g.add_argument("--beta2", type=float, default=0.95)
-    g.add_argument("--grad_clip", type=float, default=1.0, help="0: off")
-    g.add_argument("--seed", type=int, default=0)
-    g = p.add_argument_group("execution")
-    g.add_argument("--out_dir", required=True)
-    g.add_argument("--resume", action="store_true")
-    g.add_argument("--resume_step", type=int, default=None,
-                   help="with --resume: continue from this step's checkpoint instead of the latest")
-    g.add_argument("--overwrite", action="store_true")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 on GPU")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--dist", default="ddp", choices=["ddp", "fsdp"], help="data parallelism: DDP or FSDP2")
-    g.add_argument("--attn_impl", default="auto", choices=IMPLS, help="backend of the Krause op (krause.dispatch)")
-    g.add_argument("--eval_every", type=int, default=500, help="validation every N steps (and at the end)")
-    g.add_argument("--eval_batch", type=int, default=None, help="validation sequences per forward (default micro)")
-    g.add_argument("--save_every", type=int, default=500, help="checkpoint every N steps (0: at evaluations)")
-    g.add_argument("--log_every", type=int, default=10)
-    g.add_argument("--peak_tflops", type=float, default=None, help="per-device peak for MFU (default: known GPUs)")
-    g.add_argument("--no_progress", action="store_true")
-    g.add_argument("--kill_at_step", type=int, default=None, help=argparse.SUPPRESS)  # tests: SIGKILL self
-    g.add_argument("--sigterm_at_step", type=int, default=None, help=argparse.SUPPRESS)  # tests: SIGTERM self
-    return p
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
-    for name in ("global_batch", "micro_batch", "val_tokens", "log_every", "eval_every"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    for name in ("block_size", "max_steps", "eval_batch", "vocab_size"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.save_every < 0:
-        raise UsageError(f"--save_every must be >= 0, got {args.save_every}")
-    if not (args.lr > 0 and math.isfinite(args.lr)) or args.weight_decay < 0 or args.grad_clip < 0:
-        raise UsageError("--lr must be > 0, --weight_decay and --grad_clip >= 0")
-    if not 0 <= args.warmup < 1 or not 0 <= args.min_lr_ratio <= 1 or not 0 <= args.dropout < 1:
-        raise UsageError("--warmup and --dropout must be in [0, 1), --min_lr_ratio in [0, 1]")
-    if args.resume and args.overwrite:
-        raise UsageError("--resume and --overwrite exclude each other")
-    if args.resume_step is not None and (not args.resume or args.resume_step < 1):
-        raise UsageError(f"--resume_step needs --resume and a step >= 1, got {args.resume_step}")
-    return args
-
-
-def read_manifest(data_dir) -> dict:
-    path = Path(data_dir).expanduser() / "manifest.json"
-    if not path.is_file():
-        raise UsageError(f"--data_dir {data_dir}: no manifest.json (run language_models_100m.build_fwe10bt)")
-    return json.loads(path.read_text())
+                                    "peak_tflops", "kill_at_step", "sigterm_at_step", "sigint_at_step", "eval_batch",
+                                    "dist", "attn_impl", "krause_impl", "recipe_preset"}
 
 
 def train_flops_per_token(model, block: int, device) -> float:
@@ -218,11 +141,13 @@ class LMHooks(TrainHooks):
 
     def after_step(self, state, result):
         state.extra["next_window"] = state.batch_in_epoch * self.plan.global_batch  # the stream position
-        if self.args.kill_at_step == state.step:  # tests: die without any cleanup
-            import os
-            import signal
+        import os
+        import signal
 
+        if self.args.kill_at_step == state.step:  # tests: die without any cleanup
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.args.sigint_at_step == state.step:  # tests: Ctrl-C, a graceful stop
+            os.kill(os.getpid(), signal.SIGINT)
 
     def evaluate(self, state):
         return validation(self.model, self.val_stream, self.block, self.args.val_tokens,
@@ -253,33 +178,41 @@ class LMHooks(TrainHooks):
 @entry_point
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.resume:
+        check_saved_config(args.out_dir)
     manifest = read_manifest(args.data_dir)
-    vocab = args.vocab_size or int(manifest["vocab_size"])
-    if vocab < int(manifest["vocab_size"]):
+    vocab = args.vocab_size or manifest["vocab_size"]
+    if vocab < manifest["vocab_size"]:
         raise UsageError(f"--vocab_size {vocab} is smaller than the build's vocabulary {manifest['vocab_size']}")
+    device = resolve_device(args.device)
     world = get_world_size()
+    attn = {k: v for k in ("attn_global_tokens", "attn_num_clusters") if (v := getattr(args, k)) is not None}
     try:
         cfg = model_config(args.config, args.attention, dropout=args.dropout, vocab_size=vocab,
                            eos_token_id=manifest.get("eos_id"), bos_token_id=manifest.get("eos_id"),
-                           krause_impl=args.attn_impl)
+                           krause_impl=args.attn_impl, **attn)
         plan = BatchPlan.from_global(args.global_batch, args.micro_batch, world, name="--global_batch",
                                      micro_name="--micro_batch")
     except ValueError as e:
         raise UsageError(str(e)) from None
     block = args.block_size or cfg.n_positions
-    if block > cfg.n_positions:
-        raise UsageError(f"--block_size {block} is larger than the model's {cfg.n_positions} positions")
+    check_block(cfg, block)
+    check_attn_impl(args.attn_impl, cfg, device)
     tokens_per_step = args.global_batch * block
     total_steps = args.max_steps or max(1, int(args.max_tokens // tokens_per_step))
 
-    config = {k: v for k, v in vars(args).items() if k not in ("config", "attention", "dropout", "vocab_size")}
+    config = {k: v for k, v in vars(args).items() if k not in ("config", "attention", "dropout", "vocab_size",
+                                                                  "attn_global_tokens", "attn_num_clusters")}
     config.update(model=cfg.to_diff_dict() | {"attention": cfg.attention}, preset=args.config, block=block,
                   total_steps=total_steps, tokens_per_step=tokens_per_step)
-    sampler = WindowSampler(TokenStream(split_shards(args.data_dir, "train")), block)
+    train_stream = TokenStream(split_shards(args.data_dir, "train"))
     val_stream = TokenStream(split_shards(args.data_dir, "val"))
     test_shards = sorted(Path(args.data_dir).expanduser().glob("*_test_*.bin"))  # builds before the test split: none
     test_stream = TokenStream(test_shards) if test_shards else None
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    for stream in (train_stream, val_stream, test_stream):  # a bad id stops here, not at the embedding
+        if stream is not None:
+            stream.check_vocab(vocab)
+    sampler = WindowSampler(train_stream, block)
     use_bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     if args.dist == "fsdp" or not use_bf16:
         autocast = contextlib.nullcontext  # FSDP2 casts parameters itself
@@ -323,7 +256,7 @@ def main(argv=None) -> int:
                               samples_per_step=args.global_batch, tokens_per_sample=block,
                               preempt_at_step=args.sigterm_at_step),
         optim=OptimSpec(lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup, min_lr_ratio=args.min_lr_ratio,
-                        betas=(args.beta1, args.beta2)),
+                        betas=(args.beta1, args.beta2), decay_all=args.decay_all),
         dist=args.dist, fsdp_blocks="transformer.h", bf16=use_bf16, compile=args.compile,
         peak_flops=args.peak_tflops * 1e12 if args.peak_tflops else known_peak_flops(device),
         flops_per_sample=lambda model: train_flops_per_token(model, block, device) * block,

@@ -12,19 +12,28 @@ traceback. A family raises; it never prints its own error lines.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 from typing import Callable
 
 from .distributed import record
-from .errors import USAGE_EXIT_CODE, CheckpointError, one_line
+from .errors import USAGE_EXIT_CODE, CheckpointError, UsageError, one_line
 from .lock import RunLockError
 from .run_dir import RunDirError
 
-__all__ = ["entry_point", "EXPECTED_ERRORS", "run_one_line"]
+__all__ = ["entry_point", "EXPECTED_ERRORS", "run_one_line", "ArgumentParser"]
 
 # ValueError covers UsageError; OSError covers missing / unreadable paths
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, CheckpointError, RunDirError, RunLockError)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors raise UsageError, so the entry point reports them in one line
+    (argparse itself prints the whole usage block above its message)."""
+
+    def error(self, message):
+        raise UsageError(message)
 
 
 def run_one_line(main: Callable[..., int | None], *args, **kwargs) -> int:
