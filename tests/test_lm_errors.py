@@ -262,3 +262,68 @@ def test_the_corrected_retry_runs_after_each_kind_of_failure(built, tmp_path, ca
     assert not out.exists()
     assert train.main(argv) == 0
     assert (out / "hf" / "config.json").is_file()
+
+
+# ------------------------------------------------------------------ every declared range, at and beyond its bounds
+def _parsers():
+    from language_models_100m import cli
+
+    return {"train": (cli.build_parser(), ["--data_dir", "d", "--out_dir", "o"]),
+            "evaluate": (evaluate.build_parser(), ["--model", "m", "--out_dir", "o"]),
+            "build_fwe10bt": (build_fwe10bt.build_parser(), ["--input", "i", "--out_dir", "o"]),
+            "fake_data": (fake_data.build_parser(), ["o"])}
+
+
+def _bound_values(rng):
+    """[(text, accepted)] at and just beyond each bound of a Range."""
+    step = (lambda x, d: str(int(x) + d)) if rng.kind is int else \
+        (lambda x, d: repr(float(np.nextafter(float(x), np.inf if d > 0 else -np.inf))))
+    out = []
+    if rng.ge is not None:
+        out += [(str(rng.ge if rng.kind is float else int(rng.ge)), True), (step(rng.ge, -1), False)]
+    if rng.gt is not None:
+        out += [(str(rng.gt if rng.kind is float else int(rng.gt)), False), (step(rng.gt, +1), True)]
+    if rng.le is not None:
+        out += [(str(rng.le if rng.kind is float else int(rng.le)), True), (step(rng.le, +1), False)]
+    if rng.lt is not None:
+        out += [(str(rng.lt if rng.kind is float else int(rng.lt)), False), (step(rng.lt, -1), True)]
+    if rng.kind is float:
+        out += [("nan", False), ("inf", False), ("-inf", False)]
+    else:
+        out += [("1.5", False), ("x", False)]
+    return out
+
+
+@pytest.mark.parametrize("tool", ["train", "evaluate", "build_fwe10bt", "fake_data"])
+def test_every_numeric_flag_is_range_checked_at_and_beyond_its_bounds(tool):
+    from krause.training.ranges import ranges_of
+    from krause.training.errors import UsageError
+
+    parser, required = _parsers()[tool]
+    ranges = ranges_of(parser)
+    numeric = [a.dest for a in parser._actions if a.type in (int, float)]
+    assert not numeric, f"{tool}: numeric flags without a declared range: {numeric}"
+    assert ranges
+    for dest, (flag, rng) in ranges.items():
+        for text, accepted in _bound_values(rng):
+            if accepted:
+                assert getattr(parser.parse_args(required + [f"{flag}={text}"]), dest) == rng.kind(float(text)), (flag, text)
+            else:
+                with pytest.raises(UsageError, match=f"argument {flag}: must be"):
+                    parser.parse_args(required + [f"{flag}={text}"])
+
+
+def test_paper_preset_resolves_to_the_first_release_choices_and_flags_still_win():
+    from language_models_100m import cli
+
+    base = ["--data_dir", "d", "--out_dir", "o"]
+    default = cli.parse_args(base)
+    paper = cli.parse_args(base + ["--preset", "paper"])
+    assert (default.global_batch, default.decay_all) == (512, False)
+    assert (paper.recipe_preset, paper.global_batch, paper.micro_batch, paper.decay_all) == ("paper", 488, 61, True)
+    assert paper.global_batch * 1024 == 499_712  # the release's tokens per step at the 100m block
+    for world in (1, 2, 4, 8):  # its micro-batch divides the global batch on the usual process counts
+        assert paper.global_batch % (paper.micro_batch * world) == 0
+    same = {k: v for k, v in vars(paper).items() if k not in ("recipe_preset", "global_batch", "micro_batch", "decay_all")}
+    assert same == {k: v for k, v in vars(default).items() if k in same}  # nothing else differs
+    assert cli.parse_args(base + ["--preset", "paper", "--global_batch", "122"]).global_batch == 122
