@@ -57,11 +57,28 @@ IGNORED_KEYS = set(RUNTIME_KEYS) | {"micro_batch", "compile", "log_every", "save
 
 def train_flops_per_token(model, block: int, device) -> float:
     """FLOPs of one forward + backward per token, counted by FlopCounterMode (Krause ops count
-    their sparse cost: krause/flops.py)."""
-    from krause.training.throughput import train_flops_per_sample
+    their sparse cost: krause/flops.py). Longformer and routing run as a dense masked SDPA: its
+    counted T² cost is replaced by the pairs they attend (krause.flops.longformer_pairs /
+    routing_pairs), so their MFU is in model FLOPs like the Krause op's."""
+    from torch.utils.flop_counter import FlopCounterMode
 
+    from krause import flops
+
+    cfg = model.config
     example = torch.zeros(1, block, dtype=torch.long, device=device)
-    return train_flops_per_sample(model, example, loss_fn=lambda out: out.logits.float().sum()) / block
+    saved = [(p, p.grad) for p in model.parameters()]
+    with FlopCounterMode(display=False) as counter:
+        model(example, use_cache=False).logits.float().sum().backward()
+    for p, g in saved:
+        p.grad = g
+    counts = counter.get_flop_counts()["Global"]
+    total = sum(counts.values())
+    sdpa = sum(v for op, v in counts.items() if "scaled_dot_product" in str(op))
+    pairs = {"longformer": lambda: flops.longformer_pairs(block, cfg.attn_window, cfg.attn_global_tokens),
+             "routing": lambda: flops.routing_pairs(block, cfg.attn_num_clusters)}.get(cfg.attention)
+    if pairs is not None and sdpa:  # every SDPA call of these models is the baseline's own
+        total += cfg.n_layer * cfg.n_head * sum(flops.softmax_pairs_flops(pairs(), cfg.n_embd // cfg.n_head)) - sdpa
+    return total / block
 
 
 @torch.no_grad()
