@@ -10,7 +10,7 @@ weight shape except the attention. Steps are timed in interleaved rounds (one st
 attention type per round, order rotated; median over rounds), so a slow phase of a shared
 machine hits all of them alike. Peak memory is tensor memory above what was live before
 the step, from a separate untimed step (benchmarks/_timing.py). FLOPs per step are the
-training's count (``language_models_100m.train.train_flops_per_token``: FlopCounterMode, in
+training's count (``language_models_100m.steps.train_flops_per_token``: FlopCounterMode, in
 which the Krause op counts its sparse cost, and Longformer / routing count the pairs they
 attend instead of their dense masked SDPA's T²; krause/flops.py); MFU = achieved
 FLOP/s / --peak_tflops (known GPUs: their dense bf16 peak; on CPU pass your own).
@@ -36,7 +36,7 @@ import _timing as T  # noqa: E402
 
 from krause.training.throughput import known_peak_flops  # noqa: E402
 from language_models_100m import ATTENTIONS, build_model  # noqa: E402
-from language_models_100m.train import train_flops_per_token  # noqa: E402
+from language_models_100m.steps import train_flops_per_token  # noqa: E402
 
 SMALL = dict(n_embd=128, n_layer=2, n_head=2, n_inner=512, vocab_size=4096)
 

@@ -221,7 +221,7 @@ def test_lm_flops_count_the_pairs_the_baseline_attends(attention):
     """MFU counts model FLOPs: the dense masked SDPA's T² is replaced by the attended pairs."""
     from krause.flops import longformer_pairs, routing_pairs, softmax_pairs_flops
     from language_models_100m import build_model
-    from language_models_100m.train import train_flops_per_token
+    from language_models_100m.steps import train_flops_per_token
 
     block = 64
     standard = train_flops_per_token(build_model("tiny", "standard", vocab_size=257), block, "cpu") * block
