@@ -116,14 +116,12 @@ def test_a_second_writer_on_a_running_run_is_refused_in_one_line(data_dir, tmp_p
         while not ((out / "metrics.jsonl").is_file() and "train_loss" in (out / "metrics.jsonl").read_text()):
             assert first.poll() is None and time.time() < deadline, first.stderr.read()[-3000:] if first.stderr else ""
             time.sleep(0.5)
-        before = sorted(p.name for p in (out / "checkpoints").iterdir())
         # an auto-resuming launch started twice, a start over the running one, a fresh start
         for extra in (["--resume"], ["--overwrite"], []):  # the holder is named first, whatever else applies
             assert train.main(args(data_dir, out, *extra, steps=100_000)) == 2
             err = capsys.readouterr().err.strip()
             assert len(err.splitlines()) == 1 and err.startswith("error: ") and f"pid {first.pid}" in err, (extra, err)
-        assert not (out / "checkpoints.replaced").exists()
-        assert set(before) <= {p.name for p in (out / "checkpoints").iterdir()}
+        assert not (out / "checkpoints.replaced").exists()  # --overwrite set nothing of the running run aside
         assert first.poll() is None  # the running trainer was not disturbed
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=300) == 0, first.stderr.read()[-3000:]
