@@ -327,3 +327,13 @@ def test_paper_preset_resolves_to_the_first_release_choices_and_flags_still_win(
     same = {k: v for k, v in vars(paper).items() if k not in ("recipe_preset", "global_batch", "micro_batch", "decay_all")}
     assert same == {k: v for k, v in vars(default).items() if k in same}  # nothing else differs
     assert cli.parse_args(base + ["--preset", "paper", "--global_batch", "122"]).global_batch == 122
+
+
+def test_evaluate_checks_a_run_config_against_the_training_ranges(tmp_path, capsys):
+    run = tmp_path / "run"
+    _run_with_config(weight_decay=float("nan"))(run)  # json writes NaN; a hand-edited or foreign config
+    (run / "checkpoints").mkdir()
+    assert evaluate.main(["--model", str(run), "--out_dir", str(tmp_path / "out"), "--tasks", ""]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "config.json: --weight_decay must be a finite number >= 0, got nan" in err
+    assert not (tmp_path / "out").exists()
