@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_every", type=POSITIVE_INT, default=500, help="validation every N steps (and at the end)")
     g.add_argument("--eval_batch", type=POSITIVE_INT, default=None,
                    help="validation sequences per forward (default micro)")
-    g.add_argument("--save_every", type=NONNEGATIVE_INT, default=500, help="checkpoint every N steps (0: at evaluations)")
+    g.add_argument("--save_every", type=NONNEGATIVE_INT, default=500,
+                   help="checkpoint every N steps (0: at evaluations)")
     g.add_argument("--log_every", type=POSITIVE_INT, default=10)
     g.add_argument("--peak_tflops", type=POSITIVE_FLOAT, default=None,
                    help="per-device peak for MFU (default: known GPUs)")

@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="folder to create: OUT/parquet, OUT/tokenizer.json, OUT/shards (the --data_dir)")
     p.add_argument("--docs", type=Range(int, ge=10), default=2000,
                    help="generated documents (the val and test splits take 1 in 502 each)")
-    p.add_argument("--vocab_size", type=POSITIVE_INT, default=256, help="BPE vocabulary (>= 257 byte-level symbols are kept)")
+    p.add_argument("--vocab_size", type=POSITIVE_INT, default=256,
+                   help="BPE vocabulary (>= 257 byte-level symbols are kept)")
     p.add_argument("--seed", type=SEED, default=0, help="document generator seed")
     return p
 

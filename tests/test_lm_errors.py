@@ -307,7 +307,8 @@ def test_every_numeric_flag_is_range_checked_at_and_beyond_its_bounds(tool):
     for dest, (flag, rng) in ranges.items():
         for text, accepted in _bound_values(rng):
             if accepted:
-                assert getattr(parser.parse_args(required + [f"{flag}={text}"]), dest) == rng.kind(float(text)), (flag, text)
+                parsed = parser.parse_args(required + [f"{flag}={text}"])
+                assert getattr(parsed, dest) == rng.kind(float(text)), (flag, text)
             else:
                 with pytest.raises(UsageError, match=f"argument {flag}: must be"):
                     parser.parse_args(required + [f"{flag}={text}"])
@@ -324,7 +325,8 @@ def test_paper_preset_resolves_to_the_first_release_choices_and_flags_still_win(
     assert paper.global_batch * 1024 == 499_712  # the release's tokens per step at the 100m block
     for world in (1, 2, 4, 8):  # its micro-batch divides the global batch on the usual process counts
         assert paper.global_batch % (paper.micro_batch * world) == 0
-    same = {k: v for k, v in vars(paper).items() if k not in ("recipe_preset", "global_batch", "micro_batch", "decay_all")}
+    preset_keys = ("recipe_preset", "global_batch", "micro_batch", "decay_all")
+    same = {k: v for k, v in vars(paper).items() if k not in preset_keys}
     assert same == {k: v for k, v in vars(default).items() if k in same}  # nothing else differs
     assert cli.parse_args(base + ["--preset", "paper", "--global_batch", "122"]).global_batch == 122
 
