@@ -82,6 +82,8 @@ def main(argv=None) -> int:
 
     config = {k: v for k, v in vars(args).items() if k not in ("config", "attention", "dropout", "vocab_size",
                                                                   "attn_global_tokens", "attn_num_clusters")}
+    if not args.decay_all:  # written only when set, so runs begun before the flag existed still resume
+        del config["decay_all"]
     config.update(model=cfg.to_diff_dict() | {"attention": cfg.attention}, preset=args.config, block=block,
                   total_steps=total_steps, tokens_per_step=tokens_per_step)
     train_stream = TokenStream(split_shards(args.data_dir, "train"))

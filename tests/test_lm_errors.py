@@ -339,3 +339,22 @@ def test_evaluate_checks_a_run_config_against_the_training_ranges(tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "config.json: --weight_decay must be a finite number >= 0, got nan" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_paper_preset_reaches_the_optimizer_and_the_run_config(built, tmp_path, monkeypatch):
+    import krause.training.recipe as recipe
+
+    seen = []
+    real = recipe.build_adamw
+    monkeypatch.setattr(recipe, "build_adamw", lambda model, **kw: seen.append(kw["decay_all"]) or real(model, **kw))
+    _, _, shards, _ = built
+    common = TRAIN + ["--data_dir", str(shards), "--max_steps", "1", "--eval_every", "1"]
+    # the preset's global batch with a micro-batch that fits the tiny test
+    assert train.main(common + ["--out_dir", str(tmp_path / "paper"), "--preset", "paper", "--global_batch", "4",
+                                "--micro_batch", "2"]) == 0
+    assert train.main(common + ["--out_dir", str(tmp_path / "default")]) == 0
+    assert seen == [True, False]
+    paper = json.loads((tmp_path / "paper" / "config.json").read_text())
+    default = json.loads((tmp_path / "default" / "config.json").read_text())
+    assert paper["decay_all"] is True and paper["recipe_preset"] == "paper"
+    assert "decay_all" not in default and default["recipe_preset"] == "default"  # older runs still resume
