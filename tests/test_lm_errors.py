@@ -38,7 +38,7 @@ def built(tmp_path_factory):
                                "--max_tokens", "0", "--workers", "1", "--no_progress"]) == 0
     from language_models_100m import build_model
 
-    build_model("tiny", "gated", vocab_size=257).save_pretrained(root / "model")
+    build_model("tiny", "gated", vocab_size=257, bos_token_id=0, eos_token_id=0).save_pretrained(root / "model")
     return root / "in", tok, root / "shards", root / "model"
 
 
