@@ -79,7 +79,7 @@ def main(argv=None) -> int:
                               eval_every=args.eval_every, save_every=args.save_every, grad_clip=args.grad_clip,
                               samples_per_step=args.batch_size, tokens_per_sample=cfg.seq_len),
         optim=OptimSpec(lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup, min_lr_ratio=args.min_lr_ratio,
-                        decay_everything=args.decay_all),
+                        decay_all=args.decay_all),
         compile=args.compile, keep_latest_k=args.keep_latest_k, peak_flops=peak, flops_per_sample=flops_per_image,
         state_extra={"steps_per_epoch": steps_per_epoch}, on_start=start,
         on_finish=lambda ctx: write_results(ctx, cfg, args.dataset)), device)

@@ -9,8 +9,10 @@ cross-entropy, backward and an AdamW step, on random tokens. The five models sha
 weight shape except the attention. Steps are timed in interleaved rounds (one step of each
 attention type per round, order rotated; median over rounds), so a slow phase of a shared
 machine hits all of them alike. Peak memory is tensor memory above what was live before
-the step, from a separate untimed step (benchmarks/_timing.py). FLOPs per step come from
-FlopCounterMode (the Krause op counts its sparse cost, krause/flops.py); MFU = achieved
+the step, from a separate untimed step (benchmarks/_timing.py). FLOPs per step are the
+training's count (``language_models_100m.steps.train_flops_per_token``: FlopCounterMode, in
+which the Krause op counts its sparse cost, and Longformer / routing count the pairs they
+attend instead of their dense masked SDPA's T²; krause/flops.py); MFU = achieved
 FLOP/s / --peak_tflops (known GPUs: their dense bf16 peak; on CPU pass your own).
 
 Targets (CPU): pure Krause >= 1.5x the tokens/s of standard attention at block 4096; the
@@ -28,8 +30,9 @@ import torch.nn.functional as F
 
 from benchmarks import _timing as T
 
-from krause.training.throughput import count_flops, known_peak_flops
+from krause.training.throughput import known_peak_flops
 from language_models_100m import ATTENTIONS, build_model
+from language_models_100m.steps import train_flops_per_token
 
 SMALL = dict(n_embd=128, n_layer=2, n_head=2, n_inner=512, vocab_size=4096)
 
@@ -79,8 +82,8 @@ def main(argv=None) -> int:
     for block in blocks:
         cases, flops, memory = {}, {}, {}
         for attention in args.attentions:
-            model, step, fwd_bwd = make_case(attention, args.config, block, args.batch, device, args.precision)
-            flops[attention] = count_flops(fwd_bwd)
+            model, step, _ = make_case(attention, args.config, block, args.batch, device, args.precision)
+            flops[attention] = train_flops_per_token(model, block, device) * block * args.batch
             model.zero_grad(set_to_none=True)
             memory[attention] = T.peak_memory(step, device)
             cases[attention] = step

@@ -7,6 +7,10 @@ Per query and head, with D the head dim, |C_i| the candidates and K_i = min(top_
 Softmax, top-k and other elementwise work are not counted, as for every other op in
 ``torch.utils.flop_counter``. These formulas are registered for the ops in krause.ops,
 so ``FlopCounterMode`` reports them whichever kernels compute the op.
+
+The Longformer and routing baselines run as a dense masked SDPA, which FlopCounterMode counts
+at T² per head; ``longformer_pairs`` / ``routing_pairs`` with ``softmax_pairs_flops`` give the
+pairs such an attention needs (a model-FLOPs count, as for the Krause op), for MFU and tables.
 """
 
 from __future__ import annotations
@@ -86,3 +90,29 @@ def _register_cpu_sdpa_flops() -> None:
 
 
 _register_cpu_sdpa_flops()
+
+
+# --------------------------------------------------------------------------- masked-softmax baselines
+def softmax_pairs_flops(pairs: int, head_dim: int) -> tuple[int, int]:
+    """(forward, backward) FLOPs of softmax attention over `pairs` (query, key) pairs of one
+    (batch, head): q·k and p·v are 2 D each per pair forward; backward twice that."""
+    return 4 * head_dim * pairs, 8 * head_dim * pairs
+
+
+def longformer_pairs(num_tokens: int, window: int, global_tokens: int) -> int:
+    """(query, key) pairs of causal Longformer attention: query i sees the keys in (i - window, i]
+    and the first `global_tokens` keys up to i (those outside its window counted once)."""
+    pairs = _sum_min_ramp(num_tokens, window)
+    # global keys j < global_tokens with j <= i - window: for query i, min(global_tokens, i - window + 1) of them
+    for i in range(window, num_tokens):
+        pairs += min(global_tokens, i - window + 1)
+    return pairs
+
+
+def routing_pairs(num_tokens: int, num_clusters: int) -> int:
+    """(query, key) pairs of causal routing attention with balanced clusters (every run of
+    `num_clusters` tokens fills each cluster once): query i sees its own key and the
+    floor(i / num_clusters) earlier keys of its cluster. Real counts depend on the data
+    (`RoutingAttention.cluster_sizes`); this is the balanced case the method aims for."""
+    q, r = divmod(num_tokens, num_clusters)
+    return num_tokens + num_clusters * q * (q - 1) // 2 + r * q

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing as mp
 import re
 import shutil
@@ -31,7 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from krause.training.entry import entry_point
+from krause.training.entry import OneLineParser, entry_point
+from krause.training.errors import UsageError
+from krause.training.ranges import NONNEGATIVE_FLOAT, POSITIVE_INT, SEED, check_namespace
 
 from .shards import FORMATS, dtype_for_vocab, read_header, write_shard
 
@@ -299,20 +300,20 @@ def build(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m language_models_100m.build_fwe10bt", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(prog="python -m language_models_100m.build_fwe10bt", description=__doc__.split("\n")[0],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="parquet files or directories (searched recursively)")
     p.add_argument("--out_dir", required=True, help="where the shards, manifest.json and the temporary buckets go")
     p.add_argument("--tokenizer", default="gpt2", help="tokenizer.json file, tokenizer directory or hub name")
     p.add_argument("--eos_token", default="<|endoftext|>", help="token written before every document")
     p.add_argument("--dtype", default=None, choices=sorted(FORMATS), help="token dtype (default: by vocabulary size)")
-    p.add_argument("--max_tokens", type=float, default=10e9, help="token_count budget of the sample; 0: every document")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="shuffle seed")
-    p.add_argument("--shard_tokens", type=int, default=100_000_000, help="tokens per shard (by token_count)")
-    p.add_argument("--docs_per_shard", type=int, default=100_000, help="documents per shard without token_count")
+    p.add_argument("--max_tokens", type=NONNEGATIVE_FLOAT, default=10e9, help="token_count budget of the sample; 0: every document")
+    p.add_argument("--seed", type=SEED, default=DEFAULT_SEED, help="shuffle seed")
+    p.add_argument("--shard_tokens", type=POSITIVE_INT, default=100_000_000, help="tokens per shard (by token_count)")
+    p.add_argument("--docs_per_shard", type=POSITIVE_INT, default=100_000, help="documents per shard without token_count")
     p.add_argument("--prefix", default="fwe10bt", help="shard names: PREFIX_{train,val,test}_NNNNNN.bin")
-    p.add_argument("--workers", type=int, default=max(1, (mp.cpu_count() or 2) - 1), help="tokeniser processes")
-    p.add_argument("--batch_rows", type=int, default=1024, help="parquet rows per tokenisation task")
+    p.add_argument("--workers", type=POSITIVE_INT, default=max(1, (mp.cpu_count() or 2) - 1), help="tokeniser processes")
+    p.add_argument("--batch_rows", type=POSITIVE_INT, default=1024, help="parquet rows per tokenisation task")
     p.add_argument("--keep_tmp", action="store_true", help="keep the per-file buckets after the shards are written")
     p.add_argument("--no_progress", action="store_true")
     return p
@@ -321,15 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
 @entry_point
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    for name in ("shard_tokens", "docs_per_shard", "workers", "batch_rows"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.max_tokens < 0 or not math.isfinite(args.max_tokens):
-        parser.error(f"--max_tokens must be >= 0, got {args.max_tokens}")
+    args = check_namespace(parser.parse_args(argv), parser)
     args.max_tokens = args.max_tokens or None
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", args.prefix) or ".." in args.prefix:
-        parser.error(f"--prefix must be a plain file-name stem (letters, digits, '_', '-', '.'), "
+        raise UsageError(f"--prefix must be a plain file-name stem (letters, digits, '_', '-', '.'), "
                      f"so the shards stay inside --out_dir; got {args.prefix!r}")
     build(args)  # BuildError, ShardError, a --dtype the vocabulary does not fit: one line, exit 2 (entry_point)
     return 0

@@ -37,36 +37,43 @@ import torch
 import torch.nn.functional as F
 
 from krause.evaluation import PreparedTasks, hub_offline, prepare_tasks, task_manager
-from krause.training.entry import entry_point
+from krause.dispatch import IMPLS
+from krause.training.entry import OneLineParser, entry_point
+from krause.training.ranges import NONNEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, check_namespace
+
+from .cli import check_attn_impl, check_saved_config, resolve_device
 
 TASK_DIR = Path(__file__).resolve().parent / "tasks"
 DEFAULT_TASKS = ("hellaswag", "piqa", "arc_easy", "blimp", "lambada_openai", "cbt")
 
 
-def resolve_model(path, checkpoint: str | None, device):
+def resolve_model(path, checkpoint: str | None, device, attn_impl: str | None = None):
     """(model, directory holding a tokenizer or None, run directory or None, tokenizer spec or None).
 
     A save_pretrained directory loads as it is. A run directory loads its ``hf/`` export,
     or with ``checkpoint`` ("best", "last" or a step directory) the weights of that DCP
     checkpoint into the model its config.json describes (runs stopped before the end too).
+    ``attn_impl`` replaces the Krause backend the model was saved with; one that cannot run on
+    ``device`` is refused before any weights are read.
     """
     import language_models_100m  # noqa: F401  (registers krause_lm with the Auto classes)
-    from transformers import AutoModelForCausalLM
 
     path = Path(path).expanduser().resolve()
     config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else None
+    if config is not None and "model_type" not in config:  # a run's config: its values in the flags' ranges
+        check_saved_config(path)
     from krause.training.checkpointer import verify_sealed
 
     if config is not None and "model_type" in config:  # a save_pretrained directory
         if checkpoint is not None:
             raise ValueError(f"--checkpoint {checkpoint}: {path} is a save_pretrained directory, not a run")
         verify_sealed(path, required=False)  # an export of a run carries its sizes and CRC-32s
-        return AutoModelForCausalLM.from_pretrained(path).to(device).eval(), path, None, None
+        return _load_pretrained(path, device, attn_impl), path, None, None
     manifest = Path((config or {}).get("data_dir") or "/nonexistent") / "manifest.json"
     tokenizer_spec = json.loads(manifest.read_text()).get("tokenizer") if manifest.is_file() else None
     if checkpoint is None and (path / "hf" / "config.json").is_file():
         verify_sealed(path / "hf", required=config is not None)  # a training run's export is always sealed
-        return AutoModelForCausalLM.from_pretrained(path / "hf").to(device).eval(), path / "hf", path, tokenizer_spec
+        return _load_pretrained(path / "hf", device, attn_impl), path / "hf", path, tokenizer_spec
     if config is None or "model" not in config or not (path / "checkpoints").is_dir():
         raise ValueError(f"--model {path}: neither a save_pretrained directory nor a run directory "
                          "(with hf/ or checkpoints/)")
@@ -77,9 +84,21 @@ def resolve_model(path, checkpoint: str | None, device):
     from .presets import build_model
 
     fields = {k: v for k, v in run_config["model"].items() if k in KrauseLMConfig.__dataclass_fields__}
+    if attn_impl is not None:
+        fields["krause_impl"] = attn_impl
     model = build_model(run_config["preset"], fields.pop("attention"), **fields)
+    check_attn_impl(model.config.krause_impl, model.config, torch.device(device))
     load_model_weights(model, find_checkpoint(path, checkpoint or "last"))
     return model.to(device).eval(), None, path, tokenizer_spec
+
+
+def _load_pretrained(path: Path, device, attn_impl: str | None):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    overrides = {} if attn_impl is None else {"krause_impl": attn_impl}
+    config = AutoConfig.from_pretrained(path, **overrides)
+    check_attn_impl(config.krause_impl, config, torch.device(device))
+    return AutoModelForCausalLM.from_pretrained(path, config=config).to(device).eval()
 
 
 def load_hf_tokenizer(model_dir: Path | None, *fallbacks: str | None):
@@ -185,8 +204,8 @@ def plot_val_curves(results: list[dict], path: Path) -> Path | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m language_models_100m.evaluate", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(prog="python -m language_models_100m.evaluate", description=__doc__.split("\n")[0],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", nargs="+", required=True, help="run directories or save_pretrained directories")
     p.add_argument("--checkpoint", default=None,
                    help="for run directories: best, last or a step directory (default: the run's hf/ export)")
@@ -196,36 +215,37 @@ def build_parser() -> argparse.ArgumentParser:
                         "whose data is not cached when offline; named tasks must all be available)")
     p.add_argument("--include_path", nargs="*", default=[], help="extra lm-eval task directories")
     p.add_argument("--data_dir", default=None, help="build directory with *_val_*.bin shards (for val loss)")
-    p.add_argument("--val_tokens", type=int, default=10_000_000, help="at most this many tokens per scored split")
+    p.add_argument("--val_tokens", type=POSITIVE_INT, default=10_000_000, help="at most this many tokens per scored split")
     p.add_argument("--split", default="val", choices=["val", "test", "all"],
                    help="split(s) of --data_dir whose loss / perplexity is scored (all: val and test)")
     p.add_argument("--tokenizer", default=None, help="when a model directory has no tokenizer")
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--limit", type=float, default=None, help="lm-eval: at most N documents per task (testing)")
-    p.add_argument("--bootstrap_iters", type=int, default=1000, help="lm-eval stderr bootstrap (0: none)")
+    p.add_argument("--batch_size", type=POSITIVE_INT, default=16)
+    p.add_argument("--limit", type=POSITIVE_FLOAT, default=None, help="lm-eval: at most N documents per task (testing)")
+    p.add_argument("--bootstrap_iters", type=NONNEGATIVE_INT, default=1000, help="lm-eval stderr bootstrap (0: none)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--attn_impl", default=None, choices=IMPLS,
+                   help="backend of the Krause op (krause.dispatch; default: the one the model was saved with)")
     return p
 
 
 @entry_point
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.val_tokens < 1:
-        parser.error("--batch_size and --val_tokens must be >= 1")
+    args = check_namespace(parser.parse_args(argv), parser)
     tasks_named = args.tasks is not None
     args.tasks = [t for t in (args.tasks if tasks_named else DEFAULT_TASKS) if t]
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device)
     out_dir = Path(args.out_dir).expanduser().resolve()
     include_paths = [TASK_DIR, *args.include_path]
     manager = task_manager(include_paths) if args.tasks else None
     prepared = (prepare_tasks(args.tasks, manager, strict=tasks_named, include_paths=include_paths)
                 if args.tasks else PreparedTasks())
-    out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     for path in args.model:
-        model, model_dir, run_dir, tokenizer_spec = resolve_model(path, args.checkpoint, device)
+        model, model_dir, run_dir, tokenizer_spec = resolve_model(path, args.checkpoint, device, args.attn_impl)
+        if args.attn_impl is not None:
+            model.config.krause_impl = args.attn_impl  # the blocks read it from the config at each call
+        check_attn_impl(model.config.krause_impl, model.config, device)
         name = (run_dir or model_dir).name
         record = {"name": name, "model_dir": str(model_dir) if model_dir else None,
                   "run_dir": str(run_dir) if run_dir else None, "checkpoint": args.checkpoint or "export",
@@ -239,7 +259,7 @@ def main(argv=None) -> int:
             limit = int(args.limit) if args.limit and args.limit >= 1 else args.limit
             record["tasks"] = run_lm_eval(model, tokenizer, prepared, manager, args.batch_size,
                                           limit, device, args.bootstrap_iters)
-        (out_dir / name).mkdir(exist_ok=True)
+        (out_dir / name).mkdir(parents=True, exist_ok=True)  # only now: a refused model leaves nothing
         (out_dir / name / "results.json").write_text(json.dumps(record, indent=2) + "\n")
         results.append(record)
         print(f"{name} ({record['attention']}): " + json.dumps({k: v for k, v in record.items() if k != "tasks"}

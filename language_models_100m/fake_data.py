@@ -17,6 +17,9 @@ import random
 import sys
 from pathlib import Path
 
+from krause.training.entry import OneLineParser, entry_point
+from krause.training.ranges import POSITIVE_INT, SEED, Range, check_namespace
+
 WORDS = ("the a of to and in is was for on that with as by at from it an be this which or are were has had "
          "water river light energy cell plant animal school student teacher history science number system "
          "model change large small early modern people city world study data theory process example level "
@@ -76,26 +79,25 @@ def train_tokenizer(docs: list[str], path, vocab_size: int = 300) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m language_models_100m.fake_data",
-                                description="Write generated documents, a small BPE tokenizer and their llm.c "
-                                            "shards (OUT/shards), for offline smoke runs of train and evaluate.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(prog="python -m language_models_100m.fake_data",
+                       description="Write generated documents, a small BPE tokenizer and their llm.c "
+                                   "shards (OUT/shards), for offline smoke runs of train and evaluate.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("out", help="folder to create: OUT/parquet, OUT/tokenizer.json, OUT/shards (the --data_dir)")
-    p.add_argument("--docs", type=int, default=2000, help="generated documents")
-    p.add_argument("--vocab_size", type=int, default=256, help="BPE vocabulary (>= 257 byte-level symbols are kept)")
-    p.add_argument("--seed", type=int, default=0, help="document generator seed")
+    p.add_argument("--docs", type=Range(int, ge=10), default=2000,
+                   help="generated documents (the val and test splits take 1 in 502 each)")
+    p.add_argument("--vocab_size", type=POSITIVE_INT, default=256,
+                   help="BPE vocabulary (>= 257 byte-level symbols are kept)")
+    p.add_argument("--seed", type=SEED, default=0, help="document generator seed")
     return p
 
 
+@entry_point
 def main(argv=None) -> int:
     from . import build_fwe10bt
 
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.docs < 10:
-        parser.error(f"--docs must be >= 10 (the val and test splits take 1 in 502 documents each), got {args.docs}")
-    if args.vocab_size < 1:
-        parser.error(f"--vocab_size must be >= 1, got {args.vocab_size}")
+    args = check_namespace(parser.parse_args(argv), parser)
     out = Path(args.out).expanduser().resolve()
     docs = make_documents(args.docs, seed=args.seed)
     write_fineweb_parquet(out / "parquet" / "fake.parquet", docs)

@@ -7,9 +7,10 @@ Models are built on the meta device, so nothing is allocated.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
+
+from krause.training.entry import OneLineParser, entry_point
+from krause.training.ranges import POSITIVE_INT, check_namespace
 
 from .model import ATTENTIONS
 from .presets import PRESETS, build_model
@@ -23,13 +24,12 @@ def count_parameters(config: str, attention: str, vocab_size: int = 50257) -> di
     return {"total": total, "non_embedding": total - embedding}
 
 
+@entry_point
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m language_models_100m.params", description=__doc__.split("\n")[0])
-    parser.add_argument("--vocab_size", type=int, default=50257, help="GPT-2's vocabulary by default")
+    parser = OneLineParser(prog="python -m language_models_100m.params", description=__doc__.split("\n")[0])
+    parser.add_argument("--vocab_size", type=POSITIVE_INT, default=50257, help="GPT-2's vocabulary by default")
     parser.add_argument("--presets", nargs="+", default=["100m", "200m"], choices=sorted(PRESETS))
-    args = parser.parse_args(argv)
-    if args.vocab_size < 1:
-        parser.error(f"--vocab_size must be >= 1, got {args.vocab_size}")
+    args = check_namespace(parser.parse_args(argv), parser)
     print("| config | attention | parameters | non-embedding |")
     print("|---|---|---:|---:|")
     for preset in args.presets:

@@ -111,6 +111,18 @@ class TokenStream:
     def __len__(self) -> int:
         return self.starts[-1]
 
+    def check_vocab(self, vocab_size: int, chunk: int = 1 << 24) -> None:
+        """ShardError naming the first shard holding a token id >= vocab_size (one linear scan, in
+        chunks: a bad id must stop the run when the data opens, not at the embedding mid-training)."""
+        for path, tokens in zip(self.paths, self.shards):
+            for start in range(0, len(tokens), chunk):
+                part = np.asarray(tokens[start:start + chunk])
+                if part.size and int(part.max()) >= vocab_size:
+                    at = start + int(np.argmax(part >= vocab_size))
+                    raise ShardError(f"{path}: token id {int(tokens[at])} at position {at:,} is outside the "
+                                     f"vocabulary of {vocab_size:,} ids (a shard of another tokenizer? "
+                                     "rebuild the data or pass a larger --vocab_size)")
+
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length) as int64, across shard boundaries."""
         if start < 0 or start + length > len(self):

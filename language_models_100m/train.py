@@ -8,6 +8,8 @@ Recipe defaults (the paper's): AdamW (0.9, 0.95), weight decay 0.1 (none on norm
 biases, embeddings, log_sigma), lr 6e-4 with a linear warmup over 5% of the steps then
 cosine to 0.1x, global batch 512 sequences x 1024 tokens = 524,288 tokens per optimizer
 step, 10B tokens, grad-clip 1.0, bf16 autocast on GPU, validation every 500 steps.
+``--preset paper``: the first release's 499,712 tokens per step and decay on everything
+(flags and checks: ``cli.py``; the step, validation and export: ``steps.py``).
 
 Tokens per step are ``global_batch x block_size``, whatever the number of processes and
 micro-batches: each process runs ``global_batch / (micro_batch x world)`` accumulation
@@ -25,229 +27,31 @@ config or attention type is refused with one line.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
-import math
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-from krause.dispatch import IMPLS
 from krause.training.accumulation import BatchPlan
-from krause.training.checkpointer import seal_directory
 from krause.training.config import RUNTIME_KEYS
-from krause.training.distributed import all_reduce_sum, get_world_size, is_main_process
+from krause.training.distributed import get_world_size, is_main_process
 from krause.training.entry import entry_point
-from krause.training.errors import UsageError, one_line
-from krause.training.loop import LoopSettings, TrainHooks
+from krause.training.errors import UsageError
+from krause.training.loop import LoopSettings
 from krause.training.plotting import plot_curves
 from krause.training.recipe import OptimSpec, Recipe, run_recipe
 from krause.training.throughput import known_peak_flops
 
-from .model import ATTENTIONS
-from .presets import PRESETS, build_model, model_config
+from .cli import (build_parser, check_attn_impl, check_block, check_saved_config, parse_args,  # noqa: F401
+                  read_manifest, resolve_device)
+from .presets import build_model, model_config
 from .shards import TokenStream, WindowSampler, split_shards
+from .steps import LMHooks, export_hf, train_flops_per_token, validation
 
 # Settings that do not change what is computed per optimizer step: a run may resume with others.
 IGNORED_KEYS = set(RUNTIME_KEYS) | {"micro_batch", "compile", "log_every", "save_every", "no_progress",
-                                    "peak_tflops", "kill_at_step", "sigterm_at_step", "eval_batch", "dist", "attn_impl",
-                                    "krause_impl"}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m language_models_100m.train", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("model")
-    g.add_argument("--config", default="100m", choices=sorted(PRESETS))
-    g.add_argument("--attention", default="gated", choices=ATTENTIONS)
-    g.add_argument("--block_size", type=int, default=None, help="tokens per sequence (default: the model's positions)")
-    g.add_argument("--dropout", type=float, default=0.1)
-    g.add_argument("--vocab_size", type=int, default=None, help="default: the build's vocabulary (may be padded up)")
-    g = p.add_argument_group("data")
-    g.add_argument("--data_dir", required=True, help="build_fwe10bt output (train/val shards, manifest.json)")
-    g.add_argument("--val_tokens", type=int, default=10_485_760, help="validation tokens per evaluation (cap)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--global_batch", type=int, default=512, help="sequences per optimizer step, all processes")
-    g.add_argument("--micro_batch", type=int, default=16, help="sequences per forward on one process")
-    g.add_argument("--max_tokens", type=float, default=10e9, help="training tokens (sets the number of steps)")
-    g.add_argument("--max_steps", type=int, default=None, help="optimizer steps (overrides --max_tokens)")
-    g.add_argument("--lr", type=float, default=6e-4)
-    g.add_argument("--min_lr_ratio", type=float, default=0.1)
-    g.add_argument("--warmup", type=float, default=0.05, help="fraction of the steps")
-    g.add_argument("--weight_decay", type=float, default=0.1)
-    g.add_argument("--beta1", type=float, default=0.9)
-    g.add_argument("--beta2", type=float, default=0.95)
-    g.add_argument("--grad_clip", type=float, default=1.0, help="0: off")
-    g.add_argument("--seed", type=int, default=0)
-    g = p.add_argument_group("execution")
-    g.add_argument("--out_dir", required=True)
-    g.add_argument("--resume", action="store_true")
-    g.add_argument("--resume_step", type=int, default=None,
-                   help="with --resume: continue from this step's checkpoint instead of the latest")
-    g.add_argument("--overwrite", action="store_true")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 on GPU")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--dist", default="ddp", choices=["ddp", "fsdp"], help="data parallelism: DDP or FSDP2")
-    g.add_argument("--attn_impl", default="auto", choices=IMPLS, help="backend of the Krause op (krause.dispatch)")
-    g.add_argument("--eval_every", type=int, default=500, help="validation every N steps (and at the end)")
-    g.add_argument("--eval_batch", type=int, default=None, help="validation sequences per forward (default micro)")
-    g.add_argument("--save_every", type=int, default=500, help="checkpoint every N steps (0: at evaluations)")
-    g.add_argument("--log_every", type=int, default=10)
-    g.add_argument("--peak_tflops", type=float, default=None, help="per-device peak for MFU (default: known GPUs)")
-    g.add_argument("--no_progress", action="store_true")
-    g.add_argument("--kill_at_step", type=int, default=None, help=argparse.SUPPRESS)  # tests: SIGKILL self
-    g.add_argument("--sigterm_at_step", type=int, default=None, help=argparse.SUPPRESS)  # tests: SIGTERM self
-    return p
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
-    for name in ("global_batch", "micro_batch", "val_tokens", "log_every", "eval_every"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    for name in ("block_size", "max_steps", "eval_batch", "vocab_size"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.save_every < 0:
-        raise UsageError(f"--save_every must be >= 0, got {args.save_every}")
-    if not (args.lr > 0 and math.isfinite(args.lr)) or args.weight_decay < 0 or args.grad_clip < 0:
-        raise UsageError("--lr must be > 0, --weight_decay and --grad_clip >= 0")
-    if not 0 <= args.warmup < 1 or not 0 <= args.min_lr_ratio <= 1 or not 0 <= args.dropout < 1:
-        raise UsageError("--warmup and --dropout must be in [0, 1), --min_lr_ratio in [0, 1]")
-    if args.resume and args.overwrite:
-        raise UsageError("--resume and --overwrite exclude each other")
-    if args.resume_step is not None and (not args.resume or args.resume_step < 1):
-        raise UsageError(f"--resume_step needs --resume and a step >= 1, got {args.resume_step}")
-    return args
-
-
-def read_manifest(data_dir) -> dict:
-    path = Path(data_dir).expanduser() / "manifest.json"
-    if not path.is_file():
-        raise UsageError(f"--data_dir {data_dir}: no manifest.json (run language_models_100m.build_fwe10bt)")
-    return json.loads(path.read_text())
-
-
-def train_flops_per_token(model, block: int, device) -> float:
-    """FLOPs of one forward + backward per token, counted by FlopCounterMode (Krause ops count
-    their sparse cost: krause/flops.py)."""
-    from krause.training.throughput import train_flops_per_sample
-
-    example = torch.zeros(1, block, dtype=torch.long, device=device)
-    return train_flops_per_sample(model, example, loss_fn=lambda out: out.logits.float().sum()) / block
-
-
-@torch.no_grad()
-def validation(model, stream: TokenStream, block: int, max_tokens: int, batch: int, rank: int, world: int,
-               device, autocast) -> dict:
-    """Mean next-token loss over the first max_tokens of val in block windows, split over ranks."""
-    n_windows = max(1, min(len(stream) - 1, max_tokens) // block)
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    count = torch.zeros((), dtype=torch.float64, device=device)
-    mine = list(range(rank, n_windows, world))
-    was_training = model.training
-    model.eval()
-    for i in range(0, len(mine), batch):
-        rows = np.stack([stream.read(w * block, block + 1) for w in mine[i:i + batch]])
-        xy = torch.as_tensor(rows, device=device)
-        with autocast():
-            logits = model(xy[:, :-1], use_cache=False).logits
-        total += F.cross_entropy(logits.float().flatten(0, 1), xy[:, 1:].flatten(), reduction="sum").double()
-        count += xy[:, 1:].numel()
-    model.train(was_training)
-    total, count = all_reduce_sum(total), all_reduce_sum(count)
-    loss = (total / count).item()
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": int(count.item())}
-
-
-def export_hf(model, cfg, manifest: dict, out: Path, log) -> None:
-    """save_pretrained of the trained weights (gathered from any DDP / FSDP2 wrapping, collective)
-    and, when it can be loaded here, the build's tokenizer."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not is_main_process():
-        return
-    plain = build_model(cfg)
-    plain.load_state_dict(state, strict=False)  # lm_head.weight is tied to wte
-    plain.save_pretrained(out)
-    try:
-        from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-        spec = manifest.get("tokenizer", "gpt2")
-        if Path(spec).is_file():
-            tok = PreTrainedTokenizerFast(tokenizer_file=spec, eos_token=manifest.get("eos_token", "<|endoftext|>"))
-        else:
-            tok = AutoTokenizer.from_pretrained(spec)
-        tok.save_pretrained(out)
-    except Exception as e:  # noqa: BLE001 - the model is exported either way
-        log.warning(f"tokenizer {manifest.get('tokenizer')!r} not saved with the model ({one_line(e)}); "
-                    "pass --tokenizer to evaluate")
-    seal_directory(out)  # sizes and CRC-32s that evaluate checks before loading
-
-
-class LMHooks(TrainHooks):
-    """The family's part of krause.training's loop: batches from the token stream, the
-    next-token loss, validation, and the records."""
-
-    def __init__(self, ctx, *, sampler: WindowSampler, val_stream: TokenStream, plan: BatchPlan, block: int, args,
-                 autocast):
-        self.model, self.sampler, self.val_stream, self.plan, self.block = ctx.train_model, sampler, val_stream, plan, block
-        self.args, self.env, self.autocast, self.metrics, self.log = args, ctx.env, autocast, ctx.metrics, ctx.log
-
-    def batches(self, epoch, start):
-        """Step s reads windows s * global_batch .. + global_batch - 1; this rank takes its slice."""
-        per_rank, rank = self.plan.per_rank, self.env.rank
-        step = start
-        while True:
-            first = step * self.plan.global_batch + rank * per_rank
-            xy = torch.as_tensor(self.sampler.windows(first, per_rank), device=self.env.device)
-            yield list(xy.split(self.plan.micro_batch))
-            step += 1
-
-    def train_step(self, micro):
-        with self.autocast():
-            logits = self.model(micro[:, :-1], use_cache=False).logits
-        targets = micro[:, 1:]
-        loss_sum = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
-        return loss_sum, targets.numel()
-
-    def after_step(self, state, result):
-        state.extra["next_window"] = state.batch_in_epoch * self.plan.global_batch  # the stream position
-        if self.args.kill_at_step == state.step:  # tests: die without any cleanup
-            import os
-            import signal
-
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    def evaluate(self, state):
-        return validation(self.model, self.val_stream, self.block, self.args.val_tokens,
-                          self.args.eval_batch or self.plan.micro_batch, self.env.rank, self.env.world_size,
-                          self.env.device, self.autocast)
-
-    def selection_metric(self, result):
-        return result.get("val_loss")
-
-    def step_record(self, state, window):
-        record = dict(window, tokens_per_step=self.plan.global_batch * self.block, tokens_seen=state.tokens_seen,
-                      next_window=state.extra["next_window"])
-        self.log.info(f"step {state.step}: loss {window['train_loss']:.4f}, {window.get('tokens_per_s', 0):,.0f} "
-                      f"tokens/s" + (f", MFU {window['mfu']:.1%}" if "mfu" in window else ""))
-        return record
-
-    def on_eval(self, state, record, is_best, where):
-        if "val_loss" in record:
-            self.metrics.log(record, step=state.step, tokens_seen=state.tokens_seen, best=is_best)
-            self.log.info(f"{where}: val loss {record['val_loss']:.4f}, ppl {record['val_ppl']:.2f}"
-                          + (" (best)" if is_best else ""))
-
-    def on_stop(self, state, reason):
-        self.metrics.log(step=state.step, event=f"stopped: {reason}")
-        self.log.info(f"stopped ({reason}) at step {state.step}, checkpoint saved; rerun with --resume")
+                                    "peak_tflops", "kill_at_step", "sigterm_at_step", "sigint_at_step", "eval_batch",
+                                    "dist", "attn_impl", "krause_impl", "recipe_preset"}
 
     def on_diverged(self, state, message):
         self.metrics.log(step=state.step, event="diverged: non-finite loss")
@@ -257,33 +61,43 @@ class LMHooks(TrainHooks):
 @entry_point
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.resume:
+        check_saved_config(args.out_dir)
     manifest = read_manifest(args.data_dir)
-    vocab = args.vocab_size or int(manifest["vocab_size"])
-    if vocab < int(manifest["vocab_size"]):
+    vocab = args.vocab_size or manifest["vocab_size"]
+    if vocab < manifest["vocab_size"]:
         raise UsageError(f"--vocab_size {vocab} is smaller than the build's vocabulary {manifest['vocab_size']}")
+    device = resolve_device(args.device)
     world = get_world_size()
+    attn = {k: v for k in ("attn_global_tokens", "attn_num_clusters") if (v := getattr(args, k)) is not None}
     try:
         cfg = model_config(args.config, args.attention, dropout=args.dropout, vocab_size=vocab,
                            eos_token_id=manifest.get("eos_id"), bos_token_id=manifest.get("eos_id"),
-                           krause_impl=args.attn_impl)
+                           krause_impl=args.attn_impl, **attn)
         plan = BatchPlan.from_global(args.global_batch, args.micro_batch, world, name="--global_batch",
                                      micro_name="--micro_batch")
     except ValueError as e:
         raise UsageError(str(e)) from None
     block = args.block_size or cfg.n_positions
-    if block > cfg.n_positions:
-        raise UsageError(f"--block_size {block} is larger than the model's {cfg.n_positions} positions")
+    check_block(cfg, block)
+    check_attn_impl(args.attn_impl, cfg, device)
     tokens_per_step = args.global_batch * block
     total_steps = args.max_steps or max(1, int(args.max_tokens // tokens_per_step))
 
-    config = {k: v for k, v in vars(args).items() if k not in ("config", "attention", "dropout", "vocab_size")}
+    config = {k: v for k, v in vars(args).items() if k not in ("config", "attention", "dropout", "vocab_size",
+                                                                  "attn_global_tokens", "attn_num_clusters")}
+    if not args.decay_all:  # written only when set, so runs begun before the flag existed still resume
+        del config["decay_all"]
     config.update(model=cfg.to_diff_dict() | {"attention": cfg.attention}, preset=args.config, block=block,
                   total_steps=total_steps, tokens_per_step=tokens_per_step)
-    sampler = WindowSampler(TokenStream(split_shards(args.data_dir, "train")), block)
+    train_stream = TokenStream(split_shards(args.data_dir, "train"))
     val_stream = TokenStream(split_shards(args.data_dir, "val"))
     test_shards = sorted(Path(args.data_dir).expanduser().glob("*_test_*.bin"))  # builds before the test split: none
     test_stream = TokenStream(test_shards) if test_shards else None
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    for stream in (train_stream, val_stream, test_stream):  # a bad id stops here, not at the embedding
+        if stream is not None:
+            stream.check_vocab(vocab)
+    sampler = WindowSampler(train_stream, block)
     use_bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
     if args.dist == "fsdp" or not use_bf16:
         autocast = contextlib.nullcontext  # FSDP2 casts parameters itself
@@ -327,7 +141,7 @@ def main(argv=None) -> int:
                               samples_per_step=args.global_batch, tokens_per_sample=block,
                               preempt_at_step=args.sigterm_at_step),
         optim=OptimSpec(lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup, min_lr_ratio=args.min_lr_ratio,
-                        betas=(args.beta1, args.beta2)),
+                        betas=(args.beta1, args.beta2), decay_all=args.decay_all),
         dist=args.dist, fsdp_blocks="transformer.h", bf16=use_bf16, compile=args.compile,
         peak_flops=args.peak_tflops * 1e12 if args.peak_tflops else known_peak_flops(device),
         flops_per_sample=lambda model: train_flops_per_token(model, block, device) * block,

@@ -46,11 +46,11 @@ def test_paper_preset_resolved_config():
     assert set(PRESETS) == {"default", "paper"}
 
 
-def test_decay_everything_leaves_nothing_exempt():
+def test_decay_all_leaves_nothing_exempt():
     model = PixelTransformer(ModelConfig(seq_len=20, dim=16, num_layers=1, num_heads=2, window=8, top_k=4))
     fair = param_groups(model, 0.01)
     assert fair[1]["param_names"] and "pos_emb" in fair[1]["param_names"]  # biases, norms, positions, log_sigma
-    everything = param_groups(model, 0.01, decay_everything=True)
+    everything = param_groups(model, 0.01, decay_all=True)
     assert not everything[1]["params"] and len(everything[0]["params"]) == len(list(model.parameters()))
 
 

@@ -195,3 +195,45 @@ def test_routing_centroids_agree_across_ranks(tmp_path):
     single = RoutingAttention(16, 2, num_clusters=4, decay=0.5).train()
     single(torch.cat([_x(t=16, seed=10), _x(t=16, seed=11)]))
     torch.testing.assert_close(single.centroids, c0, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("tokens, window, global_tokens", [(1, 4, 2), (13, 3, 2), (13, 20, 3), (64, 8, 4), (40, 5, 0),
+                                                           (30, 4, 12)])
+def test_longformer_pair_count_equals_its_mask(tokens, window, global_tokens):
+    from krause.flops import longformer_pairs
+    from krause.nn.longformer import longformer_mask
+
+    mask = longformer_mask(tokens, tokens, window, global_tokens, None, "cpu")
+    assert longformer_pairs(tokens, window, global_tokens) == int(mask.sum())
+
+
+@pytest.mark.parametrize("tokens, clusters", [(1, 3), (8, 2), (13, 4), (64, 8), (7, 7), (5, 9)])
+def test_routing_pair_count_equals_its_mask_for_balanced_clusters(tokens, clusters):
+    from krause.flops import routing_pairs
+    from krause.nn.routing import routing_mask
+
+    balanced = (torch.arange(tokens) % clusters)[None, None]  # every run of C tokens fills each cluster once
+    assert routing_pairs(tokens, clusters) == int(routing_mask(balanced, balanced, None).sum())
+
+
+@pytest.mark.parametrize("attention", ["longformer", "routing"])
+def test_lm_flops_count_the_pairs_the_baseline_attends(attention):
+    """MFU counts model FLOPs: the dense masked SDPA's T² is replaced by the attended pairs."""
+    from krause.flops import longformer_pairs, routing_pairs, softmax_pairs_flops
+    from language_models_100m import build_model
+    from language_models_100m.steps import train_flops_per_token
+
+    block = 64
+    standard = train_flops_per_token(build_model("tiny", "standard", vocab_size=257), block, "cpu") * block
+    model = build_model("tiny", attention, vocab_size=257)
+    cfg = model.config
+    pairs = (longformer_pairs(block, cfg.attn_window, cfg.attn_global_tokens) if attention == "longformer"
+             else routing_pairs(block, cfg.attn_num_clusters))
+    counted = train_flops_per_token(model, block, "cpu") * block
+    head_dim = cfg.n_embd // cfg.n_head
+    dense = cfg.n_layer * cfg.n_head * sum(softmax_pairs_flops(block * block, head_dim))
+    assert pairs < block * (block + 1) // 2
+    assert counted < standard  # fewer pairs than the causal softmax's
+    if attention == "longformer":  # the same weights and matmuls as standard: only the attention core differs
+        torch_sdpa = standard - counted + cfg.n_layer * cfg.n_head * sum(softmax_pairs_flops(pairs, head_dim))
+        assert dense <= torch_sdpa <= 1.5 * dense  # torch counts the dense SDPA at (4 + 8..10) D T² per head

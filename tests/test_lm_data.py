@@ -184,11 +184,10 @@ def test_bad_build_input_is_one_line_and_exit_2(corpus, tmp_path, capsys):
 @pytest.mark.parametrize("prefix", ["../escaped", "a/b", "/abs", ".hidden", "x..y"])
 def test_prefix_that_would_leave_out_dir_is_refused(corpus, tmp_path, capsys, prefix):
     root, _, tok = corpus
-    with pytest.raises(SystemExit) as exit_info:
-        build_fwe10bt.main(["--input", str(root / "in"), "--out_dir", str(tmp_path / "out"), "--tokenizer", str(tok),
-                            "--prefix", prefix, "--workers", "1", "--no_progress"])
-    assert exit_info.value.code == 2
-    assert "--prefix must be a plain file-name stem" in capsys.readouterr().err
+    assert build_fwe10bt.main(["--input", str(root / "in"), "--out_dir", str(tmp_path / "out"), "--tokenizer",
+                               str(tok), "--prefix", prefix, "--workers", "1", "--no_progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--prefix must be a plain file-name stem" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists() and not (tmp_path / "escaped").exists()
 
 
@@ -202,5 +201,6 @@ def test_fake_data_command_builds_a_trainable_data_dir(tmp_path, capsys):
     assert manifest["tokens"]["train"] > 0 and manifest["tokens"]["val"] > 0
     assert len(load_shard(next(shards.glob("*_train_*.bin")))) == manifest["tokens"]["train"]
     assert f"--data_dir {shards}" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        fake_data.main([str(tmp_path / "bad"), "--docs", "3"])
+    assert fake_data.main([str(tmp_path / "bad"), "--docs", "3"]) == 2
+    assert "--docs: must be an integer >= 10" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

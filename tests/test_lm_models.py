@@ -51,6 +51,10 @@ def test_weight_decay_skips_norms_biases_embeddings_and_sigma():
     assert any(n.endswith("log_sigma") for n in no_decay["param_names"])
     assert all(n.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "fc.weight",
                            "proj.weight", "gate.weight")) for n in decay["param_names"])
+    # the paper preset (--preset paper, the first release) decays every parameter
+    model = tiny("gated")
+    decay, no_decay = param_groups(model, 0.1, decay_all=True)
+    assert not no_decay["params"] and len(decay["params"]) == len(list(model.parameters()))
 
 
 @pytest.mark.parametrize("attention", ATTENTIONS)

@@ -140,7 +140,7 @@ def test_decay_all_puts_every_parameter_under_weight_decay():
     model = create("kvit-s", embed_dim=16, depth=2, num_heads=2)
     decay, no_decay = param_groups(model, 0.05)
     assert any("log_sigma" in n for n in no_decay["param_names"])
-    decay, no_decay = param_groups(model, 0.05, decay_everything=True)
+    decay, no_decay = param_groups(model, 0.05, decay_all=True)
     assert not no_decay["params"] and len(decay["params"]) == len(list(model.parameters()))
     assert isinstance(decay["params"][0], torch.nn.Parameter)
 

@@ -27,7 +27,9 @@ from krause.training.checkpointer import Checkpointer, find_checkpoint, load_mod
 
 from .data import DATASETS, DataError, build_datasets, dataset_info
 from .models import create
-from .config import OneLineParser, check_saved_config, model_kwargs
+from krause.training.entry import OneLineParser
+
+from .config import check_saved_config, model_kwargs
 from .config import build_parser as train_parser
 
 

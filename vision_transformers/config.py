@@ -22,6 +22,7 @@ from typing import Sequence
 from krause.dispatch import IMPLS
 from krause.training import UsageError
 from krause.training.config import RUNTIME_KEYS
+from krause.training.entry import OneLineParser
 from krause.training.ranges import (NONNEGATIVE_FLOAT, NONNEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, PROBABILITY,
                                     SEED, Range, check_mapping, check_namespace)
 
@@ -99,13 +100,6 @@ class PositiveInts(Range):
         if not values or bad:
             raise argparse.ArgumentTypeError(f"must be comma-separated integers >= 1, got {text!r}")
         return values
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """Parse errors raise UsageError: the entry point prints them as one `error:` line, exit 2."""
-
-    def error(self, message: str):
-        raise UsageError(message)
 
 
 def family(model_name: str) -> str:

@@ -32,7 +32,7 @@ from krause.training.entry import entry_point
 from krause.training.ranges import NONNEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED, check_namespace
 
 from . import analysis, train
-from .config import OneLineParser
+from krause.training.entry import OneLineParser
 from .data import build_datasets
 from .models import create
 

@@ -128,7 +128,7 @@ def _train(args, env) -> int:
         optim=OptimSpec(lr=args.lr, weight_decay=args.weight_decay, warmup=0.0, min_lr_ratio=args.min_lr_ratio,
                         warmup_steps=warmup_steps(total_steps, epochs=args.warmup_epochs,
                                                   steps_per_epoch=steps_per_epoch),
-                        decay_everything=args.decay_all),
+                        decay_all=args.decay_all),
         fp16_scaler=args.amp == "fp16", compile=args.compile, keep_latest_k=args.keep_latest_k, mode="max",
         peak_flops=args.peak_tflops * 1e12 if args.peak_tflops else known_peak_flops(env.device),
         flops_per_sample=flops_per_sample, state_extra={"steps_per_epoch": steps_per_epoch},

@@ -28,6 +28,7 @@ __all__ = ["entry_point", "EXPECTED_ERRORS", "run_one_line", "OneLineParser"]
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, CheckpointError, RunDirError, RunLockError)
 
 
+
 def run_one_line(main: Callable[..., int | None], *args, **kwargs) -> int:
     """`main(*args, **kwargs)`; an expected error prints `error: <one line>` on stderr and returns 2."""
     try:

@@ -47,14 +47,14 @@ def param_groups(
     weight_decay: float,
     no_decay_keywords: Iterable[str] = NO_DECAY_KEYWORDS,
     extra_no_decay: Iterable[str] = (),
-    decay_everything: bool = False,
+    decay_all: bool = False,
 ) -> list[dict[str, Any]]:
     """Two AdamW parameter groups, [decay, no_decay]; each also carries "param_names" for inspection.
 
     A name matches a keyword when the keyword occurs in any dot-separated component of
     the parameter's name (so "norm" covers "norm1.weight" and "ln_f"-style names are
-    covered by the one-dimension rule). `decay_everything` exempts nothing (the first
-    release's choice, for a family's `paper` preset).
+    covered by the one-dimension rule). decay_all: no exemptions (a first release that decayed
+    every parameter; its preset reproduces it).
     """
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
@@ -67,7 +67,7 @@ def param_groups(
         if not p.requires_grad:
             continue
         parts = name.split(".")
-        exempt = not decay_everything and (
+        exempt = not decay_all and (
             p.ndim <= 1
             or name in listed
             or any(part in listed for part in parts)

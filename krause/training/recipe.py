@@ -53,7 +53,7 @@ class OptimSpec:
     min_lr_ratio: float
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int | None = None  # explicit count (e.g. whole epochs), instead of the fraction
-    decay_everything: bool = False   # no exemptions (the first release; a `paper` preset)
+    decay_all: bool = False          # weight decay on every parameter (a release's preset)
 
 
 @dataclasses.dataclass
@@ -125,7 +125,7 @@ def run_recipe(recipe: Recipe, device: str | torch.device | None = None) -> int:
     """Run `recipe` in this process (one rank of a torchrun job, or alone); 0 when finished or
     stopped by a signal (rerun with --resume), 1 when the loss diverged. Bad input raises
     (UsageError, RunDirError, checkpoint errors): the entry point's wrapper reports it in one line."""
-    env = init_distributed(device)
+    env = init_distributed(device, process_group_for_one=recipe.dist == "fsdp")  # fully_shard needs a group
     finished = False
     try:
         code = _run(recipe, env)
@@ -173,8 +173,7 @@ def _assemble(recipe: Recipe, env: DistEnv, run: RunDir) -> RunContext:
     flops = recipe.flops_per_sample(model) if recipe.flops_per_sample is not None else None
     train_model, eval_model = wrap_model(model, env, dist=recipe.dist, compile=recipe.compile,
                                          fsdp_blocks=recipe.fsdp_blocks, bf16=recipe.bf16)
-    optimizer = build_adamw(model, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas,
-                            decay_everything=o.decay_everything)
+    optimizer = build_adamw(model, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas, decay_all=o.decay_all)
     total = recipe.settings.total_steps
     warmup = o.warmup_steps if o.warmup_steps is not None else warmup_steps(total, fraction=o.warmup)
     scheduler = warmup_cosine_scheduler(optimizer, total, warmup, o.min_lr_ratio)

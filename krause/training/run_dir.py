@@ -210,9 +210,24 @@ def _prepare_on_main(
         link = escaping[0]
         return "error", (f"out_dir {run.root} holds a symlink that points outside it ({link.relative_to(run.root.resolve())} "
                          f"-> {link.resolve()}); remove it (a run writes only inside its own directory)")
-    busy = RunLock(run.root / RunDir.LOCK).busy() if lock and run.root.is_dir() else None
-    if busy:  # a second writer hears that first, not a later check's advice
-        return "error", busy
+    if lock and run.root.is_dir():  # a live second writer is named first, whatever else is wrong
+        run.lock = RunLock(run.root / RunDir.LOCK)
+        try:
+            run.lock.acquire()
+        except RunLockError as e:
+            run.lock = None
+            return "error", str(e)
+    status, message = _check_on_main(run, cfg, resume, overwrite, ignore, resume_step)
+    if status != "ok":
+        if run.lock is not None:
+            run.lock.release()
+            run.lock = None
+        return status, message
+    return _write_on_main(run, cfg, resume, overwrite, ignore, lock)
+
+
+def _check_on_main(run: RunDir, cfg: dict[str, Any], resume: bool, overwrite: bool, ignore: Iterable[str],
+                   resume_step: int | None) -> tuple[str, str]:
     old = run.read_config() if run.root.is_dir() else None
     if old is None and run.root.is_dir() and any(p.name != RunDir.LOCK for p in run.root.iterdir()) and not overwrite:
         return "error", (
@@ -220,7 +235,6 @@ def _prepare_on_main(
             "directory. Choose a new or empty out_dir (or pass overwrite to use it anyway)."
         )
     diff = config_diff(old, cfg, ignore) if old is not None else []
-    run._created_root = not run.root.exists()
     if old is not None and not overwrite:
         if resume:
             problem = _check_resume(run, cfg, ignore, resume_step)
@@ -236,7 +250,15 @@ def _prepare_on_main(
                 f"out_dir {run.root} already holds a checkpoint ({run.last_checkpoint}); pass resume to "
                 "continue it or overwrite to start over"
             )
-    if lock:
+    return "ok", ""
+
+
+def _write_on_main(run: RunDir, cfg: dict[str, Any], resume: bool, overwrite: bool, ignore: Iterable[str],
+                   lock: bool) -> tuple[str, str]:
+    old = run.read_config() if run.root.is_dir() else None
+    diff = config_diff(old, cfg, ignore) if old is not None else []
+    run._created_root = not run.root.exists()
+    if lock and run.lock is None:
         run.lock = RunLock(run.root / RunDir.LOCK)
         try:
             run.lock.acquire()
