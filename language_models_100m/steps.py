@@ -156,3 +156,7 @@ class LMHooks(TrainHooks):
     def on_stop(self, state, reason):
         self.metrics.log(step=state.step, event=f"stopped: {reason}")
         self.log.info(f"stopped ({reason}) at step {state.step}, checkpoint saved; rerun with --resume")
+
+    def on_diverged(self, state, message):
+        self.metrics.log(step=state.step, event="diverged: non-finite loss")
+        self.log.error(message)

@@ -53,10 +53,6 @@ IGNORED_KEYS = set(RUNTIME_KEYS) | {"micro_batch", "compile", "log_every", "save
                                     "peak_tflops", "kill_at_step", "sigterm_at_step", "sigint_at_step", "eval_batch",
                                     "dist", "attn_impl", "krause_impl", "recipe_preset"}
 
-    def on_diverged(self, state, message):
-        self.metrics.log(step=state.step, event="diverged: non-finite loss")
-        self.log.error(message)
-
 
 @entry_point
 def main(argv=None) -> int:
