@@ -151,7 +151,9 @@ def plot(result_paths, out_path) -> Path:
     for path in result_paths:
         result = json.loads(Path(path).read_text())
         branch, values = headline(result)
-        key = f"{result.get('label', Path(path).stem)} {branch} (mean {sum(values) / len(values):.3f})"
+        label = result.get("label", Path(path).stem)
+        weights = {"effective": "mixed weights", "standard": "softmax weights", "krause": "Krause weights"}[branch]
+        key = f"{label}: {weights}, mean {sum(values) / len(values):.3f}"
         keys.append(key)
         for layer, value in enumerate(values):
             records_by_layer.setdefault(layer, {"layer": layer})[key] = value

@@ -1042,3 +1042,20 @@ def test_divergence_after_a_checkpoint_keeps_the_last_good_one(tmp_path, save_ev
     assert f"the last checkpoint, step {kept}" in error and "is the last good one" in error and "--resume" in error
     assert example.main(args + ["--resume"]) == 0
     assert kt.Checkpointer(run / "checkpoints").latest_step() == 12
+
+
+def test_whole_number_x_gets_whole_ticks_in_every_shared_plot(tmp_path, monkeypatch):
+    """plot_curves / plot_comparison (epochs 1..4: matplotlib would tick 1.5, 2.5) and a
+    fractional x (epoch 0.5 steps) that keeps its fractional ticks."""
+    saved = []
+    monkeypatch.setattr(kt.plotting, "_save", lambda fig, path: saved.append(fig) or Path(path))
+    whole = [{"epoch": e, "loss": 1.0 / e} for e in range(1, 5)]
+    kt.plotting.plot_curves(whole, tmp_path / "c.png", panels={"loss": ["loss"]}, x="epoch")
+    kt.plotting.plot_comparison({"a": whole, "b": whole}, ["loss"], tmp_path / "d.png", x="epoch")
+    for fig in saved:
+        ticks = fig.axes[0].get_xticks()
+        assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks)
+    saved.clear()
+    half = [{"epoch": 0.5 * e, "loss": 1.0 / e} for e in range(1, 5)]
+    kt.plotting.plot_curves(half, tmp_path / "e.png", panels={"loss": ["loss"]}, x="epoch")
+    assert not all(float(t).is_integer() for t in saved[0].axes[0].get_xticks())

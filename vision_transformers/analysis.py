@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import krause  # noqa: F401  (registers the Krause and CPU-SDPA FLOP formulas)
 from krause.nn.vision import stock_attention_weights
+from krause.training.plotting import integer_ticks
 
 from .models import sigma_per_layer
 
@@ -117,8 +118,10 @@ def plot_run_curves(runs: dict[str, Sequence[dict]], out_path, title: str | None
                          label=f"{label} train (training objective)")
     ax_acc.set(xlabel="epoch", ylabel="top-1 accuracy (%)", title="accuracy")
     # the train loss is the objective (label smoothing, mixup/cutmix when on), so it can sit above the test CE
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss (train: label-smoothed / mixed targets; test: plain CE)")
+    ax_loss.set(xlabel="epoch", ylabel="loss (nats per image)",
+                title="loss (train: label-smoothed / mixed targets; test: plain CE)")
     for ax in (ax_acc, ax_loss):
+        integer_ticks(ax)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     if title:
@@ -138,7 +141,8 @@ def plot_sigma(records: Sequence[dict], out_path, title: str | None = None) -> P
     for layer in range(depth):
         ys = [(sum(s) / len(s)) if isinstance(s := r["sigma"][layer], list) else s for r in ep]
         ax.plot([r["epoch"] for r in ep], ys, color=cmap(layer / max(depth - 1, 1)), label=f"layer {layer}")
-    ax.set(xlabel="epoch", ylabel="sigma", title=title or "sigma per layer")
+    ax.set(xlabel="epoch", ylabel="sigma (distance scale)", title=title or "sigma per layer")
+    integer_ticks(ax)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2 if depth > 6 else 1)
     return _save(fig, out_path)

@@ -82,6 +82,13 @@ def _save(fig: Figure, out_path: str | os.PathLike) -> Path:
     return out
 
 
+def integer_ticks(ax, axis: str = "x") -> None:
+    """Whole-number ticks on `axis` when every plotted value there is whole (steps, epochs, layers)."""
+    values = [v for line in ax.get_lines() for v in (line.get_xdata() if axis == "x" else line.get_ydata())]
+    if values and all(float(v).is_integer() for v in values):
+        getattr(ax, f"{axis}axis").set_major_locator(MaxNLocator(integer=True))
+
+
 def plot_curves(
     source: str | os.PathLike | Records,
     out_path: str | os.PathLike,
@@ -103,6 +110,7 @@ def plot_curves(
                 ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=key)
         ax.set_xlabel(x)
         ax.set_title(name)
+        integer_ticks(ax)
         if name == "lr":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
         ax.grid(alpha=0.3)
@@ -160,8 +168,7 @@ def plot_series(
                 n_lines += 1
     if n_lines == 0:
         raise ValueError(f"none of the keys {keys} has numeric values to plot")
-    if all(isinstance(r.get(x), int) for r in records if x in r):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps, layers: no fractional ticks
+    integer_ticks(ax)
     ax.set_xlabel(x)
     if ylabel:
         ax.set_ylabel(ylabel)
@@ -194,6 +201,7 @@ def plot_comparison(
                 ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=label)
         ax.set_title(key)
         ax.set_xlabel(x)
+        integer_ticks(ax)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     if title:
