@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from krause.training.paths import plain_name
 from krause.training.ranges import NONNEGATIVE_FLOAT, POSITIVE_INT, SEED, Range, check_namespace
 from krause.training.run_dir import atomic_write_text
 
@@ -112,6 +113,7 @@ def main(argv=None) -> int:
     args = check_namespace(parser.parse_args(argv), parser)
     device = resolve_device(args.device)
     tag = args.tag or f"f{args.fraction:g}_t{args.temperature:g}_s{args.seed}"
+    plain_name(tag, "--tag")  # it becomes part of the output file names
     if args.run_dir is None and args.checkpoint in ("best", "last"):
         raise UsageError("give --run_dir (a training run directory) or --checkpoint PATH")
     path = checkpoint_path(args.run_dir, args.checkpoint)

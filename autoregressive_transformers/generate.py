@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from krause.training.paths import plain_name
 from krause.training.entry import entry_point
 from krause.training.metrics import progress_bar
 from krause.training.ranges import NONNEGATIVE_FLOAT, POSITIVE_INT, SEED, check_namespace
@@ -101,11 +102,12 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = check_namespace(parser.parse_args(argv), parser)
     device = resolve_device(args.device)
+    tag = args.tag or f"t{args.temperature:g}_s{args.seed}"
+    plain_name(tag, "--tag")  # it becomes part of the output file names
     # outputs checked before any work: a file in the way or earlier results are never replaced silently
     if args.run_dir is None and args.checkpoint in ("best", "last"):
         raise UsageError("give --run_dir (a training run directory) or --checkpoint PATH")
     path = checkpoint_path(args.run_dir, args.checkpoint)
-    tag = args.tag or f"t{args.temperature:g}_s{args.seed}"
     out_dir = Path(args.out_dir).expanduser().resolve() if args.out_dir else run_root(args.run_dir, path) / "samples"
     check_outputs(out_dir, [f"samples_{tag}.{ext}" for ext in ("npz", "png", "json")], args.overwrite)
     model, config, path = load_trained(args.run_dir, args.checkpoint, device, attn_impl=args.attn_impl)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -26,6 +25,8 @@ from krause.dispatch import IMPLS
 from krause.evaluation import download_command, hub_offline, prepare_tasks
 from krause.evaluation import task_manager as shared_task_manager
 from krause.training.entry import entry_point
+from krause.training.paths import plain_name
+from krause.training.run_dir import atomic_write_text
 from krause.training.ranges import NONNEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, check_namespace
 from lora_llms import cli
 
@@ -152,6 +153,8 @@ def evaluate(model, tokenizer, tasks, *, manager, batch_size="1", max_length=Non
 @entry_point
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.label is not None:
+        plain_name(args.label, "--label")  # <out_dir>/<label>.json: a name, never a path out of out_dir
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     tasks_named = args.tasks is not None
     tasks = [t.strip() for t in (args.tasks if tasks_named else ",".join(PAPER_TASKS)).split(",") if t.strip()]
@@ -180,9 +183,7 @@ def main(argv=None) -> int:
     if args.log_samples:
         record["samples"] = results.get("samples")
     path = out_dir / f"{label}.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(record, indent=2, default=str) + "\n")
     from lora_llms.report import write_tables
 
     write_tables([path], out_dir / f"{label}_table")

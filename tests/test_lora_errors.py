@@ -106,6 +106,8 @@ CASES = {
     "evaluate: model dir missing": (lambda f, o: evaluate(f, o, model=f["root"] / "nope"), ["--model", "does not exist"]),
     "evaluate: tokenizer missing": (lambda f, o: evaluate(f, o, model=f["no_tokenizer"]), ["has no tokenizer"]),
     "evaluate: cuda without CUDA": (lambda f, o: evaluate(f, o, "--device", "cuda"), ["--device cuda", "CUDA"]),
+    "evaluate: label that is a path": (lambda f, o: evaluate(f, o, "--label", "../escaped"),
+                                       ["--label must be a plain name", "'../escaped'"]),
     "evaluate: batch size 0": (lambda f, o: evaluate(f, o, "--batch_size", "0"), ["--batch_size", "'0'"]),
     "evaluate: triton on a CPU": (lambda f, o: evaluate(f, o, "--adapter", str(f["adapter"]), "--impl", "triton"),
                                   ["--impl triton on cpu"]),

@@ -112,3 +112,24 @@ def test_inside_refuses_escapes(tmp_path):
     with pytest.raises(UsageError, match="outside"):
         inside(root, "link", "f.txt", what="name")
     assert escaping_symlinks(root) == [root.resolve() / "link"]
+
+
+def test_plain_name_refuses_anything_that_is_a_path():
+    from krause.training.paths import plain_name
+
+    assert plain_name("t1_s0", "--tag") == "t1_s0"
+    for bad in ("", ".", "..", "../x", "a/b", "/abs"):
+        with pytest.raises(UsageError, match="--tag must be a plain name"):
+            plain_name(bad, "--tag")
+
+
+@pytest.mark.parametrize("tool", ["generate", "complete"])
+def test_ar_output_tag_cannot_leave_the_output_folder(tool, tmp_path, capsys):
+    import importlib
+
+    module = importlib.import_module(f"autoregressive_transformers.{tool}")
+    out = tmp_path / "out"
+    rc = module.main(["--checkpoint", str(tmp_path / "missing.pt"), "--out_dir", str(out), "--tag", "../escaped"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--tag must be a plain name" in err[0], err
+    assert not out.exists() and not (tmp_path / "escaped.npz").exists()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .errors import UsageError
 
-__all__ = ["inside", "escaping_symlinks"]
+__all__ = ["inside", "escaping_symlinks", "plain_name"]
 
 
 def inside(root: str | os.PathLike, *parts: str | os.PathLike, what: str = "path") -> Path:
@@ -40,3 +40,12 @@ def escaping_symlinks(root: str | os.PathLike) -> list[Path]:
                 if target != base and base not in target.parents:
                     out.append(p)
     return sorted(out)
+
+
+def plain_name(name: str, what: str = "name") -> str:
+    """`name` if it is one file-name component (a tag or label that becomes part of a file
+    name); UsageError naming `what` for '', '.', '..' or anything with a path separator."""
+    seps = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    if not name or name in (".", "..") or any(c in name for c in seps) or "\0" in name:
+        raise UsageError(f"{what} must be a plain name (no path separators, not '.' or '..'), got {name!r}")
+    return name
