@@ -289,6 +289,11 @@ def run_config(args: argparse.Namespace, cfg: ModelConfig) -> dict:
     """The resolved config written to the run directory and fingerprinted by checkpoints."""
     out = {k: v for k, v in vars(args).items() if k not in MODEL_FLAGS or k == "attn_impl"}
     out["model"] = cfg.to_dict()
+    # settings added after runs already existed are written only when set, so those runs still resume
+    if not out.get("decay_all"):
+        out.pop("decay_all", None)
+    if out["model"].get("first_pixel") == "modelled":
+        out["model"].pop("first_pixel")
     return out
 
 

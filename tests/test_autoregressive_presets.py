@@ -46,6 +46,15 @@ def test_paper_preset_resolved_config():
     assert set(PRESETS) == {"default", "paper"}
 
 
+def test_default_run_config_has_no_keys_that_older_runs_lack():
+    """decay_all and first_pixel arrived after runs existed: written only when set, so a run
+    directory made before them (same settings) still resumes."""
+    default = train.parse_args(["--out_dir", "x"])
+    resolved = run_config(default, train_model_config(default))
+    assert "decay_all" not in resolved and "first_pixel" not in resolved["model"]
+    assert ModelConfig(**resolved["model"]).first_pixel == "modelled"  # readers fill the default back in
+
+
 def test_decay_all_leaves_nothing_exempt():
     model = PixelTransformer(ModelConfig(seq_len=20, dim=16, num_layers=1, num_heads=2, window=8, top_k=4))
     fair = param_groups(model, 0.01)
