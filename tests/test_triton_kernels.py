@@ -113,6 +113,59 @@ def test_benchmark_tile_sizes():
     check_against_rule(out, leaves, ls, go, lambda q, k, v, s: dense_rule(q, k, v, s, cand, 8), 1e-4, 1e-4)
 
 
+def test_causal_forward_tile_candidates():
+    """Pinned (KRAUSE_TRITON_AUTOTUNE=0, or the interpreter): the one default config per window;
+    tuning: every candidate whose key tile fits."""
+    from krause.kernels import ops
+
+    configs = ops.CAUSAL_FWD_CONFIGS
+    for window, block in ((8, 16), (32, 32), (128, 64)):
+        (only,) = ops._causal_fwd_candidates(configs, {"W": window})
+        assert only.kwargs["BLOCK_M"] == block == ops.causal_blocks(window)[0] and only.num_warps == 4
+    tuning = pytest.MonkeyPatch.context()
+    with tuning as mp:
+        mp.setattr(ops, "autotune_enabled", lambda: True)
+        assert ops._causal_fwd_candidates(configs, {"W": 32}) == configs
+        wide = ops._causal_fwd_candidates(configs, {"W": 2000})  # 64 + 1999 keys need a 4096 tile
+        assert {c.kwargs["BLOCK_M"] for c in wide} == {16, 32}
+
+
+def test_every_causal_forward_config_gives_the_rule(monkeypatch):
+    """The autotuner's own path: all candidates run and are timed (here by wall clock under the
+    interpreter), the fastest is kept, and every one of them computes the rule."""
+    from krause.kernels import ops
+
+    monkeypatch.setattr(ops, "autotune_enabled", lambda: True)
+    tuner = ops._causal_fwd_kernel
+    timed = []
+
+    def wall_clock(call, quantiles):
+        import time
+
+        start = time.perf_counter()
+        call()
+        timed.append(time.perf_counter() - start)
+        return [timed[-1]] * len(quantiles)
+
+    monkeypatch.setattr(tuner, "_do_bench", wall_clock)
+    monkeypatch.setattr(tuner, "cache", {})
+    b, h, hkv, t, d, window, top_k = 1, 2, 1, 40, 16, 8, 4
+    leaves, ls, go = make_inputs(b, h, hkv, t, t, d, seed=5)
+    cand = causal_candidates(b, t, t, window)
+    with torch.no_grad():
+        out = kernels.causal_krause_attention_triton(*leaves, ls, window, top_k)
+    assert len(timed) == len(ops.CAUSAL_FWD_CONFIGS) and tuner.best_config in ops.CAUSAL_FWD_CONFIGS
+    want = dense_rule(*(x.detach().double().cpu() for x in leaves), ls.detach().double().cpu(), cand, top_k)[0]
+    torch.testing.assert_close(out.double().cpu(), want, rtol=1e-4, atol=1e-4)
+    for config in ops.CAUSAL_FWD_CONFIGS:  # each candidate alone
+        monkeypatch.setattr(tuner, "cache", {})
+        monkeypatch.setattr(tuner, "early_config_prune", lambda configs, nargs, c=config, **kw: [c])
+        with torch.no_grad():
+            got = kernels.causal_krause_attention_triton(*leaves, ls, window, top_k)
+        assert tuner.best_config is config
+        torch.testing.assert_close(got.double().cpu(), want, rtol=1e-4, atol=1e-4)
+
+
 # --------------------------------------------------------------------------- 2-D
 # The grid cases: tests/test_conformance.py.
 def test_local2d_duplicate_patches_and_bf16():

@@ -54,7 +54,7 @@ def _prec(dtype) -> str:
     # bf16 under the interpreter: see _triton._mm.
     if dtype == torch.float32:
         return "ieee"
-    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "") not in ("", "0"):
+    if dtype == torch.bfloat16 and _interpreting():
         return "upcast"
     return "default"
 
@@ -89,6 +89,39 @@ def causal_blocks(window: int) -> tuple[int, int]:
     """(query block, key tile) of the causal forward: the tile holds block + W - 1 keys."""
     block = min(64, _pow2(window))
     return block, _pow2(block + window - 1)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
+
+
+def autotune_enabled() -> bool:
+    """Whether the causal forward's tile sizes are timed on the device (once per window, head dim and
+    dtype). KRAUSE_TRITON_AUTOTUNE=0 pins the fixed default (`causal_blocks`): the same tiles, so
+    the same bits, on every run; the interpreter has no device to time and uses the default too."""
+    return os.environ.get("KRAUSE_TRITON_AUTOTUNE", "1") != "0" and not _interpreting()
+
+
+#: candidate (query block, warps) of the causal forward; its key tile follows from the block and W
+CAUSAL_FWD_CONFIGS = [triton.Config({"BLOCK_M": m}, num_warps=w) for m in (16, 32, 64) for w in (4, 8)]
+
+
+def _causal_fwd_candidates(configs, nargs, **kwargs):
+    """The configs whose key tile fits (all of them when tuning), else the default alone."""
+    window = nargs["W"]
+    if not autotune_enabled():
+        block = causal_blocks(window)[0]
+        return [c for c in configs if c.kwargs["BLOCK_M"] == block and c.num_warps == 4]
+    fitting = [c for c in configs if _pow2(c.kwargs["BLOCK_M"] + window - 1) <= MAX_TILE]
+    return fitting or configs[:1]
+
+
+# The causal forward, tuned: BLOCK_N (the key tile) is the band a block of BLOCK_M queries reads.
+# Its outputs (out, lse, thr) are per row, so the backward is independent of the block chosen.
+_causal_fwd_kernel = triton.autotune(
+    configs=CAUSAL_FWD_CONFIGS, key=["W", "D", "n_iter"],
+    prune_configs_by={"early_config_prune": _causal_fwd_candidates},
+)(triton.heuristics({"BLOCK_N": lambda a: _pow2(a["BLOCK_M"] + a["W"] - 1)})(K._fwd_kernel))
 
 
 def causal_supported(window: int) -> tuple[bool, str]:
@@ -131,14 +164,13 @@ def _causal_forward(q, k, v, log_sigma, key_valid, window, top_k):
     out = torch.empty_like(q)
     lse = q.new_empty((b, h, tq), dtype=torch.float32)
     thr = q.new_empty((b, h, tq), dtype=torch.int64)
-    block_m, block_n = causal_blocks(window)
     n_iter = top_k if top_k < window else 0
-    grid = (b * h, _blocks(tq, block_m))
-    _launch(K._fwd_kernel, grid,
+    grid = lambda meta: (b * h, _blocks(tq, meta["BLOCK_M"]))  # noqa: E731 - the tuned block decides
+    _launch(_causal_fwd_kernel, grid,
         q, k, v, qn, kn, ls, valid, out, lse, thr,
         h, h // hkv, tq, tk, d, window, 0, 0, 1, 0, n_iter, 0,
         LS_PER_HEAD=per_head, HAS_VALID=has_valid, GRID=False, CHEB=False, KMODE=K.CAUSAL_KEYS,
-        PREC=_prec(q.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_pow2(d),
+        PREC=_prec(q.dtype), BLOCK_D=_pow2(d),
     )
     return out, lse, thr
 
