@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 from krause.dispatch import IMPLS
 from krause.nn import KrauseConfig, resolve_name
@@ -29,7 +27,7 @@ from krause.training.config import RUNTIME_KEYS
 from krause.training.entry import OneLineParser
 from krause.training.errors import UsageError
 from krause.training.ranges import (NONNEGATIVE_FLOAT, NONNEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED, Range,
-                                    check_mapping, check_namespace)
+                                    check_config, check_namespace, read_run_config)
 
 #: attention name -> model name used in the paper (other registry names are accepted too)
 ATTENTIONS = {"krause": "KARM", "vanilla": "ARM", "linear": "LARM"}
@@ -271,13 +269,7 @@ def parse_train_args(argv=None) -> argparse.Namespace:
 def check_run_config(config: dict, where: str) -> None:
     """A run config read from disk (config.json, a checkpoint's meta) passes the ranges its flags
     declare, the model fields included; else one line naming `where`."""
-    p = build_train_parser()
-    try:
-        check_mapping(config, p)
-        if isinstance(config.get("model"), dict):
-            check_mapping(config["model"], p)
-    except UsageError as e:
-        raise UsageError(f"{where}: {e}") from None
+    check_config(config, build_train_parser(), where)
 
 
 def train_model_config(args: argparse.Namespace) -> ModelConfig:
@@ -299,10 +291,4 @@ def run_config(args: argparse.Namespace, cfg: ModelConfig) -> dict:
 
 def check_saved_config(out_dir) -> None:
     """A resumed run's config.json passes the ranges its flags declare (a hand-edited file is refused)."""
-    path = Path(out_dir).expanduser() / "config.json"
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return  # missing or unreadable: prepare_run_dir says what is wrong with the directory
-    if isinstance(saved, dict):
-        check_run_config(saved, str(path))
+    read_run_config(out_dir, build_train_parser())

@@ -19,7 +19,7 @@ from krause.dispatch import IMPLS
 from krause.training.entry import OneLineParser
 from krause.training.errors import UsageError
 from krause.training.ranges import (NONNEGATIVE_FLOAT, NONNEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, PROBABILITY,
-                                    SEED, Range, check_mapping, check_namespace)
+                                    SEED, Range, check_namespace, read_run_config)
 
 from .model import ATTENTIONS
 from .presets import PRESETS
@@ -113,20 +113,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def check_saved_config(out_dir, parser: argparse.ArgumentParser | None = None) -> dict | None:
     """The config.json of a run directory (None if there is none), its values checked against the
     flags' ranges: a hand-edited or foreign file is refused in one line naming it."""
-    path = Path(out_dir).expanduser() / "config.json"
-    if not path.is_file():
-        return None
-    try:
-        saved = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path} is not JSON ({e}); restore it or start again with --overwrite") from None
-    if not isinstance(saved, dict):
-        raise UsageError(f"{path} holds no config (a JSON object), got {type(saved).__name__}")
-    try:
-        check_mapping(saved, parser or build_parser())
-    except UsageError as e:
-        raise UsageError(f"{path}: {e}") from None
-    return saved
+    return read_run_config(out_dir, parser or build_parser())
 
 
 def read_manifest(data_dir) -> dict:

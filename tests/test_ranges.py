@@ -133,3 +133,23 @@ def test_ar_output_tag_cannot_leave_the_output_folder(tool, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "--tag must be a plain name" in err[0], err
     assert not out.exists() and not (tmp_path / "escaped.npz").exists()
+
+
+def test_read_run_config_checks_nested_sections_and_names_the_file(tmp_path):
+    import json
+
+    from krause.training.ranges import read_run_config
+
+    p = _parser()
+    assert read_run_config(tmp_path, p) is None  # no config yet
+    (tmp_path / "config.json").write_text(json.dumps({"lr": 0.1, "model": {"steps": 3}}))
+    assert read_run_config(tmp_path, p)["model"] == {"steps": 3}
+    (tmp_path / "config.json").write_text(json.dumps({"lr": 0.1, "model": {"steps": 0}}))
+    with pytest.raises(UsageError, match=r"config.json: --steps must be an integer >= 1, got 0 \(edited by hand"):
+        read_run_config(tmp_path, p)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(UsageError, match="is not JSON"):
+        read_run_config(tmp_path, p)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(UsageError, match="holds no config"):
+        read_run_config(tmp_path, p)

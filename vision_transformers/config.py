@@ -13,10 +13,8 @@ anything is written.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 from krause.dispatch import IMPLS
@@ -24,7 +22,7 @@ from krause.training import UsageError
 from krause.training.config import RUNTIME_KEYS
 from krause.training.entry import OneLineParser
 from krause.training.ranges import (NONNEGATIVE_FLOAT, NONNEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, PROBABILITY,
-                                    SEED, Range, check_mapping, check_namespace)
+                                    SEED, Range, check_config, check_namespace, read_run_config)
 
 from .data import DATASETS
 from .models import MODEL_DEFAULTS, resolve_model_name
@@ -257,25 +255,12 @@ def run_config(args: argparse.Namespace) -> dict:
 
 def check_saved_config(cfg: dict, where) -> dict:
     """A run's loaded config.json, after the flags' ranges (one line naming the file otherwise)."""
-    try:
-        check_mapping(cfg, build_parser())
-    except UsageError as e:
-        raise UsageError(f"{where}: {e} (edited by hand, or written by another version)") from None
-    return cfg
+    return check_config(cfg, build_parser(), str(where))
 
 
-def read_saved_config(run: Path) -> dict | None:
+def read_saved_config(run) -> dict | None:
     """<run>/config.json checked by ``check_saved_config``; None when the run has none yet."""
-    path = Path(run) / "config.json"
-    if not path.is_file():
-        return None
-    try:
-        cfg = json.loads(path.read_text())
-    except ValueError as e:
-        raise UsageError(f"{path} is not JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise UsageError(f"{path} does not hold a config object")
-    return check_saved_config(cfg, path)
+    return read_run_config(run, build_parser())
 
 
 def model_kwargs(args: argparse.Namespace, info) -> dict:

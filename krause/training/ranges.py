@@ -24,7 +24,7 @@ from typing import Any, Mapping
 from .errors import UsageError
 
 __all__ = ["Range", "POSITIVE_INT", "NONNEGATIVE_INT", "POSITIVE_FLOAT", "NONNEGATIVE_FLOAT", "PROBABILITY",
-           "ranges_of", "check_namespace", "check_mapping", "SEED"]
+           "ranges_of", "check_namespace", "check_mapping", "check_config", "read_run_config", "SEED"]
 
 
 @dataclass(frozen=True)
@@ -145,3 +145,33 @@ def check_namespace(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     """Apply the parser's ranges to every value of `args` (defaults included); returns `args`."""
     check_mapping(vars(args), parser)
     return args
+
+
+def check_config(config: Mapping[str, Any], parser: argparse.ArgumentParser, where: str) -> dict:
+    """A config read from disk (a run's config.json, a checkpoint's meta) against the parser's
+    ranges, nested sections (e.g. "model") included; UsageError naming `where` otherwise."""
+    try:
+        check_mapping(config, parser)
+        for value in config.values():
+            if isinstance(value, Mapping):
+                check_mapping(value, parser)
+    except UsageError as e:
+        raise UsageError(f"{where}: {e} (edited by hand, or written by another version)") from None
+    return dict(config)
+
+
+def read_run_config(run_dir, parser: argparse.ArgumentParser) -> dict | None:
+    """<run_dir>/config.json checked by `check_config`; None when the run has none yet."""
+    import json
+    from pathlib import Path
+
+    path = Path(run_dir).expanduser() / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path} is not JSON ({e}); restore it, or start the run again with --overwrite") from None
+    if not isinstance(saved, dict):
+        raise UsageError(f"{path} holds no config (a JSON object), got {type(saved).__name__}")
+    return check_config(saved, parser, str(path))
