@@ -9,7 +9,6 @@ table), and any flag given on the command line still wins over the preset.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -120,17 +119,12 @@ def model_dtype(args) -> str:
 
 def check_before_writing(args) -> None:
     """What can be refused from the flags and the files alone, before anything is built or written."""
-    from krause.training.ranges import check_mapping
+    from krause.training.ranges import read_run_config
 
     from . import cli
 
-    config = Path(args.out_dir).expanduser() / "config.json"
-    if args.resume and config.is_file():  # a resumed run's saved settings obey today's ranges too
-        try:
-            saved = json.loads(config.read_text())
-        except ValueError as e:
-            raise UsageError(f"out_dir: {config} is not JSON ({e}); restore it or start a new out_dir") from None
-        check_mapping(saved if isinstance(saved, dict) else {}, build_parser())
+    if args.resume:  # a resumed run's saved settings obey today's ranges too
+        read_run_config(args.out_dir, build_parser())
     lock = Path(args.out_dir).expanduser() / ".lock"
     if lock.is_file() and int(os.environ.get("RANK", "0")) == 0:  # another trainer: refused now, not after loading
         from krause.training.lock import RunLock
