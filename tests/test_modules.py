@@ -620,3 +620,21 @@ def test_new_cache_capacity():
     gated.standard.append(long[:1], long[:1])  # 63 tokens: the storage doubles
     gated.update_krause(long[:1], long[:1])
     assert (gated.standard.capacity, gated.standard.keys.shape[2], gated.krause.keys.shape[2]) == (80, 63, 4)
+
+def test_swin_krause_window_passes_nan_and_inf_like_sdpa():
+    """The Swin Krause window (dense softmax in each window): a non-finite token makes every row of
+    its own window NaN, as SDPA over that window does, and leaves the other windows finite."""
+    import torch.nn.functional as F
+
+    from krause.nn.swin import WindowKrauseAttention
+
+    torch.manual_seed(0)
+    m = WindowKrauseAttention(16, (2, 2), 2)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        x = torch.randn(3, 4, 16)
+        x[1, 2, 5] = bad
+        rows = m(x).isnan().any(-1)
+        q = torch.randn(3, 2, 4, 8)
+        q[1, :, 2] = bad  # the same rule, read off SDPA on a window of the same shape
+        want = F.scaled_dot_product_attention(q, q, q).isnan().any(-1).any(1)
+        assert torch.equal(rows, want) and rows[1].all() and not rows[0].any() and not rows[2].any(), bad
