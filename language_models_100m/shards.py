@@ -12,10 +12,11 @@ so shards written here load in llm.c / modded-nanogpt and theirs load here.
 from __future__ import annotations
 
 import bisect
-import os
 from pathlib import Path
 
 import numpy as np
+
+from krause.training.atomic import atomic_file
 
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
@@ -52,13 +53,9 @@ def write_shard(path, tokens: np.ndarray, dtype: str) -> Path:
         raise ValueError(f"token ids outside the {dtype} range cannot be written to {path}")
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = magic, version, tokens.size
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_file(path, "wb") as f:
         f.write(header.tobytes())
         f.write(tokens.astype(np.dtype(dtype).newbyteorder("<"), copy=False).tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return path
 
 

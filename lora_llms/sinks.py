@@ -22,7 +22,6 @@ analysis (Llama3-8B: mean 0.707 for the baseline, 0.364 for Krause).
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from krause.dispatch import IMPLS
 from krause.training.entry import entry_point
 from krause.training.errors import UsageError
 from krause.training.ranges import POSITIVE_INT, SEED, Range, check_namespace
+from krause.training.run_dir import atomic_write_text
 from lora_llms import cli
 
 BRANCHES = ("standard", "krause", "effective")
@@ -176,9 +176,7 @@ def _analyze(args) -> int:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{result['label']}.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
     branch, values = headline(result)
     print(f"{result['label']}: {branch} mean {sum(values) / len(values):.4f} over {result['num_layers']} layers, "
           f"{result['num_texts']} texts -> {path}")

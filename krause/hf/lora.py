@@ -23,7 +23,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from torch import nn
@@ -149,9 +148,9 @@ def write_krause_config(model: nn.Module, out_dir) -> Path:
         registered = getattr(base.config.get_text_config(decoder=True), CONFIG_ENTRY)
     data = {"patch": patch.to_dict() if patch else None, "krause": registered, "base": base_fingerprint(base)}
     path = Path(out_dir) / KRAUSE_CONFIG_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    from ..training.run_dir import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
     return path
 
 
