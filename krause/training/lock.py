@@ -75,14 +75,6 @@ class RunLock:
                     f"started {time.ctime(holder.get('start_time') or 0)}); stop it first or use another out_dir")
         return None
 
-    def busy(self) -> str | None:
-        """Read-only: the refusal `acquire` would give because another live process holds the
-        lock (so a second writer hears that first, not a later check's advice), else None."""
-        holder = self.holder()
-        if holder is None or (holder.get("pid") == os.getpid() and holder.get("host") == self.info["host"]):
-            return None
-        return self._busy_message(holder)
-
     def acquire(self) -> "RunLock":
         if self.held:
             return self
