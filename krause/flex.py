@@ -92,7 +92,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 from .masks import grid_candidate_mask
 from .neighbourhoods import BandNeighbourhood, DenseNeighbourhood, GridNeighbourhood
 from .dense import distances_from_parts, repeat_kv, sigma_coefficient
-from .nonfinite import causal_poisoned_rows, fill_nan_rows, finite_or_zero, grid_poisoned_rows
+from .nonfinite import causal_poisoned_rows, fill_nan_rows, grid_poisoned_rows, split_finite
 
 # Up to this many tokens the 2-D threshold uses one dense masked (N, N) distance matrix
 # instead of per-offset products (same cut-over as ops.DENSE_2D_MAX_TOKENS).
@@ -424,8 +424,8 @@ def causal_krause_attention_flex(q, k, v, log_sigma, window: int, top_k: int, ke
     ``krause.causal_krause_attention`` with Tq == Tk; log_sigma already a () or (H,) tensor).
     Queries with no valid key (all padding) return zeros."""
     t = q.shape[2]
-    poisoned = causal_poisoned_rows(q, k, v, window, key_padding_mask)  # the NaN policy (krause.nonfinite)
-    q, k, v = finite_or_zero(q), finite_or_zero(k), finite_or_zero(v)
+    (q, bad_q), (k, bad_k), (v, bad_v) = split_finite(q), split_finite(k), split_finite(v)
+    poisoned = causal_poisoned_rows(bad_q, bad_k | bad_v, window, key_padding_mask)  # the NaN policy (krause.nonfinite)
     q_aug, k_aug, v_aug, scale = _prepare(q, k, v, log_sigma)
     threshold = _causal_threshold(q, k, window, top_k, key_padding_mask)
     block_mask = causal_block_mask(t, window, causal_block_size(window), _device_key(q.device))
@@ -445,8 +445,8 @@ def local_krause_attention_2d_flex(
     """2-D local Krause attention on FlexAttention (arguments as
     ``krause.local_krause_attention_2d``; log_sigma already a () or (H,) tensor)."""
     rows, cols = grid
-    poisoned = grid_poisoned_rows(q, k, v, (rows, cols), radius, metric, num_prefix_tokens)  # the NaN policy
-    q, k, v = finite_or_zero(q), finite_or_zero(k), finite_or_zero(v)
+    (q, bad_q), (k, bad_k), (v, bad_v) = split_finite(q), split_finite(k), split_finite(v)
+    poisoned = grid_poisoned_rows(bad_q, bad_k | bad_v, (rows, cols), radius, metric, num_prefix_tokens)  # NaN policy
     q_aug, k_aug, v_aug, scale = _prepare(q, k, v, log_sigma)
     threshold = _local_threshold(q, k, (rows, cols), radius, metric, top_k, num_prefix_tokens)
     block_mask = grid_block_mask(rows, cols, radius, metric, num_prefix_tokens, _device_key(q.device))

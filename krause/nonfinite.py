@@ -29,52 +29,55 @@ def nonfinite_rows(x: torch.Tensor) -> torch.Tensor:
     return ~torch.isfinite(x).all(-1)
 
 
+def split_finite(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(finite_or_zero(x), nonfinite_rows(x)) from one isfinite pass (the engine's and flex's prologue)."""
+    finite = torch.isfinite(x)
+    return torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device)), ~finite.all(-1)
+
+
 def _per_query_head(bad_kv: torch.Tensor, num_heads: int) -> torch.Tensor:
     """(B, Hkv, ...) -> (B, H, ...): query head h reads key/value head h // (H // Hkv)."""
     return bad_kv.repeat_interleave(num_heads // bad_kv.shape[1], dim=1)
 
 
-def _key_rows(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return nonfinite_rows(k) | nonfinite_rows(v)
-
-
-def causal_poisoned_rows(q, k, v, window: int, key_valid=None) -> torch.Tensor:
+def causal_poisoned_rows(bad_q, bad_kv, window: int, key_valid=None) -> torch.Tensor:
     """(B, H, Tq) bool: the output rows the policy makes NaN for end-aligned causal-window
-    attention (query i at key position Tk - Tq + i sees the keys p - window < j <= p that
-    ``key_valid`` (B, Tk) does not mark as padding). Linear time: window counts by cumsum."""
-    b, h, tq, _ = q.shape
-    tk = k.shape[2]
-    pos = torch.arange(tk - tq, tk, device=q.device)
+    attention, from the non-finite rows of q (B, H, Tq) and of k or v (B, Hkv, Tk) (query i
+    at key position Tk - Tq + i sees the keys p - window < j <= p that ``key_valid`` (B, Tk)
+    does not mark as padding). Linear time: window counts by cumsum."""
+    h, tq = bad_q.shape[1], bad_q.shape[2]
+    tk = bad_kv.shape[2]
+    pos = torch.arange(tk - tq, tk, device=bad_q.device)
     hi, lo = pos + 1, (pos - window + 1).clamp_min(0)
 
     def in_window(flags: torch.Tensor) -> torch.Tensor:  # (..., Tk) -> (..., Tq) counts over each window
         total = torch.nn.functional.pad(flags.to(torch.int32).cumsum(-1), (1, 0))
         return total[..., hi] - total[..., lo]
 
-    bad_kv = _key_rows(k, v)
     if key_valid is not None:
         bad_kv = bad_kv & key_valid[:, None, :]
         has = in_window(key_valid)[:, None, :] > 0
     else:
         has = (hi > lo)[None, None, :]
     seen = _per_query_head(in_window(bad_kv) > 0, h)
-    return has & (nonfinite_rows(q) | seen)
+    return has & (bad_q | seen)
 
 
-def grid_poisoned_rows(q, k, v, grid, radius: int, metric: str, num_prefix: int) -> torch.Tensor:
-    """(B, H, N) bool: the NaN rows of 2-D local attention (prefix queries see every token,
-    every query sees the prefix tokens, a patch sees the patches within ``radius``).
+def grid_poisoned_rows(bad_q, bad_kv, grid, radius: int, metric: str, num_prefix: int) -> torch.Tensor:
+    """(B, H, N) bool: the NaN rows of 2-D local attention, from the non-finite rows of q
+    (B, H, N) and of k or v (B, Hkv, N) (prefix queries see every token, every query sees
+    the prefix tokens, a patch sees the patches within ``radius``).
     O(N * |offsets|): one shifted OR per neighbourhood offset."""
     rows, cols = grid
     p = num_prefix
-    bad_kv = _per_query_head(_key_rows(k, v), q.shape[1])  # (B, H, N)
+    bad_kv = _per_query_head(bad_kv, bad_q.shape[1])  # (B, H, N)
     prefix_bad = bad_kv[..., :p].any(-1, keepdim=True)
     patches = torch.nn.functional.pad(bad_kv[..., p:].unflatten(-1, (rows, cols)), (radius,) * 4)
     near = torch.zeros_like(bad_kv[..., p:].unflatten(-1, (rows, cols)))
     for dr, dc in grid_offsets(radius, metric):
         near |= patches[..., radius + dr : radius + dr + rows, radius + dc : radius + dc + cols]
     seen = torch.cat([bad_kv.any(-1, keepdim=True).expand(*bad_kv.shape[:-1], p), near.flatten(-2) | prefix_bad], -1)
-    return nonfinite_rows(q) | seen
+    return bad_q | seen
 
 
 def fill_nan_rows(out: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

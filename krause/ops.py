@@ -23,7 +23,7 @@ from .dense import repeat_kv, sigma_coefficient
 from .dispatch import DENSE_2D_MAX_TOKENS, IMPLS, backend_for, keys_in_one_span  # noqa: F401  (IMPLS, DENSE_2D_MAX_TOKENS re-exported)
 from .masks import grid_candidate_mask, grid_offsets
 from .neighbourhoods import BandNeighbourhood, DenseNeighbourhood, GridNeighbourhood, band_block_size
-from .nonfinite import causal_poisoned_rows, fill_nan_rows, finite_or_zero, grid_poisoned_rows
+from .nonfinite import causal_poisoned_rows, fill_nan_rows, finite_or_zero, grid_poisoned_rows, split_finite
 from .reference import causal_krause_attention_reference, local_krause_attention_2d_reference
 
 
@@ -75,8 +75,8 @@ def _no_kept(q):
 
 
 def _causal_fwd_engine(q, k, v, log_sigma, key_valid, window, top_k):
-    poisoned = causal_poisoned_rows(q, k, v, window, key_valid)  # the NaN policy: computed on finite inputs, then marked
-    q, k, v = finite_or_zero(q), finite_or_zero(k), finite_or_zero(v)
+    (q, bad_q), (k, bad_k), (v, bad_v) = split_finite(q), split_finite(k), split_finite(v)
+    poisoned = causal_poisoned_rows(bad_q, bad_k | bad_v, window, key_valid)  # the NaN policy: marked afterwards
     qa, k, v, key_valid, offset = _end_align(q, k, v, key_valid, window)
     nbr = _band(qa, k, window)
     coef = engine.sigma_coef(log_sigma, q.shape[1], 3)
@@ -241,11 +241,10 @@ def _local_fwd_engine(
     dense: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     h = q.shape[1]
-    poisoned = grid_poisoned_rows(q, k, v, (rows, cols), radius, metric, num_prefix)  # the NaN policy
+    (qf, bad_q), (kf, bad_k), (vf, bad_v) = split_finite(q), split_finite(k), split_finite(v)
+    poisoned = grid_poisoned_rows(bad_q, bad_k | bad_v, (rows, cols), radius, metric, num_prefix)  # the NaN policy
     coef = engine.sigma_coef(log_sigma, h, 2)
-    qf = finite_or_zero(q).float()
-    kf = repeat_kv(finite_or_zero(k), h).float()
-    vf = repeat_kv(finite_or_zero(v), h).float()
+    qf, kf, vf = qf.float(), repeat_kv(kf, h).float(), repeat_kv(vf, h).float()
     outs, saved = [], []
     for nbr, rows_of_q in _local_parts(q, rows, cols, radius, metric, num_prefix, dense):
         out, probs, dist = engine.forward(nbr, qf[:, :, rows_of_q], kf, vf, coef, top_k)
