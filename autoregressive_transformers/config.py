@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from krause.dispatch import IMPLS
 from krause.nn import KrauseConfig, resolve_name
 from krause.nn.config import config_from_fields
-from krause.training.config import RUNTIME_KEYS
+from krause.training.config import RUNTIME_KEYS, without_defaults
 from krause.training.entry import OneLineParser
 from krause.training.errors import UsageError
 from krause.training.ranges import (NONNEGATIVE_FLOAT, NONNEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED, Range,
@@ -175,6 +175,8 @@ PRESETS = {
 #: (`preset` too: the values it resolved to are in the config)
 IGNORED_KEYS = RUNTIME_KEYS | {"attn_impl", "micro_batch_size", "keep_latest_k", "eval_batch_size", "download",
                                "peak_tflops", "preset"}
+#: settings added after runs already existed: left out of config.json at their default (they still resume)
+LATER_SETTINGS = {"decay_all": False, "model.first_pixel": "modelled"}
 MODEL_FLAGS = ("attn", "dim", "num_layers", "num_heads", "window", "top_k", "sigma", "dropout", "attn_impl",
                "first_pixel")
 DROPOUT = Range(float, ge=0, lt=1)
@@ -281,12 +283,7 @@ def run_config(args: argparse.Namespace, cfg: ModelConfig) -> dict:
     """The resolved config written to the run directory and fingerprinted by checkpoints."""
     out = {k: v for k, v in vars(args).items() if k not in MODEL_FLAGS or k == "attn_impl"}
     out["model"] = cfg.to_dict()
-    # settings added after runs already existed are written only when set, so those runs still resume
-    if not out.get("decay_all"):
-        out.pop("decay_all", None)
-    if out["model"].get("first_pixel") == "modelled":
-        out["model"].pop("first_pixel")
-    return out
+    return without_defaults(out, LATER_SETTINGS)
 
 
 def check_saved_config(out_dir) -> None:

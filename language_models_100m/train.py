@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from krause.training.accumulation import BatchPlan
-from krause.training.config import RUNTIME_KEYS
+from krause.training.config import RUNTIME_KEYS, without_defaults
 from krause.training.distributed import get_world_size, is_main_process
 from krause.training.entry import entry_point
 from krause.training.errors import UsageError
@@ -82,8 +82,7 @@ def main(argv=None) -> int:
 
     config = {k: v for k, v in vars(args).items() if k not in ("config", "attention", "dropout", "vocab_size",
                                                                   "attn_global_tokens", "attn_num_clusters")}
-    if not args.decay_all:  # written only when set, so runs begun before the flag existed still resume
-        del config["decay_all"]
+    config = without_defaults(config, {"decay_all": False})  # a flag added later: runs begun before it resume
     config.update(model=cfg.to_diff_dict() | {"attention": cfg.attention}, preset=args.config, block=block,
                   total_steps=total_steps, tokens_per_step=tokens_per_step)
     train_stream = TokenStream(split_shards(args.data_dir, "train"))

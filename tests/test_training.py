@@ -1059,3 +1059,13 @@ def test_whole_number_x_gets_whole_ticks_in_every_shared_plot(tmp_path, monkeypa
     half = [{"epoch": 0.5 * e, "loss": 1.0 / e} for e in range(1, 5)]
     kt.plotting.plot_curves(half, tmp_path / "e.png", panels={"loss": ["loss"]}, x="epoch")
     assert not all(float(t).is_integer() for t in saved[0].axes[0].get_xticks())
+
+
+def test_without_defaults_drops_later_settings_only_at_their_default():
+    cfg = {"lr": 1.0, "decay_all": False, "model": {"first_pixel": "modelled", "dim": 8}}
+    later = {"decay_all": False, "model.first_pixel": "modelled", "absent.key": 1}
+    out = kt.config.without_defaults(cfg, later)
+    assert out == {"lr": 1.0, "model": {"dim": 8}}
+    assert cfg["model"] == {"first_pixel": "modelled", "dim": 8}  # the input is left as it was
+    set_ = {"lr": 1.0, "decay_all": True, "model": {"first_pixel": "uniform"}}
+    assert kt.config.without_defaults(set_, later) == set_

@@ -19,7 +19,7 @@ from typing import Sequence
 
 from krause.dispatch import IMPLS
 from krause.training import UsageError
-from krause.training.config import RUNTIME_KEYS
+from krause.training.config import RUNTIME_KEYS, without_defaults
 from krause.training.entry import OneLineParser
 from krause.training.ranges import (NONNEGATIVE_FLOAT, NONNEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, PROBABILITY,
                                     SEED, Range, check_config, check_namespace, read_run_config)
@@ -250,7 +250,7 @@ LATER_FLAGS = {"preset": None, "decay_all": False}
 
 def run_config(args: argparse.Namespace) -> dict:
     """The resolved config a run directory records (and resume compares)."""
-    return {k: v for k, v in vars(args).items() if not (k in LATER_FLAGS and v == LATER_FLAGS[k])}
+    return without_defaults(vars(args), LATER_FLAGS)
 
 
 def check_saved_config(cfg: dict, where) -> dict:

@@ -10,6 +10,7 @@ another machine or restarted with --resume still matches its checkpoints.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import enum
 import hashlib
@@ -28,6 +29,7 @@ __all__ = [
     "config_fingerprint",
     "config_diff",
     "format_config_diff",
+    "without_defaults",
 ]
 
 #: Keys that never enter the fingerprint: where the run lives and how it is executed.
@@ -137,3 +139,18 @@ def format_config_diff(diff: list[tuple[str, Any, Any]], limit: int = 20) -> str
     if len(diff) > limit:
         lines.append(f"  ... and {len(diff) - limit} more")
     return "\n".join(lines)
+
+
+def without_defaults(config: Mapping[str, Any], later: Mapping[str, Any]) -> dict[str, Any]:
+    """`config` without the keys of settings added after runs already existed (``later``:
+    dotted key -> default) while they hold that default: a run directory written before a
+    setting existed still matches the config of the same run today, so it still resumes."""
+    out = copy.deepcopy(dict(config))
+    for dotted, default in later.items():
+        *parents, leaf = dotted.split(".")
+        node = out
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node and node[leaf] == default:
+            del node[leaf]
+    return out
