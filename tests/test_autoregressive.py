@@ -21,13 +21,7 @@ from autoregressive_transformers.data import eval_shard, tokens_to_images, train
 ATTNS = ["krause", "vanilla", "linear"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The CI box is small and shared: one thread avoids OpenMP contention on tiny ops.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(attn, seq_len=100, **kw):

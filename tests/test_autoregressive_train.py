@@ -32,12 +32,7 @@ TINY = ["--dim", "16", "--num_layers", "2", "--num_heads", "2", "--window", "32"
         "--batch_size", "4", "--limit_train", "32", "--limit_test", "13", "--device", "cpu", "--no_progress"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _env():
