@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from autoregressive_transformers import complete, config, demo, evaluate, generate, train
 from autoregressive_transformers.common import run_main
