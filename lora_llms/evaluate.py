@@ -86,9 +86,11 @@ def check_model_inputs(model: str, adapter: str | None, device: str | None, impl
     return device
 
 
-def load_for_eval(model_path, adapter=None, dtype="bfloat16", attn_implementation="sdpa", device=None, impl=None):
+def load_for_eval(model_path, adapter=None, dtype="bfloat16", attn_implementation="sdpa", device=None, impl=None,
+                  verify=True):
     """(model, tokenizer, kind) with kind "base", "lora" or "krause"; adapters merged (and verified:
-    sizes and checksums, before anything of them is read). ``impl``: the Krause op's implementation."""
+    sizes and checksums, before anything of them is read; ``verify=False`` where
+    ``check_model_inputs`` already did). ``impl``: the Krause op's implementation."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -97,7 +99,8 @@ def load_for_eval(model_path, adapter=None, dtype="bfloat16", attn_implementatio
 
     kind = "base"
     if adapter is not None:
-        verify_adapter(adapter)
+        if verify:
+            verify_adapter(adapter)
         kind = "krause" if read_krause_config(adapter).get("patch") else "lora"
     tokenizer = AutoTokenizer.from_pretrained(adapter if adapter and cli.has_tokenizer(adapter) else model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype),
@@ -167,7 +170,7 @@ def main(argv=None) -> int:
     tasks = prepared.runnable
     device = check_model_inputs(args.model, args.adapter, args.device, args.impl, args.dtype)
     model, tokenizer, kind = load_for_eval(args.model, args.adapter, args.dtype, args.attn_implementation,
-                                           device, args.impl)
+                                           device, args.impl, verify=False)  # check_model_inputs verified it
     label = args.label or kind
     results = evaluate(model, tokenizer, tasks, manager=manager, batch_size=args.batch_size,
                        max_length=args.max_length, limit=args.limit, num_fewshot=args.num_fewshot,

@@ -168,7 +168,8 @@ def _analyze(args) -> int:
 
     device = check_model_inputs(args.model, args.adapter, args.device, args.impl, args.dtype)
     texts = eval_texts(args.data_dir, args.num_texts, seed=args.shuffle_seed)  # a data problem: before loading
-    model, tokenizer, kind = load_for_eval(args.model, args.adapter, args.dtype, "eager", device, args.impl)
+    model, tokenizer, kind = load_for_eval(args.model, args.adapter, args.dtype, "eager", device, args.impl,
+                                           verify=False)  # check_model_inputs verified it
     if len(texts) < args.num_texts:
         print(f"note: the eval split has {len(texts)} usable texts; --num_texts {args.num_texts} uses those {len(texts)}")
     result = {"label": args.label or kind, "kind": kind, "model": args.model, "adapter": args.adapter,
