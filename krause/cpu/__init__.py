@@ -142,17 +142,6 @@ def _f32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32).contiguous()
 
 
-def _sq_norms(x: torch.Tensor) -> torch.Tensor:
-    return x.pow(2).sum(-1).contiguous()  # as the reference rounds it
-
-
-def _key_sq_norms(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """|k_j|^2, not finite where k_j or v_j holds a NaN or an infinity (sum(v_j) * 0 is 0 or
-    NaN, one pass over v, no temporary of its size): the kernels make the output row of a
-    query NaN when a candidate's distance is not finite."""
-    return k.pow(2).sum(-1).add_(v.sum(-1).mul_(0.0)).contiguous()
-
-
 def causal_saved_slots(num_queries: int, num_keys: int, window: int, top_k: int) -> int:
     """Ks: the most keys a causal query keeps (the last dim of the saved tensors)."""
     return max(1, min(top_k, window, num_keys))
@@ -168,8 +157,7 @@ def causal_forward(q, k, v, coef, key_valid, window: int, top_k: int):
     valid = key_valid[:, first:].contiguous() if key_valid is not None else torch.empty(0, dtype=torch.bool)
     qf, vf = _f32(q), _f32(v[:, :, first:])
     out, probs, dist, kept = mod.causal_forward(
-        qf, kf, vf, _sq_norms(qf), _key_sq_norms(kf, vf), valid,
-        _f32(coef), tk - first - tq, window, top_k, causal_saved_slots(tq, tk, window, top_k))
+        qf, kf, vf, valid, _f32(coef), tk - first - tq, window, top_k, causal_saved_slots(tq, tk, window, top_k))
     if first:
         kept = torch.where(kept >= 0, kept + first, kept)  # indices into the full keys
     return out.to(q.dtype), probs, dist, kept
@@ -208,8 +196,7 @@ def local2d_forward(q, k, v, coef, grid, radius: int, metric: str, top_k: int, n
     ptr, idx = grid_candidate_lists(tuple(grid), radius, metric, num_prefix)
     ks = local2d_saved_slots(grid, radius, metric, top_k, num_prefix)
     qf, kf, vf = _f32(q), _f32(k), _f32(v)
-    out, probs, dist, kept = mod.listed_forward(qf, kf, vf, _sq_norms(qf), _key_sq_norms(kf, vf), _f32(coef), ptr,
-                                                idx, top_k, ks)
+    out, probs, dist, kept = mod.listed_forward(qf, kf, vf, _f32(coef), ptr, idx, top_k, ks)
     return out.to(q.dtype), probs, dist, kept
 
 

@@ -4,19 +4,23 @@
 //   dist_ij = max(0, (|q_i|^2 + |k_j|^2) - 2 q_i.k_j)          fp32
 //   S_i     = the min(top_k, |C_i|) smallest dist_ij, ties to the lower key index j
 //   p_ij    = softmax over S_i of -c_h dist_ij;   out_i = sum_j p_ij v_j
-// NaN policy (krause/nonfinite.py): q_sq is non-finite for a query with a NaN/inf entry and
-// k_sq (computed with v by the caller) for such a key or value, so a candidate's distance is
-// then not finite; a query with one such candidate gets an all-NaN output row and keeps
-// nothing (its saved rows are empty: no gradient passes through it).
+// The squared norms are computed here, each row by one function, so equal rows get equal
+// norms (exact ties stay exact).
+// NaN policy (krause/nonfinite.py): |q_i|^2 is not finite for a query with a NaN/inf entry,
+// and |k_j|^2 + 0 * sum(v_j) for such a key or value, so a candidate's distance is then not
+// finite; a query with one such candidate gets an all-NaN output row and keeps nothing (its
+// saved rows are empty: no gradient passes through it).
 // The forward saves, per query, the kept keys (ascending index), their probabilities and
 // distances in (B, H, Nq, Ks) tensors (Ks = most keys a query can keep; unused slots hold
 // key -1 and zeros). The backward reads only those.
 //
 // Threads: at::parallel_for (torch's intra-op pool). Determinism: every output element is
-// written by one task in a fixed order. The forward splits over (batch, head, query);
-// the causal backward over (batch, key/value head, query block) into per-block key
-// buffers summed per key in block order, the listed one over (batch, key/value head); dk/dv
-// never need atomics, and the partition depends on the shapes only.
+// written by one task in a fixed order, and the partition into tasks depends on the shapes
+// only, so the bits do not depend on the thread count. The forward splits over (batch,
+// key/value head, query block); the causal backward over (batch, key/value head, query
+// block), each block owning the dk/dv rows of its own positions and leaving its additions to
+// the W - 1 keys before them in a small halo buffer that a second pass adds in block order;
+// the listed backward over (batch, key/value head). dk/dv never need atomics.
 
 #include <torch/extension.h>
 
@@ -36,21 +40,68 @@ using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kLanes = Vec::size();
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-inline float dot(const float* a, const float* b, int64_t d) {
-  Vec acc(0.f);
-  int64_t x = 0;
-  for (; x + kLanes <= d; x += kLanes) acc = at::vec::fmadd(Vec::loadu(a + x), Vec::loadu(b + x), acc);
-  float s = at::vec::vec_reduce_all<float>([](Vec& u, Vec& w) { return u + w; }, acc);
-  for (; x < d; ++x) s += a[x] * b[x];
-  return s;
+inline float hsum(const Vec& v) {
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
 }
+
+// Partial loads zero the lanes past `count` (at::vec's loadu contract), so tails add nothing.
+inline float dot(const float* a, const float* b, int64_t d) {
+  Vec acc0(0.f), acc1(0.f);
+  int64_t x = 0;
+  for (; x + 2 * kLanes <= d; x += 2 * kLanes) {
+    acc0 = at::vec::fmadd(Vec::loadu(a + x), Vec::loadu(b + x), acc0);
+    acc1 = at::vec::fmadd(Vec::loadu(a + x + kLanes), Vec::loadu(b + x + kLanes), acc1);
+  }
+  for (; x < d; x += kLanes) {
+    const int64_t c = std::min<int64_t>(kLanes, d - x);
+    acc0 = at::vec::fmadd(Vec::loadu(a + x, c), Vec::loadu(b + x, c), acc0);
+  }
+  return hsum(acc0 + acc1);
+}
+
+inline float sum(const float* a, int64_t d) {
+  Vec acc(0.f);
+  for (int64_t x = 0; x < d; x += kLanes) acc = acc + Vec::loadu(a + x, std::min<int64_t>(kLanes, d - x));
+  return hsum(acc);
+}
+
+// |k|^2, poisoned (NaN) when k or v holds a NaN or an infinity: 0 * sum(v) is 0 or NaN.
+inline float key_sq_norm(const float* k, const float* v, int64_t d) { return dot(k, k, d) + 0.f * sum(v, d); }
 
 // y += a * x
 inline void axpy(float a, const float* x, float* y, int64_t d) {
   const Vec va(a);
   int64_t t = 0;
   for (; t + kLanes <= d; t += kLanes) at::vec::fmadd(va, Vec::loadu(x + t), Vec::loadu(y + t)).store(y + t);
-  for (; t < d; ++t) y[t] += a * x[t];
+  if (t < d) {
+    const int64_t c = d - t;
+    at::vec::fmadd(va, Vec::loadu(x + t, c), Vec::loadu(y + t, c)).store(y + t, c);
+  }
+}
+
+// out = sum_m w[m] * rows[idx[m]] (rows of length d), accumulated in registers four vectors
+// of d at a time, written once.
+inline void weighted_rows(const float* rows, const int32_t* idx, const float* w, int64_t n, int64_t d, float* out) {
+  int64_t x = 0;
+  for (; x + 4 * kLanes <= d; x += 4 * kLanes) {
+    Vec a0(0.f), a1(0.f), a2(0.f), a3(0.f);
+    for (int64_t m = 0; m < n; ++m) {
+      const float* r = rows + static_cast<int64_t>(idx[m]) * d + x;
+      const Vec wm(w[m]);
+      a0 = at::vec::fmadd(wm, Vec::loadu(r), a0);
+      a1 = at::vec::fmadd(wm, Vec::loadu(r + kLanes), a1);
+      a2 = at::vec::fmadd(wm, Vec::loadu(r + 2 * kLanes), a2);
+      a3 = at::vec::fmadd(wm, Vec::loadu(r + 3 * kLanes), a3);
+    }
+    a0.store(out + x), a1.store(out + x + kLanes), a2.store(out + x + 2 * kLanes), a3.store(out + x + 3 * kLanes);
+  }
+  for (; x < d; x += kLanes) {
+    const int64_t c = std::min<int64_t>(kLanes, d - x);
+    Vec a(0.f);
+    for (int64_t m = 0; m < n; ++m)
+      a = at::vec::fmadd(Vec(w[m]), Vec::loadu(rows + static_cast<int64_t>(idx[m]) * d + x, c), a);
+    a.store(out + x, c);
+  }
 }
 
 // dots[m] = q . kT[:, lo + m] for m < n, kT a (D, ld) transposed key block: one broadcast
@@ -83,8 +134,9 @@ inline void window_dots(const float* q, const float* kT, int64_t ld, int64_t lo,
 
 // The kept candidates of one query: the min(top_k, cnt) smallest dist, ties to the lower
 // key index, written in ascending key order (dist/key arrays are in ascending key order).
-// Few candidates: rank counting, rank_m = #{j : d_j < d_m, or d_j == d_m and j < m}, kept
-// when < kk; O(cnt^2 / lanes) branch-free compares, no data-dependent selection.
+// Few candidates: rank counting, rank_m = #{j < m : d_j <= d_m} + #{j > m : d_j < d_m}, kept
+// when < kk: O(cnt^2 / lanes) compares and a branch-free compaction (no data-dependent
+// branches, whose mispredictions would cost more than the compares).
 constexpr int64_t kRankCountMax = 4 * kLanes;
 
 inline int64_t select_by_rank(const float* dist, const int32_t* key, int64_t cnt, int64_t kk, float* rank,
@@ -94,18 +146,19 @@ inline int64_t select_by_rank(const float* dist, const int32_t* key, int64_t cnt
     const int64_t c = std::min<int64_t>(kLanes, cnt - mc);
     const Vec dm = Vec::loadu(dist + mc, c), index = Vec::arange(static_cast<float>(mc), 1.f);
     Vec r(0.f);
-    for (int64_t j = 0; j < cnt; ++j) {
+    for (int64_t j = 0; j < mc; ++j) r = r + ((Vec(dist[j]) <= dm) & one);  // j below every lane's m
+    for (int64_t j = mc; j < mc + c; ++j) {
       const Vec dj(dist[j]);
       r = r + (((dj < dm) | ((dj == dm) & (Vec(static_cast<float>(j)) < index))) & one);
     }
+    for (int64_t j = mc + c; j < cnt; ++j) r = r + ((Vec(dist[j]) < dm) & one);  // j above every lane's m
     r.store(rank + mc, c);
   }
   int64_t n = 0;
-  for (int64_t m = 0; m < cnt; ++m) {
-    if (rank[m] < static_cast<float>(kk)) {
-      kept_dist[n] = dist[m];
-      kept_key[n++] = key[m];
-    }
+  for (int64_t m = 0; m < cnt; ++m) {  // n < kk <= cnt - 1 while writing: in bounds
+    kept_dist[n] = dist[m];
+    kept_key[n] = key[m];
+    n += rank[m] < static_cast<float>(kk);
   }
   return n;
 }
@@ -134,33 +187,32 @@ inline int64_t select_nearest(const float* dist, const int32_t* key, int64_t cnt
   return n;
 }
 
-// Softmax of -coef * dist over the n kept entries (probs), and out = sum probs v_key.
+// Softmax of -coef * dist over the n kept entries into probs, and out = sum probs v_key;
+// the saved rows (probs, dist, key) are padded to ks with zeros / -1.
 inline void softmax_gather(const float* dist, const int32_t* key, int64_t n, int64_t ks, float coef,
                            const float* v_head, int64_t d, float* out, float* probs, float* dist_out,
                            int32_t* key_out) {
-  std::fill(out, out + d, 0.f);
-  float lmax = -std::numeric_limits<float>::infinity();
+  float lmax = -kInf;
   for (int64_t m = 0; m < n; ++m) lmax = std::max(lmax, dist[m] * -coef);
-  const Vec vmax(lmax), vneg(-coef);
-  float sum = 0.f;
+  const Vec vmax(lmax), vneg(-coef), zero(0.f);
+  Vec total(0.f);
   for (int64_t m = 0; m < n; m += kLanes) {
     const int64_t c = std::min<int64_t>(kLanes, n - m);
-    const Vec e = (Vec::loadu(dist + m, c) * vneg - vmax).exp_u20();
+    const Vec e = Vec::set(zero, (Vec::loadu(dist + m, c) * vneg - vmax).exp_u20(), c);
     e.store(probs + m, c);
-    for (int64_t t = 0; t < c; ++t) sum += probs[m + t];
+    total = total + e;
   }
-  const float inv = n ? 1.f / sum : 0.f;
-  for (int64_t m = 0; m < n; ++m) {
-    probs[m] *= inv;
-    dist_out[m] = dist[m];
-    key_out[m] = key[m];
-    axpy(probs[m], v_head + static_cast<int64_t>(key[m]) * d, out, d);
+  const Vec inv(n ? 1.f / hsum(total) : 0.f);
+  for (int64_t m = 0; m < n; m += kLanes) {
+    const int64_t c = std::min<int64_t>(kLanes, n - m);
+    (Vec::loadu(probs + m, c) * inv).store(probs + m, c);
   }
-  for (int64_t m = n; m < ks; ++m) {
-    probs[m] = 0.f;
-    dist_out[m] = 0.f;
-    key_out[m] = -1;
-  }
+  weighted_rows(v_head, key, probs, n, d, out);
+  std::copy(dist, dist + n, dist_out);
+  std::copy(key, key + n, key_out);
+  std::fill(probs + n, probs + ks, 0.f);
+  std::fill(dist_out + n, dist_out + ks, 0.f);
+  std::fill(key_out + n, key_out + ks, -1);
 }
 
 // The row of a query that sees a non-finite candidate distance: NaN output, nothing kept.
@@ -176,7 +228,7 @@ struct Scratch {
   std::vector<float> dots, dist, tmp, kept_dist;
   std::vector<int32_t> key, kept_key;
   explicit Scratch(int64_t n)
-      : dots(n + kLanes), dist(n), tmp(n + kLanes), kept_dist(n), key(n), kept_key(n) {}
+      : dots(n + kLanes), dist(n + kLanes), tmp(n + kLanes), kept_dist(n), key(n), kept_key(n) {}
 };
 
 int64_t grain_for(int64_t work_per_item) {
@@ -188,20 +240,22 @@ void check_f32(const at::Tensor& t, const char* name, int64_t dim) {
               name, ": expected a contiguous float32 tensor of ", dim, " dims");
 }
 
+// Queries per causal task: a block of 4W queries reads 5W - 1 keys, so copying them costs
+// about 1.25 key reads per query and candidate window.
+int64_t causal_block(int64_t window) { return std::max<int64_t>(kLanes, 4 * window); }
+
 }  // namespace
 
-// q (B,H,Tq,D); k, v (B,Hkv,Tk,D); q_sq (B,H,Tq); k_sq (B,Hkv,Tk); key_valid (B,Tk) bool or
-// empty; coef (H,). Query i sits at key position key_offset + i and sees keys
-// p - window < j <= p. Returns out, probs, dist (B,H,Tq,ks) and kept (int32).
-// Work is split into tiles of (batch, key/value head, block of queries): a tile copies
-// the keys its block can see, transposed, into a small buffer (so a query's distances
-// are contiguous vector loads), and runs the block for each query head of the group.
+// q (B,H,Tq,D); k, v (B,Hkv,Tk,D); key_valid (B,Tk) bool or empty; coef (H,). Query i sits
+// at key position key_offset + i and sees keys p - window < j <= p. Returns out, probs,
+// dist (B,H,Tq,ks) and kept (int32).
+// A task (batch, key/value head, block of queries) copies the keys its block can see,
+// transposed, into a small buffer (so a query's distances are contiguous vector loads)
+// with their squared norms, and runs the block for each query head of the group.
 std::vector<at::Tensor> causal_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                       const at::Tensor& q_sq, const at::Tensor& k_sq,
                                        const at::Tensor& key_valid, const at::Tensor& coef, int64_t key_offset,
                                        int64_t window, int64_t top_k, int64_t ks) {
-  check_f32(q, "q", 4), check_f32(k, "k", 4), check_f32(v, "v", 4);
-  check_f32(q_sq, "q_sq", 3), check_f32(k_sq, "k_sq", 3), check_f32(coef, "coef", 1);
+  check_f32(q, "q", 4), check_f32(k, "k", 4), check_f32(v, "v", 4), check_f32(coef, "coef", 1);
   const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Tk = k.size(2), G = H / Hkv;
   TORCH_CHECK(key_offset + Tq <= Tk && key_offset >= 0, "queries must be the last Tq positions of the keys");
@@ -211,40 +265,59 @@ std::vector<at::Tensor> causal_forward(const at::Tensor& q, const at::Tensor& k,
   auto dist = at::empty({B, H, Tq, ks}, q.options());
   auto kept = at::empty({B, H, Tq, ks}, q.options().dtype(at::kInt));
   const float *qp = q.data_ptr<float>(), *kp_ = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  const float *qsq = q_sq.data_ptr<float>(), *ksq = k_sq.data_ptr<float>(), *cp = coef.data_ptr<float>();
+  const float* cp = coef.data_ptr<float>();
   const bool* valid = padded ? key_valid.data_ptr<bool>() : nullptr;
   float *op = out.data_ptr<float>(), *pp = probs.data_ptr<float>(), *dp = dist.data_ptr<float>();
   int32_t* kp = kept.data_ptr<int32_t>();
-  // A block of W queries sees 2W - 1 keys: the copy costs at most two key reads per candidate.
-  const int64_t block = std::max<int64_t>(kLanes, window);
+  const int64_t block = causal_block(window);
   const int64_t nblocks = (Tq + block - 1) / block;
-  const int64_t ld = (block + window - 1 + kLanes - 1) / kLanes * kLanes;
+  const int64_t ld = (std::min(block, Tq) + window - 1 + kLanes - 1) / kLanes * kLanes;
 
   at::parallel_for(0, B * Hkv * nblocks, grain_for(G * block * window * D), [&](int64_t begin, int64_t end) {
     Scratch sc(window);
-    std::vector<float> kT(D * ld);
+    std::vector<float> kT(D * ld), ksq(ld + kLanes);
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t bk = tile / nblocks, blk = tile % nblocks, b = bk / Hkv, hkv = bk % Hkv;
       const int64_t i0 = blk * block, i1 = std::min(Tq, i0 + block);
       const int64_t span_lo = std::max<int64_t>(0, key_offset + i0 - window + 1), span_hi = key_offset + i1 - 1;
-      const float* k_head = kp_ + bk * Tk * D;
-      for (int64_t j = span_lo; j <= span_hi; ++j)
-        for (int64_t x = 0; x < D; ++x) kT[x * ld + (j - span_lo)] = k_head[j * D + x];
+      const float *k_head = kp_ + bk * Tk * D, *v_head = vp + bk * Tk * D;
+      for (int64_t j = span_lo; j <= span_hi; ++j) {
+        const float* kj = k_head + j * D;
+        for (int64_t x = 0; x < D; ++x) kT[x * ld + (j - span_lo)] = kj[x];
+        ksq[j - span_lo] = key_sq_norm(kj, v_head + j * D, D);
+      }
       for (int64_t g = 0; g < G; ++g) {
         const int64_t h = hkv * G + g;
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t row = (b * H + h) * Tq + i;
           const int64_t p = key_offset + i, lo = std::max<int64_t>(0, p - window + 1), n = p - lo + 1;
-          window_dots(qp + row * D, kT.data(), ld, lo - span_lo, n, D, sc.dots.data());
+          const float* qi = qp + row * D;
+          const float qsq = dot(qi, qi, D);
+          window_dots(qi, kT.data(), ld, lo - span_lo, n, D, sc.dots.data());
           int64_t cnt = 0;
           bool finite = true;
-          for (int64_t m = 0; m < n; ++m) {
-            const int64_t j = lo + m;
-            if (padded && !valid[b * Tk + j]) continue;
-            const float dj = std::max((qsq[row] + ksq[bk * Tk + j]) - 2.f * sc.dots[m], 0.f);  // NaN stays NaN
-            finite &= dj < kInf;
-            sc.dist[cnt] = dj;
-            sc.key[cnt++] = static_cast<int32_t>(j);
+          if (!padded) {  // every candidate counts: distances a vector at a time
+            const Vec vq(qsq), two(2.f), zero(0.f);
+            Vec worst(0.f);
+            for (int64_t m = 0; m < n; m += kLanes) {
+              const int64_t c = std::min<int64_t>(kLanes, n - m);
+              const Vec dj = at::vec::maximum((vq + Vec::loadu(ksq.data() + lo - span_lo + m, c)) -
+                                              two * Vec::loadu(sc.dots.data() + m, c), zero);  // NaN stays NaN
+              dj.store(sc.dist.data() + m, c);
+              worst = at::vec::maximum(worst, dj);
+            }
+            for (int64_t m = 0; m < n; ++m) sc.key[m] = static_cast<int32_t>(lo + m);
+            finite = hsum(worst * zero) == 0.f;  // 0 unless some distance is NaN or inf
+            cnt = n;
+          } else {
+            for (int64_t m = 0; m < n; ++m) {
+              const int64_t j = lo + m;
+              if (!valid[b * Tk + j]) continue;
+              const float dj = std::max((qsq + ksq[j - span_lo]) - 2.f * sc.dots[m], 0.f);  // NaN stays NaN
+              finite &= dj < kInf;
+              sc.dist[cnt] = dj;
+              sc.key[cnt++] = static_cast<int32_t>(j);
+            }
           }
           if (!finite) {
             nan_row(ks, D, op + row * D, pp + row * ks, dp + row * ks, kp + row * ks);
@@ -252,7 +325,7 @@ std::vector<at::Tensor> causal_forward(const at::Tensor& q, const at::Tensor& k,
           }
           const int64_t kk = select_nearest(sc.dist.data(), sc.key.data(), cnt, top_k, sc.tmp.data(),
                                             sc.kept_dist.data(), sc.kept_key.data());
-          softmax_gather(sc.kept_dist.data(), sc.kept_key.data(), kk, ks, cp[h], vp + bk * Tk * D, D, op + row * D,
+          softmax_gather(sc.kept_dist.data(), sc.kept_key.data(), kk, ks, cp[h], v_head, D, op + row * D,
                          pp + row * ks, dp + row * ks, kp + row * ks);
         }
       }
@@ -264,11 +337,9 @@ std::vector<at::Tensor> causal_forward(const at::Tensor& q, const at::Tensor& k,
 // The same over explicit candidate lists: query i sees keys cand_idx[cand_ptr[i]:cand_ptr[i+1]]
 // (ascending). k (B,Hkv,N,D) row-major; no key padding.
 std::vector<at::Tensor> listed_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                       const at::Tensor& q_sq, const at::Tensor& k_sq, const at::Tensor& coef,
-                                       const at::Tensor& cand_ptr, const at::Tensor& cand_idx, int64_t top_k,
-                                       int64_t ks) {
-  check_f32(q, "q", 4), check_f32(k, "k", 4), check_f32(v, "v", 4);
-  check_f32(q_sq, "q_sq", 3), check_f32(k_sq, "k_sq", 3), check_f32(coef, "coef", 1);
+                                       const at::Tensor& coef, const at::Tensor& cand_ptr, const at::Tensor& cand_idx,
+                                       int64_t top_k, int64_t ks) {
+  check_f32(q, "q", 4), check_f32(k, "k", 4), check_f32(v, "v", 4), check_f32(coef, "coef", 1);
   TORCH_CHECK(cand_ptr.scalar_type() == at::kLong && cand_idx.scalar_type() == at::kInt, "candidate lists: int64 / int32");
   const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Nk = k.size(2), G = H / Hkv;
@@ -276,15 +347,20 @@ std::vector<at::Tensor> listed_forward(const at::Tensor& q, const at::Tensor& k,
   auto probs = at::empty({B, H, Nq, ks}, q.options());
   auto dist = at::empty({B, H, Nq, ks}, q.options());
   auto kept = at::empty({B, H, Nq, ks}, q.options().dtype(at::kInt));
+  auto key_sq = at::empty({B, Hkv, Nk}, q.options());
   const float *qp = q.data_ptr<float>(), *kp_ = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  const float *qsq = q_sq.data_ptr<float>(), *ksq = k_sq.data_ptr<float>(), *cp = coef.data_ptr<float>();
+  const float* cp = coef.data_ptr<float>();
   const int64_t* ptr = cand_ptr.data_ptr<int64_t>();
   const int32_t* idx = cand_idx.data_ptr<int32_t>();
   float *op = out.data_ptr<float>(), *pp = probs.data_ptr<float>(), *dp = dist.data_ptr<float>();
+  float* ksq = key_sq.data_ptr<float>();
   int32_t* kp = kept.data_ptr<int32_t>();
   int64_t widest = 0;
   for (int64_t i = 0; i < Nq; ++i) widest = std::max(widest, ptr[i + 1] - ptr[i]);
 
+  at::parallel_for(0, B * Hkv * Nk, grain_for(2 * D), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) ksq[r] = key_sq_norm(kp_ + r * D, vp + r * D, D);
+  });
   const int64_t mean_width = std::max<int64_t>(1, ptr[Nq] / std::max<int64_t>(1, Nq));
   at::parallel_for(0, B * H * Nq, grain_for(mean_width * D), [&](int64_t begin, int64_t end) {
     Scratch sc(std::max<int64_t>(widest, 1));
@@ -292,11 +368,12 @@ std::vector<at::Tensor> listed_forward(const at::Tensor& q, const at::Tensor& k,
       const int64_t bh = row / Nq, i = row % Nq, h = bh % H, hk = (bh / H) * Hkv + h / G;
       const float* qi = qp + row * D;
       const float* k_head = kp_ + hk * Nk * D;
+      const float qsq = dot(qi, qi, D);
       int64_t cnt = 0;
       bool finite = true;
       for (int64_t e = ptr[i]; e < ptr[i + 1]; ++e) {
         const int32_t j = idx[e];
-        const float dj = std::max((qsq[row] + ksq[hk * Nk + j]) - 2.f * dot(qi, k_head + j * D, D), 0.f);
+        const float dj = std::max((qsq + ksq[hk * Nk + j]) - 2.f * dot(qi, k_head + j * D, D), 0.f);
         finite &= dj < kInf;
         sc.dist[cnt] = dj;
         sc.key[cnt++] = j;
@@ -314,18 +391,40 @@ std::vector<at::Tensor> listed_forward(const at::Tensor& q, const at::Tensor& k,
   return {out, probs, dist, kept};
 }
 
-// The backward of queries [i0, i1) of every head of key/value head (b, hkv): writes their
-// dq rows, adds their dk/dv contributions to dk_acc/dv_acc (rows for keys key_lo...), and
-// returns -sum dlogit * dist per group head in dc[g].
+namespace {
+
 struct BackwardArgs {
   const float *g, *q, *k, *v, *coef, *probs, *dist;
   const int32_t* kept;
-  float* dq;
+  float *dq, *dk, *dv;
   int64_t H, Hkv, G, Nq, Nk, D, ks;
 };
 
-void backward_rows(const BackwardArgs& a, int64_t b, int64_t hkv, int64_t i0, int64_t i1, float* dk_acc,
-                   float* dv_acc, int64_t key_lo, double* dc, float* dl) {
+// Where a task adds the dk/dv of key j: its own rows of dk/dv from own_lo on, the halo
+// buffer (rows for keys halo_lo...) below.
+struct KeyGradTarget {
+  float *dk, *dv, *halo_dk, *halo_dv;
+  int64_t own_lo, halo_lo, d;
+  float* dk_row(int64_t j) const { return j >= own_lo ? dk + j * d : halo_dk + (j - halo_lo) * d; }
+  float* dv_row(int64_t j) const { return j >= own_lo ? dv + j * d : halo_dv + (j - halo_lo) * d; }
+};
+
+// dk_j += a (k_j - q_i), dv_j += p g_i, in one pass over d.
+inline void add_key_grads(float* dk, float* dv, const float* kj, const float* qi, const float* go, float a, float p,
+                          int64_t d) {
+  const Vec va(a), vp(p);
+  for (int64_t x = 0; x < d; x += kLanes) {
+    const int64_t c = std::min<int64_t>(kLanes, d - x);
+    at::vec::fmadd(va, Vec::loadu(kj + x, c) - Vec::loadu(qi + x, c), Vec::loadu(dk + x, c)).store(dk + x, c);
+    at::vec::fmadd(vp, Vec::loadu(go + x, c), Vec::loadu(dv + x, c)).store(dv + x, c);
+  }
+}
+
+// The backward of queries [i0, i1) of every head of key/value head (b, hkv): writes their dq
+// rows, adds their dk/dv contributions through `to`, and returns -sum dlogit * dist per
+// group head in dc[g].
+void backward_rows(const BackwardArgs& a, int64_t b, int64_t hkv, int64_t i0, int64_t i1, const KeyGradTarget& to,
+                   double* dc, float* dl, float* w) {
   const int64_t D = a.D, ks = a.ks, bk = b * a.Hkv + hkv;
   const float *k_head = a.k + bk * a.Nk * D, *v_head = a.v + bk * a.Nk * D;
   for (int64_t g = 0; g < a.G; ++g) {
@@ -337,9 +436,12 @@ void backward_rows(const BackwardArgs& a, int64_t b, int64_t hkv, int64_t i0, in
       const float *go = a.g + row * D, *qi = a.q + row * D, *p = a.probs + row * ks, *dd = a.dist + row * ks;
       const int32_t* kk = a.kept + row * ks;
       float* dqi = a.dq + row * D;
-      std::fill(dqi, dqi + D, 0.f);
       int64_t n = 0;
       while (n < ks && kk[n] >= 0) ++n;
+      if (n == 0) {  // a row that kept nothing (padding, NaN) has dq 0
+        std::fill(dqi, dqi + D, 0.f);
+        continue;
+      }
       float s = 0.f;
       for (int64_t m = 0; m < n; ++m) {
         dl[m] = dot(go, v_head + static_cast<int64_t>(kk[m]) * D, D);
@@ -350,29 +452,31 @@ void backward_rows(const BackwardArgs& a, int64_t b, int64_t hkv, int64_t i0, in
         const float dlogit = p[m] * (dl[m] - s);
         acc -= static_cast<double>(dlogit) * dd[m];
         const float ddist = dd[m] > 0.f ? -c * dlogit : 0.f;  // no gradient through the clamp
-        const int64_t j = kk[m];
-        float *dkj = dk_acc + (j - key_lo) * D, *dvj = dv_acc + (j - key_lo) * D;
         rowsum += ddist;
-        axpy(-2.f * ddist, k_head + j * D, dqi, D);
-        axpy(2.f * ddist, k_head + j * D, dkj, D);
-        axpy(-2.f * ddist, qi, dkj, D);
-        axpy(p[m], go, dvj, D);
+        w[m] = -2.f * ddist;
       }
-      if (n) axpy(2.f * rowsum, qi, dqi, D);  // a row that kept nothing (padding, NaN) has dq 0
+      weighted_rows(k_head, kk, w, n, D, dqi);  // dq = -2 sum ddist k_j + 2 (sum ddist) q_i
+      axpy(2.f * rowsum, qi, dqi, D);
+      for (int64_t m = 0; m < n; ++m) {
+        const int64_t j = kk[m];
+        add_key_grads(to.dk_row(j), to.dv_row(j), k_head + j * D, qi, go, -w[m], p[m], D);
+      }
     }
     dc[g] = acc;
   }
 }
 
+}  // namespace
+
 // Backward of either forward from its saved rows. grad_out, q (B,H,Nq,D); k, v
 // (B,Hkv,Nk,D); probs, dist (B,H,Nq,ks) fp32, kept int32. Returns dq, dk, dv and
 // dcoef (B,H) (= -sum dlogit * dist per batch and head).
 // window = 0 (candidate lists): one task per (batch, key/value head), owning its dk/dv.
-// window > 0 (causal, end-aligned): tasks are (batch, key/value head, block of 4W
-// queries); a block's queries only reach the block + W - 1 keys before its end, so each
-// task adds into its own buffer for those keys, and a second pass sums, per key, the
-// buffers of the blocks that reach it in block order. The blocks depend on the shapes
-// only, so the bits do not depend on the thread count.
+// window > 0 (causal, end-aligned): tasks are (batch, key/value head, block of 4W queries).
+// Block b's queries (positions offset + i) reach keys from offset + i0 - W + 1 to its last
+// position; it owns the dk/dv rows of its own positions (block 0 also every row below), and
+// adds to the W - 1 keys below them (owned by block b - 1) in its halo buffer; a second pass
+// adds each halo into its owner's rows.
 std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                                  const at::Tensor& v, const at::Tensor& coef, const at::Tensor& probs,
                                  const at::Tensor& dist, const at::Tensor& kept, int64_t window) {
@@ -381,48 +485,53 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
   TORCH_CHECK(kept.scalar_type() == at::kInt && kept.is_contiguous(), "kept: contiguous int32");
   const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Nk = k.size(2), G = H / Hkv, ks = probs.size(3);
+  TORCH_CHECK(window == 0 || Nq <= Nk, "causal backward: more queries than keys");
   auto dq = at::empty_like(q);
-  auto dk = at::zeros_like(k);
-  auto dv = at::zeros_like(v);
+  auto dk = at::empty_like(k);
+  auto dv = at::empty_like(v);
   const BackwardArgs a{grad_out.data_ptr<float>(), q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
                        coef.data_ptr<float>(), probs.data_ptr<float>(), dist.data_ptr<float>(),
-                       kept.data_ptr<int32_t>(), dq.data_ptr<float>(), H, Hkv, G, Nq, Nk, D, ks};
-  float *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
-  const int64_t block = window > 0 ? std::max<int64_t>(kLanes, 4 * window) : Nq;
+                       kept.data_ptr<int32_t>(), dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>(),
+                       H, Hkv, G, Nq, Nk, D, ks};
+  const int64_t block = window > 0 ? causal_block(window) : std::max<int64_t>(Nq, 1);
   const int64_t nblocks = std::max<int64_t>(1, (Nq + block - 1) / block);
+  const int64_t offset = window > 0 ? Nk - Nq : 0, halo = std::max<int64_t>(1, window - 1);
   std::vector<double> dc(B * Hkv * nblocks * G);
+  // halo rows of every (batch, key/value head, block > 0); block 0 has none
+  auto halo_dk = at::empty({B * Hkv * nblocks, halo, D}, q.options());
+  auto halo_dv = at::empty({B * Hkv * nblocks, halo, D}, q.options());
+  float *hdk = halo_dk.data_ptr<float>(), *hdv = halo_dv.data_ptr<float>();
+  auto own = [&](int64_t blk) -> std::pair<int64_t, int64_t> {  // [first, last) dk/dv rows block blk owns
+    const int64_t first = blk == 0 ? 0 : offset + blk * block;
+    const int64_t last = blk == nblocks - 1 ? Nk : offset + (blk + 1) * block;
+    return {first, last};
+  };
 
-  if (nblocks == 1) {
-    at::parallel_for(0, B * Hkv, grain_for(G * Nq * ks * D), [&](int64_t begin, int64_t end) {
-      std::vector<float> dl(std::max<int64_t>(ks, 1));
-      for (int64_t bk = begin; bk < end; ++bk)
-        backward_rows(a, bk / Hkv, bk % Hkv, 0, Nq, dkp + bk * Nk * D, dvp + bk * Nk * D, 0, dc.data() + bk * G,
-                      dl.data());
-    });
-  } else {
-    const int64_t offset = Nk - Nq, span = block + window - 1;
-    auto first_key = [&](int64_t blk) { return std::max<int64_t>(0, offset + blk * block - window + 1); };
-    auto buf_dk = at::zeros({B * Hkv * nblocks, span, D}, q.options());
-    auto buf_dv = at::zeros({B * Hkv * nblocks, span, D}, q.options());
-    float *bdk = buf_dk.data_ptr<float>(), *bdv = buf_dv.data_ptr<float>();
-    at::parallel_for(0, B * Hkv * nblocks, grain_for(G * block * ks * D), [&](int64_t begin, int64_t end) {
-      std::vector<float> dl(std::max<int64_t>(ks, 1));
+  at::parallel_for(0, B * Hkv * nblocks, grain_for(G * std::min(block, Nq) * ks * D), [&](int64_t begin, int64_t end) {
+    std::vector<float> dl(std::max<int64_t>(ks, 1)), w(std::max<int64_t>(ks, 1));
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bk = t / nblocks, blk = t % nblocks;
+      const auto [first, last] = own(blk);
+      float *dk_head = a.dk + bk * Nk * D, *dv_head = a.dv + bk * Nk * D;
+      std::fill(dk_head + first * D, dk_head + last * D, 0.f);
+      std::fill(dv_head + first * D, dv_head + last * D, 0.f);
+      std::fill(hdk + t * halo * D, hdk + (t + 1) * halo * D, 0.f);
+      std::fill(hdv + t * halo * D, hdv + (t + 1) * halo * D, 0.f);
+      const KeyGradTarget to{dk_head, dv_head, hdk + t * halo * D, hdv + t * halo * D, first, first - halo, D};
+      backward_rows(a, bk / Hkv, bk % Hkv, blk * block, std::min(Nq, (blk + 1) * block), to, dc.data() + t * G,
+                    dl.data(), w.data());
+    }
+  });
+  if (nblocks > 1) {
+    at::parallel_for(0, B * Hkv * nblocks, grain_for(2 * halo * D), [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t bk = t / nblocks, blk = t % nblocks;
-        backward_rows(a, bk / Hkv, bk % Hkv, blk * block, std::min(Nq, (blk + 1) * block), bdk + t * span * D,
-                      bdv + t * span * D, first_key(blk), dc.data() + t * G, dl.data());
-      }
-    });
-    at::parallel_for(0, B * Hkv * Nk, grain_for(2 * D), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t bk = r / Nk, j = r % Nk;
-        // blocks whose queries (positions offset + i) can reach key j: j <= p <= j + W - 1
-        const int64_t qa = std::max<int64_t>(0, j - offset), qb = std::min<int64_t>(Nq - 1, j + window - 1 - offset);
-        for (int64_t blk = qa / block; qa <= qb && blk <= qb / block; ++blk) {
-          const int64_t lo = first_key(blk), t = bk * nblocks + blk;
-          if (j < lo || j - lo >= span) continue;
-          axpy(1.f, bdk + (t * span + j - lo) * D, dkp + r * D, D);
-          axpy(1.f, bdv + (t * span + j - lo) * D, dvp + r * D, D);
+        if (blk == 0) continue;
+        const int64_t first = own(blk).first;
+        for (int64_t j = std::max<int64_t>(0, first - halo); j < first; ++j) {
+          const int64_t r = j - (first - halo);
+          axpy(1.f, hdk + (t * halo + r) * D, a.dk + (bk * Nk + j) * D, D);
+          axpy(1.f, hdv + (t * halo + r) * D, a.dv + (bk * Nk + j) * D, D);
         }
       }
     });
