@@ -409,14 +409,38 @@ struct KeyGradTarget {
   float* dv_row(int64_t j) const { return j >= own_lo ? dv + j * d : halo_dv + (j - halo_lo) * d; }
 };
 
-// dk_j += a (k_j - q_i), dv_j += p g_i, in one pass over d.
-inline void add_key_grads(float* dk, float* dv, const float* kj, const float* qi, const float* go, float a, float p,
-                          int64_t d) {
-  const Vec va(a), vp(p);
-  for (int64_t x = 0; x < d; x += kLanes) {
-    const int64_t c = std::min<int64_t>(kLanes, d - x);
-    at::vec::fmadd(va, Vec::loadu(kj + x, c) - Vec::loadu(qi + x, c), Vec::loadu(dk + x, c)).store(dk + x, c);
-    at::vec::fmadd(vp, Vec::loadu(go + x, c), Vec::loadu(dv + x, c)).store(dv + x, c);
+// One query row's share of the gradients, in one pass over its kept keys per four vectors of
+// d (q_i and g_i stay in registers, each k_j is loaded once):
+//   dq_i  = sum_m w_m k_j + 2 rowsum q_i          (w_m = -2 ddist_m, rowsum = sum_m ddist_m)
+//   dk_j += -w_m (k_j - q_i),   dv_j += p_m g_i
+inline void row_grads(const float* k_head, const int32_t* kk, const float* w, const float* p, int64_t n,
+                      float rowsum, const float* qi, const float* go, const KeyGradTarget& to, int64_t d,
+                      float* dqi) {
+  const Vec two_rowsum(2.f * rowsum);
+  for (int64_t x = 0; x < d; x += 4 * kLanes) {
+    int64_t c[4];
+    Vec qv[4], gv[4], acc[4];
+    const int64_t parts = std::min<int64_t>(4, (d - x + kLanes - 1) / kLanes);
+    for (int64_t u = 0; u < parts; ++u) {
+      c[u] = std::min<int64_t>(kLanes, d - x - u * kLanes);
+      qv[u] = Vec::loadu(qi + x + u * kLanes, c[u]);
+      gv[u] = Vec::loadu(go + x + u * kLanes, c[u]);
+      acc[u] = two_rowsum * qv[u];
+    }
+    for (int64_t m = 0; m < n; ++m) {
+      const int64_t j = kk[m];
+      const float* kj = k_head + j * d + x;
+      float *dk = to.dk_row(j) + x, *dv = to.dv_row(j) + x;
+      const Vec wm(w[m]), am(-w[m]), pm(p[m]);
+      for (int64_t u = 0; u < parts; ++u) {
+        const int64_t o = u * kLanes;
+        const Vec kv = Vec::loadu(kj + o, c[u]);
+        acc[u] = at::vec::fmadd(wm, kv, acc[u]);
+        at::vec::fmadd(am, kv - qv[u], Vec::loadu(dk + o, c[u])).store(dk + o, c[u]);
+        at::vec::fmadd(pm, gv[u], Vec::loadu(dv + o, c[u])).store(dv + o, c[u]);
+      }
+    }
+    for (int64_t u = 0; u < parts; ++u) acc[u].store(dqi + x + u * kLanes, c[u]);
   }
 }
 
@@ -455,12 +479,7 @@ void backward_rows(const BackwardArgs& a, int64_t b, int64_t hkv, int64_t i0, in
         rowsum += ddist;
         w[m] = -2.f * ddist;
       }
-      weighted_rows(k_head, kk, w, n, D, dqi);  // dq = -2 sum ddist k_j + 2 (sum ddist) q_i
-      axpy(2.f * rowsum, qi, dqi, D);
-      for (int64_t m = 0; m < n; ++m) {
-        const int64_t j = kk[m];
-        add_key_grads(to.dk_row(j), to.dv_row(j), k_head + j * D, qi, go, -w[m], p[m], D);
-      }
+      row_grads(k_head, kk, w, p, n, rowsum, qi, go, to, D, dqi);
     }
     dc[g] = acc;
   }
