@@ -240,6 +240,24 @@ void check_f32(const at::Tensor& t, const char* name, int64_t dim) {
               name, ": expected a contiguous float32 tensor of ", dim, " dims");
 }
 
+// ksq[m] = |k_m|^2 of the n keys of a transposed tile kT (D, ld), a vector of keys at a time
+// (x in order, so equal keys get equal norms), poisoned (NaN) where the key's value row v_m
+// (rows of length d) is not finite; the values are checked with one reduction for the tile.
+inline void tile_key_norms(const float* kT, int64_t ld, int64_t n, int64_t d, const float* v, float* ksq) {
+  for (int64_t m = 0; m < n; m += kLanes) {
+    Vec acc(0.f);
+    for (int64_t x = 0; x < d; ++x) {
+      const Vec kx = Vec::loadu(kT + x * ld + m);
+      acc = at::vec::fmadd(kx, kx, acc);
+    }
+    acc.store(ksq + m);
+  }
+  Vec poison(0.f);
+  for (int64_t x = 0; x < n * d; x += kLanes) poison = poison + Vec::loadu(v + x, std::min<int64_t>(kLanes, n * d - x));
+  if (hsum(poison * Vec(0.f)) != 0.f)  // some value is NaN or infinite: find the rows
+    for (int64_t m = 0; m < n; ++m) ksq[m] += 0.f * sum(v + m * d, d);
+}
+
 // Queries per causal task: a block of 4W queries reads 5W - 1 keys, so copying them costs
 // about 1.25 key reads per query and candidate window.
 int64_t causal_block(int64_t window) { return std::max<int64_t>(kLanes, 4 * window); }
@@ -281,11 +299,9 @@ std::vector<at::Tensor> causal_forward(const at::Tensor& q, const at::Tensor& k,
       const int64_t i0 = blk * block, i1 = std::min(Tq, i0 + block);
       const int64_t span_lo = std::max<int64_t>(0, key_offset + i0 - window + 1), span_hi = key_offset + i1 - 1;
       const float *k_head = kp_ + bk * Tk * D, *v_head = vp + bk * Tk * D;
-      for (int64_t j = span_lo; j <= span_hi; ++j) {
-        const float* kj = k_head + j * D;
-        for (int64_t x = 0; x < D; ++x) kT[x * ld + (j - span_lo)] = kj[x];
-        ksq[j - span_lo] = key_sq_norm(kj, v_head + j * D, D);
-      }
+      const int64_t span = span_hi - span_lo + 1;
+      at::vec::transpose_mxn<float>(k_head + span_lo * D, D, kT.data(), ld, span, D);
+      tile_key_norms(kT.data(), ld, span, D, v_head + span_lo * D, ksq.data());
       for (int64_t g = 0; g < G; ++g) {
         const int64_t h = hkv * G + g;
         for (int64_t i = i0; i < i1; ++i) {
