@@ -27,6 +27,7 @@ from typing import NamedTuple
 import torch
 
 from . import cpu
+from .neighbourhoods import band_block_size
 
 IMPLS = ("auto", "fast", "reference", "flex", "triton")
 OPS = ("causal", "local2d")
@@ -65,8 +66,6 @@ class Call(NamedTuple):
 def keys_in_one_span(window: int, num_queries: int, num_keys: int) -> bool:
     """Whether the causal band would score one span covering every key the queries see
     (Tk' <= C + W - 1 after end alignment)."""
-    from .neighbourhoods import band_block_size
-
     return min(num_keys, num_queries + window - 1) <= band_block_size(window) + window - 1
 
 

@@ -147,10 +147,13 @@ def _sq_norms(x: torch.Tensor) -> torch.Tensor:
 
 
 def _key_sq_norms(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """|k_j|^2, not finite where k_j or v_j holds a NaN or an infinity (sum(v_j) * 0 is 0 or
-    NaN, one pass over v, no temporary of its size): the kernels make the output row of a
-    query NaN when a candidate's distance is not finite."""
-    return k.pow(2).sum(-1).add_(v.sum(-1).mul_(0.0)).contiguous()
+    """|k_j|^2, not finite where k_j or v_j holds a NaN or an infinity (k^2 + 0 * v is k^2 or
+    NaN elementwise, so the sum rounds as the reference's): the kernels make the output row
+    of a query NaN when a candidate's distance is not finite."""
+    return k.pow(2).add_(v, alpha=0.0).sum(-1)
+
+
+_NO_PADDING = torch.empty(0, dtype=torch.bool)  # read only: the kernels' "no key_valid"
 
 
 def causal_saved_slots(num_queries: int, num_keys: int, window: int, top_k: int) -> int:
@@ -158,19 +161,26 @@ def causal_saved_slots(num_queries: int, num_keys: int, window: int, top_k: int)
     return max(1, min(top_k, window, num_keys))
 
 
-def causal_forward(q, k, v, coef, key_valid, window: int, top_k: int):
+def causal_forward(q, k, v, coef, key_valid, window: int, top_k: int, saved: bool = True):
     """End-aligned causal Krause forward: q (B, H, Tq, D), k, v (B, Hkv, Tk, D), Tq <= Tk;
-    coef (H,) fp32. Returns out (q's dtype) and the saved probs, dist, kept."""
+    coef (H,) fp32. Returns out (q's dtype) and the saved probs, dist, kept (with
+    ``saved=False``, inference, ``kept`` may index the keys from the first one read)."""
     mod = load()
     tq, tk = q.shape[2], k.shape[2]
     first = max(0, tk - tq - window + 1)  # keys older than the first query's window are never read
-    kf = _f32(k[:, :, first:])
-    valid = key_valid[:, first:].contiguous() if key_valid is not None else torch.empty(0, dtype=torch.bool)
-    qf, vf = _f32(q), _f32(v[:, :, first:])
+    # Cut them off only when they outnumber the keys read: the cut costs a copy of the rest
+    # (a slice of several heads is not contiguous), keeping them costs their norms.
+    if first <= tk - first:
+        first = 0
+    if first:
+        k, v = k[:, :, first:], v[:, :, first:]
+        key_valid = key_valid[:, first:] if key_valid is not None else None
+    kf, vf, qf = _f32(k), _f32(v), _f32(q)
+    valid = key_valid.contiguous() if key_valid is not None else _NO_PADDING
     out, probs, dist, kept = mod.causal_forward(
         qf, kf, vf, _sq_norms(qf), _key_sq_norms(kf, vf), valid,
         _f32(coef), tk - first - tq, window, top_k, causal_saved_slots(tq, tk, window, top_k))
-    if first:
+    if first and saved:
         kept = torch.where(kept >= 0, kept + first, kept)  # indices into the full keys
     return out.to(q.dtype), probs, dist, kept
 
