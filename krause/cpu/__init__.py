@@ -139,6 +139,8 @@ def use_engine(engine: bool = True):
 
 
 def _f32(x: torch.Tensor) -> torch.Tensor:
+    if x.dtype == torch.float32 and x.is_contiguous():  # the common case, without two calls into torch
+        return x
     return x.to(torch.float32).contiguous()
 
 
