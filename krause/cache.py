@@ -121,7 +121,7 @@ class _TokenLayer(DynamicLayer):
     def _stored(self, x: torch.Tensor) -> torch.Tensor:
         if self.storage_dtype is None:
             self.storage_dtype = x.dtype
-        return x.to(self.storage_dtype)
+        return x if x.dtype == self.storage_dtype else x.to(self.storage_dtype)
 
     def _tensors(self) -> list[str]:
         """Names of the attributes holding (batch, ...) tensors."""
@@ -339,9 +339,10 @@ class WindowCacheLayer(_TokenLayer):
 
     def _keep_last(self, keys, values, flags) -> None:
         # A copy, so the trimmed window does not keep a whole prefill tensor alive.
-        self.keys = keys[:, :, -self.window:].clone()
-        self.values = values[:, :, -self.window:].clone()
-        self.valid = self._all_real(self.keys) if flags is None else flags[:, -self.window:].clone()
+        start = max(0, keys.shape[2] - self.window)
+        self.keys = keys.narrow_copy(2, start, keys.shape[2] - start)
+        self.values = values.narrow_copy(2, start, keys.shape[2] - start)
+        self.valid = self._all_real(self.keys) if flags is None else flags.narrow_copy(1, start, keys.shape[2] - start)
 
     def _all_real(self, keys) -> torch.Tensor:
         """The all-True validity of ``keys`` (no padding so far): the stored one when it fits."""

@@ -92,7 +92,8 @@ class KrauseGate(nn.Module):
         init_gate(self.proj, gate_init)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.proj(features.to(self.proj.weight.dtype))
+        dtype = self.proj.weight.dtype
+        return self.proj(features if features.dtype == dtype else features.to(dtype))
 
 
 class KrauseAttentionMixin:
