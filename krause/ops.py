@@ -465,15 +465,13 @@ def plain_inference(*tensors) -> bool:
     nothing sees the op itself (torch.compile, jit tracing, a dispatch or function mode such as
     FlopCounterMode, tensor subclasses, meta tensors). The custom op's dispatch and autograd
     layers then have nothing to do, and the kernel need not finish the rows it saves for backward."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # first: dynamo traces no further
         return False
     if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:
-        if t is None:
-            continue
-        if type(t) not in _PLAIN_TENSORS or t.is_meta or (grad and t.requires_grad):
+        if t is not None and (type(t) not in _PLAIN_TENSORS or t.is_meta or (grad and t.requires_grad)):
             return False
     return True
 
