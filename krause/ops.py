@@ -463,11 +463,13 @@ _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)  # no __torch_function__ / _
 def plain_inference(*tensors) -> bool:
     """Whether a call can run the op's kernel as a plain function: no gradient is wanted and
     nothing sees the op itself (torch.compile, jit tracing, a dispatch or function mode such as
-    FlopCounterMode, tensor subclasses, meta tensors). The custom op's dispatch and autograd
+    FlopCounterMode, a torch.func transform such as vmap, tensor subclasses, meta tensors). The custom op's dispatch and autograd
     layers then have nothing to do, and the kernel need not finish the rows it saves for backward."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():  # first: dynamo traces no further
         return False
     if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:  # inside vmap / torch.func: wrapped tensors
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:

@@ -6,6 +6,8 @@ padding, GQA, ties and NaN rows included; anything that must see the op still do
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -98,6 +100,13 @@ def test_what_watches_the_op_still_sees_it(one_torch_thread):
         with torch.device("cpu"):  # a torch function mode
             assert not ops.plain_inference(q, k, v, ls)
         assert not ops.plain_inference(q.to("meta"), k, v, ls)
+        # vmap hands wrapped tensors: the op (and its batching fallback) must see them
+        batched = torch.vmap(lambda q_: krause.causal_krause_attention(q_, k, v, ls, 8, 4, impl="fast"))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "There is a performance drop")  # torch's loop over the batch
+            stacked = batched(torch.stack([q, 2 * q]))
+        for i, scale in enumerate((1, 2)):
+            _same_bits(stacked[i], krause.causal_krause_attention(scale * q, k, v, ls, 8, 4, impl="fast"))
     assert not ops.plain_inference(q, k, v, ls.requires_grad_(True))
     assert ops.plain_inference(q, k, v, ls.detach())
 
