@@ -93,23 +93,27 @@ class _TokenLayer(DynamicLayer):
 
     # ------------------------------------------------------------------ shared helpers
     def _flags(self, key_states, value_states, valid) -> torch.Tensor:
+        self._check_states(key_states, value_states)
+        b, _, t, _ = key_states.shape
+        if valid is None:
+            return torch.ones(b, t, dtype=torch.bool, device=key_states.device)
+        valid = V.check_key_padding_mask(valid, b, t, key_states)
+        self.has_padding = True
+        return valid
+
+    def _check_states(self, key_states, value_states) -> None:
         if not isinstance(key_states, torch.Tensor) or key_states.dim() != 4:
             raise ValueError(f"key_states must be a (batch, kv_heads, tokens, head_dim) tensor, got "
                              f"{tuple(key_states.shape) if isinstance(key_states, torch.Tensor) else type(key_states).__name__}")
         if value_states.shape != key_states.shape:
             raise ValueError(f"value_states shape {tuple(value_states.shape)} does not match key_states "
                              f"{tuple(key_states.shape)}")
-        b, _, t, _ = key_states.shape
+        b = key_states.shape[0]
         if self.keys is not None and self.keys.shape[0] != b:
             raise ValueError(f"key_states batch size {b} does not match the cache's {self.keys.shape[0]}")
         if self.keys is not None and self.keys.shape[1:2] + self.keys.shape[3:] != key_states.shape[1:2] + key_states.shape[3:]:
             raise ValueError(f"key_states heads/head_dim {tuple(key_states.shape[1::2])} do not match the cache's "
                              f"{tuple(self.keys.shape[1::2])}")
-        if valid is None:
-            return torch.ones(b, t, dtype=torch.bool, device=key_states.device)
-        valid = V.check_key_padding_mask(valid, b, t, key_states)
-        self.has_padding = True
-        return valid
 
     def _padding(self, flags: torch.Tensor) -> torch.Tensor | None:
         return flags if self.has_padding else None
@@ -117,7 +121,7 @@ class _TokenLayer(DynamicLayer):
     def _stored(self, x: torch.Tensor) -> torch.Tensor:
         if self.storage_dtype is None:
             self.storage_dtype = x.dtype
-        return x.to(self.storage_dtype)
+        return x if x.dtype == self.storage_dtype else x.to(self.storage_dtype)
 
     def _tensors(self) -> list[str]:
         """Names of the attributes holding (batch, ...) tensors."""
@@ -311,7 +315,11 @@ class WindowCacheLayer(_TokenLayer):
         self.record_past = True
 
     def append(self, key_states, value_states, valid=None):
-        flags = self._flags(key_states, value_states, valid)
+        if valid is None and not self.has_padding:  # every token so far is real: no flags to build or copy
+            self._check_states(key_states, value_states)
+            flags = None
+        else:
+            flags = self._flags(key_states, value_states, valid)
         key_states, value_states = self._stored(key_states), self._stored(value_states)
         if self.keys is None:
             keys, values = key_states, value_states
@@ -319,19 +327,29 @@ class WindowCacheLayer(_TokenLayer):
         else:
             keys = torch.cat([self.keys, key_states], dim=2)
             values = torch.cat([self.values, value_states], dim=2)
-            flags = torch.cat([self.valid, flags], dim=1)
+            if flags is not None:
+                flags = torch.cat([self.valid, flags], dim=1)
         self.seen += key_states.shape[2]
         if self.record_past:
-            self.keys, self.values, self.valid = keys, values, flags
+            self.keys, self.values = keys, values
+            self.valid = self._all_real(keys) if flags is None else flags
         else:
             self._keep_last(keys, values, flags)
         return keys, values, self._padding(flags)
 
     def _keep_last(self, keys, values, flags) -> None:
         # A copy, so the trimmed window does not keep a whole prefill tensor alive.
-        self.keys = keys[:, :, -self.window:].clone()
-        self.values = values[:, :, -self.window:].clone()
-        self.valid = flags[:, -self.window:].clone()
+        start = max(0, keys.shape[2] - self.window)
+        self.keys = keys.narrow_copy(2, start, keys.shape[2] - start)
+        self.values = values.narrow_copy(2, start, keys.shape[2] - start)
+        self.valid = self._all_real(self.keys) if flags is None else flags.narrow_copy(1, start, keys.shape[2] - start)
+
+    def _all_real(self, keys) -> torch.Tensor:
+        """The all-True validity of ``keys`` (no padding so far): the stored one when it fits."""
+        shape = (keys.shape[0], keys.shape[2])
+        if self.valid is not None and self.valid.shape == shape and self.valid.device == keys.device:
+            return self.valid
+        return torch.ones(shape, dtype=torch.bool, device=keys.device)
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drops the last ``-tokens_to_remove`` tokens, then trims back to the window."""

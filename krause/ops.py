@@ -74,7 +74,7 @@ def _no_kept(q):
     return q.new_empty(0, dtype=torch.int32)
 
 
-def _causal_fwd_engine(q, k, v, log_sigma, key_valid, window, top_k):
+def _causal_fwd_engine(q, k, v, log_sigma, key_valid, window, top_k, saved: bool = True):
     (q, bad_q), (k, bad_k), (v, bad_v) = split_finite(q), split_finite(k), split_finite(v)
     poisoned = causal_poisoned_rows(bad_q, bad_k | bad_v, window, key_valid)  # the NaN policy: marked afterwards
     qa, k, v, key_valid, offset = _end_align(q, k, v, key_valid, window)
@@ -82,10 +82,19 @@ def _causal_fwd_engine(q, k, v, log_sigma, key_valid, window, top_k):
     coef = engine.sigma_coef(log_sigma, q.shape[1], 3)
     # GQA: the group's query heads share their key/value head's spans (no repeat_kv).
     out, probs, dist = engine.forward(nbr, nbr.to_query_layout(qa.float()), k.float(), v.float(), coef, top_k, key_valid)
-    # a NaN row saves no probabilities: it passes no gradient, like a row with no candidate
-    probs.masked_fill_(nbr.to_query_layout(tnf.pad(poisoned[..., None].float(), (0, 0, offset, 0))) > 0, 0.0)
+    if saved:  # a NaN row saves no probabilities: it passes no gradient, like a row with no candidate
+        probs.masked_fill_(nbr.to_query_layout(tnf.pad(poisoned[..., None].float(), (0, 0, offset, 0))) > 0, 0.0)
     out = fill_nan_rows(nbr.from_query_layout(out)[:, :, offset:], poisoned)
     return out.to(q.dtype).contiguous(), probs, dist, _no_kept(q)
+
+
+def _causal_fwd_kernel(q, k, v, log_sigma, key_valid, window, top_k, saved: bool = True):
+    """The causal op's forward on q's device: the compiled CPU kernel where it runs, else the
+    engine. ``saved=False`` (inference) leaves what only the backward reads unfinished; the
+    output is the same either way."""
+    if cpu.runs(q, k, v):
+        return cpu.causal_forward(q, k, v, _head_coef(log_sigma, q.shape[1]), key_valid, window, top_k, saved=saved)
+    return _causal_fwd_engine(q, k, v, log_sigma, key_valid, window, top_k, saved=saved)
 
 
 @torch.library.custom_op("krause::causal_fwd", mutates_args=())
@@ -103,9 +112,7 @@ def _causal_fwd(
 
 @_causal_fwd.register_kernel("cpu")
 def _(q, k, v, log_sigma, key_valid, window, top_k):
-    if not cpu.runs(q, k, v):
-        return _causal_fwd_engine(q, k, v, log_sigma, key_valid, window, top_k)
-    return cpu.causal_forward(q, k, v, _head_coef(log_sigma, q.shape[1]), key_valid, window, top_k)
+    return _causal_fwd_kernel(q, k, v, log_sigma, key_valid, window, top_k)
 
 
 # Fake (meta) implementations for torch.compile. The real kernels return contiguous
@@ -173,7 +180,8 @@ def _compiled_bwd(grad_out, q, k, v, log_sigma, probs, dist, kept, window=0):
 
 def _head_coef(log_sigma, num_heads):
     """c_h = 1 / (2 sigma_h^2) as (H,) fp32 (a scalar log_sigma repeated)."""
-    return sigma_coefficient(log_sigma).reshape(-1).expand(num_heads).contiguous()
+    coef = sigma_coefficient(log_sigma)
+    return coef if coef.shape == (num_heads,) else coef.reshape(-1).expand(num_heads).contiguous()
 
 
 @_causal_bwd.register_fake
@@ -444,7 +452,30 @@ def causal_krause_attention(
         q, k, v, key_padding_mask, offset = _end_align(q, k, v, key_padding_mask, window)
         out = causal_krause_attention_flex(q, k, v, log_sigma, window, top_k, key_padding_mask)
         return out[:, :, offset:] if offset else out
+    if plain_inference(q, k, v, log_sigma, key_padding_mask):  # e.g. a decoding step: no autograd, no saved rows
+        return _causal_fwd_kernel(q, k, v, log_sigma, key_padding_mask, window, top_k, saved=False)[0]
     return _causal_fwd(q, k, v, log_sigma, key_padding_mask, window, top_k)[0]  # compiled or engine
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)  # no __torch_function__ / __torch_dispatch__ of their own
+
+
+def plain_inference(*tensors) -> bool:
+    """Whether a call can run the op's kernel as a plain function: no gradient is wanted and
+    nothing sees the op itself (torch.compile, jit tracing, a dispatch or function mode such as
+    FlopCounterMode, a torch.func transform such as vmap, tensor subclasses, meta tensors). The custom op's dispatch and autograd
+    layers then have nothing to do, and the kernel need not finish the rows it saves for backward."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # first: dynamo traces no further
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:  # inside vmap / torch.func: wrapped tensors
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (type(t) not in _PLAIN_TENSORS or t.is_meta or (grad and t.requires_grad)):
+            return False
+    return True
 
 
 def _call_dtype(q, k, v) -> torch.dtype:

@@ -373,6 +373,39 @@ def test_padded_chunks_match_the_reference_op():
     torch.testing.assert_close(cache.valid, mask[:, -w:])
 
 
+def test_padding_first_given_after_unpadded_steps():
+    """Unpadded steps keep an all-True validity without rebuilding it; the first padded call
+    (after a batch reorder too) still sees every earlier token as real."""
+    b, h, hkv, w, top_k, t = 2, 4, 2, 5, 3, 20
+    q, k, v = _randn(b, h, t, 4, seed=40), _randn(b, hkv, t, 4, seed=41), _randn(b, hkv, t, 4, seed=42)
+    mask = torch.ones(b, t, dtype=torch.bool)
+    mask[1, 14:17] = False
+    mask[0, 16] = False
+    log_sigma = torch.linspace(-0.2, 0.6, h)
+    expected = krause.causal_krause_attention_reference(q, k, v, log_sigma, w, top_k, key_padding_mask=mask)
+    cache = KrauseWindowLayer(w, top_k)
+    got, start = [], 0
+    for size in [3, 1, 1, 6, 1, 1, 1, 3, 1, 1, 1]:
+        sl = slice(start, start + size)
+        padding = mask[:, sl] if start >= 14 else None
+        got.append(cache.attend(q[:, :, sl], k[:, :, sl], v[:, :, sl], log_sigma, key_padding_mask=padding))
+        start += size
+        assert cache.valid.shape == (b, min(start, w))
+        assert cache.has_padding == (start > 14)
+        if start < 14:
+            assert cache.valid.all()
+    torch.testing.assert_close(torch.cat(got, 2), expected, rtol=0, atol=ATOL)
+    torch.testing.assert_close(cache.valid, mask[:, -w:])
+
+    fresh = KrauseWindowLayer(w, top_k)
+    fresh.append(k[:, :, :7], v[:, :, :7])
+    fresh.reorder_cache(torch.tensor([1, 0, 0]))  # three rows now: the all-True validity follows
+    fresh.append(k[[1, 0, 0], :, 7:8], v[[1, 0, 0], :, 7:8])
+    assert fresh.valid.shape == (3, w) and fresh.valid.all()
+    _, _, padding = fresh.append(k[[1, 0, 0], :, 8:9], v[[1, 0, 0], :, 8:9], torch.tensor([[True], [False], [True]]))
+    assert padding.tolist() == [[True] * w + [True], [True] * w + [False], [True] * w + [True]]
+
+
 @pytest.mark.parametrize("cls", [CausalKrauseAttention, SlidingWindowAttention])
 def test_padded_steps_keep_memory_and_work_constant(cls):
     mod = cls(16, 4, 2, **_knobs(cls, window=8, top_k=3))

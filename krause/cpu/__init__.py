@@ -138,8 +138,16 @@ def use_engine(engine: bool = True):
         _state["engine"] = before
 
 
+def _as_is(x: torch.Tensor) -> bool:
+    """Whether the kernels take x without a copy (fp32, contiguous)."""
+    return x.dtype == torch.float32 and x.is_contiguous()
+
+
 def _f32(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.float32).contiguous()
+    return x if _as_is(x) else x.to(torch.float32).contiguous()  # the common case without two calls into torch
+
+
+_NO_PADDING = torch.empty(0, dtype=torch.bool)  # read only: the kernels' "no key_valid"
 
 
 def causal_saved_slots(num_queries: int, num_keys: int, window: int, top_k: int) -> int:
@@ -147,18 +155,26 @@ def causal_saved_slots(num_queries: int, num_keys: int, window: int, top_k: int)
     return max(1, min(top_k, window, num_keys))
 
 
-def causal_forward(q, k, v, coef, key_valid, window: int, top_k: int):
+def causal_forward(q, k, v, coef, key_valid, window: int, top_k: int, saved: bool = True):
     """End-aligned causal Krause forward: q (B, H, Tq, D), k, v (B, Hkv, Tk, D), Tq <= Tk;
-    coef (H,) fp32. Returns out (q's dtype) and the saved probs, dist, kept."""
+    coef (H,) fp32. Returns out (q's dtype) and the saved probs, dist, kept (with
+    ``saved=False``, inference, ``kept`` may index the keys from the first one read)."""
     mod = load()
     tq, tk = q.shape[2], k.shape[2]
     first = max(0, tk - tq - window + 1)  # keys older than the first query's window are never read
-    kf = _f32(k[:, :, first:])
-    valid = key_valid[:, first:].contiguous() if key_valid is not None else torch.empty(0, dtype=torch.bool)
-    qf, vf = _f32(q), _f32(v[:, :, first:])
+    # The kernel reads only the keys in the queries' windows, so older keys cost nothing where
+    # k and v go in as they are; cut them off only where k or v is copied anyway (a dtype
+    # conversion or a non-contiguous layout), so the copy holds only the keys read.
+    if _as_is(k) and _as_is(v):
+        first = 0
+    if first:
+        k, v = k[:, :, first:], v[:, :, first:]
+        key_valid = key_valid[:, first:] if key_valid is not None else None
+    kf, vf, qf = _f32(k), _f32(v), _f32(q)
+    valid = key_valid.contiguous() if key_valid is not None else _NO_PADDING
     out, probs, dist, kept = mod.causal_forward(
         qf, kf, vf, valid, _f32(coef), tk - first - tq, window, top_k, causal_saved_slots(tq, tk, window, top_k))
-    if first:
+    if first and saved:
         kept = torch.where(kept >= 0, kept + first, kept)  # indices into the full keys
     return out.to(q.dtype), probs, dist, kept
 

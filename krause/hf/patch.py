@@ -92,7 +92,8 @@ class KrauseGate(nn.Module):
         init_gate(self.proj, gate_init)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.proj(features.to(self.proj.weight.dtype))
+        dtype = self.proj.weight.dtype
+        return self.proj(features if features.dtype == dtype else features.to(dtype))
 
 
 class KrauseAttentionMixin:
@@ -131,11 +132,13 @@ class KrauseAttentionMixin:
         cfg = self.krause_config
         batch, length = hidden_states.shape[:2]
         cache_layer = krause_cache_layer(past_key_values, self.layer_idx, cfg.window)
-        past, kv_offset = 0, 0
-        if cache_layer is not None:
-            past = cache_layer.krause_seen
-            kv_offset = cache_layer.get_mask_sizes(length)[1]
-        valid_new = new_token_validity(attention_mask, batch, length, past, kv_offset)
+        valid_new = None  # no mask, no padding (sdpa's decoding steps)
+        if attention_mask is not None:
+            past, kv_offset = 0, 0
+            if cache_layer is not None:
+                past = cache_layer.krause_seen
+                kv_offset = cache_layer.get_mask_sizes(length)[1]
+            valid_new = new_token_validity(attention_mask, batch, length, past, kv_offset)
         out_krause = self.krause_branch(hidden_states, position_embeddings, cache_layer, valid_new)
         out_std, attn_weights = super().forward(
             hidden_states=hidden_states,

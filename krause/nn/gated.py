@@ -29,7 +29,9 @@ def gated_mix(out_std: torch.Tensor, out_krause: torch.Tensor, gate: nn.Module, 
     ``gate`` maps 2d features to 2 logits (a Linear(2d, 2)). The softmax runs in fp32.
     Returns the mix, and with ``return_gate`` also the (..., 2) gate weights.
     """
-    weights = gate_weights(out_std, out_krause, gate).to(out_std.dtype)
+    weights = gate_weights(out_std, out_krause, gate)
+    if weights.dtype != out_std.dtype:
+        weights = weights.to(out_std.dtype)
     out = weights[..., :1] * out_std + weights[..., 1:] * out_krause
     return (out, weights) if return_gate else out
 
@@ -38,7 +40,8 @@ def gate_weights(out_std: torch.Tensor, out_krause: torch.Tensor, gate: nn.Modul
     """The (..., 2) fp32 gate weights ``softmax(gate([out_std; out_krause]))`` of ``gated_mix``."""
     if out_std.shape != out_krause.shape:
         raise ValueError(f"out_krause shape {tuple(out_krause.shape)} does not match out_std {tuple(out_std.shape)}")
-    return torch.softmax(gate(torch.cat([out_std, out_krause], dim=-1)).float(), dim=-1)
+    logits = gate(torch.cat([out_std, out_krause], dim=-1))
+    return torch.softmax(logits if logits.dtype == torch.float32 else logits.float(), dim=-1)
 
 
 def init_gate(gate: nn.Linear, gate_init: float) -> None:
