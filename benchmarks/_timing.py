@@ -165,6 +165,35 @@ MEMORY_METHOD = {
 
 
 # --------------------------------------------------------------------------- machine
+def minor_page_faults(fn: Callable[[], Any], runs: int = 3) -> float | None:
+    """Mean minor page faults per call of fn (each a first touch of freshly mapped memory: on
+    some VMs a few µs each), or None where getrusage is missing (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    fn()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(runs):
+        fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / runs
+
+
+def page_fault_cost_s(nbytes: int = 32 << 20, runs: int = 3) -> float | None:
+    """Seconds per minor page fault on this machine: filling freshly allocated buffers of
+    nbytes (each allocation maps new pages), divided by the faults counted."""
+    def fresh():
+        torch.empty(nbytes // 4).fill_(0.0)
+
+    faults = minor_page_faults(fresh, runs)
+    if not faults:
+        return None
+    start = time.perf_counter()
+    for _ in range(runs):
+        fresh()
+    return (time.perf_counter() - start) / runs / faults
+
+
 def load_average() -> list[float] | None:
     """1, 5 and 15 minute load averages (how busy a shared machine was), where available."""
     try:

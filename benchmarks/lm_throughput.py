@@ -34,7 +34,8 @@ from krause.training.throughput import known_peak_flops
 from language_models_100m import ATTENTIONS, build_model
 from language_models_100m.steps import train_flops_per_token
 
-SMALL = dict(n_embd=128, n_layer=2, n_head=2, n_inner=512, vocab_size=4096)
+# the GPT-2 end-of-text id (50256) is outside the small vocabulary: no special tokens (nothing is generated)
+SMALL = dict(n_embd=128, n_layer=2, n_head=2, n_inner=512, vocab_size=4096, bos_token_id=None, eos_token_id=None)
 
 
 def make_case(attention: str, config: str, block: int, batch: int, device, precision: str):

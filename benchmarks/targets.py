@@ -93,8 +93,11 @@ def measure_op(t: int, repeats: int) -> dict:
     timing = T.time_interleaved(cases, repeats=repeats)
     rate = {name: flops[name] / timing[name]["median_s"] / 1e9 for name in cases}
     dense_rate = counted["sdpa"] / timing["sdpa"]["median_s"] / 1e9
+    # fresh output and gradient pages: a cost of the machine's memory mapping, not of the op
+    faults = {name: T.minor_page_faults(cases[name]) for name in ("krause", "sdpa")}
     return {"T": t, "gflops": flops, "flop_counter_gflops": counted, "gflop_per_s": rate,
             "time_s": {n: r["median_s"] for n, r in timing.items()},
+            "page_faults_per_call": faults, "page_fault_s": T.page_fault_cost_s(),
             "ratio": rate["krause"] / rate["sdpa"], "engine_ratio": rate["engine"] / rate["sdpa"],
             "ratio_vs_dense_count": rate["krause"] / dense_rate}
 
