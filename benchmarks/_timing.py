@@ -179,7 +179,7 @@ def minor_page_faults(fn: Callable[[], Any], runs: int = 3) -> float | None:
     return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / runs
 
 
-def page_fault_cost_s(nbytes: int = 32 << 20, runs: int = 3) -> float | None:
+def page_fault_cost_s(nbytes: int = 128 << 20, runs: int = 3) -> float | None:
     """Seconds per minor page fault on this machine: filling freshly allocated buffers of
     nbytes (each allocation maps new pages), divided by the faults counted."""
     def fresh():

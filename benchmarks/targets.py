@@ -103,18 +103,25 @@ def measure_op(t: int, repeats: int) -> dict:
 
 
 def measure_causal(tokens: list[int], sdpa_at: int, repeats: int) -> dict:
-    times, engine = {}, None
+    times, faults, engine = {}, {}, None
     for t in tokens:
         cases = _causal_cases(t, t == sdpa_at, t == sdpa_at)
         timing = T.time_interleaved(cases, repeats=repeats if t == sdpa_at else max(2, repeats))
         times[t] = timing["krause"]["median_s"]
+        faults[t] = T.minor_page_faults(cases["krause"], runs=1)
         if t == sdpa_at:
             sdpa, engine = timing["sdpa"]["median_s"], timing["engine"]["median_s"]
-    xs, ys = [math.log(t) for t in tokens], [math.log(times[t]) for t in tokens]
+    # the slope without the smallest size too: page faults (and caches) can differ there
+    return {"krause_time_s": times, "page_faults_per_call": faults, "page_fault_s": T.page_fault_cost_s(),
+            "sdpa_time_s": sdpa, "engine_time_s": engine, "ratio": times[sdpa_at] / sdpa, "engine_ratio": engine / sdpa,
+            "slope": log_log_slope(times), "slope_without_smallest": log_log_slope({t: times[t] for t in tokens[1:]})}
+
+
+def log_log_slope(times: dict) -> float:
+    """Least-squares slope of log time against log size (1.0 = linear)."""
+    xs, ys = [math.log(t) for t in times], [math.log(s) for s in times.values()]
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    return {"krause_time_s": times, "sdpa_time_s": sdpa, "engine_time_s": engine, "ratio": times[sdpa_at] / sdpa,
-            "engine_ratio": engine / sdpa, "slope": slope}
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
 
 
 def measure_2d(batch: int, repeats: int) -> dict:
@@ -281,7 +288,7 @@ def main(argv=None) -> int:
         res["lm"] = measure_lm(256 if args.quick else 4096, repeats)
         print("lm done", flush=True)
     if "decode" in sections:
-        res["decode"] = measure_decode(128 if args.quick else 2048, 3 if args.quick else 10)
+        res["decode"] = measure_decode(128 if args.quick else 2048, 3 if args.quick else 30)
         print("decode done", flush=True)
     info["load_after"] = T.load_average()
     if args.update and os.path.exists(args.out):
