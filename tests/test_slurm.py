@@ -196,7 +196,9 @@ def test_signals_checkpoint_requeue_and_resume_to_the_uninterrupted_metrics(tmp_
     """`scancel --signal=USR1 --batch` (the warning Slurm sends with --signal=B:USR1@..) to one job and a SIGTERM
     to every process of another: the workers save, each job requeues itself, the requeued job resumes from the
     run dir, and the metrics equal an uninterrupted run's exactly (KARM on the CPU is deterministic)."""
-    steps = 20
+    # Long enough that the signal, sent at step 3 through slurmctld (about a second), lands
+    # mid-run: the tiny model trains tens of steps a second, and 20 steps could end first.
+    steps = 300
     extra = AR_TINY + f" --max_steps {steps}"
     runs = {name: tmp_path / name for name in ("reference", "usr1", "term")}
     jobs = {name: submit(AR / "train.sh", tmp_path, name=name, env=job_env(OUT_DIR=str(run), EXTRA_ARGS=extra))
