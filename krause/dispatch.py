@@ -223,22 +223,13 @@ def backend_for(impl: str, op: str, device: str, dtype: torch.dtype, window: int
                 one_span: bool | None = None, grid: tuple | None = None, radius: int | None = None,
                 num_prefix: int = 0) -> str:
     """``choose(...).backend`` from constants, which torch.compile evaluates once while
-    tracing and bakes into the graph (the decision reads files and builds the CPU kernel).
-    Looked up by the arguments themselves (every op call asks: a decoding step included)."""
-    key = (impl, op, device, dtype, window, one_span, grid, radius, num_prefix, cpu.engine_forced())
-    backend = _BACKENDS.get(key)
-    if backend is None:
-        backend = _BACKENDS[key] = choose(Call(op, device, dtype, window, one_span, grid, radius, num_prefix), impl).backend
-    return backend
-
-
-_BACKENDS: dict[tuple, str] = {}
+    tracing and bakes into the graph (the decision reads files and builds the CPU kernel)."""
+    return choose(Call(op, device, dtype, window, one_span, grid, radius, num_prefix), impl).backend
 
 
 def clear_cache() -> None:
     """Forgets past decisions (after installing triton, writing a GPU record, or in tests)."""
     _CHOICES.clear()
-    _BACKENDS.clear()
 
 
 def _decide(call: Call, impl: str) -> Choice:
