@@ -79,12 +79,16 @@ def job_info(job: str) -> dict[str, str]:
 
 
 def release_requeued() -> None:
-    """Slurm holds a requeued job for 2 minutes (Reason=BeginTime) before it may start again: start them now."""
+    """Slurm holds a requeued job for 2 minutes (Reason=BeginTime) before it may start again: start them sooner.
+
+    Not at once: slurmd refuses a launch credential stamped in the same second as (or before) the requeue's
+    revocation of the job's credentials ("Job credential revoked"; Slurm's own hold exists for that), so a
+    job released `now` lands in that second when the requeue is fast. Two seconds on is always after it."""
     held = subprocess.run(["squeue", "-h", "-t", "PD", "-o", "%i %r"], capture_output=True, text=True, timeout=30)
     for line in held.stdout.splitlines():
         job, _, reason = line.partition(" ")
         if reason.strip() == "BeginTime" and job.split("_")[0] in {j.split("_")[0] for j in SUBMITTED}:
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True, timeout=30)
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+2"], capture_output=True, timeout=30)
 
 
 def wait_for(job: str, timeout: float = 600, release: bool = True) -> dict[str, str]:
