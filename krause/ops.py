@@ -193,6 +193,7 @@ def _causal_setup(ctx, inputs, output):
     q, k, v, log_sigma, _key_valid, window, top_k = inputs  # padding lives on in the saved probs
     _, probs, dist, kept = output
     ctx.mark_non_differentiable(probs, dist, kept)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the saved rows (grad_out None is handled)
     ctx.save_for_backward(q, k, v, log_sigma, probs, dist, kept)
     ctx.window, ctx.top_k = window, top_k
 
@@ -356,6 +357,7 @@ def _local_setup(ctx, inputs, output):
     q, k, v, log_sigma, *static = inputs
     saved = output[1:]
     ctx.mark_non_differentiable(*saved)
+    ctx.set_materialize_grads(False)  # as in _causal_setup
     ctx.save_for_backward(q, k, v, log_sigma, *saved)
     ctx.static = static
 
