@@ -14,7 +14,8 @@ interleaved timing of its cases, median wall time):
   2d        ViT-S heads (H=6, D=64), 1 CLS + 8x8 grid, Manhattan r=1, top_k 2, B=32:
             Krause time / SDPA time
   causal    the op's shape at T=16k: Krause / SDPA (causal) time; Krause time at 8k-64k:
-            the slope of log time against log T (1.0 = linear)
+            the slope of log time against log T (1.0 = linear), with the default allocator
+            and again with torch's THP_MEM_ALLOC_ENABLE=1 (huge pages for large tensors)
   decode    a small Llama (hidden 512, 4 layers, 8 heads, 2 KV heads) with 2,048 tokens of
             context: one greedy decoding step, patched (krause.hf.patch_model, gated) /
             unpatched, forward only
@@ -29,6 +30,8 @@ import json
 import math
 import os
 import re
+import subprocess
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -115,6 +118,37 @@ def measure_causal(tokens: list[int], sdpa_at: int, repeats: int) -> dict:
     return {"krause_time_s": times, "page_faults_per_call": faults, "page_fault_s": T.page_fault_cost_s(),
             "sdpa_time_s": sdpa, "engine_time_s": engine, "ratio": times[sdpa_at] / sdpa, "engine_ratio": engine / sdpa,
             "slope": log_log_slope(times), "slope_without_smallest": log_log_slope({t: times[t] for t in tokens[1:]})}
+
+
+def krause_causal_times(tokens: list[int], repeats: int) -> dict:
+    """The Krause op's fwd+bwd time and page faults per call at each T (no baselines)."""
+    times, faults = {}, {}
+    for t in tokens:
+        cases = _causal_cases(t, False, False)
+        times[t] = T.time_interleaved(cases, repeats=max(2, repeats))["krause"]["median_s"]
+        faults[t] = T.minor_page_faults(cases["krause"], runs=1)
+    return {"krause_time_s": times, "page_faults_per_call": faults}
+
+
+def measure_slope_huge_pages(tokens: list[int], repeats: int, threads: int | None) -> dict:
+    """The slope again in a fresh process with torch's THP_MEM_ALLOC_ENABLE=1: its CPU
+    allocator then asks Linux for transparent huge pages for large tensors, so mapping a
+    fresh output costs one page fault per 2 MiB instead of one per 4 KiB. Where THP is off
+    (or not Linux) this measures the default allocator again."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "THP_MEM_ALLOC_ENABLE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    code = ("import json, os, sys, torch; from benchmarks import targets; a = json.loads(sys.argv[1]); "
+            "a['threads'] and torch.set_num_threads(a['threads']); "
+            "res = targets.krause_causal_times(a['tokens'], a['repeats']); "
+            "print(json.dumps({**res, 'THP_MEM_ALLOC_ENABLE': os.environ.get('THP_MEM_ALLOC_ENABLE')}))")
+    args = json.dumps({"tokens": tokens, "repeats": repeats, "threads": threads})
+    out = subprocess.run([sys.executable, "-c", code, args], env=env, capture_output=True, text=True, timeout=3600)
+    if out.returncode != 0:
+        raise RuntimeError(f"the huge-page slope run failed:\n{out.stderr[-2000:]}")
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    times = {int(t): s for t, s in res["krause_time_s"].items()}
+    return {**res, "slope": log_log_slope(times)}
 
 
 def log_log_slope(times: dict) -> float:
@@ -215,6 +249,8 @@ def rows_of(res: dict) -> list[dict]:
         add(f"causal T={c['sdpa_at']}: Krause ÷ SDPA time (fwd+bwd)", "0.06", 0.06, c["ratio"], c["engine_ratio"])
         lo, hi = (f(int(t) for t in c["krause_time_s"]) for f in (min, max))  # JSON keys are strings
         add(f"causal time slope {lo // 1024}k–{hi // 1024}k (log-log)", "0.79", 1.10, c["slope"], None)
+        if "huge_pages" in c:
+            add("same slope, THP_MEM_ALLOC_ENABLE=1 (huge pages)", "—", 1.10, c["huge_pages"]["slope"], None)
     return rows
 
 
@@ -282,7 +318,8 @@ def main(argv=None) -> int:
     if "causal" in sections:
         tokens = [1024, 2048, 4096] if args.quick else [8192, 16384, 32768, 65536]
         sdpa_at = tokens[1]
-        res["causal"] = {**measure_causal(tokens, sdpa_at, repeats), "sdpa_at": sdpa_at}
+        res["causal"] = {**measure_causal(tokens, sdpa_at, repeats), "sdpa_at": sdpa_at,
+                         "huge_pages": measure_slope_huge_pages(tokens, repeats, args.threads)}
         print("causal done", flush=True)
     if "lm" in sections:
         res["lm"] = measure_lm(256 if args.quick else 4096, repeats)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -44,6 +45,23 @@ def test_target_table_runs_and_prints_a_clean_table(tmp_path):
 
 
 # Every benchmark runs end to end at a tiny size, as `python -m benchmarks.NAME`, so none rots.
+def test_huge_page_slope_runs_in_a_child_with_torch_thp_switch(tmp_path, monkeypatch):
+    """The slope's second measurement runs in a fresh process with THP_MEM_ALLOC_ENABLE=1 (torch reads it
+    once), from any working directory, and its JSON says so."""
+    from benchmarks import targets
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    res = targets.measure_slope_huge_pages([128, 256], 1, 1)
+    assert res["THP_MEM_ALLOC_ENABLE"] == "1" and os.environ.get("THP_MEM_ALLOC_ENABLE") is None
+    assert sorted(int(t) for t in res["krause_time_s"]) == [128, 256] and all(s > 0 for s in res["krause_time_s"].values())
+    assert math.isfinite(res["slope"])
+    row = [r for r in targets.rows_of({"causal": {"sdpa_at": 256, "ratio": 0.1, "engine_ratio": 1.0, "slope": 1.0,
+                                                  "krause_time_s": {"128": 1.0, "256": 2.0}, "huge_pages": res}})
+           if "THP_MEM_ALLOC_ENABLE" in r["measure"]]
+    assert len(row) == 1 and row[0]["measured"] == res["slope"]
+
+
 # (benchmarks.targets is run above and benchmarks.generation in test_autoregressive_benchmark.py.)
 TINY_RUNS = {
     "attention_scaling": ["--quick", "--only", "causal", "--causal-tokens", "128", "256", "--repeats", "1",
