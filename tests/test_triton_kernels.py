@@ -130,6 +130,42 @@ def test_causal_forward_tile_candidates():
         assert {c.kwargs["BLOCK_M"] for c in wide} == {16, 32}
 
 
+def test_causal_backward_tile_candidates():
+    """The backward's two passes prune the same way: dq over query blocks, dk/dv over key blocks."""
+    from krause.kernels import ops
+
+    for window, block in ((8, 16), (32, 32), (128, 64)):
+        (dq,) = ops._causal_fwd_candidates(ops.CAUSAL_DQ_CONFIGS, {"W": window})
+        (dkdv,) = ops._causal_dkdv_candidates(ops.CAUSAL_DKDV_CONFIGS, {"W": window})
+        assert dq.kwargs["BLOCK_M"] == dkdv.kwargs["BLOCK_N"] == block and dq.num_warps == dkdv.num_warps == 4
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ops, "autotune_enabled", lambda: True)
+        assert ops._causal_dkdv_candidates(ops.CAUSAL_DKDV_CONFIGS, {"W": 32}) == ops.CAUSAL_DKDV_CONFIGS
+        wide = ops._causal_dkdv_candidates(ops.CAUSAL_DKDV_CONFIGS, {"W": 2000})
+        assert {c.kwargs["BLOCK_N"] for c in wide} == {16, 32}
+
+
+def test_every_causal_backward_config_gives_the_rule(monkeypatch):
+    """Each tile of the backward's dq and dk/dv passes alone (as the autotuner runs them) gives the
+    rule's gradients, incl. dlog_sigma, which sums per-row partials whatever the block."""
+    from krause.kernels import ops
+
+    b, h, hkv, t, d, window, top_k = 1, 2, 1, 40, 16, 8, 4
+    leaves, ls, go = make_inputs(b, h, hkv, t, t, d, per_head=True, seed=6)
+    cand = causal_candidates(b, t, t, window)
+    default_dq = ops._causal_fwd_candidates(ops.CAUSAL_DQ_CONFIGS, {"W": window})[0]
+    default_kv = ops._causal_dkdv_candidates(ops.CAUSAL_DKDV_CONFIGS, {"W": window})[0]
+    cases = [(c, default_kv) for c in ops.CAUSAL_DQ_CONFIGS if c.num_warps == 4] + \
+        [(default_dq, c) for c in ops.CAUSAL_DKDV_CONFIGS if c.num_warps == 4]
+    for dq_config, kv_config in cases:
+        for tuner, config in ((ops._causal_dq_kernel, dq_config), (ops._causal_dkdv_kernel, kv_config)):
+            monkeypatch.setattr(tuner, "cache", {})
+            monkeypatch.setattr(tuner, "early_config_prune", lambda configs, nargs, c=config, **kw: [c])
+        out = kernels.causal_krause_attention_triton(*leaves, ls, window, top_k)
+        check_against_rule(out, leaves, ls, go, lambda q, k, v, s: dense_rule(q, k, v, s, cand, top_k), 1e-4, 1e-4)
+        assert ops._causal_dq_kernel.best_config is dq_config and ops._causal_dkdv_kernel.best_config is kv_config
+
+
 def test_every_causal_forward_config_gives_the_rule(monkeypatch):
     """The autotuner's own path: all candidates run and are timed (here by wall clock under the
     interpreter), the fastest is kept, and every one of them computes the rule."""
@@ -319,7 +355,8 @@ def test_torch_compile_fullgraph_forward_and_backward():
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU every other test compiles and runs the kernels")
 def test_causal_kernels_compile_for_sm90():
-    """The interpreter never compiles: build the causal launches for Hopper (no GPU needed)."""
+    """The interpreter never compiles: build the causal launches, every autotuned block, for Hopper (no GPU
+    needed)."""
     import subprocess
     import sys
 
@@ -327,7 +364,9 @@ def test_causal_kernels_compile_for_sm90():
     run = subprocess.run([sys.executable, "-m", "krause.kernels.compile_check", "--arch", "90", "--dtype", "bf16",
                           "--head-dim", "64", "--only", "causal"], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.count(" ok ") == 3, run.stdout
+    from krause.kernels import compile_check, ops
+
+    assert run.stdout.count(" ok ") == 3 * len(compile_check.causal_blocks(ops, 32)) == 9, run.stdout
 
 
 def test_bad_arguments_name_themselves():

@@ -229,7 +229,7 @@ def _fwd_kernel(
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, QN, KN, LS, KVALID, DO, LSE, THR, DELTA, DQ, DCOEF,
-    H, G, Tq, Tk, D, W, P, P_PAD, cols, radius, row_start, num_partials, partial_start,
+    H, G, Tq, Tk, D, W, P, P_PAD, cols, radius, row_start,
     LS_PER_HEAD: tl.constexpr, HAS_VALID: tl.constexpr, GRID: tl.constexpr, CHEB: tl.constexpr,
     KMODE: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -272,14 +272,14 @@ def _bwd_dq_kernel(
     delta = tl.sum(p * dp, axis=1)
     tl.store(DELTA + bh * Tq + rows, delta, mask=row_ok)
     ds = p * (dp - delta[:, None])
-    dcoef = tl.sum(tl.sum(tl.where(keep, -ds * dist, 0.0), axis=1), axis=0)  # dist may be inf off the kept set
+    dcoef = tl.sum(tl.where(keep, -ds * dist, 0.0), axis=1)  # per row (dist may be inf off the kept set)
     dd = tl.where(raw >= 0.0, -coef * ds, 0.0)  # d loss / d distance (clamp passes raw >= 0)
     dq = 2.0 * tl.sum(dd, axis=1)[:, None] * qt.to(tl.float32) - 2.0 * _mm(dd.to(kt.dtype), kt, PREC)
 
     d = tl.arange(0, BLOCK_D)
     tl.store(DQ + bh.to(tl.int64) * Tq * D + rows[:, None] * D + d[None, :], dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (d[None, :] < D))
-    tl.store(DCOEF + bh * num_partials + partial_start + pid, dcoef)
+    tl.store(DCOEF + bh * Tq + rows, dcoef, mask=row_ok)  # per row: the same whatever the block size
 
 
 @triton.jit

@@ -32,15 +32,20 @@ def _specs(dtype: str, window: int, head_dim: int, grid, radius: int, num_prefix
     fwd_ptrs = dict(Q=t, K=t, V=t, QN="*fp32", KN="*fp32", LS="*fp32", KVALID="*i8", O=t, LSE="*fp32", THR="*i64")
     dq_ptrs = {**{k: v for k, v in fwd_ptrs.items() if k != "O"}, "DO": t, "DELTA": "*fp32", "DQ": t, "DCOEF": "*fp32"}
     kv_ptrs = {**{k: v for k, v in dq_ptrs.items() if k not in ("DQ", "DCOEF")}, "DK": t, "DV": t}
-    bm, bn = ops.causal_blocks(window)
     causal = dict(LS_PER_HEAD=True, HAS_VALID=True, GRID=False, CHEB=False, PREC=prec, BLOCK_D=bd)
     block, band, full = ops.local2d_blocks(grid, radius, num_prefix)
     grid2d = dict(causal, HAS_VALID=False, GRID=True, CHEB=True)
+    causal_specs = []
+    for m in causal_blocks(ops, window):  # every block the autotuner may pick: all must compile
+        tile = ops._pow2(m + window - 1)
+        causal_specs += [
+            (f"causal fwd m{m}", K._fwd_kernel, fwd_ptrs, dict(causal, KMODE=K.CAUSAL_KEYS, BLOCK_M=m, BLOCK_N=tile)),
+            (f"causal dq m{m}", K._bwd_dq_kernel, dq_ptrs, dict(causal, KMODE=K.CAUSAL_KEYS, BLOCK_M=m, BLOCK_N=tile)),
+            (f"causal dk/dv m{m}", K._bwd_dkdv_kernel, kv_ptrs,
+             dict(causal, QMODE=K.CAUSAL_QUERIES, BLOCK_N=m, BLOCK_Q=tile)),
+        ]
     return [
-        ("causal fwd", K._fwd_kernel, fwd_ptrs, dict(causal, KMODE=K.CAUSAL_KEYS, BLOCK_M=bm, BLOCK_N=bn)),
-        ("causal dq", K._bwd_dq_kernel, dq_ptrs, dict(causal, KMODE=K.CAUSAL_KEYS, BLOCK_M=bm, BLOCK_N=bn)),
-        ("causal dk/dv", K._bwd_dkdv_kernel, kv_ptrs,
-         dict(causal, QMODE=K.CAUSAL_QUERIES, BLOCK_N=bm, BLOCK_Q=ops._pow2(bm + window - 1))),
+        *causal_specs,
         ("2-D fwd", K._fwd_kernel, fwd_ptrs, dict(grid2d, KMODE=K.GRID_BAND, BLOCK_M=block, BLOCK_N=band)),
         ("2-D prefix fwd", K._fwd_kernel, fwd_ptrs, dict(grid2d, KMODE=K.ALL, BLOCK_M=16, BLOCK_N=full)),
         ("2-D dq", K._bwd_dq_kernel, dq_ptrs, dict(grid2d, KMODE=K.GRID_BAND, BLOCK_M=block, BLOCK_N=band)),
@@ -52,6 +57,13 @@ def _specs(dtype: str, window: int, head_dim: int, grid, radius: int, num_prefix
          dict(LS_PER_HEAD=True, HAS_VALID=True, PREC=prec, BLOCK_M=16, BLOCK_N=ops._pow2(window),
               BLOCK_D=bd)),
     ], triton
+
+
+def causal_blocks(ops, window: int) -> list[int]:
+    """The query/key blocks of the causal kernels' autotune configs whose tile fits."""
+    blocks = {c.kwargs["BLOCK_M"] for c in ops.CAUSAL_FWD_CONFIGS + ops.CAUSAL_DQ_CONFIGS}
+    blocks |= {c.kwargs["BLOCK_N"] for c in ops.CAUSAL_DKDV_CONFIGS}
+    return sorted(m for m in blocks if ops._pow2(m + window - 1) <= ops.MAX_TILE)
 
 
 def compile_kernel(triton, fn, ptr_types, constexprs, arch: int):
@@ -87,11 +99,11 @@ def main(argv=None) -> int:
                 start = time.perf_counter()
                 try:
                     compiled = compile_kernel(triton, fn, ptrs, consts, arch)
-                    print(f"sm_{arch} {dtype:4s} {label:17s} ok   shared {compiled.metadata.shared:6d} B  "
+                    print(f"sm_{arch} {dtype:4s} {label:19s} ok   shared {compiled.metadata.shared:6d} B  "
                           f"({time.perf_counter() - start:.1f} s)", flush=True)
                 except Exception as exc:  # noqa: BLE001 - reported, the others still compile
                     failures += 1
-                    print(f"sm_{arch} {dtype:4s} {label:17s} FAILED: {str(exc).splitlines()[0] if str(exc) else exc!r}",
+                    print(f"sm_{arch} {dtype:4s} {label:19s} FAILED: {str(exc).splitlines()[0] if str(exc) else exc!r}",
                           flush=True)
     return 1 if failures else 0
 

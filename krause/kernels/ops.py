@@ -104,24 +104,43 @@ def autotune_enabled() -> bool:
 
 #: candidate (query block, warps) of the causal forward; its key tile follows from the block and W
 CAUSAL_FWD_CONFIGS = [triton.Config({"BLOCK_M": m}, num_warps=w) for m in (16, 32, 64) for w in (4, 8)]
+#: the same for the backward's two passes: dq (a block of queries) and dk/dv (a block of keys,
+#: whose query tile holds the block + W - 1 queries that can keep them)
+CAUSAL_DQ_CONFIGS = CAUSAL_FWD_CONFIGS
+CAUSAL_DKDV_CONFIGS = [triton.Config({"BLOCK_N": m}, num_warps=w) for m in (16, 32, 64) for w in (4, 8)]
 
 
-def _causal_fwd_candidates(configs, nargs, **kwargs):
-    """The configs whose key tile fits (all of them when tuning), else the default alone."""
-    window = nargs["W"]
-    if not autotune_enabled():
-        block = causal_blocks(window)[0]
-        return [c for c in configs if c.kwargs["BLOCK_M"] == block and c.num_warps == 4]
-    fitting = [c for c in configs if _pow2(c.kwargs["BLOCK_M"] + window - 1) <= MAX_TILE]
-    return fitting or configs[:1]
+def _tile_candidates(block_arg: str):
+    """A pruner over configs of `block_arg` for the causal kernels: the default alone when not
+    tuning (`causal_blocks`, 4 warps), else every config whose tile (block + W - 1) fits."""
+    def prune(configs, nargs, **kwargs):
+        window = nargs["W"]
+        if not autotune_enabled():
+            block = causal_blocks(window)[0]
+            return [c for c in configs if c.kwargs[block_arg] == block and c.num_warps == 4]
+        fitting = [c for c in configs if _pow2(c.kwargs[block_arg] + window - 1) <= MAX_TILE]
+        return fitting or configs[:1]
+    return prune
+
+
+_causal_fwd_candidates = _tile_candidates("BLOCK_M")
+_causal_dkdv_candidates = _tile_candidates("BLOCK_N")
+
+
+def _tuned(kernel, configs, prune, tile_arg: str, block_arg: str, key=("W", "D")):
+    """kernel tuned over configs (keyed by window and head dim; Triton adds the dtypes), its
+    tile argument following from the block and W."""
+    tiled = triton.heuristics({tile_arg: lambda a: _pow2(a[block_arg] + a["W"] - 1)})(kernel)
+    return triton.autotune(configs=configs, key=list(key), prune_configs_by={"early_config_prune": prune})(tiled)
 
 
 # The causal forward, tuned: BLOCK_N (the key tile) is the band a block of BLOCK_M queries reads.
-# Its outputs (out, lse, thr) are per row, so the backward is independent of the block chosen.
-_causal_fwd_kernel = triton.autotune(
-    configs=CAUSAL_FWD_CONFIGS, key=["W", "D", "n_iter"],
-    prune_configs_by={"early_config_prune": _causal_fwd_candidates},
-)(triton.heuristics({"BLOCK_N": lambda a: _pow2(a["BLOCK_M"] + a["W"] - 1)})(K._fwd_kernel))
+# Its outputs (out, lse, thr) are per row, so the backward is independent of the block chosen;
+# so are the backward's (dq, delta and dcoef per query row, dk/dv per key row).
+_causal_fwd_kernel = _tuned(K._fwd_kernel, CAUSAL_FWD_CONFIGS, _causal_fwd_candidates, "BLOCK_N", "BLOCK_M",
+                            key=("W", "D", "n_iter"))
+_causal_dq_kernel = _tuned(K._bwd_dq_kernel, CAUSAL_DQ_CONFIGS, _causal_fwd_candidates, "BLOCK_N", "BLOCK_M")
+_causal_dkdv_kernel = _tuned(K._bwd_dkdv_kernel, CAUSAL_DKDV_CONFIGS, _causal_dkdv_candidates, "BLOCK_Q", "BLOCK_N")
 
 
 def causal_supported(window: int) -> tuple[bool, str]:
@@ -180,23 +199,20 @@ def _causal_backward_impl(grad, q, k, v, log_sigma, key_valid, lse, thr, window,
     q, k, v, grad = q.contiguous(), k.contiguous(), v.contiguous(), grad.to(q.dtype).contiguous()
     valid, has_valid = _valid_arg(key_valid, q)
     delta = q.new_empty((b, h, tq), dtype=torch.float32)  # written by the dq pass
-    block_m, block_n = causal_blocks(window)
-    nq = _blocks(tq, block_m)
     dq = torch.empty_like(q)
-    dcoef = q.new_empty((b * h, nq), dtype=torch.float32)
+    dcoef = q.new_empty((b * h, tq), dtype=torch.float32)  # per query row
     common = dict(LS_PER_HEAD=per_head, HAS_VALID=has_valid, GRID=False, CHEB=False, PREC=_prec(q.dtype))
     bd = _pow2(d)
-    _launch(K._bwd_dq_kernel, (b * h, nq),
+    _launch(_causal_dq_kernel, lambda meta: (b * h, _blocks(tq, meta["BLOCK_M"])),
         q, k, v, qn, kn, ls, valid, grad, lse, thr, delta, dq, dcoef,
-        h, h // hkv, tq, tk, d, window, 0, 0, 1, 0, 0, nq, 0,
-        KMODE=K.CAUSAL_KEYS, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=bd, **common,
+        h, h // hkv, tq, tk, d, window, 0, 0, 1, 0, 0,
+        KMODE=K.CAUSAL_KEYS, BLOCK_D=bd, **common,
     )
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    block_k = block_m
-    _launch(K._bwd_dkdv_kernel, (b * hkv, _blocks(tk, block_k)),
+    _launch(_causal_dkdv_kernel, lambda meta: (b * hkv, _blocks(tk, meta["BLOCK_N"])),
         q, k, v, qn, kn, ls, valid, grad, lse, thr, delta, dk, dv,
         h, h // hkv, tq, tk, d, window, 0, 0, 1, 0, 0, tk, 1,
-        QMODE=K.CAUSAL_QUERIES, BLOCK_N=block_k, BLOCK_Q=_pow2(block_k + window - 1), BLOCK_D=bd, **common,
+        QMODE=K.CAUSAL_QUERIES, BLOCK_D=bd, **common,
     )
     return dq, dk, dv, _dlog_sigma(dcoef, log_sigma, b, h)
 
@@ -303,19 +319,16 @@ def _local_backward_impl(grad, q, k, v, log_sigma, lse, thr, rows, cols, radius,
     delta = q.new_empty((b, h, n), dtype=torch.float32)  # written by the dq passes
     bd = _pow2(d)
     scalars = (h, h // hkv, n, n, d, 1, num_prefix, p_pad, cols, radius)
-    n_patch_blocks = triton.cdiv(n - num_prefix, block)
-    n_prefix_blocks = triton.cdiv(num_prefix, 16)
-    partials = n_patch_blocks + n_prefix_blocks
     dq = torch.empty_like(q)
-    dcoef = q.new_empty((b * h, partials), dtype=torch.float32)
+    dcoef = q.new_empty((b * h, n), dtype=torch.float32)  # per query row: each launch writes its own rows
     tensors = (q, k, v, qn, kn, ls, dummy, grad, lse, thr, delta)
-    _launch(K._bwd_dq_kernel, (b * h, n_patch_blocks),
-        *tensors, dq, dcoef, *scalars, num_prefix, partials, 0,
+    _launch(K._bwd_dq_kernel, (b * h, triton.cdiv(n - num_prefix, block)),
+        *tensors, dq, dcoef, *scalars, num_prefix,
         KMODE=K.GRID_BAND, BLOCK_M=block, BLOCK_N=band, BLOCK_D=bd, **common,
     )
     if num_prefix:
-        _launch(K._bwd_dq_kernel, (b * h, n_prefix_blocks),
-            *tensors, dq, dcoef, *scalars, 0, partials, n_patch_blocks,
+        _launch(K._bwd_dq_kernel, (b * h, triton.cdiv(num_prefix, 16)),
+            *tensors, dq, dcoef, *scalars, 0,
             KMODE=K.ALL, BLOCK_M=16, BLOCK_N=full, BLOCK_D=bd, **common,
         )
     dk, dv = torch.empty_like(k), torch.empty_like(v)
