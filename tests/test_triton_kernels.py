@@ -203,6 +203,46 @@ def test_every_causal_forward_config_gives_the_rule(monkeypatch):
 
 
 # --------------------------------------------------------------------------- 2-D
+def test_local2d_band_candidates():
+    """Pinned: the default block of `local2d_blocks` alone; tuning: every block whose band tile fits."""
+    from krause.kernels import ops
+
+    for cols, radius, prefix in ((14, 2, 1), (8, 1, 0), (60, 15, 1)):
+        args = {"cols": cols, "radius": radius, "P": prefix}
+        block = ops.local2d_blocks((cols, cols), radius, prefix)[0]
+        for configs, prune, name in ((ops.LOCAL2D_CONFIGS, ops._local_fwd_kernel.early_config_prune, "BLOCK_M"),
+                                     (ops.LOCAL2D_DKDV_CONFIGS, ops._local_dkdv_kernel.early_config_prune, "BLOCK_N")):
+            (only,) = prune(configs, args)
+            assert only.kwargs[name] == block and only.num_warps == 4
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(ops, "autotune_enabled", lambda: True)
+                tuned = prune(configs, args)
+            fits = {c.kwargs[name] for c in configs if ops._grid_band(cols, radius, prefix, c.kwargs[name])[1] <= ops.MAX_TILE}
+            assert {c.kwargs[name] for c in tuned} == (fits or {configs[0].kwargs[name]})
+
+
+def test_every_local2d_config_gives_the_rule(monkeypatch):
+    """Each block of the 2-D band kernels alone (forward, dq, dk/dv), with a prefix token: the rule's output
+    and gradients."""
+    from krause.kernels import ops
+
+    grid, num_prefix, radius, top_k = (5, 5), 1, 1, 3
+    n = num_prefix + 25
+    leaves, ls, go = make_inputs(1, 2, 1, n, n, 16, per_head=True, seed=8)
+    cand = grid_candidate_mask(grid, radius, "manhattan", num_prefix)[None]
+    tuners = (ops._local_fwd_kernel, ops._local_dq_kernel, ops._local_dkdv_kernel)
+    for block in (16, 32, 64):
+        for tuner in tuners:
+            name = "BLOCK_N" if tuner is ops._local_dkdv_kernel else "BLOCK_M"
+            (config,) = [c for c in tuner.configs if c.kwargs[name] == block and c.num_warps == 4]
+            monkeypatch.setattr(tuner, "cache", {})
+            monkeypatch.setattr(tuner, "early_config_prune", lambda configs, nargs, c=config, **kw: [c])
+        out = kernels.local_krause_attention_2d_triton(*leaves, ls, grid, radius, "manhattan", top_k, num_prefix)
+        check_against_rule(out, leaves, ls, go, lambda q, k, v, s: dense_rule(q, k, v, s, cand, top_k), 1e-4, 1e-4)
+        assert all(t.best_config.kwargs.get("BLOCK_N" if t is ops._local_dkdv_kernel else "BLOCK_M") == block
+                   for t in tuners)
+
+
 # The grid cases: tests/test_conformance.py.
 def test_local2d_duplicate_patches_and_bf16():
     grid, num_prefix, top_k = (5, 5), 1, 4

@@ -33,24 +33,28 @@ def _specs(dtype: str, window: int, head_dim: int, grid, radius: int, num_prefix
     dq_ptrs = {**{k: v for k, v in fwd_ptrs.items() if k != "O"}, "DO": t, "DELTA": "*fp32", "DQ": t, "DCOEF": "*fp32"}
     kv_ptrs = {**{k: v for k, v in dq_ptrs.items() if k not in ("DQ", "DCOEF")}, "DK": t, "DV": t}
     causal = dict(LS_PER_HEAD=True, HAS_VALID=True, GRID=False, CHEB=False, PREC=prec, BLOCK_D=bd)
-    block, band, full = ops.local2d_blocks(grid, radius, num_prefix)
+    full = ops.local2d_blocks(grid, radius, num_prefix)[2]
     grid2d = dict(causal, HAS_VALID=False, GRID=True, CHEB=True)
-    causal_specs = []
-    for m in causal_blocks(ops, window):  # every block the autotuner may pick: all must compile
+    specs = []
+    for m in causal_blocks(ops, window):  # every block the autotuners may pick: all must compile
         tile = ops._pow2(m + window - 1)
-        causal_specs += [
+        specs += [
             (f"causal fwd m{m}", K._fwd_kernel, fwd_ptrs, dict(causal, KMODE=K.CAUSAL_KEYS, BLOCK_M=m, BLOCK_N=tile)),
             (f"causal dq m{m}", K._bwd_dq_kernel, dq_ptrs, dict(causal, KMODE=K.CAUSAL_KEYS, BLOCK_M=m, BLOCK_N=tile)),
             (f"causal dk/dv m{m}", K._bwd_dkdv_kernel, kv_ptrs,
              dict(causal, QMODE=K.CAUSAL_QUERIES, BLOCK_N=m, BLOCK_Q=tile)),
         ]
+    for m in band_blocks(ops, grid[1], radius, num_prefix):
+        band = ops._grid_band(grid[1], radius, num_prefix, m)[1]
+        specs += [
+            (f"2-D fwd m{m}", K._fwd_kernel, fwd_ptrs, dict(grid2d, KMODE=K.GRID_BAND, BLOCK_M=m, BLOCK_N=band)),
+            (f"2-D dq m{m}", K._bwd_dq_kernel, dq_ptrs, dict(grid2d, KMODE=K.GRID_BAND, BLOCK_M=m, BLOCK_N=band)),
+            (f"2-D dk/dv m{m}", K._bwd_dkdv_kernel, kv_ptrs, dict(grid2d, QMODE=K.GRID_BAND, BLOCK_N=m, BLOCK_Q=band)),
+        ]
     return [
-        *causal_specs,
-        ("2-D fwd", K._fwd_kernel, fwd_ptrs, dict(grid2d, KMODE=K.GRID_BAND, BLOCK_M=block, BLOCK_N=band)),
+        *specs,
         ("2-D prefix fwd", K._fwd_kernel, fwd_ptrs, dict(grid2d, KMODE=K.ALL, BLOCK_M=16, BLOCK_N=full)),
-        ("2-D dq", K._bwd_dq_kernel, dq_ptrs, dict(grid2d, KMODE=K.GRID_BAND, BLOCK_M=block, BLOCK_N=band)),
         ("2-D prefix dq", K._bwd_dq_kernel, dq_ptrs, dict(grid2d, KMODE=K.ALL, BLOCK_M=16, BLOCK_N=full)),
-        ("2-D dk/dv", K._bwd_dkdv_kernel, kv_ptrs, dict(grid2d, QMODE=K.GRID_BAND, BLOCK_N=block, BLOCK_Q=band)),
         ("2-D prefix dk/dv", K._bwd_dkdv_kernel, kv_ptrs, dict(grid2d, QMODE=K.ALL, BLOCK_N=16, BLOCK_Q=64)),
         ("decode", K._decode_kernel,
          dict(Q=t, K=t, V=t, QN="*fp32", KN="*fp32", LS="*fp32", LENGTHS="*i32", VALID="*i8", O=t),
@@ -64,6 +68,12 @@ def causal_blocks(ops, window: int) -> list[int]:
     blocks = {c.kwargs["BLOCK_M"] for c in ops.CAUSAL_FWD_CONFIGS + ops.CAUSAL_DQ_CONFIGS}
     blocks |= {c.kwargs["BLOCK_N"] for c in ops.CAUSAL_DKDV_CONFIGS}
     return sorted(m for m in blocks if ops._pow2(m + window - 1) <= ops.MAX_TILE)
+
+
+def band_blocks(ops, cols: int, radius: int, num_prefix: int) -> list[int]:
+    """The patch blocks of the 2-D band kernels' autotune configs whose tile fits."""
+    blocks = {c.kwargs["BLOCK_M"] for c in ops.LOCAL2D_CONFIGS} | {c.kwargs["BLOCK_N"] for c in ops.LOCAL2D_DKDV_CONFIGS}
+    return sorted(m for m in blocks if ops._grid_band(cols, radius, num_prefix, m)[1] <= ops.MAX_TILE)
 
 
 def compile_kernel(triton, fn, ptr_types, constexprs, arch: int):

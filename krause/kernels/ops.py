@@ -127,20 +127,26 @@ _causal_fwd_candidates = _tile_candidates("BLOCK_M")
 _causal_dkdv_candidates = _tile_candidates("BLOCK_N")
 
 
-def _tuned(kernel, configs, prune, tile_arg: str, block_arg: str, key=("W", "D")):
-    """kernel tuned over configs (keyed by window and head dim; Triton adds the dtypes), its
-    tile argument following from the block and W."""
-    tiled = triton.heuristics({tile_arg: lambda a: _pow2(a[block_arg] + a["W"] - 1)})(kernel)
-    return triton.autotune(configs=configs, key=list(key), prune_configs_by={"early_config_prune": prune})(tiled)
+def _tuned(kernel, configs, prune, tile: dict, key):
+    """kernel tuned over configs, timed once per value of the `key` arguments (Triton adds the
+    dtypes), its tile arguments following from the block chosen (`tile`: name -> fn(args))."""
+    return triton.autotune(configs=configs, key=list(key), prune_configs_by={"early_config_prune": prune})(
+        triton.heuristics(tile)(kernel))
+
+
+def _causal_tile(block_arg: str):
+    return lambda a: _pow2(a[block_arg] + a["W"] - 1)
 
 
 # The causal forward, tuned: BLOCK_N (the key tile) is the band a block of BLOCK_M queries reads.
 # Its outputs (out, lse, thr) are per row, so the backward is independent of the block chosen;
 # so are the backward's (dq, delta and dcoef per query row, dk/dv per key row).
-_causal_fwd_kernel = _tuned(K._fwd_kernel, CAUSAL_FWD_CONFIGS, _causal_fwd_candidates, "BLOCK_N", "BLOCK_M",
-                            key=("W", "D", "n_iter"))
-_causal_dq_kernel = _tuned(K._bwd_dq_kernel, CAUSAL_DQ_CONFIGS, _causal_fwd_candidates, "BLOCK_N", "BLOCK_M")
-_causal_dkdv_kernel = _tuned(K._bwd_dkdv_kernel, CAUSAL_DKDV_CONFIGS, _causal_dkdv_candidates, "BLOCK_Q", "BLOCK_N")
+_causal_fwd_kernel = _tuned(K._fwd_kernel, CAUSAL_FWD_CONFIGS, _causal_fwd_candidates,
+                            {"BLOCK_N": _causal_tile("BLOCK_M")}, ("W", "D", "n_iter"))
+_causal_dq_kernel = _tuned(K._bwd_dq_kernel, CAUSAL_DQ_CONFIGS, _causal_fwd_candidates,
+                           {"BLOCK_N": _causal_tile("BLOCK_M")}, ("W", "D"))
+_causal_dkdv_kernel = _tuned(K._bwd_dkdv_kernel, CAUSAL_DKDV_CONFIGS, _causal_dkdv_candidates,
+                             {"BLOCK_Q": _causal_tile("BLOCK_N")}, ("W", "D"))
 
 
 def causal_supported(window: int) -> tuple[bool, str]:
@@ -151,18 +157,60 @@ def causal_supported(window: int) -> tuple[bool, str]:
     return True, ""
 
 
+def _prefix_pad(num_prefix: int) -> int:
+    """Tile slots for the prefix tokens (a power of two; none without them)."""
+    return triton.next_power_of_2(num_prefix) if num_prefix else 0
+
+
 def _grid_band(cols, radius, num_prefix, block):
-    p_pad = triton.next_power_of_2(num_prefix) if num_prefix else 0
+    p_pad = _prefix_pad(num_prefix)
     return p_pad, _pow2(p_pad + block + 2 * radius * cols + 2 * radius)
 
 
-def local2d_blocks(grid, radius: int, num_prefix: int) -> tuple[int, int, int]:
-    """(patch query block, its key tile, prefix-row key tile) of the 2-D forward."""
-    rows, cols = grid
+def _default_band_block(cols: int, radius: int, num_prefix: int) -> int:
     block = 32
     while block > 16 and _grid_band(cols, radius, num_prefix, block)[1] > MAX_TILE:
         block //= 2
+    return block
+
+
+def local2d_blocks(grid, radius: int, num_prefix: int) -> tuple[int, int, int]:
+    """(patch query block, its key tile, prefix-row key tile) of the 2-D forward's default."""
+    rows, cols = grid
+    block = _default_band_block(cols, radius, num_prefix)
     return block, _grid_band(cols, radius, num_prefix, block)[1], _pow2(num_prefix + rows * cols)
+
+
+#: candidate (patch block, warps) of the 2-D band kernels (forward and dq: query blocks; dk/dv:
+#: key blocks); the tile is the prefix plus the band of rows within `radius` of the block
+LOCAL2D_CONFIGS = CAUSAL_FWD_CONFIGS
+LOCAL2D_DKDV_CONFIGS = CAUSAL_DKDV_CONFIGS
+
+
+def _band_candidates(block_arg: str):
+    """As `_tile_candidates`, for the 2-D band: the default `local2d_blocks` block alone when
+    not tuning, else every config whose band tile fits."""
+    def prune(configs, nargs, **kwargs):
+        cols, radius, prefix = nargs["cols"], nargs["radius"], nargs["P"]
+        if not autotune_enabled():
+            block = _default_band_block(cols, radius, prefix)
+            return [c for c in configs if c.kwargs[block_arg] == block and c.num_warps == 4]
+        fitting = [c for c in configs if _grid_band(cols, radius, prefix, c.kwargs[block_arg])[1] <= MAX_TILE]
+        return fitting or configs[:1]
+    return prune
+
+
+def _band_tile(block_arg: str):
+    return lambda a: _grid_band(a["cols"], a["radius"], a["P"], a[block_arg])[1]
+
+
+# The 2-D patch-row kernels, tuned the same way (the prefix-row launches keep their one tile).
+_local_fwd_kernel = _tuned(K._fwd_kernel, LOCAL2D_CONFIGS, _band_candidates("BLOCK_M"),
+                           {"BLOCK_N": _band_tile("BLOCK_M")}, ("cols", "radius", "P", "D", "n_iter"))
+_local_dq_kernel = _tuned(K._bwd_dq_kernel, LOCAL2D_CONFIGS, _band_candidates("BLOCK_M"),
+                          {"BLOCK_N": _band_tile("BLOCK_M")}, ("cols", "radius", "P", "D"))
+_local_dkdv_kernel = _tuned(K._bwd_dkdv_kernel, LOCAL2D_DKDV_CONFIGS, _band_candidates("BLOCK_N"),
+                            {"BLOCK_Q": _band_tile("BLOCK_N")}, ("cols", "radius", "P", "D"))
 
 
 def local2d_supported(grid, radius: int, num_prefix: int) -> tuple[bool, str]:
@@ -282,14 +330,13 @@ def _causal_bwd_flops(g_shape, q_shape, k_shape, *args, **kwargs) -> int:
 # --------------------------------------------------------------------------- 2-D local
 def _local_launch_args(q, k, log_sigma, rows, cols, radius, metric, num_prefix):
     b, h, hkv, n, _, d, ls, per_head, qn, kn = _common(q, k, log_sigma)
-    block, band, full = local2d_blocks((rows, cols), radius, num_prefix)
-    p_pad = _grid_band(cols, radius, num_prefix, block)[0]
+    full = local2d_blocks((rows, cols), radius, num_prefix)[2]  # the band kernels' tiles: their tuner's
     common = dict(LS_PER_HEAD=per_head, HAS_VALID=False, GRID=True, CHEB=metric == "chebyshev", PREC=_prec(q.dtype))
-    return b, h, hkv, n, d, ls, qn, kn, block, band, full, p_pad, common
+    return b, h, hkv, n, d, ls, qn, kn, full, _prefix_pad(num_prefix), common
 
 
 def _local_forward(q, k, v, log_sigma, rows, cols, radius, metric, top_k, num_prefix):
-    b, h, hkv, n, d, ls, qn, kn, block, band, full, p_pad, common = _local_launch_args(
+    b, h, hkv, n, d, ls, qn, kn, full, p_pad, common = _local_launch_args(
         q, k, log_sigma, rows, cols, radius, metric, num_prefix)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     dummy = q.new_empty(1, dtype=torch.int8)
@@ -299,9 +346,9 @@ def _local_forward(q, k, v, log_sigma, rows, cols, radius, metric, top_k, num_pr
     bd = _pow2(d)
     max_cand = num_prefix + len(grid_offsets(radius, metric))
     scalars = (h, h // hkv, n, n, d, 1, num_prefix, p_pad, cols, radius)
-    _launch(K._fwd_kernel, (b * h, _blocks(n - num_prefix, block)),
+    _launch(_local_fwd_kernel, lambda meta: (b * h, _blocks(n - num_prefix, meta["BLOCK_M"])),
         q, k, v, qn, kn, ls, dummy, out, lse, thr, *scalars, top_k if top_k < max_cand else 0, num_prefix,
-        KMODE=K.GRID_BAND, BLOCK_M=block, BLOCK_N=band, BLOCK_D=bd, **common,
+        KMODE=K.GRID_BAND, BLOCK_D=bd, **common,
     )
     if num_prefix:
         _launch(K._fwd_kernel, (b * h, triton.cdiv(num_prefix, 16)),
@@ -312,7 +359,7 @@ def _local_forward(q, k, v, log_sigma, rows, cols, radius, metric, top_k, num_pr
 
 
 def _local_backward_impl(grad, q, k, v, log_sigma, lse, thr, rows, cols, radius, metric, top_k, num_prefix):
-    b, h, hkv, n, d, ls, qn, kn, block, band, full, p_pad, common = _local_launch_args(
+    b, h, hkv, n, d, ls, qn, kn, full, p_pad, common = _local_launch_args(
         q, k, log_sigma, rows, cols, radius, metric, num_prefix)
     q, k, v, grad = q.contiguous(), k.contiguous(), v.contiguous(), grad.to(q.dtype).contiguous()
     dummy = q.new_empty(1, dtype=torch.int8)
@@ -322,9 +369,9 @@ def _local_backward_impl(grad, q, k, v, log_sigma, lse, thr, rows, cols, radius,
     dq = torch.empty_like(q)
     dcoef = q.new_empty((b * h, n), dtype=torch.float32)  # per query row: each launch writes its own rows
     tensors = (q, k, v, qn, kn, ls, dummy, grad, lse, thr, delta)
-    _launch(K._bwd_dq_kernel, (b * h, triton.cdiv(n - num_prefix, block)),
+    _launch(_local_dq_kernel, lambda meta: (b * h, triton.cdiv(n - num_prefix, meta["BLOCK_M"])),
         *tensors, dq, dcoef, *scalars, num_prefix,
-        KMODE=K.GRID_BAND, BLOCK_M=block, BLOCK_N=band, BLOCK_D=bd, **common,
+        KMODE=K.GRID_BAND, BLOCK_D=bd, **common,
     )
     if num_prefix:
         _launch(K._bwd_dq_kernel, (b * h, triton.cdiv(num_prefix, 16)),
@@ -333,9 +380,9 @@ def _local_backward_impl(grad, q, k, v, log_sigma, lse, thr, rows, cols, radius,
         )
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     # patch keys: their queries are the prefix rows and the symmetric patch band
-    _launch(K._bwd_dkdv_kernel, (b * hkv, triton.cdiv(n - num_prefix, block)),
+    _launch(_local_dkdv_kernel, lambda meta: (b * hkv, triton.cdiv(n - num_prefix, meta["BLOCK_N"])),
         *tensors, dk, dv, *scalars, num_prefix, n, 1,
-        QMODE=K.GRID_BAND, BLOCK_N=block, BLOCK_Q=band, BLOCK_D=bd, **common,
+        QMODE=K.GRID_BAND, BLOCK_D=bd, **common,
     )
     if num_prefix:  # prefix keys: every query, in chunks
         _launch(K._bwd_dkdv_kernel, (b * hkv, triton.cdiv(num_prefix, 16)),
