@@ -139,19 +139,37 @@ inline void window_dots(const float* q, const float* kT, int64_t ld, int64_t lo,
 // branches, whose mispredictions would cost more than the compares).
 constexpr int64_t kRankCountMax = 4 * kLanes;
 
+// r + 1 in the lanes where dj <= dm (kOrEqual) or dj < dm. AVX-512 compares into a mask
+// register, and a masked add takes it as is (the portable form turns the mask into a vector
+// and ANDs it with ones first: two more instructions per compare).
+template <bool kOrEqual>
+inline Vec count_if_closer(const Vec& r, const Vec& dj, const Vec& dm) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_mask_add_ps(r, _mm512_cmp_ps_mask(dj, dm, kOrEqual ? _CMP_LE_OQ : _CMP_LT_OQ), r, _mm512_set1_ps(1.f));
+#else
+  return r + ((kOrEqual ? (dj <= dm) : (dj < dm)) & Vec(1.f));
+#endif
+}
+
+// The same for the lanes' own group: closer, or as close and j below the lane's index.
+inline Vec count_if_before(const Vec& r, const Vec& dj, const Vec& dm, const Vec& j, const Vec& index) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __mmask16 tie_below = _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(j, index, _CMP_LT_OQ), dj, dm, _CMP_EQ_OQ);
+  return _mm512_mask_add_ps(r, _mm512_cmp_ps_mask(dj, dm, _CMP_LT_OQ) | tie_below, r, _mm512_set1_ps(1.f));
+#else
+  return r + (((dj < dm) | ((dj == dm) & (j < index))) & Vec(1.f));
+#endif
+}
+
 inline int64_t select_by_rank(const float* dist, const int32_t* key, int64_t cnt, int64_t kk, float* rank,
                               float* kept_dist, int32_t* kept_key) {
-  const Vec one(1.f);
   for (int64_t mc = 0; mc < cnt; mc += kLanes) {
     const int64_t c = std::min<int64_t>(kLanes, cnt - mc);
     const Vec dm = Vec::loadu(dist + mc, c), index = Vec::arange(static_cast<float>(mc), 1.f);
     Vec r(0.f);
-    for (int64_t j = 0; j < mc; ++j) r = r + ((Vec(dist[j]) <= dm) & one);  // j below every lane's m
-    for (int64_t j = mc; j < mc + c; ++j) {
-      const Vec dj(dist[j]);
-      r = r + (((dj < dm) | ((dj == dm) & (Vec(static_cast<float>(j)) < index))) & one);
-    }
-    for (int64_t j = mc + c; j < cnt; ++j) r = r + ((Vec(dist[j]) < dm) & one);  // j above every lane's m
+    for (int64_t j = 0; j < mc; ++j) r = count_if_closer<true>(r, Vec(dist[j]), dm);  // j below every lane's m
+    for (int64_t j = mc; j < mc + c; ++j) r = count_if_before(r, Vec(dist[j]), dm, Vec(static_cast<float>(j)), index);
+    for (int64_t j = mc + c; j < cnt; ++j) r = count_if_closer<false>(r, Vec(dist[j]), dm);  // j above every lane's m
     r.store(rank + mc, c);
   }
   int64_t n = 0;
