@@ -120,13 +120,13 @@ def test_causal_forward_tile_candidates():
 
     configs = ops.CAUSAL_FWD_CONFIGS
     for window, block in ((8, 16), (32, 32), (128, 64)):
-        (only,) = ops._causal_fwd_candidates(configs, {"W": window})
+        (only,) = ops._causal_fwd_kernel.early_config_prune(configs, {"W": window})
         assert only.kwargs["BLOCK_M"] == block == ops.causal_blocks(window)[0] and only.num_warps == 4
     tuning = pytest.MonkeyPatch.context()
     with tuning as mp:
         mp.setattr(ops, "autotune_enabled", lambda: True)
-        assert ops._causal_fwd_candidates(configs, {"W": 32}) == configs
-        wide = ops._causal_fwd_candidates(configs, {"W": 2000})  # 64 + 1999 keys need a 4096 tile
+        assert ops._causal_fwd_kernel.early_config_prune(configs, {"W": 32}) == configs
+        wide = ops._causal_fwd_kernel.early_config_prune(configs, {"W": 2000})  # 64 + 1999 keys need a 4096 tile
         assert {c.kwargs["BLOCK_M"] for c in wide} == {16, 32}
 
 
@@ -135,13 +135,13 @@ def test_causal_backward_tile_candidates():
     from krause.kernels import ops
 
     for window, block in ((8, 16), (32, 32), (128, 64)):
-        (dq,) = ops._causal_fwd_candidates(ops.CAUSAL_DQ_CONFIGS, {"W": window})
-        (dkdv,) = ops._causal_dkdv_candidates(ops.CAUSAL_DKDV_CONFIGS, {"W": window})
+        (dq,) = ops._causal_dq_kernel.early_config_prune(ops.CAUSAL_DQ_CONFIGS, {"W": window})
+        (dkdv,) = ops._causal_dkdv_kernel.early_config_prune(ops.CAUSAL_DKDV_CONFIGS, {"W": window})
         assert dq.kwargs["BLOCK_M"] == dkdv.kwargs["BLOCK_N"] == block and dq.num_warps == dkdv.num_warps == 4
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ops, "autotune_enabled", lambda: True)
-        assert ops._causal_dkdv_candidates(ops.CAUSAL_DKDV_CONFIGS, {"W": 32}) == ops.CAUSAL_DKDV_CONFIGS
-        wide = ops._causal_dkdv_candidates(ops.CAUSAL_DKDV_CONFIGS, {"W": 2000})
+        assert ops._causal_dkdv_kernel.early_config_prune(ops.CAUSAL_DKDV_CONFIGS, {"W": 32}) == ops.CAUSAL_DKDV_CONFIGS
+        wide = ops._causal_dkdv_kernel.early_config_prune(ops.CAUSAL_DKDV_CONFIGS, {"W": 2000})
         assert {c.kwargs["BLOCK_N"] for c in wide} == {16, 32}
 
 
@@ -153,8 +153,8 @@ def test_every_causal_backward_config_gives_the_rule(monkeypatch):
     b, h, hkv, t, d, window, top_k = 1, 2, 1, 40, 16, 8, 4
     leaves, ls, go = make_inputs(b, h, hkv, t, t, d, per_head=True, seed=6)
     cand = causal_candidates(b, t, t, window)
-    default_dq = ops._causal_fwd_candidates(ops.CAUSAL_DQ_CONFIGS, {"W": window})[0]
-    default_kv = ops._causal_dkdv_candidates(ops.CAUSAL_DKDV_CONFIGS, {"W": window})[0]
+    default_dq = ops._causal_dq_kernel.early_config_prune(ops.CAUSAL_DQ_CONFIGS, {"W": window})[0]
+    default_kv = ops._causal_dkdv_kernel.early_config_prune(ops.CAUSAL_DKDV_CONFIGS, {"W": window})[0]
     cases = [(c, default_kv) for c in ops.CAUSAL_DQ_CONFIGS if c.num_warps == 4] + \
         [(default_dq, c) for c in ops.CAUSAL_DKDV_CONFIGS if c.num_warps == 4]
     for dq_config, kv_config in cases:

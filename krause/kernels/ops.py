@@ -110,43 +110,43 @@ CAUSAL_DQ_CONFIGS = CAUSAL_FWD_CONFIGS
 CAUSAL_DKDV_CONFIGS = [triton.Config({"BLOCK_N": m}, num_warps=w) for m in (16, 32, 64) for w in (4, 8)]
 
 
-def _tile_candidates(block_arg: str):
-    """A pruner over configs of `block_arg` for the causal kernels: the default alone when not
-    tuning (`causal_blocks`, 4 warps), else every config whose tile (block + W - 1) fits."""
+def _tuner_parts(block_arg: str, tile_of, default_block):
+    """The config pruner of a tuned kernel: the default block alone (4 warps) when not tuning,
+    else every config whose tile `tile_of(args, block)` fits in MAX_TILE."""
     def prune(configs, nargs, **kwargs):
-        window = nargs["W"]
         if not autotune_enabled():
-            block = causal_blocks(window)[0]
+            block = default_block(nargs)
             return [c for c in configs if c.kwargs[block_arg] == block and c.num_warps == 4]
-        fitting = [c for c in configs if _pow2(c.kwargs[block_arg] + window - 1) <= MAX_TILE]
+        fitting = [c for c in configs if tile_of(nargs, c.kwargs[block_arg]) <= MAX_TILE]
         return fitting or configs[:1]
     return prune
 
 
-_causal_fwd_candidates = _tile_candidates("BLOCK_M")
-_causal_dkdv_candidates = _tile_candidates("BLOCK_N")
+def _tuned(kernel, configs, block_arg: str, tile_arg: str, tile_of, default_block, key):
+    """kernel tuned over configs of `block_arg`, timed once per value of the `key` arguments
+    (Triton adds the dtypes); its `tile_arg` follows from the block chosen."""
+    prune = _tuner_parts(block_arg, tile_of, default_block)
+    tiled = triton.heuristics({tile_arg: lambda a: tile_of(a, a[block_arg])})(kernel)
+    return triton.autotune(configs=configs, key=list(key), prune_configs_by={"early_config_prune": prune})(tiled)
 
 
-def _tuned(kernel, configs, prune, tile: dict, key):
-    """kernel tuned over configs, timed once per value of the `key` arguments (Triton adds the
-    dtypes), its tile arguments following from the block chosen (`tile`: name -> fn(args))."""
-    return triton.autotune(configs=configs, key=list(key), prune_configs_by={"early_config_prune": prune})(
-        triton.heuristics(tile)(kernel))
+def _causal_tile(args, block):  # the block and the W - 1 tokens before it
+    return _pow2(block + args["W"] - 1)
 
 
-def _causal_tile(block_arg: str):
-    return lambda a: _pow2(a[block_arg] + a["W"] - 1)
+def _causal_default(args):
+    return causal_blocks(args["W"])[0]
 
 
 # The causal forward, tuned: BLOCK_N (the key tile) is the band a block of BLOCK_M queries reads.
 # Its outputs (out, lse, thr) are per row, so the backward is independent of the block chosen;
 # so are the backward's (dq, delta and dcoef per query row, dk/dv per key row).
-_causal_fwd_kernel = _tuned(K._fwd_kernel, CAUSAL_FWD_CONFIGS, _causal_fwd_candidates,
-                            {"BLOCK_N": _causal_tile("BLOCK_M")}, ("W", "D", "n_iter"))
-_causal_dq_kernel = _tuned(K._bwd_dq_kernel, CAUSAL_DQ_CONFIGS, _causal_fwd_candidates,
-                           {"BLOCK_N": _causal_tile("BLOCK_M")}, ("W", "D"))
-_causal_dkdv_kernel = _tuned(K._bwd_dkdv_kernel, CAUSAL_DKDV_CONFIGS, _causal_dkdv_candidates,
-                             {"BLOCK_Q": _causal_tile("BLOCK_N")}, ("W", "D"))
+_causal_fwd_kernel = _tuned(K._fwd_kernel, CAUSAL_FWD_CONFIGS, "BLOCK_M", "BLOCK_N", _causal_tile, _causal_default,
+                            ("W", "D", "n_iter"))
+_causal_dq_kernel = _tuned(K._bwd_dq_kernel, CAUSAL_DQ_CONFIGS, "BLOCK_M", "BLOCK_N", _causal_tile, _causal_default,
+                           ("W", "D"))
+_causal_dkdv_kernel = _tuned(K._bwd_dkdv_kernel, CAUSAL_DKDV_CONFIGS, "BLOCK_N", "BLOCK_Q", _causal_tile,
+                             _causal_default, ("W", "D"))
 
 
 def causal_supported(window: int) -> tuple[bool, str]:
@@ -187,30 +187,21 @@ LOCAL2D_CONFIGS = CAUSAL_FWD_CONFIGS
 LOCAL2D_DKDV_CONFIGS = CAUSAL_DKDV_CONFIGS
 
 
-def _band_candidates(block_arg: str):
-    """As `_tile_candidates`, for the 2-D band: the default `local2d_blocks` block alone when
-    not tuning, else every config whose band tile fits."""
-    def prune(configs, nargs, **kwargs):
-        cols, radius, prefix = nargs["cols"], nargs["radius"], nargs["P"]
-        if not autotune_enabled():
-            block = _default_band_block(cols, radius, prefix)
-            return [c for c in configs if c.kwargs[block_arg] == block and c.num_warps == 4]
-        fitting = [c for c in configs if _grid_band(cols, radius, prefix, c.kwargs[block_arg])[1] <= MAX_TILE]
-        return fitting or configs[:1]
-    return prune
+def _band_tile(args, block):  # the prefix and the rows within `radius` of the block
+    return _grid_band(args["cols"], args["radius"], args["P"], block)[1]
 
 
-def _band_tile(block_arg: str):
-    return lambda a: _grid_band(a["cols"], a["radius"], a["P"], a[block_arg])[1]
+def _band_default(args):
+    return _default_band_block(args["cols"], args["radius"], args["P"])
 
 
 # The 2-D patch-row kernels, tuned the same way (the prefix-row launches keep their one tile).
-_local_fwd_kernel = _tuned(K._fwd_kernel, LOCAL2D_CONFIGS, _band_candidates("BLOCK_M"),
-                           {"BLOCK_N": _band_tile("BLOCK_M")}, ("cols", "radius", "P", "D", "n_iter"))
-_local_dq_kernel = _tuned(K._bwd_dq_kernel, LOCAL2D_CONFIGS, _band_candidates("BLOCK_M"),
-                          {"BLOCK_N": _band_tile("BLOCK_M")}, ("cols", "radius", "P", "D"))
-_local_dkdv_kernel = _tuned(K._bwd_dkdv_kernel, LOCAL2D_DKDV_CONFIGS, _band_candidates("BLOCK_N"),
-                            {"BLOCK_Q": _band_tile("BLOCK_N")}, ("cols", "radius", "P", "D"))
+_local_fwd_kernel = _tuned(K._fwd_kernel, LOCAL2D_CONFIGS, "BLOCK_M", "BLOCK_N", _band_tile, _band_default,
+                           ("cols", "radius", "P", "D", "n_iter"))
+_local_dq_kernel = _tuned(K._bwd_dq_kernel, LOCAL2D_CONFIGS, "BLOCK_M", "BLOCK_N", _band_tile, _band_default,
+                          ("cols", "radius", "P", "D"))
+_local_dkdv_kernel = _tuned(K._bwd_dkdv_kernel, LOCAL2D_DKDV_CONFIGS, "BLOCK_N", "BLOCK_Q", _band_tile, _band_default,
+                            ("cols", "radius", "P", "D"))
 
 
 def local2d_supported(grid, radius: int, num_prefix: int) -> tuple[bool, str]:
