@@ -14,6 +14,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The default tiles (fast on a GPU: no tuning per shape, and the same bits every run); the
+# tuners' own tests below switch tuning on.
+os.environ.setdefault("KRAUSE_TRITON_AUTOTUNE", "0")
 
 triton = pytest.importorskip("triton")
 
@@ -119,9 +122,12 @@ def test_causal_forward_tile_candidates():
     from krause.kernels import ops
 
     configs = ops.CAUSAL_FWD_CONFIGS
-    for window, block in ((8, 16), (32, 32), (128, 64)):
-        (only,) = ops._causal_fwd_kernel.early_config_prune(configs, {"W": window})
-        assert only.kwargs["BLOCK_M"] == block == ops.causal_blocks(window)[0] and only.num_warps == 4
+    pinned = pytest.MonkeyPatch.context()
+    with pinned as mp:
+        mp.setattr(ops, "autotune_enabled", lambda: False)
+        for window, block in ((8, 16), (32, 32), (128, 64)):
+            (only,) = ops._causal_fwd_kernel.early_config_prune(configs, {"W": window})
+            assert only.kwargs["BLOCK_M"] == block == ops.causal_blocks(window)[0] and only.num_warps == 4
     tuning = pytest.MonkeyPatch.context()
     with tuning as mp:
         mp.setattr(ops, "autotune_enabled", lambda: True)
@@ -130,14 +136,29 @@ def test_causal_forward_tile_candidates():
         assert {c.kwargs["BLOCK_M"] for c in wide} == {16, 32}
 
 
+def test_autotune_switch_reads_the_environment(monkeypatch):
+    from krause.kernels import ops
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("KRAUSE_TRITON_AUTOTUNE", raising=False)
+    assert ops.autotune_enabled()
+    monkeypatch.setenv("KRAUSE_TRITON_AUTOTUNE", "0")
+    assert not ops.autotune_enabled()
+    monkeypatch.setenv("KRAUSE_TRITON_AUTOTUNE", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # no device to time
+    assert not ops.autotune_enabled()
+
+
 def test_causal_backward_tile_candidates():
     """The backward's two passes prune the same way: dq over query blocks, dk/dv over key blocks."""
     from krause.kernels import ops
 
-    for window, block in ((8, 16), (32, 32), (128, 64)):
-        (dq,) = ops._causal_dq_kernel.early_config_prune(ops.CAUSAL_DQ_CONFIGS, {"W": window})
-        (dkdv,) = ops._causal_dkdv_kernel.early_config_prune(ops.CAUSAL_DKDV_CONFIGS, {"W": window})
-        assert dq.kwargs["BLOCK_M"] == dkdv.kwargs["BLOCK_N"] == block and dq.num_warps == dkdv.num_warps == 4
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ops, "autotune_enabled", lambda: False)
+        for window, block in ((8, 16), (32, 32), (128, 64)):
+            (dq,) = ops._causal_dq_kernel.early_config_prune(ops.CAUSAL_DQ_CONFIGS, {"W": window})
+            (dkdv,) = ops._causal_dkdv_kernel.early_config_prune(ops.CAUSAL_DKDV_CONFIGS, {"W": window})
+            assert dq.kwargs["BLOCK_M"] == dkdv.kwargs["BLOCK_N"] == block and dq.num_warps == dkdv.num_warps == 4
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ops, "autotune_enabled", lambda: True)
         assert ops._causal_dkdv_kernel.early_config_prune(ops.CAUSAL_DKDV_CONFIGS, {"W": 32}) == ops.CAUSAL_DKDV_CONFIGS
@@ -212,7 +233,9 @@ def test_local2d_band_candidates():
         block = ops.local2d_blocks((cols, cols), radius, prefix)[0]
         for configs, prune, name in ((ops.LOCAL2D_CONFIGS, ops._local_fwd_kernel.early_config_prune, "BLOCK_M"),
                                      (ops.LOCAL2D_DKDV_CONFIGS, ops._local_dkdv_kernel.early_config_prune, "BLOCK_N")):
-            (only,) = prune(configs, args)
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(ops, "autotune_enabled", lambda: False)
+                (only,) = prune(configs, args)
             assert only.kwargs[name] == block and only.num_warps == 4
             with pytest.MonkeyPatch.context() as mp:
                 mp.setattr(ops, "autotune_enabled", lambda: True)
