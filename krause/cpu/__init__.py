@@ -158,7 +158,7 @@ def causal_saved_slots(num_queries: int, num_keys: int, window: int, top_k: int)
 def causal_forward(q, k, v, coef, key_valid, window: int, top_k: int, saved: bool = True):
     """End-aligned causal Krause forward: q (B, H, Tq, D), k, v (B, Hkv, Tk, D), Tq <= Tk;
     coef (H,) fp32. Returns out (q's dtype) and the saved probs, dist, kept (with
-    ``saved=False``, inference, ``kept`` may index the keys from the first one read)."""
+    ``saved=False``, inference, those three are empty: the kernel writes only out)."""
     mod = load()
     tq, tk = q.shape[2], k.shape[2]
     first = max(0, tk - tq - window + 1)  # keys older than the first query's window are never read
@@ -173,7 +173,7 @@ def causal_forward(q, k, v, coef, key_valid, window: int, top_k: int, saved: boo
     kf, vf, qf = _f32(k), _f32(v), _f32(q)
     valid = key_valid.contiguous() if key_valid is not None else _NO_PADDING
     out, probs, dist, kept = mod.causal_forward(
-        qf, kf, vf, valid, _f32(coef), tk - first - tq, window, top_k, causal_saved_slots(tq, tk, window, top_k))
+        qf, kf, vf, valid, _f32(coef), tk - first - tq, window, top_k, causal_saved_slots(tq, tk, window, top_k), saved)
     if first and saved:
         kept = torch.where(kept >= 0, kept + first, kept)  # indices into the full keys
     return out.to(q.dtype), probs, dist, kept

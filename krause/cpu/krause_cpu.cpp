@@ -206,7 +206,8 @@ inline int64_t select_nearest(const float* dist, const int32_t* key, int64_t cnt
 }
 
 // Softmax of -coef * dist over the n kept entries into probs, and out = sum probs v_key;
-// the saved rows (probs, dist, key) are padded to ks with zeros / -1.
+// the saved rows (probs, dist, key) are padded to ks with zeros / -1. dist_out null: nothing
+// is saved (probs is then a scratch row).
 inline void softmax_gather(const float* dist, const int32_t* key, int64_t n, int64_t ks, float coef,
                            const float* v_head, int64_t d, float* out, float* probs, float* dist_out,
                            int32_t* key_out) {
@@ -226,6 +227,7 @@ inline void softmax_gather(const float* dist, const int32_t* key, int64_t n, int
     (Vec::loadu(probs + m, c) * inv).store(probs + m, c);
   }
   weighted_rows(v_head, key, probs, n, d, out);
+  if (dist_out == nullptr) return;  // inference: probs is scratch, nothing is saved
   std::copy(dist, dist + n, dist_out);
   std::copy(key, key + n, key_out);
   std::fill(probs + n, probs + ks, 0.f);
@@ -236,6 +238,7 @@ inline void softmax_gather(const float* dist, const int32_t* key, int64_t n, int
 // The row of a query that sees a non-finite candidate distance: NaN output, nothing kept.
 inline void nan_row(int64_t ks, int64_t d, float* out, float* probs, float* dist_out, int32_t* key_out) {
   std::fill(out, out + d, std::numeric_limits<float>::quiet_NaN());
+  if (dist_out == nullptr) return;  // nothing saved
   std::fill(probs, probs + ks, 0.f);
   std::fill(dist_out, dist_out + ks, 0.f);
   std::fill(key_out, key_out + ks, -1);
@@ -284,22 +287,24 @@ int64_t causal_block(int64_t window) { return std::max<int64_t>(kLanes, 4 * wind
 
 // q (B,H,Tq,D); k, v (B,Hkv,Tk,D); key_valid (B,Tk) bool or empty; coef (H,). Query i sits
 // at key position key_offset + i and sees keys p - window < j <= p. Returns out, probs,
-// dist (B,H,Tq,ks) and kept (int32).
+// dist (B,H,Tq,ks) and kept (int32); with save false (inference) the last three are empty
+// (B,H,Tq,0) and nothing of them is written.
 // A task (batch, key/value head, block of queries) copies the keys its block can see,
 // transposed, into a small buffer (so a query's distances are contiguous vector loads)
 // with their squared norms, and runs the block for each query head of the group.
 std::vector<at::Tensor> causal_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                        const at::Tensor& key_valid, const at::Tensor& coef, int64_t key_offset,
-                                       int64_t window, int64_t top_k, int64_t ks) {
+                                       int64_t window, int64_t top_k, int64_t ks, bool save) {
   check_f32(q, "q", 4), check_f32(k, "k", 4), check_f32(v, "v", 4), check_f32(coef, "coef", 1);
   const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Tk = k.size(2), G = H / Hkv;
   TORCH_CHECK(key_offset + Tq <= Tk && key_offset >= 0, "queries must be the last Tq positions of the keys");
   const bool padded = key_valid.numel() > 0;
+  const int64_t saved_ks = save ? ks : 0;  // inference (save false): empty saved tensors
   auto out = at::empty_like(q);
-  auto probs = at::empty({B, H, Tq, ks}, q.options());
-  auto dist = at::empty({B, H, Tq, ks}, q.options());
-  auto kept = at::empty({B, H, Tq, ks}, q.options().dtype(at::kInt));
+  auto probs = at::empty({B, H, Tq, saved_ks}, q.options());
+  auto dist = at::empty({B, H, Tq, saved_ks}, q.options());
+  auto kept = at::empty({B, H, Tq, saved_ks}, q.options().dtype(at::kInt));
   const float *qp = q.data_ptr<float>(), *kp_ = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   const float* cp = coef.data_ptr<float>();
   const bool* valid = padded ? key_valid.data_ptr<bool>() : nullptr;
@@ -311,7 +316,7 @@ std::vector<at::Tensor> causal_forward(const at::Tensor& q, const at::Tensor& k,
 
   at::parallel_for(0, B * Hkv * nblocks, grain_for(G * block * window * D), [&](int64_t begin, int64_t end) {
     Scratch sc(window);
-    std::vector<float> kT(D * ld), ksq(ld + kLanes);
+    std::vector<float> kT(D * ld), ksq(ld + kLanes), row_probs(save ? 0 : ks);
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t bk = tile / nblocks, blk = tile % nblocks, b = bk / Hkv, hkv = bk % Hkv;
       const int64_t i0 = blk * block, i1 = std::min(Tq, i0 + block);
@@ -353,14 +358,17 @@ std::vector<at::Tensor> causal_forward(const at::Tensor& q, const at::Tensor& k,
               sc.key[cnt++] = static_cast<int32_t>(j);
             }
           }
+          float* prow = save ? pp + row * ks : row_probs.data();
+          float* drow = save ? dp + row * ks : nullptr;
+          int32_t* krow = save ? kp + row * ks : nullptr;
           if (!finite) {
-            nan_row(ks, D, op + row * D, pp + row * ks, dp + row * ks, kp + row * ks);
+            nan_row(ks, D, op + row * D, prow, drow, krow);
             continue;
           }
           const int64_t kk = select_nearest(sc.dist.data(), sc.key.data(), cnt, top_k, sc.tmp.data(),
                                             sc.kept_dist.data(), sc.kept_key.data());
-          softmax_gather(sc.kept_dist.data(), sc.kept_key.data(), kk, ks, cp[h], v_head, D, op + row * D,
-                         pp + row * ks, dp + row * ks, kp + row * ks);
+          softmax_gather(sc.kept_dist.data(), sc.kept_key.data(), kk, ks, cp[h], v_head, D, op + row * D, prow,
+                         drow, krow);
         }
       }
     }
