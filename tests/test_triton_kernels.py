@@ -429,7 +429,7 @@ def test_causal_kernels_compile_for_sm90():
     assert run.returncode == 0, run.stdout + run.stderr
     from krause.kernels import compile_check, ops
 
-    assert run.stdout.count(" ok ") == 3 * len(compile_check.causal_blocks(ops, 32)) == 9, run.stdout
+    assert run.stdout.count(" ok ") == 3 * len(compile_check.tuned_causal_blocks(ops, 32)) == 9, run.stdout
 
 
 def test_bad_arguments_name_themselves():

@@ -36,7 +36,7 @@ def _specs(dtype: str, window: int, head_dim: int, grid, radius: int, num_prefix
     full = ops.local2d_blocks(grid, radius, num_prefix)[2]
     grid2d = dict(causal, HAS_VALID=False, GRID=True, CHEB=True)
     specs = []
-    for m in causal_blocks(ops, window):  # every block the autotuners may pick: all must compile
+    for m in tuned_causal_blocks(ops, window):  # every block the autotuners may pick: all must compile
         tile = ops._pow2(m + window - 1)
         specs += [
             (f"causal fwd m{m}", K._fwd_kernel, fwd_ptrs, dict(causal, KMODE=K.CAUSAL_KEYS, BLOCK_M=m, BLOCK_N=tile)),
@@ -44,7 +44,7 @@ def _specs(dtype: str, window: int, head_dim: int, grid, radius: int, num_prefix
             (f"causal dk/dv m{m}", K._bwd_dkdv_kernel, kv_ptrs,
              dict(causal, QMODE=K.CAUSAL_QUERIES, BLOCK_N=m, BLOCK_Q=tile)),
         ]
-    for m in band_blocks(ops, grid[1], radius, num_prefix):
+    for m in tuned_band_blocks(ops, grid[1], radius, num_prefix):
         band = ops._grid_band(grid[1], radius, num_prefix, m)[1]
         specs += [
             (f"2-D fwd m{m}", K._fwd_kernel, fwd_ptrs, dict(grid2d, KMODE=K.GRID_BAND, BLOCK_M=m, BLOCK_N=band)),
@@ -63,14 +63,14 @@ def _specs(dtype: str, window: int, head_dim: int, grid, radius: int, num_prefix
     ], triton
 
 
-def causal_blocks(ops, window: int) -> list[int]:
+def tuned_causal_blocks(ops, window: int) -> list[int]:
     """The query/key blocks of the causal kernels' autotune configs whose tile fits."""
     blocks = {c.kwargs["BLOCK_M"] for c in ops.CAUSAL_FWD_CONFIGS + ops.CAUSAL_DQ_CONFIGS}
     blocks |= {c.kwargs["BLOCK_N"] for c in ops.CAUSAL_DKDV_CONFIGS}
     return sorted(m for m in blocks if ops._pow2(m + window - 1) <= ops.MAX_TILE)
 
 
-def band_blocks(ops, cols: int, radius: int, num_prefix: int) -> list[int]:
+def tuned_band_blocks(ops, cols: int, radius: int, num_prefix: int) -> list[int]:
     """The patch blocks of the 2-D band kernels' autotune configs whose tile fits."""
     blocks = {c.kwargs["BLOCK_M"] for c in ops.LOCAL2D_CONFIGS} | {c.kwargs["BLOCK_N"] for c in ops.LOCAL2D_DKDV_CONFIGS}
     return sorted(m for m in blocks if ops._grid_band(cols, radius, num_prefix, m)[1] <= ops.MAX_TILE)
