@@ -105,29 +105,28 @@ def measure_op(t: int, repeats: int) -> dict:
             "ratio_vs_dense_count": rate["krause"] / dense_rate}
 
 
-def measure_causal(tokens: list[int], sdpa_at: int, repeats: int) -> dict:
-    times, faults, engine = {}, {}, None
+def causal_times(tokens: list[int], repeats: int, baselines_at: int | None = None):
+    """The Krause op's fwd+bwd median time and page faults per call at each T, and at
+    T = baselines_at SDPA's and the engine's times from the same interleaved rounds."""
+    times, faults, baselines = {}, {}, {}
     for t in tokens:
-        cases = _causal_cases(t, t == sdpa_at, t == sdpa_at)
-        timing = T.time_interleaved(cases, repeats=repeats if t == sdpa_at else max(2, repeats))
+        with_baselines = t == baselines_at
+        cases = _causal_cases(t, with_baselines, with_baselines)
+        timing = T.time_interleaved(cases, repeats=repeats if with_baselines else max(2, repeats))
         times[t] = timing["krause"]["median_s"]
         faults[t] = T.minor_page_faults(cases["krause"], runs=1)
-        if t == sdpa_at:
-            sdpa, engine = timing["sdpa"]["median_s"], timing["engine"]["median_s"]
+        if with_baselines:
+            baselines = {name: timing[name]["median_s"] for name in ("sdpa", "engine")}
+    return times, faults, baselines
+
+
+def measure_causal(tokens: list[int], sdpa_at: int, repeats: int) -> dict:
+    times, faults, baselines = causal_times(tokens, repeats, sdpa_at)
+    sdpa, engine = baselines["sdpa"], baselines["engine"]
     # the slope without the smallest size too: page faults (and caches) can differ there
     return {"krause_time_s": times, "page_faults_per_call": faults, "page_fault_s": T.page_fault_cost_s(),
             "sdpa_time_s": sdpa, "engine_time_s": engine, "ratio": times[sdpa_at] / sdpa, "engine_ratio": engine / sdpa,
             "slope": log_log_slope(times), "slope_without_smallest": log_log_slope({t: times[t] for t in tokens[1:]})}
-
-
-def krause_causal_times(tokens: list[int], repeats: int) -> dict:
-    """The Krause op's fwd+bwd time and page faults per call at each T (no baselines)."""
-    times, faults = {}, {}
-    for t in tokens:
-        cases = _causal_cases(t, False, False)
-        times[t] = T.time_interleaved(cases, repeats=max(2, repeats))["krause"]["median_s"]
-        faults[t] = T.minor_page_faults(cases["krause"], runs=1)
-    return {"krause_time_s": times, "page_faults_per_call": faults}
 
 
 def measure_slope_huge_pages(tokens: list[int], repeats: int, threads: int | None) -> dict:
@@ -140,8 +139,9 @@ def measure_slope_huge_pages(tokens: list[int], repeats: int, threads: int | Non
            "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     code = ("import json, os, sys, torch; from benchmarks import targets; a = json.loads(sys.argv[1]); "
             "a['threads'] and torch.set_num_threads(a['threads']); "
-            "res = targets.krause_causal_times(a['tokens'], a['repeats']); "
-            "print(json.dumps({**res, 'THP_MEM_ALLOC_ENABLE': os.environ.get('THP_MEM_ALLOC_ENABLE')}))")
+            "times, faults, _ = targets.causal_times(a['tokens'], a['repeats']); "
+            "print(json.dumps({'krause_time_s': times, 'page_faults_per_call': faults, "
+            "'THP_MEM_ALLOC_ENABLE': os.environ.get('THP_MEM_ALLOC_ENABLE')}))")
     args = json.dumps({"tokens": tokens, "repeats": repeats, "threads": threads})
     out = subprocess.run([sys.executable, "-c", code, args], env=env, capture_output=True, text=True, timeout=3600)
     if out.returncode != 0:

@@ -37,7 +37,7 @@ def _specs(dtype: str, window: int, head_dim: int, grid, radius: int, num_prefix
     grid2d = dict(causal, HAS_VALID=False, GRID=True, CHEB=True)
     specs = []
     for m in tuned_causal_blocks(ops, window):  # every block the autotuners may pick: all must compile
-        tile = ops._pow2(m + window - 1)
+        tile = ops._causal_tile({"W": window}, m)
         specs += [
             (f"causal fwd m{m}", K._fwd_kernel, fwd_ptrs, dict(causal, KMODE=K.CAUSAL_KEYS, BLOCK_M=m, BLOCK_N=tile)),
             (f"causal dq m{m}", K._bwd_dq_kernel, dq_ptrs, dict(causal, KMODE=K.CAUSAL_KEYS, BLOCK_M=m, BLOCK_N=tile)),
@@ -64,16 +64,13 @@ def _specs(dtype: str, window: int, head_dim: int, grid, radius: int, num_prefix
 
 
 def tuned_causal_blocks(ops, window: int) -> list[int]:
-    """The query/key blocks of the causal kernels' autotune configs whose tile fits."""
-    blocks = {c.kwargs["BLOCK_M"] for c in ops.CAUSAL_FWD_CONFIGS + ops.CAUSAL_DQ_CONFIGS}
-    blocks |= {c.kwargs["BLOCK_N"] for c in ops.CAUSAL_DKDV_CONFIGS}
-    return sorted(m for m in blocks if ops._pow2(m + window - 1) <= ops.MAX_TILE)
+    """The blocks the causal kernels' tuners may pick at this window (their tile fits)."""
+    return [m for m in ops.TUNED_BLOCKS if ops._causal_tile({"W": window}, m) <= ops.MAX_TILE]
 
 
 def tuned_band_blocks(ops, cols: int, radius: int, num_prefix: int) -> list[int]:
-    """The patch blocks of the 2-D band kernels' autotune configs whose tile fits."""
-    blocks = {c.kwargs["BLOCK_M"] for c in ops.LOCAL2D_CONFIGS} | {c.kwargs["BLOCK_N"] for c in ops.LOCAL2D_DKDV_CONFIGS}
-    return sorted(m for m in blocks if ops._grid_band(cols, radius, num_prefix, m)[1] <= ops.MAX_TILE)
+    """The blocks the 2-D band kernels' tuners may pick for this grid (their tile fits)."""
+    return [m for m in ops.TUNED_BLOCKS if ops._grid_band(cols, radius, num_prefix, m)[1] <= ops.MAX_TILE]
 
 
 def compile_kernel(triton, fn, ptr_types, constexprs, arch: int):

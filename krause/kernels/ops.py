@@ -102,15 +102,22 @@ def autotune_enabled() -> bool:
     return os.environ.get("KRAUSE_TRITON_AUTOTUNE", "1") != "0" and not _interpreting()
 
 
-#: candidate (query block, warps) of the causal forward; its key tile follows from the block and W
-CAUSAL_FWD_CONFIGS = [triton.Config({"BLOCK_M": m}, num_warps=w) for m in (16, 32, 64) for w in (4, 8)]
-#: the same for the backward's two passes: dq (a block of queries) and dk/dv (a block of keys,
-#: whose query tile holds the block + W - 1 queries that can keep them)
-CAUSAL_DQ_CONFIGS = CAUSAL_FWD_CONFIGS
-CAUSAL_DKDV_CONFIGS = [triton.Config({"BLOCK_N": m}, num_warps=w) for m in (16, 32, 64) for w in (4, 8)]
+#: the blocks and warp counts every tuned kernel tries (pruned where the block's tile does not fit)
+TUNED_BLOCKS, TUNED_WARPS = (16, 32, 64), (4, 8)
 
 
-def _tuner_parts(block_arg: str, tile_of, default_block):
+def _block_configs(block_arg: str) -> list:
+    return [triton.Config({block_arg: m}, num_warps=w) for m in TUNED_BLOCKS for w in TUNED_WARPS]
+
+
+#: candidates of the causal forward and the backward's dq pass (query blocks; the key tile
+#: follows from the block and W) and of its dk/dv pass (key blocks, whose query tile holds the
+#: block + W - 1 queries that can keep them)
+CAUSAL_FWD_CONFIGS = CAUSAL_DQ_CONFIGS = _block_configs("BLOCK_M")
+CAUSAL_DKDV_CONFIGS = _block_configs("BLOCK_N")
+
+
+def _pruner(block_arg: str, tile_of, default_block):
     """The config pruner of a tuned kernel: the default block alone (4 warps) when not tuning,
     else every config whose tile `tile_of(args, block)` fits in MAX_TILE."""
     def prune(configs, nargs, **kwargs):
@@ -125,7 +132,7 @@ def _tuner_parts(block_arg: str, tile_of, default_block):
 def _tuned(kernel, configs, block_arg: str, tile_arg: str, tile_of, default_block, key):
     """kernel tuned over configs of `block_arg`, timed once per value of the `key` arguments
     (Triton adds the dtypes); its `tile_arg` follows from the block chosen."""
-    prune = _tuner_parts(block_arg, tile_of, default_block)
+    prune = _pruner(block_arg, tile_of, default_block)
     tiled = triton.heuristics({tile_arg: lambda a: tile_of(a, a[block_arg])})(kernel)
     return triton.autotune(configs=configs, key=list(key), prune_configs_by={"early_config_prune": prune})(tiled)
 
@@ -181,10 +188,9 @@ def local2d_blocks(grid, radius: int, num_prefix: int) -> tuple[int, int, int]:
     return block, _grid_band(cols, radius, num_prefix, block)[1], _pow2(num_prefix + rows * cols)
 
 
-#: candidate (patch block, warps) of the 2-D band kernels (forward and dq: query blocks; dk/dv:
-#: key blocks); the tile is the prefix plus the band of rows within `radius` of the block
-LOCAL2D_CONFIGS = CAUSAL_FWD_CONFIGS
-LOCAL2D_DKDV_CONFIGS = CAUSAL_DKDV_CONFIGS
+#: candidates of the 2-D band kernels (forward and dq: query blocks; dk/dv: key blocks); the
+#: tile is the prefix plus the band of rows within `radius` of the block
+LOCAL2D_CONFIGS, LOCAL2D_DKDV_CONFIGS = CAUSAL_FWD_CONFIGS, CAUSAL_DKDV_CONFIGS
 
 
 def _band_tile(args, block):  # the prefix and the rows within `radius` of the block
@@ -321,7 +327,7 @@ def _causal_bwd_flops(g_shape, q_shape, k_shape, *args, **kwargs) -> int:
 # --------------------------------------------------------------------------- 2-D local
 def _local_launch_args(q, k, log_sigma, rows, cols, radius, metric, num_prefix):
     b, h, hkv, n, _, d, ls, per_head, qn, kn = _common(q, k, log_sigma)
-    full = local2d_blocks((rows, cols), radius, num_prefix)[2]  # the band kernels' tiles: their tuner's
+    full = local2d_blocks((rows, cols), radius, num_prefix)[2]  # the prefix rows' tile (the band's: tuned)
     common = dict(LS_PER_HEAD=per_head, HAS_VALID=False, GRID=True, CHEB=metric == "chebyshev", PREC=_prec(q.dtype))
     return b, h, hkv, n, d, ls, qn, kn, full, _prefix_pad(num_prefix), common
 
