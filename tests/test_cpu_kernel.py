@@ -106,6 +106,29 @@ def test_same_input_same_bits_whatever_the_thread_count(op):
 
 
 @needs_kernel
+@pytest.mark.parametrize("window", [8, 16, 33, 64, 80])  # rank counting up to 4 vectors of lanes; a sort beyond
+@pytest.mark.parametrize("levels", [3, 1000])  # c_j from 3 values (ties everywhere) or 1000 (few; c_j^2 exact in fp32)
+def test_kept_sets_follow_the_rule_whatever_the_ties(window, levels):
+    """Every query keeps the top_k smallest distances, ties to the lower key index, whether the
+    ties sit inside the kept set, across its boundary, or nowhere. q = 0 and keys c_j e_1 make
+    dist_ij = c_j^2 exactly."""
+    g = torch.Generator().manual_seed(window * levels)
+    t, top_k = 2 * window + 7, max(1, window // 3)
+    c = torch.randint(0, levels, (t,), generator=g).float()
+    k = torch.zeros(1, 1, t, 4)
+    k[0, 0, :, 0] = c
+    q, v = torch.zeros(1, 1, t, 4), torch.randn(1, 1, t, 4, generator=g)
+    _, _, dist, kept = cpu.load().causal_forward(q, k, v, torch.empty(0, dtype=torch.bool), torch.ones(1), 0, window,
+                                                 top_k, top_k, True)
+    for i in range(t):
+        cand = range(max(0, i - window + 1), i + 1)
+        rule = sorted(sorted(cand, key=lambda j: (c[j].item() ** 2, j))[:top_k])
+        assert kept[0, 0, i, :len(rule)].tolist() == rule, i
+        assert (kept[0, 0, i, len(rule):] == -1).all()
+        assert dist[0, 0, i, :len(rule)].tolist() == [c[j].item() ** 2 for j in rule]
+
+
+@needs_kernel
 def test_compiled_kernel_takes_non_contiguous_and_low_precision_inputs():
     q, k, v = (torch.randn(2, 20, 3, 8).transpose(1, 2) for _ in range(3))  # (B, H, T, D) views
     assert not q.is_contiguous()

@@ -161,8 +161,32 @@ inline Vec count_if_before(const Vec& r, const Vec& dj, const Vec& dm, const Vec
 #endif
 }
 
+// Keeps the candidates whose rank is below kk, in ascending key order; returns how many.
+inline int64_t keep_ranked(const float* dist, const int32_t* key, int64_t cnt, int64_t kk, const float* rank,
+                           float* kept_dist, int32_t* kept_key) {
+  int64_t n = 0;
+  for (int64_t m = 0; m < cnt; ++m) {  // n <= m < cnt while writing: in bounds
+    kept_dist[n] = dist[m];
+    kept_key[n] = key[m];
+    n += rank[m] < static_cast<float>(kk);
+  }
+  return n;
+}
+
+// First the strict ranks #{j : d_j < d_m} alone (two instructions a compare): they keep
+// exactly kk candidates unless distances tie across the boundary, and only then are the ranks
+// counted again with ties broken by index.
 inline int64_t select_by_rank(const float* dist, const int32_t* key, int64_t cnt, int64_t kk, float* rank,
                               float* kept_dist, int32_t* kept_key) {
+  for (int64_t mc = 0; mc < cnt; mc += kLanes) {
+    const int64_t c = std::min<int64_t>(kLanes, cnt - mc);
+    const Vec dm = Vec::loadu(dist + mc, c);
+    Vec r(0.f);
+    for (int64_t j = 0; j < cnt; ++j) r = count_if_closer<false>(r, Vec(dist[j]), dm);
+    r.store(rank + mc, c);
+  }
+  const int64_t n = keep_ranked(dist, key, cnt, kk, rank, kept_dist, kept_key);
+  if (n == kk) return n;
   for (int64_t mc = 0; mc < cnt; mc += kLanes) {
     const int64_t c = std::min<int64_t>(kLanes, cnt - mc);
     const Vec dm = Vec::loadu(dist + mc, c), index = Vec::arange(static_cast<float>(mc), 1.f);
@@ -172,13 +196,7 @@ inline int64_t select_by_rank(const float* dist, const int32_t* key, int64_t cnt
     for (int64_t j = mc + c; j < cnt; ++j) r = count_if_closer<false>(r, Vec(dist[j]), dm);  // j above every lane's m
     r.store(rank + mc, c);
   }
-  int64_t n = 0;
-  for (int64_t m = 0; m < cnt; ++m) {  // n < kk <= cnt - 1 while writing: in bounds
-    kept_dist[n] = dist[m];
-    kept_key[n] = key[m];
-    n += rank[m] < static_cast<float>(kk);
-  }
-  return n;
+  return keep_ranked(dist, key, cnt, kk, rank, kept_dist, kept_key);
 }
 
 inline int64_t select_nearest(const float* dist, const int32_t* key, int64_t cnt, int64_t top_k, float* scratch,
@@ -211,9 +229,12 @@ inline int64_t select_nearest(const float* dist, const int32_t* key, int64_t cnt
 inline void softmax_gather(const float* dist, const int32_t* key, int64_t n, int64_t ks, float coef,
                            const float* v_head, int64_t d, float* out, float* probs, float* dist_out,
                            int32_t* key_out) {
-  float lmax = -kInf;
-  for (int64_t m = 0; m < n; ++m) lmax = std::max(lmax, dist[m] * -coef);
-  const Vec vmax(lmax), vneg(-coef), zero(0.f);
+  const Vec vneg(-coef), zero(0.f), lowest(-kInf);
+  Vec row_max = lowest;  // a vector of maxima, not one scalar chain: max is exact either way
+  for (int64_t m = 0; m < n; m += kLanes)
+    row_max = at::vec::maximum(row_max, Vec::set(lowest, Vec::loadu(dist + m, std::min<int64_t>(kLanes, n - m)) * vneg,
+                                                 std::min<int64_t>(kLanes, n - m)));
+  const Vec vmax(at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, row_max));
   Vec total(0.f);
   for (int64_t m = 0; m < n; m += kLanes) {
     const int64_t c = std::min<int64_t>(kLanes, n - m);
@@ -451,39 +472,51 @@ struct KeyGradTarget {
   float* dv_row(int64_t j) const { return j >= own_lo ? dv + j * d : halo_dv + (j - halo_lo) * d; }
 };
 
-// One query row's share of the gradients, in one pass over its kept keys per four vectors of
-// d (q_i and g_i stay in registers, each k_j is loaded once):
+// One query row's share of the gradients, in one pass over its kept keys per P vectors of d
+// from column x (q_i and g_i stay in registers, each k_j is loaded once):
 //   dq_i  = sum_m w_m k_j + 2 rowsum q_i          (w_m = -2 ddist_m, rowsum = sum_m ddist_m)
 //   dk_j += -w_m (k_j - q_i),   dv_j += p_m g_i
+// P and kTail are compile-time so the vectors live in registers and the full columns use
+// unmasked loads and stores; kTail (P = 1) is the last, partial vector of c lanes.
+template <int P, bool kTail>
+inline void row_grads_cols(const float* k_head, const int32_t* kk, const float* w, const float* p, int64_t n,
+                           float rowsum, const float* qi, const float* go, const KeyGradTarget& to, int64_t d,
+                           int64_t x, int64_t c, float* dqi) {
+  static_assert(!kTail || P == 1, "a partial vector is handled alone");
+  auto load = [c](const float* ptr) { return kTail ? Vec::loadu(ptr, c) : Vec::loadu(ptr); };
+  auto store = [c](const Vec& v, float* ptr) { kTail ? v.store(ptr, c) : v.store(ptr); };
+  const Vec two_rowsum(2.f * rowsum);
+  Vec qv[P], gv[P], acc[P];
+  for (int u = 0; u < P; ++u) {
+    qv[u] = load(qi + x + u * kLanes);
+    gv[u] = load(go + x + u * kLanes);
+    acc[u] = two_rowsum * qv[u];
+  }
+  for (int64_t m = 0; m < n; ++m) {
+    const int64_t j = kk[m];
+    const float* kj = k_head + j * d + x;
+    float *dk = to.dk_row(j) + x, *dv = to.dv_row(j) + x;
+    const Vec wm(w[m]), am(-w[m]), pm(p[m]);
+    for (int u = 0; u < P; ++u) {
+      const int64_t o = u * kLanes;
+      const Vec kv = load(kj + o);
+      acc[u] = at::vec::fmadd(wm, kv, acc[u]);
+      store(at::vec::fmadd(am, kv - qv[u], load(dk + o)), dk + o);
+      store(at::vec::fmadd(pm, gv[u], load(dv + o)), dv + o);
+    }
+  }
+  for (int u = 0; u < P; ++u) store(acc[u], dqi + x + u * kLanes);
+}
+
 inline void row_grads(const float* k_head, const int32_t* kk, const float* w, const float* p, int64_t n,
                       float rowsum, const float* qi, const float* go, const KeyGradTarget& to, int64_t d,
                       float* dqi) {
-  const Vec two_rowsum(2.f * rowsum);
-  for (int64_t x = 0; x < d; x += 4 * kLanes) {
-    int64_t c[4];
-    Vec qv[4], gv[4], acc[4];
-    const int64_t parts = std::min<int64_t>(4, (d - x + kLanes - 1) / kLanes);
-    for (int64_t u = 0; u < parts; ++u) {
-      c[u] = std::min<int64_t>(kLanes, d - x - u * kLanes);
-      qv[u] = Vec::loadu(qi + x + u * kLanes, c[u]);
-      gv[u] = Vec::loadu(go + x + u * kLanes, c[u]);
-      acc[u] = two_rowsum * qv[u];
-    }
-    for (int64_t m = 0; m < n; ++m) {
-      const int64_t j = kk[m];
-      const float* kj = k_head + j * d + x;
-      float *dk = to.dk_row(j) + x, *dv = to.dv_row(j) + x;
-      const Vec wm(w[m]), am(-w[m]), pm(p[m]);
-      for (int64_t u = 0; u < parts; ++u) {
-        const int64_t o = u * kLanes;
-        const Vec kv = Vec::loadu(kj + o, c[u]);
-        acc[u] = at::vec::fmadd(wm, kv, acc[u]);
-        at::vec::fmadd(am, kv - qv[u], Vec::loadu(dk + o, c[u])).store(dk + o, c[u]);
-        at::vec::fmadd(pm, gv[u], Vec::loadu(dv + o, c[u])).store(dv + o, c[u]);
-      }
-    }
-    for (int64_t u = 0; u < parts; ++u) acc[u].store(dqi + x + u * kLanes, c[u]);
-  }
+  int64_t x = 0;
+  for (; x + 4 * kLanes <= d; x += 4 * kLanes)
+    row_grads_cols<4, false>(k_head, kk, w, p, n, rowsum, qi, go, to, d, x, kLanes, dqi);
+  for (; x + kLanes <= d; x += kLanes)
+    row_grads_cols<1, false>(k_head, kk, w, p, n, rowsum, qi, go, to, d, x, kLanes, dqi);
+  if (x < d) row_grads_cols<1, true>(k_head, kk, w, p, n, rowsum, qi, go, to, d, x, d - x, dqi);
 }
 
 // The backward of queries [i0, i1) of every head of key/value head (b, hkv): writes their dq
