@@ -273,6 +273,27 @@ struct Scratch {
       : dots(n + kLanes), dist(n + kLanes), tmp(n + kLanes), kept_dist(n), key(n), kept_key(n) {}
 };
 
+// Rows of one head whose steps run phase by phase (all distances, then all selections, then
+// all softmaxes): each row's steps form one long dependency chain, and rows of a group are
+// independent, so the core overlaps them instead of waiting on each chain.
+constexpr int64_t kRowGroup = 8;
+
+// Per-thread buffers of a group's candidates, kRowGroup rows of stride n + kLanes.
+struct RowGroupScratch {
+  int64_t stride;
+  std::vector<float> dots_, dist_, kept_dist_, tmp;
+  std::vector<int32_t> key_, kept_key_;
+  int64_t count[kRowGroup], kept[kRowGroup];
+  explicit RowGroupScratch(int64_t n)
+      : stride(n + kLanes), dots_(kRowGroup * stride), dist_(kRowGroup * stride), kept_dist_(kRowGroup * stride),
+        tmp(stride), key_(kRowGroup * stride), kept_key_(kRowGroup * stride) {}
+  float* dots(int64_t r) { return dots_.data() + r * stride; }
+  float* dist(int64_t r) { return dist_.data() + r * stride; }
+  float* kept_dist(int64_t r) { return kept_dist_.data() + r * stride; }
+  int32_t* key(int64_t r) { return key_.data() + r * stride; }
+  int32_t* kept_key(int64_t r) { return kept_key_.data() + r * stride; }
+};
+
 int64_t grain_for(int64_t work_per_item) {
   return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, work_per_item));
 }
@@ -336,7 +357,7 @@ std::vector<at::Tensor> causal_forward(const at::Tensor& q, const at::Tensor& k,
   const int64_t ld = (std::min(block, Tq) + window - 1 + kLanes - 1) / kLanes * kLanes;
 
   at::parallel_for(0, B * Hkv * nblocks, grain_for(G * block * window * D), [&](int64_t begin, int64_t end) {
-    Scratch sc(window);
+    RowGroupScratch sc(window);
     std::vector<float> kT(D * ld), ksq(ld + kLanes), row_probs(save ? 0 : ks);
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t bk = tile / nblocks, blk = tile % nblocks, b = bk / Hkv, hkv = bk % Hkv;
@@ -348,48 +369,58 @@ std::vector<at::Tensor> causal_forward(const at::Tensor& q, const at::Tensor& k,
       tile_key_norms(kT.data(), ld, span, D, v_head + span_lo * D, ksq.data());
       for (int64_t g = 0; g < G; ++g) {
         const int64_t h = hkv * G + g;
-        for (int64_t i = i0; i < i1; ++i) {
-          const int64_t row = (b * H + h) * Tq + i;
-          const int64_t p = key_offset + i, lo = std::max<int64_t>(0, p - window + 1), n = p - lo + 1;
-          const float* qi = qp + row * D;
-          const float qsq = dot(qi, qi, D);
-          window_dots(qi, kT.data(), ld, lo - span_lo, n, D, sc.dots.data());
-          int64_t cnt = 0;
-          bool finite = true;
-          if (!padded) {  // every candidate counts: distances a vector at a time
-            const Vec vq(qsq), two(2.f), zero(0.f);
-            Vec worst(0.f);
-            for (int64_t m = 0; m < n; m += kLanes) {
-              const int64_t c = std::min<int64_t>(kLanes, n - m);
-              const Vec dj = at::vec::maximum((vq + Vec::loadu(ksq.data() + lo - span_lo + m, c)) -
-                                              two * Vec::loadu(sc.dots.data() + m, c), zero);  // NaN stays NaN
-              dj.store(sc.dist.data() + m, c);
-              worst = at::vec::maximum(worst, dj);
+        for (int64_t r0 = i0; r0 < i1; r0 += kRowGroup) {
+          const int64_t rows = std::min(kRowGroup, i1 - r0);
+          for (int64_t r = 0; r < rows; ++r) {  // distances
+            const int64_t i = r0 + r, row = (b * H + h) * Tq + i;
+            const int64_t p = key_offset + i, lo = std::max<int64_t>(0, p - window + 1), n = p - lo + 1;
+            const float* qi = qp + row * D;
+            const float qsq = dot(qi, qi, D);
+            float *dots = sc.dots(r), *dist_r = sc.dist(r);
+            int32_t* key_r = sc.key(r);
+            window_dots(qi, kT.data(), ld, lo - span_lo, n, D, dots);
+            int64_t cnt = 0;
+            bool finite = true;
+            if (!padded) {  // every candidate counts: distances a vector at a time
+              const Vec vq(qsq), two(2.f), zero(0.f);
+              Vec worst(0.f);
+              for (int64_t m = 0; m < n; m += kLanes) {
+                const int64_t c = std::min<int64_t>(kLanes, n - m);
+                const Vec dj = at::vec::maximum((vq + Vec::loadu(ksq.data() + lo - span_lo + m, c)) -
+                                                two * Vec::loadu(dots + m, c), zero);  // NaN stays NaN
+                dj.store(dist_r + m, c);
+                worst = at::vec::maximum(worst, dj);
+              }
+              for (int64_t m = 0; m < n; ++m) key_r[m] = static_cast<int32_t>(lo + m);
+              finite = hsum(worst * zero) == 0.f;  // 0 unless some distance is NaN or inf
+              cnt = n;
+            } else {
+              for (int64_t m = 0; m < n; ++m) {
+                const int64_t j = lo + m;
+                if (!valid[b * Tk + j]) continue;
+                const float dj = std::max((qsq + ksq[j - span_lo]) - 2.f * dots[m], 0.f);  // NaN stays NaN
+                finite &= dj < kInf;
+                dist_r[cnt] = dj;
+                key_r[cnt++] = static_cast<int32_t>(j);
+              }
             }
-            for (int64_t m = 0; m < n; ++m) sc.key[m] = static_cast<int32_t>(lo + m);
-            finite = hsum(worst * zero) == 0.f;  // 0 unless some distance is NaN or inf
-            cnt = n;
-          } else {
-            for (int64_t m = 0; m < n; ++m) {
-              const int64_t j = lo + m;
-              if (!valid[b * Tk + j]) continue;
-              const float dj = std::max((qsq + ksq[j - span_lo]) - 2.f * sc.dots[m], 0.f);  // NaN stays NaN
-              finite &= dj < kInf;
-              sc.dist[cnt] = dj;
-              sc.key[cnt++] = static_cast<int32_t>(j);
-            }
+            sc.count[r] = finite ? cnt : -1;
           }
-          float* prow = save ? pp + row * ks : row_probs.data();
-          float* drow = save ? dp + row * ks : nullptr;
-          int32_t* krow = save ? kp + row * ks : nullptr;
-          if (!finite) {
-            nan_row(ks, D, op + row * D, prow, drow, krow);
-            continue;
+          for (int64_t r = 0; r < rows; ++r)  // selection
+            if (sc.count[r] >= 0)
+              sc.kept[r] = select_nearest(sc.dist(r), sc.key(r), sc.count[r], top_k, sc.tmp.data(), sc.kept_dist(r),
+                                          sc.kept_key(r));
+          for (int64_t r = 0; r < rows; ++r) {  // softmax and values
+            const int64_t row = (b * H + h) * Tq + r0 + r;
+            float* prow = save ? pp + row * ks : row_probs.data();
+            float* drow = save ? dp + row * ks : nullptr;
+            int32_t* krow = save ? kp + row * ks : nullptr;
+            if (sc.count[r] < 0)
+              nan_row(ks, D, op + row * D, prow, drow, krow);
+            else
+              softmax_gather(sc.kept_dist(r), sc.kept_key(r), sc.kept[r], ks, cp[h], v_head, D, op + row * D, prow,
+                             drow, krow);
           }
-          const int64_t kk = select_nearest(sc.dist.data(), sc.key.data(), cnt, top_k, sc.tmp.data(),
-                                            sc.kept_dist.data(), sc.kept_key.data());
-          softmax_gather(sc.kept_dist.data(), sc.kept_key.data(), kk, ks, cp[h], v_head, D, op + row * D, prow,
-                         drow, krow);
         }
       }
     }
