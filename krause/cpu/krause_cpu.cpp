@@ -165,11 +165,27 @@ inline Vec count_if_before(const Vec& r, const Vec& dj, const Vec& dm, const Vec
 inline int64_t keep_ranked(const float* dist, const int32_t* key, int64_t cnt, int64_t kk, const float* rank,
                            float* kept_dist, int32_t* kept_key) {
   int64_t n = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  // Sixteen candidates at a time: the kept lanes compressed in a register, then one masked
+  // store each (compressing straight to memory is microcoded on some cores).
+  const __m512 limit = _mm512_set1_ps(static_cast<float>(kk));
+  for (int64_t m = 0; m < cnt; m += 16) {
+    const __mmask16 lanes = static_cast<__mmask16>((1u << std::min<int64_t>(16, cnt - m)) - 1);
+    const __mmask16 keep = _mm512_mask_cmp_ps_mask(lanes, _mm512_maskz_loadu_ps(lanes, rank + m), limit, _CMP_LT_OQ);
+    const int taken = _mm_popcnt_u32(keep);
+    const __mmask16 first = static_cast<__mmask16>((1u << taken) - 1);
+    _mm512_mask_storeu_ps(kept_dist + n, first, _mm512_maskz_compress_ps(keep, _mm512_maskz_loadu_ps(lanes, dist + m)));
+    _mm512_mask_storeu_epi32(kept_key + n, first,
+                             _mm512_maskz_compress_epi32(keep, _mm512_maskz_loadu_epi32(lanes, key + m)));
+    n += taken;
+  }
+#else
   for (int64_t m = 0; m < cnt; ++m) {  // n <= m < cnt while writing: in bounds
     kept_dist[n] = dist[m];
     kept_key[n] = key[m];
     n += rank[m] < static_cast<float>(kk);
   }
+#endif
   return n;
 }
 
