@@ -21,7 +21,10 @@ and gradients are included):
   memory. It counts every thread's allocations and also what is not a tensor (library
   workspaces, the Python heap), and only pages actually touched; it needs no profiler,
   so nothing is printed and the kernels run with their usual threads. Where /proc or
-  glibc is missing it is None (shown as "—").
+  glibc is missing it is None (shown as "—"). That glibc setting stays for the rest of
+  the process (fresh pages, so a page fault per 4 KiB, for every large tensor), so a
+  benchmark measures CPU memory after all its timings; the timing functions refuse to run
+  on the CPU after it (``check_allocator``).
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ def time_interleaved(
     the CPU time is the steadier measure of work (it leaves out time spent waiting for a
     core); for a single-threaded run it is close to the wall time on an idle machine.
     """
+    check_allocator(device)
     names = list(cases)
     for name in names:
         for _ in range(warmup):
@@ -93,6 +97,7 @@ def time_interleaved(
 
 
 def time_once(fn: Callable[[], Any], device: torch.device | str = "cpu") -> float:
+    check_allocator(device)
     synchronize(device)
     t0 = time.perf_counter()
     fn()
@@ -102,6 +107,17 @@ def time_once(fn: Callable[[], Any], device: torch.device | str = "cpu") -> floa
 
 # --------------------------------------------------------------------------- memory
 _LIBC = None
+
+
+def check_allocator(device: torch.device | str) -> None:
+    """Refuses a CPU timing once ``peak_memory`` has measured on the CPU in this process: it
+    leaves glibc mapping every block of 128 KiB or more fresh (no way back to glibc's own
+    adaptive threshold), so later timings would pay a page fault per 4 KiB of every large
+    tensor, which users' processes do not. Benchmarks time everything first."""
+    if torch.device(device).type == "cpu" and _LIBC:
+        raise RuntimeError(
+            "CPU timing after a CPU peak_memory measurement: the allocator setting it needs stays for the "
+            "rest of the process and would slow every later timing; time all cases first, then measure memory")
 
 
 def _libc():
@@ -159,7 +175,7 @@ def peak_memory(fn: Callable[[], Any], device: torch.device | str = "cpu") -> in
 
 MEMORY_METHOD = {
     "cpu": "peak resident memory (VmHWM after a reset via /proc/self/clear_refs) above the resident memory at "
-    "the start, glibc serving blocks >= 128 KiB by mmap; separate untimed run",
+    "the start, glibc serving blocks >= 128 KiB by mmap; separate untimed run after every timing",
     "cuda": "torch.cuda.max_memory_allocated minus memory_allocated at the start; separate untimed run",
 }
 

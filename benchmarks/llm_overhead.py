@@ -104,31 +104,37 @@ def cache_bytes(cache) -> tuple[int, int]:
     return kr, std
 
 
-def measure_length(models, length, device, repeats, decode_steps):
+def prompt(models, length, device):
+    return torch.randint(0, models["unpatched"].config.vocab_size, (1, length), device=device)
+
+
+def prefill(model, ids):
     from transformers import DynamicCache
 
-    plain, gated = models["unpatched"], models["gated"]
-    ids = torch.randint(0, plain.config.vocab_size, (1, length), device=device)
+    def run():
+        with torch.no_grad():
+            return model(ids, past_key_values=DynamicCache(config=model.config), use_cache=True)
+    return run
 
-    def prefill(model):
-        def run():
-            with torch.no_grad():
-                return model(ids, past_key_values=DynamicCache(config=model.config), use_cache=True)
-        return run
+
+def measure_length(models, length, device, repeats, decode_steps):
+    """Prefill and decode-step times at one prompt length (memory: ``prefill_memory``, after
+    every timing)."""
+    gated = models["gated"]
+    ids = prompt(models, length, device)
 
     def projections_only():
         with krause_op_as_zeros():
-            return prefill(gated)()
+            return prefill(gated, ids)()
 
-    cases = {name: prefill(model) for name, model in models.items()}
+    cases = {name: prefill(model, ids) for name, model in models.items()}
     timings = time_interleaved({**cases, "projections_only": projections_only}, device=device, repeats=repeats)
     row = {"T": length, **{f"prefill_{k}_s": v["median_s"] for k, v in timings.items()},
            **{f"prefill_{k}_cpu_s": v["cpu_median_s"] for k, v in timings.items()}}
     state = {}
     for name, model in models.items():
-        row[f"prefill_peak_{name}_bytes"] = peak_memory(prefill(model), device)
         with torch.no_grad():
-            out = prefill(model)()
+            out = prefill(model, ids)()
         state[name] = [out.past_key_values, out.logits[:, -1:].argmax(-1)]
     steps = {name: [] for name in models}
     for i in range(decode_steps):  # greedy steps on the cache each prompt left, the models interleaved
@@ -151,6 +157,12 @@ def measure_length(models, length, device, repeats, decode_steps):
     row["decode_ratio_gated"] = row["decode_step_gated_s"] / row["decode_step_unpatched_s"]
     row["decode_ratio_krause"] = row["decode_step_krause_s"] / row["decode_step_unpatched_s"]
     return row
+
+
+def prefill_memory(models, length, device) -> dict:
+    """Each model's peak prefill memory at one prompt length."""
+    ids = prompt(models, length, device)
+    return {f"prefill_peak_{name}_bytes": peak_memory(prefill(model, ids), device) for name, model in models.items()}
 
 
 def paper_parameter_counts():
@@ -215,6 +227,8 @@ def main(argv=None) -> int:
         r = rows[-1]
         print(f"T={t}: decode step {fmt_time(r['decode_step_unpatched_s'])} unpatched, "
               f"{fmt_time(r['decode_step_krause_s'])} krause ({r['decode_ratio_krause']:.2f}x)", flush=True)
+    for r in rows:  # after every timing: a CPU memory measurement changes the allocator for good
+        r.update(prefill_memory(models, r["T"], device))
     paper = paper_parameter_counts()
 
     info = machine_info(device)

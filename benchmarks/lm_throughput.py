@@ -80,15 +80,25 @@ def main(argv=None) -> int:
     info = T.machine_info(device)
     print(T.describe_machine(info))
     rows, results = [], []
-    for block in blocks:
-        cases, flops, memory = {}, {}, {}
+    timings, flops_all = {}, {}
+    for block in blocks:  # every timing first: a CPU memory measurement changes the allocator for good
+        cases = {}
         for attention in args.attentions:
             model, step, _ = make_case(attention, args.config, block, args.batch, device, args.precision)
-            flops[attention] = train_flops_per_token(model, block, device) * block * args.batch
-            model.zero_grad(set_to_none=True)
-            memory[attention] = T.peak_memory(step, device)
+            flops_all[block, attention] = train_flops_per_token(model, block, device) * block * args.batch
             cases[attention] = step
-        timing = T.time_interleaved(cases, device, repeats=repeats, warmup=1)
+        timings[block] = T.time_interleaved(cases, device, repeats=repeats, warmup=1)
+        del cases, model, step
+    memories = {}
+    for block in blocks:  # then each case's first step, built afresh
+        for attention in args.attentions:
+            _, step, _ = make_case(attention, args.config, block, args.batch, device, args.precision)
+            memories[block, attention] = T.peak_memory(step, device)
+            del step
+    for block in blocks:
+        timing = timings[block]
+        flops = {attention: flops_all[block, attention] for attention in args.attentions}
+        memory = {attention: memories[block, attention] for attention in args.attentions}
         tokens = args.batch * block
         std = timing.get("standard")
         for attention in args.attentions:

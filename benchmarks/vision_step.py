@@ -92,7 +92,6 @@ def bench_shape(name: str, args, device: torch.device) -> dict:
     for kind, model in models.items():
         steps[kind] = make_step(model, x, y, args.amp)
     timing = T.time_interleaved(steps, device=device, repeats=repeats, warmup=1)
-    memory = {kind: T.peak_memory(step, device) for kind, step in steps.items()}
     n_tokens = 1 + models["vit"].patch_embed.num_patches
     out = {"shape": name, "label": spec["label"], "tokens": n_tokens, "batch": batch, "repeats": repeats, "models": {}}
     for kind in ("vit", "kvit"):
@@ -103,9 +102,16 @@ def bench_shape(name: str, args, device: torch.device) -> dict:
             "step_s": t,
             "step_times_s": timing[kind]["times_s"],
             "img_per_s": batch / t,
-            "peak_bytes": memory[kind],
             **{f"{k}_per_image": v for k, v in flops[kind].items()},
         }
+    return out, steps
+
+
+def add_memory(out: dict, steps: dict, device: torch.device) -> dict:
+    """Each model's peak step memory (after every shape's timing: a CPU measurement changes the
+    allocator for the rest of the process) and the KViT / ViT ratios."""
+    for kind, step in steps.items():
+        out["models"][kind]["peak_bytes"] = T.peak_memory(step, device)
     v, k = out["models"]["vit"], out["models"]["kvit"]
     out["ratios"] = {
         "step_time": k["step_s"] / v["step_s"],
@@ -149,10 +155,12 @@ def main(argv=None) -> int:
     info = T.machine_info(device)
     print(f"machine: {T.describe_machine(info)}")
     t0 = time.time()
-    results = []
+    timed = []
     for name in names:
-        results.append(bench_shape(name, args, device))
-        print(f"  {SHAPES[name]['label']}: done ({time.time() - t0:.0f} s)", flush=True)
+        timed.append(bench_shape(name, args, device))
+        print(f"  {SHAPES[name]['label']}: timed ({time.time() - t0:.0f} s)", flush=True)
+    results = [add_memory(out, steps, device) for out, steps in timed]
+    del timed
     print()
     print(render(results, args.markdown))
     out = args.out or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results",

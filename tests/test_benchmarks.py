@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -16,14 +17,34 @@ from benchmarks import _timing as T
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
-def test_cpu_peak_memory_sees_a_transient_tensor_and_no_profiler():
-    def transient():
-        x = torch.ones(16 << 20)  # 64 MiB, freed before returning
-        return float(x[0])
+def test_cpu_peak_memory_sees_a_transient_tensor_and_then_refuses_cpu_timings():
+    """In a child process: the measurement changes glibc's allocator for the rest of the
+    process, so a CPU timing after it is refused (a CUDA one is not)."""
+    code = textwrap.dedent("""
+        import torch
+        from benchmarks import _timing as T
 
-    peak = T.peak_memory(transient, "cpu")
-    assert 60 << 20 <= peak <= 96 << 20
-    assert T.peak_memory(lambda: None, "cpu") < 16 << 20
+        def transient():
+            x = torch.ones(16 << 20)  # 64 MiB, freed before returning
+            return float(x[0])
+
+        T.time_interleaved({"before": lambda: None}, repeats=1)  # allowed: nothing measured yet
+        peak = T.peak_memory(transient, "cpu")
+        assert 60 << 20 <= peak <= 96 << 20, peak
+        assert T.peak_memory(lambda: None, "cpu") < 16 << 20
+        T.check_allocator("cuda")
+        for timing in (lambda: T.time_interleaved({"after": lambda: None}, repeats=1), lambda: T.time_once(lambda: None)):
+            try:
+                timing()
+            except RuntimeError as e:
+                assert "time all cases first" in str(e)
+            else:
+                raise AssertionError("a CPU timing after peak_memory was not refused")
+        print("ok")
+    """)
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
 
 
 def test_target_table_runs_and_prints_a_clean_table(tmp_path):
@@ -64,8 +85,7 @@ def test_huge_page_slope_runs_in_a_child_with_torch_thp_switch(tmp_path, monkeyp
 
 # (benchmarks.targets is run above and benchmarks.generation in test_autoregressive_benchmark.py.)
 TINY_RUNS = {
-    "attention_scaling": ["--quick", "--only", "causal", "--causal-tokens", "128", "256", "--repeats", "1",
-                          "--skip-memory"],
+    "attention_scaling": ["--quick", "--only", "causal", "--causal-tokens", "128", "256", "--repeats", "1"],
     "checkpoint": ["--quick", "--dim", "64", "--blocks", "2", "--worlds", "1"],
     "llm_overhead": ["--quick", "--lengths", "64", "--repeats", "1", "--decode_steps", "2"],
     "lm_throughput": ["--quick", "--blocks", "64", "--repeats", "1"],
@@ -96,6 +116,9 @@ def test_benchmark_runs_at_a_tiny_size(name, tmp_path):
     assert "AMD" in res.stdout or "Intel" in res.stdout or "cpu" in res.stdout.lower()  # the machine line
     for noise in ("profiler_start", "gpuGetDeviceCount"):
         assert noise not in res.stdout + res.stderr
+    if name == "attention_scaling":  # the memory pass (after every timing) filled in the timed rows
+        cases = [r["results"][n] for r in payload["causal"] for n in ("krause", "reference")]
+        assert all(c["median_s"] > 0 and c["peak_bytes"] > 0 for c in cases), cases
 
 
 def test_gpu_benchmark_peers_and_bandwidth_column(monkeypatch):
