@@ -117,12 +117,13 @@ def _measure(cases: dict[str, Callable[[], None]], skipped: dict[str, str], args
     allocator for the rest of the process)."""
     results = {name: {"skipped": reason} for name, reason in skipped.items()}
     if phase == "memory":
-        for name, case in cases.items():
-            for t in getattr(case, "leaves", ()):
-                t.grad = None  # measure from a state without the previous call's gradients
-            case()  # warm, as the timed runs were
+        def clear_grads(case):  # measure from a state without the previous call's gradients
             for t in getattr(case, "leaves", ()):
                 t.grad = None
+
+        for name, case in cases.items():
+            case()  # warm, as the timed runs were
+            clear_grads(case)
             results[name] = {"peak_bytes": T.peak_memory(case, device)}
         return results
     results["load_average_before"] = T.load_average()

@@ -247,9 +247,10 @@ inline void softmax_gather(const float* dist, const int32_t* key, int64_t n, int
                            int32_t* key_out) {
   const Vec vneg(-coef), zero(0.f), lowest(-kInf);
   Vec row_max = lowest;  // a vector of maxima, not one scalar chain: max is exact either way
-  for (int64_t m = 0; m < n; m += kLanes)
-    row_max = at::vec::maximum(row_max, Vec::set(lowest, Vec::loadu(dist + m, std::min<int64_t>(kLanes, n - m)) * vneg,
-                                                 std::min<int64_t>(kLanes, n - m)));
+  for (int64_t m = 0; m < n; m += kLanes) {
+    const int64_t c = std::min<int64_t>(kLanes, n - m);
+    row_max = at::vec::maximum(row_max, Vec::set(lowest, Vec::loadu(dist + m, c) * vneg, c));
+  }
   const Vec vmax(at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, row_max));
   Vec total(0.f);
   for (int64_t m = 0; m < n; m += kLanes) {
