@@ -338,11 +338,13 @@ class WindowCacheLayer(_TokenLayer):
         return keys, values, self._padding(flags)
 
     def _keep_last(self, keys, values, flags) -> None:
-        # A copy, so the trimmed window does not keep a whole prefill tensor alive.
+        # A view while it keeps at most as many dropped tokens alive as it holds (a decoding step
+        # drops one), else a copy, so the window never keeps a whole prefill tensor alive.
         start = max(0, keys.shape[2] - self.window)
-        self.keys = keys.narrow_copy(2, start, keys.shape[2] - start)
-        self.values = values.narrow_copy(2, start, keys.shape[2] - start)
-        self.valid = self._all_real(self.keys) if flags is None else flags.narrow_copy(1, start, keys.shape[2] - start)
+        kept = keys.shape[2] - start
+        trim = torch.Tensor.narrow if start <= kept else torch.Tensor.narrow_copy
+        self.keys, self.values = trim(keys, 2, start, kept), trim(values, 2, start, kept)
+        self.valid = self._all_real(self.keys) if flags is None else trim(flags, 1, start, kept)
 
     def _all_real(self, keys) -> torch.Tensor:
         """The all-True validity of ``keys`` (no padding so far): the stored one when it fits."""

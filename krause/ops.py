@@ -93,7 +93,7 @@ def _causal_fwd_kernel(q, k, v, log_sigma, key_valid, window, top_k, saved: bool
     engine. ``saved=False`` (inference) leaves what only the backward reads unfinished; the
     output is the same either way."""
     if cpu.runs(q, k, v):
-        return cpu.causal_forward(q, k, v, _head_coef(log_sigma, q.shape[1]), key_valid, window, top_k, saved=saved)
+        return cpu.causal_forward(q, k, v, log_sigma, key_valid, window, top_k, saved=saved)
     return _causal_fwd_engine(q, k, v, log_sigma, key_valid, window, top_k, saved=saved)
 
 
@@ -174,14 +174,8 @@ def _(grad_out, q, k, v, log_sigma, probs, dist, kept, window, top_k):
 
 
 def _compiled_bwd(grad_out, q, k, v, log_sigma, probs, dist, kept, window=0):
-    dq, dk, dv, dcoef = cpu.backward(grad_out, q, k, v, _head_coef(log_sigma, q.shape[1]), probs, dist, kept, window)
+    dq, dk, dv, dcoef = cpu.backward(grad_out, q, k, v, log_sigma, probs, dist, kept, window)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), _dlog_sigma(dcoef, log_sigma)
-
-
-def _head_coef(log_sigma, num_heads):
-    """c_h = 1 / (2 sigma_h^2) as (H,) fp32 (a scalar log_sigma repeated)."""
-    coef = sigma_coefficient(log_sigma)
-    return coef if coef.shape == (num_heads,) else coef.reshape(-1).expand(num_heads).contiguous()
 
 
 @_causal_bwd.register_fake
@@ -275,7 +269,7 @@ _local_fwd = torch.library.custom_op("krause::local2d_fwd", mutates_args=())(_lo
 def _(q, k, v, log_sigma, rows, cols, radius, metric, top_k, num_prefix, dense):
     if not cpu.runs(q, k, v):
         return _local_fwd_engine(q, k, v, log_sigma, rows, cols, radius, metric, top_k, num_prefix, dense)
-    out, probs, dist, kept = cpu.local2d_forward(q, k, v, _head_coef(log_sigma, q.shape[1]), (rows, cols), radius,
+    out, probs, dist, kept = cpu.local2d_forward(q, k, v, log_sigma, (rows, cols), radius,
                                                  metric, top_k, num_prefix)
     return out, probs, dist, kept, q.new_empty(0, dtype=torch.float32)
 

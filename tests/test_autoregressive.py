@@ -88,8 +88,9 @@ def test_decoding_memory_krause_constant_vanilla_grows():
             if t in (20, 99):
                 grown.append((state.nbytes, state.caches[0].num_cached if attn != "linear" else None))
         sizes[attn] = grown
-    # 2 layers x (keys + values) x a ring of W=16 slots of (batch 2, 4 heads, head dim 8) fp32
-    assert sizes["krause"] == [(2 * 2 * (2 * 4 * 16 * 8 * 4), 16)] * 2, sizes["krause"]
+    # 2 layers x (keys + values) x the W=16 tokens of (batch 2, 4 heads, head dim 8) fp32, a view
+    # of the last step's W + 1 (krause.cache.WindowCacheLayer._keep_last)
+    assert sizes["krause"] == [(2 * 2 * (2 * 4 * (16 + 1) * 8 * 4), 16)] * 2, sizes["krause"]
     assert sizes["linear"][0][0] == sizes["linear"][1][0]
     assert [n for _, n in sizes["vanilla"]] == [21, 100]
 

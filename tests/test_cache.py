@@ -136,6 +136,7 @@ def test_window_cache_memory_is_o_window_and_step_work_constant(cls):
     with torch.no_grad():
         mod(_randn(2, 20, 16, seed=99), cache)  # a prefill longer than the window, then many single steps
     assert cache.keys.shape == cache.values.shape == (2, 2, w, 4)
+    assert cache.nbytes == 2 * 2 * 2 * w * 4 * 4  # a copy of the prefill's last W: keys + values, (B, Hkv, W, D) fp32
     early = step_work()
     longest = 0
     with torch.no_grad():
@@ -146,7 +147,7 @@ def test_window_cache_memory_is_o_window_and_step_work_constant(cls):
     assert cache.seen == 20 + 1 + 300 + 1
     assert longest == w  # the cache's key length never exceeds the window
     assert early == late
-    assert cache.nbytes == 2 * 2 * 2 * w * 4 * 4  # keys + values, (B, Hkv, W, D) fp32
+    assert cache.nbytes == 2 * 2 * 2 * (w + 1) * 4 * 4  # a view of the last step's W + 1 keys (and values)
 
 
 def test_krause_cache_reset_and_inference_mode():

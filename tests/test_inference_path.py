@@ -119,12 +119,11 @@ def test_compiled_forward_does_not_depend_on_the_keys_before_the_window(saved, o
     gives the same bits (and saved kept indices into the full keys)."""
     q, k, v, ls, _ = make_inputs(2, 4, 2, 3, 60, 16, True, seed=5, dup_keys=7)
     k[0, 1, 20, 2] = float("nan")  # outside every window: must not reach the output
-    coef = ops._head_coef(ls, 4)
     valid = torch.rand(2, 60, generator=torch.Generator().manual_seed(0)) > 0.2
     window, top_k = 10, 4
     outs = []
     for start in (0, 40, 45, 48):  # keys before the window: 48, 8, 3, 0 (the window reads 12)
-        out, probs, dist, kept = cpu.causal_forward(q, k[:, :, start:], v[:, :, start:], coef, valid[:, start:],
+        out, probs, dist, kept = cpu.causal_forward(q, k[:, :, start:], v[:, :, start:], ls, valid[:, start:],
                                                     window, top_k, saved=saved)
         if saved:
             kept = torch.where(kept >= 0, kept + start, kept)  # into the 60 keys

@@ -155,9 +155,9 @@ def causal_saved_slots(num_queries: int, num_keys: int, window: int, top_k: int)
     return max(1, min(top_k, window, num_keys))
 
 
-def causal_forward(q, k, v, coef, key_valid, window: int, top_k: int, saved: bool = True):
+def causal_forward(q, k, v, log_sigma, key_valid, window: int, top_k: int, saved: bool = True):
     """End-aligned causal Krause forward: q (B, H, Tq, D), k, v (B, Hkv, Tk, D), Tq <= Tk;
-    coef (H,) fp32. Returns out (q's dtype) and the saved probs, dist, kept (with
+    log_sigma () or (H,). Returns out (q's dtype) and the saved probs, dist, kept (with
     ``saved=False``, inference, those three are empty: the kernel writes only out)."""
     mod = load()
     tq, tk = q.shape[2], k.shape[2]
@@ -173,7 +173,7 @@ def causal_forward(q, k, v, coef, key_valid, window: int, top_k: int, saved: boo
     kf, vf, qf = _f32(k), _f32(v), _f32(q)
     valid = key_valid.contiguous() if key_valid is not None else _NO_PADDING
     out, probs, dist, kept = mod.causal_forward(
-        qf, kf, vf, valid, _f32(coef), tk - first - tq, window, top_k, causal_saved_slots(tq, tk, window, top_k), saved)
+        qf, kf, vf, valid, _f32(log_sigma), tk - first - tq, window, top_k, causal_saved_slots(tq, tk, window, top_k), saved)
     if first and saved:
         kept = torch.where(kept >= 0, kept + first, kept)  # indices into the full keys
     return out.to(q.dtype), probs, dist, kept
@@ -207,18 +207,18 @@ def local2d_saved_slots(grid, radius: int, metric: str, top_k: int, num_prefix: 
     return max(1, min(top_k, _widest_grid_row(tuple(grid), radius, metric, num_prefix)))
 
 
-def local2d_forward(q, k, v, coef, grid, radius: int, metric: str, top_k: int, num_prefix: int):
+def local2d_forward(q, k, v, log_sigma, grid, radius: int, metric: str, top_k: int, num_prefix: int):
     mod = load()
     ptr, idx = grid_candidate_lists(tuple(grid), radius, metric, num_prefix)
     ks = local2d_saved_slots(grid, radius, metric, top_k, num_prefix)
     qf, kf, vf = _f32(q), _f32(k), _f32(v)
-    out, probs, dist, kept = mod.listed_forward(qf, kf, vf, _f32(coef), ptr, idx, top_k, ks)
+    out, probs, dist, kept = mod.listed_forward(qf, kf, vf, _f32(log_sigma), ptr, idx, top_k, ks)
     return out.to(q.dtype), probs, dist, kept
 
 
-def backward(grad_out, q, k, v, coef, probs, dist, kept, window: int = 0):
+def backward(grad_out, q, k, v, log_sigma, probs, dist, kept, window: int = 0):
     """dq, dk, dv (fp32) and dcoef (H,) from the saved rows of either forward; ``window``:
     the causal op's (its queries end-aligned), 0 for the 2-D op's candidate lists."""
-    dq, dk, dv, dcoef = load().backward(_f32(grad_out), _f32(q), _f32(k), _f32(v), _f32(coef), probs.contiguous(),
+    dq, dk, dv, dcoef = load().backward(_f32(grad_out), _f32(q), _f32(k), _f32(v), _f32(log_sigma), probs.contiguous(),
                                         dist.contiguous(), kept.contiguous(), window)
     return dq, dk, dv, dcoef.sum(0)

@@ -320,6 +320,18 @@ void check_f32(const at::Tensor& t, const char* name, int64_t dim) {
               name, ": expected a contiguous float32 tensor of ", dim, " dims");
 }
 
+// c_h = 1 / (2 sigma_h^2) = exp(-2 log_sigma_h) / 2 of a scalar or (H,) fp32 log sigma, here
+// rather than in torch: three small ops fewer per call, which a decoding step feels.
+std::vector<float> head_coefficients(const at::Tensor& log_sigma, int64_t H) {
+  TORCH_CHECK(log_sigma.scalar_type() == at::kFloat && log_sigma.is_contiguous() &&
+                  (log_sigma.numel() == 1 || log_sigma.numel() == H),
+              "log_sigma: expected a contiguous float32 scalar or one value per head");
+  const float* ls = log_sigma.data_ptr<float>();
+  std::vector<float> coef(H);
+  for (int64_t h = 0; h < H; ++h) coef[h] = 0.5f * std::exp(-2.f * ls[log_sigma.numel() == 1 ? 0 : h]);
+  return coef;
+}
+
 // ksq[m] = |k_m|^2 of the n keys of a transposed tile kT (D, ld), a vector of keys at a time
 // (x in order, so equal keys get equal norms), poisoned (NaN) where the key's value row v_m
 // (rows of length d) is not finite; the values are checked with one reduction for the tile.
@@ -344,7 +356,7 @@ int64_t causal_block(int64_t window) { return std::max<int64_t>(kLanes, 4 * wind
 
 }  // namespace
 
-// q (B,H,Tq,D); k, v (B,Hkv,Tk,D); key_valid (B,Tk) bool or empty; coef (H,). Query i sits
+// q (B,H,Tq,D); k, v (B,Hkv,Tk,D); key_valid (B,Tk) bool or empty; log_sigma () or (H,). Query i sits
 // at key position key_offset + i and sees keys p - window < j <= p. Returns out, probs,
 // dist (B,H,Tq,ks) and kept (int32); with save false (inference) the last three are empty
 // (B,H,Tq,0) and nothing of them is written.
@@ -352,9 +364,9 @@ int64_t causal_block(int64_t window) { return std::max<int64_t>(kLanes, 4 * wind
 // transposed, into a small buffer (so a query's distances are contiguous vector loads)
 // with their squared norms, and runs the block for each query head of the group.
 std::vector<at::Tensor> causal_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                       const at::Tensor& key_valid, const at::Tensor& coef, int64_t key_offset,
+                                       const at::Tensor& key_valid, const at::Tensor& log_sigma, int64_t key_offset,
                                        int64_t window, int64_t top_k, int64_t ks, bool save) {
-  check_f32(q, "q", 4), check_f32(k, "k", 4), check_f32(v, "v", 4), check_f32(coef, "coef", 1);
+  check_f32(q, "q", 4), check_f32(k, "k", 4), check_f32(v, "v", 4);
   const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Tk = k.size(2), G = H / Hkv;
   TORCH_CHECK(key_offset + Tq <= Tk && key_offset >= 0, "queries must be the last Tq positions of the keys");
@@ -365,7 +377,8 @@ std::vector<at::Tensor> causal_forward(const at::Tensor& q, const at::Tensor& k,
   auto dist = at::empty({B, H, Tq, saved_ks}, q.options());
   auto kept = at::empty({B, H, Tq, saved_ks}, q.options().dtype(at::kInt));
   const float *qp = q.data_ptr<float>(), *kp_ = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  const float* cp = coef.data_ptr<float>();
+  const std::vector<float> coef = head_coefficients(log_sigma, H);
+  const float* cp = coef.data();
   const bool* valid = padded ? key_valid.data_ptr<bool>() : nullptr;
   float *op = out.data_ptr<float>(), *pp = probs.data_ptr<float>(), *dp = dist.data_ptr<float>();
   int32_t* kp = kept.data_ptr<int32_t>();
@@ -448,9 +461,9 @@ std::vector<at::Tensor> causal_forward(const at::Tensor& q, const at::Tensor& k,
 // The same over explicit candidate lists: query i sees keys cand_idx[cand_ptr[i]:cand_ptr[i+1]]
 // (ascending). k (B,Hkv,N,D) row-major; no key padding.
 std::vector<at::Tensor> listed_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                       const at::Tensor& coef, const at::Tensor& cand_ptr, const at::Tensor& cand_idx,
+                                       const at::Tensor& log_sigma, const at::Tensor& cand_ptr, const at::Tensor& cand_idx,
                                        int64_t top_k, int64_t ks) {
-  check_f32(q, "q", 4), check_f32(k, "k", 4), check_f32(v, "v", 4), check_f32(coef, "coef", 1);
+  check_f32(q, "q", 4), check_f32(k, "k", 4), check_f32(v, "v", 4);
   TORCH_CHECK(cand_ptr.scalar_type() == at::kLong && cand_idx.scalar_type() == at::kInt, "candidate lists: int64 / int32");
   const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Nk = k.size(2), G = H / Hkv;
@@ -460,7 +473,8 @@ std::vector<at::Tensor> listed_forward(const at::Tensor& q, const at::Tensor& k,
   auto kept = at::empty({B, H, Nq, ks}, q.options().dtype(at::kInt));
   auto key_sq = at::empty({B, Hkv, Nk}, q.options());
   const float *qp = q.data_ptr<float>(), *kp_ = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  const float* cp = coef.data_ptr<float>();
+  const std::vector<float> coef = head_coefficients(log_sigma, H);
+  const float* cp = coef.data();
   const int64_t* ptr = cand_ptr.data_ptr<int64_t>();
   const int32_t* idx = cand_idx.data_ptr<int32_t>();
   float *op = out.data_ptr<float>(), *pp = probs.data_ptr<float>(), *dp = dist.data_ptr<float>();
@@ -620,10 +634,10 @@ void backward_rows(const BackwardArgs& a, int64_t b, int64_t hkv, int64_t i0, in
 // adds to the W - 1 keys below them (owned by block b - 1) in its halo buffer; a second pass
 // adds each halo into its owner's rows.
 std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
-                                 const at::Tensor& v, const at::Tensor& coef, const at::Tensor& probs,
+                                 const at::Tensor& v, const at::Tensor& log_sigma, const at::Tensor& probs,
                                  const at::Tensor& dist, const at::Tensor& kept, int64_t window) {
   check_f32(grad_out, "grad_out", 4), check_f32(q, "q", 4), check_f32(k, "k", 4), check_f32(v, "v", 4);
-  check_f32(probs, "probs", 4), check_f32(dist, "dist", 4), check_f32(coef, "coef", 1);
+  check_f32(probs, "probs", 4), check_f32(dist, "dist", 4);
   TORCH_CHECK(kept.scalar_type() == at::kInt && kept.is_contiguous(), "kept: contiguous int32");
   const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Nk = k.size(2), G = H / Hkv, ks = probs.size(3);
@@ -631,8 +645,9 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
   auto dq = at::empty_like(q);
   auto dk = at::empty_like(k);
   auto dv = at::empty_like(v);
+  const std::vector<float> coef = head_coefficients(log_sigma, H);
   const BackwardArgs a{grad_out.data_ptr<float>(), q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(),
-                       coef.data_ptr<float>(), probs.data_ptr<float>(), dist.data_ptr<float>(),
+                       coef.data(), probs.data_ptr<float>(), dist.data_ptr<float>(),
                        kept.data_ptr<int32_t>(), dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>(),
                        H, Hkv, G, Nq, Nk, D, ks};
   const int64_t block = window > 0 ? causal_block(window) : std::max<int64_t>(Nq, 1);
