@@ -128,6 +128,51 @@ def test_krause_branch_is_the_core_op_on_the_same_projections(model_dirs, kind):
         torch.testing.assert_close(attn.krause_branch(hidden, pe, None, None), expected)
 
 
+def _forward_flops(model, ids):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        logits = model(ids).logits
+    return logits, counter.get_total_flops()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_krause_branch_reuses_the_shared_base_products(model_dirs, kind, monkeypatch):
+    """While the Krause q/k/v projections share the standard ones' weights, the Krause branch
+    takes the standard branch's products of the same hidden states: the same logits as with
+    untied copies of the weights, with exactly those three matmuls fewer per layer; a product
+    changed in place after it was computed is computed again; inference mode reuses nothing."""
+    from krause.hf.patch import untie_krause_projections
+
+    ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(3))
+    model = krause.hf.patch_model(load(model_dirs, kind), mix="gated", window=5, top_k=3)
+    force_gate(model, 0.0)  # both branches count in the output
+    shared, shared_flops = _forward_flops(model, ids)
+    computed = []  # SharedLinear layers that ran their own matmul
+    linear_forward = torch.nn.Linear.forward
+    monkeypatch.setattr(torch.nn.Linear, "forward",
+                        lambda self, x: computed.append(type(self).__name__) or linear_forward(self, x))
+    with torch.inference_mode():  # (FlopCounterMode does not run in inference mode)
+        infer = model(ids).logits
+    monkeypatch.undo()
+    assert computed.count("SharedLinear") == 4 * model.config.num_hidden_layers  # q, k, v and o
+    attn = patched_attention_modules(model)[0]
+    bumped = attn.q_proj.register_forward_hook(lambda m, a, out: out.add_(0.0))  # same values, a new version
+    again, again_flops = _forward_flops(model, ids)
+    bumped.remove()
+    untie_krause_projections(model)
+    untied, untied_flops = _forward_flops(model, ids)
+    cfg = model.config
+    d, kv = cfg.hidden_size, cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+    per_token = {"q": 2 * d * d, "k": 2 * d * kv, "v": 2 * d * kv}  # multiply-adds of one product a token
+    tokens = ids.numel()
+    assert untied_flops - shared_flops == cfg.num_hidden_layers * tokens * sum(per_token.values())
+    assert untied_flops - again_flops == (cfg.num_hidden_layers - 1) * tokens * sum(per_token.values()) \
+        + tokens * (per_token["k"] + per_token["v"])  # layer 0 computed its q again
+    for other in (infer, again, untied):
+        torch.testing.assert_close(shared, other, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_krause_only_mix_is_the_registered_attention(model_dirs, kind):
     """patch_model(mix="krause") is a thin wrapper: the layers run attn_implementation="krause"

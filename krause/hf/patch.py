@@ -13,7 +13,10 @@
 
   - ``krause_q_proj`` .. ``krause_o_proj``: Linear layers sharing the pretrained q/k/v/o
     weight (and Qwen2's bias) Parameters, so they start as exact copies at no memory cost;
-    LoRA then adapts each branch separately (``krause.hf.lora`` unties them before a merge);
+    LoRA then adapts each branch separately (``krause.hf.lora`` unties them before a merge).
+    While they share, the Krause branch reuses the standard branch's base q/k/v products of
+    the same hidden states (:class:`SharedLinear`): one read of those weights a step, one
+    matmul (and one backward) each, the paper's LoRA recipe (a frozen shared base, two adapters);
   - the same RoPE (cos, sin) the model hands every layer, the same grouped-query heads;
   - ``krause.causal_krause_attention`` over the last ``window`` keys (queries end-aligned to
     the keys the :class:`~krause.hf.cache.KrauseCacheLayer` keeps), padding from the layer's mask;
@@ -96,6 +99,39 @@ class KrauseGate(nn.Module):
         return self.proj(features if features.dtype == dtype else features.to(dtype))
 
 
+class ProjectionMemo:
+    """The standard branch's base q/k/v products during one forward of a gated attention module
+    (``outputs`` is None outside it), for the Krause branch's :class:`SharedLinear` layers."""
+
+    def __init__(self):
+        self.outputs: dict | None = None
+
+    def __deepcopy__(self, memo):  # a copied model records its own products
+        return ProjectionMemo()
+
+
+def _remember_product(module, args, output):
+    """Forward hook of a standard-branch base projection: records its output while recording
+    (not an inference-mode tensor: it has no version counter to tell an in-place change)."""
+    memo = module.__dict__.get("_krause_memo")
+    if memo is not None and memo.outputs is not None and args and not output.is_inference():
+        memo.outputs[(id(module.weight), id(module.bias))] = (args[0], output, output._version)
+
+
+class SharedLinear(nn.Linear):
+    """A Linear holding another Linear's weight/bias Parameters (no copy). Where that Linear has
+    just computed the product of the same input tensor in this module's forward (and nothing
+    changed it in place since), it returns that product instead of computing it again."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        memo = self.__dict__.get("_krause_memo")
+        if memo is not None and memo.outputs is not None:
+            hit = memo.outputs.get((id(self.weight), id(self.bias)))
+            if hit is not None and hit[0] is x and hit[1]._version == hit[2]:
+                return hit[1]
+        return super().forward(x)
+
+
 class KrauseAttentionMixin:
     """Forward of a gated-mix attention module (mixed into the model's own attention class)."""
 
@@ -139,14 +175,22 @@ class KrauseAttentionMixin:
                 past = cache_layer.krause_seen
                 kv_offset = cache_layer.get_mask_sizes(length)[1]
             valid_new = new_token_validity(attention_mask, batch, length, past, kv_offset)
-        out_krause = self.krause_branch(hidden_states, position_embeddings, cache_layer, valid_new)
-        out_std, attn_weights = super().forward(
-            hidden_states=hidden_states,
-            position_embeddings=position_embeddings,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            **kwargs,
-        )
+        memo = self.__dict__.get("_krause_memo")
+        recording = memo is not None and not torch.compiler.is_compiling()
+        if recording:
+            memo.outputs = {}
+        try:
+            out_std, attn_weights = super().forward(
+                hidden_states=hidden_states,
+                position_embeddings=position_embeddings,
+                attention_mask=attention_mask,
+                past_key_values=past_key_values,
+                **kwargs,
+            )
+            out_krause = self.krause_branch(hidden_states, position_embeddings, cache_layer, valid_new)
+        finally:
+            if recording:
+                memo.outputs = None
         return gated_mix(out_std, out_krause, self.krause_gate), attn_weights
 
 
@@ -180,12 +224,16 @@ def _gated_attention_class(model) -> type:
     return getattr(importlib.import_module(module), name)
 
 
-def _shared_linear(source: nn.Linear) -> nn.Linear:
-    """A Linear holding ``source``'s own weight/bias Parameters (no copy, no new bias)."""
-    linear = nn.Linear(source.in_features, source.out_features, bias=source.bias is not None, device="meta")
+def _shared_linear(source: nn.Linear, memo: ProjectionMemo | None = None) -> SharedLinear:
+    """A Linear holding ``source``'s own weight/bias Parameters (no copy, no new bias); with
+    ``memo``, it reuses the product ``source`` computed for the same input (``source`` records it)."""
+    linear = SharedLinear(source.in_features, source.out_features, bias=source.bias is not None, device="meta")
     linear.weight = source.weight
     if source.bias is not None:
         linear.bias = source.bias
+    if memo is not None:
+        source._krause_memo = linear._krause_memo = memo
+        source.register_forward_hook(_remember_product)
     return linear
 
 
@@ -237,8 +285,10 @@ def patch_model(
         device = attn.q_proj.weight.device
         attn.__class__ = _patched_class(type(attn))
         attn.krause_config = cfg
-        for name in PROJECTIONS:
-            setattr(attn, f"krause_{name}", _shared_linear(getattr(attn, name)))
+        attn._krause_memo = ProjectionMemo()
+        for name in PROJECTIONS:  # o_proj's inputs differ between the branches: nothing to reuse
+            memo = attn._krause_memo if name != "o_proj" else None
+            setattr(attn, f"krause_{name}", _shared_linear(getattr(attn, name), memo))
         attn.krause_gate = KrauseGate(text_config.hidden_size, gate_init, device=device)
         attn.krause_sigma = KrauseSigma(text_config.num_attention_heads, sigma, device=device)
     setattr(model.config, CONFIG_KEY, cfg.to_dict())
