@@ -134,10 +134,12 @@ inline void window_dots(const float* q, const float* kT, int64_t ld, int64_t lo,
 
 // The kept candidates of one query: the min(top_k, cnt) smallest dist, ties to the lower
 // key index, written in ascending key order (dist/key arrays are in ascending key order).
-// Few candidates: rank counting, rank_m = #{j < m : d_j <= d_m} + #{j > m : d_j < d_m}, kept
-// when < kk: O(cnt^2 / lanes) compares and a branch-free compaction (no data-dependent
-// branches, whose mispredictions would cost more than the compares).
-constexpr int64_t kRankCountMax = 4 * kLanes;
+// Up to kRankCountMax candidates (the paper's windows: 32 for LMs and LoRA, 128 / 256 for
+// pixel models): rank counting, rank_m = #{j < m : d_j <= d_m} + #{j > m : d_j < d_m}, kept
+// when < kk: O(cnt^2 / lanes) independent compares and a branch-free compaction, where a
+// selection algorithm (nth_element beyond) takes a data-dependent branch per comparison,
+// about half of them mispredicted on distances in random order.
+constexpr int64_t kRankCountMax = 256;
 
 // r + 1 in the lanes where dj <= dm (kOrEqual) or dj < dm. AVX-512 compares into a mask
 // register, and a masked add takes it as is (the portable form turns the mask into a vector
