@@ -106,7 +106,8 @@ def test_same_input_same_bits_whatever_the_thread_count(op):
 
 
 @needs_kernel
-@pytest.mark.parametrize("window", [8, 16, 33, 64, 80, 200, 300])  # rank counting up to 256 candidates; a sort beyond
+# rank counting up to 8 vectors of lanes (a partial last one at 33 and 80); bisection beyond (200, 300)
+@pytest.mark.parametrize("window", [8, 16, 33, 64, 80, 200, 300])
 @pytest.mark.parametrize("levels", [3, 1000])  # c_j from 3 values (ties everywhere) or 1000 (few; c_j^2 exact in fp32)
 def test_kept_sets_follow_the_rule_whatever_the_ties(window, levels):
     """Every query keeps the top_k smallest distances, ties to the lower key index, whether the

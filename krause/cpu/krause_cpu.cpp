@@ -31,6 +31,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -134,12 +135,14 @@ inline void window_dots(const float* q, const float* kT, int64_t ld, int64_t lo,
 
 // The kept candidates of one query: the min(top_k, cnt) smallest dist, ties to the lower
 // key index, written in ascending key order (dist/key arrays are in ascending key order).
-// Up to kRankCountMax candidates (the paper's windows: 32 for LMs and LoRA, 128 / 256 for
-// pixel models): rank counting, rank_m = #{j < m : d_j <= d_m} + #{j > m : d_j < d_m}, kept
-// when < kk: O(cnt^2 / lanes) independent compares and a branch-free compaction, where a
-// selection algorithm (nth_element beyond) takes a data-dependent branch per comparison,
-// about half of them mispredicted on distances in random order.
-constexpr int64_t kRankCountMax = 256;
+// Up to kRankCountMax candidates: rank counting, rank_m = #{j < m : d_j <= d_m} +
+// #{j > m : d_j < d_m}, kept when < kk: cnt / lanes independent compares per candidate and
+// a branch-free compaction. Beyond, the kk-th smallest distance by bisection
+// (kth_smallest): ~30 rounds of cnt / lanes compares, but each round waits on the last, so
+// it only pays once a candidate's compares outnumber a round's latency several times.
+// (A comparison sort or nth_element takes a data-dependent branch per comparison, about
+// half of them mispredicted on distances in random order.)
+constexpr int64_t kRankCountMax = 8 * kLanes;
 
 // r + 1 in the lanes where dj <= dm (kOrEqual) or dj < dm. AVX-512 compares into a mask
 // register, and a masked add takes it as is (the portable form turns the mask into a vector
@@ -217,6 +220,54 @@ inline int64_t select_by_rank(const float* dist, const int32_t* key, int64_t cnt
   return keep_ranked(dist, key, cnt, kk, rank, kept_dist, kept_key);
 }
 
+// #{m < n : dist[m] <= t}.
+inline int64_t count_at_most(const float* dist, int64_t n, float t) {
+  const Vec vt(t);
+#if defined(CPU_CAPABILITY_AVX512)
+  int64_t total = 0;
+  for (int64_t m = 0; m < n; m += kLanes) {
+    const __mmask16 lanes = static_cast<__mmask16>((1u << std::min<int64_t>(kLanes, n - m)) - 1);
+    total += _mm_popcnt_u32(_mm512_mask_cmp_ps_mask(lanes, _mm512_maskz_loadu_ps(lanes, dist + m), vt, _CMP_LE_OQ));
+  }
+  return total;
+#else
+  Vec acc(0.f);
+  for (int64_t m = 0; m < n; m += kLanes) {
+    const int64_t c = std::min<int64_t>(kLanes, n - m);
+    acc = acc + Vec::set(Vec(0.f), (Vec::loadu(dist + m, c) <= vt) & Vec(1.f), c);
+  }
+  return static_cast<int64_t>(hsum(acc));
+#endif
+}
+
+// The kk-th smallest of n finite distances >= 0 (1 <= kk <= n), by bisection on bit patterns,
+// which order non-negative floats as their values do: the smallest pattern u with
+// #{d <= float(u)} >= kk is that distance. Each round counts with n / lanes compares, and the
+// rounds (about log2 of the patterns between the smallest and largest distance, <= 31) are
+// the only data-dependent branches.
+inline float kth_smallest(const float* dist, int64_t n, int64_t kk) {
+  Vec lowest(kInf), highest(0.f);
+  for (int64_t m = 0; m < n; m += kLanes) {
+    const int64_t c = std::min<int64_t>(kLanes, n - m);
+    const Vec d = Vec::loadu(dist + m, c);
+    lowest = at::vec::minimum(lowest, Vec::set(Vec(kInf), d, c));
+    highest = at::vec::maximum(highest, d);
+  }
+  auto bits = [](float x) { uint32_t u; std::memcpy(&u, &x, 4); return u; };
+  auto value = [](uint32_t u) { float x; std::memcpy(&x, &u, 4); return x; };
+  const float low = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::minimum(a, b); }, lowest);
+  uint32_t lo = low > 0.f ? bits(low) : 0u;  // -0.0 (a clamped distance) counts as +0.0
+  uint32_t hi = bits(at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, highest));
+  while (lo < hi) {
+    const uint32_t mid = lo + (hi - lo) / 2;
+    if (count_at_most(dist, n, value(mid)) >= kk)
+      hi = mid;
+    else
+      lo = mid + 1;
+  }
+  return value(lo);
+}
+
 inline int64_t select_nearest(const float* dist, const int32_t* key, int64_t cnt, int64_t top_k, float* scratch,
                               float* kept_dist, int32_t* kept_key) {
   const int64_t kk = std::min<int64_t>(top_k, cnt);
@@ -226,9 +277,7 @@ inline int64_t select_nearest(const float* dist, const int32_t* key, int64_t cnt
     return kk;
   }
   if (cnt <= kRankCountMax) return select_by_rank(dist, key, cnt, kk, scratch, kept_dist, kept_key);
-  std::copy(dist, dist + cnt, scratch);
-  std::nth_element(scratch, scratch + kk - 1, scratch + cnt);
-  const float thr = scratch[kk - 1];
+  const float thr = kth_smallest(dist, cnt, kk);
   int64_t below = 0;
   for (int64_t m = 0; m < cnt; ++m) below += dist[m] < thr;
   int64_t ties = kk - below, n = 0;  // the lowest-index candidates at the threshold fill the rest
