@@ -45,6 +45,14 @@ inline float hsum(const Vec& v) {
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
 }
 
+inline float hmax(const Vec& v) {
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, v);
+}
+
+inline float hmin(const Vec& v) {
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::minimum(a, b); }, v);
+}
+
 // Partial loads zero the lanes past `count` (at::vec's loadu contract), so tails add nothing.
 inline float dot(const float* a, const float* b, int64_t d) {
   Vec acc0(0.f), acc1(0.f);
@@ -255,9 +263,9 @@ inline float kth_smallest(const float* dist, int64_t n, int64_t kk) {
   }
   auto bits = [](float x) { uint32_t u; std::memcpy(&u, &x, 4); return u; };
   auto value = [](uint32_t u) { float x; std::memcpy(&x, &u, 4); return x; };
-  const float low = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::minimum(a, b); }, lowest);
+  const float low = hmin(lowest);
   uint32_t lo = low > 0.f ? bits(low) : 0u;  // -0.0 (a clamped distance) counts as +0.0
-  uint32_t hi = bits(at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, highest));
+  uint32_t hi = bits(hmax(highest));
   while (lo < hi) {
     const uint32_t mid = lo + (hi - lo) / 2;
     if (count_at_most(dist, n, value(mid)) >= kk)
@@ -302,7 +310,7 @@ inline void softmax_gather(const float* dist, const int32_t* key, int64_t n, int
     const int64_t c = std::min<int64_t>(kLanes, n - m);
     row_max = at::vec::maximum(row_max, Vec::set(lowest, Vec::loadu(dist + m, c) * vneg, c));
   }
-  const Vec vmax(at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, row_max));
+  const Vec vmax(hmax(row_max));
   Vec total(0.f);
   for (int64_t m = 0; m < n; m += kLanes) {
     const int64_t c = std::min<int64_t>(kLanes, n - m);
