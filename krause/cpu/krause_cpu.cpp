@@ -18,9 +18,10 @@
 // written by one task in a fixed order, and the partition into tasks depends on the shapes
 // only, so the bits do not depend on the thread count. The forward splits over (batch,
 // key/value head, query block); the causal backward over (batch, key/value head, query
-// block), each block owning the dk/dv rows of its own positions and leaving its additions to
-// the W - 1 keys before them in a small halo buffer that a second pass adds in block order;
-// the listed backward over (batch, key/value head). dk/dv never need atomics.
+// block) in two waves, the even blocks then the odd ones, so that a block adds straight into
+// the dk/dv rows of its own positions and of the W - 1 keys before them (its predecessor's)
+// while no other running task touches them; the listed backward over (batch, key/value
+// head). dk/dv never need atomics.
 
 #include <torch/extension.h>
 
@@ -76,17 +77,6 @@ inline float sum(const float* a, int64_t d) {
 
 // |k|^2, poisoned (NaN) when k or v holds a NaN or an infinity: 0 * sum(v) is 0 or NaN.
 inline float key_sq_norm(const float* k, const float* v, int64_t d) { return dot(k, k, d) + 0.f * sum(v, d); }
-
-// y += a * x
-inline void axpy(float a, const float* x, float* y, int64_t d) {
-  const Vec va(a);
-  int64_t t = 0;
-  for (; t + kLanes <= d; t += kLanes) at::vec::fmadd(va, Vec::loadu(x + t), Vec::loadu(y + t)).store(y + t);
-  if (t < d) {
-    const int64_t c = d - t;
-    at::vec::fmadd(va, Vec::loadu(x + t, c), Vec::loadu(y + t, c)).store(y + t, c);
-  }
-}
 
 // out = sum_m w[m] * rows[idx[m]] (rows of length d), accumulated in registers four vectors
 // of d at a time, written once.
@@ -584,15 +574,6 @@ struct BackwardArgs {
   int64_t H, Hkv, G, Nq, Nk, D, ks;
 };
 
-// Where a task adds the dk/dv of key j: its own rows of dk/dv from own_lo on, the halo
-// buffer (rows for keys halo_lo...) below.
-struct KeyGradTarget {
-  float *dk, *dv, *halo_dk, *halo_dv;
-  int64_t own_lo, halo_lo, d;
-  float* dk_row(int64_t j) const { return j >= own_lo ? dk + j * d : halo_dk + (j - halo_lo) * d; }
-  float* dv_row(int64_t j) const { return j >= own_lo ? dv + j * d : halo_dv + (j - halo_lo) * d; }
-};
-
 // One query row's share of the gradients, in one pass over its kept keys per P vectors of d
 // from column x (q_i and g_i stay in registers, each k_j is loaded once):
 //   dq_i  = sum_m w_m k_j + 2 rowsum q_i          (w_m = -2 ddist_m, rowsum = sum_m ddist_m)
@@ -601,8 +582,8 @@ struct KeyGradTarget {
 // unmasked loads and stores; kTail (P = 1) is the last, partial vector of c lanes.
 template <int P, bool kTail>
 inline void row_grads_cols(const float* k_head, const int32_t* kk, const float* w, const float* p, int64_t n,
-                           float rowsum, const float* qi, const float* go, const KeyGradTarget& to, int64_t d,
-                           int64_t x, int64_t c, float* dqi) {
+                           float rowsum, const float* qi, const float* go, float* dk_head, float* dv_head,
+                           int64_t d, int64_t x, int64_t c, float* dqi) {
   static_assert(!kTail || P == 1, "a partial vector is handled alone");
   auto load = [c](const float* ptr) { return kTail ? Vec::loadu(ptr, c) : Vec::loadu(ptr); };
   auto store = [c](const Vec& v, float* ptr) { kTail ? v.store(ptr, c) : v.store(ptr); };
@@ -616,7 +597,7 @@ inline void row_grads_cols(const float* k_head, const int32_t* kk, const float* 
   for (int64_t m = 0; m < n; ++m) {
     const int64_t j = kk[m];
     const float* kj = k_head + j * d + x;
-    float *dk = to.dk_row(j) + x, *dv = to.dv_row(j) + x;
+    float *dk = dk_head + j * d + x, *dv = dv_head + j * d + x;
     const Vec wm(w[m]), am(-w[m]), pm(p[m]);
     for (int u = 0; u < P; ++u) {
       const int64_t o = u * kLanes;
@@ -630,23 +611,24 @@ inline void row_grads_cols(const float* k_head, const int32_t* kk, const float* 
 }
 
 inline void row_grads(const float* k_head, const int32_t* kk, const float* w, const float* p, int64_t n,
-                      float rowsum, const float* qi, const float* go, const KeyGradTarget& to, int64_t d,
+                      float rowsum, const float* qi, const float* go, float* dk_head, float* dv_head, int64_t d,
                       float* dqi) {
   int64_t x = 0;
   for (; x + 4 * kLanes <= d; x += 4 * kLanes)
-    row_grads_cols<4, false>(k_head, kk, w, p, n, rowsum, qi, go, to, d, x, kLanes, dqi);
+    row_grads_cols<4, false>(k_head, kk, w, p, n, rowsum, qi, go, dk_head, dv_head, d, x, kLanes, dqi);
   for (; x + kLanes <= d; x += kLanes)
-    row_grads_cols<1, false>(k_head, kk, w, p, n, rowsum, qi, go, to, d, x, kLanes, dqi);
-  if (x < d) row_grads_cols<1, true>(k_head, kk, w, p, n, rowsum, qi, go, to, d, x, d - x, dqi);
+    row_grads_cols<1, false>(k_head, kk, w, p, n, rowsum, qi, go, dk_head, dv_head, d, x, kLanes, dqi);
+  if (x < d) row_grads_cols<1, true>(k_head, kk, w, p, n, rowsum, qi, go, dk_head, dv_head, d, x, d - x, dqi);
 }
 
 // The backward of queries [i0, i1) of every head of key/value head (b, hkv): writes their dq
-// rows, adds their dk/dv contributions through `to`, and returns -sum dlogit * dist per
-// group head in dc[g].
-void backward_rows(const BackwardArgs& a, int64_t b, int64_t hkv, int64_t i0, int64_t i1, const KeyGradTarget& to,
-                   double* dc, float* dl, float* w) {
+// rows, adds their dk/dv contributions into the rows of their kept keys, and returns
+// -sum dlogit * dist per group head in dc[g].
+void backward_rows(const BackwardArgs& a, int64_t b, int64_t hkv, int64_t i0, int64_t i1, double* dc, float* dl,
+                   float* w) {
   const int64_t D = a.D, ks = a.ks, bk = b * a.Hkv + hkv;
   const float *k_head = a.k + bk * a.Nk * D, *v_head = a.v + bk * a.Nk * D;
+  float *dk_head = a.dk + bk * a.Nk * D, *dv_head = a.dv + bk * a.Nk * D;
   for (int64_t g = 0; g < a.G; ++g) {
     const int64_t h = hkv * a.G + g;
     const float c = a.coef[h];
@@ -675,7 +657,7 @@ void backward_rows(const BackwardArgs& a, int64_t b, int64_t hkv, int64_t i0, in
         rowsum += ddist;
         w[m] = -2.f * ddist;
       }
-      row_grads(k_head, kk, w, p, n, rowsum, qi, go, to, D, dqi);
+      row_grads(k_head, kk, w, p, n, rowsum, qi, go, dk_head, dv_head, D, dqi);
     }
     dc[g] = acc;
   }
@@ -689,9 +671,11 @@ void backward_rows(const BackwardArgs& a, int64_t b, int64_t hkv, int64_t i0, in
 // window = 0 (candidate lists): one task per (batch, key/value head), owning its dk/dv.
 // window > 0 (causal, end-aligned): tasks are (batch, key/value head, block of 4W queries).
 // Block b's queries (positions offset + i) reach keys from offset + i0 - W + 1 to its last
-// position; it owns the dk/dv rows of its own positions (block 0 also every row below), and
-// adds to the W - 1 keys below them (owned by block b - 1) in its halo buffer; a second pass
-// adds each halo into its owner's rows.
+// position: the dk/dv rows of its own positions (block 0: every row below too) and the W - 1
+// rows below them, which block b - 1 owns. The even blocks run first, then the odd ones, so no
+// two running tasks add to one row, and every row sums its terms in the same order whatever
+// the thread count: a block zeroes the rows it writes first (its own and, if even, the W - 1
+// below), an odd block all its own rows but the top W - 1, which its even successor zeroed.
 std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                                  const at::Tensor& v, const at::Tensor& log_sigma, const at::Tensor& probs,
                                  const at::Tensor& dist, const at::Tensor& kept, int64_t window) {
@@ -709,46 +693,26 @@ std::vector<at::Tensor> backward(const at::Tensor& grad_out, const at::Tensor& q
                        coef.data(), probs.data_ptr<float>(), dist.data_ptr<float>(),
                        kept.data_ptr<int32_t>(), dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>(),
                        H, Hkv, G, Nq, Nk, D, ks};
-  const int64_t block = window > 0 ? causal_block(window) : std::max<int64_t>(Nq, 1);
+  const int64_t block = window > 0 ? causal_block(window) : std::max<int64_t>(Nq, 1);  // >= W - 1
   const int64_t nblocks = std::max<int64_t>(1, (Nq + block - 1) / block);
-  const int64_t offset = window > 0 ? Nk - Nq : 0, halo = std::max<int64_t>(1, window - 1);
+  const int64_t offset = window > 0 ? Nk - Nq : 0, below = window > 0 ? window - 1 : 0;
   std::vector<double> dc(B * Hkv * nblocks * G);
-  // halo rows of every (batch, key/value head, block > 0); block 0 has none
-  auto halo_dk = at::empty({B * Hkv * nblocks, halo, D}, q.options());
-  auto halo_dv = at::empty({B * Hkv * nblocks, halo, D}, q.options());
-  float *hdk = halo_dk.data_ptr<float>(), *hdv = halo_dv.data_ptr<float>();
-  auto own = [&](int64_t blk) -> std::pair<int64_t, int64_t> {  // [first, last) dk/dv rows block blk owns
-    const int64_t first = blk == 0 ? 0 : offset + blk * block;
-    const int64_t last = blk == nblocks - 1 ? Nk : offset + (blk + 1) * block;
-    return {first, last};
-  };
+  auto first_row = [&](int64_t blk) { return blk == 0 ? int64_t{0} : offset + blk * block; };
+  auto end_row = [&](int64_t blk) { return blk == nblocks - 1 ? Nk : offset + (blk + 1) * block; };
 
-  at::parallel_for(0, B * Hkv * nblocks, grain_for(G * std::min(block, Nq) * ks * D), [&](int64_t begin, int64_t end) {
-    std::vector<float> dl(std::max<int64_t>(ks, 1)), w(std::max<int64_t>(ks, 1));
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t bk = t / nblocks, blk = t % nblocks;
-      const auto [first, last] = own(blk);
-      float *dk_head = a.dk + bk * Nk * D, *dv_head = a.dv + bk * Nk * D;
-      std::fill(dk_head + first * D, dk_head + last * D, 0.f);
-      std::fill(dv_head + first * D, dv_head + last * D, 0.f);
-      std::fill(hdk + t * halo * D, hdk + (t + 1) * halo * D, 0.f);
-      std::fill(hdv + t * halo * D, hdv + (t + 1) * halo * D, 0.f);
-      const KeyGradTarget to{dk_head, dv_head, hdk + t * halo * D, hdv + t * halo * D, first, first - halo, D};
-      backward_rows(a, bk / Hkv, bk % Hkv, blk * block, std::min(Nq, (blk + 1) * block), to, dc.data() + t * G,
-                    dl.data(), w.data());
-    }
-  });
-  if (nblocks > 1) {
-    at::parallel_for(0, B * Hkv * nblocks, grain_for(2 * halo * D), [&](int64_t begin, int64_t end) {
+  for (int64_t parity = 0; parity < std::min<int64_t>(2, nblocks); ++parity) {
+    const int64_t per_head = (nblocks - parity + 1) / 2;  // blocks parity, parity + 2, ...
+    at::parallel_for(0, B * Hkv * per_head, grain_for(G * std::min(block, Nq) * ks * D), [&](int64_t begin, int64_t end) {
+      std::vector<float> dl(std::max<int64_t>(ks, 1)), w(std::max<int64_t>(ks, 1));
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t bk = t / nblocks, blk = t % nblocks;
-        if (blk == 0) continue;
-        const int64_t first = own(blk).first;
-        for (int64_t j = std::max<int64_t>(0, first - halo); j < first; ++j) {
-          const int64_t r = j - (first - halo);
-          axpy(1.f, hdk + (t * halo + r) * D, a.dk + (bk * Nk + j) * D, D);
-          axpy(1.f, hdv + (t * halo + r) * D, a.dv + (bk * Nk + j) * D, D);
-        }
+        const int64_t bk = t / per_head, blk = parity + 2 * (t % per_head);
+        const int64_t own = first_row(blk), last = end_row(blk);
+        const int64_t lo = parity == 0 ? std::max<int64_t>(0, own - below) : own;
+        const int64_t hi = parity == 1 && blk + 1 < nblocks ? last - below : last;
+        std::fill(a.dk + (bk * Nk + lo) * D, a.dk + (bk * Nk + hi) * D, 0.f);
+        std::fill(a.dv + (bk * Nk + lo) * D, a.dv + (bk * Nk + hi) * D, 0.f);
+        backward_rows(a, bk / Hkv, bk % Hkv, blk * block, std::min(Nq, (blk + 1) * block),
+                      dc.data() + (bk * nblocks + blk) * G, dl.data(), w.data());
       }
     });
   }
