@@ -174,6 +174,38 @@ def test_krause_branch_reuses_the_shared_base_products(model_dirs, kind, monkeyp
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_whole_gated_model_pickles_in_a_fresh_process(model_dirs, kind, tmp_path):
+    """torch.save(model) of a gated model loads where the gated class was never made: same
+    logits, the Krause projections still share the standard ones' Parameters and their products."""
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(4))
+    model = krause.hf.patch_model(load(model_dirs, kind), mix="gated", window=4, top_k=2)
+    force_gate(model, 0.0)
+    with torch.no_grad():
+        torch.save({"model": model, "ids": ids, "logits": model(ids).logits}, tmp_path / "whole.pt")
+    script = f"""
+import sys, torch
+from torch.utils.flop_counter import FlopCounterMode
+import krause.hf.patch as patch
+assert not patch._PATCHED_CLASSES  # nothing made yet in this process
+saved = torch.load({str(tmp_path / "whole.pt")!r}, weights_only=False)
+model = saved["model"]
+attn = patch.patched_attention_modules(model)[0]
+assert type(attn).__name__.startswith("Krause") and attn.krause_q_proj.weight is attn.q_proj.weight
+assert attn._krause_memo is attn.q_proj._krause_memo is attn.krause_q_proj._krause_memo
+assert attn._krause_memo.outputs is None
+with torch.no_grad(), FlopCounterMode(display=False) as shared:
+    logits = model(saved["ids"]).logits
+patch.untie_krause_projections(model)
+with torch.no_grad(), FlopCounterMode(display=False) as untied:
+    model(saved["ids"])
+assert torch.equal(logits, saved["logits"]), (logits - saved["logits"]).abs().max()
+assert untied.get_total_flops() > shared.get_total_flops()  # the loaded copy reused the products
+"""
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_krause_only_mix_is_the_registered_attention(model_dirs, kind):
     """patch_model(mix="krause") is a thin wrapper: the layers run attn_implementation="krause"
     on their own projections (no extra module but sigma), and the output is the core op's."""

@@ -109,6 +109,9 @@ class ProjectionMemo:
     def __deepcopy__(self, memo):  # a copied model records its own products
         return ProjectionMemo()
 
+    def __reduce__(self):  # a pickled model too (and no recorded tensor is written)
+        return ProjectionMemo, ()
+
 
 def _remember_product(module, args, output):
     """Forward hook of a standard-branch base projection: records its output while recording
@@ -206,6 +209,18 @@ def _patched_class(cls: type) -> type:
             {"_krause_rope": staticmethod(rope), "__module__": __name__},
         )
     return _PATCHED_CLASSES[cls]
+
+
+def __getattr__(name: str) -> type:
+    """The gated classes by name (``KrauseLlamaAttention``, ...): they are made on first patch,
+    and pickle (``torch.save(model)``) looks them up here in a process that has not made them."""
+    import importlib
+
+    for _, path in GATED_ARCHITECTURES.values():
+        module, _, base = path.rpartition(".")
+        if name == f"Krause{base}":
+            return _patched_class(getattr(importlib.import_module(module), base))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _gated_attention_class(model) -> type:
