@@ -129,9 +129,12 @@ CAUSAL = {
     "W=1": (1, 2, 2, 17, 17, 8, 1, 1, False, None, None, True),
     "ties": (1, 2, 1, 40, 40, 8, 12, 5, False, None, 3, True),
     "ties-gqa-end-aligned": (2, 4, 2, 12, 33, 8, 9, 5, True, "holes", 4, True),
-    # several query blocks of the compiled backward (4W queries each), so the halo rows count
+    # several query blocks of the compiled backward (4W queries each, even blocks then odd), so
+    # the rows each block adds to below its own count
     "blocks-end-aligned-gqa": (1, 4, 2, 40, 55, 8, 5, 3, True, "holes", None, True),
     "blocks-ties": (1, 2, 1, 60, 60, 8, 6, 4, False, None, 3, True),
+    # more than 16 kept keys and d not a multiple of 16 (the compiled backward's 16-key dots, tails)
+    "wide-topk-odd-d": (1, 2, 1, 50, 50, 20, 40, 24, True, None, None, True),
     "long": (1, 2, 1, 300, 300, 32, 64, 16, True, "right", None, False),
 }
 

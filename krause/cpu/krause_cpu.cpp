@@ -621,6 +621,46 @@ inline void row_grads(const float* k_head, const int32_t* kk, const float* w, co
   if (x < d) row_grads_cols<1, true>(k_head, kk, w, p, n, rowsum, qi, go, dk_head, dv_head, d, x, d - x, dqi);
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// Lane m of the result: the sum of v[m]'s lanes (sixteen horizontal sums in 45 instructions:
+// pairs of vectors interleaved and added, then pairs of pairs, then the 128-bit quarters).
+inline Vec hsum16(const __m512 (&v)[16]) {
+  __m512 pair[8], quad[4], half[2];
+  for (int i = 0; i < 8; ++i)  // per quarter: [a0+a2, b0+b2, a1+a3, b1+b3]
+    pair[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per quarter, position p: a partial sum of v[4i + p]
+    const __m512d c = _mm512_castps_pd(pair[2 * i]), d = _mm512_castps_pd(pair[2 * i + 1]);
+    quad[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(c, d)), _mm512_castpd_ps(_mm512_unpackhi_pd(c, d)));
+  }
+  for (int i = 0; i < 2; ++i)  // quarters 0+1 and 2+3 of quad[2i], then of quad[2i + 1]
+    half[i] = _mm512_add_ps(_mm512_shuffle_f32x4(quad[2 * i], quad[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                            _mm512_shuffle_f32x4(quad[2 * i], quad[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(half[0], half[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(half[0], half[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+#endif
+
+// out[m] = go . v_head[kk[m]] for m < n (rows of length d). With AVX-512, sixteen keys at a
+// time: each key's products stay a vector, and one hsum16 finishes all sixteen.
+inline void kept_dots(const float* go, const float* v_head, const int32_t* kk, int64_t n, int64_t d, float* out) {
+  int64_t m = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  for (; m + kLanes <= n; m += kLanes) {
+    __m512 acc[16];
+    for (int u = 0; u < 16; ++u) acc[u] = _mm512_setzero_ps();
+    for (int64_t x = 0; x < d; x += kLanes) {
+      const __mmask16 lanes = static_cast<__mmask16>((1u << std::min<int64_t>(kLanes, d - x)) - 1);
+      const __m512 gx = _mm512_maskz_loadu_ps(lanes, go + x);
+      for (int u = 0; u < 16; ++u)
+        acc[u] = _mm512_fmadd_ps(gx, _mm512_maskz_loadu_ps(lanes, v_head + static_cast<int64_t>(kk[m + u]) * d + x),
+                                 acc[u]);
+    }
+    _mm512_storeu_ps(out + m, hsum16(acc));
+  }
+#endif
+  for (; m < n; ++m) out[m] = dot(go, v_head + static_cast<int64_t>(kk[m]) * d, d);
+}
+
 // The backward of queries [i0, i1) of every head of key/value head (b, hkv): writes their dq
 // rows, adds their dk/dv contributions into the rows of their kept keys, and returns
 // -sum dlogit * dist per group head in dc[g].
@@ -644,19 +684,24 @@ void backward_rows(const BackwardArgs& a, int64_t b, int64_t hkv, int64_t i0, in
         std::fill(dqi, dqi + D, 0.f);
         continue;
       }
-      float s = 0.f;
-      for (int64_t m = 0; m < n; ++m) {
-        dl[m] = dot(go, v_head + static_cast<int64_t>(kk[m]) * D, D);
-        s += p[m] * dl[m];
+      kept_dots(go, v_head, kk, n, D, dl);
+      Vec sv(0.f);
+      for (int64_t m = 0; m < n; m += kLanes) {
+        const int64_t c = std::min<int64_t>(kLanes, n - m);  // partial loads zero the other lanes
+        sv = at::vec::fmadd(Vec::loadu(p + m, c), Vec::loadu(dl + m, c), sv);
       }
-      float rowsum = 0.f;
-      for (int64_t m = 0; m < n; ++m) {
-        const float dlogit = p[m] * (dl[m] - s);
-        acc -= static_cast<double>(dlogit) * dd[m];
-        const float ddist = dd[m] > 0.f ? -c * dlogit : 0.f;  // no gradient through the clamp
-        rowsum += ddist;
-        w[m] = -2.f * ddist;
+      const Vec vs(hsum(sv)), neg_c(-c), zero(0.f);
+      Vec dc_row(0.f), rowsum_v(0.f);
+      for (int64_t m = 0; m < n; m += kLanes) {
+        const int64_t c = std::min<int64_t>(kLanes, n - m);
+        const Vec dlogit = Vec::loadu(p + m, c) * (Vec::loadu(dl + m, c) - vs), dist_m = Vec::loadu(dd + m, c);
+        dc_row = at::vec::fmadd(dlogit, dist_m, dc_row);
+        const Vec ddist = Vec::blendv(zero, neg_c * dlogit, dist_m > zero);  // no gradient through the clamp
+        rowsum_v = rowsum_v + ddist;
+        (Vec(-2.f) * ddist).store(w + m, c);
       }
+      acc -= static_cast<double>(hsum(dc_row));
+      const float rowsum = hsum(rowsum_v);
       row_grads(k_head, kk, w, p, n, rowsum, qi, go, dk_head, dv_head, D, dqi);
     }
     dc[g] = acc;
