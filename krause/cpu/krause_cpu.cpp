@@ -687,18 +687,19 @@ void backward_rows(const BackwardArgs& a, int64_t b, int64_t hkv, int64_t i0, in
       kept_dots(go, v_head, kk, n, D, dl);
       Vec sv(0.f);
       for (int64_t m = 0; m < n; m += kLanes) {
-        const int64_t c = std::min<int64_t>(kLanes, n - m);  // partial loads zero the other lanes
-        sv = at::vec::fmadd(Vec::loadu(p + m, c), Vec::loadu(dl + m, c), sv);
+        const int64_t lanes = std::min<int64_t>(kLanes, n - m);  // partial loads zero the other lanes
+        sv = at::vec::fmadd(Vec::loadu(p + m, lanes), Vec::loadu(dl + m, lanes), sv);
       }
       const Vec vs(hsum(sv)), neg_c(-c), zero(0.f);
       Vec dc_row(0.f), rowsum_v(0.f);
       for (int64_t m = 0; m < n; m += kLanes) {
-        const int64_t c = std::min<int64_t>(kLanes, n - m);
-        const Vec dlogit = Vec::loadu(p + m, c) * (Vec::loadu(dl + m, c) - vs), dist_m = Vec::loadu(dd + m, c);
+        const int64_t lanes = std::min<int64_t>(kLanes, n - m);
+        const Vec dlogit = Vec::loadu(p + m, lanes) * (Vec::loadu(dl + m, lanes) - vs);
+        const Vec dist_m = Vec::loadu(dd + m, lanes);
         dc_row = at::vec::fmadd(dlogit, dist_m, dc_row);
         const Vec ddist = Vec::blendv(zero, neg_c * dlogit, dist_m > zero);  // no gradient through the clamp
         rowsum_v = rowsum_v + ddist;
-        (Vec(-2.f) * ddist).store(w + m, c);
+        (Vec(-2.f) * ddist).store(w + m, lanes);
       }
       acc -= static_cast<double>(hsum(dc_row));
       const float rowsum = hsum(rowsum_v);
