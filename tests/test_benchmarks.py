@@ -155,3 +155,20 @@ def test_gpu_benchmark_peers_and_bandwidth_column(monkeypatch):
     assert res["a"]["pct_bandwidth"] == pytest.approx(50.0) and "pct_bandwidth" not in res["b"]
     A._add_bandwidth(res, {"a": 1e9}, peak=None)  # unknown device: no figure rather than a wrong one
     assert res["a"]["min_bytes"] == 1e9
+
+
+def test_cpu_model_names_family_and_model_numbers(tmp_path):
+    """A VM's generic CPU name gets the x86 family/model numbers of the first processor;
+    a file without a model name falls back to the platform's word."""
+    from krause.training.throughput import cpu_model
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 207\n"
+                    "model name\t: Intel(R) Xeon(R) Processor\n\nprocessor\t: 1\ncpu family\t: 99\nmodel\t\t: 1\n"
+                    "model name\t: Other\n")
+    assert cpu_model(str(info)) == "Intel(R) Xeon(R) Processor (family 6, model 207)"
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC\n")
+    assert cpu_model(str(info)) == "AMD EPYC"
+    info.write_text("processor\t: 0\nBogoMIPS\t: 50.00\n")  # e.g. an ARM board
+    assert cpu_model(str(info)) and "(" not in cpu_model(str(info))
+    assert cpu_model(str(tmp_path / "missing"))

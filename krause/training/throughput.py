@@ -26,16 +26,26 @@ __all__ = ["Throughput", "count_flops", "train_flops_per_sample", "known_peak_fl
 _PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "V100": 125e12}
 
 
-def cpu_model() -> str:
-    """The CPU's model name (named beside every benchmark table: ratios shift between CPUs)."""
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name (named beside every benchmark table: ratios shift between CPUs),
+    with its x86 family and model numbers: a VM often shows only a generic name ("Intel(R)
+    Xeon(R) Processor", "AMD EPYC"), and the numbers still tell the core generation."""
+    fields: dict[str, str] = {}
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break  # the first processor's block is enough
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    name = fields.get("model name")
+    if not name:
+        return platform.processor() or platform.machine()
+    if fields.get("cpu family") and fields.get("model"):
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
 
 
 def known_peak_flops(device: torch.device | str | None = None) -> float | None:
