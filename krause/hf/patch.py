@@ -214,19 +214,22 @@ def _patched_class(cls: type) -> type:
 def __getattr__(name: str) -> type:
     """The gated classes by name (``KrauseLlamaAttention``, ...): they are made on first patch,
     and pickle (``torch.save(model)``) looks them up here in a process that has not made them."""
+    for _, path in GATED_ARCHITECTURES.values():
+        if name == f"Krause{path.rpartition('.')[2]}":
+            return _patched_class(_class_at(path))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _class_at(path: str) -> type:
+    """The class at a dotted path of :data:`GATED_ARCHITECTURES` (imported on demand)."""
     import importlib
 
-    for _, path in GATED_ARCHITECTURES.values():
-        module, _, base = path.rpartition(".")
-        if name == f"Krause{base}":
-            return _patched_class(getattr(importlib.import_module(module), base))
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 def _gated_attention_class(model) -> type:
     """The attention class of ``model`` if the gated mix supports its architecture (else ValueError)."""
-    import importlib
-
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     names = GATED_ARCHITECTURES.get(model_type)
     if names is None or type(model).__name__ != names[0]:
@@ -235,8 +238,7 @@ def _gated_attention_class(model) -> type:
             f"model: the gated mix supports {supported}, got {type(model).__name__} (model_type {model_type!r}); "
             "mix='krause' (attn_implementation='krause') covers any architecture using transformers' AttentionInterface"
         )
-    module, _, name = names[1].rpartition(".")
-    return getattr(importlib.import_module(module), name)
+    return _class_at(names[1])
 
 
 def _shared_linear(source: nn.Linear, memo: ProjectionMemo | None = None) -> SharedLinear:
