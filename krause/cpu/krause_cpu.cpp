@@ -645,6 +645,7 @@ inline Vec hsum16(const __m512 (&v)[16]) {
 inline void kept_dots(const float* go, const float* v_head, const int32_t* kk, int64_t n, int64_t d, float* out) {
   int64_t m = 0;
 #if defined(CPU_CAPABILITY_AVX512)
+  static_assert(kLanes == 16, "a group of keys is one vector of lanes");
   for (; m + kLanes <= n; m += kLanes) {
     __m512 acc[16];
     for (int u = 0; u < 16; ++u) acc[u] = _mm512_setzero_ps();
