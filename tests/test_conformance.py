@@ -328,6 +328,46 @@ def test_local2d_nonfinite(impl, case, kind):
     check_nonfinite(impl, fn, (*poison(q, k, v, kind), ls), go, cand, top_k, dtype, near)
 
 
+def check_large_finite_values(impl, fn, q, k, v, ls, cand, top_k):
+    """Value rows of +-2e38 (finite; three such rows, so the sum of a row or of a lane over the
+    rows overflows fp32): no NaN row, and the forward matches the oracle (their gradients
+    overflow in fp32 by themselves, so only the forward is held to it)."""
+    v = v.clone()
+    v[0, 0, 3:6] = 2e38
+    v[-1, -1, 7, ::2] = -2e38
+    out = call(impl, lambda name: fn(q, k, v, ls, name))
+    assert out.isfinite().all(), f"{impl}: large finite values made {int((~out.isfinite()).any(-1).sum())} rows NaN"
+    ref = oracle(q.double(), k.double(), v.double(), ls.double(), cand, top_k)
+    near = near_tie_rows(q, k, cand, top_k)
+    torch.testing.assert_close(out.double()[~near], ref[~near], rtol=1e-4, atol=1e-4, msg=lambda m: f"{impl}: {m}")
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_large_finite_values_are_finite_inputs(impl):
+    why = runs(impl, torch.float32, None, True)
+    if why:
+        pytest.skip(why)
+    b, h, hkv, tq, tk, d, window, top_k, per_head, *_ = CAUSAL["square"]
+    q, k, v, ls, _ = make_inputs(b, h, hkv, tq, tk, d, per_head, seed=5)
+    pos = torch.arange(tk)[:, None]
+    j = torch.arange(tk)[None, :]
+    cand = ((j <= pos) & (j > pos - window))[None]
+
+    def causal(q_, k_, v_, ls_, name):
+        return krause.causal_krause_attention(q_, k_, v_, ls_, window, top_k, impl=name)
+
+    check_large_finite_values(impl, causal, q, k, v, ls, cand, top_k)
+    b, h, hkv, grid, radius, metric, top_k, num_prefix, per_head, *_ = GRID["cifar-8x8"]
+    n = num_prefix + grid[0] * grid[1]
+    q, k, v, ls, _ = make_inputs(b, h, hkv, n, n, 8, per_head, seed=6)
+
+    def local2d(q_, k_, v_, ls_, name):
+        return krause.local_krause_attention_2d(q_, k_, v_, ls_, grid, radius, metric, top_k, num_prefix, impl=name)
+
+    check_large_finite_values(impl, local2d, q, k, v, ls, grid_candidate_mask(grid, radius, metric, num_prefix)[None],
+                              top_k)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_nonfinite_in_low_precision_and_engine_dense_2d(impl, dtype):

@@ -7,9 +7,10 @@
 // The squared norms are computed here, each row by one function, so equal rows get equal
 // norms (exact ties stay exact).
 // NaN policy (krause/nonfinite.py): |q_i|^2 is not finite for a query with a NaN/inf entry,
-// and |k_j|^2 + 0 * sum(v_j) for such a key or value, so a candidate's distance is then not
-// finite; a query with one such candidate gets an all-NaN output row and keeps nothing (its
-// saved rows are empty: no gradient passes through it).
+// and |k_j|^2 is made NaN for such a key or value (nonfinite_probe: never for large finite
+// values), so a candidate's distance is then not finite; a query with one such candidate
+// gets an all-NaN output row and keeps nothing (its saved rows are empty: no gradient
+// passes through it).
 // The forward saves, per query, the kept keys (ascending index), their probabilities and
 // distances in (B, H, Nq, Ks) tensors (Ks = most keys a query can keep; unused slots hold
 // key -1 and zeros). The backward reads only those.
@@ -69,14 +70,19 @@ inline float dot(const float* a, const float* b, int64_t d) {
   return hsum(acc0 + acc1);
 }
 
-inline float sum(const float* a, int64_t d) {
+// 0 when a[0, n) is finite, NaN when it holds a NaN or an infinity: x - x is 0 or NaN, and a
+// sum of zeros cannot overflow (0 * sum(a) would turn large finite values into NaN).
+inline float nonfinite_probe(const float* a, int64_t n) {
   Vec acc(0.f);
-  for (int64_t x = 0; x < d; x += kLanes) acc = acc + Vec::loadu(a + x, std::min<int64_t>(kLanes, d - x));
+  for (int64_t x = 0; x < n; x += kLanes) {
+    const Vec e = Vec::loadu(a + x, std::min<int64_t>(kLanes, n - x));
+    acc = acc + (e - e);
+  }
   return hsum(acc);
 }
 
-// |k|^2, poisoned (NaN) when k or v holds a NaN or an infinity: 0 * sum(v) is 0 or NaN.
-inline float key_sq_norm(const float* k, const float* v, int64_t d) { return dot(k, k, d) + 0.f * sum(v, d); }
+// |k|^2, poisoned (NaN) when k or v holds a NaN or an infinity.
+inline float key_sq_norm(const float* k, const float* v, int64_t d) { return dot(k, k, d) + nonfinite_probe(v, d); }
 
 // out = sum_m w[m] * rows[idx[m]] (rows of length d), accumulated in registers four vectors
 // of d at a time, written once.
@@ -393,10 +399,8 @@ inline void tile_key_norms(const float* kT, int64_t ld, int64_t n, int64_t d, co
     }
     acc.store(ksq + m);
   }
-  Vec poison(0.f);
-  for (int64_t x = 0; x < n * d; x += kLanes) poison = poison + Vec::loadu(v + x, std::min<int64_t>(kLanes, n * d - x));
-  if (hsum(poison * Vec(0.f)) != 0.f)  // some value is NaN or infinite: find the rows
-    for (int64_t m = 0; m < n; ++m) ksq[m] += 0.f * sum(v + m * d, d);
+  if (std::isnan(nonfinite_probe(v, n * d)))  // some value is NaN or infinite: find the rows
+    for (int64_t m = 0; m < n; ++m) ksq[m] += nonfinite_probe(v + m * d, d);
 }
 
 // Queries per causal task: a block of 4W queries reads 5W - 1 keys, so copying them costs
