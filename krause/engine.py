@@ -121,15 +121,17 @@ def _select(d, top_k: int, coef, p_out, d_out) -> None:
     distances: zero outside the kept top-k, distances clamped at 0."""
     if top_k >= d.shape[-1]:
         d.clamp_min_(0.0)
-        p_out.copy_(torch.softmax(d * -coef, dim=-1).nan_to_num_(0.0))  # NaN rows: no valid candidate
-        d_out.copy_(d.masked_fill_(d == _INF, 0.0))
+        invalid = d == _INF  # their logits set to -inf: inf * -coef is NaN once coef underflows to 0
+        logits = (d * -coef).masked_fill_(invalid, -_INF)
+        p_out.copy_(torch.softmax(logits, dim=-1).nan_to_num_(0.0))  # NaN rows: no valid candidate
+        d_out.copy_(d.masked_fill_(invalid, 0.0))
         return
     vals, idx = d.topk(top_k, dim=-1, largest=False, sorted=False)
     vals.clamp_min_(0.0)
     # Fewer valid candidates than top_k: the extra (infinite) ones get weight 0; zeroing
     # their distance keeps 0 * inf out of the backward.
     extra = vals == _INF
-    p = _softmax_(vals * -coef, -1, extra)
+    p = _softmax_((vals * -coef).masked_fill_(extra, -_INF), -1, extra)
     vals.masked_fill_(extra, 0.0)
     p_out.zero_().scatter_(-1, idx, p)
     d_out.zero_().scatter_(-1, idx, vals)

@@ -52,7 +52,11 @@ computing a distance. Limitations of this path (the "fast" path has none of them
   near ties widen accordingly; the default ("highest"/"ieee") is exact fp32;
 - the clamp of distances at 0 is not applied inside the kernel (it only matters for keys
   numerically identical to the query: their score and gradient are the unclamped ones);
-- fp16: |k|^2 / 2 must stay below 65504 (|k| < ~362).
+- fp16: |k|^2 / 2 must stay below 65504 (|k| < ~362);
+- a tiny sigma: the logits s u0 are absolute (not differences of distances), so once
+  s |u0| nears ~1e9 (log sigma ~ -10 for unit-scale q, k) their fp32 rounding exceeds exp's
+  range when the backward recomputes the probabilities: the gradients are inf/NaN (the
+  forward is right).
 
 Execution. On CUDA, ``flex_attention`` is compiled once per process
 (``torch.compile(flex_attention, dynamic=False)``, created lazily) and runs the fused
@@ -224,7 +228,9 @@ class _AttachScaleGrad(torch.autograd.Function):
             per_head = (q_aug.float() * grad.float()).sum(-1).sum((0, 2))  # (H,)
             if s.dim() == 0:
                 per_head = per_head.sum()
-            grad_s = (per_head / s).to(s.dtype)
+            # s = 0 (sigma so large that 1/sigma^2 underflows): dq' is 0, so 0 / 0; the gradient that
+            # reaches log sigma, dL/ds * ds/dlog_sigma = dL/ds * (-2 s), is 0 there
+            grad_s = torch.where(s != 0, per_head / torch.where(s != 0, s, 1.0), 0.0).to(s.dtype)
         return grad, grad_s
 
 

@@ -300,17 +300,20 @@ inline int64_t select_nearest(const float* dist, const int32_t* key, int64_t cnt
 inline void softmax_gather(const float* dist, const int32_t* key, int64_t n, int64_t ks, float coef,
                            const float* v_head, int64_t d, float* out, float* probs, float* dist_out,
                            int32_t* key_out) {
-  const Vec vneg(-coef), zero(0.f), lowest(-kInf);
-  Vec row_max = lowest;  // a vector of maxima, not one scalar chain: max is exact either way
+  // exp(coef (d_min - d_j)): the difference of distances, scaled. The logit form -coef d_j -
+  // max(-coef d) lets the compiler fuse the multiply into the subtraction, rounding the two
+  // products differently; beyond coef d ~ 1e9 that difference passes 88: exp overflows, NaN.
+  const Vec vcoef(coef), zero(0.f), highest(kInf);
+  Vec row_min = highest;  // a vector of minima, not one scalar chain: min is exact either way
   for (int64_t m = 0; m < n; m += kLanes) {
     const int64_t c = std::min<int64_t>(kLanes, n - m);
-    row_max = at::vec::maximum(row_max, Vec::set(lowest, Vec::loadu(dist + m, c) * vneg, c));
+    row_min = at::vec::minimum(row_min, Vec::set(highest, Vec::loadu(dist + m, c), c));
   }
-  const Vec vmax(hmax(row_max));
+  const Vec vmin(hmin(row_min));
   Vec total(0.f);
   for (int64_t m = 0; m < n; m += kLanes) {
     const int64_t c = std::min<int64_t>(kLanes, n - m);
-    const Vec e = Vec::set(zero, (Vec::loadu(dist + m, c) * vneg - vmax).exp_u20(), c);
+    const Vec e = Vec::set(zero, ((vmin - Vec::loadu(dist + m, c)) * vcoef).exp_u20(), c);
     e.store(probs + m, c);
     total = total + e;
   }
