@@ -495,6 +495,31 @@ def test_cuda_equals_engine_and_flex_paths():
         torch.testing.assert_close(out[~skip], other[~skip], atol=2e-4, rtol=0, msg=lambda m: f"2-D {impl}: {m}")
 
 
+@cuda_only
+@pytest.mark.parametrize("log_sigma", [-10.0, 60.0])
+def test_cuda_extreme_sigma_matches_rule(log_sigma):
+    """Compiled for the GPU (where Triton may fuse a multiply into an add): a sigma so small
+    that coef * dist ~ 1e10, and one so large that coef underflows to 0; finite outputs equal
+    to the rule and finite gradients (tests/test_conformance.py holds the interpreter to it)."""
+    b, h, hkv, t, d, window, top_k = 1, 4, 2, 600, 64, 32, 16
+    leaves, _, go = make_inputs(b, h, hkv, t, t, d, seed=11)
+    ls = torch.full((h,), log_sigma, device=DEVICE, requires_grad=True)
+    out = kernels.causal_krause_attention_triton(*leaves, ls, window, top_k)
+    assert out.isfinite().all()
+    cand = causal_candidates(b, t, t, window)
+    skip = near_tie_rows(leaves[0], leaves[1], cand, top_k, 1e-2)
+    if log_sigma < 0:  # only the nearest key counts: rows whose two nearest are close turn on rounding
+        qd, kd = leaves[0].detach().cpu().double(), repeat_kv(leaves[1].detach().cpu(), h).double()
+        dist = (qd[..., :, None, :] - kd[..., None, :, :]).pow(2).sum(-1)
+        near = dist.masked_fill(~cand[:, None].expand_as(dist), float("inf")).sort(-1).values
+        skip = skip | ((near[..., 1] - near[..., 0]) < 1e-2)
+    grads = torch.autograd.grad(out, [*leaves, ls], go.masked_fill(skip.to(DEVICE)[..., None], 0.0))
+    ref, _ = dense_rule(*(x.detach().cpu().double() for x in (*leaves, ls)), cand, top_k)
+    torch.testing.assert_close(out.detach().cpu().double()[~skip], ref[~skip], atol=2e-4, rtol=0)
+    for name, g in zip(("dq", "dk", "dv", "dlog_sigma"), grads):
+        assert g.isfinite().all(), name
+
+
 def test_decode_nan_policy():
     """The decode kernel's NaN rule: a NaN key or an infinite value in a real slot makes the
     rows of its key/value head NaN, a NaN in a padded slot does not, a NaN query makes its own

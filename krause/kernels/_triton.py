@@ -159,6 +159,16 @@ def _kept_backward(dist, cand, kj, qn, kn, thr):
 
 
 @triton.jit
+def _kept_probs(keep, coef, dist, lse):
+    """The backward's probabilities exp(s - lse) of the kept logits s = -coef dist, formed as
+    the forward forms them (the logit through the select, then the difference): a multiply
+    fused into the subtraction would round s unlike the forward's max did, which past
+    coef dist ~ 1e9 puts exp out of range."""
+    s = tl.where(keep, -coef * dist, float("-inf"))
+    return tl.exp(s - lse[:, None])
+
+
+@triton.jit
 def _coef(LS, h, LS_PER_HEAD: tl.constexpr):
     """1 / (2 sigma_h^2) for head h (scalar)."""
     if LS_PER_HEAD:
@@ -265,7 +275,7 @@ def _bwd_dq_kernel(
     keep = _kept_backward(dist, cand, kj[None, :], qn, kn, thr)
 
     coef = _coef(LS, h, LS_PER_HEAD)
-    p = tl.where(keep, tl.exp(-coef * dist - lse[:, None]), 0.0)
+    p = _kept_probs(keep, coef, dist, lse)
     dp = _mm(dot_, tl.trans(vt), PREC)
     # delta = do . out, from the kept scores in fp32 (the whole row is in the tile); stored
     # for the key pass. do . out with a bf16 `out` would bias dlog_sigma by its rounding.
@@ -324,7 +334,7 @@ def _bwd_dkdv_kernel(
             cand = _candidates(qi[:, None], keys[None, :], Tq, Tk, W, P, cols, radius, GRID, CHEB)
             cand = cand & real[None, :]
             keep = _kept_backward(dist, cand, keys[None, :], qn, kn, thr)
-            p = tl.where(keep, tl.exp(-coef * dist - lse[:, None]), 0.0)
+            p = _kept_probs(keep, coef, dist, lse)
             dv += _mm(tl.trans(p.to(dot_.dtype)), dot_, PREC)
             dp = _mm(dot_, tl.trans(vt), PREC)
             ds = p * (dp - delta[:, None])
