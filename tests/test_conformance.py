@@ -217,6 +217,96 @@ def test_the_tie_cases_have_exact_ties_at_the_boundary():
 
 
 # --------------------------------------------------------------------------- non-finite inputs
+# Random configurations beyond the grid (seeded, so each run checks the same ones): shapes,
+# windows, top_k above and below the window, GQA, padding, per-head sigma, input scales.
+def random_causal_config(rng):
+    hkv = rng.choice([1, 2])
+    tk = rng.randint(1, 70)
+    return dict(b=rng.choice([1, 2]), h=hkv * rng.choice([1, 2, 3]), hkv=hkv, tq=rng.randint(1, tk), tk=tk,
+                d=rng.choice([1, 3, 8, 17, 33]), window=rng.randint(1, 40), top_k=rng.randint(1, 45),
+                scale=rng.choice([0.1, 1.0, 3.0]), log_sigma=rng.uniform(-2.0, 2.0), padded=rng.random() < 0.4)
+
+
+def random_grid_config(rng):
+    hkv = rng.choice([1, 2])
+    return dict(b=rng.choice([1, 2]), h=hkv * rng.choice([1, 2]), hkv=hkv, grid=(rng.randint(1, 8), rng.randint(1, 8)),
+                num_prefix=rng.choice([0, 1, 2]), radius=rng.randint(0, 3), metric=rng.choice(["manhattan", "chebyshev"]),
+                top_k=rng.randint(1, 30), d=rng.choice([1, 4, 8, 17]), scale=rng.choice([0.1, 1.0, 3.0]),
+                log_sigma=rng.uniform(-2.0, 2.0))
+
+
+def check_random(impl, fn, shapes, cfg, cand, top_k, seed):
+    """Output and gradients against the float64 oracle; rows with a near tie at the top_k-th
+    distance (relative to the inputs' scale) are left out."""
+    g = torch.Generator().manual_seed(seed)
+    q_shape, kv_shape = shapes
+    q = torch.randn(q_shape, generator=g) * cfg["scale"]
+    k = torch.randn(kv_shape, generator=g) * cfg["scale"]
+    v = torch.randn(kv_shape, generator=g)
+    ls = cfg["log_sigma"] + 0.2 * torch.randn(q_shape[1], generator=g)
+    near = near_tie_rows(q, k, cand, top_k, gap=1e-3 * cfg["scale"] ** 2)
+    go = torch.randn(q_shape, generator=g).masked_fill(near[..., None], 0.0)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v, ls)]
+    out = call(impl, lambda name: fn(*leaves, name))
+    grads = torch.autograd.grad(out, leaves, go)
+    ref_leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v, ls)]
+    ref = oracle(*ref_leaves, cand, top_k)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, go.double())
+    torch.testing.assert_close(out.detach().double()[~near], ref.detach()[~near], atol=2e-3, rtol=0,
+                               msg=lambda m: f"{impl} {cfg} out: {m}")
+    for name, got, want, tol in zip(("dq", "dk", "dv", "dlog_sigma"), grads, ref_grads, (2e-3, 2e-3, 2e-3, 2e-2)):
+        scale = max(1.0, want.abs().max().item())
+        torch.testing.assert_close(got.double(), want, atol=tol * scale, rtol=0, msg=lambda m: f"{impl} {cfg} {name}: {m}")
+
+
+@pytest.mark.parametrize("impl", [i for i in IMPLEMENTATIONS if i != "triton"])
+@pytest.mark.parametrize("seed", range(4))
+def test_random_causal_configs_conform(impl, seed):
+    why = runs(impl, torch.float32, None, True)
+    if why:
+        pytest.skip(why)
+    import random
+
+    rng = random.Random(seed)
+    for n in range(8):
+        cfg = random_causal_config(rng)
+        b, tq, tk, window, top_k = cfg["b"], cfg["tq"], cfg["tk"], cfg["window"], cfg["top_k"]
+        mask = (torch.rand(b, tk, generator=torch.Generator().manual_seed(seed * 100 + n)) > 0.3) if cfg["padded"] else None
+        pos = torch.arange(tk - tq, tk)[:, None]
+        j = torch.arange(tk)[None, :]
+        cand = ((j <= pos) & (j > pos - window))[None].expand(b, tq, tk)
+        if mask is not None:
+            cand = cand & mask[:, None, :]
+
+        def fn(q_, k_, v_, ls_, name):
+            return krause.causal_krause_attention(q_, k_, v_, ls_, window, top_k, key_padding_mask=mask, impl=name)
+
+        shapes = ((b, cfg["h"], tq, cfg["d"]), (b, cfg["hkv"], tk, cfg["d"]))
+        check_random(impl, fn, shapes, cfg, cand, top_k, seed * 100 + n)
+
+
+@pytest.mark.parametrize("impl", [i for i in IMPLEMENTATIONS if i != "triton"])
+@pytest.mark.parametrize("seed", range(4))
+def test_random_grid_configs_conform(impl, seed):
+    why = runs(impl, torch.float32, None, True)
+    if why:
+        pytest.skip(why)
+    import random
+
+    rng = random.Random(1000 + seed)
+    for n in range(8):
+        cfg = random_grid_config(rng)
+        grid, radius, metric, top_k, num_prefix = cfg["grid"], cfg["radius"], cfg["metric"], cfg["top_k"], cfg["num_prefix"]
+        tokens = num_prefix + grid[0] * grid[1]
+        cand = grid_candidate_mask(grid, radius, metric, num_prefix)[None]
+
+        def fn(q_, k_, v_, ls_, name):
+            return krause.local_krause_attention_2d(q_, k_, v_, ls_, grid, radius, metric, top_k, num_prefix, impl=name)
+
+        shapes = ((cfg["b"], cfg["h"], tokens, cfg["d"]), (cfg["b"], cfg["hkv"], tokens, cfg["d"]))
+        check_random(impl, fn, shapes, cfg, cand, top_k, 1000 + seed * 100 + n)
+
+
 # The NaN policy (krause/nonfinite.py, docs/api.md): output row i is all NaN when query i has
 # a valid candidate and q_i, or the key or value of one of its valid candidates, holds a NaN
 # or an infinity; a query with no valid candidate returns zeros; every other row is the
