@@ -18,7 +18,7 @@ interleaved timing of its cases, median wall time):
             and again with torch's THP_MEM_ALLOC_ENABLE=1 (huge pages for large tensors)
   decode    a small Llama (hidden 512, 4 layers, 8 heads, 2 KV heads) with 2,048 tokens of
             context: one greedy decoding step, patched (krause.hf.patch_model, gated) /
-            unpatched, forward only
+            unpatched, forward only (median of 100 interleaved steps)
 The engine column repeats the Krause cases with the PyTorch engine (krause.engine, the
 op's CPU kernel before the compiled one) in the same rounds.
 """
@@ -325,7 +325,7 @@ def main(argv=None) -> int:
         res["lm"] = measure_lm(256 if args.quick else 4096, repeats)
         print("lm done", flush=True)
     if "decode" in sections:
-        res["decode"] = measure_decode(128 if args.quick else 2048, 3 if args.quick else 30)
+        res["decode"] = measure_decode(128 if args.quick else 2048, 3 if args.quick else 100)
         print("decode done", flush=True)
     info["load_after"] = T.load_average()
     if args.update and os.path.exists(args.out):
