@@ -123,12 +123,12 @@ def krause_attention_grouped(q, k, v, log_sigma: torch.Tensor, candidates: torch
 
 
 def krause_attention_dense(q, k, v, log_sigma: torch.Tensor, candidates: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Krause attention over an explicit candidate mask: ``krause_weights`` @ v, in v's dtype
-    (NaN rows by the NaN policy, see the module docstring)."""
+    """Krause attention over an explicit candidate mask: ``krause_weights`` @ v, in q's dtype
+    as every implementation of the ops (NaN rows by the NaN policy, see the module docstring)."""
     bad = poisoned_rows(candidates, q, k, v)
     probs = krause_weights(finite_or_zero(q), finite_or_zero(k), log_sigma, candidates, top_k)
     out = probs @ repeat_kv(finite_or_zero(v), q.shape[1]).float()
-    return out.masked_fill(bad[..., None], float("nan")).to(v.dtype)
+    return out.masked_fill(bad[..., None], float("nan")).to(q.dtype)
 
 
 def causal_candidates(num_queries: int, num_keys: int, window: int, key_padding_mask=None, device=None):

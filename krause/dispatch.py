@@ -55,7 +55,7 @@ class Call(NamedTuple):
 
     op: str
     device: str  # device type
-    dtype: torch.dtype
+    dtype: torch.dtype | None  # None: q, k and v differ
     window: int | None = None
     one_span: bool | None = None  # causal: the keys the queries see fit in one band span
     grid: tuple | None = None
@@ -139,6 +139,12 @@ def _triton_reason(device: str) -> str | None:
     return None
 
 
+def _dtype_refusal(dtype: torch.dtype | None, accepted) -> str:
+    if dtype is None:
+        return f"q, k and v have different dtypes: the kernels take one of {accepted} for all three"
+    return f"dtype {dtype}: the kernels take {accepted}"
+
+
 def _refuse_triton(call: Call) -> str | None:
     why = _triton_reason(call.device)
     if why is not None:
@@ -147,7 +153,7 @@ def _refuse_triton(call: Call) -> str | None:
     from .kernels.ops import DTYPES
 
     if call.dtype not in DTYPES:
-        return f"dtype {call.dtype}: the kernels take {DTYPES}"
+        return _dtype_refusal(call.dtype, DTYPES)
     if call.op == "causal" and call.window is not None:
         ok, why = kernels.causal_triton_supported(call.window)
     elif call.op == "local2d" and call.grid is not None:
@@ -161,7 +167,7 @@ def _refuse_compiled(call: Call) -> str | None:
     if call.device != "cpu":
         return f"CPU only, not {call.device}"
     if call.dtype not in cpu.DTYPES:
-        return f"dtype {call.dtype}: the kernels take {cpu.DTYPES}"
+        return _dtype_refusal(call.dtype, cpu.DTYPES)
     if not cpu.active():
         return cpu.status()
     return None

@@ -474,9 +474,9 @@ def plain_inference(*tensors) -> bool:
     return True
 
 
-def _call_dtype(q, k, v) -> torch.dtype:
-    """The dtype a backend must take: q's, or float64 (none takes it) when q, k, v differ."""
-    return q.dtype if k.dtype == q.dtype and v.dtype == q.dtype else torch.float64
+def _call_dtype(q, k, v) -> torch.dtype | None:
+    """The dtype a backend must take: q's, or None (the kernels refuse it) when q, k, v differ."""
+    return q.dtype if k.dtype == q.dtype and v.dtype == q.dtype else None
 
 
 def local_krause_attention_2d(

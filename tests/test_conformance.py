@@ -217,6 +217,38 @@ def test_the_tie_cases_have_exact_ties_at_the_boundary():
 
 
 # --------------------------------------------------------------------------- non-finite inputs
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)],
+                         ids=["q-fp32-kv-bf16", "q-bf16-kv-fp32"])
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_mixed_dtypes_give_q_dtype(impl, dtypes):
+    """q in one float dtype, k and v in another: every implementation that takes the call
+    returns q's dtype (docs/api.md) and the oracle's values; the Triton kernels refuse it
+    naming the cause."""
+    why = runs(impl, torch.float32, None, True)
+    if why:
+        pytest.skip(why)
+    q_dtype, kv_dtype = dtypes
+    b, h, hkv, tq, tk, d, window, top_k, *_ = CAUSAL["end-aligned"]
+    q, k, v, ls, _ = make_inputs(b, h, hkv, tq, tk, d, True, seed=9)
+    q, k, v = q.to(q_dtype), k.to(kv_dtype), v.to(kv_dtype)
+
+    def fn(name):
+        return krause.causal_krause_attention(q, k, v, ls, window, top_k, impl=name)
+
+    if impl == "triton":
+        with pytest.raises(ValueError, match="different dtypes"):
+            call(impl, fn)
+        return
+    out = call(impl, fn)
+    assert out.dtype == q_dtype
+    pos = torch.arange(tk - tq, tk)[:, None]
+    j = torch.arange(tk)[None, :]
+    cand = ((j <= pos) & (j > pos - window))[None]
+    near = near_tie_rows(q.float(), k.float(), cand, top_k, gap=1e-2)
+    ref = oracle(q.double(), k.double(), v.double(), ls.double(), cand, top_k)
+    torch.testing.assert_close(out.double()[~near], ref[~near], atol=3e-2, rtol=0, msg=lambda m: f"{impl}: {m}")
+
+
 # Random configurations beyond the grid (seeded, so each run checks the same ones): shapes,
 # windows, top_k above and below the window, GQA, padding, per-head sigma, input scales.
 def random_causal_config(rng):
