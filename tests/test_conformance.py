@@ -9,6 +9,10 @@ every tie by design). Outputs and the gradients of q, k, v and log_sigma are com
 Implementations: reference, engine (the PyTorch engine), compiled (the compiled CPU
 kernel), flex (FlexAttention, unfused on CPU) and triton (the Triton interpreter without
 a GPU, on the small cases).
+
+Beyond the grid: the NaN policy, large finite values, extreme sigmas (a softmax that keeps
+only the nearest key, and c = 1/(2 sigma^2) underflowing to 0), mixed input dtypes, and
+seeded random configurations.
 """
 
 from __future__ import annotations
