@@ -510,7 +510,7 @@ def test_cuda_extreme_sigma_matches_rule(log_sigma):
     skip = near_tie_rows(leaves[0], leaves[1], cand, top_k, 1e-2)
     if log_sigma < 0:  # only the nearest key counts: rows whose two nearest are close turn on rounding
         qd, kd = leaves[0].detach().cpu().double(), repeat_kv(leaves[1].detach().cpu(), h).double()
-        dist = (qd[..., :, None, :] - kd[..., None, :, :]).pow(2).sum(-1)
+        dist = qd.pow(2).sum(-1)[..., :, None] + kd.pow(2).sum(-1)[..., None, :] - 2 * qd @ kd.transpose(-1, -2)
         near = dist.masked_fill(~cand[:, None].expand_as(dist), float("inf")).sort(-1).values
         skip = skip | ((near[..., 1] - near[..., 0]) < 1e-2)
     grads = torch.autograd.grad(out, [*leaves, ls], go.masked_fill(skip.to(DEVICE)[..., None], 0.0))
