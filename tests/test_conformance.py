@@ -18,6 +18,7 @@ seeded random configurations.
 from __future__ import annotations
 
 import os
+import random
 
 import pytest
 import torch
@@ -67,6 +68,15 @@ def make_inputs(b, h, hkv, tq, tk, d, per_head, seed, dup_keys=None):
     ls = (0.3 * torch.randn(h, generator=g) + 0.3) if per_head else torch.tensor(0.3)
     go = torch.randn(b, h, tq, d, generator=g)
     return q, k, v, ls, go
+
+
+def window_candidates(b, tq, tk, window, mask=None):
+    """(B|1, Tq, Tk) bool: end-aligned query i (position Tk - Tq + i) sees keys p - W < j <= p
+    that ``mask`` (B, Tk) does not mark as padding (built here, not by the library under test)."""
+    pos = torch.arange(tk - tq, tk)[:, None]
+    j = torch.arange(tk)[None, :]
+    cand = ((j <= pos) & (j > pos - window))[None]
+    return cand if mask is None else cand.expand(b, tq, tk) & mask[:, None, :]
 
 
 def padding(kind, b, tk):
@@ -153,11 +163,7 @@ def test_causal_conforms(impl, case, dtype):
         pytest.skip(why)
     q, k, v, ls, go = make_inputs(b, h, hkv, tq, tk, d, per_head, seed=len(case), dup_keys=dup)
     mask = padding(pad, b, tk)
-    pos = torch.arange(tk - tq, tk)[:, None]
-    j = torch.arange(tk)[None, :]
-    cand = ((j <= pos) & (j > pos - window))[None].expand(b, tq, tk)
-    if mask is not None:
-        cand = cand & mask[:, None, :]
+    cand = window_candidates(b, tq, tk, window, mask)
     rounded = [t.to(dtype).float() for t in (q, k, v)]  # the oracle sees what the kernels see
     skip = near_tie_rows(rounded[0], rounded[1], cand, top_k)
 
@@ -209,9 +215,7 @@ def test_the_tie_cases_have_exact_ties_at_the_boundary():
     visible (keeping the higher index instead gives another output)."""
     b, h, hkv, tq, tk, d, window, top_k, per_head, pad, dup, _ = CAUSAL["ties"]
     q, k, v, ls, _ = make_inputs(b, h, hkv, tq, tk, d, per_head, seed=len("ties"), dup_keys=dup)
-    pos = torch.arange(tk)[:, None]
-    j = torch.arange(tk)[None, :]
-    cand = ((j <= pos) & (j > pos - window))[None]
+    cand = window_candidates(1, tk, tk, window)
     dist = torch.cdist(q[0, 0].double(), k[0, 0].double()).pow(2).masked_fill(~cand[0], float("inf"))
     far = dist.sort(-1).values
     assert ((far[:, top_k - 1] == far[:, top_k]) & far[:, top_k].isfinite()).sum() > 5
@@ -245,9 +249,7 @@ def test_mixed_dtypes_give_q_dtype(impl, dtypes):
         return
     out = call(impl, fn)
     assert out.dtype == q_dtype
-    pos = torch.arange(tk - tq, tk)[:, None]
-    j = torch.arange(tk)[None, :]
-    cand = ((j <= pos) & (j > pos - window))[None]
+    cand = window_candidates(1, tq, tk, window)
     near = near_tie_rows(q.float(), k.float(), cand, top_k, gap=1e-2)
     ref = oracle(q.double(), k.double(), v.double(), ls.double(), cand, top_k)
     torch.testing.assert_close(out.double()[~near], ref[~near], atol=3e-2, rtol=0, msg=lambda m: f"{impl}: {m}")
@@ -301,18 +303,12 @@ def test_random_causal_configs_conform(impl, seed):
     why = runs(impl, torch.float32, None, True)
     if why:
         pytest.skip(why)
-    import random
-
     rng = random.Random(seed)
     for n in range(8):
         cfg = random_causal_config(rng)
         b, tq, tk, window, top_k = cfg["b"], cfg["tq"], cfg["tk"], cfg["window"], cfg["top_k"]
         mask = (torch.rand(b, tk, generator=torch.Generator().manual_seed(seed * 100 + n)) > 0.3) if cfg["padded"] else None
-        pos = torch.arange(tk - tq, tk)[:, None]
-        j = torch.arange(tk)[None, :]
-        cand = ((j <= pos) & (j > pos - window))[None].expand(b, tq, tk)
-        if mask is not None:
-            cand = cand & mask[:, None, :]
+        cand = window_candidates(b, tq, tk, window, mask)
 
         def fn(q_, k_, v_, ls_, name):
             return krause.causal_krause_attention(q_, k_, v_, ls_, window, top_k, key_padding_mask=mask, impl=name)
@@ -327,8 +323,6 @@ def test_random_grid_configs_conform(impl, seed):
     why = runs(impl, torch.float32, None, True)
     if why:
         pytest.skip(why)
-    import random
-
     rng = random.Random(1000 + seed)
     for n in range(8):
         cfg = random_grid_config(rng)
@@ -418,11 +412,7 @@ def test_causal_nonfinite(impl, case, kind):
         pytest.skip(why)
     q, k, v, ls, go = make_inputs(b, h, hkv, tq, tk, d, per_head, seed=len(case), dup_keys=dup)
     mask = padding(pad, b, tk)
-    pos = torch.arange(tk - tq, tk)[:, None]
-    j = torch.arange(tk)[None, :]
-    cand = ((j <= pos) & (j > pos - window))[None].expand(b, tq, tk)
-    if mask is not None:
-        cand = cand & mask[:, None, :]
+    cand = window_candidates(b, tq, tk, window, mask)
     near = near_tie_rows(q, k, cand, top_k)
 
     def fn(q_, k_, v_, ls_, name):
@@ -475,9 +465,7 @@ def test_large_finite_values_are_finite_inputs(impl):
         pytest.skip(why)
     b, h, hkv, tq, tk, d, window, top_k, per_head, *_ = CAUSAL["square"]
     q, k, v, ls, _ = make_inputs(b, h, hkv, tq, tk, d, per_head, seed=5)
-    pos = torch.arange(tk)[:, None]
-    j = torch.arange(tk)[None, :]
-    cand = ((j <= pos) & (j > pos - window))[None]
+    cand = window_candidates(1, tk, tk, window)
 
     def causal(q_, k_, v_, ls_, name):
         return krause.causal_krause_attention(q_, k_, v_, ls_, window, top_k, impl=name)
@@ -519,9 +507,7 @@ def test_extreme_sigma_conforms(impl, log_sigma):
         pytest.skip(why)
     b, h, hkv, tq, tk, d, window, top_k, *_ = CAUSAL["square"]
     q, k, v, _, _ = make_inputs(b, h, hkv, tq, tk, d, False, seed=7)
-    pos = torch.arange(tk)[:, None]
-    j = torch.arange(tk)[None, :]
-    causal_cand = ((j <= pos) & (j > pos - window))[None]
+    causal_cand = window_candidates(1, tk, tk, window)
     b2, h2, hkv2, grid, radius, metric, top_k2, num_prefix, *_ = GRID["cifar-8x8"]
     n = num_prefix + grid[0] * grid[1]
     q2, k2, v2, _, _ = make_inputs(b2, h2, hkv2, n, n, 8, False, seed=8)
@@ -577,9 +563,7 @@ def test_nonfinite_rule_against_sdpa():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     b, h, t, d, window = 1, 2, 12, 4, 4
-    pos = torch.arange(t)[:, None]
-    j = torch.arange(t)[None, :]
-    cand = ((j <= pos) & (j > pos - window))[None]
+    cand = window_candidates(1, t, t, window)
     for kind in ("q", "k", "v"):
         q, k, v, _, _ = make_inputs(b, h, h, t, t, d, False, seed=5)
         q, k, v = (x.nan_to_num(nan=NAN, posinf=NAN, neginf=NAN) for x in poison(q, k, v, kind))
