@@ -131,19 +131,23 @@ def _select(d, top_k: int, coef, p_out, d_out) -> None:
     # Fewer valid candidates than top_k: the extra (infinite) ones get weight 0; zeroing
     # their distance keeps 0 * inf out of the backward.
     extra = vals == _INF
-    p = _softmax_((vals * -coef).masked_fill_(extra, -_INF), -1, extra)
+    p = _softmax_(vals * -coef, -1, extra)
     vals.masked_fill_(extra, 0.0)
     p_out.zero_().scatter_(-1, idx, p)
     d_out.zero_().scatter_(-1, idx, vals)
 
 
 def _softmax_(x: torch.Tensor, dim: int, drop: torch.Tensor | None = None) -> torch.Tensor:
-    """In-place softmax along a short dimension, over the entries not in ``drop`` (which
-    must be -inf in x); every row must keep a finite entry (each query is always one of
-    its own candidates, or be all dropped, and then comes out all zero). torch.softmax vectorises along the softmax dimension, slow when it
-    has a handful of entries. Shifted logits are clamped at -80 before exp (exp of -inf or
-    of numbers that underflow takes a slow path): a kept entry more than 80 below the
-    row's maximum gets weight e^-80 / sum ~ 1e-35 instead of a smaller number or 0."""
+    """In-place softmax along a short dimension, over the entries not in ``drop`` (set to
+    -inf here, whatever x holds there: inf * -coef is NaN once coef underflows to 0); every
+    row must keep an entry (each query is always one of its own candidates, or be all
+    dropped, and then comes out all zero). torch.softmax vectorises along the softmax
+    dimension, slow when it has a handful of entries. Shifted logits are clamped at -80
+    before exp (exp of -inf or of numbers that underflow takes a slow path): a kept entry
+    more than 80 below the row's maximum gets weight e^-80 / sum ~ 1e-35 instead of a
+    smaller number or 0."""
+    if drop is not None:
+        x.masked_fill_(drop, -_INF)
     x.sub_(x.amax(dim, keepdim=True)).clamp_min_(-80.0).exp_()
     if drop is not None:
         x.masked_fill_(drop, 0.0)
@@ -208,7 +212,7 @@ def _dense_forward(nbr, q, k, v, coef, top_k):
             drop = ~_rank_keep(dc, top_k) if top_k < mc else nbr.cand_invalid
             drop = drop | nbr.cand_invalid
             dc.clamp_min_(0.0)
-            p = _softmax_((dc * -cc).masked_fill_(drop, -_INF), 1, drop)
+            p = _softmax_(dc * -cc, 1, drop)
             p_out[:, f:].zero_()
             p_out.view(n_h, -1).index_copy_(1, nbr.flat_idx, p.view(n_h, -1))
             d_out[:, f:].zero_()
