@@ -230,7 +230,7 @@ class _AttachScaleGrad(torch.autograd.Function):
                 per_head = per_head.sum()
             # s = 0 (sigma so large that 1/sigma^2 underflows): dq' is 0, so 0 / 0; the gradient that
             # reaches log sigma, dL/ds * ds/dlog_sigma = dL/ds * (-2 s), is 0 there
-            grad_s = torch.where(s != 0, per_head / torch.where(s != 0, s, 1.0), 0.0).to(s.dtype)
+            grad_s = (per_head / s).masked_fill(s == 0, 0.0).to(s.dtype)
         return grad, grad_s
 
 
