@@ -45,13 +45,17 @@ def oracle(q, k, v, log_sigma, cand, top_k):
     return dense_rule(q, k, v, log_sigma, cand, top_k)[0]
 
 
+def sorted_candidate_distances(q, k, cand):
+    """(B, H, Tq, Tk) float64: each query's candidate distances, ascending (inf past them)."""
+    qd, kd = q.double(), repeat_kv(k, q.shape[1]).double()
+    dist = (qd.pow(2).sum(-1)[..., :, None] + kd.pow(2).sum(-1)[..., None, :] - 2 * qd @ kd.transpose(-1, -2))
+    return dist.clamp_min(0.0).masked_fill(~cand[:, None].expand_as(dist), float("inf")).sort(-1).values
+
+
 def near_tie_rows(q, k, cand, top_k, gap=1e-4):
     """(B, H, Tq): rows whose k-th and next distances differ by less than ``gap`` but are not
     equal (fp32 rounding may order such a pair either way; exact ties follow the rule)."""
-    h = q.shape[1]
-    qd, kd = q.double(), repeat_kv(k, h).double()
-    dist = (qd.pow(2).sum(-1)[..., :, None] + kd.pow(2).sum(-1)[..., None, :] - 2 * qd @ kd.transpose(-1, -2))
-    far = dist.clamp_min(0.0).masked_fill(~cand[:, None].expand_as(dist), float("inf")).sort(-1).values
+    far = sorted_candidate_distances(q, k, cand)
     if top_k >= far.shape[-1]:
         return torch.zeros(far.shape[:-1], dtype=torch.bool)
     gaps = far[..., top_k] - far[..., top_k - 1]
@@ -485,9 +489,7 @@ def test_large_finite_values_are_finite_inputs(impl):
 def peaked_rows(q, k, cand, gap=1e-3):
     """(B, H, Tq): rows whose two nearest candidates are closer than ``gap`` (a tiny sigma's
     softmax then turns on fp32 rounding of the distances)."""
-    qd, kd = q.double(), repeat_kv(k, q.shape[1]).double()
-    dist = (qd[..., :, None, :] - kd[..., None, :, :]).pow(2).sum(-1)
-    near = dist.masked_fill(~cand[:, None].expand_as(dist), float("inf")).sort(-1).values
+    near = sorted_candidate_distances(q, k, cand)
     return (near[..., 1] - near[..., 0]) < gap
 
 

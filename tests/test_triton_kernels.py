@@ -57,13 +57,17 @@ def make_inputs(b, h, hkv, tq, tk, d, dtype=torch.float32, per_head=False, seed=
     return leaves, ls, go.to(DEVICE, dtype)
 
 
+def sorted_candidate_distances(q, k, cand):
+    """(B, H, Tq, Tk) float64 on the CPU: each query's candidate distances, ascending (inf past them)."""
+    qd, kd = q.detach().cpu().double(), repeat_kv(k.detach().cpu(), q.shape[1]).double()
+    dist = (qd.pow(2).sum(-1)[..., :, None] + kd.pow(2).sum(-1)[..., None, :] - 2 * qd @ kd.transpose(-1, -2))
+    return dist.clamp_min(0.0).masked_fill(~cand[:, None].expand_as(dist), float("inf")).sort(-1).values
+
+
 def near_tie_rows(q, k, cand, top_k, gap):
     """(B, H, Tq) bool: rows whose top_k-th and next candidate distances differ by less than
     ``gap`` (float64) — at real sizes fp32 rounding may order such a pair either way."""
-    h = q.shape[1]
-    qd, kd = q.detach().cpu().double(), repeat_kv(k.detach().cpu(), h).double()
-    dist = (qd.pow(2).sum(-1)[..., :, None] + kd.pow(2).sum(-1)[..., None, :] - 2 * qd @ kd.transpose(-1, -2))
-    far = dist.clamp_min(0.0).masked_fill(~cand[:, None].expand_as(dist), float("inf")).sort(-1).values
+    far = sorted_candidate_distances(q, k, cand)
     if top_k >= far.shape[-1]:
         return torch.zeros(far.shape[:-1], dtype=torch.bool)
     return (far[..., top_k] - far[..., top_k - 1]) < gap  # inf - inf = nan: not near
@@ -509,9 +513,7 @@ def test_cuda_extreme_sigma_matches_rule(log_sigma):
     cand = causal_candidates(b, t, t, window)
     skip = near_tie_rows(leaves[0], leaves[1], cand, top_k, 1e-2)
     if log_sigma < 0:  # only the nearest key counts: rows whose two nearest are close turn on rounding
-        qd, kd = leaves[0].detach().cpu().double(), repeat_kv(leaves[1].detach().cpu(), h).double()
-        dist = qd.pow(2).sum(-1)[..., :, None] + kd.pow(2).sum(-1)[..., None, :] - 2 * qd @ kd.transpose(-1, -2)
-        near = dist.masked_fill(~cand[:, None].expand_as(dist), float("inf")).sort(-1).values
+        near = sorted_candidate_distances(leaves[0], leaves[1], cand)
         skip = skip | ((near[..., 1] - near[..., 0]) < 1e-2)
     grads = torch.autograd.grad(out, [*leaves, ls], go.masked_fill(skip.to(DEVICE)[..., None], 0.0))
     ref, _ = dense_rule(*(x.detach().cpu().double() for x in (*leaves, ls)), cand, top_k)
