@@ -92,7 +92,7 @@ TINY_RUNS = {
     "vision_step": ["--quick", "--shapes", "cifar", "--batch", "2", "--repeats", "1", "--depth", "1", "--threads", "1"],
     # the GPU benchmark's plumbing, on CPU under the Triton interpreter (the decode section is the cheapest)
     "attention_cuda": ["--device", "cpu", "--quick", "--only", "decode", "--repeats", "1", "--decode-positions", "16",
-                       "--skip-memory"],
+                       "--decode-batch", "2", "--skip-memory"],
 }
 
 
@@ -119,6 +119,10 @@ def test_benchmark_runs_at_a_tiny_size(name, tmp_path):
     if name == "attention_scaling":  # the memory pass (after every timing) filled in the timed rows
         cases = [r["results"][n] for r in payload["causal"] for n in ("krause", "reference")]
         assert all(c["median_s"] > 0 and c["peak_bytes"] > 0 for c in cases), cases
+    if name == "attention_cuda":  # the decode row checked the Triton step against torch (bf16: a few ulps)
+        row = payload["decode"][0]
+        assert payload["decode_config"]["batch"] == 2 and "check_error" not in row, row
+        assert row["max_abs_diff_triton_vs_torch"] <= 0.05, row
 
 
 def test_gpu_benchmark_peers_and_bandwidth_column(monkeypatch):
