@@ -197,8 +197,25 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(files, tmp_path, case, 
     check_case(files, tmp_path, case, lambda argv: in_process(argv, capsys, monkeypatch))
 
 
+# The in-process test above runs every case; a fresh interpreter adds what only a new process
+# shows (library log lines at import, the exit status of `python -m`), the same for every case
+# failing at the same stage of a tool, so one case per (tool, stage) runs as a subprocess.
+SUBPROCESS_CASES = (
+    "train: model dir missing", "train: data file not JSON", "train: triton on a CPU", "train: unknown mode",
+    "train: max_length beyond positions", "train: run dir held", "evaluate: unknown task",
+    "evaluate: cuda without CUDA", "evaluate: batch size 0", "evaluate: adapter damaged", "evaluate: adapter unsealed",
+    "sinks: missing subcommand", "sinks: adapter damaged", "report: results not JSON", "seal: not an adapter",
+)
+
+
+def test_subprocess_cases_cover_every_tool():
+    tool = lambda name: name.split(":")[0]  # noqa: E731
+    assert set(SUBPROCESS_CASES) <= set(CASES)
+    assert {tool(n) for n in SUBPROCESS_CASES} == {tool(n) for n in CASES}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", sorted(SUBPROCESS_CASES))
 def test_bad_input_as_a_user_runs_it(files, tmp_path, case):
     check_case(files, tmp_path, case, lambda argv: (lambda p: (p.returncode, p.stderr))(run(argv)))
 
