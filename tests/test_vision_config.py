@@ -162,9 +162,12 @@ def test_a_saved_config_out_of_range_is_refused_on_resume_and_by_compare(tmp_pat
 
 @pytest.mark.parametrize("module, argv, words", [
     ("train", ["--lr", "nan"], "argument --lr: must be a finite number > 0, got nan"),
-    ("train", ["--epochs", "0"], "argument --epochs: must be an integer >= 1, got 0"),
-    ("train", ["--seed", "1.5"], "argument --seed: must be an integer in [0, 4294967296), got '1.5'"),
-    ("train", ["--mix_prob", "1.01"], "argument --mix_prob: must be a finite number in [0, 1], got 1.01"),
+    # one subprocess each costs a torch import: more flag types run with the slow tests
+    pytest.param("train", ["--epochs", "0"], "argument --epochs: must be an integer >= 1, got 0", marks=pytest.mark.slow),
+    pytest.param("train", ["--seed", "1.5"], "argument --seed: must be an integer in [0, 4294967296), got '1.5'",
+                 marks=pytest.mark.slow),
+    pytest.param("train", ["--mix_prob", "1.01"], "argument --mix_prob: must be a finite number in [0, 1], got 1.01",
+                 marks=pytest.mark.slow),
     ("train", ["--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
     ("demo", ["--batch_size", "-4"], "argument --batch_size: must be an integer >= 1, got -4"),
 ])
