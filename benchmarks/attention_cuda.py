@@ -20,7 +20,7 @@ instead of Krause's window are the sliding-window softmaxes (flex, flash, natten
 batch 256): krause_triton, krause_flex, krause_engine, unmasked SDPA (what a ViT runs) and,
 when installed, NATTEN na2d with a 5x5 neighbourhood (radius 2) on the 14x14 patches (no CLS).
 
-Decode (B=64, H=32, Hkv=8, D=128, W=32, top_k=16), one step at several positions:
+Decode (B=64 or --decode-batch, H=32, Hkv=8, D=128, W=32, top_k=16), one step at several positions:
   krause_triton   decode_krause_attention_triton on the W-slot ring buffer
   krause_torch    a dense torch decode step over the same ring
                   (krause.dense.krause_attention_grouped)
