@@ -67,6 +67,32 @@ def test_greedy_cached_equals_uncached_past_the_window(models, key):
     assert torch.equal(cached[0], seq[0])
 
 
+@pytest.mark.parametrize("key", [("llama", "gated"), ("qwen2", "gated"), ("llama", "krause")])
+def test_chunked_prefill_with_left_padding_equals_the_uncached_forward(models, key):
+    """Steps of 1-4 tokens after a past (chunked prefill, speculative verification), rows
+    left-padded by different amounts: every real position's logits equal one uncached forward."""
+    model = models[key]
+    g = torch.Generator().manual_seed(7)
+    for trial in range(4):
+        batch, length = 3, 11 + trial
+        ids = torch.randint(4, VOCAB, (batch, length), generator=g)
+        mask = torch.ones(batch, length, dtype=torch.long)
+        for row, pad in enumerate((0, 2 + trial, length - 3)):  # the last row: 3 real tokens
+            ids[row, :pad], mask[row, :pad] = 3, 0
+        chunks = torch.randint(1, 5, (length,), generator=g).tolist()
+        with torch.no_grad():
+            full = model(ids, attention_mask=mask, use_cache=False).logits
+            cache, pos, steps = DynamicCache(config=model.config), 0, []
+            for n in chunks:
+                if pos >= length:
+                    break
+                steps.append(model(ids[:, pos:pos + n], attention_mask=mask[:, :pos + n], past_key_values=cache).logits)
+                pos += n
+        assert len(steps) > 2 and max(s.shape[1] for s in steps) > 1, chunks  # several multi-token steps
+        real = mask.bool()
+        torch.testing.assert_close(torch.cat(steps, dim=1)[real], full[real], rtol=1e-4, atol=1e-5)
+
+
 def test_beam_search_and_sampling_match_uncached(models):
     model = models[("llama", "gated")]
     ids, mask = prompts()
