@@ -111,8 +111,11 @@ def test_incremental_decode_equals_full_forward_and_keeps_the_window(model_type)
         full = model(ids, attention_mask=mask, use_cache=False).logits
         cache = DynamicCache(config=model.config)
         steps = [model(ids[:, :prompt], attention_mask=mask[:, :prompt], past_key_values=cache).logits]
-        for t in range(prompt, ids.shape[1]):
-            steps.append(model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache).logits)
+        t = prompt
+        for n in (1, 3, 1, 2, 1):  # single tokens and chunks after a past (chunked prefill)
+            steps.append(model(ids[:, t:t + n], attention_mask=mask[:, :t + n], past_key_values=cache).logits)
+            t += n
+        assert t == ids.shape[1]
     torch.testing.assert_close(torch.cat(steps, dim=1)[mask.bool()], full[mask.bool()], rtol=1e-4, atol=1e-5)
     for attn, layer in zip(krause.hf.krause_attention_modules(model), cache.layers):
         assert isinstance(layer, KrauseCacheLayer) and layer.standalone
