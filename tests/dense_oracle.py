@@ -7,6 +7,23 @@ import torch
 from krause.reference import repeat_kv
 
 
+def window_candidates(b, tq, tk, window, key_padding_mask=None):
+    """(B, Tq, Tk) bool: end-aligned query i (position Tk - Tq + i) sees keys p - W < j <= p
+    that ``key_padding_mask`` (B, Tk) does not mark as padding (built here, not by the library
+    under test)."""
+    pos = torch.arange(tk - tq, tk)[:, None]
+    j = torch.arange(tk)[None, :]
+    cand = ((j <= pos) & (j > pos - window))[None].expand(b, tq, tk)
+    return cand if key_padding_mask is None else cand & key_padding_mask.cpu()[:, None, :]
+
+
+def sorted_candidate_distances(q, k, cand):
+    """(B, H, Tq, Tk) float64 on the CPU: each query's candidate distances, ascending (inf past them)."""
+    qd, kd = q.detach().cpu().double(), repeat_kv(k.detach().cpu(), q.shape[1]).double()
+    dist = (qd.pow(2).sum(-1)[..., :, None] + kd.pow(2).sum(-1)[..., None, :] - 2 * qd @ kd.transpose(-1, -2))
+    return dist.clamp_min(0.0).masked_fill(~cand[:, None].expand_as(dist), float("inf")).sort(-1).values
+
+
 def dense_rule(q, k, v, log_sigma, cand, top_k, ties="low"):
     """Krause attention over cand (B|1, Tq, Tk) in float64, ties to the lower key index
     (``ties="high"``: the opposite rule, to show a test can tell them apart)."""

@@ -28,7 +28,7 @@ from krause import cpu
 from krause.masks import grid_candidate_mask
 from krause.reference import repeat_kv
 
-from dense_oracle import dense_rule
+from dense_oracle import dense_rule, sorted_candidate_distances, window_candidates
 
 try:
     import triton  # noqa: F401
@@ -43,13 +43,6 @@ IMPLEMENTATIONS = ("reference", "engine", "compiled", "flex", "triton")
 def oracle(q, k, v, log_sigma, cand, top_k):
     """float64 Krause attention over cand (B|1, Tq, Tk), ties to the lower key index."""
     return dense_rule(q, k, v, log_sigma, cand, top_k)[0]
-
-
-def sorted_candidate_distances(q, k, cand):
-    """(B, H, Tq, Tk) float64: each query's candidate distances, ascending (inf past them)."""
-    qd, kd = q.double(), repeat_kv(k, q.shape[1]).double()
-    dist = (qd.pow(2).sum(-1)[..., :, None] + kd.pow(2).sum(-1)[..., None, :] - 2 * qd @ kd.transpose(-1, -2))
-    return dist.clamp_min(0.0).masked_fill(~cand[:, None].expand_as(dist), float("inf")).sort(-1).values
 
 
 def near_tie_rows(q, k, cand, top_k, gap=1e-4):
@@ -72,15 +65,6 @@ def make_inputs(b, h, hkv, tq, tk, d, per_head, seed, dup_keys=None):
     ls = (0.3 * torch.randn(h, generator=g) + 0.3) if per_head else torch.tensor(0.3)
     go = torch.randn(b, h, tq, d, generator=g)
     return q, k, v, ls, go
-
-
-def window_candidates(b, tq, tk, window, mask=None):
-    """(B|1, Tq, Tk) bool: end-aligned query i (position Tk - Tq + i) sees keys p - W < j <= p
-    that ``mask`` (B, Tk) does not mark as padding (built here, not by the library under test)."""
-    pos = torch.arange(tk - tq, tk)[:, None]
-    j = torch.arange(tk)[None, :]
-    cand = ((j <= pos) & (j > pos - window))[None]
-    return cand if mask is None else cand.expand(b, tq, tk) & mask[:, None, :]
 
 
 def padding(kind, b, tk):

@@ -22,9 +22,8 @@ triton = pytest.importorskip("triton")
 
 from krause import kernels  # noqa: E402
 from krause.masks import grid_candidate_mask  # noqa: E402
-from krause.reference import repeat_kv  # noqa: E402
 
-from dense_oracle import dense_rule  # noqa: E402
+from dense_oracle import dense_rule, sorted_candidate_distances, window_candidates  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -34,15 +33,6 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET", "") in ("", "0"):
 
 
 # --------------------------------------------------------------------------- reference
-def causal_candidates(b, tq, tk, window, key_padding_mask=None):
-    pos = torch.arange(tk - tq, tk)[:, None]
-    j = torch.arange(tk)[None, :]
-    cand = ((j <= pos) & (j > pos - window))[None].expand(b, tq, tk)
-    if key_padding_mask is not None:
-        cand = cand & key_padding_mask.cpu()[:, None, :]
-    return cand
-
-
 def make_inputs(b, h, hkv, tq, tk, d, dtype=torch.float32, per_head=False, seed=0, dup_keys=None):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(b, h, tq, d, generator=g)
@@ -55,13 +45,6 @@ def make_inputs(b, h, hkv, tq, tk, d, dtype=torch.float32, per_head=False, seed=
     leaves = [t.to(DEVICE, dtype).requires_grad_(True) for t in (q, k, v)]
     ls = ls.to(DEVICE).requires_grad_(True)
     return leaves, ls, go.to(DEVICE, dtype)
-
-
-def sorted_candidate_distances(q, k, cand):
-    """(B, H, Tq, Tk) float64 on the CPU: each query's candidate distances, ascending (inf past them)."""
-    qd, kd = q.detach().cpu().double(), repeat_kv(k.detach().cpu(), q.shape[1]).double()
-    dist = (qd.pow(2).sum(-1)[..., :, None] + kd.pow(2).sum(-1)[..., None, :] - 2 * qd @ kd.transpose(-1, -2))
-    return dist.clamp_min(0.0).masked_fill(~cand[:, None].expand_as(dist), float("inf")).sort(-1).values
 
 
 def near_tie_rows(q, k, cand, top_k, gap):
@@ -102,7 +85,7 @@ def test_causal_bf16_and_fp16():
         leaves, ls, go = make_inputs(b, h, hkv, t, t, d, dtype=dtype, per_head=True, seed=3)
         out = kernels.causal_krause_attention_triton(*leaves, ls, window, top_k)
         assert out.dtype == dtype
-        cand = causal_candidates(b, t, t, window)
+        cand = window_candidates(b, t, t, window)
         check_against_rule(out, leaves, ls, go, lambda q, k, v, s: dense_rule(q, k, v, s, cand, top_k), 3e-2, 3e-2)
 
 
@@ -111,7 +94,7 @@ def test_benchmark_tile_sizes():
     b, h, hkv, t, d, window, top_k = 1, 4, 1, 100, 64, 32, 16
     leaves, ls, go = make_inputs(b, h, hkv, t, t, d, dtype=torch.bfloat16, per_head=True, seed=11)
     out = kernels.causal_krause_attention_triton(*leaves, ls, window, top_k)
-    cand = causal_candidates(b, t, t, window)
+    cand = window_candidates(b, t, t, window)
     check_against_rule(out, leaves, ls, go, lambda q, k, v, s: dense_rule(q, k, v, s, cand, top_k), 3e-2, 3e-2)
     grid, n = (14, 14), 197  # ViT/16 at 224 px: 128-key band tiles, a 256-key prefix-row tile
     leaves, ls, go = make_inputs(1, 2, 2, n, n, 32, seed=12)
@@ -177,7 +160,7 @@ def test_every_causal_backward_config_gives_the_rule(monkeypatch):
 
     b, h, hkv, t, d, window, top_k = 1, 2, 1, 40, 16, 8, 4
     leaves, ls, go = make_inputs(b, h, hkv, t, t, d, per_head=True, seed=6)
-    cand = causal_candidates(b, t, t, window)
+    cand = window_candidates(b, t, t, window)
     default_dq = ops._causal_dq_kernel.early_config_prune(ops.CAUSAL_DQ_CONFIGS, {"W": window})[0]
     default_kv = ops._causal_dkdv_kernel.early_config_prune(ops.CAUSAL_DKDV_CONFIGS, {"W": window})[0]
     cases = [(c, default_kv) for c in ops.CAUSAL_DQ_CONFIGS if c.num_warps == 4] + \
@@ -212,7 +195,7 @@ def test_every_causal_forward_config_gives_the_rule(monkeypatch):
     monkeypatch.setattr(tuner, "cache", {})
     b, h, hkv, t, d, window, top_k = 1, 2, 1, 40, 16, 8, 4
     leaves, ls, go = make_inputs(b, h, hkv, t, t, d, seed=5)
-    cand = causal_candidates(b, t, t, window)
+    cand = window_candidates(b, t, t, window)
     with torch.no_grad():
         out = kernels.causal_krause_attention_triton(*leaves, ls, window, top_k)
     assert len(timed) == len(ops.CAUSAL_FWD_CONFIGS) and tuner.best_config in ops.CAUSAL_FWD_CONFIGS
@@ -459,7 +442,7 @@ def test_cuda_real_sizes_match_rule(dtype):
     b, h, hkv, t, d, window, top_k = 1, 8, 2, 1000, 128, 32, 16
     leaves, ls, go = make_inputs(b, h, hkv, t, t, d, dtype=dtype, per_head=True, seed=7)
     out = kernels.causal_krause_attention_triton(*leaves, ls, window, top_k)
-    cand = causal_candidates(b, t, t, window)
+    cand = window_candidates(b, t, t, window)
     tol = 3e-2 if dtype == torch.bfloat16 else 2e-4
     skip = near_tie_rows(leaves[0], leaves[1], cand, top_k, 1e-2)
     assert skip.float().mean() < 0.05
@@ -480,7 +463,7 @@ def test_cuda_equals_engine_and_flex_paths():
 
     b, h, hkv, t, d, window, top_k = 2, 8, 2, 700, 64, 32, 16
     leaves, ls, go = make_inputs(b, h, hkv, t, t, d, per_head=True, seed=9)
-    skip = near_tie_rows(leaves[0], leaves[1], causal_candidates(b, t, t, window), top_k, 1e-2).to(DEVICE)
+    skip = near_tie_rows(leaves[0], leaves[1], window_candidates(b, t, t, window), top_k, 1e-2).to(DEVICE)
     go = go.masked_fill(skip[..., None], 0.0)
     out = kernels.causal_krause_attention_triton(*leaves, ls, window, top_k)
     grads = torch.autograd.grad(out, [*leaves, ls], go)
@@ -510,7 +493,7 @@ def test_cuda_extreme_sigma_matches_rule(log_sigma):
     ls = torch.full((h,), log_sigma, device=DEVICE, requires_grad=True)
     out = kernels.causal_krause_attention_triton(*leaves, ls, window, top_k)
     assert out.isfinite().all()
-    cand = causal_candidates(b, t, t, window)
+    cand = window_candidates(b, t, t, window)
     skip = near_tie_rows(leaves[0], leaves[1], cand, top_k, 1e-2)
     if log_sigma < 0:  # only the nearest key counts: rows whose two nearest are close turn on rounding
         near = sorted_candidate_distances(leaves[0], leaves[1], cand)
