@@ -282,7 +282,7 @@ def bench_2d(args, device, deadline) -> list[dict]:
 def bench_decode(args, device, deadline) -> list[dict]:
     from krause.dense import krause_attention_grouped
 
-    c = dict(DECODE, batch=args.decode_batch)
+    c = args.decode_config
     b, h, hkv, d, w = c["batch"], c["heads"], c["kv_heads"], c["head_dim"], c["window"]
     gen = torch.Generator().manual_seed(0)
     k_ring = _randn((b, hkv, w, d), device, args.dtype, gen)
@@ -393,6 +393,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.decode_batch < 1:
         p.error(f"--decode-batch must be >= 1, got {args.decode_batch}")
+    args.decode_config = dict(DECODE, batch=args.decode_batch)
 
     device = torch.device(args.device)
     interpreted = os.environ.get("TRITON_INTERPRET", "") not in ("", "0")
@@ -423,7 +424,7 @@ def main(argv=None) -> int:
     payload = {"benchmark": "attention_cuda", "machine": info, "triton": triton.__version__,
                "dtype": str(args.dtype), "quick": args.quick, "repeats": args.repeats,
                "memory_method": T.MEMORY_METHOD.get("cuda"), "peak_bandwidth_bytes_per_s": args.peak_bandwidth, "causal_config": CAUSAL, "grid_config": GRID,
-               "decode_config": dict(DECODE, batch=args.decode_batch), "causal": [], "grid_2d": [], "decode": [], "targets": []}
+               "decode_config": args.decode_config, "causal": [], "grid_2d": [], "decode": [], "targets": []}
     sections = [("causal", bench_causal), ("grid_2d", bench_2d), ("decode", bench_decode)]
     for key, fn in sections:
         if args.only and {"causal": "causal", "grid_2d": "2d", "decode": "decode"}[key] != args.only:
