@@ -20,6 +20,43 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+# -n auto (scripts/run_tests.sh): memory one worker may need at once, measured on 2 cores at
+# ~1.1 GiB for the worker plus ~1 GiB for each training process a test starts (up to three).
+WORKER_MEMORY = 4 * 2**30
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity, within a cgroup v2 CPU quota."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()
+        if quota != "max":
+            cores = min(cores, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota to read
+    return cores
+
+
+def pytest_xdist_auto_num_workers(config):
+    """-n auto: one worker per usable core (not xdist's count of the host's physical cores, which
+    ignores affinity and quotas), no more than the available memory holds."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # xdist's own hook reads it
+    import psutil
+
+    by_memory = psutil.virtual_memory().available // WORKER_MEMORY
+    return max(1, min(usable_cores(), by_memory))
+
+
+def pytest_configure(config):
+    """An xdist worker gets its share of the cores as torch threads (workers x all cores would
+    oversubscribe them); the processes tests start set their own threads."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        torch.set_num_threads(max(1, usable_cores() // workers))
+
+
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (--dist loadgroup), every test of the one local Slurm runs on one
     worker, in file order: its module fixture cancels the jobs its tests left, and the
