@@ -156,6 +156,10 @@ def test_named_task_without_cached_data_fails_in_one_line_before_loading(env, tm
         (STOCK / "super_glue" / "boolq" / "default.yaml").read_text()
         .replace("task: boolq", "task: uncached_boolq").replace("dataset_path: aps/super_glue",
                                                                "dataset_path: krause-tests/no-such-dataset"))
+    # boolq_local's data is built first (datasets shows a progress bar the first time in a fresh
+    # cache), so the refusal below is all that stderr holds, whichever test ran before this one
+    ev.prepare_tasks(["boolq_local"], ev.task_manager([tasks], include_defaults=False), strict=True)
+    capsys.readouterr()
     rc = ev.main(["--model", "/nonexistent", "--tasks", "boolq_local,uncached_boolq", "--include_path", str(tasks),
                   "--include_path", str(missing), "--no_default_tasks", "--out_dir", str(root / "y")])
     err = capsys.readouterr().err.strip()
