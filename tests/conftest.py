@@ -55,12 +55,3 @@ def pytest_configure(config):
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
     if workers > 1:
         torch.set_num_threads(max(1, usable_cores() // workers))
-
-
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (--dist loadgroup), every test of the one local Slurm runs on one
-    worker, in file order: its module fixture cancels the jobs its tests left, and the
-    preemption tests release requeued jobs from Slurm's hold while they wait."""
-    for item in items:
-        if item.get_closest_marker("slurm") is not None:
-            item.add_marker(pytest.mark.xdist_group("slurm"))

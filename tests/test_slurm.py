@@ -23,7 +23,10 @@ import pytest
 
 from krause.training import read_metrics
 
-pytestmark = pytest.mark.slurm  # the job-running tests are slow too; the header check is quick
+# the job-running tests are slow too; the header check is quick. One xdist group: under
+# scripts/run_tests.sh (--dist loadgroup) they run on one worker in file order, beside the
+# module fixture that cancels their leftover jobs
+pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm")]
 
 REPO = Path(__file__).resolve().parents[1]
 AR = REPO / "autoregressive_transformers" / "launch"
