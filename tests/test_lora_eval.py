@@ -24,6 +24,7 @@ from lora_llms.report import write_tables  # noqa: E402
 from lora_llms.testing import write_local_tasks, write_tiny_model  # noqa: E402
 
 STOCK = Path(lm_eval.__file__).resolve().parent / "tasks"  # lm-eval's own task files
+LOCAL_TASKS = ["boolq_local", "mmlu_pro_paper_local", "gsm8k_local"]  # lora_llms.testing.write_local_tasks
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,9 @@ def env(tmp_path_factory, monkeypatch_module):
     root = tmp_path_factory.mktemp("eval")
     model_dir = write_tiny_model(root / "llama", "llama")
     tasks = write_local_tasks(root / "tasks")
+    # their data is built here, once (datasets shows a progress bar the first time in a fresh
+    # cache), so no test's captured output depends on which test ran first
+    ev.prepare_tasks(LOCAL_TASKS, ev.task_manager([tasks], include_defaults=False), strict=True)
     return root, model_dir, tasks
 
 
@@ -52,9 +56,8 @@ def test_lm_eval_runs_the_patched_model(env):
     for attn in patched_attention_modules(model):
         attn.krause_sigma.register_forward_hook(lambda m, a, o: calls.append(1))
     manager = ev.task_manager([tasks], include_defaults=False)
-    names = ["boolq_local", "mmlu_pro_paper_local", "gsm8k_local"]
-    ev.check_tasks(manager, names)
-    results = ev.evaluate(model, tokenizer, names, manager=manager)["results"]
+    ev.check_tasks(manager, LOCAL_TASKS)
+    results = ev.evaluate(model, tokenizer, LOCAL_TASKS, manager=manager)["results"]
     assert 0.0 <= results["boolq_local"]["acc,none"] <= 1.0
     assert 0.0 <= results["mmlu_pro_paper_local"]["acc,none"] <= 1.0
     assert "exact_match,strict-match" in results["gsm8k_local"]
@@ -156,10 +159,6 @@ def test_named_task_without_cached_data_fails_in_one_line_before_loading(env, tm
         (STOCK / "super_glue" / "boolq" / "default.yaml").read_text()
         .replace("task: boolq", "task: uncached_boolq").replace("dataset_path: aps/super_glue",
                                                                "dataset_path: krause-tests/no-such-dataset"))
-    # boolq_local's data is built first (datasets shows a progress bar the first time in a fresh
-    # cache), so the refusal below is all that stderr holds, whichever test ran before this one
-    ev.prepare_tasks(["boolq_local"], ev.task_manager([tasks], include_defaults=False), strict=True)
-    capsys.readouterr()
     rc = ev.main(["--model", "/nonexistent", "--tasks", "boolq_local,uncached_boolq", "--include_path", str(tasks),
                   "--include_path", str(missing), "--no_default_tasks", "--out_dir", str(root / "y")])
     err = capsys.readouterr().err.strip()
